@@ -1,0 +1,194 @@
+"""Command line: `mpitrain {train,data,synth,bench}`.
+
+Errors: a UserError is one line on stderr and exit code 2. Any other exception is a bug:
+one line with the rank (rerun with --debug for the traceback), and under MPI the whole job
+is aborted so that no other rank is left waiting for this one (mpi4py's `run.py` rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mpitrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from mpitrain.config import CLASS_WEIGHTS, LR_SCALINGS, OPTIMIZERS, STRATEGIES
+
+    p.add_argument("--data", help="folder with one sub-folder per class (default: embedded demo data)")
+    p.add_argument("--val-data", help="separate validation folder with the same class folders")
+    p.add_argument("--val-split", type=float, default=0.1, help="stratified validation fraction (default 0.1)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32, help="batch size PER RANK (global = ranks x this)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate for one rank (see --lr-scaling)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--model", default="seed", help="model name (default: seed)")
+    p.add_argument("--image-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty run folder")
+    p.add_argument("--strategy", choices=STRATEGIES, default="allreduce")
+    p.add_argument("--sync-every", type=int, help="steps between weight syncs (local-sgd, master-worker)")
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default="none",
+                   help="scale --lr by the number of training ranks")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up to the scaled rate")
+    p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="balanced")
+    p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
+    p.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache/mpitrain)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mpitrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
+    t.add_argument("-n", "--np", type=_positive_int, dest="np",
+                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    t.add_argument("--hostfile", help="MPI hostfile for -n (ranks on several machines)")
+    _add_train_args(t)
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
+    d.add_argument("--data", required=True)
+    d.add_argument("--val-data")
+    d.add_argument("--image-size", type=int, default=50)
+    d.add_argument("--cache-dir")
+    d.set_defaults(func=_cmd_data)
+
+    s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
+    s.add_argument("--out", required=True)
+    s.add_argument("--per-class", type=int, default=300)
+    s.add_argument("--image-size", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
+    return parser
+
+
+def _config_from_args(args):
+    from mpitrain.config import TrainConfig
+
+    return TrainConfig(
+        data=args.data, val_data=args.val_data, val_split=args.val_split, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        model=args.model, image_size=args.image_size, seed=args.seed, out=args.out,
+        overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
+        lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
+        threads=args.threads, cache_dir=args.cache_dir)
+
+
+def _strip_launch_args(argv: list[str]) -> list[str]:
+    """The child command line: ours without -n/--np/--hostfile (they are for the launcher)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-n", "--np", "--hostfile"):
+            skip = True
+            continue
+        if a.startswith(("--np=", "--hostfile=")) or (a.startswith("-n") and a[2:].isdigit()):
+            continue
+        out.append(a)
+    return out
+
+
+def _cmd_train(args, argv) -> int:
+    if args.np is None:
+        from mpitrain.run_train import train_main
+
+        return train_main(lambda: _config_from_args(args))
+    cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
+    from mpitrain import launch
+    from mpitrain.dataset import make_plan, resolve_data_dir
+    from mpitrain.models import build_model  # noqa: F401  (fail early if TF/Keras are missing)
+    from mpitrain.runfolder import prepare
+
+    if cfg.strategy == "master-worker" and args.np < 2:
+        raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
+    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
+    prepare(cfg.out, cfg.overwrite)
+    return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+
+
+def _cmd_data(args, argv) -> int:
+    from mpitrain.datainfo import describe_data
+
+    if args.image_size < 4:
+        raise UserError(f"--image-size must be >= 4, got {args.image_size}")
+    return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
+                         cache_dir=args.cache_dir)
+
+
+def _cmd_synth(args, argv) -> int:
+    from mpitrain.synth import generate
+
+    out = generate(args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed)
+    print(f"wrote synthetic data set to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, argv)
+    except UserError as e:
+        print(f"mpitrain: error: {e}", file=sys.stderr)
+        _abort_if_alone(e, 2)
+        return 2
+    except KeyboardInterrupt:
+        print("mpitrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        from mpitrain.run_train import QuietExit
+
+        if isinstance(e, QuietExit):
+            return e.code
+        return _crash(e, getattr(args, "debug", False))
+
+
+def _abort_if_alone(e: UserError, code: int) -> None:
+    """A user error found by one rank alone, after set-up: the others must not wait."""
+    from mpitrain.comm import launched_by_mpi, world
+    from mpitrain.run_train import AgreedError
+
+    if not isinstance(e, AgreedError) and launched_by_mpi() and world().size > 1:
+        world().abort(code)
+
+
+def _crash(e: BaseException, debug: bool) -> int:
+    from mpitrain.comm import launched_by_mpi, world
+
+    comm = world() if launched_by_mpi() else None
+    where = f" on rank {comm.rank}" if comm is not None and comm.size > 1 else ""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"mpitrain: error{where}: {type(e).__name__}: {e}"
+          + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+    if comm is not None and comm.size > 1:
+        # Ranks still inside a collective would wait for us forever: end the whole job.
+        comm.abort(1)
+    return 1

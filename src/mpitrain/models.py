@@ -1,0 +1,70 @@
+"""Model registry: `build_model(name, image_size, n_classes)`.
+
+Models are plain Keras 3 models ending in a softmax over the classes. They know nothing
+about MPI: distribution is applied around them by the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mpitrain.errors import UserError
+
+
+def _seed(image_size: int, n_classes: int):
+    """The seed project's CNN: three conv/pool blocks, one hidden dense layer, softmax."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 1)),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.3),
+            layers.Dense(n_classes, activation="softmax"),
+        ],
+        name="seed",
+    )
+
+
+def _tiny(image_size: int, n_classes: int):
+    """A small deterministic model (no dropout, no batch norm): tests and quick checks."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 1)),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(4),
+            layers.Flatten(),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(n_classes, activation="softmax"),
+        ],
+        name="tiny",
+    )
+
+
+# name -> (builder, smallest image side it accepts)
+MODELS: dict[str, tuple[Callable, int]] = {
+    "seed": (_seed, 8),
+    "tiny": (_tiny, 4),
+}
+
+
+def build_model(name: str, image_size: int, n_classes: int):
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    builder, min_size = MODELS[name]
+    if image_size < min_size:
+        raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {min_size})")
+    if n_classes < 2:
+        raise UserError(f"need at least 2 classes, got {n_classes}")
+    return builder(image_size, n_classes)

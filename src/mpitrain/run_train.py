@@ -1,0 +1,118 @@
+"""`mpitrain train` on each rank: set up, agree, load, fit, save.
+
+Failure handling follows two rules:
+
+* Set-up mistakes (bad option, missing folder, occupied run folder) are found by every rank
+  or by rank 0 alone. The ranks exchange their error (one small allgather), so all of them
+  stop together with exit code 2 and rank 0 prints the message once.
+* Anything that goes wrong after that is unexpected; the cli layer prints it with the rank
+  and aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from mpitrain.comm import world
+from mpitrain.config import TrainConfig, save_config
+from mpitrain.errors import UserError
+
+
+class AgreedError(UserError):
+    """A set-up error all ranks know about: they all stop, no abort is needed."""
+
+
+class QuietExit(Exception):
+    """Stop this rank with a code; another rank reports the reason."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def agree(comm, error: str | None) -> None:
+    """Collective: if any rank hit a set-up error, every rank stops; rank 0 says why."""
+    errors = comm.allgather_obj(error)
+    first = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first is None:
+        return
+    if comm.rank == 0:
+        rank, msg = first
+        raise AgreedError(msg if rank == 0 or comm.size == 1 else f"(rank {rank}) {msg}")
+    raise QuietExit(2)
+
+
+def train_main(make_config, echo=print) -> int:
+    """`make_config()` builds (and validates) the TrainConfig inside the agreed set-up."""
+    from mpitrain import dataset, runfolder
+
+    comm = world()
+    say = echo if comm.rank == 0 else (lambda *a, **k: None)
+    plan = out = None
+    err = None
+    try:
+        cfg: TrainConfig = make_config()
+        if cfg.strategy == "master-worker" and comm.size < 2:
+            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
+        data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
+        plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
+        if comm.rank == 0:
+            out = runfolder.prepare(cfg.out, cfg.overwrite)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)
+
+    from mpitrain.models import build_model
+    from mpitrain.sync import make_sync
+    from mpitrain.trainer import configure_runtime, fit
+
+    threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
+    sync = make_sync(cfg.strategy, comm, cfg.sync_every)
+    say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
+        f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
+        f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
+    roles = (f"rank 0 = master, ranks 1..{comm.size - 1} = workers" if cfg.strategy == "master-worker"
+             else f"{comm.size} training rank{'s' * (comm.size > 1)}")
+    say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
+        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
+
+    data = dataset.load_shard(plan, cfg.image_size, cfg.seed, sync.train_part, sync.val_part, cfg.cache_dir)
+    counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads],
+                      dtype=np.float64)
+    comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
+    all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
+    if counts[0] == 0 or counts[1] == 0:
+        which = "training" if counts[0] == 0 else "validation"
+        agree(comm, f"no usable {which} images in {plan.data_dir}")
+    say(f"loaded {int(counts[0])} train + {int(counts[1])} val images in "
+        f"{counts[2] / comm.size:.1f}s per rank (cache: {int(counts[3])}/{int(counts[4])} hits)")
+    if all_errors and comm.rank == 0:
+        from mpitrain.datainfo import skip_warning, write_skip_report
+
+        print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
+
+    model = build_model(cfg.model, cfg.image_size, len(plan.classes))
+    result = fit(cfg, comm, plan, data, model, echo=say)
+    if comm.rank == 0:
+        _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]))
+        say(f"run folder: {out}")
+    return 0
+
+
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> None:
+    from mpitrain import runfolder
+    from mpitrain.metrics import classification_metrics
+
+    metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes)
+    metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+    runfolder.save_model(out / "model.keras", model)
+    save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
+                data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
+                seconds=round(result.seconds, 3), images_per_second=round(result.images_per_second, 1),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    runfolder.write_history(out / "history.csv", result.history)
+    runfolder.write_json(out / "metrics.json", metrics)
+    runfolder.write_json(out / "classes.json", plan.classes)

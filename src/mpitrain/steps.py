@@ -1,0 +1,71 @@
+"""Compiled train and predict steps (one `tf.function` each).
+
+The train step is the seam where gradients are synchronised: when `reduce` is given, the
+gradients of the summed loss and three statistics (samples, loss sum, correct predictions)
+are packed into one flat float32 tensor, handed to `reduce` (an in-place MPI allreduce)
+through `tf.numpy_function`, and divided by the global sample count. The result is exactly
+the gradient of the mean loss over the global batch, however unevenly the samples were
+spread across ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_train_step(model, optimizer, reduce=None):
+    import keras
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    shapes = [tuple(v.shape) for v in variables]
+    total = sum(sizes) + 3
+    spec = [
+        tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+        tf.TensorSpec((None,), tf.float32),
+        tf.TensorSpec((), tf.float32),
+    ]
+
+    @tf.function(input_signature=spec)
+    def step(x, y, w, lr):
+        optimizer.learning_rate.assign(lr)
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
+        grads = tape.gradient(loss_sum, variables)
+        hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
+        stats = tf.stack([tf.cast(tf.shape(x)[0], tf.float32), loss_sum,
+                          tf.reduce_sum(tf.cast(hits, tf.float32))])
+        if reduce is not None:
+            flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [stats], axis=0)
+            flat = tf.numpy_function(reduce, [flat], tf.float32, stateful=True)
+            flat = tf.ensure_shape(flat, (total,))
+            stats = flat[-3:]
+            grads = [tf.reshape(g, s) for g, s in zip(tf.split(flat[:-3], sizes), shapes)]
+        scale = 1.0 / tf.maximum(stats[0], 1.0)
+        optimizer.apply([g * scale for g in grads], variables)
+        return stats, probs
+
+    return step
+
+
+def make_predict_step(model):
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)]
+
+    @tf.function(input_signature=spec)
+    def predict(x):
+        return model(x, training=False)
+
+    return predict
+
+
+def predict_all(predict, x: np.ndarray, n_classes: int, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for all rows of `x` (float32, [n, n_classes])."""
+    parts = [np.zeros((0, n_classes), dtype=np.float32)]
+    for a in range(0, len(x), batch_size):
+        parts.append(predict(x[a:a + batch_size]).numpy())
+    return np.concatenate(parts).astype(np.float32)
