@@ -1,4 +1,4 @@
-"""Command line: `mpitrain {train,data,synth,bench}`.
+"""Command line: `mpitrain {train,data,synth,bench}`: train image classifiers over MPI.
 
 Errors: a UserError is one line on stderr and exit code 2. Any other exception is a bug:
 one line with the rank (rerun with --debug for the traceback), and under MPI the whole job
@@ -51,12 +51,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="scale --lr by the number of training ranks")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up to the scaled rate")
     p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="balanced")
+    p.add_argument("--data-on-root", action="store_true",
+                   help="only rank 0 reads the images and sends each rank its share (no shared file system)")
     p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
     p.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache/mpitrain)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mpitrain", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -81,7 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)")
+    b.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
+    b.add_argument("--hostfile")
+    b.add_argument("--model", default="seed")
+    b.add_argument("--batch-size", type=_positive_int, default=64, help="per rank")
+    b.add_argument("--steps", type=_positive_int, default=60)
+    b.add_argument("--warmup", type=_positive_int, default=5)
+    b.add_argument("--repeats", type=_positive_int, default=1, help="timed runs; the best is reported")
+    b.add_argument("--image-size", type=_positive_int, default=50)
+    b.add_argument("--strategy", choices=("allreduce", "local-sgd", "master-worker"), default="allreduce")
+    b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
+    b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
+    b.add_argument("--json", action="store_true", help="last line: one JSON object")
+    b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_bench(args, argv) -> int:
+    from mpitrain.models import MODELS
+
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if args.np is not None:
+        from mpitrain import launch
+
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+    from mpitrain.bench import bench_main
+
+    return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
+                      image_size=args.image_size, strategy=args.strategy, threads=args.threads,
+                      as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats)
 
 
 def _config_from_args(args):
@@ -93,7 +125,7 @@ def _config_from_args(args):
         model=args.model, image_size=args.image_size, seed=args.seed, out=args.out,
         overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
         lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
-        threads=args.threads, cache_dir=args.cache_dir)
+        threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root)
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -120,7 +152,6 @@ def _cmd_train(args, argv) -> int:
     cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
     from mpitrain import launch
     from mpitrain.dataset import make_plan, resolve_data_dir
-    from mpitrain.models import build_model  # noqa: F401  (fail early if TF/Keras are missing)
     from mpitrain.runfolder import prepare
 
     if cfg.strategy == "master-worker" and args.np < 2:

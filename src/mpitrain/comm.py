@@ -54,6 +54,12 @@ class SingleComm:
     def allgather_obj(self, obj):
         return [obj]
 
+    def bcast_obj(self, obj, root: int = 0):
+        return obj
+
+    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+        return parts[0]
+
     def barrier(self) -> None:
         pass
 
@@ -115,6 +121,24 @@ class MPIComm(SingleComm):
     def allgather_obj(self, obj):
         # Small control messages only (error strings, hashes); never model data.
         return self.comm.allgather(obj)
+
+    def bcast_obj(self, obj, root: int = 0):
+        # Small metadata only (class names, labels), produced by our own code on root.
+        return self.comm.bcast(obj, root=root)
+
+    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+        """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
+        meta = self.bcast_obj(None if parts is None else
+                              ([len(p) for p in parts], parts[0].shape[1:], parts[0].dtype.str), root)
+        counts, row_shape, dtype = meta
+        row = int(np.prod(row_shape, dtype=np.int64))
+        out = np.empty((counts[self.rank],) + tuple(row_shape), dtype=np.dtype(dtype))
+        send = None
+        if self.rank == root:
+            flat = np.concatenate([np.ascontiguousarray(p).reshape(-1) for p in parts])
+            send = [flat, np.asarray(counts, dtype=np.int64) * row]
+        self.comm.Scatterv(send, out.reshape(-1), root=root)
+        return out
 
     def barrier(self) -> None:
         self.comm.Barrier()

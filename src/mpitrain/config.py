@@ -69,11 +69,7 @@ class TrainConfig:
         need(self.class_weight in CLASS_WEIGHTS,
              f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        for name in ("data", "val_data"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_dir():
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag}: no such folder: {path}")
+        # Folders are checked where they are read (rank 0 only with --data-on-root).
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

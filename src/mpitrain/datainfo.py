@@ -19,14 +19,16 @@ from mpitrain.imagefolder import FileIndex, scan
 REPORT_NAME = "skipped_files.txt"
 
 
+def _one_line(text) -> str:
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
 def write_skip_report(errors: list[tuple[str, str]], dest_dir: Path) -> Path:
     """Write ``path<TAB>reason`` lines to ``dest_dir/skipped_files.txt``; return its path."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     report = dest / REPORT_NAME
-    clean = (str(s).replace("\t", " ").replace("\n", " ") for s in (p for e in errors for p in e))
-    fields = list(clean)
-    lines = [f"{fields[i]}\t{fields[i + 1]}\n" for i in range(0, len(fields), 2)]
+    lines = [f"{_one_line(path)}\t{_one_line(reason)}\n" for path, reason in errors]
     tmp = report.with_name(f".{REPORT_NAME}.{os.getpid()}.tmp")
     tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")
     os.replace(tmp, report)

@@ -108,3 +108,35 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
         return np.ones(len(counts), dtype=np.float32)
     w = counts.sum() / (len(counts) * np.maximum(counts, 1.0))
     return w.astype(np.float32)
+
+
+def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts_of,
+                      cache_dir: str | None = None) -> tuple[Plan, Shard]:
+    """--data-on-root: rank 0 decodes everything and sends each rank its shards.
+
+    For clusters without a shared file system. `parts_of(rank)` gives a rank's
+    (train part, val part). Only metadata travels as Python objects; images go as one
+    Scatterv of float32 rows per split.
+    """
+    full = None
+    if comm.rank == 0:
+        full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir)
+    # Collective order: plan metadata, then the training rows, then the validation rows.
+    meta = comm.bcast_obj(None if plan is None else
+                          (plan.data_dir, plan.classes, plan.train_labels, plan.val_labels, plan.val_from))
+    if plan is None:
+        data_dir, classes, train_labels, val_labels, val_from = meta
+        plan = Plan(data_dir, classes, [], train_labels, [], val_labels, val_from)
+    out = Shard(*(np.zeros(0),) * 4)
+    for split in ("train", "val"):
+        parts = None
+        if comm.rank == 0:
+            x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
+            which = [parts_of(r)[split == "val"] for r in range(comm.size)]
+            idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
+            parts = [x[i] for i in idx], [y[i] for i in idx]
+        setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
+        setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
+    if comm.rank == 0:
+        out.errors, out.cache_hits, out.loads, out.seconds = full.errors, full.cache_hits, full.loads, full.seconds
+    return plan, out

@@ -51,7 +51,7 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
-def mpiexec_command(n: int, child_args: list[str], hostfile: str | None = None,
+def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
                     extra: list[str] | None = None, mpiexec: str | None = None) -> tuple[list[str], dict]:
     mpiexec = mpiexec or find_mpiexec()
     env = dict(os.environ)
@@ -74,7 +74,7 @@ def mpiexec_command(n: int, child_args: list[str], hostfile: str | None = None,
             raise UserError(f"--hostfile: no such file: {hostfile}")
         cmd += ["--hostfile", hostfile]
     cmd += list(extra or [])
-    cmd += [sys.executable, "-m", "mpitrain", *child_args]
+    cmd += list(program)
     return cmd, env
 
 
@@ -82,7 +82,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None) 
     """Run the job and return its exit code; Ctrl-C is passed on to mpiexec."""
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
-    cmd, env = mpiexec_command(n, child_args, hostfile, extra)
+    cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra)
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()

@@ -57,8 +57,9 @@ def train_main(make_config, echo=print) -> int:
         cfg: TrainConfig = make_config()
         if cfg.strategy == "master-worker" and comm.size < 2:
             raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
-        data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
-        plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
+        if comm.rank == 0 or not cfg.data_on_root:
+            data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
+            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
         if comm.rank == 0:
             out = runfolder.prepare(cfg.out, cfg.overwrite)
     except UserError as e:
@@ -71,15 +72,20 @@ def train_main(make_config, echo=print) -> int:
 
     threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
     sync = make_sync(cfg.strategy, comm, cfg.sync_every)
-    say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
-        f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
-        f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
+    if comm.rank == 0:
+        say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
+            f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
+            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
     roles = (f"rank 0 = master, ranks 1..{comm.size - 1} = workers" if cfg.strategy == "master-worker"
              else f"{comm.size} training rank{'s' * (comm.size > 1)}")
     say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
         f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
-
-    data = dataset.load_shard(plan, cfg.image_size, cfg.seed, sync.train_part, sync.val_part, cfg.cache_dir)
+    if cfg.data_on_root:
+        plan, data = dataset.scatter_from_root(comm, plan, cfg.image_size, cfg.seed,
+                                               lambda r: sync.data_parts(r, comm.size), cfg.cache_dir)
+    else:
+        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, sync.train_part, sync.val_part,
+                                  cfg.cache_dir)
     counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads],
                       dtype=np.float64)
     comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use

@@ -33,8 +33,12 @@ class Sync:
         self.comm_seconds = 0.0  # time spent inside collectives, for `bench`
         self.trains = True
         self.train_ranks = comm.size
-        self.train_part = (comm.rank, comm.size)
-        self.val_part = (comm.rank, comm.size)
+        self.train_part, self.val_part = self.data_parts(comm.rank, comm.size)
+
+    @staticmethod
+    def data_parts(rank: int, size: int):
+        """(training part, validation part) of `rank`, each as (part, parts)."""
+        return (rank, size), (rank, size)
 
     def start(self, model, optimizer) -> None:
         """Same initial weights and optimizer state everywhere: broadcast from rank 0.
@@ -137,11 +141,14 @@ class MasterWorkerSync(Sync):
         super().__init__(comm, sync_every)
         self.trains = comm.rank != 0
         self.train_ranks = comm.size - 1
-        self.train_part = (comm.rank - 1, comm.size - 1)
-        # The master validates the global model on the whole validation set.
-        self.val_part = (0, 1) if comm.rank == 0 else (0, 0)
         self.round_samples = 0
         self.rounds = 0
+
+    @staticmethod
+    def data_parts(rank: int, size: int):
+        # Workers share the training data; the master validates the global model on the
+        # whole validation set.
+        return (rank - 1, size - 1), ((0, 1) if rank == 0 else (0, 0))
 
     def after_step(self, step: int, steps: int, samples: int) -> None:
         self.round_samples += samples

@@ -25,6 +25,7 @@ machine) may call ``generate``/``demo_data_dir`` at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -62,29 +63,28 @@ def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigmaX=max(sigma_px, 0.3))
 
 
-def _opacities(rng, x, y, lungs, style: int, n: int) -> np.ndarray:
-    """Brightening inside the lungs for a sick class; ``style`` 1, 2 or 3 (see module doc)."""
-    out = np.zeros_like(x)
-    if style == 1:  # patchy pneumonia: a few soft blobs, strength from faint to dense
+def _opacities(rng, x, y, style: int, n: int) -> np.ndarray:
+    """How much of each lung pixel is filled in (0..1) for a sick class ``style`` 1, 2 or 3."""
+    if style == 1:  # patchy pneumonia: a few soft blobs, from faint to dense
+        dose = np.zeros_like(x)
         for _ in range(rng.integers(1, 5)):
-            side = rng.choice([-1.0, 1.0])
-            cx = side * 0.36 + rng.uniform(-0.14, 0.14)
+            side = float(rng.choice([-1.0, 1.0]))
+            cx = side * 0.37 + rng.uniform(-0.14, 0.14)
             cy = rng.uniform(-0.35, 0.35)
-            sigma = rng.uniform(0.1, 0.24)
-            strength = rng.uniform(0.35, 0.7) * (0.5 if rng.random() < 0.15 else 1.0)
-            out += strength * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+            sigma = rng.uniform(0.12, 0.28)
+            strength = rng.uniform(1.2, 3.0) * (0.3 if rng.random() < 0.12 else 1.0)
+            dose += strength * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
         texture = _blur(rng.standard_normal(x.shape).astype(np.float32), n / 25)
-        out *= np.clip(0.85 + 0.4 * texture, 0.4, 1.3)
-    elif style == 2:  # lobar: one dense, sharper patch low in one lung
-        side = rng.choice([-1.0, 1.0])
+        return 1.0 - np.exp(-dose * np.clip(0.85 + 0.4 * texture, 0.4, 1.3))
+    if style == 2:  # lobar: one dense, well-defined patch low in one lung
+        side = float(rng.choice([-1.0, 1.0]))
         d = _ellipse(x, y, side * 0.38, rng.uniform(0.1, 0.35), rng.uniform(0.12, 0.2),
                      rng.uniform(0.12, 0.2))
-        out += rng.uniform(0.18, 0.38) * _smooth_inside(d, 0.15)
-    else:  # interstitial: fine reticular texture plus haze over both lungs
-        texture = np.abs(_blur(rng.standard_normal(x.shape).astype(np.float32), n / 60))
-        out += rng.uniform(0.06, 0.14) + rng.uniform(0.3, 0.6) * texture
-        out *= rng.uniform(0.6, 1.0)
-    return out * lungs
+        return rng.uniform(0.6, 0.95) * _smooth_inside(d, 0.1)
+    # interstitial: fine reticular texture plus haze over both lungs
+    texture = np.abs(_blur(rng.standard_normal(x.shape).astype(np.float32), n / 60))
+    haze = rng.uniform(0.15, 0.3) + rng.uniform(0.5, 1.0) * texture
+    return np.clip(haze, 0.0, 1.0) * rng.uniform(0.6, 1.0)
 
 
 def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray:
@@ -92,11 +92,11 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     n = image_size * _SUPERSAMPLE
     v, u = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n * 2.0 - 1.0
     # Random pose: move the patient instead of the camera (inverse transform of the grid).
-    angle = np.deg2rad(rng.uniform(-7, 7))
+    angle = math.radians(rng.uniform(-7.0, 7.0))
     sx, sy = rng.uniform(0.88, 1.08), rng.uniform(0.88, 1.08)
     u, v = u - rng.uniform(-0.07, 0.07), v - rng.uniform(-0.07, 0.07)
-    x = (np.cos(angle) * u + np.sin(angle) * v) / sx
-    y = (-np.sin(angle) * u + np.cos(angle) * v) / sy
+    x = (math.cos(angle) * u + math.sin(angle) * v) / sx
+    y = (-math.sin(angle) * u + math.cos(angle) * v) / sy
     edge = 2.0 / n
 
     img = np.full((n, n), rng.uniform(0.02, 0.08), dtype=np.float32)
@@ -115,11 +115,12 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     heart = _smooth_inside(_ellipse(x, y, rng.uniform(0.05, 0.14), 0.45, rng.uniform(0.22, 0.3),
                                     rng.uniform(0.18, 0.24)), 0.08)
     lungs *= 1.0 - 0.7 * heart
-    img -= rng.uniform(0.3, 0.4) * lungs * torso
+    darkness = rng.uniform(0.3, 0.4)
+    img -= darkness * lungs * torso
     # Label-independent lung texture: vessel markings, a soft shadow at the bases.
     vessels = np.abs(_blur(rng.standard_normal((n, n)).astype(np.float32), n / 40))
     img += rng.uniform(0.03, 0.1) * vessels * lungs * np.clip(1.0 - np.abs(x) * 1.5, 0, 1)
-    img += rng.uniform(0.0, 0.12) * lungs * _smooth_inside(0.3 - y, 0.12)
+    img += rng.uniform(0.0, 0.08) * lungs * _smooth_inside(0.3 - y, 0.12)
     # Ribs: stripes that arch down laterally, brightest where they cross the lungs.
     r = y - 0.55 * np.abs(x) ** 1.5 + rng.uniform(0, 0.2)
     ribs = np.maximum(np.cos(2 * np.pi * r / rng.uniform(0.15, 0.19)), 0.0) ** 3
@@ -131,24 +132,25 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
         dist = _segment_distance(x, y, side * 0.08, -0.6, side * 0.58, -0.74)
         img += 0.2 * _smooth_inside(dist - 0.035, edge)
     if style:
-        img += _opacities(rng, x, y, lungs * torso, style, n)
+        # Consolidated lung is about as dense as soft tissue: fill the dark lung in.
+        img += (darkness + 0.15) * lungs * torso * _opacities(rng, x, y, style, n)
     # Clutter: side marker, ECG wire, electrodes.
     if rng.random() < 0.7:
-        mx, my = rng.choice([-0.82, 0.82]), rng.uniform(-0.85, -0.6)
+        mx, my = float(rng.choice([-0.82, 0.82])), rng.uniform(-0.85, -0.6)
         img += 0.5 * _smooth_inside(np.maximum(np.abs(x - mx), np.abs(y - my)) - 0.05, edge)
     if rng.random() < 0.35:
-        x0, x1 = rng.uniform(-0.8, 0.8, size=2)
+        x0, x1 = rng.uniform(-0.8, 0.8, size=2).tolist()
         wire = _segment_distance(u, v, x0, -1.0, x1, 1.0) - rng.uniform(0.01, 0.025)
         img += 0.3 * _smooth_inside(wire, edge)
     for _ in range(rng.poisson(0.7)):
-        cx, cy = rng.uniform(-0.7, 0.7, size=2)
+        cx, cy = rng.uniform(-0.7, 0.7, size=2).tolist()
         img += 0.35 * _smooth_inside(np.hypot(u - cx, v - cy) - rng.uniform(0.03, 0.06), edge)
     # Exposure, noise, detector blur.
     img = (img - 0.4) * rng.uniform(0.8, 1.2) + 0.4 + rng.uniform(-0.08, 0.08)
     img += rng.uniform(-0.08, 0.08) * v
     img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
     img = _blur(img, rng.uniform(0.3, 0.8))
-    img += rng.normal(0.0, rng.uniform(0.015, 0.045), size=img.shape).astype(np.float32)
+    img += rng.normal(0.0, rng.uniform(0.01, 0.035), size=img.shape).astype(np.float32)
     return np.clip(np.rint(np.clip(img, 0.0, 1.0) ** 0.9 * 255.0), 0, 255).astype(np.uint8)
 
 

@@ -35,8 +35,10 @@ def configure_runtime(seed: int, threads: int | None, local_ranks: int) -> int:
 
     Must run before TensorFlow executes its first op.
     """
+    from mpitrain.tfquiet import import_tensorflow
+
+    tf = import_tensorflow()
     import keras
-    import tensorflow as tf
 
     n = threads or max(1, available_cores() // max(1, local_ranks))
     try:

@@ -1,0 +1,61 @@
+"""Shared pytest fixtures.
+
+Data-layer fixtures (imagefolder, decode, cache, split, datainfo tests) are prefixed with
+``image_`` / ``write_image``; they generate tiny images into ``tmp_path`` with OpenCV.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+
+def _write_image(path: Path, img: np.ndarray | None = None, value: int = 128,
+                 size: int = 16) -> Path:
+    """Write ``img`` (default: a ``size``x``size`` gray square of ``value``) with cv2."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if img is None:
+        img = np.full((size, size), value, np.uint8)
+    ext = path.suffix.lower() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp",
+                                                          ".tif", ".tiff"} else ".png"
+    ok, buf = cv2.imencode(ext, img)
+    assert ok, path
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+@pytest.fixture
+def write_image():
+    """The `_write_image(path, img=None, value=128, size=16)` helper."""
+    return _write_image
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """``tmp_path/data`` with classes ``cat`` (3 images, one nested) and ``dog`` (2)."""
+    root = tmp_path / "data"
+    _write_image(root / "cat" / "a.png", value=10)
+    _write_image(root / "cat" / "b.jpg", value=20)
+    _write_image(root / "cat" / "sub" / "c.png", value=30)
+    _write_image(root / "dog" / "a.png", value=200)
+    _write_image(root / "dog" / "b.bmp", value=250)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A small synthetic two-class data set (40 images per class, 16x16), made once."""
+    from mpitrain.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth") / "data", per_class=40, image_size=16, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test caches into a private folder, never into the user's ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "mpitrain-cache"
+    monkeypatch.setenv("MPITRAIN_CACHE_DIR", str(cache))

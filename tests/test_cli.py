@@ -1,0 +1,103 @@
+"""The command line: exit codes and one-line errors, and a short real training run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpitrain.cli import _strip_launch_args, main
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "mpitrain", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--data", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
+    (["train", "--epochs", "0"], ["--epochs"]),
+    (["train", "--epochs", "two"], ["--epochs"]),
+    (["train", "--batch-size", "-3"], ["--batch-size"]),
+    (["train", "--strategy", "gossip"], ["--strategy"]),
+    (["train", "--image-size", "2"], ["--image-size"]),
+    (["train", "-n", "0"], ["-n"]),
+    (["data"], ["--data"]),
+    (["data", "--data", "/no/such/dir"], ["/no/such/dir"]),
+    (["bench", "--model", "resnet999"], ["resnet999"]),
+    (["frobnicate"], ["frobnicate"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words):
+    one_line_error(run_cli(*args, timeout=60), *words)
+
+
+def test_one_class_folder_is_refused(tmp_path, write_image):
+    write_image(tmp_path / "d" / "only" / "a.png")
+    one_line_error(run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "r"), "2")
+
+
+def test_unwritable_and_occupied_run_folders_are_refused(tmp_path, synth_data):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    one_line_error(run_cli("train", "--data", synth_data, "--out", occupied), "--overwrite")
+    assert (occupied / "keep.txt").read_text() == "mine"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(run_cli("train", "--data", synth_data, "--out", blocker / "sub"), "--out")
+
+
+def test_master_worker_needs_two_processes(synth_data, tmp_path):
+    one_line_error(run_cli("train", "--data", synth_data, "--strategy", "master-worker",
+                           "--out", tmp_path / "r"), "master-worker")
+
+
+def test_launch_arguments_are_removed_for_the_ranks():
+    assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == \
+        ["train", "--data", "d"]
+
+
+def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
+                   "--batch-size", 8, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 2/2" in proc.stdout and "val_acc" in proc.stdout and str(out) in proc.stdout
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"} <= set(rows[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["val_samples"] == 8
+    assert json.loads((out / "classes.json").read_text()) == ["NORMAL", "PNEUMONIA"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["epochs"] == 2 and cfg["runtime"]["ranks"] == 1 and "tensorflow" in str(cfg["versions"])
+    import keras
+
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 2)
+
+    # Same seed, same data: the same result.
+    again = run_cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
+                    "--batch-size", 8, "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    with open(out / "history.csv") as f:
+        rerun = list(csv.DictReader(f))
+
+    def untimed(table):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in table]
+
+    assert untimed(rerun) == untimed(rows)
