@@ -45,8 +45,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_pneumonia_lungs_brighter_on_average(tmp_path):
     out = synth.generate(tmp_path / "d", per_class=40, seed=0)
+
     def mean_image(name):
-        return np.mean([cv2.imread(str(p), 0).astype(float) for p in (out / name).glob("*.png")], 0)
+        pngs = sorted((out / name).glob("*.png"))
+        return np.mean([cv2.imread(str(p), 0).astype(float) for p in pngs], axis=0)
     normal, sick = mean_image("NORMAL"), mean_image("PNEUMONIA")
     lungs = (slice(15, 35), slice(8, 42))
     assert sick[lungs].mean() > normal[lungs].mean() + 5
@@ -78,7 +80,7 @@ def test_existing_target(tmp_path):
     (tmp_path / "full" / "mine.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         synth.generate(tmp_path / "full", per_class=1)
-    assert files(tmp_path / "full") == [(tmp_path / "full" / "mine.txt").relative_to(tmp_path / "full")]
+    assert [p.name for p in files(tmp_path / "full")] == ["mine.txt"]
     (tmp_path / "empty").mkdir()
     assert len(list(synth.generate(tmp_path / "empty", per_class=1).rglob("*.png"))) == 2
     # Same parameters: reused untouched; other parameters: refused.

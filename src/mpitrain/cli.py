@@ -46,9 +46,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty run folder")
     p.add_argument("--strategy", choices=STRATEGIES, default="allreduce")
-    p.add_argument("--sync-every", type=int, help="steps between weight syncs (local-sgd, master-worker)")
-    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default="none",
-                   help="scale --lr by the number of training ranks")
+    p.add_argument("--sync-every", type=int,
+                   help="steps between weight syncs (local-sgd: default 4; master-worker: default one epoch)")
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default="auto",
+                   help="scale --lr by the number of training ranks (auto: sqrt; none for master-worker)")
+    p.add_argument("--lr-schedule", choices=("auto", "cosine", "constant"), default="auto",
+                   help="after warm-up: cosine decay to zero over the run, or constant "
+                        "(auto: cosine; constant for master-worker)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up to the scaled rate")
     p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="balanced")
     p.add_argument("--data-on-root", action="store_true",
@@ -124,7 +128,7 @@ def _config_from_args(args):
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         model=args.model, image_size=args.image_size, seed=args.seed, out=args.out,
         overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
-        lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
+        lr_scaling=args.lr_scaling, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
         threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root)
 
 

@@ -16,8 +16,15 @@ from pathlib import Path
 from mpitrain.errors import UserError
 
 STRATEGIES = ("allreduce", "local-sgd", "master-worker")
-LR_SCALINGS = ("linear", "sqrt", "none")
+LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("auto", "cosine", "constant")
+# Strategy defaults for "auto", measured on the real chest X-rays (docs/benchmarks.md):
+# allreduce and local SGD grow the global batch with the ranks and settle best with sqrt
+# scaling and a cosine decay; master-worker's one-epoch rounds average workers trained
+# apart, progress more slowly per epoch, and do best with the plain single-rank rate.
+AUTO_SYNC_EVERY = {"local-sgd": 4}
+AUTO_LR = {"master-worker": ("none", "constant")}
 CLASS_WEIGHTS = ("balanced", "none")
 
 
@@ -38,8 +45,9 @@ class TrainConfig:
     overwrite: bool = False
     strategy: str = "allreduce"
     sync_every: int | None = None    # steps; None: every step (allreduce), 1 epoch otherwise
-    lr_scaling: str = "none"
+    lr_scaling: str = "auto"         # auto: sqrt, but none for master-worker
     warmup_epochs: float = 0.0
+    lr_schedule: str = "auto"        # auto: cosine, but constant for master-worker
     class_weight: str = "balanced"
     data_on_root: bool = False
     threads: int | None = None       # TF threads per rank; None: cores / ranks on the node
@@ -65,11 +73,22 @@ class TrainConfig:
         need(self.sync_every is None or self.sync_every >= 1,
              f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         need(self.class_weight in CLASS_WEIGHTS,
              f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every "auto"/None default replaced by the value it stands for."""
+        scaling, schedule = AUTO_LR.get(self.strategy, ("sqrt", "cosine"))
+        return dataclasses.replace(
+            self,
+            lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
+            lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
+            sync_every=self.sync_every if self.sync_every is not None else AUTO_SYNC_EVERY.get(self.strategy))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from mpitrain.cache import default_cache_dir, load_images_cached
+from mpitrain.decode import default_threads
 from mpitrain.imagefolder import FileIndex, scan
 
 REPORT_NAME = "skipped_files.txt"
@@ -58,16 +60,20 @@ def _load(label: str, index: FileIndex, image_size: int, cache_dir: Path, line) 
     seconds = time.perf_counter() - t0
     rate = len(index.paths) / seconds if seconds > 0 else float("inf")
     line(f"{label}load", f"{seconds:.2f} s, {rate:,.0f} images/s "
-                         f"(cache {'hit' if hit else 'miss'}, {len(ok):,} files)")
+                         f"(cache {'hit' if hit else 'miss'}, {len(ok):,} files, "
+                         f"{default_threads()} threads)")
     return errors
 
 
 def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
-                  out=sys.stdout) -> int:
+                  out=None) -> int:
     """Print the report for ``data_dir`` (and ``val_data``) to ``out``; return 0.
+
+    ``out`` defaults to the ``sys.stdout`` of the moment of the call.
 
     Raises `mpitrain.errors.UserError` for an unusable folder (see `imagefolder.scan`).
     """
+    out = sys.stdout if out is None else out
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     index = scan(data_dir)
     val = scan(val_data, class_names=index.classes) if val_data is not None else None
@@ -96,8 +102,6 @@ def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
         try:
             report = write_skip_report(errors, cache)
         except OSError:  # cache not writable: fall back to the temp folder
-            import tempfile
-
             report = write_skip_report(errors, Path(tempfile.gettempdir()) / "mpitrain")
         usable = len(index) + (len(val) if val is not None else 0) - len(errors)
         line("skipped", f"{len(errors):,} file(s), {usable:,} usable; list in {report}")

@@ -74,7 +74,10 @@ def roc_curve(y_true_binary, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def pr_auc(y_true_binary, scores) -> float:
-    """Average precision: sum over distinct thresholds of (recall step) * precision; nan if no positives."""
+    """Average precision: sum of (recall step) * precision over distinct thresholds.
+
+    nan if there are no positives; 1.0 if there are no negatives.
+    """
     y, s = _binary_inputs(y_true_binary, scores)
     _, tps, fps = _counts_by_threshold(y, s)
     if not tps.size or tps[-1] == 0:

@@ -54,7 +54,7 @@ def train_main(make_config, echo=print) -> int:
     plan = out = None
     err = None
     try:
-        cfg: TrainConfig = make_config()
+        cfg: TrainConfig = make_config().resolved()
         if cfg.strategy == "master-worker" and comm.size < 2:
             raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
         if comm.rank == 0 or not cfg.data_on_root:

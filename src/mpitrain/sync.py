@@ -185,8 +185,18 @@ def scaled_lr(base: float, scaling: str, ranks: int) -> float:
     return {"linear": base * ranks, "sqrt": base * math.sqrt(ranks), "none": base}[scaling]
 
 
-def lr_at(base: float, target: float, warmup_steps: int, global_step: int) -> float:
-    """Linear warm-up from the single-rank rate to the scaled rate (Goyal et al. 2017)."""
-    if warmup_steps <= 0 or global_step >= warmup_steps:
-        return target
-    return base + (target - base) * (global_step + 1) / warmup_steps
+def lr_at(base: float, target: float, warmup_steps: int, global_step: int,
+          total_steps: int = 0, schedule: str = "constant") -> float:
+    """The learning rate of one step.
+
+    Linear warm-up from the single-rank rate `base` to the scaled rate `target` (Goyal et
+    al. 2017), then `target` ("constant") or a cosine decay from `target` towards zero at
+    `total_steps` ("cosine"), which leaves a settled final model instead of one caught
+    mid-oscillation.
+    """
+    if warmup_steps > 0 and global_step < warmup_steps:
+        return base + (target - base) * (global_step + 1) / warmup_steps
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = (global_step - warmup_steps) / (total_steps - warmup_steps)
+        return target * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return target

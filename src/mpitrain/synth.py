@@ -7,13 +7,18 @@ a brighter torso, two dark lung fields, curved rib stripes, spine, clavicles and
 randomly shifted/scaled/rotated with random brightness, contrast and noise, plus clutter that
 says nothing about the label (side marker, ECG wires, electrodes, soft-tissue shadows,
 vessel markings). The first class is healthy; every other class adds opacities inside the
-lungs: with the default classes, PNEUMONIA gets soft blurred bright patches of random size,
-position and strength, some of them faint. (Any third or fourth class gets a different
-pattern: lobar consolidation, then bilateral interstitial haze.)
+lungs: with the default classes, PNEUMONIA gets soft blurred patches of random size, position
+and strength that fill the dark lung in towards soft-tissue brightness, some of them faint.
+(A third or fourth class gets a different pattern: lobar consolidation, then bilateral
+interstitial haze.) At the defaults (300 per class, 50 x 50) the project's small seed CNN
+reaches about 90-96 % validation accuracy after 3-5 epochs: learnable, but not at once.
 
 Images are a pure function of ``(seed, class index, image index, image_size)``: each image
 has its own ``numpy.random.Generator(PCG64([seed, class index, index]))``, so the same seed
 gives the same bytes and a larger ``per_class`` only appends images.
+
+``image_size`` may be 8 to 1024 (sizes up to 128 are drawn at twice the size and shrunk,
+for smooth edges). The first class *in the given order* is the healthy one.
 
 ``out`` must not exist or be an empty folder. If it already holds a complete ``generate()``
 output with the same parameters it is reused as it is; anything else is refused. The data
@@ -89,7 +94,7 @@ def _opacities(rng, x, y, style: int, n: int) -> np.ndarray:
 
 def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray:
     """One picture as uint8 [image_size, image_size]; ``style`` 0 means healthy."""
-    n = image_size * _SUPERSAMPLE
+    n = image_size * (_SUPERSAMPLE if image_size <= 128 else 1)  # anti-aliasing for small sizes
     v, u = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n * 2.0 - 1.0
     # Random pose: move the patient instead of the camera (inverse transform of the grid).
     angle = math.radians(rng.uniform(-7.0, 7.0))
@@ -125,7 +130,7 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     r = y - 0.55 * np.abs(x) ** 1.5 + rng.uniform(0, 0.2)
     ribs = np.maximum(np.cos(2 * np.pi * r / rng.uniform(0.15, 0.19)), 0.0) ** 3
     img += rng.uniform(0.1, 0.18) * ribs * torso * _smooth_inside(y - 0.55, 0.08)
-    # Spine with vertebrae, clavicles, heart.
+    # Spine with vertebrae, clavicles.
     spine = _smooth_inside(np.abs(x) - 0.07, edge) * (0.8 + 0.2 * np.cos(2 * np.pi * y / 0.11))
     img += 0.12 * spine * torso
     for side in (-1.0, 1.0):
@@ -154,14 +159,19 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     return np.clip(np.rint(np.clip(img, 0.0, 1.0) ** 0.9 * 255.0), 0, 255).astype(np.uint8)
 
 
+def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) \
+        and value >= low and (high is None or value <= high)
+    if not ok:
+        span = f">= {low}" if high is None else f"from {low} to {high}"
+        raise UserError(f"{name} must be a whole number {span}, got {value!r}")
+
+
 def _check_args(per_class, image_size, seed, classes) -> list[str]:
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise UserError(f"per_class must be a whole number >= 1, got {per_class!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-            or not 8 <= image_size <= 4096:
-        raise UserError(f"image_size must be a whole number from 8 to 4096, got {image_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UserError(f"seed must be a whole number >= 0, got {seed!r}")
+    """Validate the arguments of generate(); return the class names as a list."""
+    _check_whole("per_class", per_class, 1)
+    _check_whole("image_size", image_size, 8, 1024)
+    _check_whole("seed", seed, 0)
     names = [classes] if isinstance(classes, str) else list(classes)
     if not 2 <= len(names) <= 4:
         raise UserError(f"need 2 to 4 class names, got {len(names)}")
@@ -227,7 +237,7 @@ def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: 
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")
         try:
             if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # an empty target folder is allowed; rename cannot replace it everywhere
+                out.rmdir()  # allowed when empty; os.rename cannot replace it everywhere
             os.rename(tmp, out)
         except OSError:
             # Someone else (another rank) won the race, or the folder filled up meanwhile.

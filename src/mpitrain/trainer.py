@@ -102,6 +102,7 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
     # Collective: every rank must agree on the step count before the first step.
     steps = steps_per_epoch(int(comm.allreduce_max(len(data.train_x))), cfg.batch_size)
     warmup = int(round(cfg.warmup_epochs * steps))
+    total = cfg.epochs * steps
     tag = f"{sync.name} x{sync.train_ranks}" + (" + master" if sync.name == "master-worker" else "")
     result = Result()
     t_start = time.perf_counter()
@@ -114,7 +115,7 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
         bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs} ", enabled=comm.rank == 0 and sync.trains)
         for s, idx in enumerate(batch_slices(order, steps, cfg.batch_size)):
             if sync.trains:
-                lr = lr_at(cfg.lr, target_lr, warmup, epoch * steps + s)
+                lr = lr_at(cfg.lr, target_lr, warmup, epoch * steps + s, total, cfg.lr_schedule)
                 y = data.train_y[idx]
                 st, p = step(data.train_x[idx], y, weights[y], np.float32(lr))
                 stats += st.numpy()
@@ -139,7 +140,7 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
         val_m, all_vp, all_vy = _epoch_metrics(comm, vstats, vp, data.val_y, n_classes)
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
-                   "lr": lr_at(cfg.lr, target_lr, warmup, (epoch + 1) * steps - 1),
+                   "lr": lr_at(cfg.lr, target_lr, warmup, (epoch + 1) * steps - 1, total, cfg.lr_schedule),
                    "seconds": round(train_time, 3),
                    "images_per_second": round(stats[0] / max(train_time, 1e-9), 1)}
             result.history.append(row)
