@@ -114,3 +114,20 @@ def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_dat
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["runtime"]["ranks"] == 5
+
+
+def test_direct_mpiexec_with_data_on_root_matches_the_run_folder_contract(tmp_path, synth_data):
+    out = tmp_path / "run"
+    proc, _ = mpirun(2, cli("train", "--data", synth_data, "--data-on-root", "--model", "tiny",
+                            "--image-size", 16, "--epochs", 1, "--batch-size", 8, "--out", out))
+    _assert_ok(proc)
+    assert "loaded 72 train + 8 val images" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_samples"] == 8 and metrics["train_samples"] == 72
+
+
+def test_a_setup_error_under_mpiexec_is_reported_once_and_no_rank_hangs(tmp_path):
+    proc, seconds = mpirun(3, cli("train", "--data", tmp_path / "missing", "--out", tmp_path / "r"), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("does not exist") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -55,6 +55,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(auto: cosine; constant for master-worker)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up to the scaled rate")
     p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="balanced")
+    p.add_argument("--target-sensitivity", type=float,
+                   help="choose the decision threshold for this sensitivity on the validation data "
+                        "(default: maximise Youden's J)")
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to RUNDIR/tb")
     p.add_argument("--data-on-root", action="store_true",
                    help="only rank 0 reads the images and sends each rank its share (no shared file system)")
     p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
@@ -129,6 +133,7 @@ def _config_from_args(args):
         model=args.model, image_size=args.image_size, seed=args.seed, out=args.out,
         overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
         lr_scaling=args.lr_scaling, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
+        target_sensitivity=args.target_sensitivity, tensorboard=args.tensorboard,
         threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root)
 
 

@@ -49,6 +49,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lr_schedule: str = "auto"        # auto: cosine, but constant for master-worker
     class_weight: str = "balanced"
+    target_sensitivity: float | None = None  # threshold choice; None: maximise Youden's J
+    tensorboard: bool = False
     data_on_root: bool = False
     threads: int | None = None       # TF threads per rank; None: cores / ranks on the node
     cache_dir: str | None = None
@@ -78,6 +80,8 @@ class TrainConfig:
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         need(self.class_weight in CLASS_WEIGHTS,
              f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
+        need(self.target_sensitivity is None or 0.0 < self.target_sensitivity <= 1.0,
+             f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 
