@@ -1,4 +1,4 @@
-"""Command line: `mpitrain {train,data,synth,bench}`: train image classifiers over MPI.
+"""Command line: `mpitrain {train,data,synth,bench,evaluate,predict}`: train image classifiers over MPI.
 
 Errors: a UserError is one line on stderr and exit code 2. Any other exception is a bug:
 one line with the rank (rerun with --debug for the traceback), and under MPI the whole job
@@ -105,7 +105,53 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true", help="last line: one JSON object")
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
+    e.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
+    e.add_argument("--hostfile", help="MPI hostfile for -n")
+    e.add_argument("--model", required=True, help="RUNDIR/model.keras (or RUNDIR) of a finished training")
+    e.add_argument("--data", required=True, help="folder with one sub-folder per class (the model's classes)")
+    e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
+    e.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
+                                                   "(default: the one saved with the model)")
+    e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
+    e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
+    e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
+    e.add_argument("--cache-dir", help="where decoded images are cached")
+    e.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
+    pr.add_argument("--model", required=True, help="RUNDIR/model.keras (or RUNDIR) of a finished training")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    pr.add_argument("--csv", metavar="FILE", help="write the rows here (default: standard output)")
+    pr.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
+                                                    "(default: the one saved with the model)")
+    pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
+    pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
+    pr.set_defaults(func=_cmd_predict)
     return parser
+
+
+def _cmd_evaluate(args, argv) -> int:
+    if args.np is not None:
+        from mpitrain import launch
+        from mpitrain.evaluate import prepare
+
+        # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
+        prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+    from mpitrain.evaluate import evaluate_main
+
+    return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
+                         plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
+                         threads=args.threads)
+
+
+def _cmd_predict(args, argv) -> int:
+    from mpitrain.predict import predict_main
+
+    return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
+                        image_size=args.image_size, threads=args.threads)
 
 
 def _cmd_bench(args, argv) -> int:

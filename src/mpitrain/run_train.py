@@ -103,22 +103,57 @@ def train_main(make_config, echo=print) -> int:
     model = build_model(cfg.model, cfg.image_size, len(plan.classes))
     result = fit(cfg, comm, plan, data, model, echo=say)
     if comm.rank == 0:
-        _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]))
+        for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
+            say(line)
         say(f"run folder: {out}")
     return 0
 
 
-def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> None:
-    from mpitrain import runfolder
-    from mpitrain.metrics import classification_metrics
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list[str]:
+    """Rank 0 only: the run folder. Returns lines to show the user.
 
-    metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes)
+    Order matters: the model and its metadata first (the valuable part), then the numbers,
+    then the figures and report.md, whose failure is only a warning.
+    """
+    from mpitrain import modelio, runfolder
+    from mpitrain.metrics import classification_metrics
+    from mpitrain.threshold import choose_for_classes, describe, positive_index
+
+    lines = []
+    positive = positive_index(plan.classes)
+    # The decision threshold is chosen on the validation predictions (gathered on rank 0).
+    choice = choose_for_classes(result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity)
+    if cfg.target_sensitivity is not None and positive is None:
+        lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
+    metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes,
+                                      threshold=choice.threshold, positive=1 if positive is None else positive)
+    metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
     metrics["train_samples"], metrics["val_samples"] = n_train, n_val
     runfolder.save_model(out / "model.keras", model)
+    modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model)
+    timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
+               "images_per_second": round(result.images_per_second, 1),
+               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val}
     save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
                 data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
-                seconds=round(result.seconds, 3), images_per_second=round(result.images_per_second, 1),
-                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                seconds=timings["seconds"], images_per_second=timings["images_per_second"],
+                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     runfolder.write_history(out / "history.csv", result.history)
     runfolder.write_json(out / "metrics.json", metrics)
     runfolder.write_json(out / "classes.json", plan.classes)
+    lines.append(describe(choice, None if positive is None else plan.classes[positive]))
+    try:
+        from mpitrain import plots, report
+
+        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history)
+        counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, plan.class_counts()))
+        report.write_report(out, cfg.to_dict(), metrics, figures, timings,
+                            f"`{plan.data_dir}` ({counts} training images)")
+        lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
+    except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
+        print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)
+    if cfg.tensorboard:
+        from mpitrain import tb
+
+        lines.append(f"tensorboard: {tb.write_history(out / 'tb', result.history)}")
+    return lines

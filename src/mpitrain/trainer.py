@@ -85,8 +85,7 @@ def _epoch_metrics(comm, stats, probs, labels, n_classes):
 
 def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> Result:
     """Train `model` in place on every rank; returns the history (complete on rank 0)."""
-    import keras
-
+    cfg = cfg.resolved()
     sync = make_sync(cfg.strategy, comm, cfg.sync_every)
     if sync.train_ranks < 1:
         raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")

@@ -42,7 +42,7 @@ val = np.arange(0, a.samples, 5)
 
 cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch, lr=a.lr, optimizer="sgd", model="tiny",
                   image_size=SIZE, seed=SEED, strategy=a.strategy, sync_every=a.sync_every,
-                  class_weight="none", threads=1)
+                  class_weight="none", threads=1, lr_scaling="none", lr_schedule="constant")
 configure_runtime(SEED, 1, 1)
 model = build_model("tiny", SIZE, 2)
 plan = Plan("mem", ["a", "b"], [""] * a.samples, y_all, [""] * len(val), y_all[val], "split")
