@@ -59,6 +59,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="choose the decision threshold for this sensitivity on the validation data "
                         "(default: maximise Youden's J)")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to RUNDIR/tb")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint (with its saved options)")
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every S steps (always at epoch ends)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="abort the job after this many seconds without progress (0: never; default 600)")
     p.add_argument("--data-on-root", action="store_true",
                    help="only rank 0 reads the images and sends each rank its share (no shared file system)")
     p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
@@ -180,7 +186,8 @@ def _config_from_args(args):
         overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
         lr_scaling=args.lr_scaling, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
         target_sensitivity=args.target_sensitivity, tensorboard=args.tensorboard,
-        threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root)
+        threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, timeout=args.timeout)
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -203,8 +210,12 @@ def _cmd_train(args, argv) -> int:
     if args.np is None:
         from mpitrain.run_train import train_main
 
-        return train_main(lambda: _config_from_args(args))
+        return train_main(lambda: _config_from_args(args), resume=args.resume)
     cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
+    if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
+        from mpitrain import launch
+
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
     from mpitrain import launch
     from mpitrain.dataset import make_plan, resolve_data_dir
     from mpitrain.runfolder import prepare
@@ -212,8 +223,12 @@ def _cmd_train(args, argv) -> int:
     if cfg.strategy == "master-worker" and args.np < 2:
         raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
     make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
-    prepare(cfg.out, cfg.overwrite)
-    return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+    out = prepare(cfg.out, cfg.overwrite)
+    child = _strip_launch_args(argv)
+    if cfg.out is None:  # every rank must use the folder the launcher just made
+        child += ["--out", str(out)]
+    hint = f"mpitrain train -n {args.np} --resume --out {out}"
+    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint)
 
 
 def _cmd_data(args, argv) -> int:
@@ -247,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mpitrain: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence
-        from mpitrain.run_train import QuietExit
+        from mpitrain.errors import QuietExit
 
         if isinstance(e, QuietExit):
             return e.code
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 def _abort_if_alone(e: UserError, code: int) -> None:
     """A user error found by one rank alone, after set-up: the others must not wait."""
     from mpitrain.comm import launched_by_mpi, world
-    from mpitrain.run_train import AgreedError
+    from mpitrain.errors import AgreedError
 
     if not isinstance(e, AgreedError) and launched_by_mpi() and world().size > 1:
         world().abort(code)

@@ -54,6 +54,9 @@ class TrainConfig:
     data_on_root: bool = False
     threads: int | None = None       # TF threads per rank; None: cores / ranks on the node
     cache_dir: str | None = None
+    checkpoint_every: int | None = None  # steps; checkpoints are always written at epoch ends
+    keep_checkpoints: int = 2
+    timeout: float = 600.0           # seconds without progress before the job is aborted
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,10 @@ class TrainConfig:
              f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
         need(self.target_sensitivity is None or 0.0 < self.target_sensitivity <= 1.0,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.timeout >= 0, f"--timeout must be >= 0 (0: no watchdog), got {self.timeout}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 

@@ -7,3 +7,27 @@ and keeps its traceback (with --debug) or is summarised (without).
 
 class UserError(Exception):
     """A mistake in the user's input: bad option, missing folder, unusable data."""
+
+
+class AgreedError(UserError):
+    """A user error every rank knows about: all ranks stop together, no abort is needed."""
+
+
+class QuietExit(Exception):
+    """Stop this rank with a code; another rank reports the reason."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def agree(comm, error: str | None) -> None:
+    """Collective: if any rank hit an error, every rank stops; rank 0 says why, once."""
+    errors = comm.allgather_obj(error)
+    first = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first is None:
+        return
+    if comm.rank == 0:
+        rank, msg = first
+        raise AgreedError(msg if rank == 0 or comm.size == 1 else f"(rank {rank}) {msg}")
+    raise QuietExit(2)

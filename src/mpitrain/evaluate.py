@@ -76,7 +76,6 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     from mpitrain.run_train import agree
 
     comm = world()
-    t0 = time.perf_counter()
     setup, err = None, None
     try:
         setup = prepare(model, data, threshold, image_size, json_path, plots, check_outputs=comm.rank == 0)
@@ -95,6 +94,7 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     agree(comm, err)  # collective: the same file fails on every rank
 
     info, n = setup.info, len(setup.paths)
+    t0 = time.perf_counter()  # timing: decode + predict + gather, not start-up
     idx = my_indices(n, comm.rank, comm.size)
     k = len(info.classes)
     if len(idx):
@@ -165,6 +165,7 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items())
     echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
     echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
-         f"{ranks} rank{'s' * (ranks > 1)} | {result['seconds']:.1f}s")
+         f"{ranks} rank{'s' * (ranks > 1)} | {result['seconds']:.1f}s "
+         f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)")
     source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
     echo(text_table(result, source))

@@ -14,6 +14,7 @@ MPI's default of one core per rank.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,14 +79,46 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
     return cmd, env
 
 
-def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None) -> int:
-    """Run the job and return its exit code; Ctrl-C is passed on to mpiexec."""
+_LOST = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on\s+signal (\d+)")
+
+
+def lost_rank_message(stderr_text: str, resume_hint: str | None = None) -> str | None:
+    """One clear line from Open MPI's report of a rank that died (SIGKILL, lost node)."""
+    m = _LOST.search(stderr_text)
+    if not m:
+        return None
+    rank, node, sig = m.groups()
+    try:
+        name = signal.Signals(int(sig)).name
+    except ValueError:
+        name = f"signal {sig}"
+    msg = f"mpitrain: error: rank {rank} on {node} was lost ({name}); the whole job was stopped"
+    return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
+
+
+def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
+        resume_hint: str | None = None) -> int:
+    """Run the job and return its exit code; Ctrl-C is passed on to mpiexec.
+
+    mpiexec's stderr is passed through line by line and also kept, so that a rank lost
+    to a signal can be named in one line at the end.
+    """
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
     cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    seen = []
     try:
-        return proc.wait()
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            seen.append(line)
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
-        return proc.wait()
+        code = proc.wait()
+    if code != 0:
+        lost = lost_rank_message("".join(seen[-200:]), resume_hint)
+        if lost:
+            print(lost, file=sys.stderr)
+    return code

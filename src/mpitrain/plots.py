@@ -51,8 +51,14 @@ def training_curves(history: list[dict], path: Path) -> Path:
     epochs = _column(history, "epoch")
     for ax, (key, title) in zip(axes, (("loss", "Loss (cross-entropy)"), ("accuracy", "Accuracy"),
                                        ("auc", "ROC AUC"))):
+        empty = True
         for prefix, label, color in (("", "train", _TRAIN), ("val_", "validation", _VAL)):
-            ax.plot(epochs, _column(history, prefix + key), marker="o", color=color, label=label)
+            values = _column(history, prefix + key)
+            empty &= bool(np.isnan(values).all())
+            ax.plot(epochs, values, marker="o", color=color, label=label)
+        if empty:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="grey",
+                bbox={"facecolor": "white", "edgecolor": "none"})
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if key != "loss":
@@ -60,6 +66,7 @@ def training_curves(history: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if len(epochs):
             ax.set_xticks(epochs if len(epochs) <= 12 else np.linspace(epochs[0], epochs[-1], 6).round())
+            ax.set_xlim(epochs[0] - 0.3, epochs[-1] + 0.3)
     axes[0].legend()
     return _save(fig, path)
 
@@ -94,12 +101,13 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
     probs = np.asarray(probs, dtype=np.float64)
     fig = _figure(5.6, 5.4)
     ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     which = [positive] if positive is not None else range(len(class_names))
+    drawn = 0
     for i in which:
         y, s = labels == i, probs[:, i]
         if y.all() or not y.any():
             continue  # no curve without both classes
+        drawn += 1
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, linewidth=2, label=f"{class_names[i]} (AUC {roc_auc(y, s):.3f})",
                 drawstyle="default", color=_TRAIN if positive is not None else None)
@@ -111,14 +119,22 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
         ax.plot([fpr_t], [sens], marker="o", markersize=10, color=_VAL, linestyle="none",
                 label=f"{name}: sens {sens:.3f}, spec {1 - fpr_t:.3f}")
         ax.annotate(name, (fpr_t, sens), xytext=(12, -18), textcoords="offset points", color=_VAL)
+    if drawn:
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance", zorder=1)
+    else:
+        ax.text(0.5, 0.55, "no ROC curve:\nthe data lacks a positive or a negative class",
+                transform=ax.transAxes, ha="center", color="grey",
+                bbox={"facecolor": "white", "edgecolor": "none"})
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(title if positive is None else f"{title}: {class_names[positive]} vs rest")
+    rest = "rest" if len(class_names) != 2 or positive is None else class_names[1 - positive]
+    ax.set_title(title if positive is None else f"{title}: {class_names[positive]} vs {rest}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if drawn:
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

@@ -107,7 +107,7 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
                 if t is not None else "argmax")
     say(f"predicted {int(counts.sum()):,} image(s) with {info.path} (decision: {decision}): "
         + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
-        + (f"; {failed} could not be read (see the error column)" if failed else "")
+        + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
         + (f"; wrote {csv_path}" if csv_path else ""))
     return 1 if failed else 0
 

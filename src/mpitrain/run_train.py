@@ -18,53 +18,79 @@ import numpy as np
 
 from mpitrain.comm import world
 from mpitrain.config import TrainConfig, save_config
-from mpitrain.errors import UserError
+from mpitrain.errors import AgreedError, QuietExit, UserError, agree  # noqa: F401
 
 
-class AgreedError(UserError):
-    """A set-up error all ranks know about: they all stop, no abort is needed."""
+def _open_resume(cfg: TrainConfig):
+    """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
+    from pathlib import Path
+
+    from mpitrain import checkpoint
+
+    if not cfg.out or not Path(cfg.out).is_dir():
+        raise UserError("--resume needs --out RUNDIR: the run folder to continue")
+    try:
+        ckpt = checkpoint.load_latest(Path(cfg.out), warn=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
+    if ckpt is None:
+        raise UserError(f"no usable checkpoint in {cfg.out}/checkpoints; nothing to resume")
+    if ckpt.status == "finished":
+        raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
+    saved = TrainConfig.from_dict({**ckpt.config, "out": cfg.out, "overwrite": False})
+    return ckpt, saved
 
 
-class QuietExit(Exception):
-    """Stop this rank with a code; another rank reports the reason."""
+def _fingerprint(cfg: TrainConfig, plan) -> str:
+    """What every rank must agree on before the first collective: config, code, data."""
+    import hashlib
+    import json
 
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+    from mpitrain import __version__
 
-
-def agree(comm, error: str | None) -> None:
-    """Collective: if any rank hit a set-up error, every rank stops; rank 0 says why."""
-    errors = comm.allgather_obj(error)
-    first = next(((r, e) for r, e in enumerate(errors) if e), None)
-    if first is None:
-        return
-    if comm.rank == 0:
-        rank, msg = first
-        raise AgreedError(msg if rank == 0 or comm.size == 1 else f"(rank {rank}) {msg}")
-    raise QuietExit(2)
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(__version__.encode())
+    if plan is not None and not cfg.data_on_root:
+        h.update("\n".join(plan.train_paths + ["--val--"] + plan.val_paths).encode())
+    return h.hexdigest()[:16]
 
 
-def train_main(make_config, echo=print) -> int:
+def train_main(make_config, echo=print, resume: bool = False) -> int:
     """`make_config()` builds (and validates) the TrainConfig inside the agreed set-up."""
     from mpitrain import dataset, runfolder
 
     comm = world()
     say = echo if comm.rank == 0 else (lambda *a, **k: None)
-    plan = out = None
+    plan = out = ckpt = None
     err = None
     try:
         cfg: TrainConfig = make_config().resolved()
+        if resume and comm.rank == 0:
+            ckpt, cfg = _open_resume(cfg)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)
+    if resume:  # collective: every rank trains with the saved config
+        cfg = TrainConfig.from_dict(comm.bcast_obj(cfg.to_dict() if comm.rank == 0 else None))
+    err = None
+    try:
         if cfg.strategy == "master-worker" and comm.size < 2:
             raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
         if comm.rank == 0 or not cfg.data_on_root:
             data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
             plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
         if comm.rank == 0:
-            out = runfolder.prepare(cfg.out, cfg.overwrite)
+            out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
         err = str(e)
     agree(comm, err)
+    # Collective: a rank started with other options, another mpitrain or other files would
+    # silently train something else (or deadlock on different step counts): refuse it.
+    prints = comm.allgather_obj(_fingerprint(cfg, plan))
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        agree(comm, f"rank(s) {differ} were started with a different config, mpitrain version "
+                    f"or data file list than rank 0")
 
     from mpitrain.models import build_model
     from mpitrain.sync import make_sync
@@ -101,7 +127,8 @@ def train_main(make_config, echo=print) -> int:
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
     model = build_model(cfg.model, cfg.image_size, len(plan.classes))
-    result = fit(cfg, comm, plan, data, model, echo=say)
+    result = fit(cfg, comm, plan, data, model, echo=say, checkpoints=True, run_dir=out,
+                 resume=ckpt, resuming=resume)
     if comm.rank == 0:
         for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
             say(line)

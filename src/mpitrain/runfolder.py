@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def prepare(out: str | None, overwrite: bool) -> Path:
+def prepare(out: str | None, overwrite: bool, resume: bool = False) -> Path:
     """Check (and create) the run folder before any training starts."""
     path = Path(out) if out else default_run_dir()
     if path.exists() and not path.is_dir():
@@ -43,9 +44,11 @@ def prepare(out: str | None, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"--out {path} is not writable: {e.strerror or e}") from None
-    if overwrite:
+    if overwrite and not resume:
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
+        # Old checkpoints would otherwise be taken for this run's by a later --resume.
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return path
 
 

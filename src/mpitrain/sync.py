@@ -67,6 +67,13 @@ class Sync:
     def checksum(self) -> str:
         return self.weights.checksum()
 
+    def extra_state(self) -> np.ndarray:
+        """The strategy's own counters, saved in checkpoints."""
+        return np.zeros(2, dtype=np.float64)
+
+    def load_extra_state(self, a: np.ndarray) -> None:
+        pass
+
     def _timed(self, fn, *args):
         t = time.perf_counter()
         try:
@@ -154,6 +161,12 @@ class MasterWorkerSync(Sync):
         self.round_samples += samples
         if step == steps or (self.sync_every and step % self.sync_every == 0):
             self._round()
+
+    def extra_state(self) -> np.ndarray:
+        return np.array([self.round_samples, self.rounds], dtype=np.float64)
+
+    def load_extra_state(self, a: np.ndarray) -> None:
+        self.round_samples, self.rounds = int(a[0]), int(a[1])
 
     def _round(self) -> None:
         flat = self.weights

@@ -21,6 +21,8 @@ from mpitrain.progress import Progress
 from mpitrain.shards import batch_slices, epoch_order, steps_per_epoch
 from mpitrain.steps import make_predict_step, make_train_step, predict_all
 from mpitrain.sync import lr_at, make_sync, scaled_lr
+from mpitrain.trainstate import RankState
+from mpitrain.watchdog import Watchdog
 
 
 def available_cores() -> int:
@@ -83,8 +85,14 @@ def _epoch_metrics(comm, stats, probs, labels, n_classes):
     return {"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"]}, all_probs, all_labels
 
 
-def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> Result:
-    """Train `model` in place on every rank; returns the history (complete on rank 0)."""
+def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print,
+        checkpoints: bool = False, run_dir=None, resume=None, resuming: bool = False) -> Result:
+    """Train `model` in place on every rank; returns the history (complete on rank 0).
+
+    `checkpoints` and `resuming` must be the same on every rank. With `checkpoints`, rank 0
+    writes them to `run_dir`; with `resuming`, every rank continues from the checkpoint
+    `resume` that rank 0 read (the others pass None).
+    """
     cfg = cfg.resolved()
     sync = make_sync(cfg.strategy, comm, cfg.sync_every)
     if sync.train_ranks < 1:
@@ -95,6 +103,7 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
     optimizer = _make_optimizer(cfg, target_lr)
     optimizer.build(model.trainable_variables)
     sync.start(model, optimizer)
+    state = RankState(model, optimizer, sync)
     step = make_train_step(model, optimizer, sync.reduce_step if sync.per_step_reduce else None)
     predict = make_predict_step(model)
 
@@ -104,15 +113,42 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
     total = cfg.epochs * steps
     tag = f"{sync.name} x{sync.train_ranks}" + (" + master" if sync.name == "master-worker" else "")
     result = Result()
+    start_epoch, start_step, resumed_stats = 0, 0, None
+    if resuming:
+        # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
+        start_epoch, start_step, history = comm.bcast_obj(
+            (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
+        resumed_stats = state.scatter(comm, resume)
+        result.history = list(history) if comm.rank == 0 else []
+        echo(f"resuming at epoch {start_epoch + 1}, step {start_step} of {steps}")
+
+    def checkpoint(epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
+        if not checkpoints:
+            return
+        gathered = state.gather(comm, stats)  # collective: every rank's state to rank 0
+        if comm.rank == 0:
+            from mpitrain import checkpoint as ckpt
+
+            states, shared = gathered
+            ckpt.save(run_dir, ckpt.Checkpoint(
+                epoch=epoch, step=done, ranks=comm.size, strategy=cfg.strategy, states=states,
+                shared=shared, status=status, config=cfg.to_dict(), history=result.history),
+                keep=cfg.keep_checkpoints)
+
+    dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
     t_start = time.perf_counter()
     seen = 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        stats = np.zeros(3, dtype=np.float64)  # samples, loss sum, hits
+        first = start_step if epoch == start_epoch else 0
+        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
+        stats = resumed_stats if first and resumed_stats is not None else np.zeros(3, dtype=np.float64)
         probs, labels = [], []
         bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs} ", enabled=comm.rank == 0 and sync.trains)
         for s, idx in enumerate(batch_slices(order, steps, cfg.batch_size)):
+            if s < first:
+                continue  # done before the checkpoint we resumed from
             if sync.trains:
                 lr = lr_at(cfg.lr, target_lr, warmup, epoch * steps + s, total, cfg.lr_schedule)
                 y = data.train_y[idx]
@@ -122,6 +158,9 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
                 labels.append(y)
                 bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
             sync.after_step(s + 1, steps, len(idx))
+            dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < steps:
+                checkpoint(epoch, s + 1, stats)
         sync.end_epoch()
         bar.close()
         if not sync.per_step_reduce:
@@ -137,6 +176,7 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
         vstats = np.array([len(vp), _loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         val_m, all_vp, all_vy = _epoch_metrics(comm, vstats, vp, data.val_y, n_classes)
+        dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
                    "lr": lr_at(cfg.lr, target_lr, warmup, (epoch + 1) * steps - 1, total, cfg.lr_schedule),
@@ -145,6 +185,9 @@ def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print) -> R
             result.history.append(row)
             result.val_probs, result.val_labels = all_vp, all_vy
             echo(_epoch_line(row, cfg.epochs, tag))
+        checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
+        dog.beat(f"checkpoint after epoch {epoch + 1}")
+    dog.stop()
     result.seconds = time.perf_counter() - t_start
     result.images_per_second = seen / max(result.seconds, 1e-9)
     result.comm_seconds = sync.comm_seconds
