@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     e.add_argument("--cache-dir", help="where decoded images are cached")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the one saved with the model)")
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
+    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     pr.set_defaults(func=_cmd_predict)
     return parser
 

@@ -97,14 +97,20 @@ def read_info(given: str | Path) -> ModelInfo:
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{meta} is incomplete or damaged ({type(e).__name__}: {e})") from None
     elif cfg.is_file() and path.with_name("classes.json").is_file():  # before model.json existed
-        classes = [str(c) for c in _read_json(path.with_name("classes.json"))]
-        size = int(_read_json(cfg)["config"]["image_size"])
-        from mpitrain.threshold import positive_index
-
-        pos = positive_index(classes)
-        info = ModelInfo(path, classes, size, None, "argmax", None if pos is None else classes[pos])
+        try:
+            classes = [str(c) for c in _read_json(path.with_name("classes.json"))]
+            size = int(_read_json(cfg)["config"]["image_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg} or classes.json is incomplete ({type(e).__name__}: {e})") from None
+        info = ModelInfo(path, classes, size)  # no threshold was chosen then: argmax
     else:
         raise UserError(f"no model.json beside {path}: give the model of an mpitrain run folder")
+    if len(info.classes) < 2 or len(set(info.classes)) != len(info.classes):
+        raise UserError(f"model {path}: needs two or more distinct class names, got {info.classes}")
+    if info.positive_class is None and len(info.classes) == 2:
+        from mpitrain.threshold import positive_index
+
+        info.positive_class = info.classes[positive_index(info.classes)]
     if info.positive_class is not None and info.positive_class not in info.classes:
         raise UserError(f"{meta}: positive class {info.positive_class!r} is not one of the classes")
     if info.threshold is not None and not 0.0 <= float(info.threshold) <= 1.0:

@@ -1,0 +1,35 @@
+import threading
+import time
+
+import pytest
+
+from mpirun import mpirun, script
+from mpitrain.watchdog import Watchdog
+
+
+def test_beats_keep_it_quiet_and_silence_fires_it(monkeypatch):
+    fired = threading.Event()
+    monkeypatch.setattr("os._exit", lambda code: None)  # keep the test process alive
+    dog = Watchdog(0.4, fired.set).start()
+    for _ in range(8):
+        time.sleep(0.1)
+        dog.beat("working")
+    assert not fired.is_set()
+    assert fired.wait(3.0)
+    dog.stop()
+
+
+def test_zero_timeout_means_no_watchdog():
+    dog = Watchdog(0, lambda: pytest.fail("fired")).start()
+    assert dog._thread is None
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_a_stuck_rank_is_turned_into_an_error(tmp_path, synth_data):
+    proc, seconds = mpirun(3, script("stall_at_step.py", "train", "--data", synth_data, "--model", "tiny",
+                                     "--image-size", 16, "--epochs", 2, "--batch-size", 4, "--timeout", 5,
+                                     "--out", tmp_path / "run"), timeout=120)
+    assert proc.returncode != 0
+    assert "no progress for" in proc.stderr and "--timeout 5" in proc.stderr, proc.stderr[-2000:]
+    assert seconds < 60
