@@ -36,7 +36,16 @@ def run(tmp_path_factory, synth_data):
 
 
 @pytest.fixture(scope="module")
-def one_rank(run, synth_data, tmp_path_factory):
+def eval_data(tmp_path_factory, synth_data):
+    """The synthetic images plus one unreadable file (it must be skipped, and listed)."""
+    data = tmp_path_factory.mktemp("evaldata") / "data"
+    shutil.copytree(synth_data, data)
+    (data / "NORMAL" / "NORMAL-00017b.png").write_bytes(b"not a png at all")
+    return data
+
+
+@pytest.fixture(scope="module")
+def one_rank(run, eval_data, tmp_path_factory):
     """evaluate in this process on one rank: (exit code, stdout, JSON, plots folder)."""
     folder = tmp_path_factory.mktemp("eval")
     import contextlib
@@ -44,7 +53,7 @@ def one_rank(run, synth_data, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["evaluate", "--model", str(run / "model.keras"), "--data", str(synth_data),
+        code = main(["evaluate", "--model", str(run / "model.keras"), "--data", str(eval_data),
                      "--json", str(folder / "eval.json"), "--plots", str(folder / "plots")])
     return code, buf.getvalue(), json.loads((folder / "eval.json").read_text()), folder / "plots"
 
@@ -61,7 +70,7 @@ def one_line_error(code, err, *words):
         assert w in lines[0], lines[0]
 
 
-def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run, synth_data):
+def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run):
     code, out, doc, plots = one_rank
     assert code == 0
     for word in ("accuracy", "balanced accuracy", "sensitivity", "specificity", "F1", "ROC AUC", "PR AUC",
@@ -70,23 +79,26 @@ def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run, synth_
     model_info = json.loads((run / "model.json").read_text())
     assert doc["threshold"] == model_info["threshold"] and doc["threshold_source"] == "model"
     assert doc["n_samples"] == 80 and doc["per_class_counts"] == {"NORMAL": 40, "PNEUMONIA": 40}
-    assert doc["positive_class"] == "PNEUMONIA" and doc["ranks"] == 1 and doc["skipped_files"] == []
+    assert doc["positive_class"] == "PNEUMONIA" and doc["ranks"] == 1
+    assert [Path(p).name for p, _ in doc["skipped_files"]] == ["NORMAL-00017b.png"]
     for key in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
         assert f"{doc[key]:.4f}" in out, key  # the table shows the JSON's numbers
     assert sorted(p.name for p in plots.iterdir()) == ["confusion_matrix.png", "roc_curve.png"]
 
 
-def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run, synth_data, tmp_path, capsys):
+def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run, eval_data, tmp_path, capsys):
     _, _, doc, _ = one_rank
     out_csv = tmp_path / "pred.csv"
     # Another order (PNEUMONIA first), so every image is predicted in a different batch.
-    code = main(["predict", "--model", str(run), str(synth_data / "PNEUMONIA"), str(synth_data / "NORMAL"),
+    code = main(["predict", "--model", str(run), str(eval_data / "PNEUMONIA"), str(eval_data / "NORMAL"),
                  "--csv", str(out_csv)])
-    assert code == 0
+    assert code == 1  # the unreadable file is a row with an error
     with open(out_csv, newline="") as f:
         rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows if r["error"]] == ["NORMAL-00017b.png"]
+    rows = [r for r in rows if not r["error"]]
     classes = ["NORMAL", "PNEUMONIA"]
-    labels = [classes.index(Path(r["path"]).relative_to(synth_data).parts[0]) for r in rows]
+    labels = [classes.index(Path(r["path"]).relative_to(eval_data).parts[0]) for r in rows]
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     recomputed = classification_metrics(labels, probs, classes, threshold=doc["threshold"], positive=1)
     assert recomputed == {k: doc[k] for k in recomputed}  # exactly, every number
@@ -95,13 +107,13 @@ def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run,
 
 @pytest.mark.mpi
 @pytest.mark.timeout(240)
-def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, synth_data, tmp_path):
+def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval_data, tmp_path):
     _, _, ref, _ = one_rank
     # 2 ranks under a plain mpiexec, 3 ranks through `mpitrain evaluate -n 3`.
-    two, _ = mpirun(2, cli("evaluate", "--model", run / "model.keras", "--data", synth_data,
+    two, _ = mpirun(2, cli("evaluate", "--model", run / "model.keras", "--data", eval_data,
                            "--json", tmp_path / "two.json"), timeout=180)
     assert two.returncode == 0, two.stderr
-    three = subprocess.run(cli("evaluate", "-n", 3, "--model", run, "--data", synth_data,
+    three = subprocess.run(cli("evaluate", "-n", 3, "--model", run, "--data", eval_data,
                                "--json", tmp_path / "three.json"),
                            capture_output=True, text=True, timeout=180)
     assert three.returncode == 0, three.stderr
@@ -110,6 +122,7 @@ def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, synt
         assert doc["ranks"] == n
         assert _untimed(doc) == _untimed(ref)  # bit-identical numbers
         assert proc.stdout.count("confusion matrix") == 1  # rank 0 alone prints
+        assert proc.stderr.count("skipped 1 unreadable file") == 1
 
 
 @pytest.mark.mpi

@@ -98,3 +98,23 @@ def test_report_and_table_for_more_classes(tmp_path):
     text = path.read_text()
     assert "b\\|c" in text  # a pipe in a class name does not break the table
     assert "1 min 15.5 s" in text and "![Confusion matrix (validation)](confusion_matrix.png)" in text
+
+
+def test_live_epoch_logs_are_replaced_by_the_complete_history(tmp_path):
+    from mpitrain import tb
+    from mpitrain.tfquiet import import_tensorflow
+
+    tf = import_tensorflow()
+    from tensorflow.core.util import event_pb2
+
+    rows = [{"epoch": e, "loss": 1.0 / e, "val_loss": 1.5 / e, "val_auc": None, "lr": 0.1} for e in (1, 2, 3)]
+    for row in rows[:2]:
+        tb.log_epoch(tmp_path / "tb", row)  # live, as from the training loop
+    tb.write_history(tmp_path / "tb", rows)  # the final rewrite after training
+    files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    points = []
+    for record in tf.data.TFRecordDataset(str(files[0])):
+        event = event_pb2.Event.FromString(record.numpy())
+        points += [(v.tag, event.step) for v in event.summary.value]
+    assert sorted(points) == sorted([(t, e) for e in (1, 2, 3) for t in ("loss/train", "loss/validation", "lr")])

@@ -63,6 +63,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its newest good checkpoint (with its saved options)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every S steps (always at epoch ends)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2)")
+    p.add_argument("--elastic", action="store_true",
+                   help="survive lost ranks: the others shrink the job and go on (Open MPI ULFM)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="abort the job after this many seconds without progress (0: never; default 600)")
     p.add_argument("--data-on-root", action="store_true",
@@ -189,7 +191,8 @@ def _config_from_args(args):
         lr_scaling=args.lr_scaling, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
         target_sensitivity=args.target_sensitivity, tensorboard=args.tensorboard,
         threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, timeout=args.timeout)
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, timeout=args.timeout,
+        elastic=args.elastic)
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -217,7 +220,8 @@ def _cmd_train(args, argv) -> int:
     if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
         from mpitrain import launch
 
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile,
+                          extra=launch.elastic_flags() if args.elastic else None)
     from mpitrain import launch
     from mpitrain.dataset import make_plan, resolve_data_dir
     from mpitrain.runfolder import prepare
@@ -230,7 +234,8 @@ def _cmd_train(args, argv) -> int:
     if cfg.out is None:  # every rank must use the folder the launcher just made
         child += ["--out", str(out)]
     hint = f"mpitrain train -n {args.np} --resume --out {out}"
-    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint)
+    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint,
+                      extra=launch.elastic_flags() if cfg.elastic else None)
 
 
 def _cmd_data(args, argv) -> int:

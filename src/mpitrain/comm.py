@@ -35,6 +35,12 @@ class SingleComm:
     size = 1
     local_size = 1
     is_mpi = False
+    elastic = False
+    failed = False
+    world_ranks = [0]
+
+    def make_elastic(self) -> None:
+        pass
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         return buf
@@ -69,10 +75,49 @@ class SingleComm:
         os._exit(code)
 
 
+class RankLost(RuntimeError):
+    """A peer died during a collective (only raised in elastic mode, under ULFM)."""
+
+
+class _FailureGuard:
+    """Wraps an mpi4py communicator: a failed peer becomes RankLost on every survivor.
+
+    The first rank to see the failure revokes the communicator, so that survivors blocked in
+    a different collective (or not yet in one) get an error too instead of waiting forever.
+    """
+
+    def __init__(self, raw, owner):
+        self._raw = raw
+        self._owner = owner
+
+    def __getattr__(self, name):
+        attr = getattr(self._raw, name)
+        if not callable(attr):
+            return attr
+        owner, raw = self._owner, self._raw
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except owner._MPI.Exception as e:
+                if e.Get_error_class() not in owner._fault_classes:
+                    raise
+                owner.failed = True
+                try:
+                    raw.Revoke()
+                except owner._MPI.Exception:
+                    pass  # already revoked by another survivor
+                raise RankLost(f"a peer was lost during {name}") from None
+
+        return call
+
+
 class MPIComm(SingleComm):
     """Collectives over an mpi4py communicator, always on contiguous numpy buffers."""
 
     is_mpi = True
+    elastic = False
+    failed = False
 
     def __init__(self, comm):
         from mpi4py import MPI  # the one place mpi4py is imported
@@ -85,6 +130,33 @@ class MPIComm(SingleComm):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
+        self.world_ranks = list(range(self.size))  # current rank -> rank at start
+
+    def make_elastic(self) -> None:
+        """Collective. From now on a dead peer raises RankLost instead of ending the job.
+
+        Needs Open MPI's ULFM (`mpiexec --with-ft ulfm`); without it the launcher still
+        ends the job when a process dies.
+        """
+        MPI = self._MPI
+        self._fault_classes = {MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED}
+        raw = self.comm.Dup()
+        raw.Set_errhandler(MPI.ERRORS_RETURN)
+        self.comm = _FailureGuard(raw, self)
+        self.elastic = True
+
+    def shrink(self) -> list[int]:
+        """Collective among the survivors: drop the dead ranks; returns their start ranks."""
+        MPI = self._MPI
+        raw = self.comm._raw
+        new = raw.Shrink()
+        new.Set_errhandler(MPI.ERRORS_RETURN)
+        kept = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), raw.Get_group())
+        lost = [self.world_ranks[r] for r in range(raw.Get_size()) if r not in set(kept)]
+        self.world_ranks = [self.world_ranks[r] for r in kept]
+        self.comm = _FailureGuard(new, self)
+        self.rank, self.size, self.failed = new.Get_rank(), new.Get_size(), False
+        return lost
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         # In place: one call for the whole fused buffer, no temporary per tensor.

@@ -56,6 +56,7 @@ class TrainConfig:
     cache_dir: str | None = None
     checkpoint_every: int | None = None  # steps; checkpoints are always written at epoch ends
     keep_checkpoints: int = 2
+    elastic: bool = False            # survive lost ranks (Open MPI ULFM)
     timeout: float = 600.0           # seconds without progress before the job is aborted
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +90,9 @@ class TrainConfig:
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.timeout >= 0, f"--timeout must be >= 0 (0: no watchdog), got {self.timeout}")
+        need(not (self.elastic and self.data_on_root),
+             "--elastic needs the data on a shared file system (not --data-on-root): "
+             "survivors re-read the shards of a lost rank")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 

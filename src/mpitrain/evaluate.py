@@ -38,8 +38,11 @@ def _check_outputs(json_path: str | None, plots: str | None) -> None:
         parent = Path(json_path).resolve().parent
         if Path(json_path).is_dir() or not parent.is_dir():
             raise UserError(f"--json {json_path}: need a file in an existing folder")
-    if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
-        raise UserError(f"--plots {plots} exists and is not a folder")
+    if plots is not None:
+        try:
+            Path(plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--plots {plots}: cannot create the folder: {e.strerror or e}") from None
 
 
 def prepare(model: str, data: str, threshold: float | None = None, image_size: int | None = None,
@@ -112,6 +115,8 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     all_probs = comm.gather_rows(probs.astype(np.float32))  # collective: probabilities, same order
     all_ok = comm.gather_rows(ok.astype(np.uint8))  # collective
     all_errors = [e for part in comm.allgather_obj(errors) for e in part]  # collective, small
+    where = {p: i for i, p in enumerate(setup.paths)}
+    all_errors.sort(key=lambda e: where.get(e[0], -1))  # file order, whatever the ranks
     if counts[1] == 0:
         agree(comm, f"no readable images in {setup.data_dir}")  # collective: all ranks know counts
     if comm.rank != 0:
@@ -155,6 +160,7 @@ def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.nda
         raise RuntimeError("per-class counts differ between the reduction and the gathered labels")
     m["threshold_source"] = setup.source
     m["threshold_method"] = info.threshold_method if setup.source == "model" else setup.source
+    m["target_sensitivity"] = info.extra.get("target_sensitivity") if setup.source == "model" else None
     return m
 
 

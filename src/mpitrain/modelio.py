@@ -113,8 +113,9 @@ def read_info(given: str | Path) -> ModelInfo:
         info.positive_class = info.classes[positive_index(info.classes)]
     if info.positive_class is not None and info.positive_class not in info.classes:
         raise UserError(f"{meta}: positive class {info.positive_class!r} is not one of the classes")
-    if info.threshold is not None and not 0.0 <= float(info.threshold) <= 1.0:
-        raise UserError(f"{meta}: threshold {info.threshold} is not a probability")
+    t = info.threshold
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
+        raise UserError(f"{meta}: threshold {t!r} is not a probability")
     return info
 
 

@@ -44,13 +44,13 @@ def _column(history: list[dict], key: str) -> np.ndarray:
     return np.array([num(row.get(key)) for row in history], dtype=np.float64)
 
 
-def training_curves(history: list[dict], path: Path) -> Path:
+def training_curves(history: list[dict], path: Path, loss_note: str | None = None) -> Path:
     """Loss, accuracy and ROC AUC per epoch, training and validation side by side."""
     fig = _figure(12, 3.8)
     axes = fig.subplots(1, 3)
     epochs = _column(history, "epoch")
-    for ax, (key, title) in zip(axes, (("loss", "Loss (cross-entropy)"), ("accuracy", "Accuracy"),
-                                       ("auc", "ROC AUC"))):
+    loss_title = "Loss (cross-entropy)" + (f"\n{loss_note}" if loss_note else "")
+    for ax, (key, title) in zip(axes, (("loss", loss_title), ("accuracy", "Accuracy"), ("auc", "ROC AUC"))):
         empty = True
         for prefix, label, color in (("", "train", _TRAIN), ("val_", "validation", _VAL)):
             values = _column(history, prefix + key)
@@ -110,7 +110,7 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
         drawn += 1
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, linewidth=2, label=f"{class_names[i]} (AUC {roc_auc(y, s):.3f})",
-                drawstyle="default", color=_TRAIN if positive is not None else None)
+                color=_TRAIN if positive is not None else None)
     if positive is not None and len(labels) and 0 < (labels == positive).sum() < len(labels):
         y, s = labels == positive, probs[:, positive]
         called = probs.argmax(axis=1) == positive if threshold is None else s >= threshold
@@ -139,7 +139,7 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
 
 
 def write_all(folder: Path, labels, probs, metrics: dict, history: list[dict] | None = None,
-              title: str = "validation") -> dict[str, str]:
+              title: str = "validation", loss_note: str | None = None) -> dict[str, str]:
     """The figures for one set of predictions (+ curves if a history is given): {kind: file}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def write_all(folder: Path, labels, probs, metrics: dict, history: list[dict] | 
     pos = None if metrics.get("positive_class") is None else names.index(metrics["positive_class"])
     out = {}
     if history:
-        out["training_curves"] = training_curves(history, folder / FIGURES["training_curves"]).name
+        out["training_curves"] = training_curves(history, folder / FIGURES["training_curves"], loss_note).name
     out["confusion_matrix"] = confusion_matrix(metrics["confusion_matrix"], names,
                                                folder / FIGURES["confusion_matrix"],
                                                f"Confusion matrix, {title}").name

@@ -20,7 +20,9 @@ def threshold_text(metrics: dict, source: str | None = None) -> str:
         return "argmax (more than two classes)"
     if t is None:
         return f"argmax (P({metrics['positive_class']}) vs the other class)"
-    how = {"youden": "Youden's J on validation", "target_sensitivity": "target sensitivity on validation",
+    target = metrics.get("target_sensitivity")
+    how = {"youden": "Youden's J on validation",
+           "target_sensitivity": f"sensitivity >= {target:g} on validation" if target else "target sensitivity",
            "--threshold": "--threshold"}.get(source or metrics.get("threshold_method") or "", source or "")
     return f"P({metrics['positive_class']}) >= {t:.4f}" + (f" ({how})" if how else "")
 

@@ -127,8 +127,14 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
     model = build_model(cfg.model, cfg.image_size, len(plan.classes))
+    if cfg.elastic:
+        comm.make_elastic()  # collective: from here on a dead peer raises RankLost
+
+    def reshard(train_part, val_part):  # elastic: this rank's data in the new layout
+        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir)
+
     result = fit(cfg, comm, plan, data, model, echo=say, checkpoints=True, run_dir=out,
-                 resume=ckpt, resuming=resume)
+                 resume=ckpt, resuming=resume, reshard=reshard)
     if comm.rank == 0:
         for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
             say(line)
@@ -172,7 +178,9 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list
     try:
         from mpitrain import plots, report
 
-        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history)
+        note = "training loss class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
+        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history,
+                                  loss_note=note)
         counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, plan.class_counts()))
         report.write_report(out, cfg.to_dict(), metrics, figures, timings,
                             f"`{plan.data_dir}` ({counts} training images)")

@@ -40,15 +40,19 @@ class Sync:
         """(training part, validation part) of `rank`, each as (part, parts)."""
         return (rank, size), (rank, size)
 
+    def attach(self, model, optimizer) -> None:
+        """Know the variables to exchange (no communication)."""
+        self.model = model
+        self.weights = FlatVars(float_vars(model.weights))
+        self.state = FlatVars(float_vars(optimizer.variables))
+
     def start(self, model, optimizer) -> None:
         """Same initial weights and optimizer state everywhere: broadcast from rank 0.
 
         Every rank builds the model from the same seed, but kernels and library versions
         may differ between nodes; the broadcast makes identical starts a fact, not a hope.
         """
-        self.model = model
-        self.weights = FlatVars(float_vars(model.weights))
-        self.state = FlatVars(float_vars(optimizer.variables))
+        self.attach(model, optimizer)
         for flat in (self.weights, self.state):
             if self.comm.size > 1 and flat.size:
                 flat.pack()

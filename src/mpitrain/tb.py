@@ -5,6 +5,9 @@ the metadata of TensorBoard's scalar plugin, which is exactly what ``tf.summary.
 does, but without needing the ``tensorboard`` package to write them (install it to look:
 ``pip install tensorboard; tensorboard --logdir RUNDIR/tb``).
 
+Either all epochs after training (`write_history`, what `mpitrain train` does) or one
+epoch at a time from the training loop (`log_epoch`).
+
 Tags: ``loss/train``, ``loss/validation``, ``accuracy/...``, ``auc/...``, ``lr``,
 ``images_per_second`` and ``seconds``, one point per epoch (step = epoch number).
 """
@@ -71,9 +74,27 @@ class EpochLog:
         self.writer.close()
 
 
-def write_history(logdir: Path, history: list[dict]) -> Path:
-    """All epochs at once (after training); replaces the event files of an earlier run."""
+_OPEN: dict[Path, EpochLog] = {}
+
+
+def log_epoch(logdir: Path, row: dict) -> None:
+    """Live logging from the training loop (rank 0): one writer per folder, kept open."""
     logdir = Path(logdir)
+    if logdir not in _OPEN:
+        _OPEN[logdir] = EpochLog(logdir)
+    _OPEN[logdir].write(row)
+
+
+def write_history(logdir: Path, history: list[dict]) -> Path:
+    """All epochs at once (after training); replaces the event files of an earlier run.
+
+    Also after live logging (`log_epoch`), so the final logs hold exactly the complete
+    history once, even when the run was resumed in several processes.
+    """
+    logdir = Path(logdir)
+    live = _OPEN.pop(logdir, None)
+    if live is not None:
+        live.close()
     if logdir.is_dir():  # --overwrite: the old run's curves must not mix with the new ones
         for old in logdir.glob("events.out.tfevents.*"):
             old.unlink()

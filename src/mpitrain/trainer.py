@@ -1,9 +1,16 @@
 """The training loop: the same code on every rank, one strategy object for the distribution.
 
-Every rank runs `fit` with the same number of epochs and steps; the strategy (`sync.py`)
-decides what is exchanged and when. Metrics are exact over the whole data set: sums of
-samples, losses and hits are reduced across ranks, and predictions are gathered on rank 0
-for ROC AUC. Only rank 0 prints.
+Every rank runs the same epochs and steps; the strategy (`sync.py`) decides what is
+exchanged and when. Metrics are exact over the whole data set (`epochlog.py`). Only rank 0
+prints and writes. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
+steps), and a run can continue from a checkpoint bit for bit.
+
+Elastic mode (ULFM): when a peer dies, every survivor's next collective raises RankLost
+(the communicator is revoked, so nobody waits). The survivors then shrink the
+communicator, adopt rank 0's state, re-shard the data among themselves, rebuild the
+strategy and the train step for the new rank count, and go on from rank 0's position in
+the current epoch. Rank 0 writes the run folder; if it is the one lost, the survivors stop
+cleanly and the run continues with --resume from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpitrain.comm import RankLost
 from mpitrain.config import TrainConfig
 from mpitrain.dataset import Plan, Shard, class_weights
-from mpitrain.errors import UserError
+from mpitrain.epochlog import epoch_line, epoch_metrics, loss_sum
+from mpitrain.errors import AgreedError, QuietExit, UserError
 from mpitrain.progress import Progress
 from mpitrain.shards import batch_slices, epoch_order, steps_per_epoch
 from mpitrain.steps import make_predict_step, make_train_step, predict_all
@@ -62,6 +71,7 @@ class Result:
     images_per_second: float = 0.0
     comm_seconds: float = 0.0
     checksum: str = ""
+    events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
 
 
 def _make_optimizer(cfg: TrainConfig, lr: float):
@@ -72,134 +82,180 @@ def _make_optimizer(cfg: TrainConfig, lr: float):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def _epoch_metrics(comm, stats, probs, labels, n_classes):
-    """Exact loss/accuracy from summed counts; AUC from predictions gathered on rank 0."""
-    from mpitrain.metrics import classification_metrics
+class Trainer:
+    def __init__(self, cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print,
+                 checkpoints: bool = False, run_dir=None, reshard=None):
+        """`checkpoints` must be the same on every rank; rank 0 writes them to `run_dir`.
+        `reshard(train_part, val_part)` loads a rank's data for a new layout (elastic)."""
+        self.cfg = cfg.resolved()
+        self.comm, self.plan, self.data, self.model, self.echo = comm, plan, data, model, echo
+        self.checkpoints, self.run_dir, self.reshard = checkpoints, run_dir, reshard
+        self.n_classes = len(plan.classes)
+        self.class_w = class_weights(plan.class_counts(), self.cfg.class_weight)
+        self.optimizer = _make_optimizer(self.cfg, self.cfg.lr)
+        self.optimizer.build(model.trainable_variables)
+        self.predict = make_predict_step(model)
+        self.result = Result()
+        self.done = 0  # steps of the current epoch done on this rank
+        self._layout(first_time=True)
 
-    all_probs = comm.gather_rows(probs.astype(np.float32))
-    all_labels = comm.gather_rows(labels.astype(np.int32))
-    if comm.rank != 0:
-        return None, None, None
-    n = max(stats[0], 1.0)
-    m = classification_metrics(all_labels, all_probs, [str(i) for i in range(n_classes)])
-    return {"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"]}, all_probs, all_labels
+    def _layout(self, first_time: bool) -> None:
+        """Everything that depends on the number of ranks (again after a rank is lost)."""
+        cfg, comm = self.cfg, self.comm
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every)
+        if self.sync.train_ranks < 1:
+            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")
+        if first_time:
+            self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
+        else:
+            self.sync.attach(self.model, self.optimizer)
+            self.data = self.reshard(self.sync.train_part, self.sync.val_part)
+        self.state = RankState(self.model, self.optimizer, self.sync)
+        self.step = make_train_step(self.model, self.optimizer,
+                                    self.sync.reduce_step if self.sync.per_step_reduce else None)
+        # Collective: every rank must agree on the step count before the first step.
+        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
+        self.warmup = int(round(cfg.warmup_epochs * self.steps))
+        self.total = cfg.epochs * self.steps
+        self.target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, self.sync.train_ranks)
+        self.tag = f"{self.sync.name} x{self.sync.train_ranks}" + (
+            " + master" if self.sync.name == "master-worker" else "")
 
+    def _lr(self, global_step: int) -> float:
+        return lr_at(self.cfg.lr, self.target_lr, self.warmup, global_step, self.total, self.cfg.lr_schedule)
 
-def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print,
-        checkpoints: bool = False, run_dir=None, resume=None, resuming: bool = False) -> Result:
-    """Train `model` in place on every rank; returns the history (complete on rank 0).
+    def fit(self, resume=None, resuming: bool = False) -> Result:
+        """`resuming` must be the same on every rank; rank 0 passes the checkpoint `resume`."""
+        comm, cfg = self.comm, self.cfg
+        epoch, first, stats = 0, 0, None
+        if resuming:
+            # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
+            epoch, first, history = comm.bcast_obj(
+                (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
+            saved = self.state.scatter(comm, resume)
+            stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
+            self.result.history = list(history) if comm.rank == 0 else []
+            self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
+        self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
+        t_start = time.perf_counter()
+        seen = 0.0
+        while epoch < cfg.epochs:
+            try:
+                seen += self._epoch(epoch, first, stats)
+                epoch, first, stats = epoch + 1, 0, None
+            except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
+                if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
+                    raise
+                first, stats = self._recover(epoch), None
+        self.dog.stop()
+        r = self.result
+        r.seconds = time.perf_counter() - t_start
+        r.images_per_second = seen / max(r.seconds, 1e-9)
+        r.comm_seconds = self.sync.comm_seconds
+        r.checksum = _check_identical(comm, self.sync)
+        return r
 
-    `checkpoints` and `resuming` must be the same on every rank. With `checkpoints`, rank 0
-    writes them to `run_dir`; with `resuming`, every rank continues from the checkpoint
-    `resume` that rank 0 read (the others pass None).
-    """
-    cfg = cfg.resolved()
-    sync = make_sync(cfg.strategy, comm, cfg.sync_every)
-    if sync.train_ranks < 1:
-        raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")
-    n_classes = len(plan.classes)
-    weights = class_weights(plan.class_counts(), cfg.class_weight)
-    target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, sync.train_ranks)
-    optimizer = _make_optimizer(cfg, target_lr)
-    optimizer.build(model.trainable_variables)
-    sync.start(model, optimizer)
-    state = RankState(model, optimizer, sync)
-    step = make_train_step(model, optimizer, sync.reduce_step if sync.per_step_reduce else None)
-    predict = make_predict_step(model)
-
-    # Collective: every rank must agree on the step count before the first step.
-    steps = steps_per_epoch(int(comm.allreduce_max(len(data.train_x))), cfg.batch_size)
-    warmup = int(round(cfg.warmup_epochs * steps))
-    total = cfg.epochs * steps
-    tag = f"{sync.name} x{sync.train_ranks}" + (" + master" if sync.name == "master-worker" else "")
-    result = Result()
-    start_epoch, start_step, resumed_stats = 0, 0, None
-    if resuming:
-        # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
-        start_epoch, start_step, history = comm.bcast_obj(
-            (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
-        resumed_stats = state.scatter(comm, resume)
-        result.history = list(history) if comm.rank == 0 else []
-        echo(f"resuming at epoch {start_epoch + 1}, step {start_step} of {steps}")
-
-    def checkpoint(epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
-        if not checkpoints:
-            return
-        gathered = state.gather(comm, stats)  # collective: every rank's state to rank 0
-        if comm.rank == 0:
-            from mpitrain import checkpoint as ckpt
-
-            states, shared = gathered
-            ckpt.save(run_dir, ckpt.Checkpoint(
-                epoch=epoch, step=done, ranks=comm.size, strategy=cfg.strategy, states=states,
-                shared=shared, status=status, config=cfg.to_dict(), history=result.history),
-                keep=cfg.keep_checkpoints)
-
-    dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
-    t_start = time.perf_counter()
-    seen = 0
-    for epoch in range(start_epoch, cfg.epochs):
+    def _epoch(self, epoch: int, first: int, stats) -> float:
+        """One epoch from step `first` on; returns the samples trained (all ranks)."""
+        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
         t0 = time.perf_counter()
         order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        first = start_step if epoch == start_epoch else 0
         # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
-        stats = resumed_stats if first and resumed_stats is not None else np.zeros(3, dtype=np.float64)
+        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
         probs, labels = [], []
-        bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs} ", enabled=comm.rank == 0 and sync.trains)
-        for s, idx in enumerate(batch_slices(order, steps, cfg.batch_size)):
+        self.done = first
+        bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ", enabled=comm.rank == 0 and sync.trains)
+        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
             if s < first:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
-                lr = lr_at(cfg.lr, target_lr, warmup, epoch * steps + s, total, cfg.lr_schedule)
                 y = data.train_y[idx]
-                st, p = step(data.train_x[idx], y, weights[y], np.float32(lr))
+                st, p = self.step(data.train_x[idx], y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
                 stats += st.numpy()
                 probs.append(p.numpy())
                 labels.append(y)
                 bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
-            sync.after_step(s + 1, steps, len(idx))
-            dog.beat(f"epoch {epoch + 1} step {s + 1}")
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < steps:
-                checkpoint(epoch, s + 1, stats)
+            sync.after_step(s + 1, self.steps, len(idx))
+            self.done = s + 1
+            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, stats)
         sync.end_epoch()
         bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
         train_time = time.perf_counter() - t0
-        seen += stats[0]
-        train_m, _, _ = _epoch_metrics(
-            comm, stats,
-            np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int32), n_classes)
-
-        vp = predict_all(predict, data.val_x, n_classes)
-        vstats = np.array([len(vp), _loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        train_m, _, _ = epoch_metrics(
+            comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
+            np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
+        vp = predict_all(self.predict, data.val_x, self.n_classes)
+        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        val_m, all_vp, all_vy = _epoch_metrics(comm, vstats, vp, data.val_y, n_classes)
-        dog.beat(f"validation after epoch {epoch + 1}")
+        val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
-                   "lr": lr_at(cfg.lr, target_lr, warmup, (epoch + 1) * steps - 1, total, cfg.lr_schedule),
-                   "seconds": round(train_time, 3),
+                   "lr": self._lr((epoch + 1) * self.steps - 1), "seconds": round(train_time, 3),
                    "images_per_second": round(stats[0] / max(train_time, 1e-9), 1)}
-            result.history.append(row)
-            result.val_probs, result.val_labels = all_vp, all_vy
-            echo(_epoch_line(row, cfg.epochs, tag))
-        checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
-        dog.beat(f"checkpoint after epoch {epoch + 1}")
-    dog.stop()
-    result.seconds = time.perf_counter() - t_start
-    result.images_per_second = seen / max(result.seconds, 1e-9)
-    result.comm_seconds = sync.comm_seconds
-    result.checksum = _check_identical(comm, sync)
-    return result
+            self.result.history.append(row)
+            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.echo(epoch_line(row, cfg.epochs, self.tag))
+        self._checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
+        self.dog.beat(f"checkpoint after epoch {epoch + 1}")
+        return float(stats[0])
+
+    def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
+        if not self.checkpoints:
+            return
+        gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
+        if self.comm.rank == 0:
+            from mpitrain import checkpoint as ckpt
+
+            states, shared = gathered
+            ckpt.save(self.run_dir, ckpt.Checkpoint(
+                epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
+                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history),
+                keep=self.cfg.keep_checkpoints)
+
+    def _recover(self, epoch: int) -> int:
+        """Survivors only: shrink, agree on rank 0's state and position, re-shard. Returns
+        the step of `epoch` to go on from (in the new layout)."""
+        comm = self.comm
+        before = comm.size
+        lost = comm.shrink()  # collective among the survivors
+        self.dog.beat("recovering from a lost rank")
+        if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
+            why = ("rank 0, which writes the run folder, was lost" if 0 in lost
+                   else "no master-worker worker is left")
+            if comm.rank == 0:
+                raise AgreedError(f"{why}; the survivors stopped. Continue the run from its newest "
+                                  f"checkpoint with --resume")
+            raise QuietExit(4)
+        done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
+        self.state.broadcast(comm)  # collective: everyone adopts rank 0's weights and optimizer
+        old_steps = self.steps
+        self._layout(first_time=False)
+        first = min(self.steps, int(done * self.steps / old_steps))
+        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "rank_lost", "lost_ranks": lost,
+                 "ranks_before": before, "ranks_after": comm.size, "epoch": epoch + 1,
+                 "step": done, "of_steps": old_steps, "continue_at_step": first, "of_new_steps": self.steps}
+        self.result.events.append(event)
+        if comm.rank == 0:
+            self.echo(f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
+                      f"step {first} of {self.steps} (lr {self.target_lr:.3g})")
+            if self.run_dir is not None:
+                import json
+
+                with open(self.run_dir / "events.jsonl", "a") as f:
+                    f.write(json.dumps(event) + "\n")
+        return first
 
 
-def _loss_sum(y: np.ndarray, probs: np.ndarray) -> float:
-    if len(y) == 0:
-        return 0.0
-    p = np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0)
-    return float(-np.log(p).sum())
+def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print, checkpoints: bool = False,
+        run_dir=None, resume=None, resuming: bool = False, reshard=None) -> Result:
+    """Train `model` in place on every rank; returns the history (complete on rank 0)."""
+    trainer = Trainer(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard)
+    return trainer.fit(resume, resuming)
 
 
 def _check_identical(comm, sync) -> str:
@@ -210,14 +266,3 @@ def _check_identical(comm, sync) -> str:
         bad = [r for r, s in enumerate(sums) if s != sums[0]]
         raise RuntimeError(f"final weights differ between ranks: rank(s) {bad} differ from rank 0")
     return mine
-
-
-def _fmt(v) -> str:
-    return "  n/a " if v is None else f"{v:.4f}"
-
-
-def _epoch_line(row: dict, epochs: int, tag: str) -> str:
-    return (f"epoch {row['epoch']}/{epochs} [{tag}] "
-            f"loss {_fmt(row['loss'])} acc {_fmt(row['accuracy'])} auc {_fmt(row['auc'])} | "
-            f"val_loss {_fmt(row['val_loss'])} val_acc {_fmt(row['val_accuracy'])} "
-            f"val_auc {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s")

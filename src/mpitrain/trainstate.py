@@ -73,3 +73,9 @@ class RankState:
         agree(comm, error)  # collective: all ranks stop together on a mismatch
         buf = comm.scatter_rows(parts)
         return self.load(_unpack(buf, self.arrays(np.zeros(3))))
+
+    def broadcast(self, comm) -> np.ndarray:
+        """Collective. Every rank adopts rank 0's complete state (after a rank was lost)."""
+        buf = _pack(self.arrays(np.zeros(3)))
+        comm.bcast_(buf, 0)
+        return self.load(_unpack(buf, self.arrays(np.zeros(3))))
