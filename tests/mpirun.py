@@ -9,11 +9,12 @@ from pathlib import Path
 PROGRAMS = Path(__file__).parent / "mpi_programs"
 
 
-def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None):
+def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None,
+           extra: list[str] | None = None):
     """Returns (CompletedProcess, seconds). A hang fails the test via TimeoutExpired."""
     from mpitrain.launch import mpiexec_command
 
-    cmd, full_env = mpiexec_command(n, program)
+    cmd, full_env = mpiexec_command(n, program, extra=extra)
     full_env.update(env or {})
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -178,7 +178,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list
     try:
         from mpitrain import plots, report
 
-        note = "training loss class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
+        note = "train: class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
         figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history,
                                   loss_note=note)
         counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, plan.class_counts()))
