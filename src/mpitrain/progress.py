@@ -4,7 +4,7 @@ On a terminal it redraws one line with a carriage return at most 10 times a seco
 the output is a file or pipe (CI logs, `mpiexec` without our launcher) it stays silent
 during the epoch, and the per-epoch summary line carries the information instead.
 `mpitrain train -n N` sets MPITRAIN_TTY=1 for its ranks when its own stdout is a terminal,
-since under mpiexec the ranks' stdout is always a pipe.
+since under mpiexec the ranks cannot tell; with a plain mpiexec, export MPITRAIN_TTY=1.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ def interactive(stream=None) -> bool:
     stream = stream or sys.stdout
     if os.environ.get("MPITRAIN_TTY") in ("0", "1"):
         return os.environ["MPITRAIN_TTY"] == "1"
+    from mpitrain.comm import launched_by_mpi
+
+    if launched_by_mpi():
+        # Open MPI hands its ranks a pseudo-terminal even when mpiexec's own output goes to
+        # a log file, so isatty() says nothing here: no bar unless MPITRAIN_TTY=1.
+        return False
     return hasattr(stream, "isatty") and stream.isatty()
 
 

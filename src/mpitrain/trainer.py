@@ -97,6 +97,7 @@ class Trainer:
         self.predict = make_predict_step(model)
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
+        self.bar = Progress(0, enabled=False)
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
@@ -164,7 +165,8 @@ class Trainer:
         stats = np.zeros(3, dtype=np.float64) if stats is None else stats
         probs, labels = [], []
         self.done = first
-        bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ", enabled=comm.rank == 0 and sync.trains)
+        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
+                                  enabled=comm.rank == 0 and sync.trains)
         for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
             if s < first:
                 continue  # done before the checkpoint we resumed from
@@ -222,6 +224,7 @@ class Trainer:
         the step of `epoch` to go on from (in the new layout)."""
         comm = self.comm
         before = comm.size
+        self.bar.close()
         lost = comm.shrink()  # collective among the survivors
         self.dog.beat("recovering from a lost rank")
         if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
