@@ -47,3 +47,13 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
     # Close to the uninterrupted run (30 validation images: one image is 0.033).
     assert float(rows[-1]["val_accuracy"]) >= float(_history(whole)[-1]["val_accuracy"]) - 0.1
     assert float(rows[-1]["val_accuracy"]) >= 0.8
+
+
+def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
+    proc, seconds = mpirun(3, script("kill_at_step.py", "train", "--data", elastic_data, *TRAIN,
+                                     "--out", tmp_path / "run"),
+                           env={"KILL_RANK": "0", "KILL_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rank 0, which writes the run folder, was lost") == 1, proc.stderr[-2000:]
+    assert "--resume" in proc.stderr
+    assert list((tmp_path / "run" / "checkpoints").glob("ckpt-*.npz"))  # epoch 1's is there to resume

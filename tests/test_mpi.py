@@ -131,3 +131,18 @@ def test_a_setup_error_under_mpiexec_is_reported_once_and_no_rank_hangs(tmp_path
     assert proc.returncode != 0
     assert proc.stderr.count("does not exist") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ranks_started_with_different_options_are_refused_by_name(tmp_path, synth_data):
+    from mpitrain.launch import mpiexec_command
+
+    base = cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
+               "--out", tmp_path / "run")
+    cmd, env = mpiexec_command(3, base + ["--seed", "1"])  # 3 ranks in all: --oversubscribe
+    cmd[cmd.index("-n") + 1] = "2"
+    at = cmd.index(sys.executable)
+    # MPMD: rank 0 and 1 get --seed 1, rank 2 gets --seed 2
+    cmd = cmd[:at] + base + ["--seed", "1"] + [":", "-n", "1"] + base + ["--seed", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rank(s) [2] were started with a different config") == 1, proc.stderr[-2000:]
