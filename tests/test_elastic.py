@@ -26,15 +26,15 @@ def _history(run):
 
 
 # 216 training images: allreduce on 3 ranks takes 9 steps per epoch, master-worker's 2
-# workers 14; KILL_AT is a step in the middle of epoch 2 either way.
+# workers 14; FAULT_AT is a step in the middle of epoch 2 either way.
 @pytest.mark.parametrize("strategy, kill_at", [("allreduce", 13), ("master-worker", 20)])
 def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy, kill_at):
     whole, survived = tmp_path / "whole", tmp_path / "survived"
     common = ["--data", elastic_data, "--strategy", strategy, *TRAIN]
     ok, _ = mpirun(3, cli("train", *common, "--out", whole), extra=["--with-ft", "ulfm"])
     assert ok.returncode == 0, ok.stderr[-2000:]
-    proc, seconds = mpirun(3, script("kill_at_step.py", "train", *common, "--out", survived),
-                           env={"KILL_RANK": "1", "KILL_AT": str(kill_at)}, extra=["--with-ft", "ulfm"])
+    proc, seconds = mpirun(3, script("fault_at_step.py", "train", *common, "--out", survived),
+                           env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_AT": str(kill_at)}, extra=["--with-ft", "ulfm"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lost rank(s) [1]: continuing on 2 ranks" in proc.stdout
     events = [json.loads(line) for line in (survived / "events.jsonl").read_text().splitlines()]
@@ -50,9 +50,9 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
 
 
 def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
-    proc, seconds = mpirun(3, script("kill_at_step.py", "train", "--data", elastic_data, *TRAIN,
+    proc, seconds = mpirun(3, script("fault_at_step.py", "train", "--data", elastic_data, *TRAIN,
                                      "--out", tmp_path / "run"),
-                           env={"KILL_RANK": "0", "KILL_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
+                           env={"FAULT": "kill", "FAULT_RANK": "0", "FAULT_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
     assert proc.returncode != 0
     assert proc.stderr.count("rank 0, which writes the run folder, was lost") == 1, proc.stderr[-2000:]
     assert "--resume" in proc.stderr

@@ -93,9 +93,10 @@ def test_master_worker_trains_and_all_ranks_agree(tmp_path):
 
 
 def test_an_exception_on_one_rank_ends_the_job(tmp_path, synth_data):
-    proc, seconds = mpirun(3, script("fail_on_rank.py", "train", "--data", synth_data, "--model", "tiny",
+    proc, seconds = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, "--model", "tiny",
                                      "--image-size", 16, "--epochs", 2, "--batch-size", 4,
-                                     "--out", tmp_path / "run"), timeout=120)
+                                     "--out", tmp_path / "run"), timeout=120,
+                           env={"FAULT": "raise", "FAULT_RANK": "1", "FAULT_AT": "3"})
     assert proc.returncode != 0
     assert proc.stderr.count("injected failure for the test") == 1, proc.stderr
     assert "rank 1" in proc.stderr

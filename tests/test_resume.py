@@ -39,8 +39,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
     # Rank 1 (or the only rank) dies by SIGKILL in its 12th step: in epoch 1 for n=3
     # (6 steps per epoch), in epoch 1 for n=1 (18 steps per epoch).
-    killed = _run(n, script("kill_at_step.py", "train", "--data", synth_data, *TRAIN, "--out", broken),
-                  env={"KILL_RANK": str(min(1, n - 1)), "KILL_AT": "12"})
+    killed = _run(n, script("fault_at_step.py", "train", "--data", synth_data, *TRAIN, "--out", broken),
+                  env={"FAULT": "kill", "FAULT_RANK": str(min(1, n - 1)), "FAULT_AT": "12"})
     assert killed.returncode != 0
     assert not (broken / "model.keras").exists()
     assert list((broken / "checkpoints").glob("ckpt-*.npz"))

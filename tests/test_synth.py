@@ -114,13 +114,11 @@ def test_demo_data_dir_generates_once(tmp_path, monkeypatch):
     assert synth.demo_data_dir(tmp_path / "cache") == first and len(calls) == n
 
 
-def test_cache_root_env(tmp_path, monkeypatch):
+def test_demo_data_follows_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MPITRAIN_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert synth._cache_root() == tmp_path / "xdg" / "mpitrain"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert synth._cache_root() == tmp_path / "home" / ".cache" / "mpitrain"
+    monkeypatch.setattr(synth, "generate", lambda out: out)
+    assert synth.demo_data_dir() == tmp_path / "xdg" / "mpitrain" / synth.DEMO_DIR_NAME
 
 
 def test_concurrent_callers_agree(tmp_path):

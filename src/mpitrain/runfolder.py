@@ -22,8 +22,9 @@ from pathlib import Path
 
 from mpitrain.errors import UserError
 
-RUN_FILES = ("model.keras", "config.json", "history.csv", "metrics.json", "classes.json",
-             "skipped_files.txt")
+RUN_FILES = ("model.keras", "model.json", "config.json", "history.csv", "metrics.json",
+             "classes.json", "skipped_files.txt", "report.md", "training_curves.png",
+             "confusion_matrix.png", "roc_curve.png", "events.jsonl")
 
 
 def default_run_dir() -> Path:

@@ -250,16 +250,9 @@ def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: 
     return out
 
 
-def _cache_root() -> Path:
-    """$MPITRAIN_CACHE_DIR, else $XDG_CACHE_HOME/mpitrain, else ~/.cache/mpitrain."""
-    if os.environ.get("MPITRAIN_CACHE_DIR"):
-        return Path(os.environ["MPITRAIN_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "mpitrain"
-    return Path.home() / ".cache" / "mpitrain"
-
-
 def demo_data_dir(cache_dir: Path | None = None) -> Path:
     """The default synthetic data set in ``<cache>/demo-v1``, generated on first use only."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _cache_root()
+    from mpitrain.cache import default_cache_dir
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return generate(root / DEMO_DIR_NAME)

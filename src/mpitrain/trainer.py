@@ -200,6 +200,10 @@ class Trainer:
                    "lr": self._lr((epoch + 1) * self.steps - 1), "seconds": round(train_time, 3),
                    "images_per_second": round(stats[0] / max(train_time, 1e-9), 1)}
             self.result.history.append(row)
+            if cfg.tensorboard and self.run_dir is not None:
+                from mpitrain import tb
+
+                tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
             self.result.val_probs, self.result.val_labels = all_vp, all_vy
             self.echo(epoch_line(row, cfg.epochs, self.tag))
         self._checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
