@@ -41,6 +41,7 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
     assert len(events) == 1
     assert events[0]["lost_ranks"] == [1] and events[0]["ranks_before"] == 3 and events[0]["ranks_after"] == 2
     assert events[0]["epoch"] == 2
+    assert "## Lost ranks" in (survived / "report.md").read_text()
     rows = _history(survived)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     assert json.loads((survived / "config.json").read_text())["runtime"]["ranks"] == 2

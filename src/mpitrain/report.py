@@ -98,7 +98,11 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     if "val_sensitivity" in metrics or metrics.get("threshold_method"):
         lines += [f"Threshold method: `{metrics.get('threshold_method')}`"
                   + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
-                  + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.", ""]
+                  + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.",
+                  "",
+                  "The threshold was chosen on these same validation images, so the metrics above "
+                  "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
+                  "images the run never saw with `mpitrain evaluate`.", ""]
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]
@@ -111,6 +115,15 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
         ["time in communication (rank 0)", _duration(timings.get("comm_seconds", 0.0))],
         ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
     ]) + [""]
+    events_file = Path(out) / "events.jsonl"
+    if events_file.is_file():  # --elastic: ranks lost during training
+        import json
+
+        events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+        lines += ["## Lost ranks", ""]
+        lines += _md_table(["time", "lost rank(s)", "ranks before -> after", "epoch", "step"], [
+            [e["time"], ", ".join(map(str, e["lost_ranks"])), f"{e['ranks_before']} -> {e['ranks_after']}",
+             str(e["epoch"]), f"{e['step']} of {e['of_steps']}"] for e in events]) + [""]
     lines += ["## Configuration", ""]
     lines += _md_table(["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items()
                                              if k != "extra" or v]) + [""]
