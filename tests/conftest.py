@@ -59,3 +59,11 @@ def _private_cache(tmp_path_factory, monkeypatch):
     """Every test caches into a private folder, never into the user's ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "mpitrain-cache"
     monkeypatch.setenv("MPITRAIN_CACHE_DIR", str(cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synth_data) -> Path:
+    """A finished run folder of the tiny model on `synth_data` (one training per session)."""
+    from mpirun import train_run
+
+    return train_run(tmp_path_factory, synth_data)

@@ -1,4 +1,4 @@
-"""Run a program under a real mpiexec for the tests (with the launcher's own settings)."""
+"""Run mpitrain for the tests: under a real mpiexec (with the launcher's own settings) or as a CLI."""
 
 import os
 import subprocess
@@ -27,3 +27,15 @@ def script(name: str, *args) -> list[str]:
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "mpitrain", *map(str, args)]
+
+
+def train_run(tmp_path_factory, data, *extra) -> Path:
+    """A finished run folder of the tiny model (one CLI training, cache in the test folder)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               MPITRAIN_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "mpitrain-cache"))
+    proc = subprocess.run(cli("train", "--data", data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
+                              "--batch-size", 8, "--out", out, *extra),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mpitrain.cli import _strip_launch_args, main
+from mpitrain.cli import _strip_launch_args
 
 
 def run_cli(*args, timeout=300):

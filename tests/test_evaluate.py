@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,21 +16,9 @@ from mpitrain.metrics import classification_metrics
 UNTIMED = ("seconds", "ranks")
 
 
-def train_run(tmp_path_factory, data, *extra) -> Path:
-    """A finished run folder of the tiny model (one CLI training, cache in the test folder)."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               MPITRAIN_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "mpitrain-cache"))
-    proc = subprocess.run(cli("train", "--data", data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
-                              "--batch-size", 8, "--out", out, *extra),
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_data):
-    return train_run(tmp_path_factory, synth_data)
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import main
-from test_evaluate import one_line_error, train_run
+from mpirun import train_run
+from test_evaluate import one_line_error
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_data):
-    return train_run(tmp_path_factory, synth_data)
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from mpitrain import modelio
 from mpitrain.metrics import classification_metrics
 from mpitrain.report import text_table, write_report
-from test_evaluate import train_run
+from mpirun import train_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

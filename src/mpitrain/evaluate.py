@@ -76,7 +76,7 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     from mpitrain import modelio
     from mpitrain.cache import load_images_cached
     from mpitrain.comm import world
-    from mpitrain.run_train import agree
+    from mpitrain.errors import agree
 
     comm = world()
     setup, err = None, None

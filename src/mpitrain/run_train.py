@@ -18,7 +18,7 @@ import numpy as np
 
 from mpitrain.comm import world
 from mpitrain.config import TrainConfig, save_config
-from mpitrain.errors import AgreedError, QuietExit, UserError, agree  # noqa: F401
+from mpitrain.errors import UserError, agree
 
 
 def _open_resume(cfg: TrainConfig):

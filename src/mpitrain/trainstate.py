@@ -41,7 +41,6 @@ class RankState:
 
     def load(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Assign a saved state; returns the saved running sums of the epoch."""
-        mine = self.arrays(np.zeros(3))
         for v, a in zip(self.variables, arrays):
             v.assign(a)
         self.sync.load_extra_state(arrays[-1])
