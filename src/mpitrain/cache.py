@@ -142,10 +142,14 @@ def prune(folder: Path, keep: Path | None = None, now: float | None = None) -> N
         total -= size
 
 
-def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None = None,
+def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None = None,
                        threads: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
-    """Like `mpitrain.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
+                       ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
+    """Through the cache, as compact integers: (arr [n, s, s], max value, ok, errors, hit).
+
+    `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
+    the integers (4x less memory than float32) and converts one batch at a time.
+    """
     paths = [os.fspath(p) for p in paths]
     folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _SUBDIR
     entry = folder / f"{cache_key(paths, image_size)}.entry"
@@ -156,7 +160,7 @@ def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None
             os.utime(entry)  # mark as recently used for pruning
         except OSError:
             pass
-        return to_float(arr, max_value), ok, errors, True
+        return arr, max_value, ok, errors, True
 
     arr, max_value, ok, errors = decode_native(paths, image_size, threads)
     try:
@@ -169,4 +173,12 @@ def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None
             prune(folder, keep=entry)
         except OSError:
             pass  # housekeeping only; another process may be pruning too
-    return to_float(arr, max_value), ok, errors, False
+    return arr, max_value, ok, errors, False
+
+
+def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None = None,
+                       threads: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
+    """Like `mpitrain.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
+    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads)
+    return to_float(arr, max_value), ok, errors, hit

@@ -36,12 +36,20 @@ class Plan:
 
 @dataclass
 class Shard:
-    """This rank's decoded images."""
+    """This rank's decoded images.
+
+    Images are kept as the cache stores them, integers [n, s, s] (uint8, or uint16 when a
+    16-bit file is among them) with their full-scale value, 4x smaller than float32; the
+    trainer converts one batch at a time with `as_float`. Float arrays [n, s, s, 1] in
+    [0, 1] (max value 1.0) work too.
+    """
 
     train_x: np.ndarray
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
+    train_max: float = 1.0
+    val_max: float = 1.0
     errors: list = field(default_factory=list)
     cache_hits: int = 0
     loads: int = 0
@@ -74,16 +82,25 @@ def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) 
                 paths[va].tolist(), index.labels[va], "split")
 
 
+def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
+    """A batch as the model's input: float32 [n, s, s, 1] in [0, 1], exactly as decoded."""
+    if x.dtype.kind == "f":
+        return x
+    from mpitrain.decode import to_float
+
+    return to_float(x, max_value)
+
+
 def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard):
-    from mpitrain.cache import load_images_cached
+    from mpitrain.cache import load_images_native
 
     if not paths:
-        return np.zeros((0, image_size, image_size, 1), np.float32), np.zeros(0, np.int32)
-    x, ok, errors, hit = load_images_cached(paths, image_size, Path(cache_dir) if cache_dir else None)
+        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0
+    x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None)
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
-    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32)
+    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value)
 
 
 def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, int],
@@ -93,10 +110,10 @@ def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, in
     out = Shard(*(np.zeros(0),) * 4)
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
     va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
-    out.train_x, out.train_y = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
-                                     image_size, cache_dir, out)
-    out.val_x, out.val_y = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
-                                 image_size, cache_dir, out)
+    out.train_x, out.train_y, out.train_max = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
+                                                    image_size, cache_dir, out)
+    out.val_x, out.val_y, out.val_max = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
+                                              image_size, cache_dir, out)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -137,6 +154,7 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
             parts = [x[i] for i in idx], [y[i] for i in idx]
         setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
         setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
+    out.train_max, out.val_max = comm.bcast_obj((full.train_max, full.val_max) if comm.rank == 0 else None)
     if comm.rank == 0:
         out.errors, out.cache_hits, out.loads, out.seconds = full.errors, full.cache_hits, full.loads, full.seconds
     return plan, out

@@ -63,9 +63,11 @@ def make_predict_step(model):
     return predict
 
 
-def predict_all(predict, x: np.ndarray, n_classes: int, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities for all rows of `x` (float32, [n, n_classes])."""
+def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for all rows of `x` (float32, [n, n_classes]); `convert` turns a
+    chunk of stored rows into model input."""
     parts = [np.zeros((0, n_classes), dtype=np.float32)]
     for a in range(0, len(x), batch_size):
-        parts.append(predict(x[a:a + batch_size]).numpy())
+        chunk = x[a:a + batch_size]
+        parts.append(predict(chunk if convert is None else convert(chunk)).numpy())
     return np.concatenate(parts).astype(np.float32)

@@ -23,7 +23,7 @@ import numpy as np
 
 from mpitrain.comm import RankLost
 from mpitrain.config import TrainConfig
-from mpitrain.dataset import Plan, Shard, class_weights
+from mpitrain.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.errors import AgreedError, QuietExit, UserError
 from mpitrain.progress import Progress
@@ -172,7 +172,8 @@ class Trainer:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
                 y = data.train_y[idx]
-                st, p = self.step(data.train_x[idx], y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
+                x = as_float(data.train_x[idx], data.train_max)
+                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
                 stats += st.numpy()
                 probs.append(p.numpy())
                 labels.append(y)
@@ -190,7 +191,7 @@ class Trainer:
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        vp = predict_all(self.predict, data.val_x, self.n_classes)
+        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
         vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
