@@ -259,6 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    code = _main(args, argv)
+    _exit_if_a_rank_was_lost(code)
+    return code
+
+
+def _exit_if_a_rank_was_lost(code: int) -> None:
+    """After an elastic loss, leave without MPI_Finalize.
+
+    Finalize synchronises with every process the job started, dead ones included, and under
+    ULFM it has been seen to wait forever after a lost rank. Everything is written and
+    flushed by now, and Open MPI's ULFM mode accepts the exit code as it is.
+    """
+    from mpitrain import comm
+
+    if comm.current() is not None and comm.current().lost_any:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _main(args, argv) -> int:
     try:
         return args.func(args, argv)
     except UserError as e:

@@ -37,6 +37,7 @@ class SingleComm:
     is_mpi = False
     elastic = False
     failed = False
+    lost_any = False
     world_ranks = [0]
 
     def make_elastic(self) -> None:
@@ -118,6 +119,7 @@ class MPIComm(SingleComm):
     is_mpi = True
     elastic = False
     failed = False
+    lost_any = False
 
     def __init__(self, comm):
         from mpi4py import MPI  # the one place mpi4py is imported
@@ -156,6 +158,7 @@ class MPIComm(SingleComm):
         self.world_ranks = [self.world_ranks[r] for r in kept]
         self.comm = _FailureGuard(new, self)
         self.rank, self.size, self.failed = new.Get_rank(), new.Get_size(), False
+        self.lost_any = True
         return lost
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
@@ -234,4 +237,9 @@ def world() -> SingleComm:
             _WORLD = MPIComm(MPI.COMM_WORLD) if MPI.COMM_WORLD.Get_size() > 1 else SingleComm()
         else:
             _WORLD = SingleComm()
+    return _WORLD
+
+
+def current() -> SingleComm | None:
+    """The communicator if `world()` has made one, without starting MPI."""
     return _WORLD
