@@ -93,11 +93,12 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
                     f"or data file list than rank 0")
 
     from mpitrain.models import build_model
-    from mpitrain.sync import make_sync
+    from mpitrain.sync import STRATEGY_CLASSES
     from mpitrain.trainer import configure_runtime, fit
 
     threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
-    sync = make_sync(cfg.strategy, comm, cfg.sync_every)
+    # Which shards this rank owns (the trainer builds the strategy itself).
+    data_parts = STRATEGY_CLASSES[cfg.strategy].data_parts
     if comm.rank == 0:
         say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
@@ -108,9 +109,9 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
         f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
     if cfg.data_on_root:
         plan, data = dataset.scatter_from_root(comm, plan, cfg.image_size, cfg.seed,
-                                               lambda r: sync.data_parts(r, comm.size), cfg.cache_dir)
+                                               lambda r: data_parts(r, comm.size), cfg.cache_dir)
     else:
-        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, sync.train_part, sync.val_part,
+        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size),
                                   cfg.cache_dir)
     counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads],
                       dtype=np.float64)
