@@ -49,7 +49,7 @@ def image_tree(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A small synthetic two-class data set (40 images per class, 16x16), made once."""
-    from mpitrain.synth import generate
+    from mpitrain.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth") / "data", per_class=40, image_size=16, seed=1)
 

@@ -6,13 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-PROGRAMS = Path(__file__).parent / "mpi_programs"
+PROGRAMS = Path(__file__).parent / "system" / "mpi_programs"
 
 
 def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None,
            extra: list[str] | None = None):
     """Returns (CompletedProcess, seconds). A hang fails the test via TimeoutExpired."""
-    from mpitrain.launch import mpiexec_command
+    from mpitrain.dist.launch import mpiexec_command
 
     cmd, full_env = mpiexec_command(n, program, extra=extra)
     full_env.update(env or {})

@@ -144,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_evaluate(args, argv) -> int:
     if args.np is not None:
-        from mpitrain import launch
-        from mpitrain.evaluate import prepare
+        from mpitrain.dist import launch
+        from mpitrain.evaluate.command import prepare
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
-    from mpitrain.evaluate import evaluate_main
+    from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
                          plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
@@ -158,22 +158,22 @@ def _cmd_evaluate(args, argv) -> int:
 
 
 def _cmd_predict(args, argv) -> int:
-    from mpitrain.predict import predict_main
+    from mpitrain.evaluate.predict import predict_main
 
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
                         image_size=args.image_size, threads=args.threads)
 
 
 def _cmd_bench(args, argv) -> int:
-    from mpitrain.models import MODELS
+    from mpitrain.train.models import MODELS
 
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(sorted(MODELS))}")
     if args.np is not None:
-        from mpitrain import launch
+        from mpitrain.dist import launch
 
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
-    from mpitrain.bench import bench_main
+    from mpitrain.train.bench import bench_main
 
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
                       image_size=args.image_size, strategy=args.strategy, threads=args.threads,
@@ -213,18 +213,18 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
 
 def _cmd_train(args, argv) -> int:
     if args.np is None:
-        from mpitrain.run_train import train_main
+        from mpitrain.train.command import train_main
 
         return train_main(lambda: _config_from_args(args), resume=args.resume)
     cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
     if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
-        from mpitrain import launch
+        from mpitrain.dist import launch
 
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile,
                           extra=launch.elastic_flags() if args.elastic else None)
-    from mpitrain import launch
-    from mpitrain.dataset import make_plan, resolve_data_dir
-    from mpitrain.runfolder import prepare
+    from mpitrain.data.dataset import make_plan, resolve_data_dir
+    from mpitrain.dist import launch
+    from mpitrain.train.runfolder import prepare
 
     if cfg.strategy == "master-worker" and args.np < 2:
         raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
@@ -239,7 +239,7 @@ def _cmd_train(args, argv) -> int:
 
 
 def _cmd_data(args, argv) -> int:
-    from mpitrain.datainfo import describe_data
+    from mpitrain.data.describe import describe_data
 
     if args.image_size < 4:
         raise UserError(f"--image-size must be >= 4, got {args.image_size}")
@@ -248,7 +248,7 @@ def _cmd_data(args, argv) -> int:
 
 
 def _cmd_synth(args, argv) -> int:
-    from mpitrain.synth import generate
+    from mpitrain.data.synth import generate
 
     out = generate(args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed)
     print(f"wrote synthetic data set to {out}")
@@ -271,7 +271,7 @@ def _exit_if_a_rank_was_lost(code: int) -> None:
     ULFM it has been seen to wait forever after a lost rank. Everything is written and
     flushed by now, and Open MPI's ULFM mode accepts the exit code as it is.
     """
-    from mpitrain import comm
+    from mpitrain.dist import comm
 
     if comm.current() is not None and comm.current().lost_any:
         sys.stdout.flush()
@@ -299,7 +299,7 @@ def _main(args, argv) -> int:
 
 def _abort_if_alone(e: UserError, code: int) -> None:
     """A user error found by one rank alone, after set-up: the others must not wait."""
-    from mpitrain.comm import launched_by_mpi, world
+    from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import AgreedError
 
     if not isinstance(e, AgreedError) and launched_by_mpi() and world().size > 1:
@@ -307,7 +307,7 @@ def _abort_if_alone(e: UserError, code: int) -> None:
 
 
 def _crash(e: BaseException, debug: bool) -> int:
-    from mpitrain.comm import launched_by_mpi, world
+    from mpitrain.dist.comm import launched_by_mpi, world
 
     comm = world() if launched_by_mpi() else None
     where = f" on rank {comm.rank}" if comm is not None and comm.size > 1 else ""

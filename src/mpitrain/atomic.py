@@ -1,0 +1,64 @@
+"""Writing files so that a reader never sees half of one: the one atomic writer.
+
+Everything mpitrain leaves on disk (cache entries, checkpoints, the run folder, figures,
+prediction CSVs, reports) is written through `atomic_path`: the content goes to a hidden
+temporary file in the same folder, is flushed and fsynced, then renamed over the final
+name, and the folder is fsynced so the rename itself survives a crash. A kill at any
+instant leaves either the old file or the new one, never a torn one; a failed write leaves
+no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"  # every temporary file starts so: cleaners can recognise strays
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str | None = None):
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically.
+
+    The temporary name keeps `path`'s suffix (Keras and matplotlib choose the format by it)
+    unless `suffix` is given.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    if suffix is not None:
+        tmp = tmp.with_suffix(suffix)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent, directory=True)
+
+
+def write_atomic(path, data: bytes | str, encoding: str = "utf-8", errors: str = "strict") -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode(encoding, errors) if isinstance(data, str) else data)
+    return path
+
+
+def write_json(path, doc) -> Path:
+    return write_atomic(path, json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -1,0 +1,1 @@
+"""Reading labelled images: scan, decode, cache, split, shard, load; the demo data."""

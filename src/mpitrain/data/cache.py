@@ -1,0 +1,173 @@
+"""An on-disk cache of decoded images, keyed by the exact files and their stat data.
+
+Layout: ``<cache dir>/decoded/<key>.entry``, one file per entry, never beside the data.
+An entry is, back to back, ``np.save`` of the decoded integer array ([n, s, s] uint8 or
+uint16, see `mpitrain.data.decode.decode_native`), ``np.save`` of the ok mask, and a small UTF-8
+JSON document (format version, size, count and the per-file errors). Arrays are loaded
+with ``allow_pickle=False``. Storing integers keeps entries 4x smaller than float32 and
+gives bit-identical float32 values on a hit.
+
+The key is a SHA-256 of: the format version, the OpenCV version, ``image_size`` and, for
+every path in order, the path string and its (followed) stat: size, mtime_ns, inode and
+mode. Any changed, added, removed or reordered file gives a different key, and so does a
+chmod (a file that could not be read is retried once it can).
+
+Concurrency: an entry is written to a temporary file in the same folder, flushed,
+fsync'ed and moved into place with ``os.replace``, so several processes (e.g. MPI ranks on
+one machine) can load the same or different lists at the same time and never see half an
+entry. An entry that cannot be parsed is a miss and is rewritten. If the cache folder is
+not writable the images are still returned, with one warning on stderr.
+
+Housekeeping: a hit refreshes the entry's mtime; after each write, entries unused for
+`MAX_AGE_DAYS` are deleted, then the oldest ones until the total is under `MAX_BYTES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mpitrain.atomic import TMP_PREFIX, atomic_path
+from mpitrain.data.decode import decode_native, to_float
+
+FORMAT_VERSION = 1
+MAX_AGE_DAYS = 30
+MAX_BYTES = 20 * 2**30
+_SUBDIR = "decoded"
+_warned = False
+
+
+def default_cache_dir() -> Path:
+    """$MPITRAIN_CACHE_DIR, else $XDG_CACHE_HOME/mpitrain, else ~/.cache/mpitrain."""
+    if os.environ.get("MPITRAIN_CACHE_DIR"):
+        return Path(os.environ["MPITRAIN_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "mpitrain"
+    return Path.home() / ".cache" / "mpitrain"
+
+
+def cache_key(paths: list[str], image_size: int) -> str:
+    """Hex key for decoding ``paths`` at ``image_size`` given their current stat data."""
+    h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0"
+                       f"{image_size}\0{len(paths)}\0".encode())
+    parts = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            parts.append(f"{len(p)}:{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
+                         f"{st.st_mode}\0")
+        except OSError as e:
+            parts.append(f"{len(p)}:{p}\0missing:{e.errno}\0")
+    h.update("".join(parts).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _warn(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"warning: {message}; continuing without the image cache", file=sys.stderr)
+
+
+def _read_entry(path: Path, n: int, image_size: int):
+    """(array, max value, ok, errors) from an entry file, or None if absent or invalid."""
+    try:
+        with open(path, "rb") as f:
+            arr = np.load(f, allow_pickle=False)
+            ok = np.load(f, allow_pickle=False)
+            meta = json.loads(f.read().decode("utf-8"))
+        max_value = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[arr.dtype]
+        valid = (meta.get("version") == FORMAT_VERSION and meta.get("n") == n
+                 and meta.get("image_size") == image_size
+                 and arr.shape == (n, image_size, image_size)
+                 and ok.shape == (n,) and ok.dtype == np.bool_
+                 and meta.get("n_failed") == n - int(ok.sum()))
+        errors = [(str(p), str(r)) for p, r in meta["errors"]]
+    except Exception:  # any damage at all just means "decode again"
+        return None
+    return (arr, max_value, ok, errors) if valid and len(errors) == n - int(ok.sum()) else None
+
+
+def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors) -> None:
+    """Atomically create ``path`` (temp file + fsync + os.replace in the same folder)."""
+    meta = {"version": FORMAT_VERSION, "n": len(ok), "image_size": int(arr.shape[1]),
+            "n_failed": int(len(ok) - ok.sum()), "errors": [list(e) for e in errors]}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        np.save(f, ok, allow_pickle=False)
+        f.write(json.dumps(meta).encode("utf-8"))
+
+
+def prune(folder: Path, keep: Path | None = None, now: float | None = None) -> None:
+    """Delete entries unused for MAX_AGE_DAYS, stale temp files, then oldest over MAX_BYTES."""
+    now = time.time() if now is None else now
+    entries = []
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.name.startswith(TMP_PREFIX):
+            if now - st.st_mtime > 86400:  # left behind by a crashed writer
+                p.unlink(missing_ok=True)
+        elif p.suffix == ".entry" and p != keep:
+            if now - st.st_mtime > MAX_AGE_DAYS * 86400:
+                p.unlink(missing_ok=True)
+            else:
+                entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    total += keep.stat().st_size if keep is not None and keep.exists() else 0
+    for _, size, p in sorted(entries):
+        if total <= MAX_BYTES:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+
+
+def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None = None,
+                       threads: int | None = None
+                       ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
+    """Through the cache, as compact integers: (arr [n, s, s], max value, ok, errors, hit).
+
+    `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
+    the integers (4x less memory than float32) and converts one batch at a time.
+    """
+    paths = [os.fspath(p) for p in paths]
+    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _SUBDIR
+    entry = folder / f"{cache_key(paths, image_size)}.entry"
+    found = _read_entry(entry, len(paths), image_size)
+    if found is not None:
+        arr, max_value, ok, errors = found
+        try:
+            os.utime(entry)  # mark as recently used for pruning
+        except OSError:
+            pass
+        return arr, max_value, ok, errors, True
+
+    arr, max_value, ok, errors = decode_native(paths, image_size, threads)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_entry(entry, arr, ok, errors)
+    except OSError as e:
+        _warn(f"cannot write the image cache in {folder} ({e.strerror or e})")
+    else:
+        try:
+            prune(folder, keep=entry)
+        except OSError:
+            pass  # housekeeping only; another process may be pruning too
+    return arr, max_value, ok, errors, False
+
+
+def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None = None,
+                       threads: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
+    """Like `mpitrain.data.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
+    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads)
+    return to_float(arr, max_value), ok, errors, hit

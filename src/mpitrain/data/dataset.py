@@ -1,0 +1,160 @@
+"""From a config to this rank's arrays: scan, split, shard, then decode only our shard.
+
+Scanning and splitting are cheap and deterministic, so every rank does them and arrives at
+the same plan without talking to the others. Decoding is the expensive part, and each
+rank decodes only the files of its own shards, so loading runs in parallel across ranks.
+No MPI here: the caller passes which part of the data this rank owns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.data.shards import shard
+from mpitrain.errors import UserError
+
+
+@dataclass
+class Plan:
+    """The global, rank-independent view of the data."""
+
+    data_dir: str
+    classes: list[str]
+    train_paths: list[str]
+    train_labels: np.ndarray
+    val_paths: list[str]
+    val_labels: np.ndarray
+    val_from: str  # "split" or the --val-data folder
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels, minlength=len(self.classes))
+
+
+@dataclass
+class Shard:
+    """This rank's decoded images.
+
+    Images are kept as the cache stores them, integers [n, s, s] (uint8, or uint16 when a
+    16-bit file is among them) with their full-scale value, 4x smaller than float32; the
+    trainer converts one batch at a time with `as_float`. Float arrays [n, s, s, 1] in
+    [0, 1] (max value 1.0) work too.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    train_max: float = 1.0
+    val_max: float = 1.0
+    errors: list = field(default_factory=list)
+    cache_hits: int = 0
+    loads: int = 0
+    seconds: float = 0.0
+
+
+def resolve_data_dir(data: str | None, cache_dir: str | None = None) -> str:
+    """The user's folder, or the embedded demo data (generated once into the cache)."""
+    if data is not None:
+        return data
+    from mpitrain.data.synth import demo_data_dir
+
+    return str(demo_data_dir(Path(cache_dir) if cache_dir else None))
+
+
+def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) -> Plan:
+    from mpitrain.data.scan import scan
+    from mpitrain.data.split import stratified_split
+
+    index = scan(data_dir)
+    paths = np.array(index.paths, dtype=object)
+    if val_data is not None:
+        val = scan(val_data, class_names=index.classes)
+        return Plan(data_dir, index.classes, list(index.paths), index.labels,
+                    list(val.paths), val.labels, val_data)
+    tr, va = stratified_split(index.labels, val_split, seed)
+    if len(tr) == 0:
+        raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
+    return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
+                paths[va].tolist(), index.labels[va], "split")
+
+
+def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
+    """A batch as the model's input: float32 [n, s, s, 1] in [0, 1], exactly as decoded."""
+    if x.dtype.kind == "f":
+        return x
+    from mpitrain.data.decode import to_float
+
+    return to_float(x, max_value)
+
+
+def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard):
+    from mpitrain.data.cache import load_images_native
+
+    if not paths:
+        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0
+    x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None)
+    out.errors.extend(errors)
+    out.cache_hits += int(hit)
+    out.loads += 1
+    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value)
+
+
+def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, int],
+               val_part: tuple[int, int], cache_dir: str | None = None) -> Shard:
+    """Decode the training and validation images that belong to this rank."""
+    t0 = time.perf_counter()
+    out = Shard(*(np.zeros(0),) * 4)
+    tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
+    va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
+    out.train_x, out.train_y, out.train_max = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
+                                                    image_size, cache_dir, out)
+    out.val_x, out.val_y, out.val_max = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
+                                              image_size, cache_dir, out)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
+    """Per-class loss weights; "balanced" is n / (k * n_c), as in scikit-learn."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if mode == "none":
+        return np.ones(len(counts), dtype=np.float32)
+    w = counts.sum() / (len(counts) * np.maximum(counts, 1.0))
+    return w.astype(np.float32)
+
+
+def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts_of,
+                      cache_dir: str | None = None) -> tuple[Plan, Shard]:
+    """--data-on-root: rank 0 decodes everything and sends each rank its shards.
+
+    For clusters without a shared file system. `parts_of(rank)` gives a rank's
+    (train part, val part). Only metadata travels as Python objects; images go as one
+    Scatterv of float32 rows per split.
+    """
+    full = None
+    if comm.rank == 0:
+        full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir)
+    # Collective order: plan metadata, then the training rows, then the validation rows.
+    meta = comm.bcast_obj(None if plan is None else
+                          (plan.data_dir, plan.classes, plan.train_labels, plan.val_labels, plan.val_from))
+    if plan is None:
+        data_dir, classes, train_labels, val_labels, val_from = meta
+        plan = Plan(data_dir, classes, [], train_labels, [], val_labels, val_from)
+    out = Shard(*(np.zeros(0),) * 4)
+    for split in ("train", "val"):
+        parts = None
+        if comm.rank == 0:
+            x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
+            which = [parts_of(r)[split == "val"] for r in range(comm.size)]
+            idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
+            parts = [x[i] for i in idx], [y[i] for i in idx]
+        setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
+        setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
+    out.train_max, out.val_max = comm.bcast_obj((full.train_max, full.val_max) if comm.rank == 0 else None)
+    if comm.rank == 0:
+        out.errors, out.cache_hits, out.loads, out.seconds = full.errors, full.cache_hits, full.loads, full.seconds
+    return plan, out

@@ -1,0 +1,117 @@
+"""`mpitrain data`: what a user wants to know about an image folder before training.
+
+`describe_data` scans the folder (and an optional validation folder), decodes every image
+once through the cache and prints an aligned report: the classes with counts and shares,
+the imbalance, skipped files (listed in ``skipped_files.txt`` in the cache folder, never
+beside the data), the image size, and how long loading took, hit or miss.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mpitrain.atomic import write_atomic
+from mpitrain.data.cache import default_cache_dir, load_images_cached
+from mpitrain.data.scan import FileIndex, scan
+from mpitrain.runtime import available_cores
+
+REPORT_NAME = "skipped_files.txt"
+
+
+def _one_line(text) -> str:
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def write_skip_report(errors: list[tuple[str, str]], dest_dir: Path) -> Path:
+    """Write ``path<TAB>reason`` lines to ``dest_dir/skipped_files.txt``; return its path."""
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    report = dest / REPORT_NAME
+    lines = [f"{_one_line(path)}\t{_one_line(reason)}\n" for path, reason in errors]
+    return write_atomic(report, "".join(lines), errors="surrogateescape")
+
+
+def skip_warning(errors, report_path) -> str:
+    """The one warning line about skipped files, pointing at the full list."""
+    n = len(errors)
+    return f"warning: skipped {n} unreadable file{'s' if n != 1 else ''} (list in {report_path})"
+
+
+def _rows(index: FileIndex) -> list[tuple[str, str, str]]:
+    counts = index.counts()
+    total = sum(counts.values())
+    return [(name, f"{c:,}", f"{100.0 * c / total:5.1f}%") for name, c in counts.items()]
+
+
+def _table(rows: list[tuple[str, str, str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"{indent}{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+
+
+def _load(label: str, index: FileIndex, image_size: int, cache_dir: Path, line) -> list:
+    t0 = time.perf_counter()
+    _, ok, errors, hit = load_images_cached(index.paths, image_size, cache_dir)
+    seconds = time.perf_counter() - t0
+    rate = len(index.paths) / seconds if seconds > 0 else float("inf")
+    line(f"{label}load", f"{seconds:.2f} s, {rate:,.0f} images/s "
+                         f"(cache {'hit' if hit else 'miss'}, {len(ok):,} files, "
+                         f"{available_cores()} threads)")
+    if not hit:  # show what the next run will pay, too: the cached load
+        t0 = time.perf_counter()
+        load_images_cached(index.paths, image_size, cache_dir)
+        seconds = time.perf_counter() - t0
+        rate = len(index.paths) / seconds if seconds > 0 else float("inf")
+        line(f"{label}reload", f"{seconds:.2f} s, {rate:,.0f} images/s (from the cache)")
+    return errors
+
+
+def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
+                  out=None) -> int:
+    """Print the report for ``data_dir`` (and ``val_data``) to ``out``; return 0.
+
+    ``out`` defaults to the ``sys.stdout`` of the moment of the call.
+
+    Raises `mpitrain.errors.UserError` for an unusable folder (see `imagefolder.scan`).
+    """
+    out = sys.stdout if out is None else out
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    index = scan(data_dir)
+    val = scan(val_data, class_names=index.classes) if val_data is not None else None
+
+    def line(key: str, value: str) -> None:
+        print(f"{key + ':':<16}{value}", file=out)
+
+    counts = list(index.counts().values())
+    line("data", str(index.root))
+    line("classes", f"{len(index.classes)}")
+    for row in _table(_rows(index)):
+        print(row, file=out)
+    line("imbalance", f"{max(counts) / min(counts):.2f} : 1 (largest / smallest class)")
+    line("images", f"{len(index):,}")
+    if val is not None:
+        line("validation", f"{val.root} ({len(val):,} images)")
+        for row in _table(_rows(val)):
+            print(row, file=out)
+    line("image size", f"{image_size} x {image_size}, grayscale")
+    line("cache", str(cache))
+    errors = _load("", index, image_size, cache, line)
+    if val is not None:
+        errors += _load("val ", val, image_size, cache, line)
+
+    if errors:
+        try:
+            report = write_skip_report(errors, cache)
+        except OSError:  # cache not writable: fall back to the temp folder
+            report = write_skip_report(errors, Path(tempfile.gettempdir()) / "mpitrain")
+        usable = len(index) + (len(val) if val is not None else 0) - len(errors)
+        line("skipped", f"{len(errors):,} file(s), {usable:,} usable; list in {report}")
+        for path, reason in errors[:3]:
+            print(f"  {path}: {reason}", file=out)
+        if len(errors) > 3:
+            print(f"  ... and {len(errors) - 3:,} more", file=out)
+    else:
+        line("skipped", "0 files")
+    return 0

@@ -1,0 +1,1 @@
+"""Distribution: the comm layer (the one mpi4py user), strategies, launcher, watchdog."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading, evaluate, predict, metrics, threshold, report, plots."""

@@ -1,0 +1,177 @@
+"""`mpitrain evaluate`: a trained model's metrics on a labelled image folder, on 1..N ranks.
+
+Every rank does the same cheap set-up (model metadata, folder scan), then predicts its own
+share of the images. Images are split into fixed chunks of `modelio.BATCH` files in scan
+order, and whole chunks are dealt out to the ranks (`shards.shard`), so each image is
+predicted in the very same batch whatever the number of ranks. The probabilities and
+their file indices are gathered on rank 0, put back into file order, and every metric is
+computed there from them: the result is bit-identical to a one-rank evaluation. Only
+rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.errors import UserError
+from mpitrain.evaluate.modelio import BATCH, ModelInfo
+
+
+@dataclass
+class Setup:
+    info: ModelInfo
+    data_dir: str
+    paths: list[str]
+    labels: np.ndarray          # model class index per file
+    threshold: float | None
+    source: str                 # "model", "--threshold" or "argmax"
+
+
+def _check_outputs(json_path: str | None, plots: str | None) -> None:
+    if json_path is not None:
+        parent = Path(json_path).resolve().parent
+        if Path(json_path).is_dir() or not parent.is_dir():
+            raise UserError(f"--json {json_path}: need a file in an existing folder")
+    if plots is not None:
+        try:
+            Path(plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--plots {plots}: cannot create the folder: {e.strerror or e}") from None
+
+
+def prepare(model: str, data: str, threshold: float | None = None, image_size: int | None = None,
+            json_path: str | None = None, plots: str | None = None, check_outputs: bool = True) -> Setup:
+    """Everything that can be checked without Keras; raises UserError (all ranks alike)."""
+    from mpitrain.data.scan import scan
+    from mpitrain.evaluate import modelio
+
+    info = modelio.read_info(model)
+    modelio.check_image_size(info, image_size)
+    t, source = modelio.resolve_threshold(info, threshold)
+    index = scan(data)
+    labels = modelio.label_map(info, index.classes, f"data folder {index.root}")[index.labels]
+    if check_outputs:  # rank 0 writes, so rank 0 checks (the paths may not exist elsewhere)
+        _check_outputs(json_path, plots)
+    return Setup(info, str(index.root), list(index.paths), labels, t, source)
+
+
+def my_indices(n: int, rank: int, size: int) -> np.ndarray:
+    """File indices this rank predicts: whole chunks of BATCH files, dealt by `shards.shard`."""
+    from mpitrain.data.shards import shard
+
+    chunks = shard(np.arange(math.ceil(n / BATCH)), rank, size, seed=0)  # sorted chunk ids
+    parts = [np.arange(c * BATCH, min(n, (c + 1) * BATCH)) for c in chunks]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def evaluate_main(model: str, data: str, json_path: str | None = None, threshold: float | None = None,
+                  plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
+                  threads: int | None = None, echo=print) -> int:
+    from mpitrain.data.cache import load_images_cached
+    from mpitrain.dist.comm import world
+    from mpitrain.errors import agree
+    from mpitrain.evaluate import modelio
+
+    comm = world()
+    setup, err = None, None
+    try:
+        setup = prepare(model, data, threshold, image_size, json_path, plots, check_outputs=comm.rank == 0)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
+
+    from mpitrain.runtime import configure_runtime
+
+    configure_runtime(0, threads, comm.local_size)
+    err = None
+    try:
+        net = modelio.load_model(setup.info)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)  # collective: the same file fails on every rank
+
+    info, n = setup.info, len(setup.paths)
+    t0 = time.perf_counter()  # timing: decode + predict + gather, not start-up
+    idx = my_indices(n, comm.rank, comm.size)
+    k = len(info.classes)
+    if len(idx):
+        x, ok, errors, _ = load_images_cached([setup.paths[i] for i in idx], info.image_size,
+                                              Path(cache_dir) if cache_dir else None)
+        # idx is whole chunks in order (only the last chunk of all may be short), so the
+        # BATCH-row slices of predict_probs are exactly the global chunks.
+        probs = modelio.predict_probs(net, x, k)
+    else:
+        ok, errors, probs = np.zeros(0, bool), [], np.zeros((0, k), np.float32)
+
+    counts = np.r_[len(idx), ok.sum(), np.bincount(setup.labels[idx][ok], minlength=k)].astype(np.float64)
+    comm.allreduce_sum_(counts)  # collective: exact file / readable / per-class counts
+    all_idx = comm.gather_rows(idx)  # collective: file indices, rank order
+    all_probs = comm.gather_rows(probs.astype(np.float32))  # collective: probabilities, same order
+    all_ok = comm.gather_rows(ok.astype(np.uint8))  # collective
+    all_errors = [e for part in comm.allgather_obj(errors) for e in part]  # collective, small
+    where = {p: i for i, p in enumerate(setup.paths)}
+    all_errors.sort(key=lambda e: where.get(e[0], -1))  # file order, whatever the ranks
+    if counts[1] == 0:
+        agree(comm, f"no readable images in {setup.data_dir}")  # collective: all ranks know counts
+    if comm.rank != 0:
+        return 0
+
+    order = np.argsort(all_idx, kind="stable")
+    if not np.array_equal(all_idx[order], np.arange(n)) or int(counts[0]) != n:
+        raise RuntimeError("evaluation shards do not cover every file exactly once")
+    probs, ok = all_probs[order], all_ok[order].astype(bool)
+    labels = setup.labels[ok]
+    probs = probs[ok]
+    result = _metrics(setup, labels, probs, counts)
+    result.update(model=str(info.path), data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
+                  ranks=comm.size, seconds=round(time.perf_counter() - t0, 3))
+    _report(setup, result, comm.size, echo)
+    if all_errors:
+        print(f"warning: skipped {len(all_errors)} unreadable file(s): "
+              + "; ".join(f"{p}: {r}" for p, r in all_errors[:3]) + (" ..." if len(all_errors) > 3 else ""),
+              file=sys.stderr)
+    if json_path is not None:
+        from mpitrain.atomic import write_json
+
+        write_json(Path(json_path), result)
+        echo(f"wrote {json_path}")
+    if plots is not None:
+        from mpitrain.evaluate import plots as figures
+
+        made = figures.write_all(Path(plots), labels, probs, result, title=Path(setup.data_dir).name)
+        echo(f"wrote {', '.join(made.values())} to {plots}")
+    return 0
+
+
+def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:
+    from mpitrain.evaluate.metrics import classification_metrics
+
+    info = setup.info
+    pos = info.positive if info.positive is not None else 1
+    m = classification_metrics(labels, probs, info.classes, threshold=setup.threshold, positive=pos)
+    # The reduced per-class counts must equal the gathered labels: a broken shard is a bug.
+    if [m["per_class_counts"][c] for c in info.classes] != counts[2:].astype(int).tolist():
+        raise RuntimeError("per-class counts differ between the reduction and the gathered labels")
+    m["threshold_source"] = setup.source
+    m["threshold_method"] = info.threshold_method if setup.source == "model" else setup.source
+    m["target_sensitivity"] = info.extra.get("target_sensitivity") if setup.source == "model" else None
+    return m
+
+
+def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
+    from mpitrain.evaluate.report import text_table
+
+    info = setup.info
+    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items())
+    echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
+    echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
+         f"{ranks} rank{'s' * (ranks > 1)} | {result['seconds']:.1f}s "
+         f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)")
+    source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
+    echo(text_table(result, source))

@@ -1,0 +1,199 @@
+"""A trained model and what it needs to be used: classes, image size, decision threshold.
+
+``model.json`` beside ``model.keras`` (written at the end of training) says::
+
+    {"format": 1, "classes": [...], "image_size": 50, "threshold": 0.42 | null,
+     "threshold_method": "youden" | "target_sensitivity" | "argmax",
+     "positive_class": "PNEUMONIA" | null, ...}
+
+Safety rules, all `UserError`s with one line:
+
+* A ``format`` (in model.json or config.json) newer than this version understands is
+  refused, never guessed at. A run folder from before model.json existed is read from
+  classes.json and config.json (no threshold: argmax).
+* The Keras file is loaded with ``safe_mode=True``: a model that would run arbitrary
+  Python code on load (lambda layers) is refused.
+* The model's input and output shapes must match model.json, and callers check the image
+  size and the class names they were given against it (`check_image_size`,
+  `label_map`).
+
+`predict_probs` is the one prediction routine of evaluate and predict: every call of the
+model sees the same batch shape, so an image's probabilities do not depend on which or how
+many other images are predicted with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.errors import UserError
+
+FORMAT = 1          # the model.json format this version writes and reads
+CONFIG_FORMAT = 1   # the newest config.json format this version reads
+BATCH = 32          # fixed batch shape of every prediction call
+
+
+@dataclass
+class ModelInfo:
+    """What model.json says (or, for older run folders, classes.json + config.json)."""
+
+    path: Path                      # the .keras file
+    classes: list[str]
+    image_size: int
+    threshold: float | None = None
+    threshold_method: str = "argmax"
+    positive_class: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def positive(self) -> int | None:
+        return None if self.positive_class is None else self.classes.index(self.positive_class)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_format(doc: dict, path: Path, newest: int) -> None:
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if not isinstance(fmt, int):
+        raise UserError(f"{path} has no format number: not an mpitrain run file")
+    if fmt > newest:
+        raise UserError(f"{path} has format {fmt}, but this mpitrain reads format {newest} at most: "
+                        "upgrade mpitrain to use this model")
+
+
+def model_path(given: str | Path) -> Path:
+    """``RUNDIR/model.keras`` or ``RUNDIR`` -> the .keras file (must exist)."""
+    p = Path(given)
+    if p.is_dir():
+        p = p / "model.keras"
+    if not p.is_file():
+        raise UserError(f"model {p} does not exist (give RUNDIR/model.keras or RUNDIR)")
+    return p
+
+
+def read_info(given: str | Path) -> ModelInfo:
+    """The model's metadata, with every format check; does not import Keras."""
+    path = model_path(given)
+    meta, cfg = path.with_name("model.json"), path.with_name("config.json")
+    if cfg.is_file():
+        _check_format(_read_json(cfg), cfg, CONFIG_FORMAT)
+    if meta.is_file():
+        doc = _read_json(meta)
+        _check_format(doc, meta, FORMAT)
+        try:
+            classes = [str(c) for c in doc["classes"]]
+            info = ModelInfo(path, classes, int(doc["image_size"]), doc.get("threshold"),
+                             doc.get("threshold_method") or "argmax", doc.get("positive_class"),
+                             {k: v for k, v in doc.items() if k not in ("format", "classes", "image_size")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{meta} is incomplete or damaged ({type(e).__name__}: {e})") from None
+    elif cfg.is_file() and path.with_name("classes.json").is_file():  # before model.json existed
+        try:
+            classes = [str(c) for c in _read_json(path.with_name("classes.json"))]
+            size = int(_read_json(cfg)["config"]["image_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg} or classes.json is incomplete ({type(e).__name__}: {e})") from None
+        info = ModelInfo(path, classes, size)  # no threshold was chosen then: argmax
+    else:
+        raise UserError(f"no model.json beside {path}: give the model of an mpitrain run folder")
+    if len(info.classes) < 2 or len(set(info.classes)) != len(info.classes):
+        raise UserError(f"model {path}: needs two or more distinct class names, got {info.classes}")
+    if info.positive_class is None and len(info.classes) == 2:
+        from mpitrain.evaluate.threshold import positive_index
+
+        info.positive_class = info.classes[positive_index(info.classes)]
+    if info.positive_class is not None and info.positive_class not in info.classes:
+        raise UserError(f"{meta}: positive class {info.positive_class!r} is not one of the classes")
+    t = info.threshold
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
+        raise UserError(f"{meta}: threshold {t!r} is not a probability")
+    return info
+
+
+def check_image_size(info: ModelInfo, image_size: int | None) -> None:
+    if image_size is not None and image_size != info.image_size:
+        raise UserError(f"model {info.path} was trained on {info.image_size}x{info.image_size} images; "
+                        f"--image-size {image_size} does not match (omit it to use the model's size)")
+
+
+def label_map(info: ModelInfo, data_classes: list[str], where) -> np.ndarray:
+    """Model class index of each data class; refuses classes the model does not know."""
+    unknown = [c for c in data_classes if c not in info.classes]
+    if unknown:
+        raise UserError(f"model {info.path} was trained for classes {', '.join(info.classes)}; "
+                        f"{where} has other classes: {', '.join(unknown)}")
+    return np.array([info.classes.index(c) for c in data_classes], dtype=np.int64)
+
+
+def resolve_threshold(info: ModelInfo, override: float | None) -> tuple[float | None, str]:
+    """(threshold to use, where it comes from: "model", "--threshold" or "argmax")."""
+    if override is not None:
+        if len(info.classes) != 2:
+            raise UserError(f"--threshold applies to two-class models; this one has {len(info.classes)} classes")
+        if not 0.0 <= override <= 1.0:
+            raise UserError(f"--threshold must be in [0, 1], got {override}")
+        return float(override), "--threshold"
+    if info.threshold is None or len(info.classes) != 2:
+        return None, "argmax"
+    return float(info.threshold), "model"
+
+
+def load_model(info: ModelInfo):
+    """The Keras model, loaded in safe mode and checked against the metadata."""
+    import keras
+
+    try:
+        model = keras.saving.load_model(info.path, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - any load failure is the file's fault, not ours
+        text = " ".join(str(e).split())
+        if "safe_mode" in text or "lambda" in text.lower():
+            raise UserError(f"refusing to load {info.path}: it contains Python code (e.g. a Lambda "
+                            "layer), which safe mode does not run") from None
+        raise UserError(f"cannot load model {info.path}: {type(e).__name__}: {text[:300]}") from None
+    want_in = (None, info.image_size, info.image_size, 1)
+    if tuple(model.input_shape) != want_in:
+        raise UserError(f"model {info.path} takes inputs {tuple(model.input_shape)[1:]}, but its "
+                        f"model.json says {info.image_size}x{info.image_size} grayscale: files do not belong together")
+    if tuple(model.output_shape) != (None, len(info.classes)):
+        raise UserError(f"model {info.path} has {model.output_shape[-1]} outputs for "
+                        f"{len(info.classes)} classes in model.json: files do not belong together")
+    return model
+
+
+def predict_probs(model, x: np.ndarray, n_classes: int, batch: int = BATCH) -> np.ndarray:
+    """float32 [n, n_classes] for rows of x, in chunks of `batch` rows padded to `batch`."""
+    out = [np.zeros((0, n_classes), np.float32)]
+    for a in range(0, len(x), batch):
+        chunk = x[a:a + batch]
+        n = len(chunk)
+        if n < batch:  # same shape every call: the same kernels, the same bits
+            chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(model(chunk, training=False), dtype=np.float32)[:n])
+    return np.concatenate(out)
+
+
+def decide(probs: np.ndarray, threshold: float | None, positive: int | None) -> np.ndarray:
+    """Predicted class per row: P(positive) >= threshold for two classes, else argmax."""
+    if threshold is None or positive is None:
+        return probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    return np.where(probs[:, positive].astype(np.float64) >= threshold, positive, 1 - positive)
+
+
+def write_info(out: Path, classes: list[str], image_size: int, choice, positive: int | None,
+               **extra) -> dict:
+    """Write ``out/model.json`` (rank 0, at the end of training) and return it."""
+    from mpitrain.atomic import write_json
+
+    doc = {"format": FORMAT, "classes": list(classes), "image_size": int(image_size),
+           **choice.to_dict(), "positive_class": None if positive is None else classes[positive], **extra}
+    write_json(Path(out) / "model.json", doc)
+    return doc

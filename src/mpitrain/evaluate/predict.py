@@ -1,0 +1,124 @@
+"""`mpitrain predict`: class probabilities for images and folders, one CSV row per image.
+
+Arguments are image files or folders (searched recursively for the image extensions of
+`mpitrain.data.scan`, hidden files skipped, sorted). Rows come in argument order:
+
+    path, predicted, p_<class 1>, ..., p_<class k>, error
+
+A file that cannot be read or decoded, a path that does not exist and a folder without
+images each get a row with an empty prediction and the reason in ``error``; the run goes
+on. Exit code: 0 if every image was predicted, 1 if any row has an error, 2 for a usage
+error (bad model, bad option). Probabilities are written exactly (the float32 value as a
+shortest round-trip decimal), so metrics recomputed from the CSV equal `mpitrain evaluate`.
+
+Predictions use the same code as evaluate (`modelio.predict_probs`, fixed batch shape),
+the model's saved decision threshold, or ``--threshold``. One process: under mpiexec only
+rank 0 works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.atomic import atomic_path
+from mpitrain.errors import UserError
+
+BLOCK = 32 * 32  # files decoded and predicted at a time (a multiple of modelio.BATCH)
+
+
+def collect(paths: list[str]) -> list[tuple[str, str | None]]:
+    """(path, None) for each image to predict, or (path, reason) for what cannot be."""
+    from mpitrain.data.scan import _walk  # the scan rules of training: same files found
+
+    out: list[tuple[str, str | None]] = []
+    for given in paths:
+        if os.path.isdir(given):
+            found: list[tuple[str, str]] = []
+            try:
+                _walk(given, "", set(), found)
+            except UserError as e:
+                out.append((given, str(e)))
+                continue
+            found.sort()
+            out += [(full, None) for _, full in found] or [(given, "no image files in this folder")]
+        elif os.path.lexists(given):
+            out.append((given, None))  # any named file is tried; the decoder says what is wrong
+        else:
+            out.append((given, "no such file or folder"))
+    return out
+
+
+def _fmt(p: np.float32) -> str:
+    return repr(float(p))  # the exact float32 value, shortest decimal that reads back to it
+
+
+def predict_main(model: str, paths: list[str], csv_path: str | None = None, threshold: float | None = None,
+                 image_size: int | None = None, threads: int | None = None) -> int:
+    from mpitrain.dist.comm import launched_by_mpi, world
+    from mpitrain.evaluate import modelio
+
+    if launched_by_mpi() and world().rank != 0:
+        return 0  # one process does the work; more ranks would only write the same file
+    info = modelio.read_info(model)
+    modelio.check_image_size(info, image_size)
+    t, source = modelio.resolve_threshold(info, threshold)
+    if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
+        raise UserError(f"--csv {csv_path}: need a file in an existing folder")
+    items = collect(paths)
+    from mpitrain.runtime import configure_runtime
+
+    configure_runtime(0, threads, 1)
+    net = modelio.load_model(info)
+
+    k, pos = len(info.classes), info.positive
+    counts, failed = np.zeros(k, np.int64), 0
+    with contextlib.ExitStack() as files:
+        stream = sys.stdout
+        if csv_path is not None:  # a complete file or none: written aside, renamed at the end
+            tmp = files.enter_context(atomic_path(Path(csv_path)))
+            stream = files.enter_context(open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape"))
+        writer = csv.writer(stream)
+        writer.writerow(["path", "predicted"] + [f"p_{c}" for c in info.classes] + ["error"])
+        for a in range(0, len(items), BLOCK):
+            block = items[a:a + BLOCK]
+            probs, ok, reasons = _predict_block(net, info, [p for p, why in block if why is None])
+            j = 0
+            for path, why in block:
+                if why is None:
+                    why = reasons[j] if not ok[j] else None
+                    row = probs[j]
+                    j += 1
+                if why is not None:
+                    failed += 1
+                    writer.writerow([path, ""] + [""] * k + [why])
+                    continue
+                c = int(modelio.decide(row[None, :], t, pos)[0])
+                counts[c] += 1
+                writer.writerow([path, info.classes[c]] + [_fmt(p) for p in row] + [""])
+    say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
+    decision = (f"P({info.positive_class}) >= {t:.4f} ({'saved with the model' if source == 'model' else source})"
+                if t is not None else "argmax")
+    say(f"predicted {int(counts.sum()):,} image(s) with {info.path} (decision: {decision}): "
+        + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
+        + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
+        + (f"; wrote {csv_path}" if csv_path else ""))
+    return 1 if failed else 0
+
+
+def _predict_block(net, info, files: list[str]):
+    """(probs [n, k] float32, ok [n], reason per file or None) for one block of files."""
+    from mpitrain.data.decode import decode_images
+    from mpitrain.evaluate import modelio
+
+    if not files:
+        return np.zeros((0, len(info.classes)), np.float32), np.zeros(0, bool), []
+    x, ok, errors = decode_images(files, info.image_size)
+    why = dict(errors)
+    probs = modelio.predict_probs(net, x, len(info.classes))
+    return probs, ok, [why.get(f) for f in files]

@@ -1,0 +1,132 @@
+"""Metrics as people read them: an aligned terminal table, and ``report.md`` for a run.
+
+Both are built from the same rows (`metric_rows`), so the terminal, the JSON and the report
+always show the same numbers. ``report.md`` lives in the run folder and shows the figures
+with relative links, the validation metrics, the timings and the whole config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _v(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def threshold_text(metrics: dict, source: str | None = None) -> str:
+    t = metrics.get("threshold")
+    if metrics.get("positive_class") is None:
+        return "argmax (more than two classes)"
+    if t is None:
+        return f"argmax (P({metrics['positive_class']}) vs the other class)"
+    target = metrics.get("target_sensitivity")
+    how = {"youden": "Youden's J on validation",
+           "target_sensitivity": f"sensitivity >= {target:g} on validation" if target else "target sensitivity",
+           "--threshold": "--threshold"}.get(source or metrics.get("threshold_method") or "", source or "")
+    return f"P({metrics['positive_class']}) >= {t:.4f}" + (f" ({how})" if how else "")
+
+
+def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows: binary metrics of the positive class, or macro/micro averages."""
+    rows = [("images", f"{metrics['n_samples']:,}"), ("accuracy", _v(metrics["accuracy"])),
+            ("balanced accuracy", _v(metrics["balanced_accuracy"]))]
+    if metrics.get("positive_class") is not None:
+        rows += [("precision (PPV)", _v(metrics["precision"])),
+                 ("recall = sensitivity", _v(metrics["recall"])),
+                 ("specificity", _v(metrics["specificity"])), ("F1", _v(metrics["f1"]))]
+    else:
+        for avg in ("macro", "micro"):
+            rows += [(f"{avg} precision", _v(metrics[f"{avg}_precision"])),
+                     (f"{avg} recall", _v(metrics[f"{avg}_recall"])), (f"{avg} F1", _v(metrics[f"{avg}_f1"]))]
+    one_vs_rest = "" if metrics.get("positive_class") is not None else " (macro, one-vs-rest)"
+    rows += [("ROC AUC" + one_vs_rest, _v(metrics["roc_auc"])), ("PR AUC" + one_vs_rest, _v(metrics["pr_auc"])),
+             ("decision", threshold_text(metrics, source))]
+    return rows
+
+
+def _grid(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [line(header)] + [line(r) for r in body]
+
+
+def text_table(metrics: dict, source: str | None = None) -> str:
+    """The terminal report of `mpitrain evaluate`."""
+    rows = metric_rows(metrics, source)
+    width = max(len(k) for k, _ in rows)
+    out = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    names = metrics["class_names"]
+    out += ["", "  confusion matrix (rows: true class, columns: predicted class)"]
+    cm = metrics["confusion_matrix"]
+    out += ["  " + s for s in _grid(["true \\ predicted"] + names,
+                                     [[n] + [f"{c:,}" for c in row] for n, row in zip(names, cm)])]
+    out += ["", "  per class"]
+    pc = metrics["per_class"]
+    out += ["  " + s for s in _grid(["class", "images", "precision", "recall", "F1"],
+                                     [[n, f"{pc[n]['support']:,}", _v(pc[n]["precision"]), _v(pc[n]["recall"]),
+                                       _v(pc[n]["f1"])] for n in names])]
+    return "\n".join(out)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    return (["| " + " | ".join(map(esc, header)) + " |", "|" + " --- |" * len(header)]
+            + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(float(seconds), 60.0)
+    return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
+
+
+def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], timings: dict,
+                 data_line: str) -> Path:
+    """``out/report.md``: figures, validation metrics, timings and the config (rank 0)."""
+    from mpitrain.atomic import write_atomic
+
+    names = metrics["class_names"]
+    lines = [f"# mpitrain run `{Path(out).name}`", "",
+             f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} grayscale), "
+             f"trained for {cfg.get('epochs')} epochs on {data_line}.", ""]
+    captions = {"training_curves": "Training curves", "confusion_matrix": "Confusion matrix (validation)",
+                "roc_curve": "ROC curve (validation) with the decision threshold"}
+    lines += ["## Validation metrics", ""]
+    lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
+    lines += _md_table(["true \\ predicted"] + names,
+                       [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])]) + [""]
+    if "val_sensitivity" in metrics or metrics.get("threshold_method"):
+        lines += [f"Threshold method: `{metrics.get('threshold_method')}`"
+                  + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
+                  + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.",
+                  "",
+                  "The threshold was chosen on these same validation images, so the metrics above "
+                  "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
+                  "images the run never saw with `mpitrain evaluate`.", ""]
+    lines += ["## Figures", ""]
+    for kind, name in figures.items():
+        lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]
+    lines += ["## Timings", ""]
+    lines += _md_table(["what", "value"], [
+        ["ranks", str(timings.get("ranks"))], ["strategy", str(cfg.get("strategy"))],
+        ["threads per rank", str(timings.get("threads_per_rank"))],
+        ["training wall time", _duration(timings.get("seconds", 0.0))],
+        ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
+        ["time in communication (rank 0)", _duration(timings.get("comm_seconds", 0.0))],
+        ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
+    ]) + [""]
+    events_file = Path(out) / "events.jsonl"
+    if events_file.is_file():  # --elastic: ranks lost during training
+        import json
+
+        events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+        lines += ["## Lost ranks", ""]
+        lines += _md_table(["time", "lost rank(s)", "ranks before -> after", "epoch", "step"], [
+            [e["time"], ", ".join(map(str, e["lost_ranks"])), f"{e['ranks_before']} -> {e['ranks_after']}",
+             str(e["epoch"]), f"{e['step']} of {e['of_steps']}"] for e in events]) + [""]
+    lines += ["## Configuration", ""]
+    lines += _md_table(["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items()
+                                             if k != "extra" or v]) + [""]
+    path = Path(out) / "report.md"
+    write_atomic(path, "\n".join(lines))
+    return path

@@ -1,0 +1,108 @@
+"""Choose the decision threshold of a two-class model on validation data.
+
+A two-class softmax model gives P(positive) for every image; the model says "positive"
+when ``P(positive) >= threshold``. argmax is the same as threshold 0.5, which is rarely
+the best point for a screening test. At the end of training the threshold is chosen on
+the validation predictions and saved with the model (``model.json``):
+
+* ``youden`` (default): maximise Youden's J = sensitivity + specificity - 1. Among
+  equally good points the lowest threshold (the highest sensitivity) wins.
+* ``target_sensitivity``: the highest threshold whose sensitivity is still >= the target,
+  i.e. the best specificity that keeps (for example) 95 % of the pneumonias. Every
+  target is reachable: at the lowest score everything is called positive.
+
+The threshold is always one of the observed scores, so on the validation data
+``score >= threshold`` reproduces the reported sensitivity and specificity exactly.
+With one class missing from the validation data no threshold can be chosen (``None``:
+evaluate and predict then use argmax).
+
+Which class is positive: the second class in sorted order, unless exactly one of the two
+names means "no finding" (normal, negative, healthy, benign, ...), then the other one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpitrain.evaluate.metrics import roc_curve
+
+METHODS = ("youden", "target_sensitivity")
+_NO_FINDING = frozenset({"normal", "negative", "neg", "healthy", "benign", "no", "none",
+                         "no_finding", "no finding", "nofinding", "control", "0", "false"})
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A chosen threshold and how it does on the data it was chosen on."""
+
+    threshold: float | None
+    method: str
+    sensitivity: float | None = None
+    specificity: float | None = None
+    target_sensitivity: float | None = None
+    reason: str = ""  # why no threshold could be chosen
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "threshold_method": self.method,
+                "target_sensitivity": self.target_sensitivity,
+                "val_sensitivity": self.sensitivity, "val_specificity": self.specificity}
+
+
+def positive_index(classes: list[str]) -> int | None:
+    """Index of the positive class of a two-class problem; None with more classes."""
+    if len(classes) != 2:
+        return None
+    plain = [c.strip().lower() for c in classes]
+    normal = [i for i, c in enumerate(plain) if c in _NO_FINDING]
+    return 1 - normal[0] if len(normal) == 1 else 1
+
+
+def choose_threshold(y_positive, scores, target_sensitivity: float | None = None) -> Choice:
+    """Threshold on ``scores`` (P(positive)) for labels ``y_positive`` (1 = positive).
+
+    With ``target_sensitivity`` the target-sensitivity rule is used, else Youden's J.
+    """
+    method = "youden" if target_sensitivity is None else "target_sensitivity"
+    if target_sensitivity is not None and not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    y = np.asarray(y_positive).reshape(-1).astype(bool)
+    if not y.any() or y.all():
+        missing = "positive" if not y.any() else "negative"
+        return Choice(None, method, target_sensitivity=target_sensitivity,
+                      reason=f"no {missing} images in the validation data")
+    fpr, tpr, thresholds = roc_curve(y, scores)
+    # Point 0 is (0, 0) at +inf: "nothing positive", never a usable threshold.
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    if target_sensitivity is None:
+        j = tpr - fpr
+        i = int(np.flatnonzero(j == j.max())[-1])  # ties: lowest threshold, most sensitive
+    else:
+        # tpr is non-decreasing as the threshold falls; take the first point that reaches
+        # the target. The small tolerance keeps e.g. 19/20 from missing 0.95 by rounding.
+        i = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
+    return Choice(float(thresholds[i]), method, float(tpr[i]), float(1.0 - fpr[i]),
+                  target_sensitivity)
+
+
+def choose_for_classes(labels, probs, classes: list[str],
+                       target_sensitivity: float | None = None) -> Choice:
+    """The threshold for a model's validation predictions ([n, k] probs, class labels)."""
+    pos = positive_index(classes)
+    if pos is None:
+        return Choice(None, "argmax", target_sensitivity=target_sensitivity,
+                      reason="a threshold applies to two classes only")
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(probs, dtype=np.float64)[:, pos]
+    return choose_threshold(labels == pos, scores, target_sensitivity)
+
+
+def describe(choice: Choice, positive: str | None) -> str:
+    """One line for people: what was chosen, how, and what it does on validation."""
+    if choice.threshold is None:
+        return f"decision: argmax ({choice.reason})" if choice.reason else "decision: argmax"
+    how = ("Youden's J" if choice.method == "youden"
+           else f"sensitivity >= {choice.target_sensitivity:g}")
+    return (f"threshold {choice.threshold:.4f} on P({positive}) chosen by {how} on the validation "
+            f"data: sensitivity {choice.sensitivity:.3f}, specificity {choice.specificity:.3f}")

@@ -1,0 +1,1 @@
+"""Training: trainer, steps, models, checkpoints, run folder, the train and bench commands."""

@@ -1,0 +1,199 @@
+"""`mpitrain train` on each rank: set up, agree, load, fit, save.
+
+Failure handling follows two rules:
+
+* Set-up mistakes (bad option, missing folder, occupied run folder) are found by every rank
+  or by rank 0 alone. The ranks exchange their error (one small allgather), so all of them
+  stop together with exit code 2 and rank 0 prints the message once.
+* Anything that goes wrong after that is unexpected; the cli layer prints it with the rank
+  and aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from mpitrain.config import TrainConfig, save_config
+from mpitrain.dist.comm import world
+from mpitrain.errors import UserError, agree
+
+
+def _open_resume(cfg: TrainConfig):
+    """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
+    from pathlib import Path
+
+    from mpitrain.train import checkpoint
+
+    if not cfg.out or not Path(cfg.out).is_dir():
+        raise UserError("--resume needs --out RUNDIR: the run folder to continue")
+    try:
+        ckpt = checkpoint.load_latest(Path(cfg.out), warn=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
+    if ckpt is None:
+        raise UserError(f"no usable checkpoint in {cfg.out}/checkpoints; nothing to resume")
+    if ckpt.status == "finished":
+        raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
+    saved = TrainConfig.from_dict({**ckpt.config, "out": cfg.out, "overwrite": False})
+    return ckpt, saved
+
+
+def _fingerprint(cfg: TrainConfig, plan) -> str:
+    """What every rank must agree on before the first collective: config, code, data."""
+    import hashlib
+    import json
+
+    from mpitrain import __version__
+
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(__version__.encode())
+    if plan is not None and not cfg.data_on_root:
+        h.update("\n".join(plan.train_paths + ["--val--"] + plan.val_paths).encode())
+    return h.hexdigest()[:16]
+
+
+def train_main(make_config, echo=print, resume: bool = False) -> int:
+    """`make_config()` builds (and validates) the TrainConfig inside the agreed set-up."""
+    from mpitrain.data import dataset
+    from mpitrain.train import runfolder
+
+    comm = world()
+    say = echo if comm.rank == 0 else (lambda *a, **k: None)
+    plan = out = ckpt = None
+    err = None
+    try:
+        cfg: TrainConfig = make_config().resolved()
+        if resume and comm.rank == 0:
+            ckpt, cfg = _open_resume(cfg)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)
+    if resume:  # collective: every rank trains with the saved config
+        cfg = TrainConfig.from_dict(comm.bcast_obj(cfg.to_dict() if comm.rank == 0 else None))
+    err = None
+    try:
+        if cfg.strategy == "master-worker" and comm.size < 2:
+            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
+        if comm.rank == 0 or not cfg.data_on_root:
+            data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
+            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
+        if comm.rank == 0:
+            out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)
+    # Collective: a rank started with other options, another mpitrain or other files would
+    # silently train something else (or deadlock on different step counts): refuse it.
+    prints = comm.allgather_obj(_fingerprint(cfg, plan))
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        agree(comm, f"rank(s) {differ} were started with a different config, mpitrain version "
+                    f"or data file list than rank 0")
+
+    from mpitrain.dist.strategies import STRATEGY_CLASSES
+    from mpitrain.runtime import configure_runtime
+    from mpitrain.train.models import build_model
+    from mpitrain.train.trainer import fit
+
+    threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
+    # Which shards this rank owns (the trainer builds the strategy itself).
+    data_parts = STRATEGY_CLASSES[cfg.strategy].data_parts
+    if comm.rank == 0:
+        say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
+            f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
+            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
+    roles = (f"rank 0 = master, ranks 1..{comm.size - 1} = workers" if cfg.strategy == "master-worker"
+             else f"{comm.size} training rank{'s' * (comm.size > 1)}")
+    say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
+        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
+    if cfg.data_on_root:
+        plan, data = dataset.scatter_from_root(comm, plan, cfg.image_size, cfg.seed,
+                                               lambda r: data_parts(r, comm.size), cfg.cache_dir)
+    else:
+        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size),
+                                  cfg.cache_dir)
+    counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads],
+                      dtype=np.float64)
+    comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
+    all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
+    if counts[0] == 0 or counts[1] == 0:
+        which = "training" if counts[0] == 0 else "validation"
+        agree(comm, f"no usable {which} images in {plan.data_dir}")
+    say(f"loaded {int(counts[0])} train + {int(counts[1])} val images in "
+        f"{counts[2] / comm.size:.1f}s per rank (cache: {int(counts[3])}/{int(counts[4])} hits)")
+    if all_errors and comm.rank == 0:
+        from mpitrain.data.describe import skip_warning, write_skip_report
+
+        print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
+
+    model = build_model(cfg.model, cfg.image_size, len(plan.classes))
+    if cfg.elastic:
+        comm.make_elastic()  # collective: from here on a dead peer raises RankLost
+
+    def reshard(train_part, val_part):  # elastic: this rank's data in the new layout
+        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir)
+
+    result = fit(cfg, comm, plan, data, model, echo=say, checkpoints=True, run_dir=out,
+                 resume=ckpt, resuming=resume, reshard=reshard)
+    if comm.rank == 0:
+        for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
+            say(line)
+        say(f"run folder: {out}")
+    return 0
+
+
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list[str]:
+    """Rank 0 only: the run folder. Returns lines to show the user.
+
+    Order matters: the model and its metadata first (the valuable part), then the numbers,
+    then the figures and report.md, whose failure is only a warning.
+    """
+    from mpitrain.atomic import write_json
+    from mpitrain.evaluate import modelio
+    from mpitrain.evaluate.metrics import classification_metrics
+    from mpitrain.evaluate.threshold import choose_for_classes, describe, positive_index
+    from mpitrain.train import runfolder
+
+    lines = []
+    positive = positive_index(plan.classes)
+    # The decision threshold is chosen on the validation predictions (gathered on rank 0).
+    choice = choose_for_classes(result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity)
+    if cfg.target_sensitivity is not None and positive is None:
+        lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
+    metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes,
+                                      threshold=choice.threshold, positive=1 if positive is None else positive)
+    metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
+    metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+    runfolder.save_model(out / "model.keras", model)
+    modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model)
+    timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
+               "images_per_second": round(result.images_per_second, 1),
+               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val}
+    save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
+                data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
+                seconds=timings["seconds"], images_per_second=timings["images_per_second"],
+                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    runfolder.write_history(out / "history.csv", result.history)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "classes.json", plan.classes)
+    lines.append(describe(choice, None if positive is None else plan.classes[positive]))
+    try:
+        from mpitrain.evaluate import plots, report
+
+        note = "train: class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
+        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history,
+                                  loss_note=note)
+        counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, plan.class_counts()))
+        report.write_report(out, cfg.to_dict(), metrics, figures, timings,
+                            f"`{plan.data_dir}` ({counts} training images)")
+        lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
+    except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
+        print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)
+    if cfg.tensorboard:
+        from mpitrain.train import tensorboard as tb
+
+        lines.append(f"tensorboard: {tb.write_history(out / 'tb', result.history)}")
+    return lines

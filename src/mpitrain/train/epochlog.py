@@ -1,0 +1,41 @@
+"""Per-epoch numbers: exact metrics across ranks, and the one line rank 0 prints.
+
+Loss and accuracy come from sums (samples, loss sum, hits) reduced over all ranks, never
+from averages of per-rank averages; ROC AUC from the predictions gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_metrics(comm, stats, probs, labels, n_classes):
+    """Collective (gathers on rank 0). Rank 0: (metrics, all probs, all labels); others Nones."""
+    from mpitrain.evaluate.metrics import classification_metrics
+
+    all_probs = comm.gather_rows(probs.astype(np.float32))
+    all_labels = comm.gather_rows(labels.astype(np.int32))
+    if comm.rank != 0:
+        return None, None, None
+    n = max(stats[0], 1.0)
+    m = classification_metrics(all_labels, all_probs, [str(i) for i in range(n_classes)])
+    return {"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"]}, all_probs, all_labels
+
+
+def loss_sum(y: np.ndarray, probs: np.ndarray) -> float:
+    """Summed cross-entropy of the true classes (the same clipping as Keras)."""
+    if len(y) == 0:
+        return 0.0
+    p = np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0)
+    return float(-np.log(p).sum())
+
+
+def _fmt(v) -> str:
+    return "  n/a " if v is None else f"{v:.4f}"
+
+
+def epoch_line(row: dict, epochs: int, tag: str) -> str:
+    return (f"epoch {row['epoch']}/{epochs} [{tag}] "
+            f"loss {_fmt(row['loss'])} acc {_fmt(row['accuracy'])} auc {_fmt(row['auc'])} | "
+            f"val_loss {_fmt(row['val_loss'])} val_acc {_fmt(row['val_accuracy'])} "
+            f"val_auc {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s")

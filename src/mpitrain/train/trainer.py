@@ -1,0 +1,267 @@
+"""The training loop: the same code on every rank, one strategy object for the distribution.
+
+Every rank runs the same epochs and steps; the strategy (`sync.py`) decides what is
+exchanged and when. Metrics are exact over the whole data set (`epochlog.py`). Only rank 0
+prints and writes. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
+steps), and a run can continue from a checkpoint bit for bit.
+
+Elastic mode (ULFM): when a peer dies, every survivor's next collective raises RankLost
+(the communicator is revoked, so nobody waits). The survivors then shrink the
+communicator, adopt rank 0's state, re-shard the data among themselves, rebuild the
+strategy and the train step for the new rank count, and go on from rank 0's position in
+the current epoch. Rank 0 writes the run folder; if it is the one lost, the survivors stop
+cleanly and the run continues with --resume from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpitrain.config import TrainConfig
+from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
+from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
+from mpitrain.dist.comm import RankLost
+from mpitrain.dist.rankstate import RankState
+from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr
+from mpitrain.dist.watchdog import Watchdog
+from mpitrain.errors import AgreedError, QuietExit, UserError
+from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
+from mpitrain.train.progress import Progress
+from mpitrain.train.steps import make_predict_step, make_train_step, predict_all
+
+
+@dataclass
+class Result:
+    history: list[dict] = field(default_factory=list)
+    val_probs: np.ndarray | None = None   # rank 0 only
+    val_labels: np.ndarray | None = None  # rank 0 only
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    comm_seconds: float = 0.0
+    checksum: str = ""
+    events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
+
+
+def _make_optimizer(cfg: TrainConfig, lr: float):
+    import keras
+
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print,
+                 checkpoints: bool = False, run_dir=None, reshard=None):
+        """`checkpoints` must be the same on every rank; rank 0 writes them to `run_dir`.
+        `reshard(train_part, val_part)` loads a rank's data for a new layout (elastic)."""
+        self.cfg = cfg.resolved()
+        self.comm, self.plan, self.data, self.model, self.echo = comm, plan, data, model, echo
+        self.checkpoints, self.run_dir, self.reshard = checkpoints, run_dir, reshard
+        self.n_classes = len(plan.classes)
+        self.class_w = class_weights(plan.class_counts(), self.cfg.class_weight)
+        self.optimizer = _make_optimizer(self.cfg, self.cfg.lr)
+        self.optimizer.build(model.trainable_variables)
+        self.predict = make_predict_step(model)
+        self.result = Result()
+        self.done = 0  # steps of the current epoch done on this rank
+        self.bar = Progress(0, enabled=False)
+        self._layout(first_time=True)
+
+    def _layout(self, first_time: bool) -> None:
+        """Everything that depends on the number of ranks (again after a rank is lost)."""
+        cfg, comm = self.cfg, self.comm
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every)
+        if self.sync.train_ranks < 1:
+            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")
+        if first_time:
+            self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
+        else:
+            self.sync.attach(self.model, self.optimizer)
+            self.data = self.reshard(self.sync.train_part, self.sync.val_part)
+        self.state = RankState(self.model, self.optimizer, self.sync)
+        self.step = make_train_step(self.model, self.optimizer,
+                                    self.sync.reduce_step if self.sync.per_step_reduce else None)
+        # Collective: every rank must agree on the step count before the first step.
+        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
+        self.warmup = int(round(cfg.warmup_epochs * self.steps))
+        self.total = cfg.epochs * self.steps
+        self.target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, self.sync.train_ranks)
+        self.tag = f"{self.sync.name} x{self.sync.train_ranks}" + (
+            " + master" if self.sync.name == "master-worker" else "")
+
+    def _lr(self, global_step: int) -> float:
+        return lr_at(self.cfg.lr, self.target_lr, self.warmup, global_step, self.total, self.cfg.lr_schedule)
+
+    def fit(self, resume=None, resuming: bool = False) -> Result:
+        """`resuming` must be the same on every rank; rank 0 passes the checkpoint `resume`."""
+        comm, cfg = self.comm, self.cfg
+        epoch, first, stats = 0, 0, None
+        if resuming:
+            # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
+            epoch, first, history = comm.bcast_obj(
+                (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
+            saved = self.state.scatter(comm, resume)
+            stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
+            self.result.history = list(history) if comm.rank == 0 else []
+            self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
+        self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
+        t_start = time.perf_counter()
+        seen = 0.0
+        while epoch < cfg.epochs:
+            try:
+                seen += self._epoch(epoch, first, stats)
+                epoch, first, stats = epoch + 1, 0, None
+            except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
+                if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
+                    raise
+                first, stats = self._recover(epoch), None
+        self.dog.stop()
+        r = self.result
+        r.seconds = time.perf_counter() - t_start
+        r.images_per_second = seen / max(r.seconds, 1e-9)
+        r.comm_seconds = self.sync.comm_seconds
+        r.checksum = _check_identical(comm, self.sync)
+        return r
+
+    def _epoch(self, epoch: int, first: int, stats) -> float:
+        """One epoch from step `first` on; returns the samples trained (all ranks)."""
+        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
+        t0 = time.perf_counter()
+        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
+        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
+        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
+        probs, labels = [], []
+        self.done = first
+        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
+                                  enabled=comm.rank == 0 and sync.trains)
+        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
+            if s < first:
+                continue  # done before the checkpoint we resumed from
+            if sync.trains:
+                y = data.train_y[idx]
+                x = as_float(data.train_x[idx], data.train_max)
+                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
+                stats += st.numpy()
+                probs.append(p.numpy())
+                labels.append(y)
+                bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
+            sync.after_step(s + 1, self.steps, len(idx))
+            self.done = s + 1
+            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, stats)
+        sync.end_epoch()
+        bar.close()
+        if not sync.per_step_reduce:
+            comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
+        train_time = time.perf_counter() - t0
+        train_m, _, _ = epoch_metrics(
+            comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
+            np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
+        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
+        val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        self.dog.beat(f"validation after epoch {epoch + 1}")
+        if comm.rank == 0:
+            row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
+                   "lr": self._lr((epoch + 1) * self.steps - 1), "seconds": round(train_time, 3),
+                   "images_per_second": round(stats[0] / max(train_time, 1e-9), 1)}
+            self.result.history.append(row)
+            if cfg.tensorboard and self.run_dir is not None:
+                from mpitrain.train import tensorboard as tb
+
+                tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
+            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.echo(epoch_line(row, cfg.epochs, self.tag))
+        self._checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
+        self.dog.beat(f"checkpoint after epoch {epoch + 1}")
+        return float(stats[0])
+
+    def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
+        if not self.checkpoints:
+            return
+        gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
+        if self.comm.rank == 0:
+            from mpitrain.train import checkpoint as ckpt
+
+            states, shared = gathered
+            ckpt.save(self.run_dir, ckpt.Checkpoint(
+                epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
+                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history),
+                keep=self.cfg.keep_checkpoints)
+
+    def _recover(self, epoch: int) -> int:
+        """Survivors only: shrink, agree on rank 0's state and position, re-shard. Returns
+        the step of `epoch` to go on from (in the new layout)."""
+        comm = self.comm
+        before = comm.size
+        self.bar.close()
+        # Shrinking is an agreement among the survivors; if it cannot finish, stopping beats
+        # waiting: the newest checkpoint is on disk for --resume.
+        deadline = threading.Timer(RECOVERY_SECONDS, _recovery_failed, args=(comm.rank,))
+        deadline.daemon = True
+        deadline.start()
+        lost = comm.shrink()  # collective among the survivors
+        self.dog.beat("recovering from a lost rank")
+        if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
+            deadline.cancel()
+            why = ("rank 0, which writes the run folder, was lost" if 0 in lost
+                   else "no master-worker worker is left")
+            if comm.rank == 0:
+                raise AgreedError(f"{why}; the survivors stopped. Continue the run from its newest "
+                                  f"checkpoint with --resume")
+            raise QuietExit(4)
+        done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
+        self.state.broadcast(comm)  # collective: everyone adopts rank 0's weights and optimizer
+        deadline.cancel()
+        old_steps = self.steps
+        self._layout(first_time=False)
+        first = min(self.steps, int(done * self.steps / old_steps))
+        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "rank_lost", "lost_ranks": lost,
+                 "ranks_before": before, "ranks_after": comm.size, "epoch": epoch + 1,
+                 "step": done, "of_steps": old_steps, "continue_at_step": first, "of_new_steps": self.steps}
+        self.result.events.append(event)
+        if comm.rank == 0:
+            self.echo(f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
+                      f"step {first} of {self.steps} (lr {self.target_lr:.3g})")
+            if self.run_dir is not None:
+                import json
+
+                with open(self.run_dir / "events.jsonl", "a") as f:
+                    f.write(json.dumps(event) + "\n")
+        return first
+
+
+RECOVERY_SECONDS = 60.0
+
+
+def _recovery_failed(rank: int) -> None:
+    print(f"mpitrain: error on rank {rank}: after losing a rank, the survivors could not form a "
+          f"new communicator within {RECOVERY_SECONDS:.0f} s; stopping. Continue the run from its "
+          f"newest checkpoint with --resume", file=sys.stderr, flush=True)
+    os._exit(5)
+
+
+def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print, checkpoints: bool = False,
+        run_dir=None, resume=None, resuming: bool = False, reshard=None) -> Result:
+    """Train `model` in place on every rank; returns the history (complete on rank 0)."""
+    trainer = Trainer(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard)
+    return trainer.fit(resume, resuming)
+
+
+def _check_identical(comm, sync) -> str:
+    """All ranks must end with bit-identical weights; a mismatch is a bug, never silent."""
+    mine = sync.checksum()
+    sums = comm.allgather_obj(mine)  # collective
+    if len(set(sums)) != 1:
+        bad = [r for r, s in enumerate(sums) if s != sums[0]]
+        raise RuntimeError(f"final weights differ between ranks: rank(s) {bad} differ from rank 0")
+    return mine

@@ -1,0 +1,63 @@
+"""--elastic under Open MPI's ULFM: a training rank killed mid-epoch, the others finish."""
+
+import csv
+import json
+
+import pytest
+from mpirun import cli, mpirun, script
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def elastic_data(tmp_path_factory):
+    from mpitrain.data.synth import generate
+
+    return generate(tmp_path_factory.mktemp("elastic") / "data", per_class=120, image_size=24, seed=5)
+
+
+TRAIN = ["--model", "seed", "--image-size", 24, "--epochs", 4, "--batch-size", 8, "--elastic"]
+
+
+def _history(run):
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# 216 training images: allreduce on 3 ranks takes 9 steps per epoch, master-worker's 2
+# workers 14; FAULT_AT is a step in the middle of epoch 2 either way.
+@pytest.mark.parametrize("strategy, kill_at", [("allreduce", 13), ("master-worker", 20)])
+def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy, kill_at):
+    whole, survived = tmp_path / "whole", tmp_path / "survived"
+    common = ["--data", elastic_data, "--strategy", strategy, *TRAIN]
+    ok, _ = mpirun(3, cli("train", *common, "--out", whole), extra=["--with-ft", "ulfm"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    proc, seconds = mpirun(3, script("fault_at_step.py", "train", *common, "--out", survived),
+                           env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_AT": str(kill_at)}, extra=["--with-ft", "ulfm"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lost rank(s) [1]: continuing on 2 ranks" in proc.stdout
+    events = [json.loads(line) for line in (survived / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 1
+    assert events[0]["lost_ranks"] == [1] and events[0]["ranks_before"] == 3 and events[0]["ranks_after"] == 2
+    assert events[0]["epoch"] == 2
+    assert "## Lost ranks" in (survived / "report.md").read_text()
+    rows = _history(survived)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert json.loads((survived / "config.json").read_text())["runtime"]["ranks"] == 2
+    # Close to the uninterrupted run (30 validation images: one image is 0.033).
+    assert float(rows[-1]["val_accuracy"]) >= float(_history(whole)[-1]["val_accuracy"]) - 0.1
+    assert float(rows[-1]["val_accuracy"]) >= 0.8
+
+
+def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
+    proc, seconds = mpirun(3, script("fault_at_step.py", "train", "--data", elastic_data, *TRAIN,
+                                     "--out", tmp_path / "run"),
+                           env={"FAULT": "kill", "FAULT_RANK": "0", "FAULT_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
+    assert proc.returncode != 0
+    # One line says why and how to go on. Normally the survivors agree that rank 0 is gone;
+    # if ULFM cannot shrink the communicator in time they stop on the recovery deadline.
+    stopped = proc.stderr.count("rank 0, which writes the run folder, was lost") == 1
+    deadline = "could not form a new communicator" in proc.stderr
+    assert stopped or deadline, proc.stderr[-2000:]
+    assert "--resume" in proc.stderr
+    assert list((tmp_path / "run" / "checkpoints").glob("ckpt-*.npz"))  # epoch 1's is there to resume

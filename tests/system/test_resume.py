@@ -1,0 +1,97 @@
+"""Checkpoints and --resume: a killed run, resumed, ends with the weights of an uninterrupted one."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from mpirun import cli, mpirun, script
+
+pytestmark = pytest.mark.timeout(600)
+
+# The seed CNN (with dropout, so the dropout RNG state must survive too) on 16x16 images.
+TRAIN = ["--model", "seed", "--image-size", 16, "--epochs", 3, "--batch-size", 4,
+         "--checkpoint-every", 5, "--threads", 1]
+
+
+def _weights(run_dir):
+    import keras
+
+    model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
+    return model.get_weights()
+
+
+def _run(n, program, env=None):
+    if n == 1:
+        full = dict(os.environ, **(env or {}))
+        proc = subprocess.run(program, capture_output=True, text=True, timeout=300, env=full)
+        return proc
+    return mpirun(n, program, env=env, timeout=300)[0]
+
+
+@pytest.mark.parametrize("n", [1, pytest.param(3, marks=pytest.mark.mpi)])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    ok = _run(n, cli("train", "--data", synth_data, *TRAIN, "--out", whole))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+    # Rank 1 (or the only rank) dies by SIGKILL in its 12th step: in epoch 1 for n=3
+    # (6 steps per epoch), in epoch 1 for n=1 (18 steps per epoch).
+    killed = _run(n, script("fault_at_step.py", "train", "--data", synth_data, *TRAIN, "--out", broken),
+                  env={"FAULT": "kill", "FAULT_RANK": str(min(1, n - 1)), "FAULT_AT": "12"})
+    assert killed.returncode != 0
+    assert not (broken / "model.keras").exists()
+    assert list((broken / "checkpoints").glob("ckpt-*.npz"))
+
+    resumed = _run(n, cli("train", "--resume", "--out", broken))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch" in resumed.stdout
+    for a, b in zip(_weights(whole), _weights(broken)):
+        assert np.array_equal(a, b)  # bit-identical: deterministic kernels, one thread
+
+
+def test_resume_refuses_a_finished_run_and_an_empty_folder(tmp_path, synth_data):
+    run = tmp_path / "run"
+    ok = _run(1, cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
+                     "--out", run))
+    assert ok.returncode == 0, ok.stderr
+    again = _run(1, cli("train", "--resume", "--out", run))
+    assert again.returncode == 2 and "already finished" in again.stderr
+    (tmp_path / "empty").mkdir()
+    none = _run(1, cli("train", "--resume", "--out", tmp_path / "empty"))
+    assert none.returncode == 2 and "no usable checkpoint" in none.stderr
+
+
+def _pid_of_rank(rank, marker):
+    """PID of the mpitrain process with OMPI_COMM_WORLD_RANK=rank whose command line has `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "-m mpitrain" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.mpi
+def test_a_rank_killed_from_outside_stops_the_job_fast_and_is_named(tmp_path, synth_data):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cli("train", "-n", 3, "--data", synth_data, "--model", "seed", "--image-size", 16,
+                                "--epochs", 50, "--batch-size", 4, "--out", out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("ckpt-*.npz")) and time.time() < deadline:
+        time.sleep(0.2)  # wait until training is under way (the first epoch's checkpoint)
+    pid = _pid_of_rank(1, str(out))
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - killed_at < 30
+    assert proc.returncode != 0
+    assert "rank 1" in err and "was lost (SIGKILL)" in err and "--resume" in err, err[-2000:]

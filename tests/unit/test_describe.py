@@ -1,0 +1,60 @@
+"""The `mpitrain data` report and the skipped-files helpers."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from mpitrain.data.describe import describe_data, skip_warning, write_skip_report
+from mpitrain.errors import UserError
+
+
+def _report(*args, **kwargs) -> str:
+    out = io.StringIO()
+    assert describe_data(*args, out=out, **kwargs) == 0
+    return out.getvalue()
+
+
+def test_report_shows_classes_counts_and_cache(image_tree, tmp_path):
+    text = _report(image_tree, image_size=16, cache_dir=tmp_path / "c")
+    assert str(image_tree) in text
+    lines = text.splitlines()
+    cat = next(ln for ln in lines if ln.strip().startswith("cat"))
+    dog = next(ln for ln in lines if ln.strip().startswith("dog"))
+    assert cat.split()[1:] == ["3", "60.0%"] and dog.split()[1:] == ["2", "40.0%"]
+    assert "1.50 : 1" in text and "16 x 16" in text
+    assert "cache miss" in text and "images/s" in text and "skipped:" in text
+    assert "cache hit" in _report(image_tree, image_size=16, cache_dir=tmp_path / "c")
+
+
+def test_skipped_files_listed_in_cache_dir(image_tree, tmp_path):
+    (image_tree / "dog" / "broken.png").write_bytes(b"")
+    (image_tree / "cat" / "noise.jpg").write_bytes(b"\x00" * 50)
+    text = _report(image_tree, image_size=8, cache_dir=tmp_path / "c")
+    report = tmp_path / "c" / "skipped_files.txt"
+    assert report.is_file() and str(report) in text and "2 file(s)" in text
+    lines = report.read_text().splitlines()
+    assert len(lines) == 2 and all(len(ln.split("\t")) == 2 for ln in lines)
+    assert not list(image_tree.rglob("skipped_files.txt"))
+
+
+def test_val_data_report_and_mismatch(image_tree, tmp_path, write_image):
+    val = tmp_path / "val"
+    write_image(val / "cat" / "v.png")
+    write_image(val / "dog" / "v.png")
+    text = _report(image_tree, image_size=8, val_data=val, cache_dir=tmp_path / "c")
+    assert "validation:" in text and "val load:" in text
+    write_image(val / "cow" / "v.png")
+    with pytest.raises(UserError, match="cow"):
+        _report(image_tree, val_data=val, cache_dir=tmp_path / "c")
+
+
+def test_write_skip_report_and_warning(tmp_path):
+    errors = [("/d/a.png", "empty file (0 bytes)"), ("/d/b\tc.jpg", "bad\nreason")]
+    path = write_skip_report(errors, tmp_path / "out")
+    assert path == tmp_path / "out" / "skipped_files.txt"
+    assert path.read_text() == "/d/a.png\tempty file (0 bytes)\n/d/b c.jpg\tbad reason\n"
+    assert skip_warning(errors, path) == \
+        f"warning: skipped 2 unreadable files (list in {path})"
+    assert "skipped 1 unreadable file " in skip_warning(errors[:1], path)

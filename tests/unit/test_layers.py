@@ -1,0 +1,61 @@
+"""The package's layers, enforced: imports point downwards only, one module imports mpi4py.
+
+    cli, config, errors, runtime, atomic   (top level: used by every layer)
+    train/     -> evaluate/, dist/, data/
+    evaluate/  -> dist/, data/             (never train/)
+    dist/, data/                           (neither train/ nor evaluate/)
+"""
+
+import ast
+from pathlib import Path
+
+import mpitrain
+
+PKG = Path(mpitrain.__file__).parent
+FORBIDDEN = {
+    "data": {"train", "evaluate", "dist", "cli"},
+    "dist": {"train", "evaluate", "data", "cli"},
+    "evaluate": {"train", "cli"},
+    "train": {"cli"},
+    None: set(),
+}
+
+
+def _imports(path: Path):
+    """Every module name imported by `path`, at any depth (lazy imports count too)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+def _layer(path: Path):
+    rel = path.relative_to(PKG).parts
+    return rel[0] if len(rel) > 1 else None
+
+
+def test_layers_import_only_downwards():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        layer = _layer(path)
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "mpitrain" and len(parts) > 1 and parts[1] in FORBIDDEN[layer]:
+                bad.append(f"{path.relative_to(PKG)} imports {name}")
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_top_level_modules_import_no_layer():
+    # config, errors, runtime and atomic are used by every layer; they must not pull one in.
+    bad = [f"{p.name} imports {n}" for p in PKG.glob("*.py") if p.name not in ("cli.py", "__main__.py")
+           for n in _imports(p) if n.split(".")[:2][-1] in ("data", "dist", "train", "evaluate", "cli")
+           and n.startswith("mpitrain.")]
+    assert not bad, bad
+
+
+def test_only_the_comm_module_imports_mpi4py():
+    users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+                   if any(n == "mpi4py" or n.startswith("mpi4py.") for n in _imports(p)))
+    assert users == ["dist/comm.py"]
