@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,3 +96,28 @@ def test_a_rank_killed_from_outside_stops_the_job_fast_and_is_named(tmp_path, sy
     assert time.time() - killed_at < 30
     assert proc.returncode != 0
     assert "rank 1" in err and "was lost (SIGKILL)" in err and "--resume" in err, err[-2000:]
+
+
+KILL_BEFORE_MODEL = """
+import os, sys
+from mpitrain.train import runfolder
+runfolder.save_model = lambda *a, **k: os._exit(9)  # killed after the last checkpoint, before the model
+from mpitrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_the_last_checkpoint_and_the_model_can_still_resume(tmp_path, synth_data):
+    run = tmp_path / "run"
+    args = ["train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
+            "--batch-size", 8, "--out", run]
+    killed = _run(1, [sys.executable, "-c", KILL_BEFORE_MODEL, *map(str, args)])
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not (run / "model.keras").exists()
+    resumed = _run(1, cli("train", "--resume", "--out", run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run / "model.keras").exists() and (run / "model.json").exists()
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 2  # header + both epochs, none trained again
+    again = _run(1, cli("train", "--resume", "--out", run))
+    assert again.returncode == 2 and "already finished" in again.stderr

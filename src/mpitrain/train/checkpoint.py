@@ -40,6 +40,8 @@ class Checkpoint:
     strategy: str
     states: list[list[np.ndarray]]  # one list of arrays per rank (one shared list if "shared")
     shared: bool = False
+    # "running": mid-run; "trained": every epoch done but the model not saved yet (resuming
+    # validates and saves); "finished": the run folder is complete.
     status: str = "running"
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
@@ -93,6 +95,16 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"],
                       strategy=meta["strategy"], states=states, shared=meta["shared"],
                       status=meta["status"], config=meta["config"], history=meta["history"], path=path)
+
+
+def mark_finished(run_dir: Path) -> Path | None:
+    """Rank 0, after the model is saved: the newest checkpoint's status becomes "finished"."""
+    paths = list_checkpoints(run_dir)
+    if not paths:
+        return None
+    ckpt = read(paths[-1])
+    ckpt.status = "finished"
+    return save(run_dir, ckpt, keep=0)
 
 
 def load_latest(run_dir: Path, warn=print) -> Checkpoint | None:

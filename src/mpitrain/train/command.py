@@ -35,7 +35,9 @@ def _open_resume(cfg: TrainConfig):
         raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
     if ckpt is None:
         raise UserError(f"no usable checkpoint in {cfg.out}/checkpoints; nothing to resume")
-    if ckpt.status == "finished":
+    # An older mpitrain marked the last checkpoint finished before saving the model: without
+    # model.keras such a run is resumed (validated and saved) like a "trained" one.
+    if ckpt.status == "finished" and (Path(cfg.out) / "model.keras").exists():
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
     saved = TrainConfig.from_dict({**ckpt.config, "out": cfg.out, "overwrite": False})
     return ckpt, saved
@@ -141,6 +143,9 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
     if comm.rank == 0:
         for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
             say(line)
+        from mpitrain.train import checkpoint
+
+        checkpoint.mark_finished(out)  # only now: a kill before this point can still --resume
         say(f"run folder: {out}")
     return 0
 

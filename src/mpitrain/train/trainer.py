@@ -110,7 +110,8 @@ class Trainer:
             saved = self.state.scatter(comm, resume)
             stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
             self.result.history = list(history) if comm.rank == 0 else []
-            self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
+            self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}" if epoch < cfg.epochs
+                      else "resuming after the last epoch: validating and saving the model")
         self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
@@ -122,6 +123,10 @@ class Trainer:
                 if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
                     raise
                 first, stats = self._recover(epoch), None
+        if epoch == cfg.epochs and resuming and seen == 0:
+            # Resumed from the final checkpoint (the model was not saved yet): the threshold
+            # and the saved metrics need the validation predictions of the final weights.
+            _, self.result.val_probs, self.result.val_labels = self._validate()
         self.dog.stop()
         r = self.result
         r.seconds = time.perf_counter() - t_start
@@ -165,10 +170,7 @@ class Trainer:
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
-        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
-        comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        val_m, all_vp, all_vy = self._validate()
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
@@ -181,9 +183,19 @@ class Trainer:
                 tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
             self.result.val_probs, self.result.val_labels = all_vp, all_vy
             self.echo(epoch_line(row, cfg.epochs, self.tag))
-        self._checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
+        # The last one is "trained", not "finished": the run is finished only once rank 0 has
+        # saved the model (train/command.py marks it then), so a kill in between can resume.
+        self._checkpoint(epoch + 1, 0, np.zeros(3), "trained" if epoch + 1 == cfg.epochs else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
+
+    def _validate(self):
+        """Collective. Validation metrics and (rank 0) the gathered probabilities and labels."""
+        data = self.data
+        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        self.comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
+        return epoch_metrics(self.comm, vstats, vp, data.val_y, self.n_classes)
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
