@@ -1,7 +1,9 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""The exceptions that end a command on purpose, and the collective `agree`.
 
-The CLI turns a UserError into one line on stderr and exit code 2; anything else is a bug
-and keeps its traceback (with --debug) or is summarised (without).
+`UserError` means "the user asked for something we cannot do": the CLI turns it into one
+line on stderr and exit code 2. `AgreedError` is a UserError every rank knows about, so no
+MPI abort is needed; `QuietExit` stops a rank whose reason another rank reports. Any other
+exception is a bug and keeps its traceback (with --debug) or is summarised (without).
 """
 
 

@@ -3,7 +3,9 @@
 Scanning and splitting are cheap and deterministic, so every rank does them and arrives at
 the same plan without talking to the others. Decoding is the expensive part, and each
 rank decodes only the files of its own shards, so loading runs in parallel across ranks.
-No MPI here: the caller passes which part of the data this rank owns.
+`load_shard` is local: the caller passes which part of the data this rank owns. The one
+exception is `scatter_from_root` (--data-on-root), which runs collectives through the `comm`
+object it is handed; this module never imports MPI itself.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
     """--data-on-root: rank 0 decodes everything and sends each rank its shards.
 
     For clusters without a shared file system. `parts_of(rank)` gives a rank's
-    (train part, val part). Only metadata travels as Python objects; images go as one
-    Scatterv of float32 rows per split.
+    (train part, val part). Only metadata travels as Python objects; each split goes as
+    two Scatterv calls, the images in their stored dtype (uint8 or uint16, converted to
+    float per batch later) and the labels.
     """
     full = None
     if comm.rank == 0:

@@ -74,7 +74,7 @@ def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
 
     ``out`` defaults to the ``sys.stdout`` of the moment of the call.
 
-    Raises `mpitrain.errors.UserError` for an unusable folder (see `imagefolder.scan`).
+    Raises `mpitrain.errors.UserError` for an unusable folder (see `data.scan.scan`).
     """
     out = sys.stdout if out is None else out
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -1,7 +1,10 @@
 """The training loop: the same code on every rank, one strategy object for the distribution.
 
-Every rank runs the same epochs and steps; the strategy (`sync.py`) decides what is
-exchanged and when. Metrics are exact over the whole data set (`epochlog.py`). Only rank 0
+Every rank runs the same epochs and steps; the strategy (`dist/strategies.py`) decides what is
+exchanged and when. Metrics come from sums and predictions over the whole data set
+(`epochlog.py`), with two exceptions: after an elastic recovery the epoch's data was
+re-sharded mid-way, and after a mid-epoch resume the training AUC covers only the steps
+after the checkpoint (loss and accuracy are exact: their sums are checkpointed). Only rank 0
 prints and writes. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
 steps), and a run can continue from a checkpoint bit for bit.
 
