@@ -43,6 +43,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         kind = types[f.name]
         if kind is bool:
+            assert f.default is False, f"TrainConfig.{f.name}: a flag must default to False"
             p.add_argument(flag, action="store_true", help=meta["help"])
             continue
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
