@@ -30,85 +30,82 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from mpitrain.config import CLASS_WEIGHTS, LR_SCALINGS, OPTIMIZERS, STRATEGIES
+    """One option per TrainConfig field, `--field-name`: type from the annotation (bool: a
+    flag), default, help, choices and metavar from the field (see config.py)."""
+    import dataclasses
+    import typing
 
-    p.add_argument("--data", help="folder with one sub-folder per class (default: embedded demo data)")
-    p.add_argument("--val-data", help="separate validation folder with the same class folders")
-    p.add_argument("--val-split", type=float, default=0.1, help="stratified validation fraction (default 0.1)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32, help="batch size PER RANK (global = ranks x this)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate for one rank (see --lr-scaling)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    p.add_argument("--model", default="seed", help="model name (default: seed)")
-    p.add_argument("--image-size", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty run folder")
-    p.add_argument("--strategy", choices=STRATEGIES, default="allreduce")
-    p.add_argument("--sync-every", type=int,
-                   help="steps between weight syncs (local-sgd: default 4; master-worker: default one epoch)")
-    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default="auto",
-                   help="scale --lr by the number of training ranks (auto: sqrt; none for master-worker)")
-    p.add_argument("--lr-schedule", choices=("auto", "cosine", "constant"), default="auto",
-                   help="after warm-up: cosine decay to zero over the run, or constant "
-                        "(auto: cosine; constant for master-worker)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up to the scaled rate")
-    p.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="balanced")
-    p.add_argument("--target-sensitivity", type=float,
-                   help="choose the decision threshold for this sensitivity on the validation data "
-                        "(default: maximise Youden's J)")
-    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to RUNDIR/tb")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest good checkpoint (with its saved options)")
-    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every S steps (always at epoch ends)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2)")
-    p.add_argument("--elastic", action="store_true",
-                   help="survive lost ranks: the others shrink the job and go on (Open MPI ULFM)")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="abort the job after this many seconds without progress (0: never; default 600)")
-    p.add_argument("--data-on-root", action="store_true",
-                   help="only rank 0 reads the images and sends each rank its share (no shared file system)")
-    p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
-    p.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache/mpitrain)")
+    from mpitrain.config import TrainConfig
+    from mpitrain.train.models import MODELS
+
+    types = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kind = types[f.name]
+        if kind is bool:
+            assert f.default is False, f"TrainConfig.{f.name}: a flag must default to False"
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+        text = meta["help"]
+        if f.name == "model":
+            text += ": " + ", ".join(sorted(MODELS))
+        if f.default is not None:
+            text += f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], metavar=meta["metavar"],
+                       help=text)
+
+
+def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # After a subcommand: SUPPRESS leaves the value given before it (or False) alone.
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mpitrain.config import STRATEGIES
+    from mpitrain.train.models import MODELS
+
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
-    t.add_argument("-n", "--np", type=_positive_int, dest="np",
+    t.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
-    t.add_argument("--hostfile", help="MPI hostfile for -n (ranks on several machines)")
+    t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     _add_train_args(t)
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint (with its saved options)")
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
-    d.add_argument("--data", required=True)
-    d.add_argument("--val-data")
-    d.add_argument("--image-size", type=int, default=50)
-    d.add_argument("--cache-dir")
+    d.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder per class")
+    d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
+    d.add_argument("--image-size", type=int, default=50, metavar="PX",
+                   help="decode at this size, as training would (default: %(default)s)")
+    d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
     d.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
-    s.add_argument("--out", required=True)
-    s.add_argument("--per-class", type=int, default=300)
-    s.add_argument("--image-size", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, metavar="DIR", help="folder to write (one sub-folder per class)")
+    s.add_argument("--per-class", type=int, default=300, metavar="N", help="images per class (default: %(default)s)")
+    s.add_argument("--image-size", type=int, default=50, metavar="PX", help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
+
     b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)")
     b.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
     b.add_argument("--hostfile")
-    b.add_argument("--model", default="seed")
-    b.add_argument("--batch-size", type=_positive_int, default=64, help="per rank")
-    b.add_argument("--steps", type=_positive_int, default=60)
-    b.add_argument("--warmup", type=_positive_int, default=5)
-    b.add_argument("--repeats", type=_positive_int, default=1, help="timed runs; the best is reported")
-    b.add_argument("--image-size", type=_positive_int, default=50)
-    b.add_argument("--strategy", choices=("allreduce", "local-sgd", "master-worker"), default="allreduce")
+    b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
+                                                   "(default: %(default)s)")
+    b.add_argument("--batch-size", type=_positive_int, default=64, help="per rank (default: %(default)s)")
+    b.add_argument("--steps", type=_positive_int, default=60, help="timed steps (default: %(default)s)")
+    b.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps first (default: %(default)s)")
+    b.add_argument("--repeats", type=_positive_int, default=1,
+                   help="timed runs; the best is reported (default: %(default)s)")
+    b.add_argument("--image-size", type=_positive_int, default=50, help="(default: %(default)s)")
+    b.add_argument("--strategy", choices=STRATEGIES, default="allreduce", help="(default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true", help="last line: one JSON object")
@@ -126,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     e.add_argument("--cache-dir", help="where decoded images are cached")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
@@ -137,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the one saved with the model)")
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
-    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     pr.set_defaults(func=_cmd_predict)
+    for command in sub.choices.values():
+        _add_debug(command)
     return parser
 
 
@@ -181,18 +178,11 @@ def _cmd_bench(args, argv) -> int:
 
 
 def _config_from_args(args):
+    import dataclasses
+
     from mpitrain.config import TrainConfig
 
-    return TrainConfig(
-        data=args.data, val_data=args.val_data, val_split=args.val_split, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
-        model=args.model, image_size=args.image_size, seed=args.seed, out=args.out,
-        overwrite=args.overwrite, strategy=args.strategy, sync_every=args.sync_every,
-        lr_scaling=args.lr_scaling, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, class_weight=args.class_weight,
-        target_sensitivity=args.target_sensitivity, tensorboard=args.tensorboard,
-        threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, timeout=args.timeout,
-        elastic=args.elastic)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:

@@ -2,7 +2,9 @@
 
 `TrainConfig` holds everything needed to reproduce a run. It is validated on creation, so
 a bad value fails with a one-line UserError before any process starts working, and it is
-written to `config.json` in the run folder together with the package versions.
+written to `config.json` in the run folder together with the package versions. Each field
+is also a `mpitrain train` option: its default, help text and choices are written once,
+here, and the command line is built from them (`cli._add_train_args`).
 """
 
 from __future__ import annotations
@@ -28,37 +30,57 @@ AUTO_LR = {"master-worker": ("none", "constant")}
 CLASS_WEIGHTS = ("balanced", "none")
 
 
+def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
+    """A TrainConfig field and its command-line option `--field-name` (see cli._add_train_args)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    data: str | None = None          # None: the embedded synthetic demo data
-    val_data: str | None = None
-    val_split: float = 0.1
-    epochs: int = 5
-    batch_size: int = 32             # per rank
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.0            # sgd only
-    model: str = "seed"
-    image_size: int = 50
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-    strategy: str = "allreduce"
-    sync_every: int | None = None    # steps; None: every step (allreduce), 1 epoch otherwise
-    lr_scaling: str = "auto"         # auto: sqrt, but none for master-worker
-    warmup_epochs: float = 0.0
-    lr_schedule: str = "auto"        # auto: cosine, but constant for master-worker
-    class_weight: str = "balanced"
-    target_sensitivity: float | None = None  # threshold choice; None: maximise Youden's J
-    tensorboard: bool = False
-    data_on_root: bool = False
-    threads: int | None = None       # TF threads per rank; None: cores / ranks on the node
-    cache_dir: str | None = None
-    checkpoint_every: int | None = None  # steps; checkpoints are always written at epoch ends
-    keep_checkpoints: int = 2
-    elastic: bool = False            # survive lost ranks (Open MPI ULFM)
-    timeout: float = 600.0           # seconds without progress before the job is aborted
-    extra: dict = field(default_factory=dict)
+    """Every training option. Each field is also the command-line option of the same name
+    (`val_split` -> `--val-split`): its default, help text, choices and metavar are here."""
+
+    data: str | None = _opt(None, "folder with one sub-folder per class (default: the embedded demo data)",
+                            metavar="DIR")
+    val_data: str | None = _opt(None, "separate validation folder with the same class folders", metavar="DIR")
+    val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
+    epochs: int = _opt(5, "passes over the training data", metavar="N")
+    batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
+    lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
+    momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
+    model: str = _opt("seed", "model from the registry", metavar="NAME")
+    image_size: int = _opt(50, "input side in pixels", metavar="PX")
+    seed: int = _opt(0, "same seed + same data = same result")
+    out: str | None = _opt(None, "run folder (default: runs/<timestamp>)", metavar="RUNDIR")
+    overwrite: bool = _opt(False, "write into a non-empty run folder")
+    strategy: str = _opt("allreduce", "how ranks stay in step", choices=STRATEGIES)
+    sync_every: int | None = _opt(None, "steps between weight syncs (local-sgd: default 4; "
+                                        "master-worker: default one epoch)", metavar="K")
+    lr_scaling: str = _opt("auto", "scale --lr by the number of training ranks; "
+                                   "auto: sqrt, none for master-worker", choices=LR_SCALINGS)
+    warmup_epochs: float = _opt(0.0, "linear lr warm-up to the scaled rate over this many epochs",
+                                metavar="E")
+    lr_schedule: str = _opt("auto", "after warm-up: cosine decay to zero over the run, or constant; "
+                                    "auto: cosine, constant for master-worker", choices=LR_SCHEDULES)
+    class_weight: str = _opt("balanced", "weight the loss by n / (classes x n_class), or not at all",
+                             choices=CLASS_WEIGHTS)
+    target_sensitivity: float | None = _opt(None, "choose the decision threshold for this sensitivity on "
+                                                  "the validation data (default: maximise Youden's J)",
+                                            metavar="S")
+    tensorboard: bool = _opt(False, "write TensorBoard logs to RUNDIR/tb")
+    data_on_root: bool = _opt(False, "only rank 0 reads the images and sends each rank its share "
+                                     "(no shared file system)")
+    threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)",
+                               metavar="T")
+    cache_dir: str | None = _opt(None, "where decoded images are cached (default: $MPITRAIN_CACHE_DIR or ~/.cache/mpitrain)",
+                                 metavar="DIR")
+    checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)",
+                                        metavar="S")
+    keep_checkpoints: int = _opt(2, "how many checkpoints to keep", metavar="N")
+    elastic: bool = _opt(False, "survive lost ranks: the others shrink the job and go on (Open MPI ULFM)")
+    timeout: float = _opt(600.0, "abort the job after this many seconds without progress, 0: never",
+                          metavar="SECONDS")
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -111,6 +133,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("extra") == {}:  # config.json of older versions: an unused, always empty field
+            d = {k: v for k, v in d.items() if k != "extra"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(f"unknown config keys: {', '.join(unknown)}")

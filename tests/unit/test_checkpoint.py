@@ -55,8 +55,7 @@ def test_a_flipped_byte_is_detected(tmp_path):
     assert ck.load_latest(tmp_path, warn=lambda m: None).epoch == 1
 
 
-def test_a_newer_format_is_refused_not_misread(tmp_path):
-    path = ck.save(tmp_path, _ckpt(1, 0))
+def _make_too_new(path):
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(bytes(arrays["meta"]).decode())
@@ -64,8 +63,34 @@ def test_a_newer_format_is_refused_not_misread(tmp_path):
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    with pytest.raises(ValueError, match="newer"):
+
+
+def test_a_newer_format_is_refused_not_misread(tmp_path):
+    _make_too_new(ck.save(tmp_path, _ckpt(1, 0)))
+    with pytest.raises(ck.CheckpointTooNew, match="newer"):
         ck.load_latest(tmp_path)
+
+
+def test_a_newer_newest_checkpoint_is_refused_not_skipped_as_damaged(tmp_path):
+    ck.save(tmp_path, _ckpt(1, 0))
+    _make_too_new(ck.save(tmp_path, _ckpt(2, 0)))
+    with pytest.raises(ck.CheckpointTooNew):
+        ck.load_latest(tmp_path, warn=lambda m: pytest.fail(f"skipped as damaged: {m}"))
+
+
+def test_refusal_goes_by_the_exception_type_not_its_wording(tmp_path, monkeypatch):
+    ck.save(tmp_path, _ckpt(1, 0))
+    newest = ck.save(tmp_path, _ckpt(2, 0))
+    real_read = ck.read
+
+    def read(path):
+        if path == newest:
+            raise ck.CheckpointTooNew("format 7 is from the future")  # reworded
+        return real_read(path)
+
+    monkeypatch.setattr(ck, "read", read)
+    with pytest.raises(ck.CheckpointTooNew):
+        ck.load_latest(tmp_path, warn=lambda m: pytest.fail(f"skipped as damaged: {m}"))
 
 
 KILL_DURING_WRITE = r"""

@@ -41,3 +41,11 @@ def test_round_trip_and_saved_with_versions(tmp_path):
     assert "keras" in doc["versions"] and "numpy" in doc["versions"]
     with pytest.raises(UserError):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_config_of_an_older_version_with_its_empty_extra_field_still_loads():
+    # config.json and checkpoints written before `extra` was removed carry "extra": {}.
+    old = {**TrainConfig(epochs=2).to_dict(), "extra": {}}
+    assert TrainConfig.from_dict(old) == TrainConfig(epochs=2)
+    with pytest.raises(UserError, match="extra"):
+        TrainConfig.from_dict({**old, "extra": {"something": 1}})  # never written; not ours

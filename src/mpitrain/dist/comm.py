@@ -1,12 +1,14 @@
-"""The communication layer: the only module that imports mpi4py.
+"""The communication layer: the only module that imports mpi4py (in `_mpi()`).
 
-Everything distributed goes through a `Comm`. There are two:
+Everything distributed goes through a `Comm`, the protocol below: the members the rest of
+the package may use. Two siblings implement all of it (a unit test checks that neither
+lacks a member, so a method cannot silently do nothing on one of them):
 
 * `SingleComm` - one process, no MPI at all. Every collective is the identity. This is the
   path for `mpitrain train` without a launcher and for unit tests; it never imports mpi4py.
 * `MPIComm` - a thin wrapper around an mpi4py communicator. Buffers travel with the
   uppercase (buffer) calls, never as pickles, except for tiny control messages
-  (`allgather_obj`), which carry only strings and numbers produced by our own code.
+  (`allgather_obj`, `bcast_obj`), which carry only strings and numbers made by our own code.
 
 `world()` picks one: MPI only when the process was started by an MPI launcher
 (mpiexec/srun set well-known variables), so a plain `python -m mpitrain` never pays for
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Protocol
 
 import numpy as np
 
@@ -28,20 +31,84 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _LAUNCHER_VARS)
 
 
+def _mpi():
+    """mpi4py's MPI module (importing it initialises MPI): the package's one mpi4py import."""
+    from mpi4py import MPI
+
+    return MPI
+
+
+class Comm(Protocol):
+    """A communicator: every member the rest of the package uses, and all it may use.
+
+    Collectives must be called by every rank of the communicator, in the same order.
+    Methods ending in `_` work in place on a contiguous numpy buffer and return it.
+    """
+
+    rank: int               # this process, 0 .. size-1
+    size: int               # processes in the communicator
+    local_size: int         # processes on this node (they share its cores)
+    elastic: bool           # after make_elastic(): a dead peer raises RankLost
+    failed: bool            # a peer was found dead; shrink() before the next collective
+    lost_any: bool          # a rank was lost during this run (leave without MPI_Finalize)
+    world_ranks: list[int]  # current rank -> rank at start (they differ after a shrink)
+
+    def make_elastic(self) -> None:
+        """Collective. From now on a dead peer raises RankLost instead of ending the job."""
+
+    def shrink(self) -> list[int]:
+        """Collective among the survivors: drop the dead ranks; returns their start ranks."""
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        """Elementwise sum over all ranks, in place."""
+
+    def allreduce_max(self, value: float) -> float:
+        """The largest `value` of all ranks."""
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Root's buffer into every rank's buffer (same shape and dtype), in place."""
+
+    def gather_flat(self, buf: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Equal-sized 1-D buffers from every rank -> [size, n] on root (None elsewhere)."""
+
+    def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Concatenate arrays of different lengths (same row shape) on root, in rank order."""
+
+    def allgather_obj(self, obj) -> list:
+        """Every rank's small object, in rank order, on every rank (control messages only)."""
+
+    def bcast_obj(self, obj, root: int = 0):
+        """Root's small object on every rank (metadata made by our own code)."""
+
+    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+        """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived."""
+
+    def abort(self, code: int = 1) -> None:
+        """End this process, and under MPI the whole job, with `code`; does not return."""
+
+
 class SingleComm:
     """A communicator of one: every collective returns its input."""
 
-    rank = 0
-    size = 1
-    local_size = 1
-    is_mpi = False
-    elastic = False
-    failed = False
-    lost_any = False
-    world_ranks = [0]
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    elastic: bool = False
+    failed: bool = False
+    lost_any: bool = False
+    world_ranks: list[int]
+
+    def __init__(self) -> None:
+        self.world_ranks = [0]
 
     def make_elastic(self) -> None:
-        pass
+        pass  # nobody can be lost
+
+    def shrink(self) -> list[int]:
+        return []  # nobody was lost
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         return buf
@@ -58,7 +125,7 @@ class SingleComm:
     def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         return arr
 
-    def allgather_obj(self, obj):
+    def allgather_obj(self, obj) -> list:
         return [obj]
 
     def bcast_obj(self, obj, root: int = 0):
@@ -113,26 +180,27 @@ class _FailureGuard:
         return call
 
 
-class MPIComm(SingleComm):
+class MPIComm:
     """Collectives over an mpi4py communicator, always on contiguous numpy buffers."""
 
-    is_mpi = True
-    elastic = False
-    failed = False
-    lost_any = False
+    rank: int
+    size: int
+    local_size: int
+    elastic: bool = False
+    failed: bool = False
+    lost_any: bool = False
+    world_ranks: list[int]
 
     def __init__(self, comm):
-        from mpi4py import MPI  # the one place mpi4py is imported
-
-        self._MPI = MPI
-        self.comm = comm
+        MPI = self._MPI = _mpi()
+        self._comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         # Ranks sharing this node: used to split the node's cores between them.
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
-        self.world_ranks = list(range(self.size))  # current rank -> rank at start
+        self.world_ranks = list(range(self.size))
 
     def make_elastic(self) -> None:
         """Collective. From now on a dead peer raises RankLost instead of ending the job.
@@ -142,64 +210,64 @@ class MPIComm(SingleComm):
         """
         MPI = self._MPI
         self._fault_classes = {MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED}
-        raw = self.comm.Dup()
+        raw = self._comm.Dup()
         raw.Set_errhandler(MPI.ERRORS_RETURN)
-        self.comm = _FailureGuard(raw, self)
+        self._comm = _FailureGuard(raw, self)
         self.elastic = True
 
     def shrink(self) -> list[int]:
         """Collective among the survivors: drop the dead ranks; returns their start ranks."""
         MPI = self._MPI
-        raw = self.comm._raw
+        raw = self._comm._raw
         new = raw.Shrink()
         new.Set_errhandler(MPI.ERRORS_RETURN)
         kept = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), raw.Get_group())
         lost = [self.world_ranks[r] for r in range(raw.Get_size()) if r not in set(kept)]
         self.world_ranks = [self.world_ranks[r] for r in kept]
-        self.comm = _FailureGuard(new, self)
+        self._comm = _FailureGuard(new, self)
         self.rank, self.size, self.failed = new.Get_rank(), new.Get_size(), False
         self.lost_any = True
         return lost
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         # In place: one call for the whole fused buffer, no temporary per tensor.
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
     def allreduce_max(self, value: float) -> float:
         buf = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
         return float(buf[0])
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
-        self.comm.Bcast(buf, root=root)
+        self._comm.Bcast(buf, root=root)
         return buf
 
     def gather_flat(self, buf: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Equal-sized 1-D buffers from every rank -> [size, n] on root."""
         out = np.empty((self.size, buf.size), dtype=buf.dtype) if self.rank == root else None
-        self.comm.Gather(np.ascontiguousarray(buf), out, root=root)
+        self._comm.Gather(np.ascontiguousarray(buf), out, root=root)
         return out
 
     def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Concatenate arrays of different lengths (same row shape) on root, in rank order."""
         arr = np.ascontiguousarray(arr)
         row = int(np.prod(arr.shape[1:], dtype=np.int64))
-        counts = np.array(self.comm.allgather(int(arr.shape[0])), dtype=np.int64)
+        counts = np.array(self._comm.allgather(int(arr.shape[0])), dtype=np.int64)
         if self.rank == root:
             out = np.empty((int(counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
-            self.comm.Gatherv(arr.reshape(-1), [out.reshape(-1), counts * row], root=root)
+            self._comm.Gatherv(arr.reshape(-1), [out.reshape(-1), counts * row], root=root)
             return out
-        self.comm.Gatherv(arr.reshape(-1), None, root=root)
+        self._comm.Gatherv(arr.reshape(-1), None, root=root)
         return None
 
     def allgather_obj(self, obj):
         # Small control messages only (error strings, hashes); never model data.
-        return self.comm.allgather(obj)
+        return self._comm.allgather(obj)
 
     def bcast_obj(self, obj, root: int = 0):
         # Small metadata only (class names, labels), produced by our own code on root.
-        return self.comm.bcast(obj, root=root)
+        return self._comm.bcast(obj, root=root)
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
@@ -212,34 +280,33 @@ class MPIComm(SingleComm):
         if self.rank == root:
             flat = np.concatenate([np.ascontiguousarray(p).reshape(-1) for p in parts])
             send = [flat, np.asarray(counts, dtype=np.int64) * row]
-        self.comm.Scatterv(send, out.reshape(-1), root=root)
+        self._comm.Scatterv(send, out.reshape(-1), root=root)
         return out
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        self.comm.Abort(code)
+        self._comm.Abort(code)
 
 
-_WORLD: SingleComm | None = None
+_WORLD: Comm | None = None
 
 
-def world() -> SingleComm:
+def world() -> Comm:
     """The process-wide communicator (created once)."""
     global _WORLD
     if _WORLD is None:
         if launched_by_mpi():
-            from mpi4py import MPI
-
-            _WORLD = MPIComm(MPI.COMM_WORLD) if MPI.COMM_WORLD.Get_size() > 1 else SingleComm()
+            whole = _mpi().COMM_WORLD
+            _WORLD = MPIComm(whole) if whole.Get_size() > 1 else SingleComm()
         else:
             _WORLD = SingleComm()
     return _WORLD
 
 
-def current() -> SingleComm | None:
+def current() -> Comm | None:
     """The communicator if `world()` has made one, without starting MPI."""
     return _WORLD

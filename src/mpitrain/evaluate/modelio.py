@@ -17,9 +17,9 @@ Safety rules, all `UserError`s with one line:
   size and the class names they were given against it (`check_image_size`,
   `label_map`).
 
-`predict_probs` is the one prediction routine of evaluate and predict: every call of the
-model sees the same batch shape, so an image's probabilities do not depend on which or how
-many other images are predicted with it.
+`predict_probs` is the one prediction loop of the package (evaluate, predict, and the
+trainer's validation): every call of the model sees the same batch shape, so an image's
+probabilities do not depend on which or how many other images are predicted with it.
 """
 
 from __future__ import annotations
@@ -169,15 +169,24 @@ def load_model(info: ModelInfo):
     return model
 
 
-def predict_probs(model, x: np.ndarray, n_classes: int, batch: int = BATCH) -> np.ndarray:
-    """float32 [n, n_classes] for rows of x, in chunks of `batch` rows padded to `batch`."""
+def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH) -> np.ndarray:
+    """Class probabilities, float32 [n, n_classes], for the rows of `x`: the package's one
+    prediction loop (evaluate, predict, and validation during training).
+
+    `predict` maps a float32 batch to probabilities: the Keras model, or the trainer's
+    compiled predict step. `convert` turns a chunk of stored rows into model input (training
+    keeps images as uint8/uint16). Chunks of `batch` rows, the last one padded with zeros to
+    `batch`: every call has the same shape, so the same kernels and the same bits, and a
+    row's probabilities do not depend on which or how many other rows are predicted with it
+    (nor, under MPI, on how the rows were shared out among the ranks).
+    """
     out = [np.zeros((0, n_classes), np.float32)]
     for a in range(0, len(x), batch):
-        chunk = x[a:a + batch]
+        chunk = x[a:a + batch] if convert is None else convert(x[a:a + batch])
         n = len(chunk)
-        if n < batch:  # same shape every call: the same kernels, the same bits
+        if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(model(chunk, training=False), dtype=np.float32)[:n])
+        out.append(np.asarray(predict(chunk), dtype=np.float32)[:n])
     return np.concatenate(out)
 
 

@@ -28,7 +28,6 @@ import numpy as np
 
 from mpitrain.evaluate.metrics import roc_curve
 
-METHODS = ("youden", "target_sensitivity")
 _NO_FINDING = frozenset({"normal", "negative", "neg", "healthy", "benign", "no", "none",
                          "no_finding", "no finding", "nofinding", "control", "0", "false"})
 

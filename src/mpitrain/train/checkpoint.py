@@ -32,6 +32,11 @@ FORMAT = 1
 _NAME = re.compile(r"^ckpt-e(\d{5})-s(\d{7})\.npz$")
 
 
+class CheckpointTooNew(ValueError):
+    """Written by a newer mpitrain. Refused, never skipped like a damaged file: falling back
+    to an older checkpoint would silently throw away the progress made since."""
+
+
 @dataclass
 class Checkpoint:
     epoch: int                  # the epoch to continue in (0-based)
@@ -83,12 +88,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def read(path: Path) -> Checkpoint:
-    """Read one checkpoint completely; raises ValueError if it is damaged or too new."""
+    """Read one checkpoint completely; raises ValueError if it is damaged, CheckpointTooNew
+    (a ValueError too) if a newer mpitrain wrote it."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             if meta.get("format", 0) > FORMAT:
-                raise ValueError(f"written by a newer mpitrain (format {meta['format']} > {FORMAT})")
+                raise CheckpointTooNew(f"written by a newer mpitrain (format {meta['format']} > {FORMAT})")
             states = [[z[f"r{r}_{i}"] for i in range(n)] for r, n in enumerate(meta["arrays"])]
     except (OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
@@ -108,12 +114,13 @@ def mark_finished(run_dir: Path) -> Path | None:
 
 
 def load_latest(run_dir: Path, warn=print) -> Checkpoint | None:
-    """The newest checkpoint that reads back completely (None if there is none)."""
+    """The newest checkpoint that reads back completely (None if there is none); a newest
+    one written by a newer mpitrain raises CheckpointTooNew."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return read(path)
+        except CheckpointTooNew:
+            raise
         except ValueError as e:
-            if "newer mpitrain" in str(e):
-                raise
             warn(f"warning: checkpoint {path.name} is unreadable ({e}); trying the one before")
     return None

@@ -1,5 +1,8 @@
 """Compiled train and predict steps (one `tf.function` each).
 
+The trainer hands the predict step to `evaluate.modelio.predict_probs`, the package's one
+prediction loop (fixed batch shape), which evaluate and predict use with the model.
+
 The train step is the seam where gradients are synchronised: when `reduce` is given, the
 gradients of the summed loss and three statistics (samples, loss sum, correct predictions)
 are packed into one flat float32 tensor, handed to `reduce` (an in-place MPI allreduce)
@@ -61,13 +64,3 @@ def make_predict_step(model):
         return model(x, training=False)
 
     return predict
-
-
-def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities for all rows of `x` (float32, [n, n_classes]); `convert` turns a
-    chunk of stored rows into model input."""
-    parts = [np.zeros((0, n_classes), dtype=np.float32)]
-    for a in range(0, len(x), batch_size):
-        chunk = x[a:a + batch_size]
-        parts.append(predict(chunk if convert is None else convert(chunk)).numpy())
-    return np.concatenate(parts).astype(np.float32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-_PAIRS = {"loss": "loss", "accuracy": "accuracy", "auc": "auc"}
+_PAIRS = ("loss", "accuracy", "auc")  # each as <name>/train and <name>/validation
 _SINGLE = ("lr", "images_per_second", "seconds")
 
 
@@ -39,11 +39,11 @@ def _value(v) -> float | None:
 def scalars(row: dict) -> dict[str, float]:
     """The tags and values of one history row (undefined values are left out)."""
     out = {}
-    for key, tag in _PAIRS.items():
+    for key in _PAIRS:
         for prefix, side in (("", "train"), ("val_", "validation")):
             v = _value(row.get(prefix + key))
             if v is not None:
-                out[f"{tag}/{side}"] = v
+                out[f"{key}/{side}"] = v
     for key in _SINGLE:
         v = _value(row.get(key))
         if v is not None:

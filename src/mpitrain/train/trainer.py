@@ -34,9 +34,10 @@ from mpitrain.dist.rankstate import RankState
 from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr
 from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit, UserError
+from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
-from mpitrain.train.steps import make_predict_step, make_train_step, predict_all
+from mpitrain.train.steps import make_predict_step, make_train_step
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Trainer:
     def _validate(self):
         """Collective. Validation metrics and (rank 0) the gathered probabilities and labels."""
         data = self.data
-        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+        vp = predict_probs(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
         vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         self.comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         return epoch_metrics(self.comm, vstats, vp, data.val_y, self.n_classes)

@@ -1,0 +1,92 @@
+"""The command line is built from TrainConfig: every field an option, defaults and choices
+written once; --debug before or after every subcommand."""
+
+import dataclasses
+import typing
+
+import pytest
+
+from mpitrain import config
+from mpitrain.cli import _config_from_args, build_parser
+from mpitrain.config import TrainConfig
+
+FIELDS = dataclasses.fields(TrainConfig)
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def parse(*argv):
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def _other_value(f):
+    """A valid value different from the field's default, and how to write it."""
+    kind = TYPES[f.name]
+    if kind is bool:
+        return True, []
+    if f.metadata["choices"]:
+        value = next(c for c in f.metadata["choices"] if c != f.default)
+    elif f.name == "model":
+        value = "tiny"
+    elif int in typing.get_args(kind) or kind is int:
+        value = 3 if f.default is None else f.default + 1
+    elif float in typing.get_args(kind) or kind is float:
+        value = 0.5
+    else:
+        value = "somewhere"
+    return value, [value]
+
+
+def test_no_options_give_the_dataclass_defaults():
+    assert _config_from_args(parse("train")) == TrainConfig()
+
+
+@pytest.mark.parametrize("f", FIELDS, ids=[f.name for f in FIELDS])
+def test_every_field_is_an_option_that_reaches_the_config(f):
+    value, rest = _other_value(f)
+    cfg = _config_from_args(parse("train", "--" + f.name.replace("_", "-"), *rest))
+    assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(value)
+    assert dataclasses.replace(cfg, **{f.name: f.default}) == TrainConfig()  # nothing else moved
+
+
+def test_help_shows_defaults_choices_and_the_model_registry(capsys):
+    from mpitrain.train.models import MODELS
+
+    with pytest.raises(SystemExit):
+        parse("train", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "passes over the training data (default: 5)" in text
+    assert "(default: 0.001)" in text and "{adam,sgd}" in text
+    assert f"model from the registry: {', '.join(sorted(MODELS))} (default: seed)" in text
+
+
+def test_choice_lists_are_the_configs():
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert actions["optimizer"].choices == config.OPTIMIZERS
+    assert actions["strategy"].choices == config.STRATEGIES
+    assert actions["lr_scaling"].choices == config.LR_SCALINGS
+    assert actions["lr_schedule"].choices == config.LR_SCHEDULES
+    assert actions["class_weight"].choices == config.CLASS_WEIGHTS
+
+
+# The fewest arguments each subcommand accepts.
+MINIMAL = {
+    "train": [],
+    "data": ["--data", "d"],
+    "synth": ["--out", "o"],
+    "bench": [],
+    "evaluate": ["--model", "m", "--data", "d"],
+    "predict": ["--model", "m", "p.png"],
+}
+
+
+def test_every_subcommand_is_covered_here():
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(MINIMAL)
+
+
+@pytest.mark.parametrize("command", sorted(MINIMAL))
+def test_debug_before_or_after_every_subcommand(command):
+    args = MINIMAL[command]
+    assert parse(command, *args).debug is False
+    assert parse("--debug", command, *args).debug is True
+    assert parse(command, *args, "--debug").debug is True
+    assert parse(command, "--debug", *args).debug is True

@@ -1,0 +1,63 @@
+"""The comm layer: one protocol, two sibling implementations that both implement all of it.
+
+These tests never start MPI: they look at the classes, not at communicators.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from mpitrain.dist.comm import Comm, MPIComm, SingleComm
+
+IMPLEMENTATIONS = [SingleComm, MPIComm]
+
+
+def public_members(cls) -> set[str]:
+    """Public methods and attributes, declared ones (annotations) included."""
+    names = {n for n in dir(cls) if not n.startswith("_")}
+    for klass in cls.__mro__:
+        names |= {n for n in vars(klass).get("__annotations__", {}) if not n.startswith("_")}
+    return names
+
+
+def _params(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_the_protocol_lists_what_the_package_uses():
+    assert public_members(Comm) == {
+        "rank", "size", "local_size", "elastic", "failed", "lost_any", "world_ranks",
+        "make_elastic", "shrink", "allreduce_sum_", "allreduce_max", "bcast_", "gather_flat",
+        "gather_rows", "allgather_obj", "bcast_obj", "scatter_rows", "barrier", "abort"}
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_each_implementation_has_exactly_the_protocols_members(cls):
+    members = public_members(cls)
+    assert not public_members(Comm) - members, f"{cls.__name__} lacks a member of Comm"
+    assert not members - public_members(Comm), f"{cls.__name__} has a public member Comm does not list"
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_methods_take_the_protocols_parameters(cls):
+    for name in public_members(Comm):
+        want = getattr(Comm, name, None)
+        if callable(want):
+            assert callable(getattr(cls, name)), f"{cls.__name__}.{name}"
+            assert _params(getattr(cls, name)) == _params(want), f"{cls.__name__}.{name}"
+
+
+def test_the_two_are_siblings_not_parent_and_child():
+    # With inheritance, a method the MPI class forgot would silently be the one-process identity.
+    assert not issubclass(MPIComm, SingleComm) and not issubclass(SingleComm, MPIComm)
+
+
+def test_single_comm_collectives_are_the_identity():
+    c = SingleComm()
+    buf = np.arange(4.0)
+    assert c.allreduce_sum_(buf) is buf and c.bcast_(buf) is buf
+    assert c.gather_flat(buf).shape == (1, 4)
+    assert c.allgather_obj("x") == ["x"] and c.bcast_obj(3) == 3
+    assert c.scatter_rows([buf]) is buf and c.shrink() == [] and c.world_ranks == [0]
+    assert (c.rank, c.size, c.local_size, c.elastic, c.failed, c.lost_any) == (0, 1, 1, False, False, False)
