@@ -3,6 +3,7 @@ shards that straddle a batch boundary."""
 
 import glob
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def test_shards_straddling_a_batch_boundary_take_the_same_steps(tmp_path, strate
     _assert_ok(proc)
     steps = {}
     for f in sorted(glob.glob(os.path.join(tmp_path, "rank*.steps"))):
-        taken, samples = map(int, open(f).read().split())
+        taken, samples = map(int, Path(f).read_text().split())
         steps[os.path.basename(f)] = (taken, samples)
     assert sorted(s for _, s in steps.values()) == [16, 17]  # the shards do straddle
     assert {t for t, _ in steps.values()} == {2 * 3}, steps
