@@ -1,6 +1,8 @@
 """Checkpoints and --resume: a killed run, resumed, ends with the weights of an uninterrupted one."""
 
+import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +22,27 @@ def _weights(run_dir):
 
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     return model.get_weights()
+
+
+# Columns that measure time, not training: they differ between any two runs.
+TIME_COLUMNS = {"seconds", "images_per_second"}
+
+
+def _history(run_dir, resumed_epoch=None):
+    """history.csv as {epoch: {column: text}} without the time columns (text: floats are
+    written exactly, so equal text is equal values).
+
+    The training ROC AUC of an epoch resumed mid-way is left out: the checkpoint keeps the
+    epoch's running sums (samples, loss sum, hits), from which loss and accuracy continue
+    exactly, but not the probabilities of the steps before it, so that epoch's train AUC
+    covers only the steps after the resume (a known gap)."""
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for row in rows:
+        drop = TIME_COLUMNS | ({"auc"} if int(row["epoch"]) == resumed_epoch else set())
+        out[int(row["epoch"])] = {k: v for k, v in row.items() if k not in drop}
+    return out
 
 
 def _run(n, program, env=None):
@@ -46,9 +69,17 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
     resumed = _run(n, cli("train", "--resume", "--out", broken))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at epoch" in resumed.stdout
+    at = re.search(r"resuming at epoch (\d+), step (\d+) of", resumed.stdout)
+    assert at, resumed.stdout[-2000:]
+    epoch, step = int(at[1]), int(at[2])
+    assert step > 0  # resumed mid-epoch, from a --checkpoint-every checkpoint
     for a, b in zip(_weights(whole), _weights(broken)):
         assert np.array_equal(a, b)  # bit-identical: deterministic kernels, one thread
+    # The history too: the resumed epoch's loss and accuracy continue from the saved sums.
+    want, got = _history(whole, epoch), _history(broken, epoch)
+    assert list(got) == [1, 2, 3]
+    for e in want:
+        assert got[e] == want[e], f"epoch {e}"
 
 
 def test_resume_refuses_a_finished_run_and_an_empty_folder(tmp_path, synth_data):

@@ -162,3 +162,39 @@ def test_real_chest_xrays_cold_then_cached(tmp_path):
     assert 0.0 <= x.min() and x.max() <= 1.0 and 0.2 < x.mean() < 0.8
     x2, _, _, hit2 = load_images_cached(index.paths, 50, tmp_path / "cache")
     assert hit2 and np.array_equal(x, x2)
+
+
+def test_same_size_rewrite_with_a_new_mtime_invalidates(image_tree, tmp_path, write_image):
+    # A BMP of a given size always has the same length: only the modification time (and
+    # the content) tell the rewritten file from the cached one; the inode stays the same.
+    path = image_tree / "dog" / "b.bmp"
+    paths = scan(image_tree).paths
+    at = paths.index(str(path))
+    x1, *_ = load_images_cached(paths, 8, tmp_path)
+    st = os.stat(path)
+    write_image(path, value=77)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    st2 = os.stat(path)
+    assert (st2.st_size, st2.st_ino, st2.st_mode) == (st.st_size, st.st_ino, st.st_mode)
+    x2, _, _, hit = load_images_cached(paths, 8, tmp_path)
+    assert not hit
+    assert np.allclose(x2[at], 77 / 255) and np.allclose(x1[at], 250 / 255)
+
+
+def test_16bit_entry_hit_equals_the_decode(tmp_path, write_image):
+    from mpitrain.data.cache import load_images_native
+    from mpitrain.data.decode import decode_native
+
+    ramp = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
+    paths = [str(write_image(tmp_path / "d" / "a16.png", ramp)),
+             str(write_image(tmp_path / "d" / "b8.png", value=51))]  # 8-bit beside 16-bit
+    arr0, max0, ok0, _ = decode_native(paths, 16)
+    assert arr0.dtype == np.uint16 and max0 == 65535.0 and ok0.all()
+    for expect_hit in (False, True):
+        arr, max_value, ok, errors, hit = load_images_native(paths, 16, tmp_path / "c")
+        assert hit == expect_hit
+        assert arr.dtype == np.uint16 and max_value == 65535.0
+        assert np.array_equal(arr, arr0) and ok.all() and errors == []
+        x, _, _, _ = load_images_cached(paths, 16, tmp_path / "c")
+        assert np.array_equal(x, decode_images(paths, 16)[0])
+        assert x.max() == 1.0 and x[1].max() == np.float32(51) / np.float32(255)

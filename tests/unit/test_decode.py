@@ -145,3 +145,31 @@ def test_empty_list_and_bad_size():
     assert x.shape == (0, 8, 8, 1) and ok.shape == (0,) and errors == []
     with pytest.raises(UserError, match="image size"):
         decode_images([], 0)
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png"])
+def test_truncated_file_is_skipped_even_if_the_decoder_returns_an_image(tmp_path, write_image, monkeypatch, kind):
+    # Some OpenCV builds (libjpeg-turbo, libpng) return a partially decoded image for a
+    # truncated file instead of failing; this one refuses them, so we fake the lenient one:
+    # the truncation must be caught on the bytes, before decoding.
+    noise = np.random.default_rng(2).integers(0, 256, (64, 64), dtype=np.uint8)
+    data = write_image(tmp_path / f"src.{kind}", noise).read_bytes()
+    cut = data[: len(data) * 2 // 3] if kind == "jpg" else data[: len(data) - 20]
+    path = tmp_path / f"cut.{kind}"
+    path.write_bytes(cut)
+    calls = []
+
+    def partial_decode(buf, flags):
+        calls.append(len(buf))
+        img = np.full((64, 64), 77, np.uint8)
+        img[32:] = 0  # the missing lower half, as a lenient decoder fills it
+        return img
+
+    monkeypatch.setattr(cv2, "imdecode", partial_decode)
+    good = write_image(tmp_path / "good.png", value=200)
+    x, ok, errors = decode_images([str(good), str(path)], 8, threads=1)
+    assert calls  # the fake is in use: the good file went through it
+    assert ok.tolist() == [True, False]
+    assert (x[1] == 0).all()
+    assert errors == [(str(path), f"truncated {kind.upper().replace('JPG', 'JPEG')} "
+                                  + ("(no end-of-image marker)" if kind == "jpg" else "(no IEND chunk)"))]

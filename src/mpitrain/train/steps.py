@@ -9,6 +9,12 @@ are packed into one flat float32 tensor, handed to `reduce` (an in-place MPI all
 through `tf.numpy_function`, and divided by the global sample count. The result is exactly
 the gradient of the mean loss over the global batch, however unevenly the samples were
 spread across ranks.
+
+A rank whose shard has run out still takes its step (it must join the allreduce, and
+keep its optimizer in step): its empty batch is run as one zero image of weight 0, which
+adds nothing to the gradient and is not counted. An empty batch cannot run as it is: with
+oneDNN (TensorFlow's default on x86) the pooling gradient kernel aborts the process on
+0 rows (TF 2.21), and the convolutions raise.
 """
 
 from __future__ import annotations
@@ -32,15 +38,16 @@ def make_train_step(model, optimizer, reduce=None):
     ]
 
     @tf.function(input_signature=spec)
-    def step(x, y, w, lr):
+    def compiled(x, y, w, lr):
         optimizer.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
             loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
         grads = tape.gradient(loss_sum, variables)
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
-        stats = tf.stack([tf.cast(tf.shape(x)[0], tf.float32), loss_sum,
-                          tf.reduce_sum(tf.cast(hits, tf.float32))])
+        counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
+        stats = tf.stack([tf.reduce_sum(counted), loss_sum,
+                          tf.reduce_sum(tf.cast(hits, tf.float32) * counted)])
         if reduce is not None:
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [stats], axis=0)
             flat = tf.numpy_function(reduce, [flat], tf.float32, stateful=True)
@@ -50,6 +57,13 @@ def make_train_step(model, optimizer, reduce=None):
         scale = 1.0 / tf.maximum(stats[0], 1.0)
         optimizer.apply([g * scale for g in grads], variables)
         return stats, probs
+
+    def step(x, y, w, lr):
+        if len(x) == 0:
+            stats, probs = compiled(np.zeros((1, *x.shape[1:]), np.float32), np.zeros(1, np.int32),
+                                    np.zeros(1, np.float32), lr)
+            return stats, probs[:0]
+        return compiled(x, y, w, lr)
 
     return step
 

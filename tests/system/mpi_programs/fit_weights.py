@@ -1,6 +1,7 @@
 """Train on deterministic in-memory data with `trainer.fit` and save each rank's weights.
 
-Run under mpiexec (any strategy), or with --reference N in one process: then it replays
+Run under mpiexec (any strategy; each rank also writes rank{R}.steps: the train steps it
+took and its shard's size), or with --reference N in one process: then it replays
 exactly the global batches that N allreduce ranks would see together (rank r's batch s,
 concatenated in rank order) with the gradient of the mean loss, as a single-process
 training with batch N*b on the same sample order.
@@ -66,6 +67,20 @@ if a.reference:
             step(x_all[idx], y_all[idx], np.ones(len(idx), np.float32), np.float32(a.lr))
     rank = 0
 else:
+    import mpitrain.train.trainer as trainer
+
+    real_make, steps_taken = trainer.make_train_step, [0]
+
+    def counting_make(*args, **kwargs):  # count the train steps this rank takes
+        step = real_make(*args, **kwargs)
+
+        def counted(*sa):
+            steps_taken[0] += 1
+            return step(*sa)
+
+        return counted
+
+    trainer.make_train_step = counting_make
     comm = world()
     sync = make_sync(a.strategy, comm, a.sync_every)
     mine = shard(np.arange(a.samples), *sync.train_part, SEED)
@@ -73,6 +88,9 @@ else:
     data = Shard(x_all[mine], y_all[mine], x_all[vmine], y_all[vmine])
     fit(cfg, comm, plan, data, model, echo=lambda *_: None)
     rank = comm.rank
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"rank{rank}.steps"), "w") as f:
+        f.write(f"{steps_taken[0]} {len(mine)}\n")  # steps taken, training samples of the shard
 
 os.makedirs(a.out, exist_ok=True)
 np.savez(os.path.join(a.out, f"rank{rank}.npz"), *[w for w in model.get_weights()])
