@@ -122,7 +122,7 @@ def _interrupt(cmd, out: Path):
     time.sleep(0.5)  # a few more steps
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    newest = sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1]
+    newest = max((out / "checkpoints").glob("ckpt-*.npz"))
     return proc.returncode, stdout, stderr, newest
 
 

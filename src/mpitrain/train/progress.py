@@ -25,7 +25,7 @@ import time
 LINES_EVERY = 5.0  # seconds between plain progress lines (no terminal to redraw on)
 
 _last: tuple[str, int, int] | None = None  # (prefix, done, total) of the newest update
-_active: "Progress | None" = None
+_active: Progress | None = None
 _tty = None  # /dev/tty, opened once
 
 

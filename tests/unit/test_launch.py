@@ -153,3 +153,22 @@ def test_the_interrupt_report_is_never_behind_the_checkpoint_on_disk(tmp_path):
     assert msg.startswith("mpitrain: interrupted in epoch 1/5, step 45/45\n")
     msg = interrupted_message("epoch 2/5, step 3/45", run2, "x")
     assert msg.startswith("mpitrain: interrupted in epoch 2/5, step 3/45\n")
+
+
+def test_under_a_plain_mpiexec_without_a_terminal_the_bar_becomes_plain_lines(monkeypatch):
+    from mpitrain.train import progress
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as if started by mpiexec
+    monkeypatch.delenv("MPITRAIN_LAUNCHER", raising=False)
+    monkeypatch.setattr(progress, "_tty", False)  # no /dev/tty to draw on
+    monkeypatch.setenv("MPITRAIN_TTY", "0")
+    assert progress.mode() is None
+    monkeypatch.setenv("MPITRAIN_TTY", "1")
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "LINES_EVERY", 0.0)
+    bar = Progress(10, "epoch 1/2 ", stream=out)
+    assert bar.mode == "lines"
+    bar.update(3, loss=0.25)
+    bar.close()
+    assert out.getvalue().startswith("epoch 1/2 3/10 [") and out.getvalue().endswith("loss 0.2500\n")
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
