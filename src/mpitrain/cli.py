@@ -146,7 +146,7 @@ def _cmd_evaluate(args, argv) -> int:
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
@@ -169,7 +169,7 @@ def _cmd_bench(args, argv) -> int:
     if args.np is not None:
         from mpitrain.dist import launch
 
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
     from mpitrain.train.bench import bench_main
 
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
@@ -208,12 +208,8 @@ def _cmd_train(args, argv) -> int:
         return train_main(lambda: _config_from_args(args), resume=args.resume)
     cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
     if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
-        from mpitrain.dist import launch
-
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile,
-                          extra=launch.elastic_flags() if args.elastic else None)
+        return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
     from mpitrain.data.dataset import make_plan, resolve_data_dir
-    from mpitrain.dist import launch
     from mpitrain.train.runfolder import prepare
 
     if cfg.strategy == "master-worker" and args.np < 2:
@@ -223,9 +219,38 @@ def _cmd_train(args, argv) -> int:
     child = _strip_launch_args(argv)
     if cfg.out is None:  # every rank must use the folder the launcher just made
         child += ["--out", str(out)]
-    hint = f"mpitrain train -n {args.np} --resume --out {out}"
-    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint,
-                      extra=launch.elastic_flags() if cfg.elastic else None)
+    return _launch_train(args, child, out, cfg.elastic)
+
+
+def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | None]:
+    """mpiexec's extra flags and the resume command for `mpitrain train -n N` of `out`.
+
+    A resumed run trains with its saved options, so whether it is elastic (and needs
+    Open MPI's ULFM) is read from its newest checkpoint, not from this command line."""
+    from mpitrain.dist import launch
+
+    if args.resume and out is not None:
+        from pathlib import Path
+
+        from mpitrain.train.checkpoint import saved_config
+
+        elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
+    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic)
+    return (launch.elastic_flags() if elastic else None), hint
+
+
+def _launch_train(args, child: list[str], out, elastic: bool) -> int:
+    from mpitrain.dist import launch
+
+    extra, hint = _launch_options(args, out, elastic)
+
+    def report(where):  # after Ctrl-C: where it stopped, what is on disk, how to go on
+        from mpitrain.train.command import interrupted_message
+
+        print(interrupted_message(where, out, hint), file=sys.stderr)
+
+    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
+                      debug=args.debug, on_interrupt=report)
 
 
 def _cmd_data(args, argv) -> int:

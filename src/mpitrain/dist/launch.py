@@ -9,6 +9,15 @@ and returns mpiexec's exit code. Open MPI refuses to run as root unless two vari
 set; we set them only when we are root. `--bind-to none` lets each rank use its share of
 the node's cores (the trainer splits cores between the ranks on a node) instead of Open
 MPI's default of one core per rank.
+
+While the job runs, the launcher stands between mpiexec and the user (`run`):
+
+* stdout is relayed line by line; rank 0's progress arrives as marker lines and is redrawn
+  as a one-line bar when our stdout is a terminal (dropped in a log);
+* stderr is relayed line by line; after a rank's own `mpitrain: error` line, Open MPI's
+  boxed reports (which only repeat that a process failed) are held back, unless --debug;
+* mpiexec runs in its own process group, so Ctrl-C reaches only us: we pass it on once,
+  wait for the job to end and let the caller report where the run stopped.
 """
 
 from __future__ import annotations
@@ -47,10 +56,15 @@ def is_open_mpi(mpiexec: str) -> bool:
 
 
 def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
-                    extra: list[str] | None = None, mpiexec: str | None = None) -> tuple[list[str], dict]:
+                    extra: list[str] | None = None, mpiexec: str | None = None,
+                    launcher: bool = False) -> tuple[list[str], dict]:
+    """`launcher`: our `run` relays the job's output, so rank 0 sends progress as lines."""
     mpiexec = mpiexec or find_mpiexec()
     env = dict(os.environ)
-    env.setdefault("MPITRAIN_TTY", "1" if sys.stdout.isatty() else "0")
+    if launcher:
+        env["MPITRAIN_LAUNCHER"] = "1"
+    else:
+        env.setdefault("MPITRAIN_TTY", "1" if sys.stdout.isatty() else "0")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [mpiexec, "-n", str(n)]
     if is_open_mpi(mpiexec):
@@ -61,7 +75,7 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
             cmd.append("--oversubscribe")
         cmd += ["--bind-to", "none"]
         # Forward our variables to ranks on other hosts too.
-        for var in ("MPITRAIN_TTY", "MPITRAIN_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL"):
+        for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL"):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:
@@ -97,29 +111,211 @@ def lost_rank_message(stderr_text: str, resume_hint: str | None = None) -> str |
     return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
 
 
-def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
-        resume_hint: str | None = None) -> int:
-    """Run the job and return its exit code; Ctrl-C is passed on to mpiexec.
+def resume_command(n: int | None, out, hostfile: str | None = None, elastic: bool = False) -> str:
+    """The command that continues the run in `out` (`n` None: one process)."""
+    import shlex
 
-    mpiexec's stderr is passed through line by line and also kept, so that a rank lost
-    to a signal can be named in one line at the end.
+    words = ["mpitrain", "train"]
+    if n is not None:
+        words += ["-n", str(n)]
+    if hostfile is not None:
+        words += ["--hostfile", shlex.quote(str(hostfile))]
+    words += ["--resume", "--out", shlex.quote(str(out))]
+    if elastic:
+        words.append("--elastic")
+    return " ".join(words)
+
+
+# Progress from rank 0 to the launcher: one complete line per redraw (Open MPI forwards a
+# rank's output by lines, so a carriage-return bar would only arrive with the next newline).
+# It is an OSC escape sequence, so a terminal that sees one by mistake shows nothing of it.
+PROGRESS = "\x1b]mpitrain-progress;"
+_BEL = "\x07"
+
+
+def progress_line(where: str, text: str) -> str:
+    """A marker line: `where` ("epoch 1/5, step 12/45") and the bar `text` ("" = erase it)."""
+    return f"{PROGRESS}{where.replace(';', ',')};{text.replace(chr(10), ' ')}{_BEL}\n"
+
+
+def parse_progress(line: str) -> tuple[str, str] | None:
+    if not line.startswith(PROGRESS):
+        return None
+    body = line[len(PROGRESS):].rstrip("\r\n")
+    if body.endswith(_BEL):
+        body = body[:-1]
+    where, _, text = body.partition(";")
+    return where, text
+
+
+class StdoutRelay:
+    """mpiexec's stdout to ours: progress marker lines are redrawn as a one-line bar
+    (`draw`, a terminal) or dropped (a log), every other line passes unchanged. The last
+    position seen is kept in `where`."""
+
+    def __init__(self, out, draw: bool, width: int | None = None, lock=None):
+        import threading
+
+        self.out, self.draw, self.width = out, draw, width
+        self.lock = lock or threading.Lock()
+        self.where: str | None = None
+        self._shown = False
+
+    def feed(self, line: str) -> None:
+        marker = parse_progress(line)
+        with self.lock:
+            if marker is None:
+                self._write(self.out, line, clear=True)
+                return
+            where, text = marker
+            self.where = where or self.where
+            if not self.draw:
+                return
+            if text:
+                width = self.width or shutil.get_terminal_size().columns
+                self._write(self.out, "\r" + text[:max(10, width - 1)] + "\x1b[K", clear=False)
+                self._shown = True
+            else:
+                self._clear()
+
+    def write_other(self, stream, text: str) -> None:
+        """`text` for another stream on the same terminal (stderr): the bar goes first."""
+        with self.lock:
+            self._write(stream, text, clear=True)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._shown = False
+            self._write(self.out, "\r\x1b[K", clear=False)
+
+    def _write(self, stream, text: str, clear: bool) -> None:
+        if clear:
+            self._clear()
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # our terminal is gone: the job goes on regardless
+            pass
+
+
+_DASHES = re.compile(r"^-{20,}\s*$")
+_OMPI_TAGGED = re.compile(r"^\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ..."
+
+
+class StderrFilter:
+    """mpiexec's stderr, line by line. Open MPI's reports come as boxes between lines of
+    dashes; once a rank has explained the failure in an `mpitrain: error` line (or the user
+    pressed Ctrl-C), they only repeat it, so they are held back, as are Open MPI's tagged
+    `[host:pid]` diagnostics. With --debug everything is shown."""
+
+    def __init__(self, out, debug: bool = False, write=None):
+        self.debug = debug
+        self.explained = False
+        self._box: list[str] | None = None
+        self._write = write or (lambda text: (out.write(text), out.flush()))
+
+    def feed(self, line: str) -> None:
+        if self._box is not None:
+            self._box.append(line)
+            if _DASHES.match(line):
+                box, self._box = self._box, None
+                self._emit("".join(box), noise=True)
+            return
+        if _DASHES.match(line):
+            self._box = [line]
+            return
+        if line.startswith(("mpitrain: error", "mpitrain: interrupted")):
+            self.explained = True
+        self._emit(line, noise=bool(_OMPI_TAGGED.match(line)))
+
+    def close(self) -> None:
+        if self._box:
+            box, self._box = self._box, None
+            self._emit("".join(box), noise=True)
+
+    def _emit(self, text: str, noise: bool) -> None:
+        if noise and self.explained and not self.debug:
+            return
+        self._write(text)
+
+
+def _want_bar() -> bool:
+    tty = os.environ.get("MPITRAIN_TTY")
+    if tty in ("0", "1"):
+        return tty == "1"
+    return sys.stdout.isatty()
+
+
+def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
+        resume_hint: str | None = None, debug: bool = False, on_interrupt=None) -> int:
+    """Run the job and return its exit code (130 after Ctrl-C).
+
+    mpiexec runs in its own process group, so a Ctrl-C at the terminal reaches only us: we
+    pass it on once (Open MPI then stops every rank) and wait; a second one kills mpiexec.
+    When the job has ended, `on_interrupt(where)` reports it (`where`: the last position
+    rank 0 reported, or None). mpiexec's stdout is relayed line by line (progress markers
+    become a bar on a terminal), its stderr too, with Open MPI's boxes held back after our
+    own error line; the stderr is also kept, so that a rank lost to a signal can be named in
+    one line at the end.
     """
+    import collections
+    import threading
+
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
-    cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra)
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
-    seen = []
-    try:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+    cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra,
+                               launcher=True)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **group)
+    relay = StdoutRelay(sys.stdout, _want_bar())
+    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text))
+    seen: collections.deque[str] = collections.deque(maxlen=200)
+
+    def pump_stderr():
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
             seen.append(line)
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait()
+            errors.feed(line)
+        errors.close()
+
+    pump = threading.Thread(target=pump_stderr, daemon=True)
+    pump.start()
+    # Our own SIGTERM/SIGHUP (a batch system, a closed terminal) stop the job too.
+    forwarded = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s))
+                 for sig in (signal.SIGTERM, signal.SIGHUP)}
+    interrupted = False
+    try:
+        while True:
+            try:
+                for raw in proc.stdout:
+                    relay.feed(raw.decode(errors="replace"))
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                if interrupted:
+                    proc.kill()  # a second Ctrl-C: no more waiting
+                else:
+                    interrupted = True
+                    errors.explained = True  # Open MPI's report of the stop says nothing new
+                    proc.send_signal(signal.SIGINT)
+    finally:
+        for sig, old in forwarded.items():
+            signal.signal(sig, old)
+    pump.join(timeout=10)
+    relay.clear()
+    if interrupted and code != 0:
+        if on_interrupt is not None:
+            on_interrupt(relay.where)
+        else:
+            print("mpitrain: interrupted", file=sys.stderr)
+        return 130
     if code != 0:
-        lost = lost_rank_message("".join(seen[-200:]), resume_hint)
+        lost = lost_rank_message("".join(seen), resume_hint)
         if lost:
             print(lost, file=sys.stderr)
     return code

@@ -113,6 +113,41 @@ def mark_finished(run_dir: Path) -> Path | None:
     return save(run_dir, ckpt, keep=0)
 
 
+def read_meta(path: Path) -> dict:
+    """Only the meta member of one checkpoint (no model arrays are read); ValueError if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("meta.npy") as f:
+            meta = json.loads(bytes(np.lib.format.read_array(f, allow_pickle=False)).decode())
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("damaged (meta is not an object)")
+    return meta
+
+
+def latest_meta(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose meta reads, and that meta (None if there is none)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, read_meta(path)
+        except ValueError:
+            continue
+    return None
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """The config a run was trained with, from its newest checkpoint (cheap: meta only).
+
+    For the `-n N --resume` launcher, which must know e.g. --elastic before any rank starts."""
+    found = latest_meta(run_dir)
+    return found[1].get("config") if found else None
+
+
+def describe_position(epoch: int, step: int) -> str:
+    """Where a checkpoint continues, for people: "epoch 2, step 10" or "end of epoch 1"."""
+    return f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+
+
 def load_latest(run_dir: Path, warn=print) -> Checkpoint | None:
     """The newest checkpoint that reads back completely (None if there is none); a newest
     one written by a newer mpitrain raises CheckpointTooNew."""

@@ -70,6 +70,9 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
         cfg: TrainConfig = make_config().resolved()
         if resume and comm.rank == 0:
             ckpt, cfg = _open_resume(cfg)
+        from mpitrain.train.models import check_model
+
+        check_model(cfg.model, cfg.image_size)  # on every rank: one agreed error, not one per rank
     except UserError as e:
         err = str(e)
     agree(comm, err)
@@ -95,6 +98,61 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
         agree(comm, f"rank(s) {differ} were started with a different config, mpitrain version "
                     f"or data file list than rank 0")
 
+    try:
+        return _train(cfg, comm, plan, out, ckpt, resume, say)
+    except KeyboardInterrupt:
+        from mpitrain.dist.launch import resume_command
+        from mpitrain.train import progress
+
+        progress.clear_active()
+        if comm.rank == 0:
+            where = progress.last_position() or "set-up, before the first training step"
+            hint = resume_command(comm.size if comm.size > 1 else None, out, elastic=cfg.elastic)
+            print(interrupted_message(where, out, hint), file=sys.stderr, flush=True)
+        return 130
+
+
+def interrupted_message(where: str | None, run_dir, resume_cmd: str | None) -> str:
+    """What to tell after Ctrl-C: where training stopped, the newest checkpoint on disk
+    (found by reading the run folder, so the launcher can tell it too), how to go on."""
+    from pathlib import Path
+
+    from mpitrain.train import checkpoint
+
+    found = checkpoint.latest_meta(Path(run_dir)) if run_dir is not None else None
+    if found is not None:
+        where = _not_behind(where, found[1])
+    lines = ["mpitrain: interrupted" + (f" in {where}" if where else "")]
+    if found is None:
+        lines.append("newest checkpoint: none yet, so there is nothing to resume; start the run again")
+    else:
+        path, meta = found
+        lines.append(f"newest checkpoint: {path} "
+                     f"({checkpoint.describe_position(meta.get('epoch', 0), meta.get('step', 0))})")
+        if meta.get("status") == "finished":
+            lines.append("training had finished; the run folder may be incomplete")
+        elif resume_cmd:
+            lines.append(f"continue with: {resume_cmd}")
+    return "\n".join(lines)
+
+
+def _not_behind(where: str | None, meta: dict) -> str | None:
+    """`where` ("epoch E/N, step S/T"), moved up to the checkpoint `meta` if that is later:
+    the launcher's last progress line can lag behind rank 0, the checkpoint cannot."""
+    import re
+
+    m = re.fullmatch(r"epoch (\d+)/(\d+), step (\d+)/(\d+)", where or "")
+    if not m:
+        return where
+    epoch, epochs, step, steps = map(int, m.groups())
+    saved = (meta.get("epoch", 0) + 1, meta.get("step", 0)) if meta.get("step") else (meta.get("epoch", 0), steps)
+    if saved > (epoch, step) and saved[0] <= epochs and saved[1] <= steps:
+        return f"epoch {saved[0]}/{epochs}, step {saved[1]}/{steps}"
+    return where
+
+
+def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
+    from mpitrain.data import dataset
     from mpitrain.dist.strategies import STRATEGY_CLASSES
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model

@@ -59,12 +59,18 @@ MODELS: dict[str, tuple[Callable, int]] = {
 }
 
 
-def build_model(name: str, image_size: int, n_classes: int):
+def check_model(name: str, image_size: int) -> None:
+    """A UserError unless `name` is a model that can take `image_size` pixels (no Keras needed)."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    builder, min_size = MODELS[name]
-    if image_size < min_size:
-        raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {min_size})")
+    if image_size < MODELS[name][1]:
+        raise UserError(f"--image-size {image_size} is too small for model {name!r} "
+                        f"(needs >= {MODELS[name][1]})")
+
+
+def build_model(name: str, image_size: int, n_classes: int):
+    check_model(name, image_size)
+    builder, _ = MODELS[name]
     if n_classes < 2:
         raise UserError(f"need at least 2 classes, got {n_classes}")
     return builder(image_size, n_classes)

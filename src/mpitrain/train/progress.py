@@ -1,10 +1,19 @@
 """A one-line progress bar for rank 0, Keras-style, that behaves in logs.
 
-On a terminal it redraws one line with a carriage return at most 10 times a second. When
-the output is a file or pipe (CI logs, `mpiexec` without our launcher) it stays silent
-during the epoch, and the per-epoch summary line carries the information instead.
-`mpitrain train -n N` sets MPITRAIN_TTY=1 for its ranks when its own stdout is a terminal,
-since under mpiexec the ranks cannot tell; with a plain mpiexec, export MPITRAIN_TTY=1.
+Where it goes depends on how the process was started:
+
+* one process on a terminal: redrawn in place with a carriage return, at most 10 times a
+  second; to a file or pipe: nothing during the epoch (the epoch summary line says it all);
+* under `mpitrain train -n N` (MPITRAIN_LAUNCHER=1): Open MPI forwards a rank's output by
+  whole lines, so a carriage-return bar would never show. Rank 0 writes each redraw as a
+  complete marker line instead, and the launcher redraws it as a bar on its terminal, or
+  drops it when its output is a log;
+* under a plain `mpiexec`: the ranks cannot tell whether anyone watches (Open MPI gives
+  them a pseudo-terminal even when mpiexec's output goes to a file), so no bar unless
+  MPITRAIN_TTY=1; then rank 0 draws it on the terminal it was started from (/dev/tty), or,
+  without one, writes a plain progress line every few seconds.
+
+MPITRAIN_TTY=0 turns the bar off, MPITRAIN_TTY=1 on, wherever the output goes.
 """
 
 from __future__ import annotations
@@ -13,36 +22,96 @@ import os
 import sys
 import time
 
+LINES_EVERY = 5.0  # seconds between plain progress lines (no terminal to redraw on)
 
-def interactive(stream=None) -> bool:
+_last: tuple[str, int, int] | None = None  # (prefix, done, total) of the newest update
+_active: Progress | None = None
+_tty = None  # /dev/tty, opened once
+
+
+def last_position() -> str | None:
+    """Where training was at its newest update ("epoch 2/5, step 17/45"), on any rank."""
+    return None if _last is None else _where(*_last)
+
+
+def clear_active() -> None:
+    """Erase a bar left on the terminal (before a message, e.g. after Ctrl-C)."""
+    if _active is not None:
+        _active.close()
+
+
+def _where(prefix: str, done: int, total: int) -> str:
+    return f"{prefix.strip()}, step {done}/{total}" if prefix.strip() else f"step {done}/{total}"
+
+
+def _open_tty():
+    """The terminal this process was started from, if it may write there (else None)."""
+    global _tty
+    if _tty is None:
+        try:
+            import termios
+
+            f = open("/dev/tty", "w")
+            if termios.tcgetattr(f.fileno())[3] & termios.TOSTOP:
+                f.close()  # a background write would stop the process (SIGTTOU)
+                f = False
+        except Exception:  # noqa: BLE001 - no terminal (OSError), no termios: no bar there
+            f = False
+        _tty = f
+    return _tty or None
+
+
+def mode(stream=None) -> str | None:
+    """"redraw" (carriage return), "marker" (lines for the launcher), "lines" (a plain
+    line now and then) or None (silent)."""
+    return _choose(stream)[0]
+
+
+def _choose(stream=None):
+    """(mode, where to write)."""
     stream = stream or sys.stdout
-    if os.environ.get("MPITRAIN_TTY") in ("0", "1"):
-        return os.environ["MPITRAIN_TTY"] == "1"
+    tty = os.environ.get("MPITRAIN_TTY")
+    if tty == "0":
+        return None, stream
+    if os.environ.get("MPITRAIN_LAUNCHER") == "1":
+        return "marker", stream
     from mpitrain.dist.comm import launched_by_mpi
 
     if launched_by_mpi():
-        # Open MPI hands its ranks a pseudo-terminal even when mpiexec's own output goes to
-        # a log file, so isatty() says nothing here: no bar unless MPITRAIN_TTY=1.
-        return False
-    return hasattr(stream, "isatty") and stream.isatty()
+        if tty != "1":
+            return None, stream
+        terminal = _open_tty()
+        return ("redraw", terminal) if terminal is not None else ("lines", stream)
+    if tty == "1" or (hasattr(stream, "isatty") and stream.isatty()):
+        return "redraw", stream
+    return None, stream
+
+
+def interactive(stream=None) -> bool:
+    return mode(stream) is not None
 
 
 class Progress:
     def __init__(self, total: int, prefix: str = "", enabled: bool = True, stream=None, width: int = 24):
         self.total = max(1, total)
         self.prefix = prefix
-        self.stream = stream or sys.stdout
-        self.enabled = enabled and interactive(self.stream)
+        self.mode, self.stream = _choose(stream) if enabled else (None, stream or sys.stdout)
+        self.enabled = self.mode is not None
         self.width = width
         self.start = time.perf_counter()
-        self._last = 0.0
+        self._last = self.start if self.mode == "lines" else 0.0
         self._shown = False
+        self._done = 0
 
     def update(self, done: int, **values: float) -> None:
+        global _last, _active
+        _last = (self.prefix, done, self.total)
+        self._done = done
         if not self.enabled:
             return
         now = time.perf_counter()
-        if done < self.total and now - self._last < 0.1:
+        every = LINES_EVERY if self.mode == "lines" else 0.1
+        if now - self._last < every and (done < self.total or self.mode == "lines"):
             return
         self._last = now
         filled = int(self.width * done / self.total)
@@ -51,12 +120,30 @@ class Progress:
         eta = elapsed / done * (self.total - done) if done else 0.0
         stats = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = f"{self.prefix}{done}/{self.total} [{bar:<{self.width}}] {elapsed:.0f}s eta {eta:.0f}s {stats}"
-        self.stream.write("\r" + line + "\x1b[K")
+        if self.mode == "marker":
+            from mpitrain.dist.launch import progress_line
+
+            self.stream.write(progress_line(_where(self.prefix, done, self.total), line.rstrip()))
+        elif self.mode == "lines":
+            self.stream.write(line.rstrip() + "\n")
+        else:
+            self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()
         self._shown = True
+        _active = self
 
     def close(self) -> None:
         """Erase the bar so the epoch summary line takes its place."""
-        if self._shown:
+        global _active
+        if _active is self:
+            _active = None
+        if not self._shown:
+            return
+        self._shown = False
+        if self.mode == "marker":
+            from mpitrain.dist.launch import progress_line
+
+            self.stream.write(progress_line(_where(self.prefix, self._done, self.total), ""))
+        elif self.mode == "redraw":
             self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.stream.flush()

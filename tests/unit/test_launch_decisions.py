@@ -1,0 +1,174 @@
+"""The `-n N` launcher's decisions, in-process: mpiexec flags for a resumed run, the resume
+hint, holding back Open MPI's box after our own error, the progress relay, Ctrl-C report."""
+
+import io
+
+import numpy as np
+import pytest
+
+from mpitrain.cli import _launch_options, build_parser
+from mpitrain.dist import launch
+from mpitrain.train import checkpoint
+from mpitrain.train.command import interrupted_message
+from mpitrain.train.progress import Progress
+
+
+def _saved_run(tmp_path, elastic: bool, epoch=0, step=10):
+    run = tmp_path / "run"
+    checkpoint.save(run, checkpoint.Checkpoint(
+        epoch=epoch, step=step, ranks=3, strategy="allreduce", states=[[np.zeros(4, np.float32)]],
+        shared=True, config={"elastic": elastic, "epochs": 5, "strategy": "allreduce"}))
+    return run
+
+
+def _args(*argv):
+    return build_parser().parse_args(["train", *map(str, argv)])
+
+
+def test_resuming_an_elastic_run_keeps_it_elastic(tmp_path):
+    # --elastic is not on the command line: it comes from the run's newest checkpoint.
+    run = _saved_run(tmp_path, elastic=True)
+    extra, hint = _launch_options(_args("-n", 3, "--resume", "--out", run), run, elastic=False)
+    assert extra == ["--with-ft", "ulfm"]
+    assert hint == f"mpitrain train -n 3 --resume --out {run} --elastic"
+
+
+def test_resuming_a_plain_run_adds_no_ulfm_flags(tmp_path):
+    run = _saved_run(tmp_path / "plain", elastic=False)
+    extra, hint = _launch_options(_args("-n", 2, "--resume", "--out", run), run, elastic=False)
+    assert not extra
+    assert hint == f"mpitrain train -n 2 --resume --out {run}"
+
+
+def test_the_config_is_read_from_the_meta_alone(tmp_path):
+    run = _saved_run(tmp_path, elastic=True)
+    path = checkpoint.list_checkpoints(run)[-1]
+    assert checkpoint.read_meta(path)["config"]["elastic"] is True
+    assert checkpoint.saved_config(run)["elastic"] is True
+    assert checkpoint.saved_config(tmp_path / "nothing-here") is None
+
+
+def test_the_resume_hint_of_a_new_run_is_complete(tmp_path):
+    hosts = tmp_path / "my hosts"
+    extra, hint = _launch_options(_args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"),
+                                  tmp_path / "r", elastic=True)
+    assert extra == ["--with-ft", "ulfm"]
+    assert hint == f"mpitrain train -n 4 --hostfile '{hosts}' --resume --out {tmp_path / 'r'} --elastic"
+    msg = launch.lost_rank_message(
+        "prterun noticed that process rank 1 with PID 7 on node vm exited on\n signal 9 (Killed).", hint)
+    assert msg.endswith("continue it with: " + hint)
+
+
+BOX = ["-" * 74 + "\n",
+       "prterun detected that one or more processes exited with non-zero status,\n",
+       "thus causing the job to be terminated. The first process to do so was:\n",
+       "\n",
+       "   Process name: [prterun-vm-7771@1,1]\n",
+       "   Exit code:    2\n",
+       "-" * 74 + "\n"]
+
+
+def _filtered(lines, debug=False):
+    out = io.StringIO()
+    f = launch.StderrFilter(out, debug=debug)
+    for line in lines:
+        f.feed(line)
+    f.close()
+    return out.getvalue()
+
+
+def test_open_mpis_box_is_held_back_after_our_own_error():
+    error = "mpitrain: error: the run in r has already finished; nothing to resume\n"
+    assert _filtered([error, *BOX, *BOX]) == error
+    assert _filtered([error, *BOX], debug=True) == error + "".join(BOX)  # --debug shows everything
+
+
+def test_open_mpis_box_is_shown_when_nobody_explained():
+    assert _filtered(["warning: x\n", *BOX]) == "warning: x\n" + "".join(BOX)
+    # An unfinished box at the end is still shown.
+    assert _filtered(BOX[:3]) == "".join(BOX[:3])
+
+
+def test_rank_0_writes_progress_as_marker_lines_under_the_launcher(monkeypatch):
+    monkeypatch.setenv("MPITRAIN_LAUNCHER", "1")
+    out = io.StringIO()
+    bar = Progress(45, "epoch 1/5 ", stream=out)
+    bar.update(12, loss=0.5)
+    bar.close()
+    lines = out.getvalue().splitlines(keepends=True)
+    assert len(lines) == 2 and all(line.endswith("\n") and "\r" not in line for line in lines)
+    where, text = launch.parse_progress(lines[0])
+    assert where == "epoch 1/5, step 12/45" and text.startswith("epoch 1/5 12/45 [") and "loss 0.5000" in text
+    assert launch.parse_progress(lines[1]) == ("epoch 1/5, step 12/45", "")
+
+
+def test_the_launcher_redraws_marker_lines_as_a_bar_on_a_terminal():
+    line = launch.progress_line("epoch 1/5, step 3/45", "epoch 1/5 3/45 [>   ] loss 0.7")
+    out = io.StringIO()
+    relay = launch.StdoutRelay(out, draw=True, width=80)
+    relay.feed("data: d\n")
+    relay.feed(line)
+    relay.feed(launch.progress_line("epoch 1/5, step 45/45", ""))
+    relay.feed("epoch 1/5 [allreduce x2] loss 0.6\n")
+    assert out.getvalue() == ("data: d\n\repoch 1/5 3/45 [>   ] loss 0.7\x1b[K\r\x1b[K"
+                              "epoch 1/5 [allreduce x2] loss 0.6\n")
+    assert relay.where == "epoch 1/5, step 45/45"
+    # Not a terminal: the markers vanish, every other line passes unchanged.
+    quiet = io.StringIO()
+    relay = launch.StdoutRelay(quiet, draw=False)
+    relay.feed("a\n")
+    relay.feed(line)
+    relay.feed("b\n")
+    assert quiet.getvalue() == "a\nb\n" and relay.where == "epoch 1/5, step 3/45"
+
+
+def test_a_bar_longer_than_the_terminal_is_cut():
+    out = io.StringIO()
+    relay = launch.StdoutRelay(out, draw=True, width=20)
+    relay.feed(launch.progress_line("w", "x" * 50))
+    assert out.getvalue() == "\r" + "x" * 19 + "\x1b[K"
+
+
+@pytest.mark.parametrize("step", [10, 0])
+def test_the_interrupt_report_names_position_checkpoint_and_command(tmp_path, step):
+    run = _saved_run(tmp_path, elastic=False, epoch=1 if step == 0 else 0, step=step)
+    newest = checkpoint.list_checkpoints(run)[-1]
+    msg = interrupted_message("epoch 2/5, step 17/45", run, f"mpitrain train -n 2 --resume --out {run}")
+    assert msg.startswith("mpitrain: interrupted in epoch 2/5, step 17/45")
+    assert str(newest) in msg
+    assert ("epoch 1, step 10" if step else "end of epoch 1") in msg
+    assert msg.rstrip().endswith(f"continue with: mpitrain train -n 2 --resume --out {run}")
+    empty = interrupted_message(None, tmp_path / "empty", "mpitrain train --resume --out x")
+    assert "none yet" in empty and "continue with" not in empty
+
+
+def test_the_interrupt_report_is_never_behind_the_checkpoint_on_disk(tmp_path):
+    # The launcher's last progress line can lag behind rank 0 (Open MPI drops what it has
+    # not forwarded when it stops the job); the checkpoint on disk proves how far it got.
+    run = _saved_run(tmp_path, elastic=False, epoch=0, step=20)
+    msg = interrupted_message("epoch 1/5, step 11/45", run, "mpitrain train -n 2 --resume --out r")
+    assert msg.startswith("mpitrain: interrupted in epoch 1/5, step 20/45\n")
+    run2 = _saved_run(tmp_path / "b", elastic=False, epoch=1, step=0)
+    msg = interrupted_message("epoch 1/5, step 44/45", run2, "x")
+    assert msg.startswith("mpitrain: interrupted in epoch 1/5, step 45/45\n")
+    msg = interrupted_message("epoch 2/5, step 3/45", run2, "x")
+    assert msg.startswith("mpitrain: interrupted in epoch 2/5, step 3/45\n")
+
+
+def test_under_a_plain_mpiexec_without_a_terminal_the_bar_becomes_plain_lines(monkeypatch):
+    from mpitrain.train import progress
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as if started by mpiexec
+    monkeypatch.delenv("MPITRAIN_LAUNCHER", raising=False)
+    monkeypatch.setattr(progress, "_tty", False)  # no /dev/tty to draw on
+    monkeypatch.setenv("MPITRAIN_TTY", "0")
+    assert progress.mode() is None
+    monkeypatch.setenv("MPITRAIN_TTY", "1")
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "LINES_EVERY", 0.0)
+    bar = Progress(10, "epoch 1/2 ", stream=out)
+    assert bar.mode == "lines"
+    bar.update(3, loss=0.25)
+    bar.close()
+    assert out.getvalue().startswith("epoch 1/2 3/10 [") and out.getvalue().endswith("loss 0.2500\n")
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
