@@ -63,7 +63,7 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import STRATEGIES
+    from mpitrain.config import STRATEGIES, TrainConfig
     from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
@@ -94,12 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
 
-    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)")
+    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)",
+                       description="Training throughput of the real train step and strategy, on generated "
+                                   "random images held in memory (no data folder, no decoding, no disk), "
+                                   "so it measures the model and the communication, not the input.")
     b.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
     b.add_argument("--hostfile")
     b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
                                                    "(default: %(default)s)")
-    b.add_argument("--batch-size", type=_positive_int, default=64, help="per rank (default: %(default)s)")
+    b.add_argument("--batch-size", type=_positive_int, default=64,
+                   help=f"per rank (default: %(default)s, not train's {TrainConfig.batch_size}: docs/benchmarks.md "
+                        f"was measured at 64, where per-step overheads weigh less; use {TrainConfig.batch_size} "
+                        "to time train's default)")
     b.add_argument("--steps", type=_positive_int, default=60, help="timed steps (default: %(default)s)")
     b.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps first (default: %(default)s)")
     b.add_argument("--repeats", type=_positive_int, default=1,
@@ -108,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strategy", choices=STRATEGIES, default="allreduce", help="(default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
-    b.add_argument("--json", action="store_true", help="last line: one JSON object")
+    b.add_argument("--json", action="store_true",
+                   help="standard output is one JSON object and nothing else (the summary goes to stderr)")
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
