@@ -126,3 +126,27 @@ def test_more_than_two_classes_use_argmax_and_macro_micro_averages(three_class_r
     capsys.readouterr()
     code = main(["evaluate", "--model", str(run), "--data", str(data), "--threshold", "0.3"])
     one_line_error(code, capsys.readouterr().err, "two-class")
+
+
+def test_evaluating_on_a_subset_of_the_classes_names_the_absent_one_and_averages_over_the_rest(
+        three_class_run, tmp_path, capsys):
+    run, data = three_class_run
+    subset = tmp_path / "ab"
+    subset.mkdir()
+    for name in "ab":
+        (subset / name).symlink_to(data / name, target_is_directory=True)
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(run), "--data", str(subset), "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["absent_classes"] == ["c"] and doc["n_samples"] == 40
+    absent = [line for line in out.splitlines() if "absent classes" in line]
+    assert len(absent) == 1 and "c: no images in this data" in absent[0] and "the 2 classes present" in absent[0]
+    per_class = out.split("per class", 1)[1].splitlines()
+    assert not [line for line in per_class if line.split()[:1] == ["c"]], out  # no row of 0 images
+    assert "c 0" not in out
+    present = [doc["per_class"][c] for c in "ab"]
+    for metric in ("precision", "recall", "f1"):
+        values = [p[metric] for p in present if p[metric] is not None]
+        assert doc[f"macro_{metric}"] == pytest.approx(np.mean(values)), metric

@@ -168,7 +168,8 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     from mpitrain.evaluate.report import text_table
 
     info = setup.info
-    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items())
+    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items()
+                          if c not in result["absent_classes"])  # those are named in the table
     echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
     echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
          f"{ranks} rank{'s' * (ranks > 1)} | {result['seconds']:.1f}s "

@@ -42,6 +42,11 @@ def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str
     one_vs_rest = "" if metrics.get("positive_class") is not None else " (macro, one-vs-rest)"
     rows += [("ROC AUC" + one_vs_rest, _v(metrics["roc_auc"])), ("PR AUC" + one_vs_rest, _v(metrics["pr_auc"])),
              ("decision", threshold_text(metrics, source))]
+    absent = metrics.get("absent_classes") or []
+    if absent:
+        n_present = len(metrics["class_names"]) - len(absent)
+        rows.append(("absent classes", f"{', '.join(absent)}: no images in this data; averages are over "
+                                       f"the {n_present} class{'es' * (n_present != 1)} present"))
     return rows
 
 
@@ -63,9 +68,10 @@ def text_table(metrics: dict, source: str | None = None) -> str:
                                      [[n] + [f"{c:,}" for c in row] for n, row in zip(names, cm)])]
     out += ["", "  per class"]
     pc = metrics["per_class"]
+    absent = set(metrics.get("absent_classes") or [])  # named once in the rows above instead
     out += ["  " + s for s in _grid(["class", "images", "precision", "recall", "F1"],
                                      [[n, f"{pc[n]['support']:,}", _v(pc[n]["precision"]), _v(pc[n]["recall"]),
-                                       _v(pc[n]["f1"])] for n in names])]
+                                       _v(pc[n]["f1"])] for n in names if n not in absent])]
     return "\n".join(out)
 
 
