@@ -86,6 +86,13 @@ def _duration(seconds: float) -> str:
     return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
 
 
+def _comm_label(strategy) -> str:
+    """What rank 0's time inside MPI calls is: mostly waiting, not moving bytes."""
+    if strategy == "master-worker":  # the master trains nothing: it waits while the workers train
+        return "rank 0 (master) waiting in collectives, mostly for the workers' training"
+    return "rank 0 in collectives (communication, and waiting for slower ranks)"
+
+
 def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], timings: dict,
                  data_line: str) -> Path:
     """``out/report.md``: figures, validation metrics, timings and the config (rank 0)."""
@@ -101,6 +108,12 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
     lines += _md_table(["true \\ predicted"] + names,
                        [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])]) + [""]
+    if metrics.get("threshold") is not None:
+        lines += [f"Accuracy in this table is at the decision threshold, {threshold_text(metrics)}; the training "
+                  "curves and the epoch lines printed during training show accuracy at argmax, so the two "
+                  "accuracies differ.", ""]
+    else:
+        lines += ["Accuracy here, in the training curves and in the epoch lines is at argmax.", ""]
     if "val_sensitivity" in metrics or metrics.get("threshold_method"):
         lines += [f"Threshold method: `{metrics.get('threshold_method')}`"
                   + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
@@ -112,13 +125,17 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]
+        if kind == "training_curves":
+            lines += ["Training numbers are running means over each epoch, taken while the weights change; "
+                      "validation numbers are measured with the weights at the end of the epoch. So early on "
+                      "validation can be far ahead of training. Accuracy in the curves is at argmax.", ""]
     lines += ["## Timings", ""]
     lines += _md_table(["what", "value"], [
         ["ranks", str(timings.get("ranks"))], ["strategy", str(cfg.get("strategy"))],
         ["threads per rank", str(timings.get("threads_per_rank"))],
         ["training wall time", _duration(timings.get("seconds", 0.0))],
         ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
-        ["time in communication (rank 0)", _duration(timings.get("comm_seconds", 0.0))],
+        [_comm_label(cfg.get("strategy")), _duration(timings.get("comm_seconds", 0.0))],
         ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
     ]) + [""]
     events_file = Path(out) / "events.jsonl"
