@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from mpitrain.errors import UserError
 
@@ -148,17 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_evaluate(args, argv) -> int:
     if args.np is not None:
-        from mpitrain.dist import launch
         from mpitrain.evaluate.command import prepare
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
+        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
                          plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
                          threads=args.threads)
+
+
+def _launch_timed(n: int, child: list[str], **kwargs) -> int:
+    """launch.run, telling the ranks when this command started (their "total" time counts from it)."""
+    from mpitrain.dist import launch
+    from mpitrain.runtime import STARTED_ENV, started_at
+
+    old = os.environ.get(STARTED_ENV)
+    os.environ[STARTED_ENV] = repr(started_at(False))  # the ranks inherit our environment
+    try:
+        return launch.run(n, child, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop(STARTED_ENV, None)
+        else:
+            os.environ[STARTED_ENV] = old
 
 
 def _cmd_predict(args, argv) -> int:
@@ -253,6 +269,10 @@ def _cmd_synth(args, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mpitrain.runtime import mark_started, process_start_time
+
+    # The command's start, for "total" times: the process's start from a shell, now when called in-process.
+    mark_started(process_start_time() if argv is None else time.time())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
