@@ -104,7 +104,8 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     k = len(info.classes)
     if len(idx):
         x, ok, errors, _ = load_images_cached([setup.paths[i] for i in idx], info.image_size,
-                                              Path(cache_dir) if cache_dir else None)
+                                              Path(cache_dir) if cache_dir else None,
+                                              whole=setup.paths)  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
         probs = modelio.predict_probs(net, x, k)
