@@ -120,3 +120,4 @@ def test_mpitrain_data_warms_the_cache_the_next_training_reads_and_reports_dupli
                       "--batch-size", 8, "--cache-dir", cache, "--out", tmp_path / "run")
     assert trained.returncode == 0, trained.stderr
     assert "(cache: 2/2 hits)" in trained.stdout  # the split's train and val shards, from data's entry
+    assert "acc and val_acc in the epoch lines are at argmax" in trained.stdout

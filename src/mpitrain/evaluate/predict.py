@@ -68,7 +68,7 @@ def decision_rule(classes: list[str], threshold: float | None, positive: int | N
     """The CSV's ``decision`` column: how ``predicted`` follows from the ``p_`` columns."""
     if threshold is None or positive is None:
         return "argmax"
-    return f"p_{classes[positive]} >= {repr(float(threshold))}"  # exact: the comparison modelio.decide makes
+    return f"p_{classes[positive]} >= {float(threshold)!r}"  # exact: the comparison modelio.decide makes
 
 
 def predict_main(model: str, paths: list[str], csv_path: str | None = None, threshold: float | None = None,
