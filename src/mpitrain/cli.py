@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from mpitrain.errors import UserError
 
@@ -63,7 +64,7 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import STRATEGIES
+    from mpitrain.config import STRATEGIES, TrainConfig
     from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
@@ -94,12 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
 
-    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)")
+    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)",
+                       description="Training throughput of the real train step and strategy, on generated "
+                                   "random images held in memory (no data folder, no decoding, no disk), "
+                                   "so it measures the model and the communication, not the input.")
     b.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
     b.add_argument("--hostfile")
     b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
                                                    "(default: %(default)s)")
-    b.add_argument("--batch-size", type=_positive_int, default=64, help="per rank (default: %(default)s)")
+    b.add_argument("--batch-size", type=_positive_int, default=64,
+                   help=f"per rank (default: %(default)s, not train's {TrainConfig.batch_size}: docs/benchmarks.md "
+                        f"was measured at 64, where per-step overheads weigh less; use {TrainConfig.batch_size} "
+                        "to time train's default)")
     b.add_argument("--steps", type=_positive_int, default=60, help="timed steps (default: %(default)s)")
     b.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps first (default: %(default)s)")
     b.add_argument("--repeats", type=_positive_int, default=1,
@@ -108,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strategy", choices=STRATEGIES, default="allreduce", help="(default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
-    b.add_argument("--json", action="store_true", help="last line: one JSON object")
+    b.add_argument("--json", action="store_true",
+                   help="standard output is one JSON object and nothing else (the summary goes to stderr)")
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
@@ -141,17 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_evaluate(args, argv) -> int:
     if args.np is not None:
-        from mpitrain.dist import launch
         from mpitrain.evaluate.command import prepare
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
+        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
                          plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
                          threads=args.threads)
+
+
+def _launch_timed(n: int, child: list[str], **kwargs) -> int:
+    """launch.run, telling the ranks when this command started (their "total" time counts from it)."""
+    from mpitrain.dist import launch
+    from mpitrain.runtime import STARTED_ENV, started_at
+
+    old = os.environ.get(STARTED_ENV)
+    os.environ[STARTED_ENV] = repr(started_at(False))  # the ranks inherit our environment
+    try:
+        return launch.run(n, child, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop(STARTED_ENV, None)
+        else:
+            os.environ[STARTED_ENV] = old
 
 
 def _cmd_predict(args, argv) -> int:
@@ -271,6 +294,10 @@ def _cmd_synth(args, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mpitrain.runtime import mark_started, process_start_time
+
+    # The command's start, for "total" times: the process's start from a shell, now when called in-process.
+    mark_started(process_start_time() if argv is None else time.time())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

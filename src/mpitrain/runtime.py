@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def available_cores() -> int:
@@ -16,6 +17,44 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+STARTED_ENV = "MPITRAIN_STARTED"  # set by `mpitrain <command> -n N` for its ranks: the launcher's start
+_started: float | None = None
+
+
+def process_start_time() -> float:
+    """Wall-clock time (as `time.time()`) at which this process started; now if unknown.
+
+    Linux: from the start tick in /proc/self/stat and the uptime, so interpreter start-up
+    and imports are included.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+def mark_started(when: float) -> None:
+    """Record when the command started (the cli calls it first thing)."""
+    global _started
+    _started = when
+
+
+def started_at(launched_by_mpi: bool) -> float:
+    """When the command started: for a rank, the start of the `-n N` launcher if one started
+    it (else the rank's own); otherwise the `mark_started` time, else this process's start."""
+    launched = os.environ.get(STARTED_ENV)
+    if launched and launched_by_mpi:
+        try:
+            return float(launched)
+        except ValueError:
+            pass
+    return _started if _started is not None else process_start_time()
 
 
 def import_tensorflow():

@@ -101,3 +101,23 @@ def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):
         return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in table]
 
     assert untimed(rerun) == untimed(rows)
+
+
+def test_mpitrain_data_warms_the_cache_the_next_training_reads_and_reports_duplicates(tmp_path, synth_data):
+    import shutil
+
+    data = tmp_path / "data"  # a folder of its own: no earlier test has cached it
+    shutil.copytree(synth_data, data)
+    first = sorted((data / "NORMAL").iterdir())[0]
+    shutil.copy(first, data / "PNEUMONIA" / "copied.png")  # a byte-identical duplicate
+    cache = tmp_path / "cache"
+    described = run_cli("data", "--data", data, "--image-size", 16, "--cache-dir", cache)
+    assert described.returncode == 0, described.stderr
+    assert "shared: `train` and `evaluate`" in described.stdout
+    assert "1 group(s) of byte-identical files: 2 files, 1 redundant copies" in described.stdout
+    assert f"data/NORMAL/{first.name} = data/PNEUMONIA/copied.png" in described.stdout
+    trained = run_cli("train", "--data", data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
+                      "--batch-size", 8, "--cache-dir", cache, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert "(cache: 2/2 hits)" in trained.stdout  # the split's train and val shards, from data's entry
+    assert "acc and val_acc in the epoch lines are at argmax" in trained.stdout

@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from mpirun import cli, mpirun
 from mpitrain.cli import main
 from mpitrain.evaluate.metrics import classification_metrics
 
-UNTIMED = ("seconds", "ranks")
+UNTIMED = ("seconds", "total_seconds", "ranks")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,10 @@ def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run):
     for key in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
         assert f"{doc[key]:.4f}" in out, key  # the table shows the JSON's numbers
     assert sorted(p.name for p in plots.iterdir()) == ["confusion_matrix.png", "roc_curve.png"]
+    # Two times, each saying what it covers: the whole command (model loading included) and decoding + predicting.
+    assert 0 < doc["seconds"] < doc["total_seconds"]
+    assert f"time: {doc['total_seconds']:.1f}s since the command started" in out
+    assert f"of which {doc['seconds']:.1f}s decoding, predicting and gathering" in out
 
 
 def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run, eval_data, tmp_path, capsys):
@@ -99,10 +104,16 @@ def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval
     two, _ = mpirun(2, cli("evaluate", "--model", run / "model.keras", "--data", eval_data,
                            "--json", tmp_path / "two.json"), timeout=180)
     assert two.returncode == 0, two.stderr
+    wall = time.time()
     three = subprocess.run(cli("evaluate", "-n", 3, "--model", run, "--data", eval_data,
                                "--json", tmp_path / "three.json"),
                            capture_output=True, text=True, timeout=180)
+    wall = time.time() - wall
     assert three.returncode == 0, three.stderr
+    # The total counts from the launcher's start: starting mpiexec, 3 ranks, TensorFlow, the model.
+    total = json.loads((tmp_path / "three.json").read_text())["total_seconds"]
+    assert 0.5 * wall < total <= wall, (total, wall)
+    assert f"time: {total:.1f}s since the command started (starting the ranks" in three.stdout
     for proc, name, n in ((two, "two.json", 2), (three, "three.json", 3)):
         doc = json.loads((tmp_path / name).read_text())
         assert doc["ranks"] == n

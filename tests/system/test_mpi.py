@@ -114,6 +114,8 @@ def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_dat
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["runtime"]["ranks"] == 5
+    assert "| rank 0 (master) waiting in collectives, mostly for the workers' training |" in \
+        (out / "report.md").read_text()
 
 
 def test_direct_mpiexec_with_data_on_root_matches_the_run_folder_contract(tmp_path, synth_data):

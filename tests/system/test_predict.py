@@ -50,7 +50,7 @@ def test_unreadable_files_become_rows_with_an_error_and_the_run_goes_on(run, syn
     out = capsys.readouterr().out
     assert "predicted 3 image(s)" in out and "4 row(s) with an error" in out
     rows = _rows((tmp_path / "out.csv").read_text())
-    assert list(rows[0]) == ["path", "predicted", "p_NORMAL", "p_PNEUMONIA", "error"]
+    assert list(rows[0]) == ["path", "predicted", "p_NORMAL", "p_PNEUMONIA", "decision", "error"]
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
     assert set(by_name) == {f.name for f in good} | {"broken.png", "empty.jpg", "missing.png", "nothing-here"}
     for f in good:
@@ -62,6 +62,18 @@ def test_unreadable_files_become_rows_with_an_error_and_the_run_goes_on(run, syn
         assert r["error"] and r["predicted"] == "" and r["p_NORMAL"] == "", r
     assert "no such file" in by_name["missing.png"]["error"]
     assert "no image files" in by_name["nothing-here"]["error"]
+
+
+def test_each_row_names_the_decision_rule_with_the_exact_threshold(run, synth_data, capsys):
+    saved = json.loads((run / "model.json").read_text())["threshold"]
+    for t, expected in ((None, saved), ("0.25", 0.25)):
+        code = main(["predict", "--model", str(run), str(synth_data)] + ([] if t is None else ["--threshold", t]))
+        assert code == 0
+        rows = _rows(capsys.readouterr().out)
+        assert {r["decision"] for r in rows} == {f"p_PNEUMONIA >= {expected!r}"}
+        for r in rows:  # the row alone explains its prediction
+            column, threshold = r["decision"].split(" >= ")
+            assert r["predicted"] == ("PNEUMONIA" if float(r[column]) >= float(threshold) else "NORMAL")
 
 
 def test_csv_goes_to_stdout_and_the_threshold_override_changes_predictions(run, synth_data, capsys):
@@ -110,7 +122,31 @@ def test_more_than_two_classes_use_argmax_and_macro_micro_averages(three_class_r
     assert len(rows) == 20
     for r in rows:
         p = [float(r[f"p_{c}"]) for c in "abc"]
-        assert r["predicted"] == "abc"[int(np.argmax(p))]
+        assert r["predicted"] == "abc"[int(np.argmax(p))] and r["decision"] == "argmax"
     capsys.readouterr()
     code = main(["evaluate", "--model", str(run), "--data", str(data), "--threshold", "0.3"])
     one_line_error(code, capsys.readouterr().err, "two-class")
+
+
+def test_evaluating_on_a_subset_of_the_classes_names_the_absent_one_and_averages_over_the_rest(
+        three_class_run, tmp_path, capsys):
+    run, data = three_class_run
+    subset = tmp_path / "ab"
+    subset.mkdir()
+    for name in "ab":
+        (subset / name).symlink_to(data / name, target_is_directory=True)
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(run), "--data", str(subset), "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["absent_classes"] == ["c"] and doc["n_samples"] == 40
+    absent = [line for line in out.splitlines() if "absent classes" in line]
+    assert len(absent) == 1 and "c: no images in this data" in absent[0] and "the 2 classes present" in absent[0]
+    per_class = out.split("per class", 1)[1].splitlines()
+    assert not [line for line in per_class if line.split()[:1] == ["c"]], out  # no row of 0 images
+    assert "c 0" not in out
+    present = [doc["per_class"][c] for c in "ab"]
+    for metric in ("precision", "recall", "f1"):
+        values = [p[metric] for p in present if p[metric] is not None]
+        assert doc[f"macro_{metric}"] == pytest.approx(np.mean(values)), metric

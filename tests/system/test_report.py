@@ -33,6 +33,12 @@ def test_report_md_shows_existing_figures_metrics_timings_and_config(run):
                    "training wall time", "| target_sensitivity | `0.9` |", "| model | `tiny` |",
                    "| NORMAL |", "target_sensitivity"):
         assert needle in text, needle
+    # Which accuracy is which, and how the curves' two series are measured.
+    assert f"Accuracy in this table is at the decision threshold, P(PNEUMONIA) >= {metrics['threshold']:.4f}" in text
+    assert "epoch lines printed during training show accuracy at argmax" in text
+    assert "Training numbers are running means over each epoch" in text
+    assert "measured with the weights at the end of the epoch" in text
+    assert "| rank 0 in collectives (communication, and waiting for slower ranks) |" in text
 
 
 def test_the_threshold_is_chosen_for_the_target_sensitivity_and_saved(run):
@@ -96,8 +102,17 @@ def test_report_and_table_for_more_classes(tmp_path):
                         m, {"confusion_matrix": "confusion_matrix.png"}, {"ranks": 2, "seconds": 75.5},
                         "`data`")
     text = path.read_text()
+    assert "Accuracy here, in the training curves and in the epoch lines is at argmax." in text
     assert "b\\|c" in text  # a pipe in a class name does not break the table
     assert "1 min 15.5 s" in text and "![Confusion matrix (validation)](confusion_matrix.png)" in text
+
+
+def test_master_worker_report_says_rank_0_mostly_waits_for_the_workers(tmp_path):
+    m = classification_metrics([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], ["a", "b"], threshold=0.5)
+    text = write_report(tmp_path, {"strategy": "master-worker"}, m, {}, {"ranks": 5, "seconds": 8.9,
+                                                                     "comm_seconds": 7.6}, "`data`").read_text()
+    assert "| rank 0 (master) waiting in collectives, mostly for the workers' training | 7.6 s |" in text
+    assert "time in communication" not in text
 
 
 def test_live_epoch_logs_are_replaced_by_the_complete_history(tmp_path):

@@ -198,3 +198,24 @@ def test_16bit_entry_hit_equals_the_decode(tmp_path, write_image):
         x, _, _, _ = load_images_cached(paths, 16, tmp_path / "c")
         assert np.array_equal(x, decode_images(paths, 16)[0])
         assert x.max() == 1.0 and x[1].max() == np.float32(51) / np.float32(255)
+
+
+def test_a_subset_takes_its_rows_from_the_entry_of_its_whole_list(image_tree, tmp_path, write_image, monkeypatch):
+    # The whole folder as `mpitrain data` decodes it: with a 16-bit file and an unreadable one.
+    ramp = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
+    write_image(image_tree / "dog" / "c16.png", ramp)
+    (image_tree / "cat" / "bad.png").write_bytes(b"not a png")
+    whole = scan(image_tree).paths
+    subset = [p for p in whole if not p.endswith("c16.png")][::-1]  # another order, 8-bit files only
+    assert any(p.endswith("bad.png") for p in subset)
+    load_images_cached(whole, 8, tmp_path / "c")
+    entries = _entries(tmp_path / "c")
+    _no_decoding(monkeypatch)
+    x, ok, errors, hit = load_images_cached(subset, 8, tmp_path / "c", whole=whole)
+    assert hit and _entries(tmp_path / "c") == entries  # a hit, and no second copy written
+    monkeypatch.undo()
+    x0, ok0, errors0 = decode_images(subset, 8)
+    assert np.array_equal(x, x0) and np.array_equal(ok, ok0) and errors == errors0  # exactly a fresh decode
+    # Without the whole list, or with a file it does not hold, the subset is decoded itself.
+    assert not load_images_cached(subset[1:], 8, tmp_path / "c")[3]
+    assert not load_images_cached(subset + [str(tmp_path / "x.png")], 8, tmp_path / "c", whole=whole)[3]

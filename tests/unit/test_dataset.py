@@ -117,3 +117,28 @@ def test_trainer_feeds_the_class_weights_into_the_loss():
     none = _train_one_step("none")
     # and they change the update: balanced and unweighted steps end in different weights
     assert max(float(np.abs(a - b).max()) for a, b in zip(balanced, none)) > 1e-6
+
+
+@pytest.mark.parametrize("val", ["split", "folder"])
+def test_mpitrain_data_warms_the_shards_of_every_rank(dark_and_bright, tmp_path, write_image, val, monkeypatch):
+    import io
+
+    import mpitrain.data.cache as cache
+    from mpitrain.data.describe import describe_data
+
+    val_dir = None
+    if val == "folder":
+        val_dir = tmp_path / "val"
+        for name, value in (("bright", 230), ("dark", 20)):
+            for i in range(3):
+                write_image(val_dir / name / f"{i}.png", value=value)
+    describe_data(dark_and_bright, image_size=8, val_data=val_dir, cache_dir=tmp_path / "c", out=io.StringIO())
+    plan = make_plan(str(dark_and_bright), None if val_dir is None else str(val_dir), 0.25, seed=0)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although `mpitrain data` cached these files")
+    monkeypatch.setattr(cache, "decode_native", no_decoding)
+    for part in range(3):  # 3 ranks: 3 other shards of the training and of the validation list
+        shard = load_shard(plan, 8, 0, (part, 3), (part, 3), cache_dir=str(tmp_path / "c"))
+        assert shard.cache_hits == shard.loads == 2
+        _check_rows(shard.train_x, shard.train_y, shard.train_max)

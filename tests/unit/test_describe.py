@@ -58,3 +58,19 @@ def test_write_skip_report_and_warning(tmp_path):
     assert skip_warning(errors, path) == \
         f"warning: skipped 2 unreadable files (list in {path})"
     assert "skipped 1 unreadable file " in skip_warning(errors[:1], path)
+
+
+def test_byte_identical_duplicates_are_reported(image_tree, tmp_path):
+    from mpitrain.data.describe import find_duplicates
+
+    assert "duplicates:     none" in _report(image_tree, image_size=8, cache_dir=tmp_path / "c")
+    (image_tree / "dog" / "copy-of-cat-a.png").write_bytes((image_tree / "cat" / "a.png").read_bytes())
+    (image_tree / "dog" / "same-size-other-bytes.png").write_bytes(
+        bytes(reversed((image_tree / "cat" / "a.png").read_bytes())))
+    text = _report(image_tree, image_size=8, cache_dir=tmp_path / "c")
+    assert "1 group(s) of byte-identical files: 2 files, 1 redundant copies" in text
+    assert "  data/cat/a.png = data/dog/copy-of-cat-a.png" in text
+    listed = (tmp_path / "c" / "duplicate_files.txt").read_text().splitlines()
+    assert listed == [f"{image_tree}/cat/a.png\t{image_tree}/dog/copy-of-cat-a.png"]
+    paths = [str(p) for p in sorted(image_tree.rglob("*.*"))]
+    assert find_duplicates(paths) == [[f"{image_tree}/cat/a.png", f"{image_tree}/dog/copy-of-cat-a.png"]]

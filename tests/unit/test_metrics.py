@@ -197,6 +197,20 @@ def test_multiclass_ovr_auc_and_undefined_class():
         classification_metrics(y2, one_hot_probs(pred2, 3), ["a", "b", "c"], threshold=0.5)
 
 
+def test_an_absent_class_is_named_and_left_out_of_every_macro_average():
+    # A 3-class model on data without class "c"; one image is (wrongly) called "c".
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    m = classification_metrics(y, one_hot_probs(pred, 3), ["a", "b", "c"])
+    assert m["absent_classes"] == ["c"]
+    assert m["per_class"]["c"]["precision"] == 0.0  # defined, but not averaged: c has no images
+    assert m["macro_precision"] == pytest.approx(1.0)  # a 1/1, b 2/2
+    assert m["macro_recall"] == m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["accuracy"] == m["micro_precision"] == pytest.approx(3 / 4)  # the "c" call is still an error
+    assert classification_metrics(y, one_hot_probs(y, 3), ["a", "b", "c"])["absent_classes"] == ["c"]
+    assert classification_metrics(y, one_hot_probs(y, 2), ["a", "b"])["absent_classes"] == []
+
+
 def test_one_hot_labels_and_shape_errors():
     y = np.array([0, 1, 1])
     probs = one_hot_probs([0, 1, 0], 2)

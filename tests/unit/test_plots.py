@@ -57,3 +57,16 @@ def test_more_classes_a_single_epoch_and_a_missing_class(tmp_path):
     assert set(made) == {"confusion_matrix", "roc_curve"}
     for name in made.values():
         _png_size(tmp_path / "one" / name)
+
+
+def test_training_curves_say_which_accuracy_and_how_each_series_is_measured():
+    from matplotlib.text import Text
+
+    history = [{"epoch": e, "loss": 1 / e, "accuracy": 0.6, "auc": 0.55, "val_loss": 0.9 / e,
+                "val_accuracy": 0.9, "val_auc": 0.98} for e in (1, 2)]
+    fig = plots.curves_figure(history)
+    texts = " | ".join(t.get_text() for t in fig.findobj(Text))
+    assert "Accuracy (argmax)" in texts and "accuracy (argmax)" in texts  # title and axis label
+    assert "train (running mean over the epoch)" in texts and "validation (at the epoch's end)" in texts
+    assert plots.CURVES_NOTE in texts  # the one line under the panels
+    assert "not at the decision threshold" in plots.CURVES_NOTE

@@ -12,6 +12,14 @@ every path in order, the path string and its (followed) stat: size, mtime_ns, in
 mode. Any changed, added, removed or reordered file gives a different key, and so does a
 chmod (a file that could not be read is retried once it can).
 
+Shared between commands: `mpitrain data` decodes each folder whole (its scan list), while
+`train` and `evaluate` decode only their rank's shard (after the validation split), whose
+list, and so key, differ. A load may therefore name a ``whole`` list that contains its
+paths: on a miss of its own key it takes its rows from the entry of ``whole`` if there is
+one (read through a memory map, only those rows), which counts as a hit and writes
+nothing new. So `mpitrain data` warms the cache of every later run on the same folder and
+image size, whatever the split, the number of ranks or the strategy.
+
 Concurrency: an entry is written to a temporary file in the same folder, flushed,
 fsync'ed and moved into place with ``os.replace``, so several processes (e.g. MPI ranks on
 one machine) can load the same or different lists at the same time and never see half an
@@ -76,23 +84,45 @@ def _warn(message: str) -> None:
         print(f"warning: {message}; continuing without the image cache", file=sys.stderr)
 
 
-def _read_entry(path: Path, n: int, image_size: int):
-    """(array, max value, ok, errors) from an entry file, or None if absent or invalid."""
+def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None):
+    """(array, max value, ok, errors) from an entry file, or None if absent or invalid.
+
+    With ``rows``, only those rows (positions in the entry's list) are read, through a
+    memory map, and returned in that order.
+    """
     try:
         with open(path, "rb") as f:
-            arr = np.load(f, allow_pickle=False)
+            if rows is None:
+                arr = np.load(f, allow_pickle=False)
+                shape, dtype = arr.shape, arr.dtype
+            else:  # the header only; the rows are mapped below
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}[version]
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+                if fortran:
+                    return None
+                f.seek(offset + int(np.prod(shape)) * dtype.itemsize)
             ok = np.load(f, allow_pickle=False)
             meta = json.loads(f.read().decode("utf-8"))
-        max_value = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[arr.dtype]
+        max_value = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]
         valid = (meta.get("version") == FORMAT_VERSION and meta.get("n") == n
                  and meta.get("image_size") == image_size
-                 and arr.shape == (n, image_size, image_size)
+                 and tuple(shape) == (n, image_size, image_size)
                  and ok.shape == (n,) and ok.dtype == np.bool_
                  and meta.get("n_failed") == n - int(ok.sum()))
         errors = [(str(p), str(r)) for p, r in meta["errors"]]
+        if not valid or len(errors) != n - int(ok.sum()):
+            return None
+        if rows is not None:
+            whole = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+            arr = np.array(whole[rows])  # reads only these rows; a plain in-memory array
+            del whole
+            ok = ok[rows]
     except Exception:  # any damage at all just means "decode again"
         return None
-    return (arr, max_value, ok, errors) if valid and len(errors) == n - int(ok.sum()) else None
+    return arr, max_value, ok, errors
 
 
 def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors) -> None:
@@ -131,13 +161,32 @@ def prune(folder: Path, keep: Path | None = None, now: float | None = None) -> N
         total -= size
 
 
+def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: int):
+    """``paths``' rows from the entry of the list ``whole`` (see the module docstring), or None."""
+    where = {p: i for i, p in enumerate(whole)}
+    if len(where) != len(whole) or any(p not in where for p in paths):
+        return None
+    entry = folder / f"{cache_key(whole, image_size)}.entry"
+    found = _read_entry(entry, len(whole), image_size, np.array([where[p] for p in paths], np.int64))
+    if found is None:
+        return None
+    arr, max_value, ok, errors = found
+    why = dict(errors)
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+    return arr, max_value, ok, [(p, why[p]) for p in paths if p in why]
+
+
 def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None = None,
-                       threads: int | None = None
+                       threads: int | None = None, whole: list[str] | None = None
                        ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
     """Through the cache, as compact integers: (arr [n, s, s], max value, ok, errors, hit).
 
     `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
-    the integers (4x less memory than float32) and converts one batch at a time.
+    the integers (4x less memory than float32) and converts one batch at a time. ``whole``:
+    a list that contains ``paths`` (their folder's scan), whose entry may hold their rows.
     """
     paths = [os.fspath(p) for p in paths]
     folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _SUBDIR
@@ -150,6 +199,11 @@ def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None
         except OSError:
             pass
         return arr, max_value, ok, errors, True
+    whole = None if whole is None else [os.fspath(p) for p in whole]
+    if whole is not None and whole != paths:
+        found = _from_whole(folder, paths, whole, image_size)
+        if found is not None:
+            return (*found, True)
 
     arr, max_value, ok, errors = decode_native(paths, image_size, threads)
     try:
@@ -166,8 +220,8 @@ def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None
 
 
 def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None = None,
-                       threads: int | None = None
+                       threads: int | None = None, whole: list[str] | None = None
                        ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
     """Like `mpitrain.data.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
-    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads)
+    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads, whole)
     return to_float(arr, max_value), ok, errors, hit

@@ -31,6 +31,10 @@ class Plan:
     val_paths: list[str]
     val_labels: np.ndarray
     val_from: str  # "split" or the --val-data folder
+    # The whole scan (file order) of the folder the training / validation paths come from:
+    # `mpitrain data` caches exactly these lists, and a shard's rows are found in them.
+    train_source: list[str] | None = None
+    val_source: list[str] | None = None
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -76,12 +80,14 @@ def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) 
     if val_data is not None:
         val = scan(val_data, class_names=index.classes)
         return Plan(data_dir, index.classes, list(index.paths), index.labels,
-                    list(val.paths), val.labels, val_data)
+                    list(val.paths), val.labels, val_data,
+                    train_source=list(index.paths), val_source=list(val.paths))
     tr, va = stratified_split(index.labels, val_split, seed)
     if len(tr) == 0:
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
+    whole = list(index.paths)
     return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
-                paths[va].tolist(), index.labels[va], "split")
+                paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole)
 
 
 def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
@@ -93,12 +99,13 @@ def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
     return to_float(x, max_value)
 
 
-def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard):
+def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None):
     from mpitrain.data.cache import load_images_native
 
     if not paths:
         return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0
-    x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None)
+    x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None,
+                                                       whole=whole)
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
@@ -113,9 +120,9 @@ def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, in
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
     va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
     out.train_x, out.train_y, out.train_max = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
-                                                    image_size, cache_dir, out)
+                                                    image_size, cache_dir, out, plan.train_source)
     out.val_x, out.val_y, out.val_max = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
-                                              image_size, cache_dir, out)
+                                              image_size, cache_dir, out, plan.val_source)
     out.seconds = time.perf_counter() - t0
     return out
 

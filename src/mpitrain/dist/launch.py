@@ -75,7 +75,8 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
             cmd.append("--oversubscribe")
         cmd += ["--bind-to", "none"]
         # Forward our variables to ranks on other hosts too.
-        for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL"):
+        for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_STARTED", "MPITRAIN_CACHE_DIR",
+                    "TF_CPP_MIN_LOG_LEVEL"):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:

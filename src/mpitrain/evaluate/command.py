@@ -74,10 +74,12 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
                   plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
                   threads: int | None = None, echo=print) -> int:
     from mpitrain.data.cache import load_images_cached
-    from mpitrain.dist.comm import world
+    from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import agree
     from mpitrain.evaluate import modelio
+    from mpitrain.runtime import started_at
 
+    started = started_at(launched_by_mpi())  # the command's start (the launcher's, under `-n N`)
     comm = world()
     setup, err = None, None
     try:
@@ -102,7 +104,8 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     k = len(info.classes)
     if len(idx):
         x, ok, errors, _ = load_images_cached([setup.paths[i] for i in idx], info.image_size,
-                                              Path(cache_dir) if cache_dir else None)
+                                              Path(cache_dir) if cache_dir else None,
+                                              whole=setup.paths)  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
         probs = modelio.predict_probs(net, x, k)
@@ -130,7 +133,8 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     probs = probs[ok]
     result = _metrics(setup, labels, probs, counts)
     result.update(model=str(info.path), data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
-                  ranks=comm.size, seconds=round(time.perf_counter() - t0, 3))
+                  ranks=comm.size, seconds=round(time.perf_counter() - t0, 3),
+                  total_seconds=round(time.time() - started, 3))
     _report(setup, result, comm.size, echo)
     if all_errors:
         print(f"warning: skipped {len(all_errors)} unreadable file(s): "
@@ -168,10 +172,14 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     from mpitrain.evaluate.report import text_table
 
     info = setup.info
-    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items())
+    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items()
+                          if c not in result["absent_classes"])  # those are named in the table
     echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
     echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
-         f"{ranks} rank{'s' * (ranks > 1)} | {result['seconds']:.1f}s "
+         f"{ranks} rank{'s' * (ranks > 1)}")
+    start_up = "starting the ranks" if ranks > 1 else "Python start-up"
+    echo(f"time: {result['total_seconds']:.1f}s since the command started ({start_up}, TensorFlow and model "
+         f"loading included), of which {result['seconds']:.1f}s decoding, predicting and gathering "
          f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)")
     source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
     echo(text_table(result, source))

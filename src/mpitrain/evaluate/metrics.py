@@ -6,7 +6,11 @@ Conventions:
 * A ratio whose denominator is 0 (e.g. precision when nothing was predicted positive) is
   undefined: ``None`` in :func:`classification_metrics`, ``nan`` in the float functions.
   Nothing warns or raises for it.
-* Macro averages are taken over the classes whose value is defined (``None`` if none is).
+* Macro averages (macro precision/recall/F1, balanced accuracy, one-vs-rest AUCs) are taken
+  over the classes *present* in ``y_true``, all of them alike, and among those over the
+  values that are defined (``None`` if none is). A class absent from the data (e.g. a
+  3-class model evaluated on a 2-class folder) is listed in ``absent_classes``; images
+  wrongly predicted as it still count as errors in accuracy and the micro averages.
 * :func:`classification_metrics` returns only plain Python types, so ``json.dumps`` works
   with ``allow_nan=False``.
 """
@@ -131,7 +135,8 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
     macro_/micro_ precision, recall and f1. With more classes, prediction is argmax (a
     threshold is refused), roc_auc and pr_auc are one-vs-rest macro averages, and the
     binary-only keys (precision, recall, sensitivity, specificity, f1) are absent;
-    threshold and positive_class are None.
+    threshold and positive_class are None. ``absent_classes`` names the classes without any
+    image in ``y_true``; every macro average is over the other (present) classes.
     """
     p = np.asarray(probs, dtype=np.float64)
     names = [str(c) for c in class_names]
@@ -164,8 +169,10 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
                         "recall": _ratio(tp[i], support[i]),
                         "f1": _f1(tp[i], fp[i], fn[i]), "support": int(support[i])}
                  for i, name in enumerate(names)}
+    present = [i for i in range(k) if support[i] > 0]
+    present_names = [names[i] for i in present]
     aucs, aps = [], []
-    for i in range(k):
+    for i in present:  # an absent class has no one-vs-rest curve
         if k == 2 and i != positive:
             continue
         scores = p[:, i]
@@ -173,16 +180,17 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
         aps.append(_clean(pr_auc(y == i, scores)))
     result = {
         "accuracy": _ratio(tp.sum(), n),
-        "balanced_accuracy": _mean([per_class[c]["recall"] for c in names]),
+        "balanced_accuracy": _mean([per_class[c]["recall"] for c in present_names]),
         "roc_auc": _mean(aucs), "pr_auc": _mean(aps),
         "confusion_matrix": cm.tolist(), "class_names": names, "n_samples": n,
         "per_class_counts": {name: int(support[i]) for i, name in enumerate(names)},
         "threshold": None if threshold is None else float(threshold),
         "positive_class": names[positive] if k == 2 else None,
         "per_class": per_class,
+        "absent_classes": [c for c in names if c not in present_names],
     }
     for metric in ("precision", "recall", "f1"):
-        result[f"macro_{metric}"] = _mean([per_class[c][metric] for c in names])
+        result[f"macro_{metric}"] = _mean([per_class[c][metric] for c in present_names])
     # Single-label: every error is one false positive and one false negative, so
     # micro precision = micro recall = micro f1 = accuracy.
     result["micro_precision"] = _ratio(tp.sum(), tp.sum() + fp.sum())

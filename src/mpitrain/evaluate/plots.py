@@ -44,15 +44,31 @@ def _column(history: list[dict], key: str) -> np.ndarray:
     return np.array([num(row.get(key)) for row in history], dtype=np.float64)
 
 
+# What the curves are, in one line under them: the two series are measured differently
+# (e.g. validation AUC 0.98 beside training AUC 0.55 after one master-worker epoch), and
+# their accuracy is at argmax, not at the decision threshold of the metrics table.
+CURVES_NOTE = ("training: running mean over each epoch while the weights change; validation: measured "
+               "at the epoch's end. Accuracy at argmax, not at the decision threshold of the metrics table.")
+
+
 def training_curves(history: list[dict], path: Path, loss_note: str | None = None) -> Path:
     """Loss, accuracy and ROC AUC per epoch, training and validation side by side."""
-    fig = _figure(12, 3.8)
+    return _save(curves_figure(history, loss_note), path)
+
+
+def curves_figure(history: list[dict], loss_note: str | None = None):
+    """The figure of `training_curves`, not yet saved."""
+    fig = _figure(12, 4.1)
     axes = fig.subplots(1, 3)
     epochs = _column(history, "epoch")
     loss_title = "Loss (cross-entropy)" + (f"\n{loss_note}" if loss_note else "")
-    for ax, (key, title) in zip(axes, (("loss", loss_title), ("accuracy", "Accuracy"), ("auc", "ROC AUC"))):
+    panels = (("loss", loss_title, "loss"), ("accuracy", "Accuracy (argmax)", "accuracy (argmax)"),
+              ("auc", "ROC AUC", "ROC AUC"))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        ax.set_ylabel(ylabel)
         empty = True
-        for prefix, label, color in (("", "train", _TRAIN), ("val_", "validation", _VAL)):
+        for prefix, label, color in (("", "train (running mean over the epoch)", _TRAIN),
+                                     ("val_", "validation (at the epoch's end)", _VAL)):
             values = _column(history, prefix + key)
             empty &= bool(np.isnan(values).all())
             ax.plot(epochs, values, marker="o", color=color, label=label)
@@ -67,8 +83,9 @@ def training_curves(history: list[dict], path: Path, loss_note: str | None = Non
         if len(epochs):
             ax.set_xticks(epochs if len(epochs) <= 12 else np.linspace(epochs[0], epochs[-1], 6).round())
             ax.set_xlim(epochs[0] - 0.3, epochs[-1] + 0.3)
-    axes[0].legend()
-    return _save(fig, path)
+    axes[0].legend(fontsize=8)
+    fig.supxlabel(CURVES_NOTE, fontsize=8, color="dimgrey")
+    return fig
 
 
 def confusion_matrix(cm, class_names: list[str], path: Path, title: str = "Confusion matrix") -> Path:

@@ -3,7 +3,13 @@
 Arguments are image files or folders (searched recursively for the image extensions of
 `mpitrain.data.scan`, hidden files skipped, sorted). Rows come in argument order:
 
-    path, predicted, p_<class 1>, ..., p_<class k>, error
+    path, predicted, p_<class 1>, ..., p_<class k>, decision, error
+
+``decision`` is the rule that turned the row's probabilities into ``predicted``, the
+same on every row, e.g. ``p_PNEUMONIA >= 0.7322394251823425`` (the model's saved
+threshold or ``--threshold``, written exactly) or ``argmax`` (more than two classes, or a
+model saved without a threshold), so that a row such as ``predicted=NORMAL`` beside
+``p_PNEUMONIA=0.69`` explains itself.
 
 A file that cannot be read or decoded, a path that does not exist and a folder without
 images each get a row with an empty prediction and the reason in ``error``; the run goes
@@ -58,6 +64,13 @@ def _fmt(p: np.float32) -> str:
     return repr(float(p))  # the exact float32 value, shortest decimal that reads back to it
 
 
+def decision_rule(classes: list[str], threshold: float | None, positive: int | None) -> str:
+    """The CSV's ``decision`` column: how ``predicted`` follows from the ``p_`` columns."""
+    if threshold is None or positive is None:
+        return "argmax"
+    return f"p_{classes[positive]} >= {float(threshold)!r}"  # exact: the comparison modelio.decide makes
+
+
 def predict_main(model: str, paths: list[str], csv_path: str | None = None, threshold: float | None = None,
                  image_size: int | None = None, threads: int | None = None) -> int:
     from mpitrain.dist.comm import launched_by_mpi, world
@@ -77,6 +90,7 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
     net = modelio.load_model(info)
 
     k, pos = len(info.classes), info.positive
+    rule = decision_rule(info.classes, t, pos)
     counts, failed = np.zeros(k, np.int64), 0
     with contextlib.ExitStack() as files:
         stream = sys.stdout
@@ -84,7 +98,7 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
             tmp = files.enter_context(atomic_path(Path(csv_path)))
             stream = files.enter_context(open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape"))
         writer = csv.writer(stream)
-        writer.writerow(["path", "predicted"] + [f"p_{c}" for c in info.classes] + ["error"])
+        writer.writerow(["path", "predicted"] + [f"p_{c}" for c in info.classes] + ["decision", "error"])
         for a in range(0, len(items), BLOCK):
             block = items[a:a + BLOCK]
             probs, ok, reasons = _predict_block(net, info, [p for p, why in block if why is None])
@@ -96,11 +110,11 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
                     j += 1
                 if why is not None:
                     failed += 1
-                    writer.writerow([path, ""] + [""] * k + [why])
+                    writer.writerow([path, ""] + [""] * k + ["", why])
                     continue
                 c = int(modelio.decide(row[None, :], t, pos)[0])
                 counts[c] += 1
-                writer.writerow([path, info.classes[c]] + [_fmt(p) for p in row] + [""])
+                writer.writerow([path, info.classes[c]] + [_fmt(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
     decision = (f"P({info.positive_class}) >= {t:.4f} ({'saved with the model' if source == 'model' else source})"
                 if t is not None else "argmax")

@@ -42,6 +42,11 @@ def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str
     one_vs_rest = "" if metrics.get("positive_class") is not None else " (macro, one-vs-rest)"
     rows += [("ROC AUC" + one_vs_rest, _v(metrics["roc_auc"])), ("PR AUC" + one_vs_rest, _v(metrics["pr_auc"])),
              ("decision", threshold_text(metrics, source))]
+    absent = metrics.get("absent_classes") or []
+    if absent:
+        n_present = len(metrics["class_names"]) - len(absent)
+        rows.append(("absent classes", f"{', '.join(absent)}: no images in this data; averages are over "
+                                       f"the {n_present} class{'es' * (n_present != 1)} present"))
     return rows
 
 
@@ -63,9 +68,10 @@ def text_table(metrics: dict, source: str | None = None) -> str:
                                      [[n] + [f"{c:,}" for c in row] for n, row in zip(names, cm)])]
     out += ["", "  per class"]
     pc = metrics["per_class"]
+    absent = set(metrics.get("absent_classes") or [])  # named once in the rows above instead
     out += ["  " + s for s in _grid(["class", "images", "precision", "recall", "F1"],
                                      [[n, f"{pc[n]['support']:,}", _v(pc[n]["precision"]), _v(pc[n]["recall"]),
-                                       _v(pc[n]["f1"])] for n in names])]
+                                       _v(pc[n]["f1"])] for n in names if n not in absent])]
     return "\n".join(out)
 
 
@@ -78,6 +84,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _duration(seconds: float) -> str:
     m, s = divmod(float(seconds), 60.0)
     return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
+
+
+def _comm_label(strategy) -> str:
+    """What rank 0's time inside MPI calls is: mostly waiting, not moving bytes."""
+    if strategy == "master-worker":  # the master trains nothing: it waits while the workers train
+        return "rank 0 (master) waiting in collectives, mostly for the workers' training"
+    return "rank 0 in collectives (communication, and waiting for slower ranks)"
 
 
 def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], timings: dict,
@@ -95,6 +108,12 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
     lines += _md_table(["true \\ predicted"] + names,
                        [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])]) + [""]
+    if metrics.get("threshold") is not None:
+        lines += [f"Accuracy in this table is at the decision threshold, {threshold_text(metrics)}; the training "
+                  "curves and the epoch lines printed during training show accuracy at argmax, so the two "
+                  "accuracies differ.", ""]
+    else:
+        lines += ["Accuracy here, in the training curves and in the epoch lines is at argmax.", ""]
     if "val_sensitivity" in metrics or metrics.get("threshold_method"):
         lines += [f"Threshold method: `{metrics.get('threshold_method')}`"
                   + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
@@ -106,13 +125,17 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]
+        if kind == "training_curves":
+            lines += ["Training numbers are running means over each epoch, taken while the weights change; "
+                      "validation numbers are measured with the weights at the end of the epoch. So early on "
+                      "validation can be far ahead of training. Accuracy in the curves is at argmax.", ""]
     lines += ["## Timings", ""]
     lines += _md_table(["what", "value"], [
         ["ranks", str(timings.get("ranks"))], ["strategy", str(cfg.get("strategy"))],
         ["threads per rank", str(timings.get("threads_per_rank"))],
         ["training wall time", _duration(timings.get("seconds", 0.0))],
         ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
-        ["time in communication (rank 0)", _duration(timings.get("comm_seconds", 0.0))],
+        [_comm_label(cfg.get("strategy")), _duration(timings.get("comm_seconds", 0.0))],
         ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
     ]) + [""]
     events_file = Path(out) / "events.jsonl"

@@ -4,11 +4,18 @@ Each rank trains the chosen model on random images (no decoding, no disk) with t
 train step and strategy, and reports images per second and the share of step time spent
 inside MPI calls. `--compare-fit` (one process only) also times plain Keras `model.fit`
 on the same model, batch and data, which is the reference for the one-rank overhead.
+
+The batch defaults to 64 per rank, not train's 32: the throughput figures in
+docs/benchmarks.md were measured at 64, where per-step overheads weigh less; pass
+`--batch-size 32` to time what `mpitrain train` runs by default.
+
+With `--json`, standard output is the JSON object alone and the human lines go to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -40,6 +47,9 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> fl
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
                threads=None, as_json=False, compare_fit=False, repeats=1) -> int:
+    from mpitrain.runtime import import_tensorflow
+
+    import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
     import keras
 
     from mpitrain.dist.comm import world
@@ -94,13 +104,14 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
         result["fit_images_per_second"] = round(batch / fit_step, 1)
         result["vs_fit"] = round(result["images_per_second"] / result["fit_images_per_second"], 3)
     if comm.rank == 0:
-        print(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, batch {batch}/rank, "
-              f"{steps} steps: {result['images_per_second']:.0f} img/s total, "
-              f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
-              f"communication {100 * comm_frac:.1f}% of step time")
+        say = (lambda line: print(line, file=sys.stderr)) if as_json else print  # --json: stdout is JSON only
+        say(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, batch {batch}/rank, "
+            f"{steps} steps: {result['images_per_second']:.0f} img/s total, "
+            f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
+            f"communication {100 * comm_frac:.1f}% of step time")
         if "fit_images_per_second" in result:
-            print(f"bench: plain model.fit: {result['fit_images_per_second']:.0f} img/s "
-                  f"(mpitrain / fit = {result['vs_fit']:.3f})")
+            say(f"bench: plain model.fit: {result['fit_images_per_second']:.0f} img/s "
+                f"(mpitrain / fit = {result['vs_fit']:.3f})")
         if as_json:
             print(json.dumps(result))
     return 0

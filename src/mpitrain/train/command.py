@@ -243,6 +243,8 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list
     write_json(out / "metrics.json", metrics)
     write_json(out / "classes.json", plan.classes)
     lines.append(describe(choice, None if positive is None else plan.classes[positive]))
+    if choice.threshold is not None:
+        lines.append("metrics.json and report.md use this threshold; acc and val_acc in the epoch lines are at argmax")
     try:
         from mpitrain.evaluate import plots, report
 
