@@ -30,7 +30,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from mpitrain.config import CLASS_WEIGHTS, LR_SCALINGS, OPTIMIZERS, STRATEGIES
+    from mpitrain.config import CLASS_WEIGHTS, LR_SCALINGS, OPTIMIZERS
+    from mpitrain.dist.strategies import names as strategy_names
 
     p.add_argument("--data", help="folder with one sub-folder per class (default: embedded demo data)")
     p.add_argument("--val-data", help="separate validation folder with the same class folders")
@@ -45,7 +46,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty run folder")
-    p.add_argument("--strategy", choices=STRATEGIES, default="allreduce")
+    p.add_argument("--strategy", choices=strategy_names(), default="allreduce")
     p.add_argument("--sync-every", type=int,
                    help="steps between weight syncs (local-sgd: default 4; master-worker: default one epoch)")
     p.add_argument("--lr-scaling", choices=LR_SCALINGS, default="auto",
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from mpitrain.dist.strategies import names as strategy_names
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
     t.add_argument("-n", "--np", type=_positive_int, dest="np",
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_positive_int, default=5)
     b.add_argument("--repeats", type=_positive_int, default=1, help="timed runs; the best is reported")
     b.add_argument("--image-size", type=_positive_int, default=50)
-    b.add_argument("--strategy", choices=("allreduce", "local-sgd", "master-worker"), default="allreduce")
+    b.add_argument("--strategy", choices=strategy_names(), default="allreduce")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true", help="last line: one JSON object")
@@ -165,12 +167,15 @@ def _cmd_predict(args, argv) -> int:
 
 
 def _cmd_bench(args, argv) -> int:
+    from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.models import MODELS
 
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(sorted(MODELS))}")
     if args.np is not None:
         from mpitrain.dist import launch
+
+        strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
 
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile)
     from mpitrain.train.bench import bench_main
@@ -224,10 +229,10 @@ def _cmd_train(args, argv) -> int:
                           extra=launch.elastic_flags() if args.elastic else None)
     from mpitrain.data.dataset import make_plan, resolve_data_dir
     from mpitrain.dist import launch
+    from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.runfolder import prepare
 
-    if cfg.strategy == "master-worker" and args.np < 2:
-        raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
+    strategy_class(cfg.strategy).check_ranks(args.np)
     make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
     out = prepare(cfg.out, cfg.overwrite)
     child = _strip_launch_args(argv)

@@ -13,18 +13,14 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mpitrain.dist.strategies as strategies
 from mpitrain.errors import UserError
 
-STRATEGIES = ("allreduce", "local-sgd", "master-worker")
+# The strategies' names come from their registry, and what "auto" means for a strategy
+# (--sync-every, --lr-scaling, --lr-schedule) is a rule of the strategy's own class.
 LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
-# Strategy defaults for "auto", measured on the real chest X-rays (docs/benchmarks.md):
-# allreduce and local SGD grow the global batch with the ranks and settle best with sqrt
-# scaling and a cosine decay; master-worker's one-epoch rounds average workers trained
-# apart, progress more slowly per epoch, and do best with the plain single-rank rate.
-AUTO_SYNC_EVERY = {"local-sgd": 4}
-AUTO_LR = {"master-worker": ("none", "constant")}
 CLASS_WEIGHTS = ("balanced", "none")
 
 
@@ -44,10 +40,10 @@ class TrainConfig:
     out: str | None = None
     overwrite: bool = False
     strategy: str = "allreduce"
-    sync_every: int | None = None    # steps; None: every step (allreduce), 1 epoch otherwise
-    lr_scaling: str = "auto"         # auto: sqrt, but none for master-worker
+    sync_every: int | None = None    # steps; None: the strategy's default_sync_every
+    lr_scaling: str = "auto"         # auto: the strategy's auto_lr (sqrt; none for master-worker)
     warmup_epochs: float = 0.0
-    lr_schedule: str = "auto"        # auto: cosine, but constant for master-worker
+    lr_schedule: str = "auto"        # auto: the strategy's auto_lr (cosine; constant for master-worker)
     class_weight: str = "balanced"
     target_sensitivity: float | None = None  # threshold choice; None: maximise Youden's J
     tensorboard: bool = False
@@ -75,7 +71,8 @@ class TrainConfig:
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
         need(self.image_size <= 1024, f"--image-size must be <= 1024, got {self.image_size}")
-        need(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
+        need(self.strategy in strategies.names(),
+             f"--strategy must be one of {', '.join(strategies.names())}")
         need(self.sync_every is None or self.sync_every >= 1,
              f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
@@ -98,12 +95,13 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every "auto"/None default replaced by the value it stands for."""
-        scaling, schedule = AUTO_LR.get(self.strategy, ("sqrt", "cosine"))
+        rules = strategies.strategy_class(self.strategy)
+        scaling, schedule = rules.auto_lr
         return dataclasses.replace(
             self,
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
-            sync_every=self.sync_every if self.sync_every is not None else AUTO_SYNC_EVERY.get(self.strategy))
+            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,15 +40,18 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> fl
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
                threads=None, as_json=False, compare_fit=False, repeats=1) -> int:
+    from mpitrain.dist.comm import world
+    from mpitrain.dist.strategies import make_sync, strategy_class
+
+    comm = world()
+    strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
+
     import keras
 
-    from mpitrain.dist.comm import world
-    from mpitrain.dist.strategies import make_sync
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
     from mpitrain.train.steps import make_train_step
 
-    comm = world()
     n_threads = configure_runtime(0, threads, comm.local_size)
     x, y = _data(batch * max(steps, warmup), image_size, 2, seed=comm.rank)
     fit_step = None

@@ -63,11 +63,17 @@ def make_predict_step(model):
     return predict
 
 
-def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = 256) -> np.ndarray:
+PREDICT_BATCH = 256
+
+
+def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = PREDICT_BATCH,
+                on_batch=None) -> np.ndarray:
     """Class probabilities for all rows of `x` (float32, [n, n_classes]); `convert` turns a
-    chunk of stored rows into model input."""
+    chunk of stored rows into model input; `on_batch(i)` is called after batch i (1-based)."""
     parts = [np.zeros((0, n_classes), dtype=np.float32)]
-    for a in range(0, len(x), batch_size):
+    for i, a in enumerate(range(0, len(x), batch_size), 1):
         chunk = x[a:a + batch_size]
         parts.append(predict(chunk if convert is None else convert(chunk)).numpy())
+        if on_batch is not None:
+            on_batch(i)
     return np.concatenate(parts).astype(np.float32)

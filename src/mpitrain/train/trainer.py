@@ -1,7 +1,7 @@
 """The training loop: the same code on every rank, one strategy object for the distribution.
 
-Every rank runs the same epochs and steps; the strategy (`sync.py`) decides what is
-exchanged and when. Metrics are exact over the whole data set (`epochlog.py`). Only rank 0
+Every rank runs the same epochs and steps; the strategy (`dist/strategies/`) decides what
+is exchanged and when. Metrics are exact over the whole data set (`epochlog.py`). Only rank 0
 prints and writes. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
 steps), and a run can continue from a checkpoint bit for bit.
 
@@ -27,13 +27,14 @@ from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
 from mpitrain.dist.comm import RankLost
+from mpitrain.dist.pulses import Pulses
 from mpitrain.dist.rankstate import RankState
-from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr
+from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.dist.watchdog import Watchdog
-from mpitrain.errors import AgreedError, QuietExit, UserError
+from mpitrain.errors import AgreedError, QuietExit
 from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
-from mpitrain.train.steps import make_predict_step, make_train_step, predict_all
+from mpitrain.train.steps import PREDICT_BATCH, make_predict_step, make_train_step, predict_all
 
 
 @dataclass
@@ -72,14 +73,15 @@ class Trainer:
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
+        self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
         """Everything that depends on the number of ranks (again after a rank is lost)."""
         cfg, comm = self.cfg, self.comm
-        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every)
-        if self.sync.train_ranks < 1:
-            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")
+        # The strategy refuses too few ranks itself; while it waits for peers that are still
+        # working it reports their progress to the watchdog.
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat)
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
@@ -93,8 +95,10 @@ class Trainer:
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
         self.total = cfg.epochs * self.steps
         self.target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, self.sync.train_ranks)
-        self.tag = f"{self.sync.name} x{self.sync.train_ranks}" + (
-            " + master" if self.sync.name == "master-worker" else "")
+        self.tag = self.sync.tag
+
+    def _beat(self, what: str) -> None:
+        self.dog.beat(what)
 
     def _lr(self, global_step: int) -> float:
         return lr_at(self.cfg.lr, self.target_lr, self.warmup, global_step, self.total, self.cfg.lr_schedule)
@@ -114,15 +118,19 @@ class Trainer:
         self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
-        while epoch < cfg.epochs:
-            try:
-                seen += self._epoch(epoch, first, stats)
-                epoch, first, stats = epoch + 1, 0, None
-            except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
-                if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
-                    raise
-                first, stats = self._recover(epoch), None
-        self.dog.stop()
+        try:
+            while epoch < cfg.epochs:
+                try:
+                    seen += self._epoch(epoch, first, stats)
+                    epoch, first, stats = epoch + 1, 0, None
+                except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
+                    if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
+                        raise
+                    first, stats = self._recover(epoch), None
+        finally:
+            # Also when fit raises: a library caller that handles the error must not be
+            # left with a thread that aborts the process --timeout seconds later.
+            self.dog.stop()
         r = self.result
         r.seconds = time.perf_counter() - t_start
         r.images_per_second = seen / max(r.seconds, 1e-9)
@@ -158,14 +166,18 @@ class Trainer:
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, stats)
         sync.end_epoch()
+        train_time = time.perf_counter() - t0
         bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
-        train_time = time.perf_counter() - t0
+        # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
+        # enough: a master-worker master does not train, and it starts an epoch late (after
+        # validating and writing the checkpoint) while the workers are already at work.
+        train_time = comm.allreduce_max(train_time)
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+        vp = self._validate(epoch)
         vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
@@ -185,9 +197,32 @@ class Trainer:
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
 
+    def _validate(self, epoch: int) -> np.ndarray:
+        """This rank's validation predictions; returns when every rank has finished its own.
+
+        Shares can be unequal (a master-worker master validates everything alone), so the
+        ranks done early wait on progress pulses, one per batch of the largest share,
+        rather than inside the next collective, where a slow peer looks like a stuck one.
+        """
+        data, comm = self.data, self.comm
+        mine = -(-len(data.val_x) // PREDICT_BATCH)
+        batches = int(comm.allreduce_max(mine))  # collective: the largest share, in batches
+        pulses = Pulses(comm, self._beat)
+
+        def pulse(i: int) -> None:  # collective, nonblocking: the same count on every rank
+            pulses.post(f"validation batch {i} of {batches} after epoch {epoch + 1}")
+
+        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max),
+                         batch_size=PREDICT_BATCH, on_batch=pulse)
+        for i in range(mine + 1, batches + 1):
+            pulse(i)
+        pulses.wait()
+        return vp
+
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
             return
+        self.sync.settle()  # until every rank has done its steps so far (a polled wait)
         gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
         if self.comm.rank == 0:
             from mpitrain.train import checkpoint as ckpt
@@ -211,10 +246,11 @@ class Trainer:
         deadline.start()
         lost = comm.shrink()  # collective among the survivors
         self.dog.beat("recovering from a lost rank")
-        if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
+        too_few = strategy_class(self.cfg.strategy).too_few_ranks(comm.size)
+        if 0 in lost or too_few:
             deadline.cancel()
             why = ("rank 0, which writes the run folder, was lost" if 0 in lost
-                   else "no master-worker worker is left")
+                   else f"only {comm.size} rank(s) are left and {too_few}")
             if comm.rank == 0:
                 raise AgreedError(f"{why}; the survivors stopped. Continue the run from its newest "
                                   f"checkpoint with --resume")
