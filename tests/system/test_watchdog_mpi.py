@@ -51,11 +51,11 @@ def test_master_worker_with_a_stopped_worker_is_still_caught(tmp_path, synth_dat
 
 @pytest.mark.timeout(300)
 def test_workers_waiting_for_the_master_to_validate_is_progress(tmp_path, synth_data):
-    # The master validates all 8 validation images alone, 2 s per image, in batches of 2
-    # here: 16 s while the workers, done with the epoch, wait for the result.
-    proc, _ = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, *TINY, "--epochs", 1,
+    # The master validates all 8 validation images alone, 2 s per image, in batches of
+    # --batch-size 2: 16 s while the workers, done with the epoch, wait for the result.
+    proc, _ = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, "--model", "tiny",
+                               "--image-size", 16, "--batch-size", 2, "--epochs", 1,
                                "--strategy", "master-worker", "--timeout", 10, "--out", tmp_path / "run"),
-                     timeout=240, env={"FAULT": "slow_validation", "FAULT_RANK": "0", "FAULT_SECONDS": "2",
-                                       "PREDICT_BATCH": "2"})
+                     timeout=240, env={"FAULT": "slow_validation", "FAULT_RANK": "0", "FAULT_SECONDS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no progress" not in proc.stderr

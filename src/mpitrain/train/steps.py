@@ -63,10 +63,7 @@ def make_predict_step(model):
     return predict
 
 
-PREDICT_BATCH = 256
-
-
-def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = PREDICT_BATCH,
+def predict_all(predict, x: np.ndarray, n_classes: int, convert=None, batch_size: int = 256,
                 on_batch=None) -> np.ndarray:
     """Class probabilities for all rows of `x` (float32, [n, n_classes]); `convert` turns a
     chunk of stored rows into model input; `on_batch(i)` is called after batch i (1-based)."""

@@ -34,7 +34,7 @@ from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit
 from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
-from mpitrain.train.steps import PREDICT_BATCH, make_predict_step, make_train_step, predict_all
+from mpitrain.train.steps import make_predict_step, make_train_step, predict_all
 
 
 @dataclass
@@ -203,9 +203,11 @@ class Trainer:
         Shares can be unequal (a master-worker master validates everything alone), so the
         ranks done early wait on progress pulses, one per batch of the largest share,
         rather than inside the next collective, where a slow peer looks like a stuck one.
+        Batches are --batch-size images: forward only, one takes less time than a training
+        step, so a --timeout that fits a step fits a validation batch.
         """
-        data, comm = self.data, self.comm
-        mine = -(-len(data.val_x) // PREDICT_BATCH)
+        data, comm, size = self.data, self.comm, self.cfg.batch_size
+        mine = -(-len(data.val_x) // size)
         batches = int(comm.allreduce_max(mine))  # collective: the largest share, in batches
         pulses = Pulses(comm, self._beat)
 
@@ -213,7 +215,7 @@ class Trainer:
             pulses.post(f"validation batch {i} of {batches} after epoch {epoch + 1}")
 
         vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max),
-                         batch_size=PREDICT_BATCH, on_batch=pulse)
+                         batch_size=size, on_batch=pulse)
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()

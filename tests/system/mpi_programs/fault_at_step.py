@@ -6,8 +6,7 @@ FAULT=stall  the rank sleeps, like one stuck on a dead network file system.
 FAULT=stop   SIGSTOP: the whole process freezes, its own watchdog thread included.
 FAULT=slow   from step FAULT_AT on, every step of the rank first sleeps FAULT_SECONDS
              (default 1): a healthy but slow rank that keeps stepping.
-FAULT=slow_validation  the rank's validation first sleeps FAULT_SECONDS per image;
-             PREDICT_BATCH=B makes validation batches of B images (default 256).
+FAULT=slow_validation  the rank's validation first sleeps FAULT_SECONDS per image.
 
 FAULT_RANK is the rank at start (ranks are renumbered after an elastic loss), or several
 separated by commas; FAULT_AT is the rank's step count (1-based) at which it fails.
@@ -79,8 +78,6 @@ def slow_save(*args, **kwargs):
 trainer.make_train_step = faulty_make
 if FAULT == "slow_validation":
     trainer.make_predict_step = slow_predict_make
-if "PREDICT_BATCH" in os.environ:
-    trainer.PREDICT_BATCH = int(os.environ["PREDICT_BATCH"])
 if SAVE_DELAY:
     checkpoint.save = slow_save
 sys.exit(main(sys.argv[1:]))
