@@ -64,12 +64,13 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import STRATEGIES, TrainConfig
+    from mpitrain.config import TrainConfig
     from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from mpitrain.dist.strategies import names as strategy_names
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
     t.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=1,
                    help="timed runs; the best is reported (default: %(default)s)")
     b.add_argument("--image-size", type=_positive_int, default=50, help="(default: %(default)s)")
-    b.add_argument("--strategy", choices=STRATEGIES, default="allreduce", help="(default: %(default)s)")
+    b.add_argument("--strategy", choices=strategy_names(), default="allreduce", help="(default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true",
@@ -185,6 +186,7 @@ def _cmd_predict(args, argv) -> int:
 
 
 def _cmd_bench(args, argv) -> int:
+    from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.models import MODELS
 
     if args.model not in MODELS:
@@ -192,6 +194,7 @@ def _cmd_bench(args, argv) -> int:
     if args.np is not None:
         from mpitrain.dist import launch
 
+        strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
     from mpitrain.train.bench import bench_main
 
@@ -233,10 +236,10 @@ def _cmd_train(args, argv) -> int:
     if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
         return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
     from mpitrain.data.dataset import make_plan, resolve_data_dir
+    from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.runfolder import prepare
 
-    if cfg.strategy == "master-worker" and args.np < 2:
-        raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
+    strategy_class(cfg.strategy).check_ranks(args.np)
     make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
     out = prepare(cfg.out, cfg.overwrite)
     child = _strip_launch_args(argv)

@@ -15,18 +15,14 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mpitrain.dist.strategies as strategies
 from mpitrain.errors import UserError
 
-STRATEGIES = ("allreduce", "local-sgd", "master-worker")
+# The strategies' names come from their registry, and what "auto" means for a strategy
+# (--sync-every, --lr-scaling, --lr-schedule) is a rule of the strategy's own class.
 LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
-# Strategy defaults for "auto", measured on the real chest X-rays (docs/benchmarks.md):
-# allreduce and local SGD grow the global batch with the ranks and settle best with sqrt
-# scaling and a cosine decay; master-worker's one-epoch rounds average workers trained
-# apart, progress more slowly per epoch, and do best with the plain single-rank rate.
-AUTO_SYNC_EVERY = {"local-sgd": 4}
-AUTO_LR = {"master-worker": ("none", "constant")}
 CLASS_WEIGHTS = ("balanced", "none")
 
 
@@ -54,15 +50,15 @@ class TrainConfig:
     seed: int = _opt(0, "same seed + same data = same result")
     out: str | None = _opt(None, "run folder (default: runs/<timestamp>)", metavar="RUNDIR")
     overwrite: bool = _opt(False, "write into a non-empty run folder")
-    strategy: str = _opt("allreduce", "how ranks stay in step", choices=STRATEGIES)
-    sync_every: int | None = _opt(None, "steps between weight syncs (local-sgd: default 4; "
-                                        "master-worker: default one epoch)", metavar="K")
+    strategy: str = _opt("allreduce", "how ranks stay in step", choices=tuple(strategies.names()))
+    sync_every: int | None = _opt(None, "steps between weight syncs (default: the strategy's own; "
+                                        "see README, Strategies)", metavar="K")
     lr_scaling: str = _opt("auto", "scale --lr by the number of training ranks; "
-                                   "auto: sqrt, none for master-worker", choices=LR_SCALINGS)
+                                   "auto: the strategy's own rule", choices=LR_SCALINGS)
     warmup_epochs: float = _opt(0.0, "linear lr warm-up to the scaled rate over this many epochs",
                                 metavar="E")
     lr_schedule: str = _opt("auto", "after warm-up: cosine decay to zero over the run, or constant; "
-                                    "auto: cosine, constant for master-worker", choices=LR_SCHEDULES)
+                                    "auto: the strategy's own rule", choices=LR_SCHEDULES)
     class_weight: str = _opt("balanced", "weight the loss by n / (classes x n_class), or not at all",
                              choices=CLASS_WEIGHTS)
     target_sensitivity: float | None = _opt(None, "choose the decision threshold for this sensitivity on "
@@ -97,7 +93,8 @@ class TrainConfig:
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
         need(self.image_size <= 1024, f"--image-size must be <= 1024, got {self.image_size}")
-        need(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
+        need(self.strategy in strategies.names(),
+             f"--strategy must be one of {', '.join(strategies.names())}")
         need(self.sync_every is None or self.sync_every >= 1,
              f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
@@ -120,12 +117,13 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every "auto"/None default replaced by the value it stands for."""
-        scaling, schedule = AUTO_LR.get(self.strategy, ("sqrt", "cosine"))
+        rules = strategies.strategy_class(self.strategy)
+        scaling, schedule = rules.auto_lr
         return dataclasses.replace(
             self,
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
-            sync_every=self.sync_every if self.sync_every is not None else AUTO_SYNC_EVERY.get(self.strategy))
+            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

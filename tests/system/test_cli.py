@@ -64,6 +64,16 @@ def test_master_worker_needs_two_processes(synth_data, tmp_path):
                            "--out", tmp_path / "r"), "master-worker")
 
 
+@pytest.mark.parametrize("launch", [[], ["-n", "1"]])
+def test_bench_refuses_master_worker_on_one_process_like_train(synth_data, tmp_path, launch):
+    small = ["--strategy", "master-worker", "--model", "tiny", "--image-size", 16]
+    train = run_cli("train", *launch, "--data", synth_data, *small, "--out", tmp_path / "r")
+    bench = run_cli("bench", *launch, *small, "--steps", 2, "--warmup", 1)
+    one_line_error(train, "master-worker", "2")
+    one_line_error(bench, "master-worker", "2")
+    assert bench.stderr.strip() == train.stderr.strip()
+
+
 def test_launch_arguments_are_removed_for_the_ranks():
     assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == \
         ["train", "--data", "d"]

@@ -148,3 +148,25 @@ def test_ranks_started_with_different_options_are_refused_by_name(tmp_path, synt
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("rank(s) [2] were started with a different config") == 1, proc.stderr[-2000:]
+
+
+def test_master_worker_epoch_rows_report_the_workers_time(tmp_path, synth_data):
+    # Worker 1 takes >= 0.3 s for each of its 9 steps per epoch; the master spends 5 s
+    # writing each checkpoint, during which the workers already train the next epoch. The
+    # epoch rows must report the workers' wall time and images, not the idle master's.
+    out = tmp_path / "run"
+    proc, _ = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, "--model", "tiny",
+                               "--image-size", 16, "--batch-size", 4, "--epochs", 2,
+                               "--strategy", "master-worker", "--out", out), timeout=300,
+                     env={"FAULT": "slow", "FAULT_RANK": "1", "FAULT_AT": "1", "FAULT_SECONDS": "0.3",
+                          "SAVE_DELAY": "5"})
+    _assert_ok(proc)
+    import csv
+
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        seconds, rate = float(row["seconds"]), float(row["images_per_second"])
+        assert seconds >= 9 * 0.3, row
+        assert rate * seconds == pytest.approx(72, rel=0.02), row  # all 72 training images

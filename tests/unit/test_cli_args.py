@@ -6,6 +6,7 @@ import typing
 
 import pytest
 
+import mpitrain.dist.strategies as strategies
 from mpitrain import config
 from mpitrain.cli import _config_from_args, build_parser
 from mpitrain.config import TrainConfig
@@ -62,7 +63,7 @@ def test_help_shows_defaults_choices_and_the_model_registry(capsys):
 def test_choice_lists_are_the_configs():
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
     assert actions["optimizer"].choices == config.OPTIMIZERS
-    assert actions["strategy"].choices == config.STRATEGIES
+    assert tuple(actions["strategy"].choices) == tuple(strategies.names())
     assert actions["lr_scaling"].choices == config.LR_SCALINGS
     assert actions["lr_schedule"].choices == config.LR_SCHEDULES
     assert actions["class_weight"].choices == config.CLASS_WEIGHTS

@@ -29,7 +29,8 @@ def test_the_protocol_lists_what_the_package_uses():
     assert public_members(Comm) == {
         "rank", "size", "local_size", "elastic", "failed", "lost_any", "world_ranks",
         "make_elastic", "shrink", "allreduce_sum_", "allreduce_max", "bcast_", "gather_flat",
-        "gather_rows", "allgather_obj", "bcast_obj", "scatter_rows", "barrier", "abort"}
+        "gather_rows", "allgather_obj", "bcast_obj", "scatter_rows", "barrier", "ibarrier", "test",
+        "abort"}
 
 
 @pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpitrain.data.dataset import Plan, Shard, as_float, class_weights, load_shard, make_plan
+from mpitrain.data.dataset import (
+    Plan,
+    Shard,
+    as_float,
+    class_weights,
+    load_shard,
+    make_plan,
+)
 
 
 @pytest.fixture

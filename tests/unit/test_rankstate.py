@@ -51,7 +51,11 @@ def _model_and_optimizer(seed):
 
 def _state(seed, strategy="master-worker"):
     model, opt = _model_and_optimizer(seed)
-    sync = make_sync(strategy, SingleComm(), None)
+    # Master-worker needs 2 ranks: its counters are what matters here, so the strategy sees a
+    # 2-rank world (rank 0, the master); the exchanges below use a real SingleComm.
+    world = SingleComm()
+    world.size = 2
+    sync = make_sync(strategy, world, None)
     return RankState(model, opt, sync), model, opt, sync
 
 

@@ -1,7 +1,6 @@
 import numpy as np
 
 from mpitrain.data.shards import batch_slices, epoch_order, shard, steps_per_epoch
-from mpitrain.dist.strategies import lr_at, scaled_lr
 
 
 def test_shards_are_disjoint_cover_everything_and_balanced():
@@ -37,12 +36,3 @@ def test_every_rank_takes_the_same_number_of_steps():
         assert sum(len(b) for b in batches) == n
     assert steps_per_epoch(0, 8) == 1
 
-
-def test_lr_scaling_and_warmup():
-    assert scaled_lr(0.1, "linear", 4) == 0.4
-    assert abs(scaled_lr(0.1, "sqrt", 4) - 0.2) < 1e-12
-    assert scaled_lr(0.1, "none", 4) == 0.1
-    rates = [lr_at(0.1, 0.4, 10, s) for s in range(12)]
-    assert rates[0] > 0.1 and rates[9] == 0.4 and rates[11] == 0.4
-    assert all(a < b for a, b in zip(rates[:9], rates[1:10]))
-    assert lr_at(0.1, 0.4, 0, 0) == 0.4

@@ -86,6 +86,12 @@ class Comm(Protocol):
     def barrier(self) -> None:
         """Wait until every rank has arrived."""
 
+    def ibarrier(self):
+        """Nonblocking barrier: a request to poll with `test` (progress pulses)."""
+
+    def test(self, request) -> bool:
+        """Whether a nonblocking request has completed (never waits)."""
+
     def abort(self, code: int = 1) -> None:
         """End this process, and under MPI the whole job, with `code`; does not return."""
 
@@ -137,6 +143,14 @@ class SingleComm:
     def barrier(self) -> None:
         pass
 
+    def ibarrier(self):
+        """Nonblocking barrier: returns a request for `test` (alone: already complete)."""
+        return None
+
+    def test(self, request) -> bool:
+        """Whether a nonblocking request has completed (never waits)."""
+        return True
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -162,22 +176,22 @@ class _FailureGuard:
         attr = getattr(self._raw, name)
         if not callable(attr):
             return attr
+        return lambda *args, **kwargs: self.run(name, attr, *args, **kwargs)
+
+    def run(self, name, fn, *args, **kwargs):
+        """Call `fn` (an MPI call on this communicator or one of its requests)."""
         owner, raw = self._owner, self._raw
-
-        def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except owner._MPI.Exception as e:
+            if e.Get_error_class() not in owner._fault_classes:
+                raise
+            owner.failed = True
             try:
-                return attr(*args, **kwargs)
-            except owner._MPI.Exception as e:
-                if e.Get_error_class() not in owner._fault_classes:
-                    raise
-                owner.failed = True
-                try:
-                    raw.Revoke()
-                except owner._MPI.Exception:
-                    pass  # already revoked by another survivor
-                raise RankLost(f"a peer was lost during {name}") from None
-
-        return call
+                raw.Revoke()
+            except owner._MPI.Exception:
+                pass  # already revoked by another survivor
+            raise RankLost(f"a peer was lost during {name}") from None
 
 
 class MPIComm:
@@ -285,6 +299,16 @@ class MPIComm:
 
     def barrier(self) -> None:
         self._comm.Barrier()
+
+    def ibarrier(self):
+        return self._comm.Ibarrier()
+
+    def test(self, request) -> bool:
+        # A request's Test is an MPI call on our communicator too: under --elastic a peer
+        # lost meanwhile must become RankLost here as in any collective.
+        if isinstance(self._comm, _FailureGuard):
+            return bool(self._comm.run("Test", request.Test))
+        return bool(request.Test())
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

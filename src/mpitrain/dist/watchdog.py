@@ -1,6 +1,7 @@
 """Turn a hang into an error: abort the job when training makes no progress.
 
-The trainer calls `beat()` after every step and validation batch. A daemon thread checks
+The trainer calls `beat()` after every step, validation and checkpoint, and a strategy
+calls it while its rank waits for peers that are still working. A daemon thread checks
 the time since the last beat; after `timeout` seconds without one (a rank stuck on a dead
 network file system, a peer that stopped answering inside a collective) it prints what it
 was waiting for and ends the whole MPI job through `on_timeout` (MPI_Abort), so no rank
@@ -38,7 +39,10 @@ class Watchdog:
             self.what = what
 
     def stop(self) -> None:
+        """The thread is gone when this returns (it wakes at once to see the stop)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
 
     def _run(self) -> None:
         period = min(5.0, self.timeout / 4)

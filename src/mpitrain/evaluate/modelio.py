@@ -169,7 +169,8 @@ def load_model(info: ModelInfo):
     return model
 
 
-def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH) -> np.ndarray:
+def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH,
+                  on_batch=None) -> np.ndarray:
     """Class probabilities, float32 [n, n_classes], for the rows of `x`: the package's one
     prediction loop (evaluate, predict, and validation during training).
 
@@ -178,7 +179,8 @@ def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: i
     keeps images as uint8/uint16). Chunks of `batch` rows, the last one padded with zeros to
     `batch`: every call has the same shape, so the same kernels and the same bits, and a
     row's probabilities do not depend on which or how many other rows are predicted with it
-    (nor, under MPI, on how the rows were shared out among the ranks).
+    (nor, under MPI, on how the rows were shared out among the ranks). `on_batch(i)` is
+    called after batch i (1-based): the trainer's heartbeat.
     """
     out = [np.zeros((0, n_classes), np.float32)]
     for a in range(0, len(x), batch):
@@ -187,6 +189,8 @@ def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: i
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
         out.append(np.asarray(predict(chunk), dtype=np.float32)[:n])
+        if on_batch is not None:
+            on_batch(len(out) - 1)
     return np.concatenate(out)
 
 

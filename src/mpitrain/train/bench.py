@@ -50,15 +50,19 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     from mpitrain.runtime import import_tensorflow
 
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
-    import keras
 
     from mpitrain.dist.comm import world
-    from mpitrain.dist.strategies import make_sync
+    from mpitrain.dist.strategies import make_sync, strategy_class
+
+    comm = world()
+    strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
+
+    import keras
+
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
     from mpitrain.train.steps import make_train_step
 
-    comm = world()
     n_threads = configure_runtime(0, threads, comm.local_size)
     x, y = _data(batch * max(steps, warmup), image_size, 2, seed=comm.rank)
     fit_step = None

@@ -18,6 +18,7 @@ import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.dist.comm import world
+from mpitrain.dist.strategies import strategy_class
 from mpitrain.errors import UserError, agree
 
 
@@ -80,8 +81,7 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
         cfg = TrainConfig.from_dict(comm.bcast_obj(cfg.to_dict() if comm.rank == 0 else None))
     err = None
     try:
-        if cfg.strategy == "master-worker" and comm.size < 2:
-            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
+        strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
             data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
             plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
@@ -153,20 +153,18 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
 
 def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
     from mpitrain.data import dataset
-    from mpitrain.dist.strategies import STRATEGY_CLASSES
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
     from mpitrain.train.trainer import fit
 
     threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
     # Which shards this rank owns (the trainer builds the strategy itself).
-    data_parts = STRATEGY_CLASSES[cfg.strategy].data_parts
+    data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
         say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
-    roles = (f"rank 0 = master, ranks 1..{comm.size - 1} = workers" if cfg.strategy == "master-worker"
-             else f"{comm.size} training rank{'s' * (comm.size > 1)}")
+    roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
         f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
     if cfg.data_on_root:

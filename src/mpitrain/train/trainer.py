@@ -1,6 +1,6 @@
 """The training loop: the same code on every rank, one strategy object for the distribution.
 
-Every rank runs the same epochs and steps; the strategy (`dist/strategies.py`) decides what is
+Every rank runs the same epochs and steps; the strategy (`dist/strategies/`) decides what is
 exchanged and when. Metrics come from sums and predictions over the whole data set
 (`epochlog.py`), with two exceptions: after an elastic recovery the epoch's data was
 re-sharded mid-way, and after a mid-epoch resume the training AUC covers only the steps
@@ -30,11 +30,12 @@ from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
 from mpitrain.dist.comm import RankLost
+from mpitrain.dist.pulses import Pulses
 from mpitrain.dist.rankstate import RankState
-from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr
+from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.dist.watchdog import Watchdog
-from mpitrain.errors import AgreedError, QuietExit, UserError
-from mpitrain.evaluate.modelio import predict_probs
+from mpitrain.errors import AgreedError, QuietExit
+from mpitrain.evaluate.modelio import BATCH, predict_probs
 from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import make_predict_step, make_train_step
@@ -76,14 +77,15 @@ class Trainer:
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
+        self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
         """Everything that depends on the number of ranks (again after a rank is lost)."""
         cfg, comm = self.cfg, self.comm
-        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every)
-        if self.sync.train_ranks < 1:
-            raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers)")
+        # The strategy refuses too few ranks itself; while it waits for peers that are still
+        # working it reports their progress to the watchdog.
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat)
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
@@ -97,8 +99,10 @@ class Trainer:
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
         self.total = cfg.epochs * self.steps
         self.target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, self.sync.train_ranks)
-        self.tag = f"{self.sync.name} x{self.sync.train_ranks}" + (
-            " + master" if self.sync.name == "master-worker" else "")
+        self.tag = self.sync.tag
+
+    def _beat(self, what: str) -> None:
+        self.dog.beat(what)
 
     def _lr(self, global_step: int) -> float:
         return lr_at(self.cfg.lr, self.target_lr, self.warmup, global_step, self.total, self.cfg.lr_schedule)
@@ -119,19 +123,23 @@ class Trainer:
         self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
-        while epoch < cfg.epochs:
-            try:
-                seen += self._epoch(epoch, first, stats)
-                epoch, first, stats = epoch + 1, 0, None
-            except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
-                if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
-                    raise
-                first, stats = self._recover(epoch), None
-        if epoch == cfg.epochs and resuming and seen == 0:
-            # Resumed from the final checkpoint (the model was not saved yet): the threshold
-            # and the saved metrics need the validation predictions of the final weights.
-            _, self.result.val_probs, self.result.val_labels = self._validate()
-        self.dog.stop()
+        try:
+            while epoch < cfg.epochs:
+                try:
+                    seen += self._epoch(epoch, first, stats)
+                    epoch, first, stats = epoch + 1, 0, None
+                except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
+                    if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
+                        raise
+                    first, stats = self._recover(epoch), None
+            if resuming and seen == 0:
+                # Resumed from the final checkpoint (the model was not saved yet): the threshold
+                # and the saved metrics need the validation predictions of the final weights.
+                _, self.result.val_probs, self.result.val_labels = self._validate(cfg.epochs - 1)
+        finally:
+            # Also when fit raises: a library caller that handles the error must not be
+            # left with a thread that aborts the process --timeout seconds later.
+            self.dog.stop()
         r = self.result
         r.seconds = time.perf_counter() - t_start
         r.images_per_second = seen / max(r.seconds, 1e-9)
@@ -167,14 +175,18 @@ class Trainer:
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, stats)
         sync.end_epoch()
+        train_time = time.perf_counter() - t0
         bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
-        train_time = time.perf_counter() - t0
+        # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
+        # enough: a master-worker master does not train, and it starts an epoch late (after
+        # validating and writing the checkpoint) while the workers are already at work.
+        train_time = comm.allreduce_max(train_time)
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        val_m, all_vp, all_vy = self._validate()
+        val_m, all_vp, all_vy = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
@@ -193,17 +205,36 @@ class Trainer:
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
 
-    def _validate(self):
-        """Collective. Validation metrics and (rank 0) the gathered probabilities and labels."""
-        data = self.data
-        vp = predict_probs(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+    def _validate(self, epoch: int):
+        """Collective. Validation metrics and (rank 0) the gathered probabilities and labels.
+
+        Shares can be unequal (a master-worker master validates everything alone), so the
+        ranks done early wait on progress pulses, one per batch of the largest share,
+        rather than inside the next collective, where a slow peer looks like a stuck one.
+        A batch is `modelio.BATCH` images, forward only: shorter than a training step, so a
+        --timeout that fits a step fits a validation batch.
+        """
+        data, comm = self.data, self.comm
+        mine = -(-len(data.val_x) // BATCH)
+        batches = int(comm.allreduce_max(mine))  # collective: the largest share, in batches
+        pulses = Pulses(comm, self._beat)
+
+        def pulse(i: int) -> None:  # collective, nonblocking: the same count on every rank
+            pulses.post(f"validation batch {i} of {batches} after epoch {epoch + 1}")
+
+        vp = predict_probs(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max),
+                           on_batch=pulse)
+        for i in range(mine + 1, batches + 1):
+            pulse(i)
+        pulses.wait()
         vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
-        self.comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        return epoch_metrics(self.comm, vstats, vp, data.val_y, self.n_classes)
+        comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
+        return epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
             return
+        self.sync.settle()  # until every rank has done its steps so far (a polled wait)
         gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
         if self.comm.rank == 0:
             from mpitrain.train import checkpoint as ckpt
@@ -227,10 +258,11 @@ class Trainer:
         deadline.start()
         lost = comm.shrink()  # collective among the survivors
         self.dog.beat("recovering from a lost rank")
-        if 0 in lost or (self.cfg.strategy == "master-worker" and comm.size < 2):
+        too_few = strategy_class(self.cfg.strategy).too_few_ranks(comm.size)
+        if 0 in lost or too_few:
             deadline.cancel()
             why = ("rank 0, which writes the run folder, was lost" if 0 in lost
-                   else "no master-worker worker is left")
+                   else f"only {comm.size} rank(s) are left and {too_few}")
             if comm.rank == 0:
                 raise AgreedError(f"{why}; the survivors stopped. Continue the run from its newest "
                                   f"checkpoint with --resume")

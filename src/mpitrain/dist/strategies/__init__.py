@@ -1,0 +1,39 @@
+"""How ranks stay in step: one strategy per module, found by name.
+
+    base.py           the `Sync` base class (hooks, rules, defaults) and the lr rules
+    allreduce.py      gradients summed every step (the default)
+    local_sgd.py      weights averaged every K steps
+    master_worker.py  rank 0 averages the workers' weights every round
+
+Adding a strategy is one new module here with a `Sync` subclass that sets `name` (and
+overrides the hooks and rules it needs): every module of this package is imported below,
+and defining the subclass registers it, so the CLI's choices, the config's validation and
+"auto" defaults, the trainer and `bench` all know it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from mpitrain.dist.strategies.base import REGISTRY, Sync, lr_at, scaled_lr
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+def names() -> tuple[str, ...]:
+    """Every strategy's --strategy value, sorted."""
+    return tuple(sorted(REGISTRY))
+
+
+def strategy_class(name: str) -> type[Sync]:
+    """The class of strategy `name` (KeyError if there is none; the config checks names)."""
+    return REGISTRY[name]
+
+
+def make_sync(name: str, comm, sync_every: int | None = None, progress=None) -> Sync:
+    """This rank's instance of strategy `name` (UserError if comm has too few ranks)."""
+    return REGISTRY[name](comm, sync_every, progress)
+
+
+__all__ = ["Sync", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]

@@ -1,0 +1,45 @@
+"""The training loop in one process (SingleComm): what a library caller relies on."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from mpitrain.config import TrainConfig
+from mpitrain.data.dataset import Plan, Shard
+from mpitrain.dist.comm import SingleComm
+
+
+def _tiny_job(n=24, size=12):
+    from mpitrain.runtime import configure_runtime
+    from mpitrain.train.models import build_model
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n).astype(np.int32)
+    x = rng.random((n, size, size, 1), dtype=np.float32)
+    plan = Plan("mem", ["a", "b"], [""] * n, y, [""] * 8, y[:8], "split")
+    data = Shard(x, y, x[:8], y[:8])
+    configure_runtime(0, 1, 1)
+    cfg = TrainConfig(epochs=3, batch_size=8, model="tiny", image_size=size, timeout=600, class_weight="none")
+    return cfg, plan, data, build_model("tiny", size, 2)
+
+
+def test_fit_stops_its_watchdog_when_it_raises():
+    # A library caller that catches the error must not keep a watchdog thread that aborts
+    # the process --timeout seconds later.
+    from mpitrain.train.trainer import Trainer
+
+    cfg, plan, data, model = _tiny_job()
+
+    def echo(line):
+        if line.startswith("epoch 1/"):
+            raise RuntimeError("the caller's callback failed")
+
+    before = set(threading.enumerate())
+    trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=echo)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        trainer.fit()
+    started = [t for t in threading.enumerate() if t.name == "mpitrain-watchdog" and t not in before]
+    for t in started:
+        t.join(5.0)
+    assert not [t for t in started if t.is_alive()]
