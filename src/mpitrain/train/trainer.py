@@ -35,7 +35,7 @@ from mpitrain.dist.rankstate import RankState
 from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit
-from mpitrain.evaluate.modelio import BATCH, predict_probs
+from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import make_predict_step, make_train_step
@@ -211,11 +211,12 @@ class Trainer:
         Shares can be unequal (a master-worker master validates everything alone), so the
         ranks done early wait on progress pulses, one per batch of the largest share,
         rather than inside the next collective, where a slow peer looks like a stuck one.
-        A batch is `modelio.BATCH` images, forward only: shorter than a training step, so a
-        --timeout that fits a step fits a validation batch.
+        A batch is --batch-size images, forward only: shorter than a training step, so a
+        --timeout that fits a step fits a validation batch (the last one is padded to the
+        same shape, so the bits do not depend on how the rows were shared out).
         """
-        data, comm = self.data, self.comm
-        mine = -(-len(data.val_x) // BATCH)
+        data, comm, size = self.data, self.comm, self.cfg.batch_size
+        mine = -(-len(data.val_x) // size)
         batches = int(comm.allreduce_max(mine))  # collective: the largest share, in batches
         pulses = Pulses(comm, self._beat)
 
@@ -223,7 +224,7 @@ class Trainer:
             pulses.post(f"validation batch {i} of {batches} after epoch {epoch + 1}")
 
         vp = predict_probs(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max),
-                           on_batch=pulse)
+                           batch=size, on_batch=pulse)
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()
