@@ -9,6 +9,16 @@ are packed into one flat float32 tensor, handed to `reduce` (an in-place MPI all
 through `tf.numpy_function`, and divided by the global sample count. The result is exactly
 the gradient of the mean loss over the global batch, however unevenly the samples were
 spread across ranks.
+
+Precision: under a mixed policy (bf16, fp16) the model computes in 16 bits, but the
+probabilities, the loss, the statistics and every gradient are cast to float32 before they
+are packed, so the buffer MPI sums is float32 whatever the policy. With fp16 the optimizer
+is a `keras.optimizers.LossScaleOptimizer`: the loss is multiplied by its dynamic scale
+before the gradient, and the buffer carries scaled gradients (a power of two: exact in
+float32). `optimizer.apply` then checks the *reduced* gradients for inf/NaN: a rank whose
+fp16 gradient overflowed makes the sum non-finite on every rank, so all ranks skip the step
+and halve the scale together; otherwise it unscales and applies. Without a reduce (local
+SGD, master-worker) each rank decides for itself, as its steps are its own.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ def make_train_step(model, optimizer, reduce=None):
     import tensorflow as tf
 
     variables = model.trainable_variables
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     total = sum(sizes) + 3
@@ -35,9 +46,10 @@ def make_train_step(model, optimizer, reduce=None):
     def step(x, y, w, lr):
         optimizer.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
-            probs = model(x, training=True)
+            probs = tf.cast(model(x, training=True), tf.float32)
             loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
-        grads = tape.gradient(loss_sum, variables)
+            target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
+        grads = [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)]
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         stats = tf.stack([tf.cast(tf.shape(x)[0], tf.float32), loss_sum,
                           tf.reduce_sum(tf.cast(hits, tf.float32))])
