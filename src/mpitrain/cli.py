@@ -65,6 +65,11 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from mpitrain.config import TrainConfig
+    from mpitrain.runtime import PRECISIONS
+
+    infer_precision = ("compute precision of the model; fp32 (the default) gives the same numbers "
+                       "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
+                       "weights and the softmax stay float32")
     from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
@@ -115,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=_positive_int, default=50, help="(default: %(default)s)")
     b.add_argument("--strategy", choices=strategy_names(), default="allreduce", help="(default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
+    b.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="compute precision, as for train (default: %(default)s)")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true",
                    help="standard output is one JSON object and nothing else (the summary goes to stderr)")
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
     e.add_argument("--cache-dir", help="where decoded images are cached")
     e.set_defaults(func=_cmd_evaluate)
 
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the one saved with the model)")
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
+    pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
     pr.set_defaults(func=_cmd_predict)
     for command in sub.choices.values():
         _add_debug(command)
@@ -159,7 +168,7 @@ def _cmd_evaluate(args, argv) -> int:
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
                          plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
-                         threads=args.threads)
+                         threads=args.threads, precision=args.precision)
 
 
 def _launch_timed(n: int, child: list[str], **kwargs) -> int:
@@ -182,7 +191,7 @@ def _cmd_predict(args, argv) -> int:
     from mpitrain.evaluate.predict import predict_main
 
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
-                        image_size=args.image_size, threads=args.threads)
+                        image_size=args.image_size, threads=args.threads, precision=args.precision)
 
 
 def _cmd_bench(args, argv) -> int:
@@ -200,7 +209,8 @@ def _cmd_bench(args, argv) -> int:
 
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
                       image_size=args.image_size, strategy=args.strategy, threads=args.threads,
-                      as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats)
+                      as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats,
+                      precision=args.precision)
 
 
 def _config_from_args(args):

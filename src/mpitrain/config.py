@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mpitrain.dist.strategies as strategies
 from mpitrain.errors import UserError
+from mpitrain.runtime import PRECISIONS
 
 # The strategies' names come from their registry, and what "auto" means for a strategy
 # (--sync-every, --lr-scaling, --lr-schedule) is a rule of the strategy's own class.
@@ -69,6 +70,10 @@ class TrainConfig:
                                      "(no shared file system)")
     threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)",
                                metavar="T")
+    precision: str = _opt("auto", "compute precision; weights, optimizer state and the softmax stay "
+                                  "float32. auto: bf16 where the CPU (avx512_bf16, amx_bf16) or GPU "
+                                  "computes in bfloat16, else fp32; fp16 with dynamic loss scaling "
+                                  "(for GPUs: slow on CPUs)", choices=PRECISIONS)
     cache_dir: str | None = _opt(None, "where decoded images are cached (default: $MPITRAIN_CACHE_DIR or ~/.cache/mpitrain)",
                                  metavar="DIR")
     checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)",
@@ -113,6 +118,7 @@ class TrainConfig:
              "--elastic needs the data on a shared file system (not --data-on-root): "
              "survivors re-read the shards of a lost rank")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 
     def resolved(self) -> "TrainConfig":

@@ -1,4 +1,5 @@
-"""Process set-up shared by every command: cores, threads per rank, seeds, a quiet TensorFlow.
+"""Process set-up shared by every command: cores, threads per rank, seeds, precision, a quiet
+TensorFlow.
 
 One home for these rules, so that `train`, `evaluate`, `predict` and `bench` set up a process
 the same way without importing each other.
@@ -9,6 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+# --precision: the Keras dtype policy of each choice ("auto" is resolved first, see
+# `resolve_precision`). The mixed policies compute in 16 bits and keep every variable
+# (weights, optimizer state, batch-norm statistics) in float32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def available_cores() -> int:
@@ -84,8 +92,66 @@ def import_tensorflow():
     return tensorflow
 
 
-def configure_runtime(seed: int, threads: int | None, local_ranks: int) -> int:
-    """Threads per rank (the node's cores split between its ranks) and seeded determinism.
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (or of the given text); empty if unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM; every core lists the same
+            return set(value.split())
+    return set()
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """CUDA compute capability of each visible GPU ([] without GPUs or a CUDA TensorFlow)."""
+    tf = import_tensorflow()
+    out = []
+    for gpu in tf.config.list_physical_devices("GPU"):  # does not initialise the runtime
+        try:
+            cc = tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+        except (RuntimeError, ValueError):
+            cc = (0, 0)
+        out.append(tuple(cc))
+    return out
+
+
+def resolve_precision(requested: str, cpuinfo: str | None = None,
+                      gpus: list[tuple[int, int]] | None = None) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, why) for a --precision value.
+
+    "auto" is bf16 where the hardware computes in bfloat16 natively: with GPUs, when every
+    one has compute capability >= 8.0 (Ampere on); on CPUs, with the avx512_bf16 or
+    amx_bf16 flag. Otherwise fp32. Never fp16: that needs loss scaling and is a choice.
+    `cpuinfo` (the text of /proc/cpuinfo) and `gpus` (compute capabilities) are for tests.
+    """
+    if requested != "auto":
+        return requested, "requested"
+    gpus = gpu_capabilities() if gpus is None else gpus
+    if gpus:
+        if all(cc >= (8, 0) for cc in gpus):
+            return "bf16", f"auto: every GPU supports bfloat16 (compute capability {min(gpus)[0]}.{min(gpus)[1]}+)"
+        return "fp32", "auto: a GPU without bfloat16 support (compute capability < 8.0)"
+    found = sorted(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))
+    if found:
+        return "bf16", f"auto: CPU flag {', '.join(found)}"
+    return "fp32", f"auto: the CPU has neither {' nor '.join(BF16_CPU_FLAGS)}"
+
+
+def set_precision(precision: str) -> None:
+    """Keras' global dtype policy for the models built from now on (fp32 | bf16 | fp16)."""
+    import keras
+
+    keras.config.set_dtype_policy(POLICIES[precision])
+
+
+def configure_runtime(seed: int, threads: int | None, local_ranks: int, precision: str = "fp32") -> int:
+    """Threads per rank (the node's cores split between its ranks), seeded determinism and
+    the dtype policy of the models built afterwards (`precision`, resolved: not "auto").
 
     Must run before TensorFlow executes its first op. Returns the threads per rank.
     """
@@ -100,4 +166,5 @@ def configure_runtime(seed: int, threads: int | None, local_ranks: int) -> int:
         pass
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    set_precision(precision)
     return n

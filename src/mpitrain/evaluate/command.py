@@ -72,7 +72,7 @@ def my_indices(n: int, rank: int, size: int) -> np.ndarray:
 
 def evaluate_main(model: str, data: str, json_path: str | None = None, threshold: float | None = None,
                   plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
-                  threads: int | None = None, echo=print) -> int:
+                  threads: int | None = None, precision: str = "fp32", echo=print) -> int:
     from mpitrain.data.cache import load_images_cached
     from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import agree
@@ -88,12 +88,14 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
         err = str(e)
     agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
 
-    from mpitrain.runtime import configure_runtime
+    from mpitrain.runtime import configure_runtime, resolve_precision
 
-    configure_runtime(0, threads, comm.local_size)
+    # Collective: rank 0 resolves "auto" for all, so every rank predicts alike.
+    precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
+    configure_runtime(0, threads, comm.local_size, precision)
     err = None
     try:
-        net = modelio.load_model(setup.info)
+        net = modelio.load_model(setup.info, precision)
     except UserError as e:
         err = str(e)
     agree(comm, err)  # collective: the same file fails on every rank
@@ -133,7 +135,7 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     probs = probs[ok]
     result = _metrics(setup, labels, probs, counts)
     result.update(model=str(info.path), data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
-                  ranks=comm.size, seconds=round(time.perf_counter() - t0, 3),
+                  ranks=comm.size, compute_precision=precision, seconds=round(time.perf_counter() - t0, 3),
                   total_seconds=round(time.time() - started, 3))
     _report(setup, result, comm.size, echo)
     if all_errors:
@@ -176,7 +178,7 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
                           if c not in result["absent_classes"])  # those are named in the table
     echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
     echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
-         f"{ranks} rank{'s' * (ranks > 1)}")
+         f"{ranks} rank{'s' * (ranks > 1)} | {result['compute_precision']}")
     start_up = "starting the ranks" if ranks > 1 else "Python start-up"
     echo(f"time: {result['total_seconds']:.1f}s since the command started ({start_up}, TensorFlow and model "
          f"loading included), of which {result['seconds']:.1f}s decoding, predicting and gathering "

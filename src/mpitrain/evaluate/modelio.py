@@ -147,8 +147,33 @@ def resolve_threshold(info: ModelInfo, override: float | None) -> tuple[float | 
     return float(info.threshold), "model"
 
 
-def load_model(info: ModelInfo):
-    """The Keras model, loaded in safe mode and checked against the metadata."""
+def output_layers(model) -> list:
+    """The layers whose outputs are the model's outputs (the softmax)."""
+    return [t._keras_history.operation for t in model.outputs]
+
+
+def set_model_precision(model, precision: str) -> None:
+    """Make every layer of a built model compute in `precision` (fp32 | bf16 | fp16), except
+    the output layers (the softmax), which compute in float32 whatever the precision.
+    Variables are untouched: the mixed policies keep them float32, so the weights are the
+    same whatever the precision.
+
+    Before saving, trained models are set to fp32, so model.keras computes in float32
+    wherever it is loaded; evaluate and predict then apply their own --precision.
+    """
+    import keras
+
+    from mpitrain.runtime import POLICIES
+
+    outputs = {id(layer) for layer in output_layers(model)}
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.dtype_policy = POLICIES["fp32" if id(layer) in outputs else precision]
+
+
+def load_model(info: ModelInfo, precision: str = "fp32"):
+    """The Keras model, loaded in safe mode, checked against the metadata, computing in
+    `precision` (see `set_model_precision`)."""
     import keras
 
     try:
@@ -166,6 +191,7 @@ def load_model(info: ModelInfo):
     if tuple(model.output_shape) != (None, len(info.classes)):
         raise UserError(f"model {info.path} has {model.output_shape[-1]} outputs for "
                         f"{len(info.classes)} classes in model.json: files do not belong together")
+    set_model_precision(model, precision)
     return model
 
 

@@ -18,7 +18,8 @@ error (bad model, bad option). Probabilities are written exactly (the float32 va
 shortest round-trip decimal), so metrics recomputed from the CSV equal `mpitrain evaluate`.
 
 Predictions use the same code as evaluate (`modelio.predict_probs`, fixed batch shape),
-the model's saved decision threshold, or ``--threshold``. One process: under mpiexec only
+the model's saved decision threshold, or ``--threshold``, in float32 unless ``--precision``
+says otherwise (see `modelio.set_model_precision`). One process: under mpiexec only
 rank 0 works.
 """
 
@@ -72,7 +73,7 @@ def decision_rule(classes: list[str], threshold: float | None, positive: int | N
 
 
 def predict_main(model: str, paths: list[str], csv_path: str | None = None, threshold: float | None = None,
-                 image_size: int | None = None, threads: int | None = None) -> int:
+                 image_size: int | None = None, threads: int | None = None, precision: str = "fp32") -> int:
     from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.evaluate import modelio
 
@@ -84,10 +85,11 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
     if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
         raise UserError(f"--csv {csv_path}: need a file in an existing folder")
     items = collect(paths)
-    from mpitrain.runtime import configure_runtime
+    from mpitrain.runtime import configure_runtime, resolve_precision
 
-    configure_runtime(0, threads, 1)
-    net = modelio.load_model(info)
+    precision = resolve_precision(precision)[0]
+    configure_runtime(0, threads, 1, precision)
+    net = modelio.load_model(info, precision)
 
     k, pos = len(info.classes), info.positive
     rule = decision_rule(info.classes, t, pos)

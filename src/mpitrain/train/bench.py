@@ -2,7 +2,7 @@
 
 Each rank trains the chosen model on random images (no decoding, no disk) with the real
 train step and strategy, and reports images per second and the share of step time spent
-inside MPI calls. `--compare-fit` (one process only) also times plain Keras `model.fit`
+inside MPI calls, at `--precision` (auto: as training resolves it). `--compare-fit` (one process only) also times plain Keras `model.fit`
 on the same model, batch and data, which is the reference for the one-rank overhead.
 
 The batch defaults to 64 per rank, not train's 32: the throughput figures in
@@ -46,7 +46,7 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> fl
 
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
-               threads=None, as_json=False, compare_fit=False, repeats=1) -> int:
+               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto") -> int:
     from mpitrain.runtime import import_tensorflow
 
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
@@ -59,17 +59,21 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
 
     import keras
 
-    from mpitrain.runtime import configure_runtime
+    from mpitrain.runtime import configure_runtime, resolve_precision
     from mpitrain.train.models import build_model
     from mpitrain.train.steps import make_train_step
 
-    n_threads = configure_runtime(0, threads, comm.local_size)
+    # Rank 0 resolves "auto" for all (collective), as training does.
+    precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
+    n_threads = configure_runtime(0, threads, comm.local_size, precision)
     x, y = _data(batch * max(steps, warmup), image_size, 2, seed=comm.rank)
     fit_step = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other
         fit_step = _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats)
     model = build_model(model_name, image_size, 2)
     opt = keras.optimizers.Adam(1e-3)
+    if precision == "fp16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
     opt.build(model.trainable_variables)
     sync = make_sync(strategy, comm, None)
     sync.start(model, opt)
@@ -99,7 +103,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
             best = (seconds, float(comm_frac[0]) / comm.size)
     seconds, comm_frac = best
     images = batch * steps * sync.train_ranks
-    result = {"model": model_name, "batch_size_per_rank": batch, "steps": steps, "strategy": strategy,
+    result = {"model": model_name, "precision": precision, "batch_size_per_rank": batch, "steps": steps, "strategy": strategy,
               "ranks": comm.size, "training_ranks": sync.train_ranks, "threads_per_rank": n_threads,
               "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 1),
               "images_per_second_per_rank": round(images / seconds / max(sync.train_ranks, 1), 1),
@@ -109,7 +113,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
         result["vs_fit"] = round(result["images_per_second"] / result["fit_images_per_second"], 3)
     if comm.rank == 0:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print  # --json: stdout is JSON only
-        say(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, batch {batch}/rank, "
+        say(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, batch {batch}/rank, "
             f"{steps} steps: {result['images_per_second']:.0f} img/s total, "
             f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
             f"communication {100 * comm_frac:.1f}% of step time")

@@ -11,6 +11,7 @@ Failure handling follows two rules:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -40,7 +41,8 @@ def _open_resume(cfg: TrainConfig):
     # model.keras such a run is resumed (validated and saved) like a "trained" one.
     if ckpt.status == "finished" and (Path(cfg.out) / "model.keras").exists():
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
-    saved = TrainConfig.from_dict({**ckpt.config, "out": cfg.out, "overwrite": False})
+    # Runs from before --precision existed trained in fp32; "auto" would re-resolve here.
+    saved = TrainConfig.from_dict({"precision": "fp32", **ckpt.config, "out": cfg.out, "overwrite": False})
     return ckpt, saved
 
 
@@ -79,6 +81,14 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
     agree(comm, err)
     if resume:  # collective: every rank trains with the saved config
         cfg = TrainConfig.from_dict(comm.bcast_obj(cfg.to_dict() if comm.rank == 0 else None))
+    # Collective: rank 0 resolves --precision auto for all, so that ranks on different
+    # hardware still compute alike. The config keeps the resolved value (a resumed run
+    # keeps its precision); config.json's runtime facts also say what was asked and why.
+    requested = cfg.precision
+    precision, why = comm.bcast_obj(_resolve_precision(cfg.precision) if comm.rank == 0 else None)
+    cfg = dataclasses.replace(cfg, precision=precision)
+    if resume:
+        why = "the precision the resumed run was trained with"
     err = None
     try:
         strategy_class(cfg.strategy).check_ranks(comm.size)
@@ -99,7 +109,7 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
                     f"or data file list than rank 0")
 
     try:
-        return _train(cfg, comm, plan, out, ckpt, resume, say)
+        return _train(cfg, comm, plan, out, ckpt, resume, say, {"requested": requested, "why": why})
     except KeyboardInterrupt:
         from mpitrain.dist.launch import resume_command
         from mpitrain.train import progress
@@ -151,13 +161,15 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
     return where
 
 
-def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
+def _train(cfg, comm, plan, out, ckpt, resume, say, asked: dict) -> int:
+    """The run after the agreed set-up; `asked` says which precision was requested and why it is used."""
+    requested, why = asked["requested"], asked["why"]
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
     from mpitrain.train.trainer import fit
 
-    threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size)
+    threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size, cfg.precision)
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
@@ -166,7 +178,8 @@ def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
-        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}")
+        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size} | "
+        f"{cfg.precision}" + (f" ({why})" if requested == "auto" else ""))
     if cfg.data_on_root:
         plan, data = dataset.scatter_from_root(comm, plan, cfg.image_size, cfg.seed,
                                                lambda r: data_parts(r, comm.size), cfg.cache_dir)
@@ -197,7 +210,9 @@ def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
     result = fit(cfg, comm, plan, data, model, echo=say, checkpoints=True, run_dir=out,
                  resume=ckpt, resuming=resume, reshard=reshard)
     if comm.rank == 0:
-        for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1])):
+        precision_facts = {"requested": requested, "used": cfg.precision, "why": why}
+        for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]),
+                          precision_facts):
             say(line)
         from mpitrain.train import checkpoint
 
@@ -206,7 +221,23 @@ def _train(cfg, comm, plan, out, ckpt, resume, say) -> int:
     return 0
 
 
-def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list[str]:
+def _resolve_precision(requested: str) -> tuple[str, str]:
+    from mpitrain.runtime import resolve_precision
+
+    precision, why = resolve_precision(requested)
+    if precision == "fp16" and not _has_gpu():
+        print("mpitrain: note: --precision fp16 on a CPU is emulated and several times slower than "
+              "fp32; bf16 or fp32 suit CPUs", file=sys.stderr)
+    return precision, why
+
+
+def _has_gpu() -> bool:
+    from mpitrain.runtime import gpu_capabilities
+
+    return bool(gpu_capabilities())
+
+
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precision: dict) -> list[str]:
     """Rank 0 only: the run folder. Returns lines to show the user.
 
     Order matters: the model and its metadata first (the valuable part), then the numbers,
@@ -234,7 +265,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list
                "images_per_second": round(result.images_per_second, 1),
                "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val}
     save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
-                data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
+                precision=precision, data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
                 seconds=timings["seconds"], images_per_second=timings["images_per_second"],
                 comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     runfolder.write_history(out / "history.csv", result.history)

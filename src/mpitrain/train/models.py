@@ -2,6 +2,12 @@
 
 Models are plain Keras 3 models ending in a softmax over the classes. They know nothing
 about MPI: distribution is applied around them by the trainer.
+
+Precision: a model is built under Keras' global dtype policy (`runtime.set_precision`), so
+with --precision bf16 its layers compute in bfloat16 with float32 variables. The output
+layer (the softmax) of every model must say `dtype="float32"`: probabilities, the loss and
+the decision threshold need float32 (bfloat16 keeps 3 significant digits), and
+tests/unit/test_models.py checks it for every registry model.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ def _seed(image_size: int, n_classes: int):
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
             layers.Dropout(0.3),
-            layers.Dense(n_classes, activation="softmax"),
+            layers.Dense(n_classes, activation="softmax", dtype="float32"),
         ],
         name="seed",
     )
@@ -46,7 +52,7 @@ def _tiny(image_size: int, n_classes: int):
             layers.MaxPooling2D(4),
             layers.Flatten(),
             layers.Dense(16, activation="relu"),
-            layers.Dense(n_classes, activation="softmax"),
+            layers.Dense(n_classes, activation="softmax", dtype="float32"),
         ],
         name="tiny",
     )

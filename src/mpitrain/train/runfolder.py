@@ -62,5 +62,16 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def save_model(path: Path, model) -> None:
-    with atomic_path(path) as tmp:  # keeps the .keras suffix Keras wants
-        model.save(tmp)
+    """Save `model` computing in float32, whatever precision it was trained in: the weights
+    are float32 anyway, and a model.keras loaded anywhere (an fp32 process, plain Keras)
+    then computes in float32 unless asked otherwise (evaluate/predict --precision)."""
+    from mpitrain.evaluate.modelio import set_model_precision
+
+    policies = [(layer, layer.dtype_policy) for layer in model._flatten_layers(include_self=True)]
+    set_model_precision(model, "fp32")
+    try:
+        with atomic_path(path) as tmp:  # keeps the .keras suffix Keras wants
+            model.save(tmp)
+    finally:
+        for layer, policy in policies:  # the caller's model is left as it was
+            layer.dtype_policy = policy

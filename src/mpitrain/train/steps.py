@@ -15,6 +15,16 @@ keep its optimizer in step): its empty batch is run as one zero image of weight 
 adds nothing to the gradient and is not counted. An empty batch cannot run as it is: with
 oneDNN (TensorFlow's default on x86) the pooling gradient kernel aborts the process on
 0 rows (TF 2.21), and the convolutions raise.
+
+Precision: under a mixed policy (bf16, fp16) the model computes in 16 bits, but the
+probabilities, the loss, the statistics and every gradient are cast to float32 before they
+are packed, so the buffer MPI sums is float32 whatever the policy. With fp16 the optimizer
+is a `keras.optimizers.LossScaleOptimizer`: the loss is multiplied by its dynamic scale
+before the gradient, and the buffer carries scaled gradients (a power of two: exact in
+float32). `optimizer.apply` then checks the *reduced* gradients for inf/NaN: a rank whose
+fp16 gradient overflowed makes the sum non-finite on every rank, so all ranks skip the step
+and halve the scale together; otherwise it unscales and applies. Without a reduce (local
+SGD, master-worker) each rank decides for itself, as its steps are its own.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ def make_train_step(model, optimizer, reduce=None):
     import tensorflow as tf
 
     variables = model.trainable_variables
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     total = sum(sizes) + 3
@@ -41,9 +52,10 @@ def make_train_step(model, optimizer, reduce=None):
     def compiled(x, y, w, lr):
         optimizer.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
-            probs = model(x, training=True)
+            probs = tf.cast(model(x, training=True), tf.float32)
             loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
-        grads = tape.gradient(loss_sum, variables)
+            target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
+        grads = [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)]
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
         stats = tf.stack([tf.reduce_sum(counted), loss_sum,

@@ -57,8 +57,12 @@ def _make_optimizer(cfg: TrainConfig, lr: float):
     import keras
 
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
-    return keras.optimizers.Adam(learning_rate=lr)
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
+    else:
+        opt = keras.optimizers.Adam(learning_rate=lr)
+    if cfg.precision == "fp16":  # dynamic loss scaling: see train/steps.py
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
 
 
 class Trainer:
