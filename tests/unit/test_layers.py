@@ -82,3 +82,12 @@ def test_only_the_comm_module_imports_mpi4py():
     users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
                    if any(n == "mpi4py" or n.startswith("mpi4py.") for n in _imports(p)))
     assert users == ["dist/comm.py"]
+
+
+def test_the_readme_map_names_every_module():
+    # The README's "Layout" map is the reader's first view of the package: it must not drift.
+    readme = (PKG.parents[1] / "README.md").read_text()
+    layout = readme.split("### Layout", 1)[1].split("```")[1]
+    missing = [str(p.relative_to(PKG)) for p in sorted(PKG.rglob("*.py"))
+               if p.stem not in ("__init__", "__main__") and p.stem not in layout]
+    assert not missing, f"README's Layout does not mention: {missing}"
