@@ -17,7 +17,8 @@ from mpitrain.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # "mpitrain: error: ..." like every other error; the subcommand is in the hint.
+        self.exit(2, f"mpitrain: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -70,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer_precision = ("compute precision of the model; fp32 (the default) gives the same numbers "
                        "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
                        "weights and the softmax stay float32")
+    from mpitrain import __version__
     from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
+    parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from mpitrain.dist.strategies import names as strategy_names
@@ -89,24 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder per class")
     d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
-    d.add_argument("--image-size", type=int, default=50, metavar="PX",
+    d.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
                    help="decode at this size, as training would (default: %(default)s)")
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
     d.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
-    s.add_argument("--out", required=True, metavar="DIR", help="folder to write (one sub-folder per class)")
-    s.add_argument("--per-class", type=int, default=300, metavar="N", help="images per class (default: %(default)s)")
-    s.add_argument("--image-size", type=int, default=50, metavar="PX", help="(default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty folder to write (one sub-folder per class)")
+    s.add_argument("--per-class", type=_positive_int, default=300, metavar="N",
+                   help="images per class (default: %(default)s)")
+    s.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
+                   help="side of the square images in pixels (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="same seed = same images, byte for byte (default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
 
     b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)",
                        description="Training throughput of the real train step and strategy, on generated "
                                    "random images held in memory (no data folder, no decoding, no disk), "
                                    "so it measures the model and the communication, not the input.")
-    b.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
-    b.add_argument("--hostfile")
+    b.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
+                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
                                                    "(default: %(default)s)")
     b.add_argument("--batch-size", type=_positive_int, default=64,
@@ -117,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps first (default: %(default)s)")
     b.add_argument("--repeats", type=_positive_int, default=1,
                    help="timed runs; the best is reported (default: %(default)s)")
-    b.add_argument("--image-size", type=_positive_int, default=50, help="(default: %(default)s)")
-    b.add_argument("--strategy", choices=strategy_names(), default="allreduce", help="(default: %(default)s)")
+    b.add_argument("--image-size", type=_positive_int, default=TrainConfig.image_size, metavar="PX",
+                   help="input side in pixels (default: %(default)s)")
+    b.add_argument("--strategy", choices=strategy_names(), default="allreduce",
+                   help="how ranks stay in step, as in train (default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision, as for train (default: %(default)s)")
@@ -128,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
-    e.add_argument("-n", "--np", type=_positive_int, dest="np", help="start N processes with mpiexec")
-    e.add_argument("--hostfile", help="MPI hostfile for -n")
+    e.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
+                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     e.add_argument("--model", required=True, help="RUNDIR/model.keras (or RUNDIR) of a finished training")
     e.add_argument("--data", required=True, help="folder with one sub-folder per class (the model's classes)")
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
@@ -151,13 +162,39 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
+    # predict runs in one process: -n is taken only to say so (not in --help)
+    pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
+    pr.add_argument("--hostfile", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
     for command in sub.choices.values():
         _add_debug(command)
     return parser
 
 
+def _refuse_nested_launch(args) -> None:
+    """-n/--hostfile start mpiexec; under an MPI launcher that would nest a job in each rank."""
+    from mpitrain.dist.comm import launched_by_mpi, world
+    from mpitrain.errors import agree
+
+    flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else None
+    if flag is not None and launched_by_mpi():
+        # Every rank has the same command line: all stop together, rank 0 says it once.
+        agree(world(), f"{flag} starts its own mpiexec, but this command already runs under an MPI "
+                       f"launcher: drop {flag} (the launcher's -n sets the processes) or drop the launcher")
+
+
+def _check_hostfile(args) -> None:
+    if args.hostfile is not None:
+        if args.np is None:
+            raise UserError("--hostfile needs -n N")
+        from mpitrain.dist.launch import check_hostfile
+
+        check_hostfile(args.hostfile)
+
+
 def _cmd_evaluate(args, argv) -> int:
+    _refuse_nested_launch(args)
+    _check_hostfile(args)
     if args.np is not None:
         from mpitrain.evaluate.command import prepare
 
@@ -190,16 +227,23 @@ def _launch_timed(n: int, child: list[str], **kwargs) -> int:
 def _cmd_predict(args, argv) -> int:
     from mpitrain.evaluate.predict import predict_main
 
+    if args.np is not None or args.hostfile is not None:
+        raise UserError(f"predict runs in one process: drop {'-n' if args.np is not None else '--hostfile'} "
+                        "(evaluate -n N spreads labelled images over N processes)")
+
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
                         image_size=args.image_size, threads=args.threads, precision=args.precision)
 
 
 def _cmd_bench(args, argv) -> int:
+    from mpitrain.config import check_image_size
     from mpitrain.dist.strategies import strategy_class
-    from mpitrain.train.models import MODELS
+    from mpitrain.train.models import check_model
 
-    if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(sorted(MODELS))}")
+    _refuse_nested_launch(args)
+    check_image_size(args.image_size)
+    check_model(args.model, args.image_size)
+    _check_hostfile(args)
     if args.np is not None:
         from mpitrain.dist import launch
 
@@ -238,24 +282,34 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
 
 
 def _cmd_train(args, argv) -> int:
+    _refuse_nested_launch(args)
+    _check_hostfile(args)
     if args.np is None:
         from mpitrain.train.command import train_main
 
         return train_main(lambda: _config_from_args(args), resume=args.resume)
-    cfg = _config_from_args(args)  # validates: errors are reported here, once, before launching
-    if args.resume:  # the ranks check the run folder and its checkpoints (an agreed error)
-        return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
-    from mpitrain.data.dataset import make_plan, resolve_data_dir
+    # Everything that can be checked without the data, then the data folder's listing and the
+    # run folder: each mistake is reported here, once, before mpiexec starts. The run folder is
+    # only checked (and locked for a moment): rank 0 creates and locks it for the run.
     from mpitrain.dist.strategies import strategy_class
-    from mpitrain.train.runfolder import prepare
+    from mpitrain.train import runfolder
+    from mpitrain.train.models import check_model
 
+    cfg = _config_from_args(args)
+    if args.resume:  # the ranks read the checkpoints and its saved options (an agreed error)
+        runfolder.resume_folder(args.out, check_only=True)
+        return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
+    check_model(cfg.model, cfg.image_size)
     strategy_class(cfg.strategy).check_ranks(args.np)
+    from mpitrain.data.dataset import make_plan, resolve_data_dir
+    from mpitrain.outdir import missing_dirs
+
     make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
-    out = prepare(cfg.out, cfg.overwrite)
+    out = runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
     child = _strip_launch_args(argv)
-    if cfg.out is None:  # every rank must use the folder the launcher just made
+    if cfg.out is None:  # every rank must use the folder name the launcher chose
         child += ["--out", str(out)]
-    return _launch_train(args, child, out, cfg.elastic)
+    return _launch_train(args, child, out, cfg.elastic, fresh=missing_dirs(out))
 
 
 def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | None]:
@@ -275,31 +329,53 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | N
     return (launch.elastic_flags() if elastic else None), hint
 
 
-def _launch_train(args, child: list[str], out, elastic: bool) -> int:
+def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
+    """Run the job; then tidy up after ranks that ended by a signal (Ctrl-C, a lost rank):
+    the lock file rank 0 could not remove, and the folders `fresh` (made for this run) if
+    nothing was written into them."""
+    import socket
+
     from mpitrain.dist import launch
+    from mpitrain.outdir import remove_empty
+    from mpitrain.train import runlock
 
     extra, hint = _launch_options(args, out, elastic)
+    job = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
 
     def report(where):  # after Ctrl-C: where it stopped, what is on disk, how to go on
         from mpitrain.train.command import interrupted_message
 
         print(interrupted_message(where, out, hint), file=sys.stderr)
 
-    return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                      debug=args.debug, on_interrupt=report)
+    old = os.environ.get(runlock.JOB_ENV)
+    os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
+    try:
+        return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
+                          debug=args.debug, on_interrupt=report)
+    finally:
+        if old is None:
+            os.environ.pop(runlock.JOB_ENV, None)
+        else:
+            os.environ[runlock.JOB_ENV] = old
+        if out is not None:
+            runlock.clear_job(out, job)
+            remove_empty(list(fresh))
 
 
 def _cmd_data(args, argv) -> int:
+    from mpitrain.config import check_image_size
     from mpitrain.data.describe import describe_data
 
-    if args.image_size < 4:
-        raise UserError(f"--image-size must be >= 4, got {args.image_size}")
+    check_image_size(args.image_size)  # train's rule: `data` shows what training would load
     return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
                          cache_dir=args.cache_dir)
 
 
 def _cmd_synth(args, argv) -> int:
+    from mpitrain.config import check_image_size
     from mpitrain.data.synth import generate
+
+    check_image_size(args.image_size)
 
     out = generate(args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed)
     print(f"wrote synthetic data set to {out}")

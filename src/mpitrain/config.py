@@ -25,6 +25,14 @@ LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
+IMAGE_SIZES = (8, 1024)  # smallest and largest --image-size: train, data, synth and bench alike
+
+
+def check_image_size(px: int) -> None:
+    """The one --image-size rule (a model may ask for more: models.check_model)."""
+    low, high = IMAGE_SIZES
+    if not low <= px <= high:
+        raise UserError(f"--image-size must be from {low} to {high} pixels, got {px}")
 
 
 def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
@@ -96,8 +104,7 @@ class TrainConfig:
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
-        need(self.image_size <= 1024, f"--image-size must be <= 1024, got {self.image_size}")
+        check_image_size(self.image_size)
         need(self.strategy in strategies.names(),
              f"--strategy must be one of {', '.join(strategies.names())}")
         need(self.sync_every is None or self.sync_every >= 1,

@@ -91,3 +91,21 @@ def test_debug_before_or_after_every_subcommand(command):
     assert parse("--debug", command, *args).debug is True
     assert parse(command, *args, "--debug").debug is True
     assert parse(command, "--debug", *args).debug is True
+
+
+@pytest.mark.parametrize("command", sorted(MINIMAL))
+def test_every_option_says_what_it_does(command):
+    import argparse
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    bare = [a.option_strings[-1] if a.option_strings else a.dest for a in sub._actions
+            if a.help is not argparse.SUPPRESS and (not a.help or a.help.startswith("(default"))]
+    assert not bare, f"{command}: options without a description: {bare}"
+
+
+def test_version(capsys):
+    from mpitrain import __version__
+
+    with pytest.raises(SystemExit) as e:
+        parse("--version")
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mpitrain {__version__}"

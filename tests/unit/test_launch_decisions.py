@@ -172,3 +172,29 @@ def test_under_a_plain_mpiexec_without_a_terminal_the_bar_becomes_plain_lines(mo
     bar.close()
     assert out.getvalue().startswith("epoch 1/2 3/10 [") and out.getvalue().endswith("loss 0.2500\n")
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+
+
+NO_DAEMON_BOX = ["-" * 60 + "\n",
+                 "A daemon failed to report back after being spawned. This could\n",
+                 "be due to several factors, including inability to find the\n",
+                 "\n",
+                 "  Local host:    vm\n",
+                 "  Remote host:   node7\n",
+                 "  Daemon exit status: 255\n",
+                 "-" * 60 + "\n"]
+
+
+def test_a_job_that_could_not_start_on_a_host_is_one_line():
+    passed, said = [], []
+    f = launch.NoStartBox(passed.append, said.append)
+    for line in ["data: d\n", "-" * 40 + "\n", "not a box\n", *NO_DAEMON_BOX, "after\n"]:
+        f.feed(line)
+    f.close()
+    assert passed == ["data: d\n", "-" * 40 + "\n", "not a box\n", "after\n"]  # our own output unchanged
+    assert f.host == "node7" and len(said) == 1
+    assert said[0].startswith("mpitrain: error: mpiexec could not start the job on host node7: check the --hostfile")
+    shown = []
+    debug = launch.NoStartBox(shown.append, said.append, debug=True)  # --debug: Open MPI's own report
+    for line in NO_DAEMON_BOX:
+        debug.feed(line)
+    assert "".join(shown) == "".join(NO_DAEMON_BOX) and debug.host is None

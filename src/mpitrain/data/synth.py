@@ -39,7 +39,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mpitrain.config import IMAGE_SIZES
 from mpitrain.errors import UserError
+from mpitrain.outdir import check_new_or_empty
 
 MARKER = ".mpitrain-synth.json"
 GENERATOR_VERSION = 1  # bump (and the demo folder name) whenever the pictures change
@@ -170,7 +172,7 @@ def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
 def _check_args(per_class, image_size, seed, classes) -> list[str]:
     """Validate the arguments of generate(); return the class names as a list."""
     _check_whole("per_class", per_class, 1)
-    _check_whole("image_size", image_size, 8, 1024)
+    _check_whole("image_size", image_size, *IMAGE_SIZES)
     _check_whole("seed", seed, 0)
     names = [classes] if isinstance(classes, str) else list(classes)
     if not 2 <= len(names) <= 4:
@@ -207,16 +209,13 @@ def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: 
     def reuse_or_refuse() -> Path | None:
         if not out.exists():
             return None
-        if not out.is_dir():
-            raise UserError(f"{out} exists and is not a folder")
-        marker = _read_marker(out)
+        marker = _read_marker(out) if out.is_dir() else None
         if marker == params:
             return out
         if marker is not None:
             raise UserError(f"{out} holds a synthetic data set made with other parameters "
                             f"({marker}); delete it or choose another folder")
-        if any(out.iterdir()):
-            raise UserError(f"{out} is not empty; choose an empty or new folder")
+        check_new_or_empty(out, "--out", "choose a new or empty folder")  # train's rule for its --out
         return None
 
     if reuse_or_refuse() is not None:

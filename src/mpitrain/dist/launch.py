@@ -76,16 +76,20 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
         cmd += ["--bind-to", "none"]
         # Forward our variables to ranks on other hosts too.
         for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_STARTED", "MPITRAIN_CACHE_DIR",
-                    "TF_CPP_MIN_LOG_LEVEL"):
+                    "MPITRAIN_JOB", "TF_CPP_MIN_LOG_LEVEL"):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:
-        if not Path(hostfile).is_file():
-            raise UserError(f"--hostfile: no such file: {hostfile}")
+        check_hostfile(hostfile)
         cmd += ["--hostfile", hostfile]
     cmd += list(extra or [])
     cmd += list(program)
     return cmd, env
+
+
+def check_hostfile(hostfile: str) -> None:
+    if not Path(hostfile).is_file():
+        raise UserError(f"--hostfile: no such file: {hostfile}")
 
 
 def elastic_flags() -> list[str]:
@@ -204,6 +208,57 @@ class StdoutRelay:
 
 
 _DASHES = re.compile(r"^-{20,}\s*$")
+# Open MPI's box when the job could not start on a host (a wrong --hostfile, no ssh there).
+_NO_DAEMON = re.compile(r"daemon failed to report back.*?Remote host:\s*(\S+)", re.S)
+
+
+def no_start_host(box: str) -> str | None:
+    m = _NO_DAEMON.search(box)
+    return m.group(1) if m else None
+
+
+def no_start_message(host: str) -> str:
+    return (f"mpitrain: error: mpiexec could not start the job on host {host}: check the --hostfile "
+            "and that ssh to it works without a password (--debug shows Open MPI's report)\n")
+
+
+class NoStartBox:
+    """mpiexec's stdout, before the relay: Open MPI prints its report of a job it could not
+    start on a host (a wrong --hostfile, no ssh there) as a box on stdout. That box becomes
+    one line (`say`); every other line goes on to `passon` unchanged, in order."""
+
+    def __init__(self, passon, say, debug: bool = False):
+        self.passon, self.say, self.debug = passon, say, debug
+        self.host: str | None = None
+        self._held: list[str] | None = None
+
+    def feed(self, line: str) -> None:
+        if self._held is None:
+            if _DASHES.match(line):
+                self._held = [line]  # a box may start: look at its first line
+            else:
+                self.passon(line)
+            return
+        self._held.append(line)
+        if len(self._held) == 2 and not line.startswith("A daemon failed to report back"):
+            self._flush()
+        elif len(self._held) > 2 and _DASHES.match(line):
+            box, self._held = "".join(self._held), None
+            host = no_start_host(box)
+            if host and not self.debug:
+                self.host = host
+                self.say(no_start_message(host))
+            else:
+                self.passon(box)
+
+    def close(self) -> None:
+        if self._held:
+            self._flush()
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        for line in held:
+            self.passon(line)
 _OMPI_TAGGED = re.compile(r"^\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ..."
 
 
@@ -216,6 +271,7 @@ class StderrFilter:
     def __init__(self, out, debug: bool = False, write=None):
         self.debug = debug
         self.explained = False
+        self.no_start: str | None = None  # the host Open MPI could not start the job on
         self._box: list[str] | None = None
         self._write = write or (lambda text: (out.write(text), out.flush()))
 
@@ -223,8 +279,13 @@ class StderrFilter:
         if self._box is not None:
             self._box.append(line)
             if _DASHES.match(line):
-                box, self._box = self._box, None
-                self._emit("".join(box), noise=True)
+                box, self._box = "".join(self._box), None
+                host = no_start_host(box)
+                if host and not self.explained and not self.debug:
+                    self.no_start, self.explained = host, True
+                    self._write(no_start_message(host))
+                    return
+                self._emit(box, noise=True)
             return
         if _DASHES.match(line):
             self._box = [line]
@@ -290,11 +351,18 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     forwarded = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s))
                  for sig in (signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
+
+    def no_start(text):
+        errors.explained = True  # Open MPI's boxes on stderr only repeat it
+        relay.write_other(sys.stderr, text)
+
+    stdout = NoStartBox(relay.feed, no_start, debug)
     try:
         while True:
             try:
                 for raw in proc.stdout:
-                    relay.feed(raw.decode(errors="replace"))
+                    stdout.feed(raw.decode(errors="replace"))
+                stdout.close()
                 code = proc.wait()
                 break
             except KeyboardInterrupt:
@@ -315,6 +383,8 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         else:
             print("mpitrain: interrupted", file=sys.stderr)
         return 130
+    if code != 0 and (errors.no_start or stdout.host) is not None:
+        return 2  # a usage error (the hostfile), said in one line: no rank ever ran
     if code != 0:
         lost = lost_rank_message("".join(seen), resume_hint)
         if lost:

@@ -27,10 +27,9 @@ def _open_resume(cfg: TrainConfig):
     """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint
+    from mpitrain.train import checkpoint, runfolder
 
-    if not cfg.out or not Path(cfg.out).is_dir():
-        raise UserError("--resume needs --out RUNDIR: the run folder to continue")
+    runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
     try:
         ckpt = checkpoint.load_latest(Path(cfg.out), warn=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
@@ -61,7 +60,19 @@ def _fingerprint(cfg: TrainConfig, plan) -> str:
 
 
 def train_main(make_config, echo=print, resume: bool = False) -> int:
-    """`make_config()` builds (and validates) the TrainConfig inside the agreed set-up."""
+    """`make_config()` builds (and validates) the TrainConfig inside the agreed set-up.
+
+    Rank 0 locks the run folder (`runfolder.prepare`) and lets go when this returns or
+    raises, Ctrl-C included; a folder it created is removed again if nothing was written."""
+    from mpitrain.train import runlock
+
+    try:
+        return _train_main(make_config, echo, resume)
+    finally:
+        runlock.release_all()
+
+
+def _train_main(make_config, echo, resume: bool) -> int:
     from mpitrain.data import dataset
     from mpitrain.train import runfolder
 

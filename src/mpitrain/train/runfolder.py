@@ -5,6 +5,7 @@
     history.csv    one row per epoch
     metrics.json   final validation metrics
     classes.json   class names in label order
+    .lock          while a job writes the folder: its host and PID (see runlock.py)
 
 Every file is written to a temporary name and renamed, so an interrupted save never
 leaves a half-written file under a real name.
@@ -30,25 +31,64 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def prepare(out: str | None, overwrite: bool, resume: bool = False) -> Path:
-    """Check (and create) the run folder before any training starts."""
+def prepare(out: str | None, overwrite: bool, resume: bool = False, check_only: bool = False) -> Path:
+    """Check, create and lock the run folder before any training starts (rank 0).
+
+    The lock (`runlock`) is held until `runlock.release_all()`, which also removes the
+    folder again if this call created it and nothing was written into it. `check_only`:
+    the same checks (`mpitrain train -n N` before it starts mpiexec), then let go and leave
+    nothing behind, so the checks change nothing on disk (`--overwrite` deletes nothing yet).
+    """
+    from mpitrain import outdir
+    from mpitrain.train import runlock
+
     path = Path(out) if out else default_run_dir()
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"--out {path} is not empty; pass --overwrite or choose another folder")
+    created = outdir.make_dirs(path, "--out")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".mpitrain-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out {path} is not writable: {e.strerror or e}") from None
+        lock = runlock.acquire(path, created)
+    except BaseException:
+        outdir.remove_empty(created)
+        raise
+    try:
+        if not overwrite:
+            outdir.check_new_or_empty(path, "--out", "pass --overwrite or choose another folder",
+                                      ignore=(runlock.LOCK_NAME,))
+        try:
+            probe = path / ".mpitrain-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--out {path} is not writable: {e.strerror or e}") from None
+    except BaseException:
+        lock.release()
+        raise
+    if check_only:
+        lock.release()
+        return path
     if overwrite and not resume:
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
         # Old checkpoints would otherwise be taken for this run's by a later --resume.
         shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    return path
+
+
+def resume_folder(out: str | None, check_only: bool = False) -> Path:
+    """The run folder `--resume` continues, locked (rank 0); `check_only`: then let go."""
+    from mpitrain.train import runlock
+
+    if not out:
+        raise UserError("--resume needs --out RUNDIR: the run folder to continue")
+    path = Path(out)
+    if not path.exists():
+        raise UserError(f"--resume: run folder {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"--resume: {path} is not a folder")
+    lock = runlock.acquire(path)
+    if check_only:
+        lock.release()
     return path
 
 
