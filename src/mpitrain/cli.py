@@ -30,7 +30,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from mpitrain.config import CLASS_WEIGHTS, LR_SCALINGS, OPTIMIZERS, STRATEGIES
+    from mpitrain.config import (AUGMENTS, CLASS_WEIGHTS, GROUPINGS, KEEP_BEST_METRICS, LR_SCALINGS, OPTIMIZERS,
+                                 STRATEGIES)
 
     p.add_argument("--data", help="folder with one sub-folder per class (default: embedded demo data)")
     p.add_argument("--val-data", help="separate validation folder with the same class folders")
@@ -71,6 +72,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="only rank 0 reads the images and sends each rank its share (no shared file system)")
     p.add_argument("--threads", type=int, help="TensorFlow threads per rank (default: cores / ranks per node)")
     p.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache/mpitrain)")
+    # Augmentation, patient-grouped split, best epoch / early stop.
+    p.add_argument("--augment", choices=AUGMENTS, default="none",
+                   help="random rotation/zoom/shift/gamma/contrast/brightness of training batches, "
+                        "seeded by seed, epoch, rank and step (xray; default none)")
+    p.add_argument("--groups", choices=GROUPINGS, default="none",
+                   help="keep groups on one side of --val-split: filename-patient (personNNN_, IM-NNNN-, "
+                        "NORMAL2-IM-NNNN-) or duplicates (byte-identical files; always merged when grouping)")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help="keep images whose relative path gives the same first capture group on one side "
+                        "of --val-split, e.g. '(person\\d+)_'")
+    p.add_argument("--keep-best", choices=KEEP_BEST_METRICS,
+                   help="at the end, restore the weights of the epoch with the best value of this metric")
+    p.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better --keep-best metric (default val_loss)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +207,9 @@ def _config_from_args(args):
         target_sensitivity=args.target_sensitivity, tensorboard=args.tensorboard,
         threads=args.threads, cache_dir=args.cache_dir, data_on_root=args.data_on_root,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, timeout=args.timeout,
-        elastic=args.elastic)
+        elastic=args.elastic,
+        augment=args.augment, groups=args.groups, group_pattern=args.group_pattern,
+        keep_best=args.keep_best, early_stop=args.early_stop)
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -228,7 +245,8 @@ def _cmd_train(args, argv) -> int:
 
     if cfg.strategy == "master-worker" and args.np < 2:
         raise UserError("--strategy master-worker needs -n 2 or more (1 master + workers)")
-    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
+    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed,
+              cfg.groups, cfg.group_pattern)
     out = prepare(cfg.out, cfg.overwrite)
     child = _strip_launch_args(argv)
     if cfg.out is None:  # every rank must use the folder the launcher just made

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,10 @@ LR_SCHEDULES = ("auto", "cosine", "constant")
 AUTO_SYNC_EVERY = {"local-sgd": 4}
 AUTO_LR = {"master-worker": ("none", "constant")}
 CLASS_WEIGHTS = ("balanced", "none")
+AUGMENTS = ("none", "xray")                               # data/augment.py POLICIES
+GROUPINGS = ("none", "filename-patient", "duplicates")    # data/groups.py GROUPINGS
+# Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
+KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
 
 
 @dataclass(kw_only=True)
@@ -59,6 +64,11 @@ class TrainConfig:
     elastic: bool = False            # survive lost ranks (Open MPI ULFM)
     timeout: float = 600.0           # seconds without progress before the job is aborted
     extra: dict = field(default_factory=dict)
+    augment: str = "none"            # training batches only: data/augment.py
+    groups: str = "none"             # keep patients / identical files on one side of --val-split
+    group_pattern: str | None = None  # regex; its first capture group names the patient
+    keep_best: str | None = None     # restore the weights of the best epoch by this metric
+    early_stop: int | None = None    # stop after this many epochs without a better keep_best metric
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -94,6 +104,22 @@ class TrainConfig:
              "--elastic needs the data on a shared file system (not --data-on-root): "
              "survivors re-read the shards of a lost rank")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        need(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}")
+        need(self.groups in GROUPINGS, f"--groups must be one of {', '.join(GROUPINGS)}")
+        need(not (self.group_pattern and self.groups == "filename-patient"),
+             "give --groups filename-patient or --group-pattern, not both")
+        if self.group_pattern:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as e:
+                raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular "
+                                f"expression: {e}") from None
+        need(self.val_data is None or (self.groups == "none" and not self.group_pattern),
+             "--groups / --group-pattern shape the --val-split; with --val-data there is no split")
+        need(self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
+             f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}")
+        need(self.early_stop is None or self.early_stop >= 1,
+             f"--early-stop must be >= 1 epoch, got {self.early_stop}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 
     def resolved(self) -> "TrainConfig":
@@ -104,6 +130,11 @@ class TrainConfig:
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
             sync_every=self.sync_every if self.sync_every is not None else AUTO_SYNC_EVERY.get(self.strategy))
+
+    @property
+    def watch_metric(self) -> str | None:
+        """The validation metric --keep-best / --early-stop decide on (early stop alone: val_loss)."""
+        return self.keep_best or ("val_loss" if self.early_stop else None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,7 +79,8 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
             raise UserError("--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more")
         if comm.rank == 0 or not cfg.data_on_root:
             data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
-            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
+            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed, cfg.groups,
+                                     cfg.group_pattern)
         if comm.rank == 0:
             out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
@@ -104,7 +105,8 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
     if comm.rank == 0:
         say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
-            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
+            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
+            + (f" | grouped: {plan.grouping}" if plan.grouping else ""))
     roles = (f"rank 0 = master, ranks 1..{comm.size - 1} = workers" if cfg.strategy == "master-worker"
              else f"{comm.size} training rank{'s' * (comm.size > 1)}")
     say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
@@ -167,15 +169,21 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val) -> list
                                       threshold=choice.threshold, positive=1 if positive is None else positive)
     metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
     metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+    # Which weights these numbers (and model.keras) belong to.
+    kept = {"epochs_run": result.epochs_run, "kept_epoch": result.kept_epoch or result.epochs_run,
+            "kept_by": cfg.keep_best or "last epoch", "stopped_early": result.stopped_early}
+    metrics.update(kept)
     runfolder.save_model(out / "model.keras", model)
     modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model)
     timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
                "images_per_second": round(result.images_per_second, 1),
-               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val}
+               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val,
+               **kept}
     save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
                 data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
                 seconds=timings["seconds"], images_per_second=timings["images_per_second"],
-                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                grouping=plan.grouping, **kept)
     runfolder.write_history(out / "history.csv", result.history)
     write_json(out / "metrics.json", metrics)
     write_json(out / "classes.json", plan.classes)

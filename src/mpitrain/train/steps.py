@@ -28,13 +28,27 @@ def make_train_step(model, optimizer, reduce=None):
         tf.TensorSpec((), tf.float32),
     ]
 
-    @tf.function(input_signature=spec)
-    def step(x, y, w, lr):
-        optimizer.learning_rate.assign(lr)
+    n_out = int(model.output_shape[-1])
+    # Batch norm cannot run on an empty batch (a rank's shard may run out one step early):
+    # models with non-trainable state skip the forward pass then, with zero gradients.
+    guard = any("float" in str(v.dtype) for v in model.non_trainable_weights)
+
+    def forward(x, y, w):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
             loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
-        grads = tape.gradient(loss_sum, variables)
+        return tape.gradient(loss_sum, variables), loss_sum, probs
+
+    def empty():
+        return [tf.zeros_like(v) for v in variables], tf.constant(0.0), tf.zeros((0, n_out))
+
+    @tf.function(input_signature=spec)
+    def step(x, y, w, lr):
+        optimizer.learning_rate.assign(lr)
+        if guard:
+            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, y, w), empty)
+        else:
+            grads, loss_sum, probs = forward(x, y, w)
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         stats = tf.stack([tf.cast(tf.shape(x)[0], tf.float32), loss_sum,
                           tf.reduce_sum(tf.cast(hits, tf.float32))])

@@ -31,7 +31,7 @@ from mpitrain.dist.rankstate import RankState
 from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr
 from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit, UserError
-from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
+from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import make_predict_step, make_train_step, predict_all
 
@@ -46,6 +46,9 @@ class Result:
     comm_seconds: float = 0.0
     checksum: str = ""
     events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
+    epochs_run: int = 0
+    kept_epoch: int | None = None   # --keep-best: the epoch whose weights the model has
+    stopped_early: bool = False     # --early-stop ended the run before --epochs
 
 
 def _make_optimizer(cfg: TrainConfig, lr: float):
@@ -72,6 +75,8 @@ class Trainer:
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
+        self.best, self.best_epoch = None, None  # --keep-best: rank 0's copy of the best weights
+        self.stopping = False
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
@@ -108,6 +113,8 @@ class Trainer:
             epoch, first, history = comm.bcast_obj(
                 (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
             saved = self.state.scatter(comm, resume)
+            if comm.rank == 0:
+                self.best, self.best_epoch = resume.best, resume.best_epoch
             stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
             self.result.history = list(history) if comm.rank == 0 else []
             self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
@@ -118,10 +125,14 @@ class Trainer:
             try:
                 seen += self._epoch(epoch, first, stats)
                 epoch, first, stats = epoch + 1, 0, None
+                if self.stopping:
+                    break
             except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
                 if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
                     raise
                 first, stats = self._recover(epoch), None
+        self.result.epochs_run, self.result.stopped_early = epoch, self.stopping
+        self._restore_best()
         self.dog.stop()
         r = self.result
         r.seconds = time.perf_counter() - t_start
@@ -146,7 +157,7 @@ class Trainer:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
                 y = data.train_y[idx]
-                x = as_float(data.train_x[idx], data.train_max)
+                x = self._train_input(data.train_x[idx], epoch, s)
                 st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
                 stats += st.numpy()
                 probs.append(p.numpy())
@@ -165,10 +176,7 @@ class Trainer:
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
-        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
-        comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        val_m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        val_m, all_vp, all_vy = self._validate()
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
@@ -181,9 +189,75 @@ class Trainer:
                 tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
             self.result.val_probs, self.result.val_labels = all_vp, all_vy
             self.echo(epoch_line(row, cfg.epochs, self.tag))
-        self._checkpoint(epoch + 1, 0, np.zeros(3), "finished" if epoch + 1 == cfg.epochs else "running")
+        self.stopping = self._watch(epoch)
+        self._checkpoint(epoch + 1, 0, np.zeros(3),
+                         "finished" if epoch + 1 == cfg.epochs or self.stopping else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
+
+    def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
+        """A training batch as model input, augmented (--augment) from its position alone."""
+        if self.cfg.augment == "none":
+            return as_float(rows, self.data.train_max)
+        from mpitrain.data.augment import augment_batch
+
+        return augment_batch(rows, self.data.train_max, self.cfg.augment, self.cfg.seed, epoch,
+                             self.comm.rank, step)
+
+    def _validate(self):
+        """Collective. Rank 0: (metrics, all probabilities, all labels) of the validation data."""
+        data = self.data
+        vp = predict_all(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max))
+        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        self.comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
+        return epoch_metrics(self.comm, vstats, vp, data.val_y, self.n_classes)
+
+    def _watch(self, epoch: int) -> bool:
+        """--keep-best / --early-stop after `epoch`: rank 0 decides from the history, every
+        rank follows (collective). Returns whether to stop now."""
+        cfg, comm = self.cfg, self.comm
+        metric = cfg.watch_metric
+        if metric is None:
+            return False
+        decision = None
+        if comm.rank == 0:
+            best = best_epoch(self.result.history, metric)
+            improved = best == epoch + 1
+            stop = bool(cfg.early_stop and best is not None and epoch + 1 < cfg.epochs
+                        and epoch + 1 - best >= cfg.early_stop)
+            decision = (improved, stop, best)
+        improved, stop, best = comm.bcast_obj(decision)  # collective: one decision for all
+        if cfg.keep_best and improved and comm.rank == 0:
+            from mpitrain.dist.flat import FlatVars, float_vars
+
+            self.best = FlatVars(float_vars(self.model.weights)).pack().copy()
+            self.best_epoch = epoch + 1
+        if stop:
+            self.echo(f"early stop: no better {metric} for {cfg.early_stop} epoch(s) since epoch {best}")
+        return stop
+
+    def _restore_best(self) -> None:
+        """--keep-best: every rank takes rank 0's best weights; validation is predicted again
+        with them, so the threshold and metrics saved are those of the kept model."""
+        if not self.cfg.keep_best:
+            return
+        comm = self.comm
+        last = self.result.epochs_run
+        kept = comm.bcast_obj(self.best_epoch if comm.rank == 0 else None)  # collective
+        self.result.kept_epoch = kept if kept is not None else last
+        if kept is None or kept == last:
+            return  # the current weights are the best ones
+        from mpitrain.dist.flat import FlatVars, float_vars
+
+        flat = FlatVars(float_vars(self.model.weights))
+        if comm.rank == 0:
+            flat.buffer[:] = self.best
+        comm.bcast_(flat.buffer, 0)  # collective
+        flat.unpack()
+        _, all_vp, all_vy = self._validate()
+        if comm.rank == 0:
+            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.echo(f"kept the weights of epoch {kept} (best {self.cfg.keep_best})")
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
@@ -195,7 +269,8 @@ class Trainer:
             states, shared = gathered
             ckpt.save(self.run_dir, ckpt.Checkpoint(
                 epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
-                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history),
+                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history,
+                best=self.best, best_epoch=self.best_epoch),
                 keep=self.cfg.keep_checkpoints)
 
     def _recover(self, epoch: int) -> int:
