@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-data")
     d.add_argument("--image-size", type=int, default=50)
     d.add_argument("--cache-dir")
+    d.add_argument("--groups", choices=("none", "filename-patient", "duplicates"), default="none",
+                   help="groups to keep whole in a split (default: look for patient ids and copies)")
+    d.add_argument("--group-pattern", metavar="REGEX", help="first capture group names the group")
+    d.add_argument("--val-split", type=float, default=0.1, help="the split to check for shared groups")
+    d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
@@ -261,8 +266,11 @@ def _cmd_data(args, argv) -> int:
 
     if args.image_size < 4:
         raise UserError(f"--image-size must be >= 4, got {args.image_size}")
+    if args.groups != "none" and args.group_pattern:
+        raise UserError("give --groups or --group-pattern, not both")
     return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, groups=args.groups, group_pattern=args.group_pattern,
+                         val_split=args.val_split, seed=args.seed)
 
 
 def _cmd_synth(args, argv) -> int:

@@ -161,7 +161,7 @@ def group_ids(paths: list[str], root: str, groups: str | None = "none",
     dups = duplicate_sets(paths)
     links.extend(dups)
     ids = _union_find_ids(n, links)
-    source = group_pattern and f"--group-pattern {group_pattern!r}" or (groups if groups != "none" else "")
+    source = group_pattern and f"--group-pattern '{group_pattern}'" or (groups if groups != "none" else "")
     return Groups(ids=ids, n_groups=int(ids.max()) + 1 if n else 0, matched=matched,
                   duplicate_sets=len(dups), duplicate_files=sum(len(d) for d in dups), source=source)
 
