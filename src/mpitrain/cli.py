@@ -65,7 +65,7 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import TrainConfig
+    from mpitrain.config import GROUPINGS, TrainConfig
     from mpitrain.runtime import PRECISIONS
 
     infer_precision = ("compute precision of the model; fp32 (the default) gives the same numbers "
@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
                    help="decode at this size, as training would (default: %(default)s)")
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
+    d.add_argument("--groups", choices=GROUPINGS, default="none",
+                   help="groups to keep whole in a split (default: look for patient ids and copies)")
+    d.add_argument("--group-pattern", metavar="REGEX", help="first capture group names the group")
+    d.add_argument("--val-split", type=float, default=TrainConfig.val_split, metavar="F",
+                   help="the split to check for shared groups (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=TrainConfig.seed, help="the split's seed (default: %(default)s)")
     d.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
@@ -304,7 +310,8 @@ def _cmd_train(args, argv) -> int:
     from mpitrain.data.dataset import make_plan, resolve_data_dir
     from mpitrain.outdir import missing_dirs
 
-    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed)
+    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed,
+              cfg.groups, cfg.group_pattern)
     out = runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
     child = _strip_launch_args(argv)
     if cfg.out is None:  # every rank must use the folder name the launcher chose
@@ -367,8 +374,11 @@ def _cmd_data(args, argv) -> int:
     from mpitrain.data.describe import describe_data
 
     check_image_size(args.image_size)  # train's rule: `data` shows what training would load
+    if args.groups != "none" and args.group_pattern:
+        raise UserError("give --groups or --group-pattern, not both")
     return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, groups=args.groups, group_pattern=args.group_pattern,
+                         val_split=args.val_split, seed=args.seed)
 
 
 def _cmd_synth(args, argv) -> int:

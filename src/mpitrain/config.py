@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,12 @@ LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
+AUGMENTS = ("none", "xray")                               # data/augment.py POLICIES
+GROUPINGS = ("none", "filename-patient", "duplicates")    # data/groups.py GROUPINGS
+# Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
+KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
+
+
 IMAGE_SIZES = (8, 1024)  # smallest and largest --image-size: train, data, synth and bench alike
 
 
@@ -90,6 +97,18 @@ class TrainConfig:
     elastic: bool = _opt(False, "survive lost ranks: the others shrink the job and go on (Open MPI ULFM)")
     timeout: float = _opt(600.0, "abort the job after this many seconds without progress, 0: never",
                           metavar="SECONDS")
+    augment: str = _opt("none", "augment training batches (random rotation, zoom, shift, gamma, "
+                                "contrast, brightness; never validation)", choices=AUGMENTS)
+    groups: str = _opt("none", "keep groups whole across --val-split: filename-patient (patient ids in "
+                               "file names, plus identical files) or duplicates (identical files only)",
+                       choices=GROUPINGS)
+    group_pattern: str | None = _opt(None, "regex searched in each path below --data; its first capture "
+                                           "group names the patient kept on one side of --val-split",
+                                     metavar="REGEX")
+    keep_best: str | None = _opt(None, "at the end, restore the weights of the best epoch by this metric",
+                                 choices=KEEP_BEST_METRICS)
+    early_stop: int | None = _opt(None, "stop after this many epochs without a better --keep-best metric",
+                                  metavar="EPOCHS")
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -126,6 +145,22 @@ class TrainConfig:
              "survivors re-read the shards of a lost rank")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        need(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}")
+        need(self.groups in GROUPINGS, f"--groups must be one of {', '.join(GROUPINGS)}")
+        need(not (self.group_pattern and self.groups == "filename-patient"),
+             "give --groups filename-patient or --group-pattern, not both")
+        if self.group_pattern:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as e:
+                raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular "
+                                f"expression: {e}") from None
+        need(self.val_data is None or (self.groups == "none" and not self.group_pattern),
+             "--groups / --group-pattern shape the --val-split; with --val-data there is no split")
+        need(self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
+             f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}")
+        need(self.early_stop is None or self.early_stop >= 1,
+             f"--early-stop must be >= 1 epoch, got {self.early_stop}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 
     def resolved(self) -> "TrainConfig":
@@ -137,6 +172,11 @@ class TrainConfig:
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
             sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every)
+
+    @property
+    def watch_metric(self) -> str | None:
+        """The validation metric --keep-best / --early-stop decide on (early stop alone: val_loss)."""
+        return self.keep_best or ("val_loss" if self.early_stop else None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -35,6 +35,7 @@ class Plan:
     # `mpitrain data` caches exactly these lists, and a shard's rows are found in them.
     train_source: list[str] | None = None
     val_source: list[str] | None = None
+    grouping: str = ""  # how the split kept groups whole ("" : image by image)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -71,9 +72,12 @@ def resolve_data_dir(data: str | None, cache_dir: str | None = None) -> str:
     return str(demo_data_dir(Path(cache_dir) if cache_dir else None))
 
 
-def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) -> Plan:
+def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int,
+              groups: str | None = "none", group_pattern: str | None = None) -> Plan:
+    """`groups` / `group_pattern`: keep patients (and identical files) on one side of the
+    split (`data/groups.py`); only with a split, not with `val_data`."""
     from mpitrain.data.scan import scan
-    from mpitrain.data.split import stratified_split
+    from mpitrain.data.split import grouped_split, stratified_split
 
     index = scan(data_dir)
     paths = np.array(index.paths, dtype=object)
@@ -82,12 +86,19 @@ def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int) 
         return Plan(data_dir, index.classes, list(index.paths), index.labels,
                     list(val.paths), val.labels, val_data,
                     train_source=list(index.paths), val_source=list(val.paths))
-    tr, va = stratified_split(index.labels, val_split, seed)
+    from mpitrain.data.groups import group_ids
+
+    found = group_ids(index.paths, str(index.root), groups, group_pattern)
+    if found is None:
+        tr, va = stratified_split(index.labels, val_split, seed)
+    else:
+        tr, va = grouped_split(index.labels, found.ids, val_split, seed)
     if len(tr) == 0:
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
     whole = list(index.paths)
     return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
-                paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole)
+                paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole,
+                grouping="" if found is None else found.describe())
 
 
 def as_float(x: np.ndarray, max_value: float) -> np.ndarray:

@@ -137,6 +137,8 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
         ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
         [_comm_label(cfg.get("strategy")), _duration(timings.get("comm_seconds", 0.0))],
         ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
+        ["epochs trained / kept", f"{timings.get('epochs_run', '?')} / {timings.get('kept_epoch', '?')} "
+                                  f"({timings.get('kept_by', 'last epoch')})"],
     ]) + [""]
     events_file = Path(out) / "events.jsonl"
     if events_file.is_file():  # --elastic: ranks lost during training

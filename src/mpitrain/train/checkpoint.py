@@ -8,6 +8,8 @@ in RUNDIR/checkpoints/, named by epoch and step so that names sort by progress:
     r{R}_{I}        array I of rank R's state (model variables, optimizer variables, and
                     the trainer's counters), exact dtypes; when every rank's state is
                     byte-identical (allreduce) only rank 0's is stored, with meta "shared"
+    best            --keep-best only: the float model weights of the best epoch so far
+                    (meta "best_epoch"), identical on every rank at an epoch end
 
 Writes are atomic: a temporary file in the same folder, flushed and fsynced, renamed over
 the final name, then the folder fsynced, so a kill at any instant leaves every earlier
@@ -51,6 +53,8 @@ class Checkpoint:
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     path: Path | None = None
+    best: np.ndarray | None = None   # --keep-best: flat float32 weights of the best epoch
+    best_epoch: int | None = None
 
     def state_of(self, rank: int) -> list[np.ndarray]:
         return self.states[0] if self.shared else self.states[rank]
@@ -66,8 +70,10 @@ def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     meta = {"format": FORMAT, "epoch": ckpt.epoch, "step": ckpt.step, "ranks": ckpt.ranks,
             "strategy": ckpt.strategy, "status": ckpt.status, "shared": ckpt.shared,
             "config": ckpt.config, "history": ckpt.history,
-            "arrays": [len(s) for s in ckpt.states]}
+            "arrays": [len(s) for s in ckpt.states], "best_epoch": ckpt.best_epoch}
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    if ckpt.best is not None:
+        arrays["best"] = np.asarray(ckpt.best)
     for r, state in enumerate(ckpt.states):
         for i, a in enumerate(state):
             arrays[f"r{r}_{i}"] = np.asarray(a)
@@ -96,11 +102,13 @@ def read(path: Path) -> Checkpoint:
             if meta.get("format", 0) > FORMAT:
                 raise CheckpointTooNew(f"written by a newer mpitrain (format {meta['format']} > {FORMAT})")
             states = [[z[f"r{r}_{i}"] for i in range(n)] for r, n in enumerate(meta["arrays"])]
+            best = z["best"] if "best" in z.files else None
     except (OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
     return Checkpoint(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"],
                       strategy=meta["strategy"], states=states, shared=meta["shared"],
-                      status=meta["status"], config=meta["config"], history=meta["history"], path=path)
+                      status=meta["status"], config=meta["config"], history=meta["history"], path=path,
+                      best=best, best_epoch=meta.get("best_epoch"))
 
 
 def mark_finished(run_dir: Path) -> Path | None:

@@ -105,7 +105,8 @@ def _train_main(make_config, echo, resume: bool) -> int:
         strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
             data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
-            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed)
+            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed, cfg.groups,
+                                     cfg.group_pattern)
         if comm.rank == 0:
             out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
@@ -186,7 +187,8 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, asked: dict) -> int:
     if comm.rank == 0:
         say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
-            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})")
+            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
+            + (f" | grouped: {plan.grouping}" if plan.grouping else ""))
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
         f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size} | "
@@ -270,15 +272,21 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
                                       threshold=choice.threshold, positive=1 if positive is None else positive)
     metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
     metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+    # Which weights these numbers (and model.keras) belong to.
+    kept = {"epochs_run": result.epochs_run, "kept_epoch": result.kept_epoch or result.epochs_run,
+            "kept_by": cfg.keep_best or "last epoch", "stopped_early": result.stopped_early}
+    metrics.update(kept)
     runfolder.save_model(out / "model.keras", model)
     modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model)
     timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
                "images_per_second": round(result.images_per_second, 1),
-               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val}
+               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val,
+               **kept}
     save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
                 precision=precision, data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
                 seconds=timings["seconds"], images_per_second=timings["images_per_second"],
-                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                grouping=plan.grouping, **kept)
     runfolder.write_history(out / "history.csv", result.history)
     write_json(out / "metrics.json", metrics)
     write_json(out / "classes.json", plan.classes)

@@ -1,7 +1,8 @@
 """Per-epoch numbers: exact metrics across ranks, and the one line rank 0 prints.
 
 Loss and accuracy come from sums (samples, loss sum, hits) reduced over all ranks, never
-from averages of per-rank averages; ROC AUC from the predictions gathered on rank 0.
+from averages of per-rank averages; ROC AUC and balanced accuracy (mean recall of the
+classes at argmax) from the predictions gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,22 @@ def epoch_metrics(comm, stats, probs, labels, n_classes):
         return None, None, None
     n = max(stats[0], 1.0)
     m = classification_metrics(all_labels, all_probs, [str(i) for i in range(n_classes)])
-    return {"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"]}, all_probs, all_labels
+    return ({"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"],
+             "balanced_accuracy": m["balanced_accuracy"]}, all_probs, all_labels)
+
+
+def best_epoch(history: list[dict], metric: str) -> int | None:
+    """The epoch (1-based, as in the rows) with the best `metric`: lowest for a loss,
+    highest otherwise; the earliest on ties; rows without a finite value are ignored."""
+    lower = metric.endswith("loss")
+    best, best_value = None, None
+    for row in history:
+        v = row.get(metric)
+        if v is None or not np.isfinite(v):
+            continue
+        if best_value is None or (v < best_value if lower else v > best_value):
+            best, best_value = int(row["epoch"]), float(v)
+    return best
 
 
 def loss_sum(y: np.ndarray, probs: np.ndarray) -> float:

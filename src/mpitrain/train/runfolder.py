@@ -95,7 +95,9 @@ def resume_folder(out: str | None, check_only: bool = False) -> Path:
 def write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     if history:
-        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        # Every column of any row (a run resumed from an older version may add columns).
+        names = list(dict.fromkeys(k for row in history for k in row))
+        writer = csv.DictWriter(buf, fieldnames=names, restval="")
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in history)
     write_atomic(path, buf.getvalue())

@@ -14,7 +14,8 @@ A rank whose shard has run out still takes its step (it must join the allreduce,
 keep its optimizer in step): its empty batch is run as one zero image of weight 0, which
 adds nothing to the gradient and is not counted. An empty batch cannot run as it is: with
 oneDNN (TensorFlow's default on x86) the pooling gradient kernel aborts the process on
-0 rows (TF 2.21), and the convolutions raise.
+0 rows (TF 2.21), and the convolutions raise. A model with batch norm skips the forward pass on an
+empty batch instead (a zero row would enter its batch statistics).
 
 Precision: under a mixed policy (bf16, fp16) the model computes in 16 bits, but the
 probabilities, the loss, the statistics and every gradient are cast to float32 before they
@@ -47,15 +48,28 @@ def make_train_step(model, optimizer, reduce=None):
         tf.TensorSpec((None,), tf.float32),
         tf.TensorSpec((), tf.float32),
     ]
+    n_out = int(model.output_shape[-1])
+    # A padding row would enter batch-norm statistics, so models with float non-trainable
+    # state (batch norm) skip the forward pass on an empty batch instead, with zero gradients.
+    guard = any("float" in str(v.dtype) for v in model.non_trainable_weights)
 
-    @tf.function(input_signature=spec)
-    def compiled(x, y, w, lr):
-        optimizer.learning_rate.assign(lr)
+    def forward(x, y, w):
         with tf.GradientTape() as tape:
             probs = tf.cast(model(x, training=True), tf.float32)
             loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
             target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
-        grads = [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)]
+        return [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)], loss_sum, probs
+
+    def empty():
+        return [tf.zeros(v.shape, tf.float32) for v in variables], tf.constant(0.0), tf.zeros((0, n_out))
+
+    @tf.function(input_signature=spec)
+    def compiled(x, y, w, lr):
+        optimizer.learning_rate.assign(lr)
+        if guard:
+            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, y, w), empty)
+        else:
+            grads, loss_sum, probs = forward(x, y, w)
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
         stats = tf.stack([tf.reduce_sum(counted), loss_sum,
@@ -71,7 +85,7 @@ def make_train_step(model, optimizer, reduce=None):
         return stats, probs
 
     def step(x, y, w, lr):
-        if len(x) == 0:
+        if len(x) == 0 and not guard:
             stats, probs = compiled(np.zeros((1, *x.shape[1:]), np.float32), np.zeros(1, np.int32),
                                     np.zeros(1, np.float32), lr)
             return stats, probs[:0]

@@ -36,7 +36,7 @@ from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit
 from mpitrain.evaluate.modelio import predict_probs
-from mpitrain.train.epochlog import epoch_line, epoch_metrics, loss_sum
+from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import make_predict_step, make_train_step
 
@@ -51,6 +51,9 @@ class Result:
     comm_seconds: float = 0.0
     checksum: str = ""
     events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
+    epochs_run: int = 0
+    kept_epoch: int | None = None   # --keep-best: the epoch whose weights the model has
+    stopped_early: bool = False     # --early-stop ended the run before --epochs
 
 
 def _make_optimizer(cfg: TrainConfig, lr: float):
@@ -82,6 +85,8 @@ class Trainer:
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
         self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
+        self.best, self.best_epoch = None, None  # --keep-best: rank 0's copy of the best weights
+        self.stopping = False
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
@@ -114,32 +119,43 @@ class Trainer:
     def fit(self, resume=None, resuming: bool = False) -> Result:
         """`resuming` must be the same on every rank; rank 0 passes the checkpoint `resume`."""
         comm, cfg = self.comm, self.cfg
-        epoch, first, stats = 0, 0, None
+        epoch, first, stats, trained = 0, 0, None, False
         if resuming:
             # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
-            epoch, first, history = comm.bcast_obj(
-                (resume.epoch, resume.step, resume.history) if comm.rank == 0 else None)
+            epoch, first, history, trained = comm.bcast_obj(
+                (resume.epoch, resume.step, resume.history, resume.status != "running")
+                if comm.rank == 0 else None)
             saved = self.state.scatter(comm, resume)
+            if comm.rank == 0:
+                self.best, self.best_epoch = resume.best, resume.best_epoch
             stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
             self.result.history = list(history) if comm.rank == 0 else []
-            self.echo(f"resuming at epoch {epoch + 1}, step {first} of {self.steps}" if epoch < cfg.epochs
-                      else "resuming after the last epoch: validating and saving the model")
+            self.echo("resuming after the last epoch: validating and saving the model" if trained
+                      else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
         self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
         try:
+            if trained:
+                epoch = cfg.epochs  # every epoch was done; the model was not saved yet
             while epoch < cfg.epochs:
                 try:
                     seen += self._epoch(epoch, first, stats)
                     epoch, first, stats = epoch + 1, 0, None
+                    if self.stopping:
+                        break
                 except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
                     if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
                         raise
                     first, stats = self._recover(epoch), None
-            if resuming and seen == 0:
+            if trained:
                 # Resumed from the final checkpoint (the model was not saved yet): the threshold
                 # and the saved metrics need the validation predictions of the final weights.
-                _, self.result.val_probs, self.result.val_labels = self._validate(cfg.epochs - 1)
+                epoch = len(self.result.history) if comm.rank == 0 else epoch
+                epoch = comm.bcast_obj(epoch)  # collective: the epochs run (fewer if stopped early)
+                _, self.result.val_probs, self.result.val_labels = self._validate(epoch - 1)
+            self.result.epochs_run, self.result.stopped_early = epoch, self.stopping
+            self._restore_best()
         finally:
             # Also when fit raises: a library caller that handles the error must not be
             # left with a thread that aborts the process --timeout seconds later.
@@ -167,7 +183,7 @@ class Trainer:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
                 y = data.train_y[idx]
-                x = as_float(data.train_x[idx], data.train_max)
+                x = self._train_input(data.train_x[idx], epoch, s)
                 st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
                 stats += st.numpy()
                 probs.append(p.numpy())
@@ -203,9 +219,11 @@ class Trainer:
                 tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
             self.result.val_probs, self.result.val_labels = all_vp, all_vy
             self.echo(epoch_line(row, cfg.epochs, self.tag))
+        self.stopping = self._watch(epoch)
         # The last one is "trained", not "finished": the run is finished only once rank 0 has
         # saved the model (train/command.py marks it then), so a kill in between can resume.
-        self._checkpoint(epoch + 1, 0, np.zeros(3), "trained" if epoch + 1 == cfg.epochs else "running")
+        self._checkpoint(epoch + 1, 0, np.zeros(3),
+                         "trained" if epoch + 1 == cfg.epochs or self.stopping else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
 
@@ -236,6 +254,62 @@ class Trainer:
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         return epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
 
+    def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
+        """A training batch as model input, augmented (--augment) from its position alone."""
+        if self.cfg.augment == "none":
+            return as_float(rows, self.data.train_max)
+        from mpitrain.data.augment import augment_batch
+
+        return augment_batch(rows, self.data.train_max, self.cfg.augment, self.cfg.seed, epoch,
+                             self.comm.rank, step)
+
+    def _watch(self, epoch: int) -> bool:
+        """--keep-best / --early-stop after `epoch`: rank 0 decides from the history, every
+        rank follows (collective). Returns whether to stop now."""
+        cfg, comm = self.cfg, self.comm
+        metric = cfg.watch_metric
+        if metric is None:
+            return False
+        decision = None
+        if comm.rank == 0:
+            best = best_epoch(self.result.history, metric)
+            improved = best == epoch + 1
+            stop = bool(cfg.early_stop and best is not None and epoch + 1 < cfg.epochs
+                        and epoch + 1 - best >= cfg.early_stop)
+            decision = (improved, stop, best)
+        improved, stop, best = comm.bcast_obj(decision)  # collective: one decision for all
+        if cfg.keep_best and improved and comm.rank == 0:
+            from mpitrain.dist.flat import FlatVars, float_vars
+
+            self.best = FlatVars(float_vars(self.model.weights)).pack().copy()
+            self.best_epoch = epoch + 1
+        if stop:
+            self.echo(f"early stop: no better {metric} for {cfg.early_stop} epoch(s) since epoch {best}")
+        return stop
+
+    def _restore_best(self) -> None:
+        """--keep-best: every rank takes rank 0's best weights; validation is predicted again
+        with them, so the threshold and metrics saved are those of the kept model."""
+        if not self.cfg.keep_best:
+            return
+        comm = self.comm
+        last = self.result.epochs_run
+        kept = comm.bcast_obj(self.best_epoch if comm.rank == 0 else None)  # collective
+        self.result.kept_epoch = kept if kept is not None else last
+        if kept is None or kept == last:
+            return  # the current weights are the best ones
+        from mpitrain.dist.flat import FlatVars, float_vars
+
+        flat = FlatVars(float_vars(self.model.weights))
+        if comm.rank == 0:
+            flat.buffer[:] = self.best
+        comm.bcast_(flat.buffer, 0)  # collective
+        flat.unpack()
+        _, all_vp, all_vy = self._validate(kept - 1)
+        if comm.rank == 0:
+            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.echo(f"kept the weights of epoch {kept} (best {self.cfg.keep_best})")
+
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
             return
@@ -247,7 +321,8 @@ class Trainer:
             states, shared = gathered
             ckpt.save(self.run_dir, ckpt.Checkpoint(
                 epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
-                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history),
+                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history,
+                best=self.best, best_epoch=self.best_epoch),
                 keep=self.cfg.keep_checkpoints)
 
     def _recover(self, epoch: int) -> int:

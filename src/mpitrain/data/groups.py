@@ -1,0 +1,173 @@
+"""Groups of images that must stay on one side of the validation split (a patient, a copy).
+
+Several X-rays of one patient, or two copies of one file, on both sides of a train /
+validation split let validation reward memorising a patient instead of recognising the
+disease: validation numbers come out too good and settings chosen on them generalise worse.
+`group_ids` gives every image a group number; `split.grouped_split` keeps groups whole.
+
+Sources of groups:
+
+* ``--group-pattern REGEX``: searched in each file's path relative to the data folder
+  (``PNEUMONIA/person12_virus_3.jpeg``); the first capture group (or the whole match when
+  the pattern has none) names the group. A file without a match is a group of its own.
+* ``--groups filename-patient``: the chest X-ray naming, ``personNNN_...`` (PNEUMONIA),
+  ``IM-NNNN-...`` and ``NORMAL2-IM-NNNN-...`` (NORMAL). ``IM-0383`` and
+  ``NORMAL2-IM-0383`` are two numbering series, not one patient: their images are no
+  more alike than random pairs of NORMAL images (measured, docs/benchmarks.md), so they
+  are kept apart.
+* Byte-identical files always join one group when grouping is on (``--groups duplicates``
+  does only that). Only files whose size occurs more than once are hashed (SHA-256).
+
+Everything depends only on the file list and contents, so every rank computes the same
+groups without communicating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpitrain.errors import UserError
+
+GROUPINGS = ("none", "filename-patient", "duplicates")
+FILENAME_PATIENT = r"(?:^|/)(person\d+)_|(?:^|/)((?:NORMAL2-)?IM-\d+)-"
+
+
+@dataclass
+class Groups:
+    ids: np.ndarray        # int64 [n]: group number of each image, numbered by first image
+    n_groups: int
+    matched: int           # images whose name matched the pattern (0 without a pattern)
+    duplicate_sets: int    # sets of >= 2 byte-identical files
+    duplicate_files: int   # files in those sets
+    source: str            # what was used, for messages
+
+    def describe(self) -> str:
+        parts = [f"{self.n_groups:,} groups ({self.source})"]
+        if self.source not in ("duplicates",):
+            parts.append(f"{self.matched:,} of {len(self.ids):,} file names matched")
+        parts.append(f"{self.duplicate_sets} set(s) of identical files")
+        return ", ".join(parts)
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"--group-pattern {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def pattern_of(groups: str | None, group_pattern: str | None) -> str | None:
+    """The regular expression that names patients (None: no names, maybe duplicates only)."""
+    if group_pattern:
+        return group_pattern
+    if groups == "filename-patient":
+        return FILENAME_PATIENT
+    return None
+
+
+def relative(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root) if root else path
+    return rel.replace(os.sep, "/")
+
+
+def name_keys(paths: list[str], root: str, pattern: str) -> list[str | None]:
+    """The group name of each file (None where the pattern does not match)."""
+    rx = compile_pattern(pattern)
+    out = []
+    for p in paths:
+        m = rx.search(relative(p, root))
+        if m is None:
+            out.append(None)
+        elif m.re.groups:
+            out.append(next((g for g in m.groups() if g is not None), m.group(0)))
+        else:
+            out.append(m.group(0))
+    return out
+
+
+def duplicate_sets(paths: list[str]) -> list[list[int]]:
+    """Index lists of byte-identical files (only sets of 2 or more), in index order."""
+    by_size = defaultdict(list)
+    for i, p in enumerate(paths):
+        try:
+            by_size[os.stat(p).st_size].append(i)
+        except OSError:
+            continue  # unreadable: the decoder reports it
+    by_hash = defaultdict(list)
+    for same in by_size.values():
+        if len(same) < 2:
+            continue
+        for i in same:
+            try:
+                with open(paths[i], "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").digest() if hasattr(hashlib, "file_digest") \
+                        else hashlib.sha256(f.read()).digest()
+            except OSError:
+                continue
+            by_hash[digest].append(i)
+    return sorted((sorted(v) for v in by_hash.values() if len(v) > 1), key=lambda v: v[0])
+
+
+def _union_find_ids(n: int, links: list[list[int]]) -> np.ndarray:
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for members in links:
+        root = find(members[0])
+        for m in members[1:]:
+            r = find(m)
+            if r != root:
+                parent[max(r, root)] = min(r, root)
+                root = min(r, root)
+    roots = [find(i) for i in range(n)]
+    # Number groups by their first image, so the numbering depends on the file order only.
+    first = {}
+    return np.array([first.setdefault(r, len(first)) for r in roots], dtype=np.int64)
+
+
+def group_ids(paths: list[str], root: str, groups: str | None = "none",
+              group_pattern: str | None = None) -> Groups | None:
+    """Groups of `paths` (None when grouping is off)."""
+    pattern = pattern_of(groups, group_pattern)
+    if pattern is None and groups in (None, "none"):
+        return None
+    if groups not in GROUPINGS:
+        raise UserError(f"--groups must be one of {', '.join(GROUPINGS)}, got {groups!r}")
+    n = len(paths)
+    links: list[list[int]] = []
+    matched = 0
+    if pattern is not None:
+        by_name = defaultdict(list)
+        for i, key in enumerate(name_keys(paths, root, pattern)):
+            if key is not None:
+                by_name[key].append(i)
+                matched += 1
+        if n and matched == 0:
+            raise UserError(f"--group-pattern {pattern!r} matches none of the {n:,} file names "
+                            f"(searched in paths relative to the data folder, e.g. "
+                            f"{relative(paths[0], root)!r})")
+        links.extend(v for v in by_name.values() if len(v) > 1)
+    dups = duplicate_sets(paths)
+    links.extend(dups)
+    ids = _union_find_ids(n, links)
+    source = group_pattern and f"--group-pattern '{group_pattern}'" or (groups if groups != "none" else "")
+    return Groups(ids=ids, n_groups=int(ids.max()) + 1 if n else 0, matched=matched,
+                  duplicate_sets=len(dups), duplicate_files=sum(len(d) for d in dups), source=source)
+
+
+def shared_groups(ids: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[int, int]:
+    """(validation images whose group also has training images, such groups)."""
+    ids = np.asarray(ids)
+    both = np.intersect1d(ids[train_idx], ids[val_idx])
+    return int(np.isin(ids[val_idx], both).sum()), len(both)
