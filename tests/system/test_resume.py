@@ -40,7 +40,9 @@ def _history(run_dir, resumed_epoch=None):
         rows = list(csv.DictReader(f))
     out = {}
     for row in rows:
-        drop = TIME_COLUMNS | ({"auc"} if int(row["epoch"]) == resumed_epoch else set())
+        # The resumed epoch's training AUC and balanced accuracy come from that epoch's
+        # predictions, which are not checkpointed: they cover only the steps after the resume.
+        drop = TIME_COLUMNS | ({"auc", "balanced_accuracy"} if int(row["epoch"]) == resumed_epoch else set())
         out[int(row["epoch"])] = {k: v for k, v in row.items() if k not in drop}
     return out
 

@@ -123,3 +123,24 @@ def test_make_dirs_and_remove_empty(tmp_path):
     (tmp_path / "a" / "keep").write_text("x")
     outdir.remove_empty(created)
     assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
+
+
+def test_a_lock_left_by_a_killed_but_unreaped_process_is_taken_over(tmp_path):
+    # A job killed a moment ago can leave its rank 0 a zombie (exited, not yet reaped): the
+    # PID still exists but holds nothing, so the folder is free (seen as a flaky resume).
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(200):  # not reaped: we do not wait() yet
+            if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        (tmp_path / runlock.LOCK_NAME).write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": child.pid, "start_ticks": runlock._start_ticks(child.pid)}))
+        notes = []
+        lock = runlock.acquire(tmp_path, note=notes.append)
+        lock.release()
+        assert notes and "no longer running" in notes[0]
+    finally:
+        child.wait()

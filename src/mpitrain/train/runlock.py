@@ -84,6 +84,11 @@ def _alive(pid: int, ticks: int | None) -> bool:
         pass
     except OSError:
         return False
+    try:  # a zombie (killed, not yet reaped by its parent) holds nothing any more
+        if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass
     now = _start_ticks(pid)
     return ticks is None or now is None or now == ticks
 
@@ -146,13 +151,31 @@ def _no_flock(e: OSError) -> bool:
     return e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
+GRACE_SECONDS = 3.0  # a job killed a moment ago (its launcher has returned) may still be exiting
+
+
+def _flock_soon(fd: int) -> None:
+    """flock, waiting up to GRACE_SECONDS for a holder that is going away; BlockingIOError if
+    it is still held then (a live training: refused, never waited for longer)."""
+    import fcntl
+
+    deadline = time.monotonic() + GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def acquire(run_dir: Path, created: list[Path] | None = None, note=None) -> RunLock:
     """Lock `run_dir` (an existing folder) for this process; UserError if another job has it.
 
     `created`: the folders this process made for the run (`outdir.make_dirs`), taken away by
     `release` while still empty. `note(text)`: where to say that a stale lock was taken over.
     """
-    import fcntl
 
     note = note or (lambda text: print(text, file=sys.stderr))
     run_dir = Path(run_dir)
@@ -165,7 +188,7 @@ def acquire(run_dir: Path, created: list[Path] | None = None, note=None) -> RunL
         except OSError as e:
             raise UserError(f"--out {run_dir}: cannot create {LOCK_NAME}: {e.strerror or e}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except BlockingIOError:
             holder = _holder(_read(fd))
             os.close(fd)
