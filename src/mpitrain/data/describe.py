@@ -210,7 +210,7 @@ def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
         line("skipped", "0 files")
     t0 = time.perf_counter()
     everything = list(index.paths) + (list(val.paths) if val is not None else [])
-    groups = find_duplicates(everything)
-    _duplicate_lines(groups, [index.root] + ([val.root] if val is not None else []), time.perf_counter() - t0,
+    copies = find_duplicates(everything)
+    _duplicate_lines(copies, [index.root] + ([val.root] if val is not None else []), time.perf_counter() - t0,
                      cache, line, out, set(val.paths) if val is not None else set())
     return 0
