@@ -121,7 +121,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
                     f"or data file list than rank 0")
 
     try:
-        return _train(cfg, comm, plan, out, ckpt, resume, say, {"requested": requested, "why": why})
+        return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
     except KeyboardInterrupt:
         from mpitrain.dist.launch import resume_command
         from mpitrain.train import progress
@@ -173,9 +173,9 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
     return where
 
 
-def _train(cfg, comm, plan, out, ckpt, resume, say, asked: dict) -> int:
-    """The run after the agreed set-up; `asked` says which precision was requested and why it is used."""
-    requested, why = asked["requested"], asked["why"]
+def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
+    """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
+    why `cfg.precision` is the one used (config.json's runtime facts)."""
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
