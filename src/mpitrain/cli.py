@@ -31,13 +31,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _given(namespace) -> set:
+    """The TrainConfig fields set on the command line (a --recipe fills in the others)."""
+    if "given_options" not in vars(namespace):
+        namespace.given_options = set()
+    return namespace.given_options
+
+
+class _Store(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _given(namespace).add(self.dest)
+
+
+class _Flag(argparse.Action):
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        _given(namespace).add(self.dest)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, `--field-name`: type from the annotation (bool: a
-    flag), default, help, choices and metavar from the field (see config.py)."""
+    flag), default, help, choices and metavar from the field (see config.py). The options
+    given are recorded, so that a --recipe changes only the others."""
     import dataclasses
     import typing
 
-    from mpitrain.config import TrainConfig
+    from mpitrain.config import RECIPES, TrainConfig
     from mpitrain.train.models import MODELS
 
     types = typing.get_type_hints(TrainConfig)
@@ -46,16 +69,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         kind = types[f.name]
         if kind is bool:
             assert f.default is False, f"TrainConfig.{f.name}: a flag must default to False"
-            p.add_argument(flag, action="store_true", help=meta["help"])
+            p.add_argument(flag, action=_Flag, help=meta["help"])
             continue
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
         text = meta["help"]
         if f.name == "model":
             text += ": " + ", ".join(sorted(MODELS))
+        if f.name == "recipe":
+            text += "; " + "; ".join(f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                                     for name, values in RECIPES.items() if values)
         if f.default is not None:
             text += f" (default: {f.default})"
-        p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], metavar=meta["metavar"],
-                       help=text)
+        p.add_argument(flag, action=_Store, type=kind, default=f.default, choices=meta["choices"],
+                       metavar=meta["metavar"], help=text)
 
 
 def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -268,7 +294,9 @@ def _config_from_args(args):
 
     from mpitrain.config import TrainConfig
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    given = getattr(args, "given_options", set())
+    return TrainConfig.with_recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                                      if f.name in given})
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:

@@ -30,6 +30,15 @@ AUGMENTS = ("none", "xray")                               # data/augment.py POLI
 GROUPINGS = ("none", "filename-patient", "duplicates")    # data/groups.py GROUPINGS
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
+THRESHOLD_POLICIES = ("prior", "youden")                  # evaluate/threshold.py POLICIES
+# --recipe: settings measured together (docs/accuracy.md). An option given explicitly wins
+# over its recipe value. The defaults stay those of the seed project (and of any images):
+# the xray augmentation never flips (hearts are on the left) and filename-patient reads the
+# chest X-ray file naming.
+RECIPES = {
+    "none": {},
+    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray", "groups": "filename-patient"},
+}
 
 
 IMAGE_SIZES = (8, 1024)  # smallest and largest --image-size: train, data, synth and bench alike
@@ -54,6 +63,8 @@ class TrainConfig:
 
     data: str | None = _opt(None, "folder with one sub-folder per class (default: the embedded demo data)",
                             metavar="DIR")
+    recipe: str = _opt("none", "a preset of the options below that were measured together; options "
+                               "given explicitly win", choices=tuple(RECIPES))
     val_data: str | None = _opt(None, "separate validation folder with the same class folders", metavar="DIR")
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
     epochs: int = _opt(5, "passes over the training data", metavar="N")
@@ -77,8 +88,14 @@ class TrainConfig:
                                     "auto: the strategy's own rule", choices=LR_SCHEDULES)
     class_weight: str = _opt("balanced", "weight the loss by n / (classes x n_class), or not at all",
                              choices=CLASS_WEIGHTS)
-    target_sensitivity: float | None = _opt(None, "choose the decision threshold for this sensitivity on "
-                                                  "the validation data (default: maximise Youden's J)",
+    threshold_policy: str = _opt("prior", "how the decision threshold saved with the model is chosen: "
+                                          "prior: where the model's odds equal the class odds the loss "
+                                          "was trained with (0.5 with --class-weight balanced; not tuned "
+                                          "on validation, which resembles training more than new "
+                                          "patients do); youden: maximise Youden's J on validation",
+                                 choices=THRESHOLD_POLICIES)
+    target_sensitivity: float | None = _opt(None, "instead of --threshold-policy, choose the threshold "
+                                                  "for this sensitivity on the validation data",
                                             metavar="S")
     tensorboard: bool = _opt(False, "write TensorBoard logs to RUNDIR/tb")
     data_on_root: bool = _opt(False, "only rank 0 reads the images and sends each rank its share "
@@ -115,6 +132,7 @@ class TrainConfig:
             if not ok:
                 raise UserError(msg)
 
+        need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
         need(self.val_data is not None or self.val_split > 0,
              "need validation data: --val-split > 0 or --val-data DIR")
@@ -134,6 +152,8 @@ class TrainConfig:
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         need(self.class_weight in CLASS_WEIGHTS,
              f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
+        need(self.threshold_policy in THRESHOLD_POLICIES,
+             f"--threshold-policy must be one of {', '.join(THRESHOLD_POLICIES)}")
         need(self.target_sensitivity is None or 0.0 < self.target_sensitivity <= 1.0,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
@@ -162,6 +182,19 @@ class TrainConfig:
         need(self.early_stop is None or self.early_stop >= 1,
              f"--early-stop must be >= 1 epoch, got {self.early_stop}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
+
+    @classmethod
+    def with_recipe(cls, **given) -> "TrainConfig":
+        """The config of these options, the rest from `given["recipe"]`'s preset (RECIPES),
+        the remainder the defaults. A preset value that would clash with a given option is
+        left out: the preset's patient groups with --group-pattern or --val-data."""
+        recipe = given.get("recipe", "none")
+        if recipe not in RECIPES:
+            raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
+        preset = dict(RECIPES[recipe])
+        if given.get("group_pattern") or given.get("val_data") is not None:
+            preset.pop("groups", None)
+        return cls(**{**preset, **given})
 
     def resolved(self) -> "TrainConfig":
         """A copy with every "auto"/None default replaced by the value it stands for."""

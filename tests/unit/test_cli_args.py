@@ -46,7 +46,9 @@ def test_every_field_is_an_option_that_reaches_the_config(f):
     value, rest = _other_value(f)
     cfg = _config_from_args(parse("train", "--" + f.name.replace("_", "-"), *rest))
     assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(value)
-    assert dataclasses.replace(cfg, **{f.name: f.default}) == TrainConfig()  # nothing else moved
+    # Nothing else moved (but what a --recipe presets).
+    assert dataclasses.replace(cfg, **{f.name: f.default}) == dataclasses.replace(
+        TrainConfig.with_recipe(**{f.name: value}), **{f.name: f.default})
 
 
 def test_help_shows_defaults_choices_and_the_model_registry(capsys):

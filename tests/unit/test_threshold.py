@@ -89,3 +89,46 @@ def test_choose_for_classes_uses_the_positive_column():
     c = choose_for_classes(labels, probs, ["PNEUMONIA", "normal"])
     assert c.threshold == 0.6 and c.sensitivity == 1.0 and c.specificity == 1.0
     assert "P(PNEUMONIA)" in describe(c, "PNEUMONIA")
+
+
+def test_prior_threshold_is_the_trained_with_odds_of_the_positive_class():
+    from mpitrain.data.dataset import class_weights
+    from mpitrain.evaluate.threshold import prior_threshold
+
+    counts = np.array([1341, 3875])  # NORMAL, PNEUMONIA of the chest X-ray training folder
+    # Balanced weights make both classes weigh the same in the loss: the point is 0.5 exactly.
+    assert prior_threshold(counts, class_weights(counts, "balanced"), 1) == 0.5
+    # Without weights the model learned the training prior: the point is the positive share.
+    assert prior_threshold(counts, class_weights(counts, "none"), 1) == pytest.approx(3875 / 5216, abs=1e-6)
+    assert prior_threshold(counts, class_weights(counts, "none"), 0) == pytest.approx(1341 / 5216, abs=1e-6)
+
+
+def test_prior_policy_is_not_tuned_on_validation_but_measured_there():
+    from mpitrain.data.dataset import class_weights
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.45, 0.55], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
+    counts = np.array([100, 300])
+    for weighting, t in (("balanced", 0.5), ("none", 0.75)):
+        c = choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], policy="prior",
+                               class_counts=counts, class_weights=class_weights(counts, weighting))
+        assert c.method == "prior" and c.threshold == pytest.approx(t)
+        sens, spec = _rates(labels, probs[:, 1], c.threshold)
+        assert (c.sensitivity, c.specificity) == pytest.approx((sens, spec))
+        assert "not tuned on validation" in describe(c, "PNEUMONIA")
+    # The same predictions pick another point under Youden (a tie of 0.4 and 0.8: the lower),
+    # and a target sensitivity still overrides the policy.
+    assert choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], policy="youden").threshold == 0.4
+    c = choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], target_sensitivity=0.6, policy="prior",
+                           class_counts=counts, class_weights=class_weights(counts, "balanced"))
+    assert c.method == "target_sensitivity" and c.threshold == 0.8
+
+
+def test_prior_policy_with_one_class_missing_from_validation_still_decides():
+    from mpitrain.data.dataset import class_weights
+
+    counts = np.array([10, 30])
+    c = choose_for_classes(np.array([1, 1]), np.array([[0.3, 0.7], [0.6, 0.4]]), ["NORMAL", "PNEUMONIA"],
+                           policy="prior", class_counts=counts, class_weights=class_weights(counts, "balanced"))
+    assert c.threshold == 0.5 and c.sensitivity == 0.5 and c.specificity is None
+    assert "specificity" not in describe(c, "PNEUMONIA")

@@ -21,7 +21,7 @@ def threshold_text(metrics: dict, source: str | None = None) -> str:
     if t is None:
         return f"argmax (P({metrics['positive_class']}) vs the other class)"
     target = metrics.get("target_sensitivity")
-    how = {"youden": "Youden's J on validation",
+    how = {"prior": "the class odds of the training loss", "youden": "Youden's J on validation",
            "target_sensitivity": f"sensitivity >= {target:g} on validation" if target else "target sensitivity",
            "--threshold": "--threshold"}.get(source or metrics.get("threshold_method") or "", source or "")
     return f"P({metrics['positive_class']}) >= {t:.4f}" + (f" ({how})" if how else "")
@@ -119,9 +119,14 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
                   + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
                   + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.",
                   "",
-                  "The threshold was chosen on these same validation images, so the metrics above "
-                  "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
-                  "images the run never saw with `mpitrain evaluate`.", ""]
+                  ("The threshold was not tuned on these images (it is the class odds the loss was trained "
+                   "with), but the validation images come from the training folder, so they resemble the "
+                   "training images more than new patients' images will; measure on images of other "
+                   "patients (or another site) with `mpitrain evaluate`."
+                   if metrics.get("threshold_method") == "prior" else
+                   "The threshold was chosen on these same validation images, so the metrics above "
+                   "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
+                   "images the run never saw with `mpitrain evaluate`."), ""]
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]

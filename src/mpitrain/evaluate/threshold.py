@@ -3,16 +3,27 @@
 A two-class softmax model gives P(positive) for every image; the model says "positive"
 when ``P(positive) >= threshold``. argmax is the same as threshold 0.5, which is rarely
 the best point for a screening test. At the end of training the threshold is chosen on
-the validation predictions and saved with the model (``model.json``):
+the training data and saved with the model (``model.json``), by one of three rules:
 
-* ``youden`` (default): maximise Youden's J = sensitivity + specificity - 1. Among
-  equally good points the lowest threshold (the highest sensitivity) wins.
+* ``prior`` (default): the point where the model's odds equal the class odds its loss was
+  trained with. With ``--class-weight balanced`` every class weighs the same in the loss,
+  so the model's probabilities are those of a world with equal classes and the point is
+  0.5; without class weights it is the training share of the positive class. Nothing is
+  tuned on validation images. Why it is the default: validation carved from the training
+  folder comes from the same hospitals and machines as training; a threshold tuned on it
+  follows that distribution's quirks and did not transfer to new patients (chest X-rays,
+  docs/accuracy.md: 0.5 beat Youden's threshold on test/ in every run, by 4-8 points of
+  accuracy on average).
+* ``youden``: maximise Youden's J = sensitivity + specificity - 1 on the validation
+  predictions. Among equally good points the lowest threshold (the highest sensitivity)
+  wins.
 * ``target_sensitivity``: the highest threshold whose sensitivity is still >= the target,
   i.e. the best specificity that keeps (for example) 95 % of the pneumonias. Every
   target is reachable: at the lowest score everything is called positive.
 
-The threshold is always one of the observed scores, so on the validation data
-``score >= threshold`` reproduces the reported sensitivity and specificity exactly.
+Youden's and the target-sensitivity threshold are always one of the observed scores, so on
+the validation data ``score >= threshold`` reproduces the reported sensitivity and
+specificity exactly; for ``prior`` they are measured at its threshold.
 With one class missing from the validation data no threshold can be chosen (``None``:
 evaluate and predict then use argmax).
 
@@ -27,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpitrain.evaluate.metrics import roc_curve
+
+POLICIES = ("prior", "youden")  # --threshold-policy; --target-sensitivity S is the third rule
 
 _NO_FINDING = frozenset({"normal", "negative", "neg", "healthy", "benign", "no", "none",
                          "no_finding", "no finding", "nofinding", "control", "0", "false"})
@@ -85,15 +98,48 @@ def choose_threshold(y_positive, scores, target_sensitivity: float | None = None
                   target_sensitivity)
 
 
-def choose_for_classes(labels, probs, classes: list[str],
-                       target_sensitivity: float | None = None) -> Choice:
-    """The threshold for a model's validation predictions ([n, k] probs, class labels)."""
+def prior_threshold(class_counts, class_weights, positive: int) -> float:
+    """P(positive) at which the odds equal the trained-with odds of the two classes.
+
+    A model trained with loss weight w_c on class c (n_c training images) estimates
+    P(c | x) for class priors proportional to w_c n_c. Calling an image positive when
+    P(pos) / P(neg) >= (w_pos n_pos) / (w_neg n_neg) is the decision of a world where both
+    classes are equally likely: 0.5 for balanced weights, n_pos / n without weights.
+    """
+    eff = np.asarray(class_counts, dtype=np.float64) * np.asarray(class_weights, dtype=np.float64)
+    pos, neg = eff[positive], eff[1 - positive]
+    if pos + neg <= 0:
+        return 0.5
+    return round(float(pos / (pos + neg)), 6)  # float32 weights: 0.5, not 0.50000001
+
+
+def at_threshold(y_positive, scores, threshold: float) -> tuple[float | None, float | None]:
+    """(sensitivity, specificity) of ``scores >= threshold``; None for an absent class."""
+    y = np.asarray(y_positive).reshape(-1).astype(bool)
+    called = np.asarray(scores, dtype=np.float64).reshape(-1) >= threshold
+    sens = float(called[y].mean()) if y.any() else None
+    spec = float((~called[~y]).mean()) if (~y).any() else None
+    return sens, spec
+
+
+def choose_for_classes(labels, probs, classes: list[str], target_sensitivity: float | None = None,
+                       policy: str = "youden", class_counts=None, class_weights=None) -> Choice:
+    """The threshold for a model's validation predictions ([n, k] probs, class labels).
+
+    `target_sensitivity` wins over `policy`; policy "prior" needs the training
+    `class_counts` and the loss's `class_weights` (one per class)."""
     pos = positive_index(classes)
     if pos is None:
         return Choice(None, "argmax", target_sensitivity=target_sensitivity,
                       reason="a threshold applies to two classes only")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}")
     labels = np.asarray(labels).reshape(-1)
     scores = np.asarray(probs, dtype=np.float64)[:, pos]
+    if target_sensitivity is None and policy == "prior":
+        t = prior_threshold(class_counts, class_weights, pos)
+        sens, spec = at_threshold(labels == pos, scores, t)
+        return Choice(t, "prior", sens, spec)
     return choose_threshold(labels == pos, scores, target_sensitivity)
 
 
@@ -101,7 +147,12 @@ def describe(choice: Choice, positive: str | None) -> str:
     """One line for people: what was chosen, how, and what it does on validation."""
     if choice.threshold is None:
         return f"decision: argmax ({choice.reason})" if choice.reason else "decision: argmax"
+    on_val = ", ".join(f"{k} {v:.3f}" for k, v in (("sensitivity", choice.sensitivity),
+                                                   ("specificity", choice.specificity)) if v is not None)
+    if choice.method == "prior":
+        return (f"threshold {choice.threshold:.4f} on P({positive}): the class odds the loss was "
+                f"trained with (--threshold-policy prior, not tuned on validation); on the validation "
+                f"data: {on_val or 'n/a'}")
     how = ("Youden's J" if choice.method == "youden"
            else f"sensitivity >= {choice.target_sensitivity:g}")
-    return (f"threshold {choice.threshold:.4f} on P({positive}) chosen by {how} on the validation "
-            f"data: sensitivity {choice.sensitivity:.3f}, specificity {choice.specificity:.3f}")
+    return f"threshold {choice.threshold:.4f} on P({positive}) chosen by {how} on the validation data: {on_val}"

@@ -265,7 +265,11 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     lines = []
     positive = positive_index(plan.classes)
     # The decision threshold is chosen on the validation predictions (gathered on rank 0).
-    choice = choose_for_classes(result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity)
+    from mpitrain.data.dataset import class_weights
+
+    counts = plan.class_counts()
+    choice = choose_for_classes(result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity,
+                                cfg.threshold_policy, counts, class_weights(counts, cfg.class_weight))
     if cfg.target_sensitivity is not None and positive is None:
         lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
     metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes,
