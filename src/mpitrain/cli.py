@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
-    e.add_argument("--model", required=True, help="RUNDIR/model.keras (or RUNDIR) of a finished training")
+    e.add_argument("--model", required=True, action="append", metavar="RUNDIR",
+                   help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
+                        "that averages the models' probabilities")
     e.add_argument("--data", required=True, help="folder with one sub-folder per class (the model's classes)")
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     e.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
@@ -186,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
-    pr.add_argument("--model", required=True, help="RUNDIR/model.keras (or RUNDIR) of a finished training")
+    pr.add_argument("--model", required=True, action="append", metavar="RUNDIR",
+                    help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
+                         "that averages the models' probabilities")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     pr.add_argument("--csv", metavar="FILE", help="write the rows here (default: standard output)")
     pr.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
@@ -338,7 +342,7 @@ def _cmd_train(args, argv) -> int:
     from mpitrain.data.dataset import make_plan, resolve_data_dir
     from mpitrain.outdir import missing_dirs
 
-    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.seed,
+    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.split_seed_used,
               cfg.groups, cfg.group_pattern)
     out = runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
     child = _strip_launch_args(argv)

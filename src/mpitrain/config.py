@@ -75,6 +75,10 @@ class TrainConfig:
     model: str = _opt("seed", "model from the registry", metavar="NAME")
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
     seed: int = _opt(0, "same seed + same data = same result")
+    split_seed: int | None = _opt(None, "seed of the --val-split alone (default: --seed): runs of different "
+                                        "--seed with one split seed validate on the same images, so an "
+                                        "ensemble of them can choose its threshold on validation",
+                                  metavar="S")
     out: str | None = _opt(None, "run folder (default: runs/<timestamp>)", metavar="RUNDIR")
     overwrite: bool = _opt(False, "write into a non-empty run folder")
     strategy: str = _opt("allreduce", "how ranks stay in step", choices=tuple(strategies.names()))
@@ -205,6 +209,10 @@ class TrainConfig:
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
             sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every)
+
+    @property
+    def split_seed_used(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def watch_metric(self) -> str | None:

@@ -149,3 +149,37 @@ def test_mpitrain_data_warms_the_shards_of_every_rank(dark_and_bright, tmp_path,
         shard = load_shard(plan, 8, 0, (part, 3), (part, 3), cache_dir=str(tmp_path / "c"))
         assert shard.cache_hits == shard.loads == 2
         _check_rows(shard.train_x, shard.train_y, shard.train_max)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_val_index_points_each_row_at_its_plan_path_across_skips_and_ranks(dark_and_bright, tmp_path, parts):
+    plan = make_plan(str(dark_and_bright), None, 0.5, 0)
+    seen = []
+    for r in range(parts):
+        s = load_shard(plan, 8, 0, (0, 1), (r, parts), str(tmp_path / "cache"))
+        assert len(s.val_index) == len(s.val_x)
+        _check_rows(s.val_x, plan.val_labels[s.val_index], s.val_max)  # the rows are those paths
+        seen += s.val_index.tolist()
+    readable = [i for i, p in enumerate(plan.val_paths) if not p.endswith("00b.png")]
+    assert sorted(seen) == readable  # every readable val image once, the unreadable one never
+
+
+def test_the_split_seed_moves_the_split_and_the_seed_alone_does_not(dark_and_bright):
+    from mpitrain.config import TrainConfig
+
+    def val_of(**kw):
+        cfg = TrainConfig(val_split=0.5, **kw)
+        return make_plan(str(dark_and_bright), None, cfg.val_split, cfg.split_seed_used).val_paths
+
+    assert val_of(seed=1) != val_of(seed=2)  # without --split-seed, --seed moves the split
+    assert val_of(seed=1, split_seed=7) == val_of(seed=2, split_seed=7)
+    assert val_of(seed=3) == val_of(seed=9, split_seed=3)
+
+
+def test_the_validation_protocol_says_how_the_split_was_made(dark_and_bright, tmp_path, write_image):
+    by_image = make_plan(str(dark_and_bright), None, 0.5, 0).protocol()
+    assert "image by image" in by_image and "both sides" in by_image
+    grouped = make_plan(str(dark_and_bright), None, 0.5, 0, "duplicates").protocol()
+    assert "split by group" in grouped and "image by image" not in grouped
+    other = make_plan(str(dark_and_bright), str(dark_and_bright), 0.1, 0).protocol()
+    assert other.startswith("a separate folder")

@@ -40,6 +40,17 @@ class Plan:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
 
+    def protocol(self) -> str:
+        """How the validation images relate to the training images, in one sentence part."""
+        if self.val_from != "split":
+            return f"a separate folder ({self.val_from})"
+        n = len(self.train_paths) + len(self.val_paths)
+        share = f"{len(self.val_paths) / max(n, 1):.0%} of the training folder"
+        if self.grouping:
+            return f"{share}, split by group: {self.grouping}"
+        return (f"{share}, split image by image (one patient's images may be on both sides, which "
+                f"flatters validation; --groups / --group-pattern split by patient)")
+
 
 @dataclass
 class Shard:
@@ -57,6 +68,7 @@ class Shard:
     val_y: np.ndarray
     train_max: float = 1.0
     val_max: float = 1.0
+    val_index: np.ndarray | None = None  # each val row's index in Plan.val_paths
     errors: list = field(default_factory=list)
     cache_hits: int = 0
     loads: int = 0
@@ -113,14 +125,15 @@ def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
 def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None):
     from mpitrain.data.cache import load_images_native
 
+    """(rows, labels, full-scale value, readable mask) of `paths`; unreadable files are left out."""
     if not paths:
-        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0
+        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
     x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None,
                                                        whole=whole)
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
-    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value)
+    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value), ok
 
 
 def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, int],
@@ -130,10 +143,11 @@ def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, in
     out = Shard(*(np.zeros(0),) * 4)
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
     va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
-    out.train_x, out.train_y, out.train_max = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
-                                                    image_size, cache_dir, out, plan.train_source)
-    out.val_x, out.val_y, out.val_max = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
-                                              image_size, cache_dir, out, plan.val_source)
+    out.train_x, out.train_y, out.train_max, _ = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
+                                                       image_size, cache_dir, out, plan.train_source)
+    out.val_x, out.val_y, out.val_max, ok = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
+                                                  image_size, cache_dir, out, plan.val_source)
+    out.val_index = np.asarray(va, dtype=np.int64)[ok] if len(va) else np.zeros(0, np.int64)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -172,9 +186,11 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
             x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
             which = [parts_of(r)[split == "val"] for r in range(comm.size)]
             idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
-            parts = [x[i] for i in idx], [y[i] for i in idx]
+            parts = [x[i] for i in idx], [y[i] for i in idx], [full.val_index[i] for i in idx]
         setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
         setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
+        if split == "val":  # where each row is in the plan: for the saved validation predictions
+            out.val_index = comm.scatter_rows(None if parts is None else parts[2])
     out.train_max, out.val_max = comm.bcast_obj((full.train_max, full.val_max) if comm.rank == 0 else None)
     if comm.rank == 0:
         out.errors, out.cache_hits, out.loads, out.seconds = full.errors, full.cache_hits, full.loads, full.seconds

@@ -45,13 +45,13 @@ def _check_outputs(json_path: str | None, plots: str | None) -> None:
             raise UserError(f"--plots {plots}: cannot create the folder: {e.strerror or e}") from None
 
 
-def prepare(model: str, data: str, threshold: float | None = None, image_size: int | None = None,
+def prepare(model: str | list[str], data: str, threshold: float | None = None, image_size: int | None = None,
             json_path: str | None = None, plots: str | None = None, check_outputs: bool = True) -> Setup:
     """Everything that can be checked without Keras; raises UserError (all ranks alike)."""
     from mpitrain.data.scan import scan
-    from mpitrain.evaluate import modelio
+    from mpitrain.evaluate import ensemble, modelio
 
-    info = modelio.read_info(model)
+    info = ensemble.read_info(model, need_threshold=threshold is None)
     modelio.check_image_size(info, image_size)
     t, source = modelio.resolve_threshold(info, threshold)
     index = scan(data)
@@ -70,7 +70,7 @@ def my_indices(n: int, rank: int, size: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def evaluate_main(model: str, data: str, json_path: str | None = None, threshold: float | None = None,
+def evaluate_main(model: str | list[str], data: str, json_path: str | None = None, threshold: float | None = None,
                   plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
                   threads: int | None = None, precision: str = "fp32", echo=print) -> int:
     from mpitrain.data.cache import load_images_cached
@@ -95,7 +95,9 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     configure_runtime(0, threads, comm.local_size, precision)
     err = None
     try:
-        net = modelio.load_model(setup.info, precision)
+        from mpitrain.evaluate import ensemble
+
+        net = ensemble.load(setup.info, precision)
     except UserError as e:
         err = str(e)
     agree(comm, err)  # collective: the same file fails on every rank
@@ -134,9 +136,10 @@ def evaluate_main(model: str, data: str, json_path: str | None = None, threshold
     labels = setup.labels[ok]
     probs = probs[ok]
     result = _metrics(setup, labels, probs, counts)
-    result.update(model=str(info.path), data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
+    result.update(model=info.label, members=[str(m.path) for m in info.members], data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
                   ranks=comm.size, compute_precision=precision, seconds=round(time.perf_counter() - t0, 3),
                   total_seconds=round(time.time() - started, 3))
+    result["validation_protocol"] = [m.extra.get("validation") for m in (info.members or [info])]
     _report(setup, result, comm.size, echo)
     if all_errors:
         print(f"warning: skipped {len(all_errors)} unreadable file(s): "
@@ -176,7 +179,7 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     info = setup.info
     per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items()
                           if c not in result["absent_classes"])  # those are named in the table
-    echo(f"model: {info.path} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
+    echo(f"model: {info.label} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
     echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
          f"{ranks} rank{'s' * (ranks > 1)} | {result['compute_precision']}")
     start_up = "starting the ranks" if ranks > 1 else "Python start-up"
@@ -185,3 +188,20 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
          f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)")
     source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
     echo(text_table(result, source))
+    for line in context_lines(info, result):
+        echo(line)
+
+
+def context_lines(info, result: dict) -> list[str]:
+    """How the model was validated, and whether these images' class mix is the training's."""
+    from mpitrain.evaluate.report import mix_warning
+
+    members = info.members or [info]
+    lines = []
+    protocols = sorted({m.extra.get("validation") or "not recorded (an older run)" for m in members})
+    lines.append("validated during training on: " + "; ".join(protocols))
+    train = members[0].extra.get("train_class_counts")
+    warning = mix_warning(train, result["per_class_counts"])
+    if warning:
+        lines.append(warning)
+    return lines

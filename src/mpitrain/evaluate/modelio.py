@@ -48,10 +48,18 @@ class ModelInfo:
     threshold_method: str = "argmax"
     positive_class: str | None = None
     extra: dict = field(default_factory=dict)
+    members: list["ModelInfo"] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
 
     @property
     def positive(self) -> int | None:
         return None if self.positive_class is None else self.classes.index(self.positive_class)
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: its file, or the ensemble's."""
+        if not self.members:
+            return str(self.path)
+        return f"ensemble of {len(self.members)} ({', '.join(str(m.path) for m in self.members)})"
 
 
 def _read_json(path: Path) -> dict:

@@ -72,14 +72,14 @@ def decision_rule(classes: list[str], threshold: float | None, positive: int | N
     return f"p_{classes[positive]} >= {float(threshold)!r}"  # exact: the comparison modelio.decide makes
 
 
-def predict_main(model: str, paths: list[str], csv_path: str | None = None, threshold: float | None = None,
+def predict_main(model: str | list[str], paths: list[str], csv_path: str | None = None, threshold: float | None = None,
                  image_size: int | None = None, threads: int | None = None, precision: str = "fp32") -> int:
     from mpitrain.dist.comm import launched_by_mpi, world
-    from mpitrain.evaluate import modelio
+    from mpitrain.evaluate import ensemble, modelio
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more ranks would only write the same file
-    info = modelio.read_info(model)
+    info = ensemble.read_info(model, need_threshold=threshold is None)
     modelio.check_image_size(info, image_size)
     t, source = modelio.resolve_threshold(info, threshold)
     if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
@@ -89,7 +89,7 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
 
     precision = resolve_precision(precision)[0]
     configure_runtime(0, threads, 1, precision)
-    net = modelio.load_model(info, precision)
+    net = ensemble.load(info, precision)
 
     k, pos = len(info.classes), info.positive
     rule = decision_rule(info.classes, t, pos)
@@ -118,9 +118,10 @@ def predict_main(model: str, paths: list[str], csv_path: str | None = None, thre
                 counts[c] += 1
                 writer.writerow([path, info.classes[c]] + [_fmt(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
-    decision = (f"P({info.positive_class}) >= {t:.4f} ({'saved with the model' if source == 'model' else source})"
+    saved = "chosen for the ensemble" if info.members else "saved with the model"
+    decision = (f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})"
                 if t is not None else "argmax")
-    say(f"predicted {int(counts.sum()):,} image(s) with {info.path} (decision: {decision}): "
+    say(f"predicted {int(counts.sum()):,} image(s) with {info.label} (decision: {decision}): "
         + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
         + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
         + (f"; wrote {csv_path}" if csv_path else ""))

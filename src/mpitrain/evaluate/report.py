@@ -27,6 +27,27 @@ def threshold_text(metrics: dict, source: str | None = None) -> str:
     return f"P({metrics['positive_class']}) >= {t:.4f}" + (f" ({how})" if how else "")
 
 
+MIX_POINTS = 0.10  # a class share this much away from training's (absolute) is worth a warning
+
+
+def mix_warning(train_counts: dict | None, counts: dict) -> str | None:
+    """A warning when the evaluated images' class mix differs much from the training mix:
+    accuracy, precision and F1 then move with the mix alone, and a threshold set for one
+    mix trades errors differently on another."""
+    if not train_counts or not counts:
+        return None
+    n_train, n = sum(train_counts.values()), sum(counts.values())
+    if n_train <= 0 or n <= 0:
+        return None
+    shares = {c: (train_counts.get(c, 0) / n_train, counts.get(c, 0) / n) for c in train_counts}
+    far = {c: ab for c, ab in shares.items() if abs(ab[0] - ab[1]) >= MIX_POINTS}
+    if not far:
+        return None
+    said = ", ".join(f"{c} {b:.0%} here vs {a:.0%} in training" for c, (a, b) in far.items())
+    return (f"warning: the class mix differs from training ({said}): accuracy, precision and F1 "
+            "depend on the mix; balanced accuracy, sensitivity, specificity and ROC AUC do not")
+
+
 def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str]]:
     """(label, value) rows: binary metrics of the positive class, or macro/micro averages."""
     rows = [("images", f"{metrics['n_samples']:,}"), ("accuracy", _v(metrics["accuracy"])),
@@ -94,7 +115,7 @@ def _comm_label(strategy) -> str:
 
 
 def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], timings: dict,
-                 data_line: str) -> Path:
+                 data_line: str, protocol: str | None = None) -> Path:
     """``out/report.md``: figures, validation metrics, timings and the config (rank 0)."""
     from mpitrain.atomic import write_atomic
 
@@ -102,6 +123,10 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
     lines = [f"# mpitrain run `{Path(out).name}`", "",
              f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} grayscale), "
              f"trained for {cfg.get('epochs')} epochs on {data_line}.", ""]
+    if protocol:
+        lines += [f"Validation images: {protocol}. They come from the same source as the training images, "
+                  "so the numbers below are an upper bound for images of new patients or another site; "
+                  "`mpitrain evaluate` measures those.", ""]
     captions = {"training_curves": "Training curves", "confusion_matrix": "Confusion matrix (validation)",
                 "roc_curve": "ROC curve (validation) with the decision threshold"}
     lines += ["## Validation metrics", ""]

@@ -105,7 +105,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
         strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
             data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
-            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.seed, cfg.groups,
+            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.split_seed_used, cfg.groups,
                                      cfg.group_pattern)
         if comm.rank == 0:
             out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
@@ -281,7 +281,9 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             "kept_by": cfg.keep_best or "last epoch", "stopped_early": result.stopped_early}
     metrics.update(kept)
     runfolder.save_model(out / "model.keras", model)
-    modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model)
+    modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model,
+                       validation=plan.protocol(),
+                       train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)})
     timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
                "images_per_second": round(result.images_per_second, 1),
                "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val,
@@ -292,6 +294,13 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
                 comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 grouping=plan.grouping, **kept)
     runfolder.write_history(out / "history.csv", result.history)
+    idx = result.val_index
+    if idx is not None and len(idx) and (idx >= 0).all():  # plan order; an ensemble's threshold reads it
+        from mpitrain.evaluate import valpreds
+
+        order = np.argsort(idx, kind="stable")
+        valpreds.write(out, [plan.val_paths[i] for i in idx[order]], result.val_labels[order],
+                       result.val_probs[order], plan.classes)
     write_json(out / "metrics.json", metrics)
     write_json(out / "classes.json", plan.classes)
     lines.append(describe(choice, None if positive is None else plan.classes[positive]))
@@ -303,9 +312,9 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         note = "train: class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
         figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history,
                                   loss_note=note)
-        counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, plan.class_counts()))
+        counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, counts))
         report.write_report(out, cfg.to_dict(), metrics, figures, timings,
-                            f"`{plan.data_dir}` ({counts} training images)")
+                            f"`{plan.data_dir}` ({counts} training images)", plan.protocol())
         lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
         print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)

@@ -46,6 +46,7 @@ class Result:
     history: list[dict] = field(default_factory=list)
     val_probs: np.ndarray | None = None   # rank 0 only
     val_labels: np.ndarray | None = None  # rank 0 only
+    val_index: np.ndarray | None = None   # rank 0 only: each row's index in Plan.val_paths (-1: unknown)
     seconds: float = 0.0
     images_per_second: float = 0.0
     comm_seconds: float = 0.0
@@ -54,6 +55,14 @@ class Result:
     epochs_run: int = 0
     kept_epoch: int | None = None   # --keep-best: the epoch whose weights the model has
     stopped_early: bool = False     # --early-stop ended the run before --epochs
+
+    @property
+    def validated(self):
+        return self.val_probs, self.val_labels, self.val_index
+
+    @validated.setter
+    def validated(self, gathered) -> None:  # rank 0: probabilities, labels, plan indices
+        self.val_probs, self.val_labels, self.val_index = gathered
 
 
 def _make_optimizer(cfg: TrainConfig, lr: float):
@@ -153,7 +162,7 @@ class Trainer:
                 # and the saved metrics need the validation predictions of the final weights.
                 epoch = len(self.result.history) if comm.rank == 0 else epoch
                 epoch = comm.bcast_obj(epoch)  # collective: the epochs run (fewer if stopped early)
-                _, self.result.val_probs, self.result.val_labels = self._validate(epoch - 1)
+                _, *self.result.validated = self._validate(epoch - 1)
             self.result.epochs_run, self.result.stopped_early = epoch, self.stopping
             self._restore_best()
         finally:
@@ -206,7 +215,7 @@ class Trainer:
         train_m, _, _ = epoch_metrics(
             comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
-        val_m, all_vp, all_vy = self._validate(epoch)
+        val_m, *validated = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
             row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
@@ -217,7 +226,7 @@ class Trainer:
                 from mpitrain.train import tensorboard as tb
 
                 tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
-            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.result.validated = validated
             self.echo(epoch_line(row, cfg.epochs, self.tag))
         self.stopping = self._watch(epoch)
         # The last one is "trained", not "finished": the run is finished only once rank 0 has
@@ -228,7 +237,8 @@ class Trainer:
         return float(stats[0])
 
     def _validate(self, epoch: int):
-        """Collective. Validation metrics and (rank 0) the gathered probabilities and labels.
+        """Collective. Validation metrics and (rank 0) the gathered probabilities, labels and
+        each row's index in the plan's validation list.
 
         Shares can be unequal (a master-worker master validates everything alone), so the
         ranks done early wait on progress pulses, one per batch of the largest share,
@@ -252,7 +262,10 @@ class Trainer:
         pulses.wait()
         vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        return epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        index = data.val_index if data.val_index is not None else np.full(len(vp), -1, np.int64)
+        all_vi = comm.gather_rows(index.astype(np.int64))  # collective: same order as the probabilities
+        return m, all_vp, all_vy, all_vi
 
     def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
         """A training batch as model input, augmented (--augment) from its position alone."""
@@ -305,9 +318,9 @@ class Trainer:
             flat.buffer[:] = self.best
         comm.bcast_(flat.buffer, 0)  # collective
         flat.unpack()
-        _, all_vp, all_vy = self._validate(kept - 1)
+        _, *validated = self._validate(kept - 1)
         if comm.rank == 0:
-            self.result.val_probs, self.result.val_labels = all_vp, all_vy
+            self.result.validated = validated
             self.echo(f"kept the weights of epoch {kept} (best {self.cfg.keep_best})")
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:

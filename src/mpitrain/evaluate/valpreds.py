@@ -1,0 +1,62 @@
+"""``val_predictions.csv``: the validation predictions a run's threshold was chosen on.
+
+Written by rank 0 at the end of training, beside ``model.keras``, one row per validation
+image in the plan's order::
+
+    path, label, p_<class 1>, ..., p_<class k>
+
+Probabilities are written exactly (shortest round-trip decimal of the float32 value), so a
+threshold chosen again from the file equals the one in ``model.json``. An ensemble of runs
+validated on the same images (same data, ``--val-split`` and ``--split-seed``) chooses its
+one threshold on the average of these rows (`evaluate.ensemble`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.errors import UserError
+
+NAME = "val_predictions.csv"
+
+
+@dataclass
+class ValPredictions:
+    paths: list[str]
+    labels: np.ndarray   # class index per row
+    probs: np.ndarray    # float32 [n, k]
+
+
+def write(out: Path, paths: list[str], labels, probs, classes: list[str]) -> Path:
+    from mpitrain.atomic import write_atomic
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label"] + [f"p_{c}" for c in classes])
+    for path, y, row in zip(paths, np.asarray(labels).tolist(), np.asarray(probs, np.float32)):
+        w.writerow([path, classes[int(y)]] + [repr(float(p)) for p in row])
+    return write_atomic(Path(out) / NAME, buf.getvalue(), errors="surrogateescape")
+
+
+def read(run_dir: Path, classes: list[str]) -> ValPredictions | None:
+    """The run's validation predictions, or None when the run has none (older runs)."""
+    path = Path(run_dir) / NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.reader(f))
+        if rows[0] != ["path", "label"] + [f"p_{c}" for c in classes]:
+            raise ValueError("its columns are not those of the model's classes")
+        body = rows[1:]
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[r[1]] for r in body], dtype=np.int64)
+        probs = np.array([[float(v) for v in r[2:]] for r in body], dtype=np.float32).reshape(len(body), len(classes))
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return ValPredictions([r[0] for r in body], labels, probs)
