@@ -61,7 +61,7 @@ def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run):
     code, out, doc, plots = one_rank
     assert code == 0
     for word in ("accuracy", "balanced accuracy", "sensitivity", "specificity", "F1", "ROC AUC", "PR AUC",
-                 "confusion matrix", "P(PNEUMONIA) >=", "Youden"):
+                 "confusion matrix", "P(PNEUMONIA) >=", "class odds of the training loss", "validated during training on"):
         assert word in out, word
     model_info = json.loads((run / "model.json").read_text())
     assert doc["threshold"] == model_info["threshold"] and doc["threshold_source"] == "model"
