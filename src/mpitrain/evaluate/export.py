@@ -275,7 +275,7 @@ def export_main(run: str, fmt: str, out: str | None = None, overwrite: bool = Fa
                                 f"{diff:.3g} on {what} (tolerance {tol:g}); nothing written")
             flips = int((modelio.decide(got, info.threshold, info.positive)
                          != modelio.decide(reference, info.threshold, info.positive)).sum())
-            check = {"inputs": what, "n": int(len(pixels)), "random_because": fallback,
+            check = {"inputs": what, "n": len(pixels), "random_because": fallback,
                      "reference": f"{path.name} in float32 (Keras, safe mode)", "run_with": runner,
                      "max_abs_diff": diff, "tolerance": tol, "decisions_changed": flips}
             write_json(tmp / NAME, describe(info, fmt, check))
