@@ -79,7 +79,7 @@ def atomic_dir(path, replace: bool = False):
     rename fails it is put back. Any exception inside the block removes the temporary
     folder and leaves `path` as it was. The parent folder must exist.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and "x/.." have no name to put beside
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our PID
     os.mkdir(tmp)  # not mkdtemp: its mode 0700 would become the final folder's

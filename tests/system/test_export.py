@@ -243,3 +243,17 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tiny_run, tmp_path, capsy
     one_line_error(code, capsys.readouterr().err, "mpitrain: error:", *words)
     assert _tree(tmp_path) == before and _tree(tiny_run) == run_before
     assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")  # the very point of the fallback
+def test_without_litert_the_tflite_check_runs_in_tensorflows_interpreter(tiny_run, tmp_path, capsys, monkeypatch):
+    import tensorflow as tf
+
+    if not hasattr(tf.lite, "Interpreter"):
+        pytest.skip(f"TensorFlow {tf.__version__} has no tf.lite.Interpreter")
+    for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    code, _, err = _export(capsys, tiny_run, "--format", "tflite", "--out", tmp_path / "out")
+    assert code == 0, err
+    check = json.loads((tmp_path / "out" / "export.json").read_text())["check"]
+    assert check["run_with"].endswith("tf.lite.Interpreter") and check["max_abs_diff"] <= export.TOLERANCE["tflite"]
