@@ -1,4 +1,4 @@
-"""Command line: `mpitrain {train,data,synth,bench,evaluate,predict}`: train image classifiers over MPI.
+"""Command line: `mpitrain {train,data,synth,bench,evaluate,predict,export}`: train image classifiers over MPI.
 
 Errors: a UserError is one line on stderr and exit code 2. Any other exception is a bug:
 one line with the rank (rerun with --debug for the traceback), and under MPI the whole job
@@ -202,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
+
+    from mpitrain.evaluate.export import FORMATS
+
+    x = sub.add_parser("export", help="write a run's model as a TensorFlow SavedModel or a TFLite file, checked "
+                                      "against model.keras",
+                       description="Write RUN's model as a SavedModel or TFLite file taking uint8 grayscale pixels "
+                                   "[n, S, S, 1] (0-255, resized to the training size S by the caller) and giving "
+                                   "class probabilities, with export.json (classes, threshold, input contract). "
+                                   "The export is checked against model.keras on validation images before it "
+                                   "is written.")
+    x.add_argument("run", metavar="RUN", help="the run folder (or RUN/model.keras) of a finished training")
+    x.add_argument("--format", required=True, choices=FORMATS, help="savedmodel: a TensorFlow SavedModel folder; "
+                                                                   "tflite: model.tflite for LiteRT / TFLite")
+    x.add_argument("--out", metavar="DIR", help="new or empty folder to write (default: RUN/export-FORMAT)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a folder with "
+                                                            "export.json; any other non-empty folder is refused)")
+    x.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
+    x.set_defaults(func=_cmd_export)
     for command in sub.choices.values():
         _add_debug(command)
     return parser
@@ -269,6 +287,12 @@ def _cmd_predict(args, argv) -> int:
 
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
                         image_size=args.image_size, threads=args.threads, precision=args.precision)
+
+
+def _cmd_export(args, argv) -> int:
+    from mpitrain.evaluate.export import export_main
+
+    return export_main(args.run, args.format, out=args.out, overwrite=args.overwrite, threads=args.threads)
 
 
 def _cmd_bench(args, argv) -> int:

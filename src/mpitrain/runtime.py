@@ -7,6 +7,7 @@ the same way without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -78,18 +79,30 @@ def import_tensorflow():
 
         return tensorflow
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_fd2():
+        import keras  # noqa: F401  (loads the TF backend while fd 2 is quiet)
+        import tensorflow
+    return tensorflow
+
+
+@contextlib.contextmanager
+def quiet_fd2():
+    """File descriptor 2 points at /dev/null inside the block: for C++ libraries (TensorFlow,
+    TFLite) that print notices straight to it whatever their log level says. Python
+    exceptions still propagate; MPITRAIN_TF_VERBOSE=1 shows everything."""
+    if os.environ.get("MPITRAIN_TF_VERBOSE") == "1":
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import keras  # noqa: F401  (loads the TF backend while fd 2 is quiet)
-        import tensorflow
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    return tensorflow
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:

@@ -79,6 +79,7 @@ MINIMAL = {
     "bench": [],
     "evaluate": ["--model", "m", "--data", "d"],
     "predict": ["--model", "m", "p.png"],
+    "export": ["runs/x", "--format", "tflite"],
 }
 
 
