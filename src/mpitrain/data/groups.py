@@ -154,9 +154,13 @@ def group_ids(paths: list[str], root: str, groups: str | None = "none",
                 by_name[key].append(i)
                 matched += 1
         if n and matched == 0:
+            example = relative(paths[0], root)
+            if not group_pattern:  # the built-in naming (also what --recipe xray sets)
+                raise UserError(f"--groups filename-patient found no patient ids (personNNN_, IM-NNNN-, "
+                                f"NORMAL2-IM-NNNN-) in the {n:,} file names, e.g. {example!r}: give "
+                                f"--group-pattern REGEX for your naming, or --groups duplicates or none")
             raise UserError(f"--group-pattern {pattern!r} matches none of the {n:,} file names "
-                            f"(searched in paths relative to the data folder, e.g. "
-                            f"{relative(paths[0], root)!r})")
+                            f"(searched in paths relative to the data folder, e.g. {example!r})")
         links.extend(v for v in by_name.values() if len(v) > 1)
     dups = duplicate_sets(paths)
     links.extend(dups)
