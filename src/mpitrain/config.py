@@ -66,6 +66,17 @@ class TrainConfig:
     recipe: str = _opt("none", "a preset of the options below that were measured together; options "
                                "given explicitly win", choices=tuple(RECIPES))
     val_data: str | None = _opt(None, "separate validation folder with the same class folders", metavar="DIR")
+    labels: str | None = _opt(None, "CSV file listing the images and their classes, instead of --data's "
+                                    "class folders: image paths relative to the CSV's folder (or absolute) "
+                                    "in --path-column, classes in --label-column; rows whose image is "
+                                    "missing are skipped and listed", metavar="FILE.csv")
+    val_labels: str | None = _opt(None, "separate validation CSV with the same columns and classes "
+                                        "(instead of --val-split or --val-data)", metavar="FILE.csv")
+    path_column: str = _opt("path", "the label file's column of image paths", metavar="NAME")
+    label_column: str = _opt("label", "the label file's column of classes", metavar="NAME")
+    patient_column: str | None = _opt(None, "the label file's column of patient ids: each patient's images "
+                                            "stay on one side of --val-split (with identical files)",
+                                      metavar="NAME")
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
     epochs: int = _opt(5, "passes over the training data", metavar="N")
     batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
@@ -138,8 +149,19 @@ class TrainConfig:
 
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
-        need(self.val_data is not None or self.val_split > 0,
-             "need validation data: --val-split > 0 or --val-data DIR")
+        need(self.data is None or self.labels is None,
+             "give --data DIR (class folders) or --labels FILE.csv, not both")
+        need(self.val_data is None or self.val_labels is None, "give --val-data or --val-labels, not both")
+        need(self.val_data is not None or self.val_labels is not None or self.val_split > 0,
+             "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv")
+        need(bool(self.path_column.strip()) and bool(self.label_column.strip())
+             and self.path_column != self.label_column,
+             "--path-column and --label-column must name two different columns")
+        need(self.patient_column is None or self.labels is not None,
+             "--patient-column needs --labels FILE.csv (class folders name patients with --groups / "
+             "--group-pattern)")
+        need(self.patient_column is None or (self.groups != "filename-patient" and not self.group_pattern),
+             "--patient-column names the patients; drop --groups filename-patient / --group-pattern")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
@@ -179,8 +201,10 @@ class TrainConfig:
             except re.error as e:
                 raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular "
                                 f"expression: {e}") from None
-        need(self.val_data is None or (self.groups == "none" and not self.group_pattern),
-             "--groups / --group-pattern shape the --val-split; with --val-data there is no split")
+        need(self.val_data is None and self.val_labels is None
+             or (self.groups == "none" and not self.group_pattern and self.patient_column is None),
+             "--groups / --group-pattern / --patient-column shape the --val-split; with --val-data or "
+             "--val-labels there is no split")
         need(self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
              f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}")
         need(self.early_stop is None or self.early_stop >= 1,
@@ -191,12 +215,14 @@ class TrainConfig:
     def with_recipe(cls, **given) -> "TrainConfig":
         """The config of these options, the rest from `given["recipe"]`'s preset (RECIPES),
         the remainder the defaults. A preset value that would clash with a given option is
-        left out: the preset's patient groups with --group-pattern or --val-data."""
+        left out: the preset's patient groups with --group-pattern, --patient-column, --val-data or
+        --val-labels."""
         recipe = given.get("recipe", "none")
         if recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
         preset = dict(RECIPES[recipe])
-        if given.get("group_pattern") or given.get("val_data") is not None:
+        if given.get("group_pattern") or any(given.get(k) is not None
+                                             for k in ("val_data", "val_labels", "patient_column")):
             preset.pop("groups", None)
         return cls(**{**preset, **given})
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,24 @@ IMAGE_EXTENSIONS = OPENCV_EXTENSIONS | DICOM_EXTENSIONS
 
 @dataclass(frozen=True)
 class FileIndex:
-    """The images found under ``root``: ``paths[i]`` belongs to ``classes[labels[i]]``."""
+    """The images found under ``root``: ``paths[i]`` belongs to ``classes[labels[i]]``.
+
+    From a label file (`labels.read_labels`) ``root`` is the file's folder, ``source`` the
+    file, ``patients`` the patient column (if asked for) and ``skipped`` the rows left out.
+    """
 
     root: Path
     classes: list[str]
     paths: list[str]
     labels: np.ndarray  # int64, index into classes
+    patients: list[str | None] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str | None = None
+
+    @property
+    def where(self) -> str:
+        """What to call this data in messages: the folder, or the label file."""
+        return self.source or str(self.root)
 
     def counts(self) -> dict[str, int]:
         """Number of images per class, in class order."""
@@ -100,6 +112,18 @@ def _check_root(root: str) -> None:
         raise UserError(f"data folder {root} is not readable (check its permissions)")
 
 
+def check_classes(where: str, classes: list[str], class_names: list[str] | None) -> None:
+    """`UserError` unless ``classes`` (found in ``where``) equal ``class_names`` (if given)."""
+    if class_names is not None and list(class_names) != classes:
+        missing = [c for c in class_names if c not in classes]
+        extra = [c for c in classes if c not in class_names]
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unexpected {', '.join(extra)}" if extra else "") if part) or "different order"
+        raise UserError(f"classes in {where} do not match the training classes "
+                        f"({', '.join(class_names)}): {detail}")
+
+
 def scan(root, class_names: list[str] | None = None) -> FileIndex:
     """Index the images under ``root``; see the module docstring for the rules.
 
@@ -134,12 +158,5 @@ def scan(root, class_names: list[str] | None = None) -> FileIndex:
     if len(classes) < 2:
         raise UserError(f"found {len(classes)} class folder(s) with images in {root_str}; "
                         "need at least 2 (one sub-folder per class)")
-    if class_names is not None and list(class_names) != classes:
-        missing = [c for c in class_names if c not in classes]
-        extra = [c for c in classes if c not in class_names]
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra)}" if extra else "") if part) or "different order"
-        raise UserError(f"classes in {root_str} do not match the training classes "
-                        f"({', '.join(class_names)}): {detail}")
+    check_classes(root_str, classes, class_names)
     return FileIndex(Path(root_str), classes, paths, np.asarray(labels, dtype=np.int64))
