@@ -81,6 +81,19 @@ def test_rescale_then_linear_window(tmp_path):
     np.testing.assert_array_equal(arr.astype(np.int64), as16(expected))
 
 
+@pytest.mark.parametrize("slope, intercept, photometric", [(2, -1000, "MONOCHROME2"), (-1, 4095, "MONOCHROME2"),
+                                                          (-0.5, 10, "MONOCHROME1")])
+def test_rescale_without_window_maps_the_stored_range_through_it(tmp_path, slope, intercept, photometric):
+    x = rng_pixels(21, 4095)
+    path = write_dicom(tmp_path / "r.dcm", x, bits_stored=12, slope=slope, intercept=intercept,
+                       photometric=photometric)
+    arr, _, ok, _ = decode1(path)
+    m, ends = slope * x.astype(np.float64) + intercept, np.array([0, 4095]) * slope + intercept
+    y = (m - ends.min()) / (ends.max() - ends.min())
+    assert ok
+    np.testing.assert_array_equal(arr.astype(np.int64), as16(1 - y if photometric == "MONOCHROME1" else y))
+
+
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_other_voi_functions(tmp_path, function):
     x = rng_pixels(6, 4095)
