@@ -135,8 +135,10 @@ def test_multi_frame_gives_the_first_frame_and_a_note(tmp_path, capsys):
     assert ok
     np.testing.assert_array_equal(arr.astype(np.int64), as16(frames[0] / 4095.0))
     assert notes == [(str(path), "multi-frame DICOM (3 frames): only the first frame is used")]
-    decode1(path)  # without a notes list: shown as one warning line
+    decode1(path)  # without a notes list: shown as one warning line, once per process
     assert "only the first frame is used" in capsys.readouterr().err
+    decode1(path)
+    assert capsys.readouterr().err == ""
 
 
 def test_resized_like_a_16_bit_png_of_the_same_pixels(tmp_path):
@@ -216,6 +218,7 @@ def test_cache_key_of_dicom_lists_follows_the_installed_decoders(tmp_path, monke
 
 
 def test_cached_dicom_equals_decoded_and_keeps_the_note(tmp_path, capsys):
+    from mpitrain.data import decode
     from mpitrain.data.cache import load_images_native
 
     frames = np.stack([rng_pixels(18, 4095), rng_pixels(19, 4095)])
@@ -223,9 +226,10 @@ def test_cached_dicom_equals_decoded_and_keeps_the_note(tmp_path, capsys):
              str(write_dicom(tmp_path / "b.dcm", rng_pixels(20, 255, np.uint8)))]
     first = load_images_native(paths, S, tmp_path / "cache")
     assert "mf.dcm: multi-frame" in capsys.readouterr().err
+    decode._SHOWN.clear()  # as a new process would start
     again = load_images_native(paths, S, tmp_path / "cache")
     assert not first[4] and again[4]  # a miss, then a hit
-    assert "mf.dcm: multi-frame" in capsys.readouterr().err  # the hit warns again
+    assert "mf.dcm: multi-frame" in capsys.readouterr().err  # the note was kept in the entry
     np.testing.assert_array_equal(first[0], again[0])
     arr, max_value, _, _ = decode_native(paths, S, notes=[])
     np.testing.assert_array_equal(again[0], arr)

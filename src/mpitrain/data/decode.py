@@ -189,8 +189,16 @@ def _quiet_stderr():
                     os.write(2, b"".join(kept))
 
 
+_SHOWN: set = set()  # (path, note) already shown by this process
+
+
 def warn_notes(notes: list[tuple[str, str]]) -> None:
-    """One warning line on stderr about files decoded with a caveat (multi-frame DICOM)."""
+    """One warning line on stderr about files decoded with a caveat (multi-frame DICOM),
+    each file once per process: a command that loads a list twice (`mpitrain data` times
+    the cached reload) or reads it from the cache says it once."""
+    with _STDERR_LOCK:
+        notes = [n for n in notes if tuple(n) not in _SHOWN]
+        _SHOWN.update(tuple(n) for n in notes)
     if notes:
         shown = "; ".join(f"{p}: {n}" for p, n in notes[:2]) + (f"; and {len(notes) - 2} more" if len(notes) > 2 else "")
         print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
