@@ -39,6 +39,7 @@ class Plan:
     # Label-file rows left out (no such file, empty cells): (path, reason), reported with the
     # decoder's skipped files.
     skipped: list = field(default_factory=list)
+    val_is_table: bool = False  # val_from is a --val-labels file, not a --val-data folder
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -46,7 +47,7 @@ class Plan:
     def protocol(self) -> str:
         """How the validation images relate to the training images, in one sentence part."""
         if self.val_from != "split":
-            return f"a separate {'label file' if self.val_from.lower().endswith(('.csv', '.tsv', '.txt')) else 'folder'} ({self.val_from})"
+            return f"a separate {'label file' if self.val_is_table else 'folder'} ({self.val_from})"
         n = len(self.train_paths) + len(self.val_paths)
         share = f"{len(self.val_paths) / max(n, 1):.0%} of the training folder"
         if self.grouping:
@@ -119,7 +120,7 @@ def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed
         return Plan(data_dir, index.classes, list(index.paths), index.labels,
                     list(val.paths), val.labels, val_labels if val_labels is not None else val_data,
                     train_source=list(index.paths), val_source=list(val.paths),
-                    skipped=index.skipped + val.skipped)
+                    skipped=index.skipped + val.skipped, val_is_table=val_labels is not None)
     from mpitrain.data.groups import group_ids
 
     found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
