@@ -186,3 +186,23 @@ def test_real_chest_xrays_a_table_gives_the_folders_plan(tmp_path):
     same_plan(by_patient, listed)
     assert len(listed.train_paths) + len(listed.val_paths) == 5216
     assert listed.val_paths != by_image.val_paths
+
+
+def test_plan_for_a_config_reads_the_label_files_and_never_the_demo_data(synth_data, tmp_path, monkeypatch):
+    from mpitrain.config import TrainConfig
+    from mpitrain.data import dataset, synth
+    from mpitrain.data.dataset import plan_for
+
+    def no_demo(*a, **k):
+        raise AssertionError("the demo data was generated for a --labels run")
+
+    monkeypatch.setattr(synth, "demo_data_dir", no_demo)
+    table = table_of_folder(synth_data, tmp_path / "t.csv", relative=True)
+    cfg = TrainConfig(labels=str(table), val_labels=str(table), path_column="path", label_column="label")
+    plan = plan_for(cfg)
+    assert plan.data_dir == str(table) and plan.val_is_table and plan.val_paths == plan.train_paths
+    grouped = plan_for(TrainConfig(labels=str(table), patient_column="label", val_split=0.25))
+    # one "patient" per class: a class cannot give a group to validation and keep one for training
+    assert grouped.grouping.startswith("2 groups (--patient-column label)") and not grouped.val_paths
+    assert dataset.make_plan(str(synth_data), None, 0.25, 0).train_paths == plan_for(
+        TrainConfig(data=str(synth_data), val_split=0.25)).train_paths
