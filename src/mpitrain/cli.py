@@ -450,18 +450,15 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
 
 
 def _cmd_data(args, argv) -> int:
-    from mpitrain.config import check_image_size
+    from mpitrain.config import check_image_size, check_sources
     from mpitrain.data.describe import describe_data
 
     check_image_size(args.image_size)  # train's rule: `data` shows what training would load
     if args.groups != "none" and args.group_pattern:
         raise UserError("give --groups or --group-pattern, not both")
     _data_or_labels(args)
-    if args.val_data is not None and args.val_labels is not None:
-        raise UserError("give --val-data or --val-labels, not both")
-    if args.patient_column is not None and (args.labels is None or args.groups != "none" or args.group_pattern):
-        raise UserError("--patient-column names the patients of --labels; it replaces --groups / --group-pattern"
-                        if args.labels is not None else "--patient-column needs --labels FILE.csv")
+    check_sources(args.data, args.labels, args.val_data, args.val_labels, args.path_column, args.label_column,
+                  args.patient_column, args.groups, args.group_pattern)
     return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
                          cache_dir=args.cache_dir, groups=args.groups, group_pattern=args.group_pattern,
                          val_split=args.val_split, seed=args.seed, labels=args.labels,

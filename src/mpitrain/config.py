@@ -51,6 +51,23 @@ def check_image_size(px: int) -> None:
         raise UserError(f"--image-size must be from {low} to {high} pixels, got {px}")
 
 
+def check_sources(data, labels, val_data, val_labels, path_column: str, label_column: str,
+                  patient_column, groups: str, group_pattern) -> None:
+    """The rules of where images come from (folders or label files), for train and data."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(data is None or labels is None, "give --data DIR (class folders) or --labels FILE.csv, not both")
+    need(val_data is None or val_labels is None, "give --val-data or --val-labels, not both")
+    need(bool(path_column.strip()) and bool(label_column.strip()) and path_column != label_column,
+         "--path-column and --label-column must name two different columns")
+    need(patient_column is None or labels is not None,
+         "--patient-column needs --labels FILE.csv (class folders name patients with --groups / --group-pattern)")
+    need(patient_column is None or (groups != "filename-patient" and not group_pattern),
+         "--patient-column names the patients; drop --groups filename-patient / --group-pattern")
+
+
 def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
     """A TrainConfig field and its command-line option `--field-name` (see cli._add_train_args)."""
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
@@ -149,19 +166,10 @@ class TrainConfig:
 
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
-        need(self.data is None or self.labels is None,
-             "give --data DIR (class folders) or --labels FILE.csv, not both")
-        need(self.val_data is None or self.val_labels is None, "give --val-data or --val-labels, not both")
+        check_sources(self.data, self.labels, self.val_data, self.val_labels, self.path_column,
+                      self.label_column, self.patient_column, self.groups, self.group_pattern)
         need(self.val_data is not None or self.val_labels is not None or self.val_split > 0,
              "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv")
-        need(bool(self.path_column.strip()) and bool(self.label_column.strip())
-             and self.path_column != self.label_column,
-             "--path-column and --label-column must name two different columns")
-        need(self.patient_column is None or self.labels is not None,
-             "--patient-column needs --labels FILE.csv (class folders name patients with --groups / "
-             "--group-pattern)")
-        need(self.patient_column is None or (self.groups != "filename-patient" and not self.group_pattern),
-             "--patient-column names the patients; drop --groups filename-patient / --group-pattern")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
