@@ -72,6 +72,7 @@ def test_patient_column_splits_like_the_filename_patient_groups(tmp_path, write_
     listed = make_plan(None, None, 0.25, seed=5, labels=str(table), columns=Columns(patient="patient"))
     same_plan(folder, listed)
     assert listed.grouping.startswith("16 groups (--patient-column patient), 56 of 56 rows name a patient")
+    assert listed.protocol().startswith("25% of the training label file, split by group: 16 groups")
     # No patient on both sides, and not the image-by-image split.
     val_patients = {PATIENT.search(p).group(0) for p in listed.val_paths}
     assert not val_patients & {PATIENT.search(p).group(0) for p in listed.train_paths}

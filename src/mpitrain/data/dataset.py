@@ -40,6 +40,7 @@ class Plan:
     # decoder's skipped files.
     skipped: list = field(default_factory=list)
     val_is_table: bool = False  # val_from is a --val-labels file, not a --val-data folder
+    is_table: bool = False      # data_dir is a --labels file, not a folder
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -49,7 +50,7 @@ class Plan:
         if self.val_from != "split":
             return f"a separate {'label file' if self.val_is_table else 'folder'} ({self.val_from})"
         n = len(self.train_paths) + len(self.val_paths)
-        share = f"{len(self.val_paths) / max(n, 1):.0%} of the training folder"
+        share = f"{len(self.val_paths) / max(n, 1):.0%} of the training {'label file' if self.is_table else 'folder'}"
         if self.grouping:
             return f"{share}, split by group: {self.grouping}"
         return (f"{share}, split image by image (one patient's images may be on both sides, which "
@@ -120,7 +121,8 @@ def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed
         return Plan(data_dir, index.classes, list(index.paths), index.labels,
                     list(val.paths), val.labels, val_labels if val_labels is not None else val_data,
                     train_source=list(index.paths), val_source=list(val.paths),
-                    skipped=index.skipped + val.skipped, val_is_table=val_labels is not None)
+                    skipped=index.skipped + val.skipped, val_is_table=val_labels is not None,
+                    is_table=labels is not None)
     from mpitrain.data.groups import group_ids
 
     found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
@@ -133,7 +135,8 @@ def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed
     whole = list(index.paths)
     return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
                 paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole,
-                grouping="" if found is None else found.describe(), skipped=list(index.skipped))
+                grouping="" if found is None else found.describe(), skipped=list(index.skipped),
+                is_table=labels is not None)
 
 
 def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
