@@ -72,7 +72,9 @@ INPUT_CONTRACT = (
     "cv2.resize(img, ({s}, {s}), interpolation=cv2.INTER_AREA); do the same, since other "
     "resizers (PIL, tf.image) give other pixels. 16-bit images: training divided by 65535; pass "
     "round(v / 257) (at most 1/510 off per pixel). JPEGs larger than 2x{s} on both sides were "
-    "decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_GRAYSCALE_*); "
+    "decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_GRAYSCALE_*). DICOM files were "
+    "mapped to 16-bit grey levels first (rescale, VOI window or LUT, else the Bits Stored range; "
+    "MONOCHROME1 inverted; mpitrain.data.dicom), then resized the same way; "
     "mpitrain.data.decode.decode_native(paths, {s}) gives training's pixels exactly."
 )
 

@@ -104,9 +104,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
     try:
         strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
-            data_dir = dataset.resolve_data_dir(cfg.data, cfg.cache_dir)
-            plan = dataset.make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.split_seed_used, cfg.groups,
-                                     cfg.group_pattern)
+            plan = dataset.plan_for(cfg)
         if comm.rank == 0:
             out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
@@ -203,6 +201,8 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
                       dtype=np.float64)
     comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
     all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
+    if comm.rank == 0:  # label-file rows left out at planning, then the files the ranks could not decode
+        all_errors = list(plan.skipped) + all_errors
     if counts[0] == 0 or counts[1] == 0:
         which = "training" if counts[0] == 0 else "validation"
         agree(comm, f"no usable {which} images in {plan.data_dir}")
