@@ -417,7 +417,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
     try:
         return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report)
+                          debug=args.debug, on_interrupt=report, stoppable=True)
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)

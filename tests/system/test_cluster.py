@@ -184,3 +184,62 @@ def test_a_signalled_rank_stops_every_rank_at_a_checkpoint_and_resume_matches(tm
     assert "resuming at epoch 1, step 4 of 9" in resumed.stdout
     for a, b in zip(_weights(whole), _weights(stopped)):
         assert np.array_equal(a, b)  # bit-identical to the uninterrupted run
+
+
+DOC = PROGRAMS.parents[2] / "docs" / "cluster.md"
+# Stand-ins for the script's commands: each call is appended to ./calls. MODE=stop waits
+# for SIGUSR1 (a run stopped on request: exit 0, no model), finish writes the model, fail
+# exits 1.
+FAKE_MPITRAIN = """#!/bin/bash
+echo "mpitrain $*" >> calls
+case "$MODE" in
+  stop) trap 'echo "got USR1" >> calls; exit 0' USR1; touch started; while :; do sleep 0.05; done ;;
+  finish) mkdir -p runs/xray && touch runs/xray/model.keras ;;
+  fail) exit 1 ;;
+esac
+"""
+FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> calls\n'
+
+
+def _sbatch_script(tmp_path, mode, checkpoints=False):
+    """docs/cluster.md's sbatch script, started with bash in `tmp_path` as Slurm would (job
+    42, 8 tasks), with stand-ins for mpitrain and scontrol; returns the process."""
+    script = re.search(r"```bash\n(#!/bin/bash\n.*?)```", DOC.read_text(), re.S)[1]
+    (tmp_path / "job.sh").write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("mpitrain", FAKE_MPITRAIN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    if checkpoints:
+        (tmp_path / "runs" / "xray" / "checkpoints").mkdir(parents=True)
+    env = _env(SLURM_JOB_ID=42, SLURM_NTASKS=8, MODE=mode, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _calls(tmp_path):
+    return (tmp_path / "calls").read_text().splitlines()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_the_sbatch_script_passes_slurms_signal_on_and_requeues_a_stopped_run(tmp_path, sig):
+    job = _sbatch_script(tmp_path, "stop")
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    job.send_signal(sig)  # Slurm's --signal=B:USR1@120, or its SIGTERM
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    assert _calls(tmp_path) == [
+        "mpitrain train -n 8 --data /shared/data/chest_xray/train --recipe xray --out runs/xray",
+        "got USR1", "scontrol requeue 42"]
+    assert "requeueing job 42" in out
+
+
+@pytest.mark.parametrize("mode, code", [("finish", 0), ("fail", 1)])
+def test_the_requeued_sbatch_script_resumes_and_requeues_no_finished_or_failed_run(tmp_path, mode, code):
+    job = _sbatch_script(tmp_path, mode, checkpoints=True)
+    job.communicate(timeout=30)
+    assert job.returncode == code
+    assert _calls(tmp_path) == ["mpitrain train -n 8 --resume --out runs/xray"]

@@ -341,8 +341,13 @@ def _want_bar() -> bool:
 
 
 def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
-        resume_hint: str | None = None, debug: bool = False, on_interrupt=None) -> int:
+        resume_hint: str | None = None, debug: bool = False, on_interrupt=None,
+        stoppable: bool = False) -> int:
     """Run the job and return its exit code (130 after Ctrl-C).
+
+    `stoppable`: the ranks checkpoint and stop on SIGUSR1 (`train`), so our SIGTERM or
+    SIGUSR1 reaches them as SIGUSR1 and we wait for them (otherwise a SIGTERM is passed on
+    as it is and mpiexec ends the job).
 
     mpiexec runs in its own process group, so a Ctrl-C at the terminal reaches only us: we
     pass it on once (Open MPI then stops every rank) and wait; a second one kills mpiexec.
@@ -379,12 +384,12 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     pump = threading.Thread(target=pump_stderr, daemon=True)
     pump.start()
     # A stop request for us (SIGTERM or SIGUSR1: Slurm's time limit, a preemption, its
-    # --signal) is one for the ranks: they checkpoint at their next step boundary and exit
-    # with 0 (train/trainer.py). It reaches them as SIGUSR1, which Open MPI's mpiexec
-    # forwards to every rank; a SIGTERM to mpiexec would make it kill them instead. We keep
-    # relaying until they are done. A closed terminal (SIGHUP) still ends the job.
-    def stop_request(_sig, _frame):
-        proc.send_signal(signal.SIGUSR1)
+    # --signal) is one for the ranks: training ranks checkpoint at their next step boundary
+    # and exit with 0 (train/trainer.py). It reaches them as SIGUSR1, which Open MPI's
+    # mpiexec forwards to every rank; a SIGTERM to mpiexec would make it kill them instead.
+    # We keep relaying until they are done. A closed terminal (SIGHUP) still ends the job.
+    def stop_request(sig, _frame):
+        proc.send_signal(signal.SIGUSR1 if stoppable else sig)
 
     forwarded = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop_request),
                  signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop_request),
