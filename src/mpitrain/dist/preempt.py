@@ -7,9 +7,9 @@ step boundary, through their strategy's collectives (`dist/strategies/base.py`,
 `stop_agreed`), to write a checkpoint and exit with 0, so `--resume` continues the run.
 One rank receiving the signal is enough: the vote carries it to the others.
 
-Handlers are installed by `mpitrain train` on every rank, in the main thread (the only one
-Python delivers signals to); a signal arriving inside a blocking MPI call is handled when
-the call returns.
+Handlers are installed by `mpitrain train` on every rank as it starts, in the main thread
+(the only one Python delivers signals to), and kept until the process ends; a signal
+arriving inside a blocking MPI call is handled when the call returns.
 """
 
 from __future__ import annotations

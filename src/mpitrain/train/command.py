@@ -67,12 +67,19 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
     from mpitrain.dist import preempt
     from mpitrain.train import runlock
 
-    restore = preempt.install()  # SIGTERM/SIGUSR1: checkpoint with every rank, then stop
+    from mpitrain.dist.comm import launched_by_mpi
+
+    # SIGTERM/SIGUSR1 from now on: checkpoint with every rank, then stop. A rank keeps the
+    # handlers until its process ends: a request arriving while a finished run exits is
+    # moot and must not kill it in MPI_Finalize (a failed job for a complete run folder).
+    # An in-process caller (a library, the tests) gets its own handlers back.
+    restore = preempt.install()
     try:
         return _train_main(make_config, echo, resume)
     finally:
         runlock.release_all()
-        restore()
+        if not launched_by_mpi():
+            restore()
 
 
 def _train_main(make_config, echo, resume: bool) -> int:
