@@ -12,7 +12,8 @@ lacks a member, so a method cannot silently do nothing on one of them):
 
 `world()` picks one: MPI only when the process was started by an MPI launcher
 (mpiexec/srun set well-known variables), so a plain `python -m mpitrain` never pays for
-MPI initialisation and never depends on a working MPI install.
+MPI initialisation and never depends on a working MPI install. `check_world()` stops the
+tasks of an srun without PMIx, which all see a world of one (`slurm.py`).
 """
 
 from __future__ import annotations
@@ -307,7 +308,8 @@ class MPIComm:
         return self._comm.bcast(obj, root=root)
 
     def node_allgather_obj(self, obj) -> list:
-        # Small facts about each process of this node (its CPU set) on the node's communicator.
+        # Small facts about each process of this node (its CPU set), on the node's own
+        # communicator: every rank calls it, and each node's ranks exchange among themselves.
         return self._node.allgather(obj)
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
