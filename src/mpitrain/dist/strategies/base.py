@@ -165,7 +165,7 @@ class Sync:
             self._vote = None
             self._timed(self._wait, request)
             agreed = bool(buf[0] > 0)
-        if step != steps:
+        if step != steps and not agreed:  # (stopping: no request left pending at MPI_Finalize)
             buf = np.array([self._asked()], dtype=np.float64)
             # Collective, nonblocking: every rank posts this vote at the same step.
             self._vote = (buf, self._timed(self.comm.iallreduce_sum_, buf))
