@@ -37,7 +37,8 @@ THRESHOLD_POLICIES = ("prior", "youden")                  # evaluate/threshold.p
 # chest X-ray file naming.
 RECIPES = {
     "none": {},
-    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray", "groups": "filename-patient"},
+    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray-strong",
+             "groups": "filename-patient"},
 }
 
 
