@@ -178,34 +178,11 @@ class Trainer:
 
     def _epoch(self, epoch: int, first: int, stats) -> float:
         """One epoch from step `first` on; returns the samples trained (all ranks)."""
-        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
+        cfg, comm, sync = self.cfg, self.comm, self.sync
         t0 = time.perf_counter()
-        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
-        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
-        probs, labels = [], []
-        self.done = first
-        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
-                                  enabled=comm.rank == 0 and sync.trains)
-        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
-            if s < first:
-                continue  # done before the checkpoint we resumed from
-            if sync.trains:
-                y = data.train_y[idx]
-                x = self._train_input(data.train_x[idx], epoch, s)
-                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
-                stats += st.numpy()
-                probs.append(p.numpy())
-                labels.append(y)
-                bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
-            sync.after_step(s + 1, self.steps, len(idx))
-            self.done = s + 1
-            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
-                self._checkpoint(epoch, s + 1, stats)
-        sync.end_epoch()
+        stats, probs, labels = self._train_steps(epoch, first, stats)
         train_time = time.perf_counter() - t0
-        bar.close()
+        self.bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
         # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
@@ -235,6 +212,37 @@ class Trainer:
                          "trained" if epoch + 1 == cfg.epochs or self.stopping else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
+
+    def _train_steps(self, epoch: int, first: int, stats):
+        """The steps of `epoch` from `first` on, then the strategy's epoch end: (this rank's
+        running sums, its probabilities, its labels). The loop `benchmarks/step_profile.py`
+        times against the compiled step alone."""
+        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
+        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
+        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
+        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
+        probs, labels = [], []
+        self.done = first
+        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
+                                  enabled=comm.rank == 0 and sync.trains)
+        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
+            if s < first:
+                continue  # done before the checkpoint we resumed from
+            if sync.trains:
+                y = data.train_y[idx]
+                x = self._train_input(data.train_x[idx], epoch, s)
+                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
+                stats += st.numpy()
+                probs.append(p.numpy())
+                labels.append(y)
+                bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
+            sync.after_step(s + 1, self.steps, len(idx))
+            self.done = s + 1
+            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, stats)
+        sync.end_epoch()
+        return stats, probs, labels
 
     def _validate(self, epoch: int):
         """Collective. Validation metrics and (rank 0) the gathered probabilities, labels and
