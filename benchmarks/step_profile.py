@@ -9,10 +9,12 @@ Run from the repository root (one process, generated data, nothing written):
 Three timings of the same model, batch and data, alternated `--repeats` times (the lowest
 of each kind is reported, the fairest figure on a shared machine):
 
-* `step alone`: the compiled train step (`steps.make_train_step`) called in a loop with
-  inputs that are already TensorFlow tensors and nothing else: the floor a loop can reach;
-* `step, numpy in`: the same, fed NumPy batches (float32, prepared beforehand): adds the
-  conversion of the arguments at the call;
+* `step alone`: the trainer's compiled train step (`steps.make_train_step`) called in a
+  loop with inputs that are already TensorFlow tensors and nothing else: the floor a loop
+  can reach;
+* `step, numpy in`: the same, fed NumPy batches (prepared beforehand, in the form the step
+  takes: uint8 rows, or float32 before the lean step): adds the conversion of the
+  arguments at the call;
 * `trainer loop`: the real `Trainer` running the steps of one epoch on uint8 images (what
   `mpitrain train` holds): `Trainer._train_steps`, without validation or metrics.
 
@@ -77,7 +79,10 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lambda line: None)
     step = trainer.step
 
-    xf = as_float(x8, 255.0)
+    # The batches as the trainer's step takes them: uint8 rows since the lean step
+    # (scaled in the graph), float32 before it.
+    dtype = np.dtype(getattr(step, "input_dtype", np.float32))
+    xf = x8[..., np.newaxis] if dtype.kind in "ui" else as_float(x8, 255.0)
     w = np.ones(b, np.float32)
     lr = np.float32(cfg.lr)
     batches_np = [(xf[i:i + b], y[i:i + b], w) for i in range(0, n, b)]

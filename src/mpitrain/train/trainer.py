@@ -110,8 +110,14 @@ class Trainer:
             self.sync.attach(self.model, self.optimizer)
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
+        # Integer images enter the step as they are held and are scaled in the graph (the
+        # same bits as `as_float`); augmented batches come out of OpenCV as float32.
+        rows = self.data.train_x
+        self.integer_input = cfg.augment == "none" and rows.dtype.kind in "ui"
         self.step = make_train_step(self.model, self.optimizer,
-                                    self.sync.reduce_step if self.sync.per_step_reduce else None)
+                                    self.sync.reduce_step if self.sync.per_step_reduce else None,
+                                    input_dtype=rows.dtype if self.integer_input else np.float32,
+                                    max_value=self.data.train_max if self.integer_input else 1.0)
         # Collective: every rank must agree on the step count before the first step.
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
@@ -189,9 +195,7 @@ class Trainer:
         # enough: a master-worker master does not train, and it starts an epoch late (after
         # validating and writing the checkpoint) while the workers are already at work.
         train_time = comm.allreduce_max(train_time)
-        train_m, _, _ = epoch_metrics(
-            comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
+        train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes)
         val_m, *validated = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
@@ -215,34 +219,46 @@ class Trainer:
 
     def _train_steps(self, epoch: int, first: int, stats):
         """The steps of `epoch` from `first` on, then the strategy's epoch end: (this rank's
-        running sums, its probabilities, its labels). The loop `benchmarks/step_profile.py`
+        running sums, its probabilities, its labels) as arrays. The loop `benchmarks/step_profile.py`
         times against the compiled step alone."""
         cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
         order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
-        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
-        probs, labels = [], []
+        step = self.step
+        # The running sums (samples, loss sum, hits) stay with the step, on the device, and are
+        # read only when needed; after a mid-epoch resume they start at the sums saved with the state.
+        step.reset_sums(stats)
+        probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
         self.done = first
         self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
                                   enabled=comm.rank == 0 and sync.trains)
+
+        def running() -> dict:  # called only when the bar redraws
+            n, loss, hits = step.read_sums()
+            return {"loss": loss / max(n, 1), "acc": hits / max(n, 1)}
+
+        lrs = self._lrs(epoch)
         for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
             if s < first:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
                 y = data.train_y[idx]
-                x = self._train_input(data.train_x[idx], epoch, s)
-                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
-                stats += st.numpy()
-                probs.append(p.numpy())
+                _, p = step(self._train_input(data.train_x[idx], epoch, s), y, self.class_w[y], lrs[s])
+                probs.append(p)
                 labels.append(y)
-                bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
+                bar.update(s + 1, values=running)
             sync.after_step(s + 1, self.steps, len(idx))
             self.done = s + 1
             self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
-                self._checkpoint(epoch, s + 1, stats)
+                self._checkpoint(epoch, s + 1, step.read_sums())
         sync.end_epoch()
-        return stats, probs, labels
+        return (step.read_sums(),
+                np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
+                np.concatenate(labels) if labels else np.zeros(0, np.int32))
+
+    def _lrs(self, epoch: int) -> np.ndarray:
+        """The learning rate of every step of `epoch` (float32), worked out once per epoch."""
+        return np.array([self._lr(epoch * self.steps + s) for s in range(self.steps)], np.float32)
 
     def _validate(self, epoch: int):
         """Collective. Validation metrics and (rank 0) the gathered probabilities, labels and
@@ -276,7 +292,9 @@ class Trainer:
         return m, all_vp, all_vy, all_vi
 
     def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
-        """A training batch as model input, augmented (--augment) from its position alone."""
+        """A training batch as the step takes it, augmented (--augment) from its position alone."""
+        if self.integer_input:
+            return rows[..., np.newaxis]  # a view: the step scales it in the graph
         if self.cfg.augment == "none":
             return as_float(rows, self.data.train_max)
         from mpitrain.data.augment import augment_batch
