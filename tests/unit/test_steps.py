@@ -121,7 +121,7 @@ def test_the_running_sums_add_up_each_steps_statistics_in_float64():
     rng = np.random.default_rng(2)
     model, step = _model_and_step()
     expected = np.array([5.0, 1.25, 2.0])  # a resumed epoch starts from its saved sums
-    step.reset_sums(expected)
+    step.sums.reset(expected)
     for b in range(4):
         n = 3 + b
         x = rng.random((n, 12, 12, 1), dtype=np.float32)
@@ -131,12 +131,12 @@ def test_the_running_sums_add_up_each_steps_statistics_in_float64():
         st = stats.numpy()
         assert st[0] == n - 1
         expected += st  # what the trainer computed on the host before the sums moved into the step
-    got = step.read_sums()
+    got = step.sums.read()
     assert got.dtype == np.float64 and np.array_equal(got, expected), (got, expected)
     got[0] = -1.0  # a copy: the caller may change it (the allreduce does, in place)
-    assert step.read_sums()[0] == expected[0]
-    step.reset_sums()
-    assert step.read_sums().tolist() == [0.0, 0.0, 0.0]
+    assert step.sums.read()[0] == expected[0]
+    step.sums.reset()
+    assert step.sums.read().tolist() == [0.0, 0.0, 0.0]
 
 
 def test_the_running_sums_are_the_reduced_global_ones():
@@ -149,7 +149,7 @@ def test_the_running_sums_are_the_reduced_global_ones():
     _, step = _model_and_step(reduce)
     x = np.random.default_rng(3).random((4, 12, 12, 1), dtype=np.float32)
     stats, _ = step(x, np.array([0, 1, 0, 1], np.int32), np.ones(4, np.float32), np.float32(1e-3))
-    assert stats.numpy()[0] == 8 and step.read_sums()[0] == 8.0
+    assert stats.numpy()[0] == 8 and step.sums.read()[0] == 8.0
 
 
 def test_the_progress_bar_fetches_its_numbers_only_when_it_draws(monkeypatch):

@@ -58,13 +58,33 @@ def to_float_input(x, divisor):
     return tf.cast(x, tf.float32) / divisor
 
 
+class RunningSums:
+    """An epoch's running sums [samples, loss sum, hits] as a float64 variable that train
+    steps add into in the graph. The trainer owns one and hands it to every step it makes
+    (again after an elastic re-layout), so a step wrapped by a caller still feeds it."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        # Not a model or optimizer variable: checkpoints carry the sums as the epoch's
+        # running sums (RankState), not as model state.
+        self.var = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_sums")
+
+    def reset(self, values=None) -> None:
+        """Start at `values` (a resumed epoch's saved sums) or zeros."""
+        self.var.assign(np.zeros(3) if values is None else np.asarray(values, np.float64))
+
+    def read(self) -> np.ndarray:
+        """The sums as a new float64 array (a read waits for the steps before it)."""
+        return np.array(self.var.numpy(), dtype=np.float64)
+
+
 class TrainStep:
     """One compiled train step: `step(x, y, w, lr) -> (stats, probs)` as tensors.
 
-    `stats` is this step's [samples, loss sum, hits] (global under a per-step reduce);
-    `sums` adds them up on the device (float64) until `reset_sums`; `read_sums()` fetches
-    them. `x` is float32 model input, or integer rows [n, s, s, 1] of the `input_dtype`
-    the step was made for (scaled by its `max_value` in the graph).
+    `stats` is this step's [samples, loss sum, hits] (global under a per-step reduce), also
+    added into `sums` (a RunningSums). `x` is float32 model input, or integer rows
+    [n, s, s, 1] of the `input_dtype` the step was made for (scaled in the graph).
     """
 
     def __init__(self, concrete, sums, input_dtype, input_shape, guard):
@@ -78,16 +98,9 @@ class TrainStep:
             return stats, probs[:0]
         return self._fn(x, y, w, lr)
 
-    def reset_sums(self, values=None) -> None:
-        """Start the epoch's running sums at `values` (a resumed epoch's) or zeros."""
-        self.sums.assign(np.zeros(3) if values is None else np.asarray(values, np.float64))
 
-    def read_sums(self) -> np.ndarray:
-        """The running sums as a new float64 array (a read waits for the steps before it)."""
-        return np.array(self.sums.numpy(), dtype=np.float64)
-
-
-def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0) -> TrainStep:
+def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0,
+                    sums: RunningSums | None = None) -> TrainStep:
     import keras
     import tensorflow as tf
 
@@ -119,9 +132,7 @@ def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_v
     def empty():
         return [tf.zeros(v.shape, tf.float32) for v in variables], tf.constant(0.0), tf.zeros((0, n_out))
 
-    # Not a model or optimizer variable: it is the trainer's, and checkpoints carry it as
-    # the epoch's sums (RankState), not as model state.
-    sums = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_sums")
+    sums = RunningSums() if sums is None else sums
     divisor = tf.Variable(max_value, dtype=tf.float32, trainable=False, name="input_scale")  # see to_float_input
 
     @tf.function(input_signature=spec)
@@ -145,7 +156,7 @@ def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_v
             grads = [tf.reshape(g, s) for g, s in zip(tf.split(flat[:-3], sizes), shapes)]
         scale = 1.0 / tf.maximum(stats[0], 1.0)
         optimizer.apply([g * scale for g in grads], variables)
-        sums.assign_add(tf.cast(stats, tf.float64))  # as `sums += stats` in NumPy: same bits
+        sums.var.assign_add(tf.cast(stats, tf.float64))  # as `sums += stats` in NumPy: same bits
         return stats, probs
 
     return TrainStep(compiled.get_concrete_function(), sums, input_dtype, tuple(model.input_shape[1:]), guard)

@@ -38,7 +38,7 @@ from mpitrain.errors import AgreedError, QuietExit
 from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
-from mpitrain.train.steps import make_predict_step, make_train_step
+from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
 
 
 @dataclass
@@ -90,6 +90,8 @@ class Trainer:
         self.optimizer = _make_optimizer(self.cfg, self.cfg.lr)
         self.optimizer.build(model.trainable_variables)
         self.predict = make_predict_step(model)
+        self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
+        self.show_progress = True  # bench turns the bar off
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
@@ -117,7 +119,8 @@ class Trainer:
         self.step = make_train_step(self.model, self.optimizer,
                                     self.sync.reduce_step if self.sync.per_step_reduce else None,
                                     input_dtype=rows.dtype if self.integer_input else np.float32,
-                                    max_value=self.data.train_max if self.integer_input else 1.0)
+                                    max_value=self.data.train_max if self.integer_input else 1.0,
+                                    sums=self.sums)
         # Collective: every rank must agree on the step count before the first step.
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
@@ -223,17 +226,17 @@ class Trainer:
         times against the compiled step alone."""
         cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
         order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        step = self.step
-        # The running sums (samples, loss sum, hits) stay with the step, on the device, and are
+        step, sums = self.step, self.sums
+        # The running sums (samples, loss sum, hits) are added up by the step, on the device, and
         # read only when needed; after a mid-epoch resume they start at the sums saved with the state.
-        step.reset_sums(stats)
+        sums.reset(stats)
         probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
         self.done = first
         self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
-                                  enabled=comm.rank == 0 and sync.trains)
+                                  enabled=self.show_progress and comm.rank == 0 and sync.trains)
 
         def running() -> dict:  # called only when the bar redraws
-            n, loss, hits = step.read_sums()
+            n, loss, hits = sums.read()
             return {"loss": loss / max(n, 1), "acc": hits / max(n, 1)}
 
         lrs = self._lrs(epoch)
@@ -250,9 +253,9 @@ class Trainer:
             self.done = s + 1
             self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
-                self._checkpoint(epoch, s + 1, step.read_sums())
+                self._checkpoint(epoch, s + 1, sums.read())
         sync.end_epoch()
-        return (step.read_sums(),
+        return (sums.read(),
                 np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
                 np.concatenate(labels) if labels else np.zeros(0, np.int32))
 
