@@ -16,7 +16,7 @@ of each kind is reported, the fairest figure on a shared machine):
   takes: uint8 rows, or float32 before the lean step): adds the conversion of the
   arguments at the call;
 * `trainer loop`: the real `Trainer` running the steps of one epoch on uint8 images (what
-  `mpitrain train` holds): `Trainer._train_steps`, without validation or metrics.
+  `mpitrain train` holds): `Trainer.run_steps`, without validation or metrics.
 
 Each is timed twice: wall clock and CPU time of the process (`time.process_time`). With
 one thread and a machine shared with other work the CPU time is the steadier figure (a
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                       timeout=0, class_weight="none", precision=a.precision, lr_schedule="constant")
     model = build_model(a.model, a.image_size, 2)
     trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lambda line: None)
+    trainer.show_progress = False
     step = trainer.step
 
     # The batches as the trainer's step takes them: uint8 rows since the lean step
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
 
     @timed
     def loop():
-        trainer._train_steps(epoch[0], 0, None)
+        (trainer.run_steps if hasattr(trainer, "run_steps") else trainer._train_steps)(epoch[0], 0, None)
         epoch[0] += 1
 
     runs = {"step alone": alone, "step, numpy in": numpy_in, "trainer loop": loop}

@@ -189,7 +189,7 @@ class Trainer:
         """One epoch from step `first` on; returns the samples trained (all ranks)."""
         cfg, comm, sync = self.cfg, self.comm, self.sync
         t0 = time.perf_counter()
-        stats, probs, labels = self._train_steps(epoch, first, stats)
+        stats, probs, labels = self.run_steps(epoch, first, stats)
         train_time = time.perf_counter() - t0
         self.bar.close()
         if not sync.per_step_reduce:
@@ -220,10 +220,11 @@ class Trainer:
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         return float(stats[0])
 
-    def _train_steps(self, epoch: int, first: int, stats):
+    def run_steps(self, epoch: int, first: int = 0, stats=None):
         """The steps of `epoch` from `first` on, then the strategy's epoch end: (this rank's
-        running sums, its probabilities, its labels) as arrays. The loop `benchmarks/step_profile.py`
-        times against the compiled step alone."""
+        running sums, its probabilities, its labels) as arrays. Collective, as the strategy is.
+        `mpitrain bench` times this loop, and `benchmarks/step_profile.py` times it against
+        the compiled step alone."""
         cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
         order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
         step, sums = self.step, self.sums
