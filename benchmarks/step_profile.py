@@ -53,7 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one trainer epoch")
+    p.add_argument("--pieces", action="store_true",
+                   help="instead: CPU time of each piece of host work of a step, alone, in a loop")
     a = p.parse_args(argv)
+    if a.pieces:
+        return pieces(a)
 
     from mpitrain.runtime import configure_runtime, import_tensorflow
 
@@ -147,6 +151,76 @@ def main(argv=None) -> int:
         loop()
         prof.disable()
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+def pieces(a) -> int:
+    """CPU time per call of each piece of per-step host work, timed alone over many calls:
+    what the trainer loop did before the lean step, and what replaced it. The call of a
+    `tf.function` is timed on a trivial body with the train step's signature, so it is
+    the dispatch, not the model."""
+    from mpitrain.runtime import configure_runtime, import_tensorflow
+
+    tf = import_tensorflow()
+    configure_runtime(0, 1, 1, "fp32")
+    from mpitrain.data.dataset import as_float
+    from mpitrain.dist.strategies import lr_at
+    from mpitrain.dist.watchdog import Watchdog
+    from mpitrain.train.progress import Progress
+
+    b, side = a.batch_size, a.image_size
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (b * 100, side, side), dtype=np.uint8)
+    y_all = rng.integers(0, 2, b * 100).astype(np.int32)
+    idx = rng.permutation(b * 100)[:b]
+    xf, y, w, lr = as_float(x8[idx], 255.0), y_all[idx], np.ones(b, np.float32), np.float32(1e-3)
+    sums = tf.Variable(tf.zeros(3, tf.float64))
+    divisor = tf.Variable(255.0)
+
+    def body(x, yy, ww, r):
+        return tf.stack([r, tf.reduce_sum(ww), 1.0]), tf.zeros((tf.shape(x)[0], 2))
+
+    def body8(x, yy, ww, r):
+        x = tf.cast(x, tf.float32) / divisor
+        st = tf.stack([r, tf.reduce_sum(ww), tf.reduce_sum(x) * 0.0])
+        sums.assign_add(tf.cast(st, tf.float64))
+        return st, tf.zeros((tf.shape(x)[0], 2))
+
+    tail = [tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32), tf.TensorSpec((), tf.float32)]
+    poly = tf.function(body, input_signature=[tf.TensorSpec((None, side, side, 1), tf.float32)] + tail)
+    conc8 = tf.function(body8, input_signature=[tf.TensorSpec((None, side, side, 1), tf.uint8)] + tail
+                        ).get_concrete_function()
+    st, p = poly(xf, y, w, lr)
+    stats, probs = np.zeros(3), []
+    bar, dog = Progress(100, "e", enabled=False), Watchdog(0, None, 0)
+    tensors = [tf.constant(t) for t in (xf, y, w, lr)]
+    runs = {
+        "before: rows and labels of the batch (fancy index)": lambda: (x8[idx], y_all[idx]),
+        "before: as_float (uint8 -> float32 in NumPy)": lambda: as_float(x8[idx], 255.0),
+        "before: lr_at + np.float32 per step": lambda: np.float32(lr_at(1e-3, 1.4e-3, 10, 500, 1500, "cosine")),
+        "before: tf.function call, float32 NumPy args": lambda: poly(xf, y, w, lr),
+        "       (the same, args already tensors)": lambda: poly(*tensors),
+        "before: stats += st.numpy()": lambda: stats.__iadd__(st.numpy()),
+        "before: probs.append(p.numpy())": lambda: probs.append(p.numpy()),
+        "before: bar.update(loss=, acc=) (bar off)": lambda: bar.update(5, loss=stats[1] / max(stats[0], 1),
+                                                                        acc=stats[2] / max(stats[0], 1)),
+        "both:   watchdog beat with its f-string": lambda: dog.beat(f"epoch {1 + 1} step {5 + 1}"),
+        "after:  rows[..., None] (a view)": lambda: x8[idx][..., np.newaxis],
+        "after:  concrete function call, uint8 args, sums in graph": lambda: conc8(x8[idx][..., np.newaxis], y, w, lr),
+        "after:  probs.append(p) (the tensor)": lambda: probs.append(p),
+        "after:  bar.update(values=callable) (bar off)": lambda: bar.update(5, values=lambda: {}),
+    }
+    print(f"CPU time per call, {b} images of {side}x{side}, 1 thread, TensorFlow {tf.__version__}  ({_load()})")
+    for name, fn in runs.items():
+        for _ in range(50):
+            fn()
+        n = 2000
+        c = time.process_time()
+        for _ in range(n):
+            fn()
+        print(f"  {name:58s} {1e6 * (time.process_time() - c) / n:8.1f} us", flush=True)
+        probs.clear()
+    print(f"({_load()})")
     return 0
 
 
