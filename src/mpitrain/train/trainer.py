@@ -12,7 +12,8 @@ Elastic mode (ULFM): when a peer dies, every survivor's next collective raises R
 (the communicator is revoked, so nobody waits). The survivors then shrink the
 communicator, adopt rank 0's state, re-shard the data among themselves, rebuild the
 strategy and the train step for the new rank count, and go on from rank 0's position in
-the current epoch. Rank 0 writes the run folder; if it is the one lost, the survivors stop
+the current epoch (master-worker: the start of the master's round, `Sync.recovery_step`).
+Rank 0 writes the run folder; if it is the one lost, the survivors stop
 cleanly and the run continues with --resume from its newest checkpoint.
 """
 
@@ -391,11 +392,14 @@ class Trainer:
                                   f"checkpoint with --resume")
             raise QuietExit(4)
         done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
+        # Where the adopted state stands: for master-worker the start of the master's round,
+        # not how far the master (which does not train) has posted its pulses.
+        resume_at = self.sync.recovery_step(done)
         self.state.broadcast(comm)  # collective: everyone adopts rank 0's weights and optimizer
         deadline.cancel()
         old_steps = self.steps
         self._layout(first_time=False)
-        first = min(self.steps, int(done * self.steps / old_steps))
+        first = min(self.steps, int(resume_at * self.steps / old_steps))
         event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "rank_lost", "lost_ranks": lost,
                  "ranks_before": before, "ranks_after": comm.size, "epoch": epoch + 1,
                  "step": done, "of_steps": old_steps, "continue_at_step": first, "of_new_steps": self.steps}
