@@ -5,6 +5,7 @@ Run from the repository root (one process, generated data, nothing written):
     PYTHONPATH=src python benchmarks/step_profile.py                    # seed CNN, batch 32, fp32, 1 thread
     PYTHONPATH=src python benchmarks/step_profile.py --precision bf16 --threads 2
     PYTHONPATH=src python benchmarks/step_profile.py --profile          # + cProfile of one trainer epoch
+    PYTHONPATH=src python benchmarks/step_profile.py --pieces           # each piece of host work alone
 
 Three timings of the same model, batch and data, alternated `--repeats` times (the lowest
 of each kind is reported, the fairest figure on a shared machine):
