@@ -294,16 +294,18 @@ def main(argv=None) -> int:
     names = [f"mpitrain -n {a.np}", "keras fit x1", f"MWMS x{a.np}"]
     runners = [run_mpitrain, run_fit, run_mwms]
     results = {(pr, n): [] for pr in a.precision for n in names}
+    loads = {(pr, r): [] for pr in a.precision for r in range(a.rounds)}  # load average after each run
     for r in range(a.rounds):
         for pr in a.precision:
             for name, run in zip(names, runners):
                 got = run(a, pr)
                 results[(pr, name)].append(got["images_per_second"])
+                loads[(pr, r)].append(_load())
                 extra = "".join(f" {k} {v}" for k, v in got.items() if k != "images_per_second")
                 print(f"  round {r + 1} {pr:4s} {name:14s} {got['images_per_second']:8.1f} img/s "
                       f"(load {_load()}){extra}", flush=True)
     print()
-    head = f"| precision | round | {' | '.join(names)} | mpitrain / fit | mpitrain / MWMS | load |"
+    head = f"| precision | round | {' | '.join(names)} | mpitrain / fit | mpitrain / MWMS | load after each |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for pr in a.precision:
@@ -311,8 +313,9 @@ def main(argv=None) -> int:
         med = tuple(statistics.median(results[(pr, n)]) for n in names)
         for i, row in enumerate(rows + [med]):
             label = str(i + 1) if i < len(rows) else "median"
+            load = " / ".join(loads[(pr, i)]) if i < len(rows) else ""
             print(f"| {pr} | {label} | " + " | ".join(f"{v:,.0f}" for v in row)
-                  + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} | {_load() if i == len(rows) else ''} |")
+                  + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} | {load} |")
     return 0
 
 
