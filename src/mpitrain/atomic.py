@@ -6,6 +6,10 @@ temporary file in the same folder, is flushed and fsynced, then renamed over the
 name, and the folder is fsynced so the rename itself survives a crash. A kill at any
 instant leaves either the old file or the new one, never a torn one; a failed write leaves
 no temporary file behind.
+
+`atomic_dir` does the same for a folder written as a whole (`mpitrain export`): it is
+filled under a hidden temporary name beside its final one and renamed into place only
+when the caller is done with it, so a reader sees a complete folder or none.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"  # every temporary file starts so: cleaners can recognise strays
@@ -62,3 +67,41 @@ def write_atomic(path, data: bytes | str, encoding: str = "utf-8", errors: str =
 
 def write_json(path, doc) -> Path:
     return write_atomic(path, json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path, replace: bool = False):
+    """Yield a new empty hidden folder beside `path`; on success it becomes `path`.
+
+    `path` must not exist, or be an empty folder, or (`replace`) be a folder to replace
+    whole: the caller decides whether that is allowed (see `outdir`). The old folder is
+    moved aside before the new one is renamed in and deleted only afterwards; if the
+    rename fails it is put back. Any exception inside the block removes the temporary
+    folder and leaves `path` as it was. The parent folder must exist.
+    """
+    path = Path(os.path.abspath(path))  # "." and "x/.." have no name to put beside
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our PID
+    os.mkdir(tmp)  # not mkdtemp: its mode 0700 would become the final folder's
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder), directory=True)
+        old = None
+        if replace and path.is_dir() and any(path.iterdir()):
+            old = path.with_name(f"{tmp.name}-old")
+            os.rename(path, old)
+        try:
+            os.replace(tmp, path)  # over an empty folder too (POSIX rename of directories)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent, directory=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

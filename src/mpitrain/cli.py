@@ -1,4 +1,4 @@
-"""Command line: `mpitrain {train,data,synth,bench,evaluate,predict}`: train image classifiers over MPI.
+"""Command line: `mpitrain {train,data,synth,bench,evaluate,predict,export}`: train image classifiers over MPI.
 
 Errors: a UserError is one line on stderr and exit code 2. Any other exception is a bug:
 one line with the rank (rerun with --debug for the traceback), and under MPI the whole job
@@ -53,10 +53,11 @@ class _Flag(argparse.Action):
         _given(namespace).add(self.dest)
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One option per TrainConfig field, `--field-name`: type from the annotation (bool: a
     flag), default, help, choices and metavar from the field (see config.py). The options
-    given are recorded, so that a --recipe changes only the others."""
+    given are recorded, so that a --recipe changes only the others. ``only``: just these
+    fields (other commands that take some training options, e.g. the label-file ones)."""
     import dataclasses
     import typing
 
@@ -65,6 +66,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     types = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         kind = types[f.name]
         if kind is bool:
@@ -88,6 +91,22 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
     # After a subcommand: SUPPRESS leaves the value given before it (or False) alone.
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="show tracebacks")
+
+
+LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column")
+
+
+def _columns(args):
+    from mpitrain.data.labels import Columns
+
+    return Columns(args.path_column, args.label_column, getattr(args, "patient_column", None))
+
+
+def _data_or_labels(args) -> None:
+    """`data` and `evaluate` read a class-folder layout or a label file: exactly one."""
+    if (args.data is None) == (args.labels is None):
+        raise UserError("give --data DIR (one sub-folder per class) or --labels FILE.csv" +
+                        (", not both" if args.data is not None else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
-    d.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder per class")
+    d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
     d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
+    _add_train_args(d, only=LABEL_OPTIONS)
     d.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
                    help="decode at this size, as training would (default: %(default)s)")
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
@@ -179,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, action="append", metavar="RUNDIR",
                    help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
                         "that averages the models' probabilities")
-    e.add_argument("--data", required=True, help="folder with one sub-folder per class (the model's classes)")
+    e.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; "
+                                                 "or --labels)")
+    _add_train_args(e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column")))
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     e.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
                                                    "(default: the one saved with the model)")
@@ -205,16 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
+
+    from mpitrain.evaluate.export import FORMATS
+
+    x = sub.add_parser("export", help="write a run's model as a TensorFlow SavedModel or a TFLite file, checked "
+                                      "against model.keras",
+                       description="Write RUN's model as a SavedModel or TFLite file taking uint8 grayscale pixels "
+                                   "[n, S, S, 1] (0-255, resized to the training size S by the caller) and giving "
+                                   "class probabilities, with export.json (classes, threshold, input contract). "
+                                   "The export is checked against model.keras on validation images before it "
+                                   "is written.")
+    x.add_argument("run", metavar="RUN", help="the run folder (or RUN/model.keras) of a finished training")
+    x.add_argument("--format", required=True, choices=FORMATS, help="savedmodel: a TensorFlow SavedModel folder; "
+                                                                   "tflite: model.tflite for LiteRT / TFLite")
+    x.add_argument("--out", metavar="DIR", help="new or empty folder to write (default: RUN/export-FORMAT)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a folder with "
+                                                            "export.json; any other non-empty folder is refused)")
+    x.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
+    x.set_defaults(func=_cmd_export)
     for command in sub.choices.values():
         _add_debug(command)
     return parser
 
 
-def _refuse_nested_launch(args) -> None:
-    """-n/--hostfile start mpiexec; under an MPI launcher that would nest a job in each rank."""
-    from mpitrain.dist.comm import launched_by_mpi, world
+def _check_launch(args) -> None:
+    """The processes of this command form one job: tasks of srun that MPI does not join
+    into one world stop (each would work alone), and -n/--hostfile, which start mpiexec,
+    are refused under an MPI launcher (that would nest a job in each rank)."""
+    from mpitrain.dist.comm import check_world, launched_by_mpi, world
     from mpitrain.errors import agree
 
+    check_world()
     flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else None
     if flag is not None and launched_by_mpi():
         # Every rank has the same command line: all stop together, rank 0 says it once.
@@ -232,19 +275,22 @@ def _check_hostfile(args) -> None:
 
 
 def _cmd_evaluate(args, argv) -> int:
-    _refuse_nested_launch(args)
+    _check_launch(args)
     _check_hostfile(args)
+    _data_or_labels(args)
     if args.np is not None:
         from mpitrain.evaluate.command import prepare
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
-        prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots)
+        prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots,
+                labels=args.labels, columns=_columns(args))
         return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
                          plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
-                         threads=args.threads, precision=args.precision)
+                         threads=args.threads, precision=args.precision, labels=args.labels,
+                         columns=_columns(args))
 
 
 def _launch_timed(n: int, child: list[str], **kwargs) -> int:
@@ -274,12 +320,18 @@ def _cmd_predict(args, argv) -> int:
                         image_size=args.image_size, threads=args.threads, precision=args.precision)
 
 
+def _cmd_export(args, argv) -> int:
+    from mpitrain.evaluate.export import export_main
+
+    return export_main(args.run, args.format, out=args.out, overwrite=args.overwrite, threads=args.threads)
+
+
 def _cmd_bench(args, argv) -> int:
     from mpitrain.config import check_image_size
     from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.models import check_model
 
-    _refuse_nested_launch(args)
+    _check_launch(args)
     check_image_size(args.image_size)
     check_model(args.model, args.image_size)
     _check_hostfile(args)
@@ -323,7 +375,7 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
 
 
 def _cmd_train(args, argv) -> int:
-    _refuse_nested_launch(args)
+    _check_launch(args)
     _check_hostfile(args)
     if args.np is None:
         from mpitrain.train.command import train_main
@@ -342,11 +394,10 @@ def _cmd_train(args, argv) -> int:
         return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
     check_model(cfg.model, cfg.image_size)
     strategy_class(cfg.strategy).check_ranks(args.np)
-    from mpitrain.data.dataset import make_plan, resolve_data_dir
+    from mpitrain.data.dataset import plan_for
     from mpitrain.outdir import missing_dirs
 
-    make_plan(resolve_data_dir(cfg.data, cfg.cache_dir), cfg.val_data, cfg.val_split, cfg.split_seed_used,
-              cfg.groups, cfg.group_pattern)
+    plan_for(cfg)
     out = runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
     child = _strip_launch_args(argv)
     if cfg.out is None:  # every rank must use the folder name the launcher chose
@@ -393,7 +444,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
     try:
         return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report)
+                          debug=args.debug, on_interrupt=report, stoppable=True)
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)
@@ -405,15 +456,19 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
 
 
 def _cmd_data(args, argv) -> int:
-    from mpitrain.config import check_image_size
+    from mpitrain.config import check_image_size, check_sources
     from mpitrain.data.describe import describe_data
 
     check_image_size(args.image_size)  # train's rule: `data` shows what training would load
     if args.groups != "none" and args.group_pattern:
         raise UserError("give --groups or --group-pattern, not both")
+    _data_or_labels(args)
+    check_sources(args.data, args.labels, args.val_data, args.val_labels, args.path_column, args.label_column,
+                  args.patient_column, args.groups, args.group_pattern)
     return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
                          cache_dir=args.cache_dir, groups=args.groups, group_pattern=args.group_pattern,
-                         val_split=args.val_split, seed=args.seed)
+                         val_split=args.val_split, seed=args.seed, labels=args.labels,
+                         val_labels=args.val_labels, columns=_columns(args))
 
 
 def _cmd_synth(args, argv) -> int:

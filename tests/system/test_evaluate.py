@@ -69,7 +69,8 @@ def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run):
     assert doc["positive_class"] == "PNEUMONIA" and doc["ranks"] == 1
     assert [Path(p).name for p, _ in doc["skipped_files"]] == ["NORMAL-00017b.png"]
     for key in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
-        assert f"{doc[key]:.4f}" in out, key  # the table shows the JSON's numbers
+        # The table shows the JSON's numbers (n/a where undefined, e.g. precision with no positive call).
+        assert ("n/a" if doc[key] is None else f"{doc[key]:.4f}") in out, key
     assert sorted(p.name for p in plots.iterdir()) == ["confusion_matrix.png", "roc_curve.png"]
     # Two times, each saying what it covers: the whole command (model loading included) and decoding + predicting.
     assert 0 < doc["seconds"] < doc["total_seconds"]

@@ -41,14 +41,28 @@ def test_no_options_give_the_dataclass_defaults():
     assert _config_from_args(parse("train")) == TrainConfig()
 
 
+# Options that are only valid together with another one: given with it.
+NEEDS = {"patient_column": {"labels": "table.csv"}}
+
+
 @pytest.mark.parametrize("f", FIELDS, ids=[f.name for f in FIELDS])
 def test_every_field_is_an_option_that_reaches_the_config(f):
     value, rest = _other_value(f)
-    cfg = _config_from_args(parse("train", "--" + f.name.replace("_", "-"), *rest))
+    needs = NEEDS.get(f.name, {})
+    also = [a for k, v in needs.items() for a in ("--" + k.replace("_", "-"), v)]
+    cfg = _config_from_args(parse("train", *also, "--" + f.name.replace("_", "-"), *rest))
     assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(value)
-    # Nothing else moved (but what a --recipe presets).
+    # Nothing else moved (but what a --recipe presets, and the options it needs).
     assert dataclasses.replace(cfg, **{f.name: f.default}) == dataclasses.replace(
-        TrainConfig.with_recipe(**{f.name: value}), **{f.name: f.default})
+        TrainConfig.with_recipe(**needs, **{f.name: value}), **{f.name: f.default})
+
+
+def test_options_that_need_another_are_refused_alone():
+    from mpitrain.errors import UserError
+
+    for name in NEEDS:
+        with pytest.raises(UserError, match="needs"):
+            _config_from_args(parse("train", "--" + name.replace("_", "-"), "x"))
 
 
 def test_help_shows_defaults_choices_and_the_model_registry(capsys):
@@ -79,6 +93,7 @@ MINIMAL = {
     "bench": [],
     "evaluate": ["--model", "m", "--data", "d"],
     "predict": ["--model", "m", "p.png"],
+    "export": ["runs/x", "--format", "tflite"],
 }
 
 

@@ -10,7 +10,13 @@ gives bit-identical float32 values on a hit.
 The key is a SHA-256 of: the format version, the OpenCV version, ``image_size`` and, for
 every path in order, the path string and its (followed) stat: size, mtime_ns, inode and
 mode. Any changed, added, removed or reordered file gives a different key, and so does a
-chmod (a file that could not be read is retried once it can).
+chmod (a file that could not be read is retried once it can). A list with a name that may
+be DICOM (not one of OpenCV's extensions) adds pydicom's version and installed decoders
+(`dicom.signature`), so a file skipped for want of a decoder is retried once one is
+installed; lists of PNGs and JPEGs keep their keys and never import pydicom.
+
+The JSON document also keeps the decoding notes (the first frame of a multi-frame DICOM);
+they are shown again (`decode.warn_notes`) whenever the entry is used.
 
 Shared between commands: `mpitrain data` decodes each folder whole (its scan list), while
 `train` and `evaluate` decode only their rank's shard (after the validation split), whose
@@ -43,7 +49,8 @@ import cv2
 import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX, atomic_path
-from mpitrain.data.decode import decode_native, to_float
+from mpitrain.data.decode import decode_native, to_float, warn_notes
+from mpitrain.data.scan import OPENCV_EXTENSIONS
 
 FORMAT_VERSION = 1
 MAX_AGE_DAYS = 30
@@ -65,6 +72,10 @@ def cache_key(paths: list[str], image_size: int) -> str:
     """Hex key for decoding ``paths`` at ``image_size`` given their current stat data."""
     h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0"
                        f"{image_size}\0{len(paths)}\0".encode())
+    if any(os.path.splitext(p)[1].lower() not in OPENCV_EXTENSIONS for p in paths):
+        from mpitrain.data.dicom import signature
+
+        h.update(f"dicom\0{signature()}\0".encode())
     parts = []
     for p in paths:
         try:
@@ -85,7 +96,7 @@ def _warn(message: str) -> None:
 
 
 def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None):
-    """(array, max value, ok, errors) from an entry file, or None if absent or invalid.
+    """(array, max value, ok, errors, notes) from an entry file, or None if absent or invalid.
 
     With ``rows``, only those rows (positions in the entry's list) are read, through a
     memory map, and returned in that order.
@@ -113,6 +124,7 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
                  and ok.shape == (n,) and ok.dtype == np.bool_
                  and meta.get("n_failed") == n - int(ok.sum()))
         errors = [(str(p), str(r)) for p, r in meta["errors"]]
+        notes = [(str(p), str(r)) for p, r in meta.get("notes", [])]
         if not valid or len(errors) != n - int(ok.sum()):
             return None
         if rows is not None:
@@ -122,13 +134,14 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
             ok = ok[rows]
     except Exception:  # any damage at all just means "decode again"
         return None
-    return arr, max_value, ok, errors
+    return arr, max_value, ok, errors, notes
 
 
-def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors) -> None:
+def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors, notes=()) -> None:
     """Atomically create ``path`` (temp file + fsync + os.replace in the same folder)."""
     meta = {"version": FORMAT_VERSION, "n": len(ok), "image_size": int(arr.shape[1]),
-            "n_failed": int(len(ok) - ok.sum()), "errors": [list(e) for e in errors]}
+            "n_failed": int(len(ok) - ok.sum()), "errors": [list(e) for e in errors],
+            "notes": [list(e) for e in notes]}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         np.save(f, ok, allow_pickle=False)
@@ -170,12 +183,13 @@ def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: in
     found = _read_entry(entry, len(whole), image_size, np.array([where[p] for p in paths], np.int64))
     if found is None:
         return None
-    arr, max_value, ok, errors = found
-    why = dict(errors)
+    arr, max_value, ok, errors, notes = found
+    why, caveat = dict(errors), dict(notes)
     try:
         os.utime(entry)
     except OSError:
         pass
+    warn_notes([(p, caveat[p]) for p in paths if p in caveat])
     return arr, max_value, ok, [(p, why[p]) for p in paths if p in why]
 
 
@@ -193,11 +207,12 @@ def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None
     entry = folder / f"{cache_key(paths, image_size)}.entry"
     found = _read_entry(entry, len(paths), image_size)
     if found is not None:
-        arr, max_value, ok, errors = found
+        arr, max_value, ok, errors, notes = found
         try:
             os.utime(entry)  # mark as recently used for pruning
         except OSError:
             pass
+        warn_notes(notes)
         return arr, max_value, ok, errors, True
     whole = None if whole is None else [os.fspath(p) for p in whole]
     if whole is not None and whole != paths:
@@ -205,10 +220,12 @@ def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None
         if found is not None:
             return (*found, True)
 
-    arr, max_value, ok, errors = decode_native(paths, image_size, threads)
+    notes: list[tuple[str, str]] = []
+    arr, max_value, ok, errors = decode_native(paths, image_size, threads, notes)
+    warn_notes(notes)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_entry(entry, arr, ok, errors)
+        _write_entry(entry, arr, ok, errors, notes)
     except OSError as e:
         _warn(f"cannot write the image cache in {folder} ({e.strerror or e})")
     else:

@@ -36,6 +36,11 @@ class Plan:
     train_source: list[str] | None = None
     val_source: list[str] | None = None
     grouping: str = ""  # how the split kept groups whole ("" : image by image)
+    # Label-file rows left out (no such file, empty cells): (path, reason), reported with the
+    # decoder's skipped files.
+    skipped: list = field(default_factory=list)
+    val_is_table: bool = False  # val_from is a --val-labels file, not a --val-data folder
+    is_table: bool = False      # data_dir is a --labels file, not a folder
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -43,9 +48,9 @@ class Plan:
     def protocol(self) -> str:
         """How the validation images relate to the training images, in one sentence part."""
         if self.val_from != "split":
-            return f"a separate folder ({self.val_from})"
+            return f"a separate {'label file' if self.val_is_table else 'folder'} ({self.val_from})"
         n = len(self.train_paths) + len(self.val_paths)
-        share = f"{len(self.val_paths) / max(n, 1):.0%} of the training folder"
+        share = f"{len(self.val_paths) / max(n, 1):.0%} of the training {'label file' if self.is_table else 'folder'}"
         if self.grouping:
             return f"{share}, split by group: {self.grouping}"
         return (f"{share}, split image by image (one patient's images may be on both sides, which "
@@ -84,23 +89,43 @@ def resolve_data_dir(data: str | None, cache_dir: str | None = None) -> str:
     return str(demo_data_dir(Path(cache_dir) if cache_dir else None))
 
 
-def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int,
-              groups: str | None = "none", group_pattern: str | None = None) -> Plan:
-    """`groups` / `group_pattern`: keep patients (and identical files) on one side of the
-    split (`data/groups.py`); only with a split, not with `val_data`."""
-    from mpitrain.data.scan import scan
+def plan_for(cfg, cache_dir: str | None = None) -> Plan:
+    """The plan of a `TrainConfig` (any object with its data fields): folder or label
+    file, validation folder, label file or split, patient groups. Every caller (each rank,
+    and the launcher's check before mpiexec starts) goes through here."""
+    from mpitrain.data.labels import Columns
+
+    labels = getattr(cfg, "labels", None)
+    data_dir = resolve_data_dir(cfg.data, cfg.cache_dir) if labels is None else None
+    return make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.split_seed_used, cfg.groups, cfg.group_pattern,
+                     labels=labels, val_labels=getattr(cfg, "val_labels", None),
+                     columns=Columns(cfg.path_column, cfg.label_column, cfg.patient_column))
+
+
+def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed: int,
+              groups: str | None = "none", group_pattern: str | None = None, *, labels: str | None = None,
+              val_labels: str | None = None, columns=None) -> Plan:
+    """`groups` / `group_pattern` (or a label file's patient column): keep patients (and
+    identical files) on one side of the split (`data/groups.py`); only with a split, not
+    with `val_data` / `val_labels`. `labels` / `val_labels`: label files instead of the
+    folders (`data/labels.py`, with `columns`)."""
+    from mpitrain.data.labels import Columns, index_of
     from mpitrain.data.split import grouped_split, stratified_split
 
-    index = scan(data_dir)
+    columns = columns or Columns()
+    index = index_of(data_dir, labels, columns)
+    data_dir = labels if labels is not None else data_dir  # as the user wrote it, for messages
     paths = np.array(index.paths, dtype=object)
-    if val_data is not None:
-        val = scan(val_data, class_names=index.classes)
+    if val_data is not None or val_labels is not None:
+        val = index_of(val_data, val_labels, columns, class_names=index.classes)
         return Plan(data_dir, index.classes, list(index.paths), index.labels,
-                    list(val.paths), val.labels, val_data,
-                    train_source=list(index.paths), val_source=list(val.paths))
+                    list(val.paths), val.labels, val_labels if val_labels is not None else val_data,
+                    train_source=list(index.paths), val_source=list(val.paths),
+                    skipped=index.skipped + val.skipped, val_is_table=val_labels is not None,
+                    is_table=labels is not None)
     from mpitrain.data.groups import group_ids
 
-    found = group_ids(index.paths, str(index.root), groups, group_pattern)
+    found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
     if found is None:
         tr, va = stratified_split(index.labels, val_split, seed)
     else:
@@ -110,7 +135,8 @@ def make_plan(data_dir: str, val_data: str | None, val_split: float, seed: int,
     whole = list(index.paths)
     return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
                 paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole,
-                grouping="" if found is None else found.describe())
+                grouping="" if found is None else found.describe(), skipped=list(index.skipped),
+                is_table=labels is not None)
 
 
 def as_float(x: np.ndarray, max_value: float) -> np.ndarray:

@@ -8,6 +8,12 @@ What `decode_images` does with each file:
   alpha is ignored). Other depths (e.g. float TIFF) are rejected with a reason.
 * The image is resized to ``image_size x image_size`` (aspect ratio not kept) with
   ``cv2.INTER_AREA``, in the source's integer type, then scaled to float32.
+* DICOM (a ``.dcm``/``.dicom`` name or the ``DICM`` marker at byte 128) is read by
+  `mpitrain.data.dicom` instead: its grey-level pipeline (rescale, VOI window or LUT,
+  MONOCHROME1, Bits Stored) gives uint8 or uint16 rows like a PNG's, which then take the
+  same resize. pydicom holds the GIL while it parses, so DICOM files gain less from the
+  thread pool than PNGs (docs/benchmarks.md). A multi-frame file gives its first frame
+  and a note (`notes`, shown by `warn_notes`).
 * Bad files never raise: empty files, unreadable paths (missing, a directory, no
   permission), truncated JPEGs (no end-of-image marker after the first scan), truncated
   PNGs (no IEND chunk) and bytes OpenCV cannot decode get a zero row, ``ok=False`` and a
@@ -40,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from mpitrain.data.dicom import has_marker_bytes, is_dicom_name
 from mpitrain.errors import UserError
 from mpitrain.runtime import available_cores
 
@@ -87,10 +94,25 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode_one(data: bytes, image_size: int) -> np.ndarray | str:
-    """Decode and resize one file's bytes: a 2-D uint8/uint16 array, or a failure reason."""
+def _decode_one(data: bytes, image_size: int, named_dicom: bool = False) -> tuple[np.ndarray | str, str | None]:
+    """Decode and resize one file's bytes: (a 2-D uint8/uint16 array or a failure reason, note)."""
     if not data:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
+    if named_dicom or has_marker_bytes(data):
+        from mpitrain.data import dicom
+
+        got = dicom.decode(data, named_dicom)
+        if isinstance(got, str):
+            return got, None
+        img, note = got
+        if img.shape != (image_size, image_size):
+            img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+        return img, note
+    return _decode_opencv(data, image_size), None
+
+
+def _decode_opencv(data: bytes, image_size: int) -> np.ndarray | str:
+    """Every format but DICOM: a 2-D uint8/uint16 array, or a failure reason."""
     flag = _GRAY
     if data[:3] == b"\xff\xd8\xff":
         layout = _jpeg_layout(data)
@@ -167,9 +189,28 @@ def _quiet_stderr():
                     os.write(2, b"".join(kept))
 
 
-def decode_native(paths: list[str], image_size: int, threads: int | None = None
-                  ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
+_SHOWN: set = set()  # (path, note) already shown by this process
+
+
+def warn_notes(notes: list[tuple[str, str]]) -> None:
+    """One warning line on stderr about files decoded with a caveat (multi-frame DICOM),
+    each file once per process: a command that loads a list twice (`mpitrain data` times
+    the cached reload) or reads it from the cache says it once."""
+    with _STDERR_LOCK:
+        notes = [n for n in notes if tuple(n) not in _SHOWN]
+        _SHOWN.update(tuple(n) for n in notes)
+    if notes:
+        shown = "; ".join(f"{p}: {n}" for p, n in notes[:2]) + (f"; and {len(notes) - 2} more" if len(notes) > 2 else "")
+        print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
+
+
+def decode_native(paths: list[str], image_size: int, threads: int | None = None,
+                  notes: list | None = None) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
     """Decode to integers: (uint8 or uint16 array [n, s, s], max value, ok, errors).
+
+    ``notes``: a list to receive ``(path, note)`` for files decoded with a caveat (the
+    first frame of a multi-frame DICOM), in path order; without it they are shown at once
+    with `warn_notes`.
 
     The array is uint8 (max 255) when every decoded file is 8-bit; as soon as a 16-bit
     file appears it is uint16 (max 65535) and 8-bit rows are stored times 257, so
@@ -183,6 +224,7 @@ def decode_native(paths: list[str], image_size: int, threads: int | None = None
     state = {"arr": np.zeros((n, image_size, image_size), np.uint8)}
     ok = np.zeros(n, bool)
     reasons: list[str | None] = [None] * n
+    caveats: list[str | None] = [None] * n
     lock = threading.Lock()
 
     def store(i: int, img: np.ndarray) -> None:
@@ -197,7 +239,8 @@ def decode_native(paths: list[str], image_size: int, threads: int | None = None
     def work(start: int, step: int) -> None:
         for i in range(start, n, step):
             data = _read(paths[i])
-            out = data if isinstance(data, str) else _decode_one(data, image_size)
+            out, caveats[i] = (data, None) if isinstance(data, str) else \
+                _decode_one(data, image_size, is_dicom_name(paths[i]))
             if isinstance(out, str):
                 reasons[i] = out
             else:
@@ -217,6 +260,11 @@ def decode_native(paths: list[str], image_size: int, threads: int | None = None
         cv2.setNumThreads(cv_threads)
     arr = state["arr"]
     errors = [(paths[i], r) for i, r in enumerate(reasons) if r is not None]
+    found = [(paths[i], c) for i, c in enumerate(caveats) if c is not None]
+    if notes is None:
+        warn_notes(found)
+    else:
+        notes.extend(found)
     return arr, (255.0 if arr.dtype == np.uint8 else 65535.0), ok, errors
 
 

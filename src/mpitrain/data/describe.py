@@ -1,6 +1,7 @@
 """`mpitrain data`: what a user wants to know about an image folder before training.
 
-`describe_data` scans the folder (and an optional validation folder), decodes every image
+`describe_data` scans the folder (or reads the label file, `labels.py`; and an optional
+validation folder or label file), decodes every image
 once through the cache and prints an aligned report: the classes with counts and shares,
 the imbalance, skipped files (listed in ``skipped_files.txt`` in the cache folder, never
 beside the data), the image size, how long loading took, hit or miss, and byte-identical
@@ -28,7 +29,8 @@ import numpy as np
 
 from mpitrain.atomic import write_atomic
 from mpitrain.data.cache import default_cache_dir, load_images_cached
-from mpitrain.data.scan import FileIndex, scan
+from mpitrain.data.labels import Columns, index_of
+from mpitrain.data.scan import FileIndex
 from mpitrain.runtime import available_cores
 
 REPORT_NAME = "skipped_files.txt"
@@ -124,7 +126,7 @@ def _duplicate_lines(groups: list[list[str]], roots: list[Path], seconds: float,
 
 
 def _groups_report(index: FileIndex, groups: str, group_pattern, val_split: float, seed: int,
-                   line, out) -> None:
+                   line, out, columns: Columns) -> None:
     from mpitrain.data.groups import (
         FILENAME_PATIENT,
         group_ids,
@@ -133,9 +135,9 @@ def _groups_report(index: FileIndex, groups: str, group_pattern, val_split: floa
     )
     from mpitrain.data.split import grouped_split, stratified_split
 
-    asked = groups != "none" or bool(group_pattern)
+    asked = groups != "none" or bool(group_pattern) or index.patients is not None
     if asked:
-        found = group_ids(index.paths, str(index.root), groups, group_pattern)
+        found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
     else:  # look: patient ids in the names (most of them), else identical files only
         keys = name_keys(index.paths, str(index.root), FILENAME_PATIENT)
         named = sum(k is not None for k in keys) >= max(1, len(keys) // 2)
@@ -161,8 +163,10 @@ def _groups_report(index: FileIndex, groups: str, group_pattern, val_split: floa
 
 def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
                   out=None, groups: str = "none", group_pattern: str | None = None,
-                  val_split: float = 0.1, seed: int = 0) -> int:
-    """Print the report for ``data_dir`` (and ``val_data``) to ``out``; return 0.
+                  val_split: float = 0.1, seed: int = 0, labels=None, val_labels=None,
+                  columns: Columns = Columns()) -> int:
+    """Print the report for ``data_dir`` or ``labels`` (and ``val_data`` or ``val_labels``)
+    to ``out``; return 0.
 
     ``out`` defaults to the ``sys.stdout`` of the moment of the call.
 
@@ -170,37 +174,40 @@ def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
     """
     out = sys.stdout if out is None else out
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    index = scan(data_dir)
-    val = scan(val_data, class_names=index.classes) if val_data is not None else None
+    index = index_of(data_dir, labels, columns)
+    val = None
+    if val_data is not None or val_labels is not None:
+        val = index_of(val_data, val_labels, columns, class_names=index.classes)
 
     def line(key: str, value: str) -> None:
         print(f"{key + ':':<16}{value}", file=out)
 
     counts = list(index.counts().values())
-    line("data", str(index.root))
+    line("data", index.where)
     line("classes", f"{len(index.classes)}")
     for row in _table(_rows(index)):
         print(row, file=out)
     line("imbalance", f"{max(counts) / min(counts):.2f} : 1 (largest / smallest class)")
     line("images", f"{len(index):,}")
     if val is not None:
-        line("validation", f"{val.root} ({len(val):,} images)")
+        line("validation", f"{val.where} ({len(val):,} images)")
         for row in _table(_rows(val)):
             print(row, file=out)
     if val is None:
-        _groups_report(index, groups, group_pattern, val_split, seed, line, out)
+        _groups_report(index, groups, group_pattern, val_split, seed, line, out, columns)
     line("image size", f"{image_size} x {image_size}, grayscale")
     line("cache", f"{cache} (shared: `train` and `evaluate` on these folders at this size reuse it)")
-    errors = _load("", index, image_size, cache, line)
+    errors = index.skipped + _load("", index, image_size, cache, line)
     if val is not None:
-        errors += _load("val ", val, image_size, cache, line)
+        errors += val.skipped + _load("val ", val, image_size, cache, line)
 
     if errors:
         try:
             report = write_skip_report(errors, cache)
         except OSError:  # cache not writable: fall back to the temp folder
             report = write_skip_report(errors, Path(tempfile.gettempdir()) / "mpitrain")
-        usable = len(index) + (len(val) if val is not None else 0) - len(errors)
+        listed = len(index) + len(index.skipped) + (len(val) + len(val.skipped) if val is not None else 0)
+        usable = listed - len(errors)
         line("skipped", f"{len(errors):,} file(s), {usable:,} usable; list in {report}")
         for path, reason in errors[:3]:
             print(f"  {path}: {reason}", file=out)

@@ -15,6 +15,8 @@ Sources of groups:
   ``NORMAL2-IM-0383`` are two numbering series, not one patient: their images are no
   more alike than random pairs of NORMAL images (measured, docs/benchmarks.md), so they
   are kept apart.
+* A label file's ``--patient-column`` (`labels.py`): rows with the same non-empty value
+  are one group; a row without a value is a group of its own.
 * Byte-identical files always join one group when grouping is on (``--groups duplicates``
   does only that). Only files whose size occurs more than once are hashed (SHA-256).
 
@@ -49,7 +51,9 @@ class Groups:
 
     def describe(self) -> str:
         parts = [f"{self.n_groups:,} groups ({self.source})"]
-        if self.source not in ("duplicates",):
+        if self.source.startswith("--patient-column"):
+            parts.append(f"{self.matched:,} of {len(self.ids):,} rows name a patient")
+        elif self.source not in ("duplicates",):
             parts.append(f"{self.matched:,} of {len(self.ids):,} file names matched")
         parts.append(f"{self.duplicate_sets} set(s) of identical files")
         return ", ".join(parts)
@@ -137,9 +141,24 @@ def _union_find_ids(n: int, links: list[list[int]]) -> np.ndarray:
 
 
 def group_ids(paths: list[str], root: str, groups: str | None = "none",
-              group_pattern: str | None = None) -> Groups | None:
-    """Groups of `paths` (None when grouping is off)."""
+              group_pattern: str | None = None, patients: list[str | None] | None = None,
+              patient_column: str | None = None) -> Groups | None:
+    """Groups of `paths` (None when grouping is off). ``patients``: each path's patient id
+    from the label file's ``patient_column`` (None or empty: unknown)."""
     pattern = pattern_of(groups, group_pattern)
+    if patients is not None:
+        if len(patients) != len(paths):
+            raise ValueError(f"{len(patients)} patient ids for {len(paths)} paths")
+        by_patient = defaultdict(list)
+        for i, key in enumerate(patients):
+            if key:
+                by_patient[key].append(i)
+        links = [v for v in by_patient.values() if len(v) > 1]
+        dups = duplicate_sets(paths)
+        ids = _union_find_ids(len(paths), links + dups)
+        return Groups(ids=ids, n_groups=int(ids.max()) + 1 if len(paths) else 0,
+                      matched=sum(len(v) for v in by_patient.values()), duplicate_sets=len(dups),
+                      duplicate_files=sum(len(d) for d in dups), source=f"--patient-column {patient_column}")
     if pattern is None and groups in (None, "none"):
         return None
     if groups not in GROUPINGS:
@@ -154,9 +173,13 @@ def group_ids(paths: list[str], root: str, groups: str | None = "none",
                 by_name[key].append(i)
                 matched += 1
         if n and matched == 0:
+            example = relative(paths[0], root)
+            if not group_pattern:  # the built-in naming (also what --recipe xray sets)
+                raise UserError(f"--groups filename-patient found no patient ids (personNNN_, IM-NNNN-, "
+                                f"NORMAL2-IM-NNNN-) in the {n:,} file names, e.g. {example!r}: give "
+                                f"--group-pattern REGEX for your naming, or --groups duplicates or none")
             raise UserError(f"--group-pattern {pattern!r} matches none of the {n:,} file names "
-                            f"(searched in paths relative to the data folder, e.g. "
-                            f"{relative(paths[0], root)!r})")
+                            f"(searched in paths relative to the data folder, e.g. {example!r})")
         links.extend(v for v in by_name.values() if len(v) > 1)
     dups = duplicate_sets(paths)
     links.extend(dups)

@@ -5,7 +5,10 @@ Rules of `scan`:
 * Classes are the immediate sub-folders of ROOT that hold at least one candidate image,
   sorted by name; a class's label is its index in that list.
 * Candidates are found recursively under each class folder by extension (see
-  `IMAGE_EXTENSIONS`, any letter case). Files directly in ROOT are not part of any class.
+  `IMAGE_EXTENSIONS`, any letter case, DICOM's ``.dcm``/``.dicom`` included), plus files
+  without an extension (or with a numeric one, as UID-named PACS exports have) whose bytes
+  carry the DICOM marker (``DICM`` at offset 128: 132 bytes read per such file). Files
+  directly in ROOT are not part of any class.
 * Names starting with "." (hidden files and folders) are ignored.
 * Symlinks are followed; each class keeps a set of the (st_dev, st_ino) of the real
   folders it entered, so a symlink loop is entered once and cannot hang the scan. A
@@ -20,24 +23,38 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mpitrain.data.dicom import DICOM_EXTENSIONS, has_marker, may_be_dicom_name
 from mpitrain.errors import UserError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+OPENCV_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # decode.py: OpenCV
+IMAGE_EXTENSIONS = OPENCV_EXTENSIONS | DICOM_EXTENSIONS
 
 
 @dataclass(frozen=True)
 class FileIndex:
-    """The images found under ``root``: ``paths[i]`` belongs to ``classes[labels[i]]``."""
+    """The images found under ``root``: ``paths[i]`` belongs to ``classes[labels[i]]``.
+
+    From a label file (`labels.read_labels`) ``root`` is the file's folder, ``source`` the
+    file, ``patients`` the patient column (if asked for) and ``skipped`` the rows left out.
+    """
 
     root: Path
     classes: list[str]
     paths: list[str]
     labels: np.ndarray  # int64, index into classes
+    patients: list[str | None] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str | None = None
+
+    @property
+    def where(self) -> str:
+        """What to call this data in messages: the folder, or the label file."""
+        return self.source or str(self.root)
 
     def counts(self) -> dict[str, int]:
         """Number of images per class, in class order."""
@@ -77,7 +94,8 @@ def _walk(folder: str, rel: str, visited: set[tuple[int, int]], out: list[tuple[
             is_dir, is_file, dangling = False, True, False  # let the decoder report it
         if is_dir:
             _walk(entry.path, sub, visited, out)
-        elif (is_file or dangling) and _is_image_name(entry.name):
+        elif (is_file or dangling) and _is_image_name(entry.name) or \
+                is_file and may_be_dicom_name(entry.name) and has_marker(entry.path):
             out.append((sub, entry.path))
 
 
@@ -92,6 +110,18 @@ def _check_root(root: str) -> None:
         raise UserError(f"data path {root} is not a folder (need one sub-folder per class)")
     if not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"data folder {root} is not readable (check its permissions)")
+
+
+def check_classes(where: str, classes: list[str], class_names: list[str] | None) -> None:
+    """`UserError` unless ``classes`` (found in ``where``) equal ``class_names`` (if given)."""
+    if class_names is not None and list(class_names) != classes:
+        missing = [c for c in class_names if c not in classes]
+        extra = [c for c in classes if c not in class_names]
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unexpected {', '.join(extra)}" if extra else "") if part) or "different order"
+        raise UserError(f"classes in {where} do not match the training classes "
+                        f"({', '.join(class_names)}): {detail}")
 
 
 def scan(root, class_names: list[str] | None = None) -> FileIndex:
@@ -124,16 +154,9 @@ def scan(root, class_names: list[str] | None = None) -> FileIndex:
 
     if not paths:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no image files ({exts}) found in class sub-folders of {root_str}")
+        raise UserError(f"no image files ({exts}, or DICOM without an extension) found in class sub-folders of {root_str}")
     if len(classes) < 2:
         raise UserError(f"found {len(classes)} class folder(s) with images in {root_str}; "
                         "need at least 2 (one sub-folder per class)")
-    if class_names is not None and list(class_names) != classes:
-        missing = [c for c in class_names if c not in classes]
-        extra = [c for c in classes if c not in class_names]
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra)}" if extra else "") if part) or "different order"
-        raise UserError(f"classes in {root_str} do not match the training classes "
-                        f"({', '.join(class_names)}): {detail}")
+    check_classes(root_str, classes, class_names)
     return FileIndex(Path(root_str), classes, paths, np.asarray(labels, dtype=np.int64))

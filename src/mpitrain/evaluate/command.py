@@ -31,6 +31,7 @@ class Setup:
     labels: np.ndarray          # model class index per file
     threshold: float | None
     source: str                 # "model", "--threshold" or "argmax"
+    skipped: list               # label-file rows left out (no such file, empty cells): (path, reason)
 
 
 def _check_outputs(json_path: str | None, plots: str | None) -> None:
@@ -46,19 +47,22 @@ def _check_outputs(json_path: str | None, plots: str | None) -> None:
 
 
 def prepare(model: str | list[str], data: str, threshold: float | None = None, image_size: int | None = None,
-            json_path: str | None = None, plots: str | None = None, check_outputs: bool = True) -> Setup:
-    """Everything that can be checked without Keras; raises UserError (all ranks alike)."""
-    from mpitrain.data.scan import scan
+            json_path: str | None = None, plots: str | None = None, check_outputs: bool = True,
+            labels: str | None = None, columns=None) -> Setup:
+    """Everything that can be checked without Keras; raises UserError (all ranks alike).
+    ``labels``: a label file instead of the class folders of ``data`` (`data/labels.py`)."""
+    from mpitrain.data.labels import Columns, index_of
     from mpitrain.evaluate import ensemble, modelio
 
     info = ensemble.read_info(model, need_threshold=threshold is None)
     modelio.check_image_size(info, image_size)
     t, source = modelio.resolve_threshold(info, threshold)
-    index = scan(data)
-    labels = modelio.label_map(info, index.classes, f"data folder {index.root}")[index.labels]
+    index = index_of(data, labels, columns or Columns())
+    where = f"labels file {index.source}" if labels is not None else f"data folder {index.root}"
+    mapped = modelio.label_map(info, index.classes, where)[index.labels]
     if check_outputs:  # rank 0 writes, so rank 0 checks (the paths may not exist elsewhere)
         _check_outputs(json_path, plots)
-    return Setup(info, str(index.root), list(index.paths), labels, t, source)
+    return Setup(info, index.where, list(index.paths), mapped, t, source, list(index.skipped))
 
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
@@ -72,7 +76,8 @@ def my_indices(n: int, rank: int, size: int) -> np.ndarray:
 
 def evaluate_main(model: str | list[str], data: str, json_path: str | None = None, threshold: float | None = None,
                   plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
-                  threads: int | None = None, precision: str = "fp32", echo=print) -> int:
+                  threads: int | None = None, precision: str = "fp32", echo=print, labels: str | None = None,
+                  columns=None) -> int:
     from mpitrain.data.cache import load_images_cached
     from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import agree
@@ -83,16 +88,17 @@ def evaluate_main(model: str | list[str], data: str, json_path: str | None = Non
     comm = world()
     setup, err = None, None
     try:
-        setup = prepare(model, data, threshold, image_size, json_path, plots, check_outputs=comm.rank == 0)
+        setup = prepare(model, data, threshold, image_size, json_path, plots, check_outputs=comm.rank == 0,
+                        labels=labels, columns=columns)
     except UserError as e:
         err = str(e)
     agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
 
-    from mpitrain.runtime import configure_runtime, resolve_precision
+    from mpitrain.runtime import configure_rank, resolve_precision
 
     # Collective: rank 0 resolves "auto" for all, so every rank predicts alike.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
-    configure_runtime(0, threads, comm.local_size, precision)
+    configure_rank(comm, 0, threads, precision)
     err = None
     try:
         from mpitrain.evaluate import ensemble
@@ -124,6 +130,7 @@ def evaluate_main(model: str | list[str], data: str, json_path: str | None = Non
     all_errors = [e for part in comm.allgather_obj(errors) for e in part]  # collective, small
     where = {p: i for i, p in enumerate(setup.paths)}
     all_errors.sort(key=lambda e: where.get(e[0], -1))  # file order, whatever the ranks
+    all_errors = setup.skipped + all_errors  # label-file rows without an image first
     if counts[1] == 0:
         agree(comm, f"no readable images in {setup.data_dir}")  # collective: all ranks know counts
     if comm.rank != 0:

@@ -31,9 +31,9 @@ def strategy_class(name: str) -> type[Sync]:
     return REGISTRY[name]
 
 
-def make_sync(name: str, comm, sync_every: int | None = None, progress=None) -> Sync:
+def make_sync(name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None) -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks)."""
-    return REGISTRY[name](comm, sync_every, progress)
+    return REGISTRY[name](comm, sync_every, progress, stop_requested)
 
 
 __all__ = ["Sync", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]

@@ -1,0 +1,292 @@
+"""`mpitrain export RUN --format savedmodel|tflite`: a trained model for use without mpitrain.
+
+What is written into ``--out`` (default ``RUN/export-<format>``):
+
+* ``savedmodel``: a TensorFlow SavedModel (``saved_model.pb``, ``variables/``) whose
+  ``serving_default`` signature maps ``pixels`` to ``probabilities``;
+  ``tflite``: ``model.tflite`` (float32, no quantisation) with the same signature.
+* ``export.json``: classes, positive class, decision threshold and rule (copied from
+  ``model.json``), image size, the input contract, and the check below.
+
+**Input contract.** ``pixels`` is uint8 ``[n, S, S, 1]`` (S = the training image size, n
+free): grayscale pixel values 0-255 of images the caller has already decoded and resized
+to S x S. The graph casts to float32 and divides by 255, which is what training did to its
+decoded pixels, so the caller never scales. Decoding and resizing stay outside the graph:
+training resized each whole image to S x S with OpenCV's ``cv2.INTER_AREA`` (aspect ratio
+not kept), and no TensorFlow or TFLite resize op computes the same pixels (nor could a
+graph with a fixed input take images of any size in one batch). uint8 rather than float
+input makes the contract hard to get wrong: a float array scaled to [0, 1] (or not) is
+refused by the interpreter's type check instead of giving quiet nonsense. `INPUT_CONTRACT`
+states what the caller must do, in words, in export.json and the README.
+
+**The check.** Before anything is written to ``--out`` the exported file is loaded back and
+run on a sample of the run's validation images (`SAMPLE`, seeded, from
+``val_predictions.csv``, decoded as training decodes them), and its probabilities are
+compared with ``model.keras`` (loaded in safe mode, computing in float32) on the very same
+uint8 pixels. The export is written to a hidden folder beside ``--out`` and renamed into
+place only when the largest absolute difference of any probability is within `TOLERANCE`;
+otherwise it is removed and the command fails in one line. When the validation images
+cannot be read (the run folder was moved to another machine) seeded random pixels are
+used instead, and the command says so.
+
+`TOLERANCE`, and why: both formats compute in float32 from the same float32 weights, so
+what differs is only the order of the sums and the kernels. A SavedModel runs TensorFlow's
+own kernels, fused differently by graph optimisation; TFLite runs others (XNNPACK) with
+its own summation orders and softmax. Measured on all 522 validation images of a chest
+X-ray run (`xray` model, 64 px, trained in bf16): max |difference| 8.0e-7 (SavedModel) and
+1.4e-6 (TFLite). The bounds, 1e-5 and 1e-4, leave margins of 12x and 70x for other models
+and inputs, and still fail on anything wrong: the same weights computing in bf16 moved a
+probability by 1.8e-2 there, an input left unscaled by up to 1.0.
+
+Trained models may have computed in bfloat16; ``model.keras`` holds float32 weights and
+computes in float32 (`modelio.set_model_precision`), and the export is traced from it, so
+it computes in float32 too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain.errors import UserError
+
+FORMAT = 1                    # the export.json format this version writes
+FORMATS = ("savedmodel", "tflite")
+NAME = "export.json"
+TFLITE_FILE = "model.tflite"
+SIGNATURE, INPUT, OUTPUT = "serving_default", "pixels", "probabilities"
+SAMPLE = 64                   # validation images (or random ones) the export is checked on
+SEED = 0                      # which of them: same run, same images
+TOLERANCE = {"savedmodel": 1e-5, "tflite": 1e-4}  # max |p_export - p_model.keras|, see above
+
+INPUT_CONTRACT = (
+    "uint8 [n, {s}, {s}, 1]: grayscale pixel values 0-255, one channel, of images already "
+    "resized to {s}x{s}; the model casts to float32 and divides by 255 itself. Training decoded "
+    "each file with OpenCV as grayscale (cv2.imdecode(..., cv2.IMREAD_GRAYSCALE): colour to luma "
+    "by OpenCV) and resized the whole image to {s}x{s}, aspect ratio not kept, with "
+    "cv2.resize(img, ({s}, {s}), interpolation=cv2.INTER_AREA); do the same, since other "
+    "resizers (PIL, tf.image) give other pixels. 16-bit images: training divided by 65535; pass "
+    "round(v / 257) (at most 1/510 off per pixel). JPEGs larger than 2x{s} on both sides were "
+    "decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_GRAYSCALE_*). DICOM files were "
+    "mapped to 16-bit grey levels first (rescale, VOI window or LUT, else the Bits Stored range; "
+    "MONOCHROME1 inverted; mpitrain.data.dicom), then resized the same way; "
+    "mpitrain.data.decode.decode_native(paths, {s}) gives training's pixels exactly."
+)
+
+
+def default_out(info, fmt: str) -> Path:
+    return info.path.parent / f"export-{fmt}"
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """`outdir`'s rule for --out, with one addition: --overwrite replaces only a folder that
+    holds an earlier export (an export.json), never any other non-empty folder, so a slip
+    such as ``--out RUN --overwrite`` cannot delete a run."""
+    from mpitrain import outdir
+
+    out = Path(out)
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        if not (out / NAME).is_file():
+            raise UserError(f"--out {out} is not empty and holds no {NAME}: --overwrite replaces only an "
+                            "earlier export; choose another folder")
+        return
+    outdir.check_new_or_empty(out, "--out", "pass --overwrite to replace an earlier export, or choose another folder")
+
+
+def to_pixels(arr: np.ndarray, max_value: float) -> np.ndarray:
+    """Decoded rows (`decode.decode_native`: uint8, or uint16 with max 65535) -> the export's
+    uint8 input: 16-bit rows rounded to round(v / 257), the contract's rule."""
+    if max_value == 255.0:
+        return np.asarray(arr, np.uint8)
+    return ((np.asarray(arr, np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def check_sample(info, threads: int | None = None, n: int = SAMPLE, seed: int = SEED
+                 ) -> tuple[np.ndarray, str, str | None]:
+    """(uint8 pixels [m, S, S], what they are, why not validation images or None).
+
+    A seeded sample of the run's validation images (``val_predictions.csv``) decoded as
+    training decoded them; seeded random pixels when none of them can be read."""
+    from mpitrain.data.decode import decode_native
+    from mpitrain.evaluate import valpreds
+
+    rng = np.random.default_rng(seed)
+    s = info.image_size
+    try:
+        val = valpreds.read(info.path.parent, info.classes)
+        reason = f"the run has no {valpreds.NAME}" if val is None else \
+            f"{valpreds.NAME} lists no images" if not val.paths else None
+    except UserError as e:
+        val, reason = None, str(e)
+    if reason is None:
+        pick = np.sort(rng.choice(len(val.paths), min(n, len(val.paths)), replace=False))
+        paths = [val.paths[i] for i in pick]
+        arr, max_value, ok, errors = decode_native(paths, s, threads)
+        if ok.any():
+            what = f"{int(ok.sum())} validation images of the run"
+            if errors:
+                what += f" ({len(errors)} of the {len(paths)} sampled could not be read)"
+            return to_pixels(arr[ok], max_value), what, None
+        reason = f"none of the {len(paths)} sampled validation images can be read ({errors[0][0]}: {errors[0][1]})"
+    return rng.integers(0, 256, (n, s, s), dtype=np.uint8), f"{n} seeded random images (seed {seed})", reason
+
+
+def _save_savedmodel(model, size: int, folder: Path) -> None:
+    """The SavedModel: one signature, uint8 pixels -> float32 probabilities, batch free."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(pixels):
+        return {OUTPUT: model(tf.cast(pixels, tf.float32) / 255.0, training=False)}
+
+    archive.add_endpoint(SIGNATURE, serve,
+                         input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name=INPUT)])
+    archive.write_out(str(folder), verbose=False)
+
+
+def _tflite_bytes(savedmodel: Path) -> bytes:
+    """The SavedModel converted to TFLite, float32 (no optimisation: no quantisation)."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(str(savedmodel)).convert()
+
+
+def tflite_interpreter():
+    """(Interpreter class, its name and version): ai-edge-litert, else tflite-runtime, else
+    TensorFlow's own (deprecated, removed in later TensorFlow versions)."""
+    try:
+        import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter, f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '')}".strip()
+    except ImportError:
+        pass
+    try:
+        import tflite_runtime
+        from tflite_runtime.interpreter import Interpreter
+        return Interpreter, f"tflite-runtime {getattr(tflite_runtime, '__version__', '')}".strip()
+    except ImportError:
+        pass
+    import tensorflow as tf
+
+    if not hasattr(tf.lite, "Interpreter"):
+        raise UserError("a TFLite export is checked by running it, and no TFLite interpreter is installed: "
+                        "pip install ai-edge-litert")
+    return tf.lite.Interpreter, f"tensorflow {tf.__version__} tf.lite.Interpreter"
+
+
+def exported_predictor(fmt: str, folder: Path):
+    """(batch of uint8 pixels -> probabilities, what runs it), loaded from the written files
+    as a user would load them."""
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(str(folder)).signatures[SIGNATURE]
+        return (lambda x: signature(**{INPUT: tf.constant(x)})[OUTPUT].numpy()), \
+            f"tensorflow {tf.__version__} tf.saved_model.load"
+    interpreter, name = tflite_interpreter()
+    runner = interpreter(model_path=str(folder / TFLITE_FILE)).get_signature_runner(SIGNATURE)
+    return (lambda x: runner(**{INPUT: x})[OUTPUT]), name
+
+
+def describe(info, fmt: str, check: dict) -> dict:
+    """export.json: what using the exported model needs, and how it was checked."""
+    from mpitrain import __version__
+    from mpitrain.evaluate.predict import decision_rule
+
+    s, k = info.image_size, len(info.classes)
+    return {
+        "format": FORMAT,
+        "model_format": fmt,
+        "file": TFLITE_FILE if fmt == "tflite" else ".",
+        "signature": SIGNATURE,
+        "classes": list(info.classes),
+        "positive_class": info.positive_class,
+        "threshold": info.threshold,
+        "threshold_method": info.threshold_method,
+        "decision": decision_rule(info.classes, info.threshold, info.positive),
+        "image_size": s,
+        "input": {"name": INPUT, "dtype": "uint8", "shape": [None, s, s, 1], "contract": INPUT_CONTRACT.format(s=s)},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": [None, k],
+                   "meaning": "class probabilities (softmax) in the order of classes"},
+        "compute_precision": "fp32",
+        "source": {"model": str(info.path.resolve()), "mpitrain_version": __version__},
+        "check": check,
+    }
+
+
+def export_main(run: str, fmt: str, out: str | None = None, overwrite: bool = False,
+                threads: int | None = None, echo=print) -> int:
+    from mpitrain import outdir
+    from mpitrain.atomic import atomic_dir, write_json
+    from mpitrain.data.decode import to_float
+    from mpitrain.dist.comm import launched_by_mpi, world
+    from mpitrain.evaluate import modelio
+
+    if launched_by_mpi() and world().rank != 0:
+        return 0  # one process does the work; more would write the same folder
+    t0 = time.perf_counter()
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    path = modelio.model_path(run)
+    if not path.with_name("model.json").is_file():  # older runs: no threshold, no positive class to carry
+        raise UserError(f"no model.json beside {path}: export needs a run folder written by an mpitrain "
+                        "that saves model.json (classes, threshold, positive class)")
+    info = modelio.read_info(path)
+    target = Path(out) if out else default_out(info, fmt)
+    check_out(target, overwrite)
+
+    from mpitrain.runtime import configure_runtime, quiet_fd2
+
+    configure_runtime(0, threads, 1, "fp32")
+    model = modelio.load_model(info, "fp32")
+    pixels, what, fallback = check_sample(info, threads)
+    if fallback:
+        print(f"note: checking the export on {what} instead of validation images: {fallback}", file=sys.stderr)
+    k = len(info.classes)
+    reference = modelio.predict_probs(model, to_float(pixels, 255.0), k)  # training's scaling, in numpy
+
+    created = outdir.make_dirs(target.parent, "--out")
+    try:
+        with contextlib.ExitStack() as staging:  # leaving it renames the folder into place
+            try:
+                tmp = staging.enter_context(atomic_dir(target, replace=overwrite))
+            except OSError as e:  # the folder above --out is not writable
+                raise UserError(f"--out {target}: cannot create a folder beside it: {e.strerror or e}") from None
+            with quiet_fd2():  # the converter's and the interpreter's C++ notices (MPITRAIN_TF_VERBOSE=1 shows them)
+                if fmt == "savedmodel":
+                    _save_savedmodel(model, info.image_size, tmp)
+                else:
+                    scratch = tmp / ".savedmodel"
+                    _save_savedmodel(model, info.image_size, scratch)
+                    (tmp / TFLITE_FILE).write_bytes(_tflite_bytes(scratch))
+                    shutil.rmtree(scratch)
+                predict, runner = exported_predictor(fmt, tmp)
+                got = modelio.predict_probs(predict, pixels[..., np.newaxis], k)
+            diff = float(np.abs(got.astype(np.float64) - reference).max())
+            tol = TOLERANCE[fmt]
+            if not diff <= tol:  # NaN fails too
+                raise UserError(f"the {fmt} export does not reproduce {path}: probabilities differ by up to "
+                                f"{diff:.3g} on {what} (tolerance {tol:g}); nothing written")
+            flips = int((modelio.decide(got, info.threshold, info.positive)
+                         != modelio.decide(reference, info.threshold, info.positive)).sum())
+            check = {"inputs": what, "n": len(pixels), "random_because": fallback,
+                     "reference": f"{path.name} in float32 (Keras, safe mode)", "run_with": runner,
+                     "max_abs_diff": diff, "tolerance": tol, "decisions_changed": flips}
+            write_json(tmp / NAME, describe(info, fmt, check))
+    except BaseException:
+        outdir.remove_empty(created)
+        raise
+    s = info.image_size
+    echo(f"exported {path} as {'a SavedModel' if fmt == 'savedmodel' else 'TFLite ' + TFLITE_FILE} to {target} "
+         f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, 1] (0-255, resized to {s}x{s} by the "
+         f"caller) -> {OUTPUT} of {', '.join(info.classes)}; checked on {what}: max |p - {path.name}| = "
+         f"{diff:.2g} <= {tol:g}")
+    return 0
