@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)",
                        description="Training throughput of the real train step and strategy, on generated "
                                    "random images held in memory (no data folder, no decoding, no disk), "
-                                   "so it measures the model and the communication, not the input.")
+                                   "so it measures the model and the communication, not the input; with the model's "
+                                   "FLOPs per image (counted from its layers), the GFLOP/s achieved against the "
+                                   "machine's matmul rate, and the shares of compute, communication and host work.")
     b.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision, as for train (default: %(default)s)")
-    b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
+    b.add_argument("--compare-fit", action="store_true",
+                   help="also time plain model.fit, in the same precision (one process)")
     b.add_argument("--json", action="store_true",
                    help="standard output is one JSON object and nothing else (the summary goes to stderr)")
     b.set_defaults(func=_cmd_bench)

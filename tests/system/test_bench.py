@@ -22,6 +22,35 @@ def test_bench_reports_throughput_as_json_on_two_ranks():
     assert "img/s total" in proc.stderr  # the human summary moved to stderr
     for notice in TF_NOTICES:
         assert notice not in proc.stderr, proc.stderr
+    # How close to the machine: FLOPs counted from the tiny model's layers (16 px: conv
+    # 2x9x8 MACs at 16x16 + bias + relu, pool 4x4 windows over 4x4x8, dense 128->16->2),
+    # forward x3 for a training image, and the rate they make at the measured speed.
+    forward = (2 * 9 * 8 * 256 + 2 * 2048) + 16 * 128 + (2 * 128 * 16 + 2 * 16) + (2 * 16 * 2 + 2 + 6)
+    assert result["flops_per_image_forward"] == forward and result["flops_per_image_train"] == 3 * forward
+    assert result["uncounted_layers"] == []
+    assert result["gflops_per_second"] == pytest.approx(3 * forward * result["images_per_second"] / 1e9, rel=0.01)
+    assert result["matmul_gflops_per_second"] > 0
+    assert result["fraction_of_matmul"] == pytest.approx(
+        result["gflops_per_second"] / result["matmul_gflops_per_second"], rel=0.01)
+    shares = [result[k] for k in ("compute_fraction", "comm_fraction", "host_fraction")]
+    assert all(0.0 <= f <= 1.0 for f in shares) and sum(shares) == pytest.approx(1.0, abs=1e-3)
+    assert result["compute_fraction"] > 0
+    assert "MFLOP per training image" in proc.stderr and "GFLOP/s achieved" in proc.stderr
+    assert "step time: compute" in proc.stderr and "host" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_compare_fit_runs_plain_fit_in_the_precision_asked_for():
+    proc = subprocess.run([sys.executable, "-m", "mpitrain", "bench", "--model", "tiny", "--image-size", "16",
+                           "--steps", "3", "--warmup", "1", "--precision", "bf16", "--compare-fit", "--json"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["precision"] == "bf16" and result["fit_dtype_policy"] == "mixed_bfloat16"
+    assert result["fit_images_per_second"] > 0
+    assert result["vs_fit"] == pytest.approx(result["images_per_second"] / result["fit_images_per_second"], rel=0.01)
+    assert result["comm_fraction"] == 0.0  # one rank: no MPI
+    assert "plain model.fit (mixed_bfloat16)" in proc.stderr
 
 
 def test_bench_help_says_generated_data_and_why_its_batch_differs(capsys):

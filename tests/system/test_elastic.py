@@ -45,9 +45,12 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
     rows = _history(survived)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     assert json.loads((survived / "config.json").read_text())["runtime"]["ranks"] == 2
-    # Close to the uninterrupted run (30 validation images: one image is 0.033).
-    assert float(rows[-1]["val_accuracy"]) >= float(_history(whole)[-1]["val_accuracy"]) - 0.1
-    assert float(rows[-1]["val_accuracy"]) >= 0.8
+    # Close to the uninterrupted run, by the validation loss. Not by val_accuracy: at argmax
+    # on 24 validation images after 4 epochs it moves by 0.2 between epochs of one run, and a
+    # survived master-worker run with the lower val_loss (0.454 vs 0.499) and the higher
+    # val_auc measured 0.75 against the uninterrupted 0.92. Untrained is ~0.69, epoch 1 0.685.
+    assert float(rows[-1]["val_loss"]) <= float(_history(whole)[-1]["val_loss"]) + 0.08
+    assert float(rows[-1]["val_loss"]) < 0.62
 
 
 def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):

@@ -133,3 +133,14 @@ def test_cosine_without_warmup_matches_the_formula():
     for s in (0, 5, 19):
         expected = 0.3 * 0.5 * (1 + math.cos(math.pi * s / total))
         assert lr_at(0.3, 0.3, 0, s, total, "cosine") == pytest.approx(expected)
+
+
+def test_after_a_lost_rank_master_worker_goes_on_from_the_masters_round_start():
+    # Survivors adopt the master's weights: the global model of its last round. Its own
+    # step count only says how far it has posted pulses (a race with the workers).
+    master = make_sync("master-worker", FakeComm(0, 3), None)  # one round per epoch
+    assert [master.recovery_step(d) for d in (0, 7, 13)] == [0, 0, 0]
+    every4 = make_sync("master-worker", FakeComm(0, 3), 4)
+    assert [every4.recovery_step(d) for d in (3, 4, 7, 8, 13)] == [0, 4, 4, 8, 12]
+    # allreduce ranks step together: rank 0's position is the state's.
+    assert make_sync("allreduce", FakeComm(0, 3)).recovery_step(7) == 7

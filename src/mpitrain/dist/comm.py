@@ -204,7 +204,7 @@ class _FailureGuard:
         try:
             return fn(*args, **kwargs)
         except owner._MPI.Exception as e:
-            if e.Get_error_class() not in owner._fault_classes:
+            if e.Get_error_class() not in owner._fault_classes and not _peer_failed(raw):
                 raise
             owner.failed = True
             try:
@@ -212,6 +212,25 @@ class _FailureGuard:
             except owner._MPI.Exception:
                 pass  # already revoked by another survivor
             raise RankLost(f"a peer was lost during {name}") from None
+
+
+def _peer_failed(raw) -> bool:
+    """Whether ULFM knows of a failed process in `raw`, or `raw` was revoked.
+
+    A dead peer does not always come back as a fault class: Open MPI 5's nonblocking
+    collectives (the progress pulses' Ibarrier) report a schedule aborted by the failure as
+    MPI_ERR_OTHER ("Error in NBC_Start_round"), depending on how far each schedule had got.
+    Asking the communicator tells a lost peer from a real error either way."""
+    try:
+        if raw.Is_revoked():
+            return True
+        failed = raw.Get_failed()
+        try:
+            return failed.Get_size() > 0
+        finally:
+            failed.Free()
+    except Exception:  # noqa: BLE001 - no ULFM query: keep the error as it was
+        return False
 
 
 class MPIComm:

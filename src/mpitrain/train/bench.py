@@ -1,9 +1,24 @@
-"""`mpitrain bench`: training throughput on generated data, per rank and in total.
+"""`mpitrain bench`: training throughput on generated data, and how close it is to the machine.
 
-Each rank trains the chosen model on random images (no decoding, no disk) with the real
-train step and strategy, and reports images per second and the share of step time spent
-inside MPI calls, at `--precision` (auto: as training resolves it). `--compare-fit` (one process only) also times plain Keras `model.fit`
-on the same model, batch and data, which is the reference for the one-rank overhead.
+Each rank trains the chosen model on random uint8 images held in memory (no decoding, no
+disk; uint8 because that is how `mpitrain train` holds images) with the real trainer loop
+(`Trainer.run_steps`: the same train step, strategy, shuffling, learning rates and running
+sums as training, without the progress bar), at `--precision` (auto: as training resolves it).
+
+What it reports, from the slowest rank's time of the best of `--repeats` runs:
+
+* images per second, in total and per training rank;
+* the model's FLOPs per training image, counted from its layers (`train/flops.py`:
+  forward x3 for forward + backward, the usual approximation) and the GFLOP/s achieved;
+* the matmul rate of this machine in the same precision and threads (a large
+  `tf.matmul`, every rank at once), as the practical ceiling the step is compared with;
+* where a rank's step time goes, as shares of the wall time (mean over ranks): compute
+  (inside the compiled step, minus MPI), communication (inside MPI calls, waiting for the
+  other ranks included) and host (everything else the loop does in Python).
+
+`--compare-fit` (one process only) also times plain Keras `model.fit` on the same model,
+batch and data in the same precision, in the same fresh process before our loop: the
+reference for the one-rank overhead.
 
 The batch defaults to 64 per rank, not train's 32: the throughput figures in
 docs/benchmarks.md were measured at 64, where per-step overheads weigh less; pass
@@ -20,16 +35,20 @@ import time
 
 import numpy as np
 
+MATMUL_N = 1024  # side of the square matmul that measures the machine's rate
+
 
 def _data(n: int, image_size: int, n_classes: int, seed: int):
     rng = np.random.default_rng(seed)
-    x = rng.random((n, image_size, image_size, 1), dtype=np.float32)
+    rows = rng.integers(0, 256, (n, image_size, image_size), dtype=np.uint8)
     y = rng.integers(0, n_classes, n).astype(np.int32)
-    return x, y
+    return rows, y
 
 
-def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> float:
-    """Best seconds per step of plain `model.fit` over `repeats` epochs (after a warm-up)."""
+def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
+    """(best seconds per step, dtype policy) of plain `model.fit` over `repeats` epochs
+    after a warm-up, on float32 images (what a plain Keras user feeds), in the global
+    dtype policy (Keras wraps the optimizer for loss scaling itself under fp16)."""
     import keras
 
     from mpitrain.train.models import build_model
@@ -42,7 +61,48 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> fl
         t = time.perf_counter()
         m.fit(x[:batch * steps], y[:batch * steps], batch_size=batch, epochs=1, verbose=0, shuffle=False)
         best = min(best, (time.perf_counter() - t) / steps)
-    return best
+    return best, m.dtype_policy.name
+
+
+def matmul_gflops(comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> float:
+    """Collective. GFLOP/s of an n x n x n matmul in the compute dtype of `precision`, on
+    this rank's threads while every rank runs its own (they share the machine as in
+    training); the best of `repeats`, summed over ranks."""
+    import tensorflow as tf
+
+    dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
+    a = tf.random.stateless_uniform((n, n), (1, comm.rank), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    mm = tf.function(lambda m: tf.matmul(m, m))
+    mm(a).numpy()  # warm-up
+    comm.barrier()  # collective: every rank computes at the same time
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a).numpy()
+        best = min(best, time.perf_counter() - t)
+    rate = np.array([2.0 * n ** 3 / best / 1e9])
+    comm.allreduce_sum_(rate)  # collective: the machine's rate is every rank's together
+    return float(rate[0])
+
+
+class _TimedStep:
+    """The trainer's step with a clock: time inside the compiled step, and how much of it
+    was MPI (the per-step gradient allreduce runs inside it)."""
+
+    def __init__(self, step, sync):
+        self.step, self.sync = step, sync
+        self.seconds = self.comm_seconds = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+    def __call__(self, *args):
+        c, t = self.sync.comm_seconds, time.perf_counter()
+        out = self.step(*args)
+        self.seconds += time.perf_counter() - t
+        self.comm_seconds += self.sync.comm_seconds - c
+        return out
 
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
@@ -52,73 +112,92 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
 
     from mpitrain.dist.comm import world
-    from mpitrain.dist.strategies import make_sync, strategy_class
+    from mpitrain.dist.strategies import strategy_class
 
     comm = world()
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
 
-    import keras
-
+    from mpitrain.config import TrainConfig
+    from mpitrain.data.dataset import Plan, Shard, as_float
     from mpitrain.runtime import configure_rank, resolve_precision
+    from mpitrain.train.flops import count_flops
     from mpitrain.train.models import build_model
-    from mpitrain.train.steps import make_train_step
+    from mpitrain.train.trainer import Trainer
 
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
     n_threads = configure_rank(comm, 0, threads, precision)
-    x, y = _data(batch * max(steps, warmup), image_size, 2, seed=comm.rank)
-    fit_step = None
+    rows, y = _data(batch * steps, image_size, 2, seed=comm.rank)
+    fit = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other
-        fit_step = _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats)
+        fit = _time_fit(model_name, image_size, batch, steps, warmup,
+                        np.concatenate([as_float(rows, 255.0)] * (1 + warmup // steps)),
+                        np.concatenate([y] * (1 + warmup // steps)), repeats)
     model = build_model(model_name, image_size, 2)
-    opt = keras.optimizers.Adam(1e-3)
-    if precision == "fp16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
-    opt.build(model.trainable_variables)
-    sync = make_sync(strategy, comm, None)
-    sync.start(model, opt)
-    step = make_train_step(model, opt, sync.reduce_step if sync.per_step_reduce else None)
-    w = np.ones(batch, np.float32)
-    lr = np.float32(1e-3)
-
-    def run(k: int) -> float:
-        t = time.perf_counter()
-        for s in range(k):
-            a = (s % steps) * batch
-            if sync.trains:
-                stats, _ = step(x[a:a + batch], y[a:a + batch], w, lr)
-                stats.numpy()
-            sync.after_step(s + 1, k, batch if sync.trains else 0)
-        return time.perf_counter() - t
-
-    run(warmup)
+    flops = count_flops(model)
+    cfg = TrainConfig(model=model_name, image_size=image_size, batch_size=batch, strategy=strategy,
+                      precision=precision, threads=n_threads, epochs=1, timeout=0, class_weight="none",
+                      lr=1e-3, lr_scaling="none", lr_schedule="constant")
+    plan = Plan("generated", ["0", "1"], [""] * len(y), y, [], np.zeros(0, np.int32), "split")
+    data = Shard(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
+    trainer = Trainer(cfg, comm, plan, data, model, echo=lambda line: None)  # collective: rank 0's weights
+    trainer.show_progress = False
+    sync = trainer.sync
+    trainer.step = timed = _TimedStep(trainer.step, sync)
+    epoch, left = 0, warmup
+    while left > 0:  # warm-up: the last `warmup` steps of an epoch (more epochs if needed)
+        k = min(left, trainer.steps)
+        trainer.run_steps(epoch, trainer.steps - k)
+        epoch, left = epoch + 1, left - k
     best = None
     for _ in range(repeats):
-        sync.comm_seconds = 0.0
+        sync.comm_seconds = timed.seconds = timed.comm_seconds = 0.0
         comm.barrier()  # collective: all ranks start timing together
-        seconds = comm.allreduce_max(run(steps))  # the slowest rank sets the pace
-        comm_frac = np.array([sync.comm_seconds / max(seconds, 1e-9)])
-        comm.allreduce_sum_(comm_frac)
+        t = time.perf_counter()
+        trainer.run_steps(epoch, 0)
+        mine = time.perf_counter() - t
+        epoch += 1
+        seconds = comm.allreduce_max(mine)  # collective: the slowest rank sets the pace
+        compute = timed.seconds - timed.comm_seconds
+        shares = np.array([compute / mine, sync.comm_seconds / mine, 1.0 - (compute + sync.comm_seconds) / mine])
+        comm.allreduce_sum_(shares)  # collective: mean over ranks (below)
         if best is None or seconds < best[0]:
-            best = (seconds, float(comm_frac[0]) / comm.size)
-    seconds, comm_frac = best
-    images = batch * steps * sync.train_ranks
-    result = {"model": model_name, "precision": precision, "batch_size_per_rank": batch, "steps": steps, "strategy": strategy,
-              "ranks": comm.size, "training_ranks": sync.train_ranks, "threads_per_rank": n_threads,
-              "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 1),
-              "images_per_second_per_rank": round(images / seconds / max(sync.train_ranks, 1), 1),
-              "comm_fraction": round(comm_frac, 4)}
-    if fit_step is not None:
+            best = (seconds, shares / comm.size)
+    seconds, (compute_frac, comm_frac, host_frac) = best
+    peak = matmul_gflops(comm, precision)
+    images = batch * trainer.steps * sync.train_ranks
+    ips = images / seconds
+    gflops = flops.train * ips / 1e9
+    result = {"model": model_name, "precision": precision, "batch_size_per_rank": batch, "steps": trainer.steps,
+              "strategy": strategy, "ranks": comm.size, "training_ranks": sync.train_ranks,
+              "threads_per_rank": n_threads, "seconds": round(seconds, 3), "images_per_second": round(ips, 1),
+              "images_per_second_per_rank": round(ips / max(sync.train_ranks, 1), 1),
+              "flops_per_image_forward": flops.forward, "flops_per_image_train": flops.train,
+              "flops_method": "counted from the layers; a training step = 3 x forward (approximation)",
+              "uncounted_layers": flops.uncounted,
+              "gflops_per_second": round(gflops, 2), "matmul_gflops_per_second": round(peak, 2),
+              "fraction_of_matmul": round(gflops / peak, 4) if peak > 0 else None,
+              "compute_fraction": round(float(compute_frac), 4), "comm_fraction": round(float(comm_frac), 4),
+              "host_fraction": round(float(host_frac), 4)}
+    if fit is not None:
+        fit_step, fit_policy = fit
         result["fit_images_per_second"] = round(batch / fit_step, 1)
+        result["fit_dtype_policy"] = fit_policy
         result["vs_fit"] = round(result["images_per_second"] / result["fit_images_per_second"], 3)
     if comm.rank == 0:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print  # --json: stdout is JSON only
         say(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, batch {batch}/rank, "
-            f"{steps} steps: {result['images_per_second']:.0f} img/s total, "
+            f"{trainer.steps} steps: {result['images_per_second']:.0f} img/s total, "
             f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
             f"communication {100 * comm_frac:.1f}% of step time")
-        if "fit_images_per_second" in result:
-            say(f"bench: plain model.fit: {result['fit_images_per_second']:.0f} img/s "
+        gaps = f" (not counted: {', '.join(flops.uncounted)})" if flops.uncounted else ""
+        say(f"bench: {flops.train / 1e6:.3g} MFLOP per training image (forward {flops.forward / 1e6:.3g} x3){gaps}: "
+            f"{gflops:.1f} GFLOP/s achieved, {100 * gflops / peak:.0f}% of this machine's {precision} matmul "
+            f"rate ({peak:.0f} GFLOP/s over {comm.size} rank(s) x {n_threads} thread(s))")
+        say(f"bench: step time: compute {100 * compute_frac:.1f}%, communication {100 * comm_frac:.1f}%, "
+            f"host {100 * host_frac:.1f}% (mean over ranks)")
+        if fit is not None:
+            say(f"bench: plain model.fit ({result['fit_dtype_policy']}): {result['fit_images_per_second']:.0f} img/s "
                 f"(mpitrain / fit = {result['vs_fit']:.3f})")
         if as_json:
             print(json.dumps(result))

@@ -103,7 +103,9 @@ class Progress:
         self._shown = False
         self._done = 0
 
-    def update(self, done: int, **values: float) -> None:
+    def update(self, done: int, values=None, **named: float) -> None:
+        """Step `done` of the total. The numbers shown are `named`, or what the callable
+        `values()` returns, called only when the bar is drawn (fetching them may cost)."""
         global _last, _active
         _last = (self.prefix, done, self.total)
         self._done = done
@@ -118,6 +120,7 @@ class Progress:
         bar = "=" * max(0, filled - 1) + (">" if 0 < filled < self.width else "=" * (filled > 0))
         elapsed = now - self.start
         eta = elapsed / done * (self.total - done) if done else 0.0
+        values = {**(values() if values is not None else {}), **named}
         stats = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = f"{self.prefix}{done}/{self.total} [{bar:<{self.width}}] {elapsed:.0f}s eta {eta:.0f}s {stats}"
         if self.mode == "marker":

@@ -26,6 +26,19 @@ float32). `optimizer.apply` then checks the *reduced* gradients for inf/NaN: a r
 fp16 gradient overflowed makes the sum non-finite on every rank, so all ranks skip the step
 and halve the scale together; otherwise it unscales and applies. Without a reduce (local
 SGD, master-worker) each rank decides for itself, as its steps are its own.
+
+Lean by design (docs/benchmarks.md, "The lean step"): on a CPU a step of the seed CNN at
+batch 32 takes 10-40 ms, and everything Python does around it counts against that. So:
+
+* the step is called as one concrete function (traced when it is made), which skips
+  `tf.function`'s per-call signature matching and cache lookup (~0.1-0.3 ms a call);
+* integer images (the uint8/uint16 rows the trainer holds) go in as they are and are
+  converted in the graph, with the same correctly rounded float32 division as
+  `data.dataset.as_float`: 4x fewer bytes to hand over and no NumPy pass per batch;
+* the epoch's running sums (samples, loss sum, hits) are added up in a float64 variable
+  in the graph, in the order the host added them before, so they are bit-identical; the
+  trainer reads them when it needs them (progress bar redraw, checkpoint, epoch end), not
+  after every step, so a step never waits for the host (on a GPU a read is a sync).
 """
 
 from __future__ import annotations
@@ -33,7 +46,61 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_train_step(model, optimizer, reduce=None):
+def to_float_input(x, divisor):
+    """In the graph: integer images -> float32 in [0, 1], bit for bit what
+    `data.decode.to_float` computes in NumPy (exact cast, then one IEEE division).
+
+    `divisor` must be a variable holding the full-scale value, not a constant: TensorFlow's
+    graph optimiser turns a division by a constant into a multiplication by its reciprocal,
+    which is off by one bit for 126 of the 256 uint8 values (measured, TF 2.21)."""
+    import tensorflow as tf
+
+    return tf.cast(x, tf.float32) / divisor
+
+
+class RunningSums:
+    """An epoch's running sums [samples, loss sum, hits] as a float64 variable that train
+    steps add into in the graph. The trainer owns one and hands it to every step it makes
+    (again after an elastic re-layout), so a step wrapped by a caller still feeds it."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        # Not a model or optimizer variable: checkpoints carry the sums as the epoch's
+        # running sums (RankState), not as model state.
+        self.var = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_sums")
+
+    def reset(self, values=None) -> None:
+        """Start at `values` (a resumed epoch's saved sums) or zeros."""
+        self.var.assign(np.zeros(3) if values is None else np.asarray(values, np.float64))
+
+    def read(self) -> np.ndarray:
+        """The sums as a new float64 array (a read waits for the steps before it)."""
+        return np.array(self.var.numpy(), dtype=np.float64)
+
+
+class TrainStep:
+    """One compiled train step: `step(x, y, w, lr) -> (stats, probs)` as tensors.
+
+    `stats` is this step's [samples, loss sum, hits] (global under a per-step reduce), also
+    added into `sums` (a RunningSums). `x` is float32 model input, or integer rows
+    [n, s, s, 1] of the `input_dtype` the step was made for (scaled in the graph).
+    """
+
+    def __init__(self, concrete, sums, input_dtype, input_shape, guard):
+        self._fn, self.sums, self.input_dtype = concrete, sums, input_dtype
+        self._shape, self._guard = input_shape, guard
+
+    def __call__(self, x, y, w, lr):
+        if len(x) == 0 and not self._guard:
+            stats, probs = self._fn(np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32),
+                                    np.zeros(1, np.float32), lr)
+            return stats, probs[:0]
+        return self._fn(x, y, w, lr)
+
+
+def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0,
+                    sums: RunningSums | None = None) -> TrainStep:
     import keras
     import tensorflow as tf
 
@@ -42,8 +109,10 @@ def make_train_step(model, optimizer, reduce=None):
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     total = sum(sizes) + 3
+    input_dtype = np.dtype(input_dtype)
+    integer = input_dtype.kind in "ui"
     spec = [
-        tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
+        tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.as_dtype(input_dtype)),
         tf.TensorSpec((None,), tf.int32),
         tf.TensorSpec((None,), tf.float32),
         tf.TensorSpec((), tf.float32),
@@ -63,8 +132,13 @@ def make_train_step(model, optimizer, reduce=None):
     def empty():
         return [tf.zeros(v.shape, tf.float32) for v in variables], tf.constant(0.0), tf.zeros((0, n_out))
 
+    sums = RunningSums() if sums is None else sums
+    divisor = tf.Variable(max_value, dtype=tf.float32, trainable=False, name="input_scale")  # see to_float_input
+
     @tf.function(input_signature=spec)
     def compiled(x, y, w, lr):
+        if integer:
+            x = to_float_input(x, divisor)
         optimizer.learning_rate.assign(lr)
         if guard:
             grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, y, w), empty)
@@ -82,16 +156,10 @@ def make_train_step(model, optimizer, reduce=None):
             grads = [tf.reshape(g, s) for g, s in zip(tf.split(flat[:-3], sizes), shapes)]
         scale = 1.0 / tf.maximum(stats[0], 1.0)
         optimizer.apply([g * scale for g in grads], variables)
+        sums.var.assign_add(tf.cast(stats, tf.float64))  # as `sums += stats` in NumPy: same bits
         return stats, probs
 
-    def step(x, y, w, lr):
-        if len(x) == 0 and not guard:
-            stats, probs = compiled(np.zeros((1, *x.shape[1:]), np.float32), np.zeros(1, np.int32),
-                                    np.zeros(1, np.float32), lr)
-            return stats, probs[:0]
-        return compiled(x, y, w, lr)
-
-    return step
+    return TrainStep(compiled.get_concrete_function(), sums, input_dtype, tuple(model.input_shape[1:]), guard)
 
 
 def make_predict_step(model):

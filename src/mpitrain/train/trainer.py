@@ -12,7 +12,8 @@ Elastic mode (ULFM): when a peer dies, every survivor's next collective raises R
 (the communicator is revoked, so nobody waits). The survivors then shrink the
 communicator, adopt rank 0's state, re-shard the data among themselves, rebuild the
 strategy and the train step for the new rank count, and go on from rank 0's position in
-the current epoch. Rank 0 writes the run folder; if it is the one lost, the survivors stop
+the current epoch (master-worker: the start of the master's round, `Sync.recovery_step`).
+Rank 0 writes the run folder; if it is the one lost, the survivors stop
 cleanly and the run continues with --resume from its newest checkpoint.
 
 Stop requests (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`): after every step the ranks
@@ -45,7 +46,7 @@ from mpitrain.errors import AgreedError, QuietExit, StopRequested
 from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
-from mpitrain.train.steps import make_predict_step, make_train_step
+from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
 
 
 @dataclass
@@ -97,6 +98,8 @@ class Trainer:
         self.optimizer = _make_optimizer(self.cfg, self.cfg.lr)
         self.optimizer.build(model.trainable_variables)
         self.predict = make_predict_step(model)
+        self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
+        self.show_progress = True  # bench turns the bar off
         self.result = Result()
         self.done = 0  # steps of the current epoch done on this rank
         self.bar = Progress(0, enabled=False)
@@ -118,8 +121,15 @@ class Trainer:
             self.sync.attach(self.model, self.optimizer)
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
+        # Integer images enter the step as they are held and are scaled in the graph (the
+        # same bits as `as_float`); augmented batches come out of OpenCV as float32.
+        rows = self.data.train_x
+        self.integer_input = cfg.augment == "none" and rows.dtype.kind in "ui"
         self.step = make_train_step(self.model, self.optimizer,
-                                    self.sync.reduce_step if self.sync.per_step_reduce else None)
+                                    self.sync.reduce_step if self.sync.per_step_reduce else None,
+                                    input_dtype=rows.dtype if self.integer_input else np.float32,
+                                    max_value=self.data.train_max if self.integer_input else 1.0,
+                                    sums=self.sums)
         # Collective: every rank must agree on the step count before the first step.
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
@@ -186,48 +196,18 @@ class Trainer:
 
     def _epoch(self, epoch: int, first: int, stats) -> float:
         """One epoch from step `first` on; returns the samples trained (all ranks)."""
-        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
+        cfg, comm, sync = self.cfg, self.comm, self.sync
         t0 = time.perf_counter()
-        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        # samples, loss sum, hits (after a mid-epoch resume: the sums saved with the state)
-        stats = np.zeros(3, dtype=np.float64) if stats is None else stats
-        probs, labels = [], []
-        self.done = first
-        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
-                                  enabled=comm.rank == 0 and sync.trains)
-        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
-            if s < first:
-                continue  # done before the checkpoint we resumed from
-            if sync.trains:
-                y = data.train_y[idx]
-                x = self._train_input(data.train_x[idx], epoch, s)
-                st, p = self.step(x, y, self.class_w[y], np.float32(self._lr(epoch * self.steps + s)))
-                stats += st.numpy()
-                probs.append(p.numpy())
-                labels.append(y)
-                bar.update(s + 1, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1))
-            sync.after_step(s + 1, self.steps, len(idx))
-            self.done = s + 1
-            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
-            # Every rank asks at every step (the vote is collective); all get the same answer.
-            if sync.stop_agreed(s + 1, self.steps) and self.checkpoints and s + 1 < self.steps:
-                self._checkpoint(epoch, s + 1, stats)
-                bar.close()
-                raise StopRequested(epoch, s + 1)
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
-                self._checkpoint(epoch, s + 1, stats)
-        sync.end_epoch()
+        stats, probs, labels = self.run_steps(epoch, first, stats)
         train_time = time.perf_counter() - t0
-        bar.close()
+        self.bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
         # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
         # enough: a master-worker master does not train, and it starts an epoch late (after
         # validating and writing the checkpoint) while the workers are already at work.
         train_time = comm.allreduce_max(train_time)
-        train_m, _, _ = epoch_metrics(
-            comm, stats, np.concatenate(probs) if probs else np.zeros((0, self.n_classes), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int32), self.n_classes)
+        train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes)
         val_m, *validated = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
@@ -252,6 +232,55 @@ class Trainer:
         if self.checkpoints and epoch + 1 < cfg.epochs and not self.stopping and sync.stop_vote():
             raise StopRequested(epoch + 1, 0)
         return float(stats[0])
+
+    def run_steps(self, epoch: int, first: int = 0, stats=None):
+        """The steps of `epoch` from `first` on, then the strategy's epoch end: (this rank's
+        running sums, its probabilities, its labels) as arrays. Collective, as the strategy is.
+        `mpitrain bench` times this loop, and `benchmarks/step_profile.py` times it against
+        the compiled step alone."""
+        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
+        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
+        step, sums = self.step, self.sums
+        # The running sums (samples, loss sum, hits) are added up by the step, on the device, and
+        # read only when needed; after a mid-epoch resume they start at the sums saved with the state.
+        sums.reset(stats)
+        probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
+        self.done = first
+        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
+                                  enabled=self.show_progress and comm.rank == 0 and sync.trains)
+
+        def running() -> dict:  # called only when the bar redraws
+            n, loss, hits = sums.read()
+            return {"loss": loss / max(n, 1), "acc": hits / max(n, 1)}
+
+        lrs = self._lrs(epoch)
+        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
+            if s < first:
+                continue  # done before the checkpoint we resumed from
+            if sync.trains:
+                y = data.train_y[idx]
+                _, p = step(self._train_input(data.train_x[idx], epoch, s), y, self.class_w[y], lrs[s])
+                probs.append(p)
+                labels.append(y)
+                bar.update(s + 1, values=running)
+            sync.after_step(s + 1, self.steps, len(idx))
+            self.done = s + 1
+            self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            # Every rank asks at every step (the vote is collective); all get the same answer.
+            if sync.stop_agreed(s + 1, self.steps) and self.checkpoints and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, sums.read())
+                bar.close()
+                raise StopRequested(epoch, s + 1)
+            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, sums.read())
+        sync.end_epoch()
+        return (sums.read(),
+                np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
+                np.concatenate(labels) if labels else np.zeros(0, np.int32))
+
+    def _lrs(self, epoch: int) -> np.ndarray:
+        """The learning rate of every step of `epoch` (float32), worked out once per epoch."""
+        return np.array([self._lr(epoch * self.steps + s) for s in range(self.steps)], np.float32)
 
     def _validate(self, epoch: int):
         """Collective. Validation metrics and (rank 0) the gathered probabilities, labels and
@@ -285,7 +314,9 @@ class Trainer:
         return m, all_vp, all_vy, all_vi
 
     def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
-        """A training batch as model input, augmented (--augment) from its position alone."""
+        """A training batch as the step takes it, augmented (--augment) from its position alone."""
+        if self.integer_input:
+            return rows[..., np.newaxis]  # a view: the step scales it in the graph
         if self.cfg.augment == "none":
             return as_float(rows, self.data.train_max)
         from mpitrain.data.augment import augment_batch
@@ -378,11 +409,14 @@ class Trainer:
                                   f"checkpoint with --resume")
             raise QuietExit(4)
         done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
+        # Where the adopted state stands: for master-worker the start of the master's round,
+        # not how far the master (which does not train) has posted its pulses.
+        resume_at = self.sync.recovery_step(done)
         self.state.broadcast(comm)  # collective: everyone adopts rank 0's weights and optimizer
         deadline.cancel()
         old_steps = self.steps
         self._layout(first_time=False)
-        first = min(self.steps, int(done * self.steps / old_steps))
+        first = min(self.steps, int(resume_at * self.steps / old_steps))
         event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "rank_lost", "lost_ranks": lost,
                  "ranks_before": before, "ranks_after": comm.size, "epoch": epoch + 1,
                  "step": done, "of_steps": old_steps, "continue_at_step": first, "of_new_steps": self.steps}

@@ -145,6 +145,11 @@ class Sync:
     def settle(self) -> None:
         pass
 
+    def recovery_step(self, done: int) -> int:
+        """After a lost rank every survivor adopts rank 0's state, which rank 0 holds after
+        `done` steps of the epoch: the step the epoch goes on from (in the old layout)."""
+        return done
+
     # ---- stopping on request: every rank learns the same answer after the same step ----
 
     def _asked(self) -> float:

@@ -63,6 +63,13 @@ class MasterWorkerSync(Sync):
             self.settle()
             self._round()
 
+    def recovery_step(self, done: int) -> int:
+        # The master's weights are the global model of the last round: nothing of the steps
+        # since then is in them, so the epoch goes on from that round's start. The master's
+        # own `done` only says how far it has posted its pulses (it runs ahead of the
+        # workers), which would make the restart point a race.
+        return (done // self.sync_every) * self.sync_every if self.sync_every else 0
+
     def settle(self) -> None:
         """Wait (polling, reporting progress) until every rank has done its steps so far."""
         self._timed(self.pulses.wait)
