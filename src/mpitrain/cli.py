@@ -93,6 +93,10 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="show tracebacks")
 
 
+IFACE_HELP = ("network for all of the job's TCP traffic (MPI messages and Open MPI's runtime), for -n: "
+              "interface names or CIDR networks, comma-separated (e.g. eth1 or 10.0.0.0/24); default: "
+              "Open MPI's choice, with a warning when the job spans hosts and this host has several")
+
 LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column")
 
 
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    t.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     _add_train_args(t)
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint (with its saved options)")
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    b.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
                                                    "(default: %(default)s)")
     b.add_argument("--batch-size", type=_positive_int, default=64,
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    e.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     e.add_argument("--model", required=True, action="append", metavar="RUNDIR",
                    help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
                         "that averages the models' probabilities")
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     # predict runs in one process: -n is taken only to say so (not in --help)
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
+    pr.add_argument("--iface", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
 
     from mpitrain.evaluate.export import FORMATS
@@ -252,7 +260,8 @@ def _refuse_nested_launch(args) -> None:
     from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import agree
 
-    flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else None
+    flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface))
+                 if v is not None), None)
     if flag is not None and launched_by_mpi():
         # Every rank has the same command line: all stop together, rank 0 says it once.
         agree(world(), f"{flag} starts its own mpiexec, but this command already runs under an MPI "
@@ -260,12 +269,18 @@ def _refuse_nested_launch(args) -> None:
 
 
 def _check_hostfile(args) -> None:
+    """--hostfile and --iface: options of the launcher (-n), checked before it starts."""
+    from mpitrain.dist.launch import check_hostfile, check_iface
+
     if args.hostfile is not None:
         if args.np is None:
             raise UserError("--hostfile needs -n N")
-        from mpitrain.dist.launch import check_hostfile
-
         check_hostfile(args.hostfile)
+    if args.iface is not None:
+        if args.np is None:
+            raise UserError("--iface needs -n N (under your own mpiexec, give it Open MPI's "
+                            "--mca btl_tcp_if_include and --prtemca oob_tcp_if_include)")
+        args.iface = check_iface(args.iface)
 
 
 def _cmd_evaluate(args, argv) -> int:
@@ -278,7 +293,8 @@ def _cmd_evaluate(args, argv) -> int:
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots,
                 labels=args.labels, columns=_columns(args))
-        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
+        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
+                             iface=args.iface)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
@@ -306,8 +322,9 @@ def _launch_timed(n: int, child: list[str], **kwargs) -> int:
 def _cmd_predict(args, argv) -> int:
     from mpitrain.evaluate.predict import predict_main
 
-    if args.np is not None or args.hostfile is not None:
-        raise UserError(f"predict runs in one process: drop {'-n' if args.np is not None else '--hostfile'} "
+    if args.np is not None or args.hostfile is not None or args.iface is not None:
+        flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else "--iface"
+        raise UserError(f"predict runs in one process: drop {flag} "
                         "(evaluate -n N spreads labelled images over N processes)")
 
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
@@ -333,7 +350,8 @@ def _cmd_bench(args, argv) -> int:
         from mpitrain.dist import launch
 
         strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
+                          iface=args.iface)
     from mpitrain.train.bench import bench_main
 
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
@@ -353,16 +371,16 @@ def _config_from_args(args):
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
-    """The child command line: ours without -n/--np/--hostfile (they are for the launcher)."""
+    """The child command line: ours without -n/--np/--hostfile/--iface (they are for the launcher)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("-n", "--np", "--hostfile"):
+        if a in ("-n", "--np", "--hostfile", "--iface"):
             skip = True
             continue
-        if a.startswith(("--np=", "--hostfile=")) or (a.startswith("-n") and a[2:].isdigit()):
+        if a.startswith(("--np=", "--hostfile=", "--iface=")) or (a.startswith("-n") and a[2:].isdigit()):
             continue
         out.append(a)
     return out
@@ -412,7 +430,7 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | N
         from mpitrain.train.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
-    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic)
+    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface)
     return (launch.elastic_flags() if elastic else None), hint
 
 
@@ -438,7 +456,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
     try:
         return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report)
+                          debug=args.debug, on_interrupt=report, iface=args.iface)
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)

@@ -33,9 +33,23 @@ def launched_by_mpi() -> bool:
 
 def _mpi():
     """mpi4py's MPI module (importing it initialises MPI): the package's one mpi4py import."""
+    _yield_if_oversubscribed(os.environ)
     from mpi4py import MPI
 
     return MPI
+
+
+def _yield_if_oversubscribed(env) -> None:
+    """Before MPI starts: when this node runs more ranks than it has cores, waiting ranks
+    yield (Open MPI reads `mpi_yield_when_idle` at MPI_Init). Open MPI tells each rank how
+    many ranks share its node; the launcher applies the same rule to its own host, but only
+    a rank can count the cores of a node the launcher does not run on. A value set by the
+    user is kept."""
+    from mpitrain.runtime import available_cores, oversubscribed
+
+    local = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+    if local.isdigit() and oversubscribed(int(local), available_cores()):
+        env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
 class Comm(Protocol):

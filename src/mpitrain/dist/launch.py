@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from mpitrain.errors import UserError
-from mpitrain.runtime import available_cores
+from mpitrain.runtime import available_cores, oversubscribed
 
 
 def find_mpiexec() -> str:
@@ -57,8 +57,10 @@ def is_open_mpi(mpiexec: str) -> bool:
 
 def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
                     extra: list[str] | None = None, mpiexec: str | None = None,
-                    launcher: bool = False) -> tuple[list[str], dict]:
-    """`launcher`: our `run` relays the job's output, so rank 0 sends progress as lines."""
+                    launcher: bool = False, iface: str | None = None) -> tuple[list[str], dict]:
+    """`launcher`: our `run` relays the job's output, so rank 0 sends progress as lines.
+    `iface`: the network (names or CIDRs, checked by `check_iface`) for all of the job's TCP
+    traffic."""
     mpiexec = mpiexec or find_mpiexec()
     env = dict(os.environ)
     if launcher:
@@ -67,6 +69,8 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
         env.setdefault("MPITRAIN_TTY", "1" if sys.stdout.isatty() else "0")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [mpiexec, "-n", str(n)]
+    if hostfile is not None:
+        check_hostfile(hostfile)
     if is_open_mpi(mpiexec):
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
@@ -74,17 +78,178 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
         if hostfile is None and n > available_cores():
             cmd.append("--oversubscribe")
         cmd += ["--bind-to", "none"]
+        here = ranks_here(n, read_hostfile(hostfile) if hostfile is not None else None)
+        if oversubscribed(here, available_cores()) and "OMPI_MCA_mpi_yield_when_idle" not in env:
+            # Ranks waiting in a collective would busy-poll the cores the computing ranks
+            # need. The ranks of other hosts apply the same rule to their own cores (comm.py).
+            cmd += ["--mca", "mpi_yield_when_idle", "1"]
+        if iface is not None:
+            cmd += iface_flags(iface)
         # Forward our variables to ranks on other hosts too.
         for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_STARTED", "MPITRAIN_CACHE_DIR",
                     "MPITRAIN_JOB", "TF_CPP_MIN_LOG_LEVEL"):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:
-        check_hostfile(hostfile)
         cmd += ["--hostfile", hostfile]
     cmd += list(extra or [])
     cmd += list(program)
     return cmd, env
+
+
+def iface_flags(iface: str) -> list[str]:
+    """Open MPI 5's options that keep both kinds of TCP traffic on `iface`: the MPI messages
+    (the TCP BTL) and the runtime's own (PRRTE's out-of-band channel between mpiexec and
+    its daemons on the other hosts, `oob_tcp_if_include` = `prte_if_include`). Both take a
+    comma-separated list of interface names and CIDR networks."""
+    return ["--mca", "btl_tcp_if_include", iface, "--prtemca", "oob_tcp_if_include", iface]
+
+
+# ---- hosts and networks: what the launcher can know about the machines of a job ----
+
+def read_hostfile(hostfile: str) -> list[tuple[str, int | None]]:
+    """(host, slots) per line of an Open MPI hostfile (slots None when not given)."""
+    hosts = []
+    for line in Path(hostfile).read_text(errors="replace").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        slots = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")), None)
+        hosts.append((words[0], int(slots) if slots and slots.isdigit() else None))
+    return hosts
+
+
+def local_names(networks: dict | None = None) -> set[str]:
+    """The names and addresses under which a hostfile may list this host."""
+    import socket
+
+    name = socket.gethostname()
+    names = {name, name.split(".")[0], "localhost", "127.0.0.1", "::1"}
+    names |= {str(net.ip) for net in (local_networks() if networks is None else networks).values()}
+    return names
+
+
+def ranks_here(n: int, hosts: list[tuple[str, int | None]] | None, here: set[str] | None = None,
+               cores: int | None = None) -> int:
+    """How many of `n` ranks Open MPI places on this host: all without a hostfile; with one,
+    by slot as Open MPI maps them (each host's slots filled in order, again from the first
+    when the job has more ranks than slots). A host without `slots=` counts this host's
+    cores if it is this host, else 1 (its cores are not known here)."""
+    if not hosts:
+        return n
+    here = local_names() if here is None else here
+    cores = available_cores() if cores is None else cores
+    slots = [s if s is not None else (cores if h in here else 1) for h, s in hosts]
+    placed = [0] * len(hosts)
+    left = n
+    while left > 0:
+        for i, s in enumerate(slots):
+            take = min(s, left)
+            placed[i] += take
+            left -= take
+    return sum(p for (h, _), p in zip(hosts, placed) if h in here)
+
+
+def local_networks() -> dict:
+    """{interface: IPv4Interface} of this host's interfaces that are up and have an IPv4
+    address (loopback included). Linux ioctls; empty elsewhere."""
+    import fcntl
+    import ipaddress
+    import socket
+    import struct
+
+    out = {}
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return out
+    with sock:
+        for _, name in socket.if_nameindex():
+            req = struct.pack("256s", name.encode()[:15])
+            try:
+                flags = struct.unpack("H", fcntl.ioctl(sock.fileno(), 0x8913, req)[16:18])[0]  # SIOCGIFFLAGS
+                addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x8915, req)[20:24])       # SIOCGIFADDR
+                mask = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x891B, req)[20:24])       # SIOCGIFNETMASK
+            except OSError:  # no IPv4 address
+                continue
+            if flags & 0x1:  # IFF_UP
+                out[name] = ipaddress.IPv4Interface(f"{addr}/{mask}")
+    return out
+
+
+def _candidates(networks: dict) -> dict:
+    """The interfaces Open MPI may send TCP over: up, IPv4, not loopback."""
+    return {name: net for name, net in networks.items() if not net.ip.is_loopback}
+
+
+def _describe(networks: dict) -> str:
+    return ", ".join(f"{name} ({net.with_prefixlen})" for name, net in sorted(networks.items())) or "none"
+
+
+def networks_said(networks: dict) -> str | None:
+    """This host's candidate interfaces, as a message names them."""
+    choices = _candidates(networks)
+    if not choices:
+        return None
+    return ("interface " if len(choices) == 1 else "one of its interfaces ") + _describe(choices)
+
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+def check_iface(iface: str, networks: dict | None = None) -> str:
+    """`--iface NAME|CIDR[,...]`, checked against this host (mpiexec itself talks to the
+    other hosts over it). Returns the value for Open MPI; UserError in one line otherwise."""
+    import ipaddress
+
+    networks = local_networks() if networks is None else networks
+    items = [item.strip() for item in iface.split(",")]
+    if not all(items):
+        raise UserError(f"--iface {iface!r}: give interface names or networks (CIDR), separated by commas")
+    for item in items:
+        if "/" in item:
+            try:
+                net = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise UserError(f"--iface {item}: not a network in CIDR notation (e.g. 10.0.0.0/24)") from None
+            if not any(addr.ip in net for addr in networks.values()):
+                raise UserError(f"--iface {item}: no interface of this host is in that network "
+                                f"(its interfaces: {_describe(_candidates(networks))})")
+        elif not _IFNAME.match(item):
+            raise UserError(f"--iface {item!r}: neither an interface name nor a network in CIDR notation")
+        elif item not in networks:
+            raise UserError(f"--iface {item}: this host has no such interface with an IPv4 address that is up "
+                            f"(its interfaces: {_describe(_candidates(networks))})")
+    return ",".join(items)
+
+
+def several_networks_warning(hosts: list[tuple[str, int | None]] | None, here: set[str],
+                             networks: dict) -> str | None:
+    """Without --iface: a warning when the job spans hosts and this host could send its
+    TCP traffic over several interfaces (Open MPI then uses them all, and one that does not
+    connect the hosts stops the job)."""
+    others = sorted({h for h, _ in hosts or [] if h not in here})
+    choices = _candidates(networks)
+    if not others or len(choices) < 2:
+        return None
+    return (f"mpitrain: warning: the job spans hosts ({', '.join(others)} and this one) and this host has "
+            f"several networks: {_describe(choices)}; Open MPI may use any of them, and one that does not "
+            "connect the hosts stops the job: choose one with --iface NAME|CIDR")
+
+
+def network_of(address: str, networks: dict | None = None) -> str:
+    """This host's interface in the network of `address` (for messages), e.g. "eth2 (10.0.0.0/24)"."""
+    import ipaddress
+
+    networks = local_networks() if networks is None else networks
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"the network of {address}"
+    for name, net in sorted(networks.items()):
+        if ip in net.network:
+            return f"interface {name} ({net.network})"
+    return f"the network of {address}"
 
 
 def check_hostfile(hostfile: str) -> None:
@@ -116,7 +281,8 @@ def lost_rank_message(stderr_text: str, resume_hint: str | None = None) -> str |
     return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
 
 
-def resume_command(n: int | None, out, hostfile: str | None = None, elastic: bool = False) -> str:
+def resume_command(n: int | None, out, hostfile: str | None = None, elastic: bool = False,
+                   iface: str | None = None) -> str:
     """The command that continues the run in `out` (`n` None: one process)."""
     import shlex
 
@@ -125,6 +291,8 @@ def resume_command(n: int | None, out, hostfile: str | None = None, elastic: boo
         words += ["-n", str(n)]
     if hostfile is not None:
         words += ["--hostfile", shlex.quote(str(hostfile))]
+    if iface is not None:
+        words += ["--iface", shlex.quote(iface)]
     words += ["--resume", "--out", shlex.quote(str(out))]
     if elastic:
         words.append("--elastic")
@@ -217,9 +385,28 @@ def no_start_host(box: str) -> str | None:
     return m.group(1) if m else None
 
 
-def no_start_message(host: str) -> str:
-    return (f"mpitrain: error: mpiexec could not start the job on host {host}: check the --hostfile "
-            "and that ssh to it works without a password (--debug shows Open MPI's report)\n")
+def no_start_message(host: str, via: str | None = None) -> str:
+    """`via`: the network the host had to connect back over (e.g. "interface eth2 (--iface)")."""
+    reach = f", and that it reaches this host over {via}" if via else ""
+    return (f"mpitrain: error: mpiexec could not start the job on host {host}: check the --hostfile, "
+            f"that ssh to it works without a password{reach} (--debug shows Open MPI's report)\n")
+
+
+# Open MPI's box when a rank could not open a TCP connection to a rank on another host.
+_NO_CONNECT = re.compile(r"failed to TCP connect to a peer.*?Local host:\s*(\S+).*?connect\(\) to "
+                         r"([0-9a-fA-F.:]+?):\d+ failed.*?Error:\s*([^\n]*)", re.S)
+
+
+def no_connect_message(box: str, networks: dict | None = None) -> str | None:
+    """One line from Open MPI's report of ranks whose hosts cannot reach each other."""
+    m = _NO_CONNECT.search(box)
+    if not m:
+        return None
+    host, address, error = m.group(1), m.group(2), m.group(3).strip()
+    error = re.sub(r"\s*\(\d+\)$", "", error)
+    return (f"mpitrain: error: host {host} could not connect to a rank at {address} over "
+            f"{network_of(address, networks)} ({error}): the hosts do not reach each other on that network; "
+            "choose the one that connects them with --iface NAME|CIDR (--debug shows Open MPI's report)\n")
 
 
 class NoStartBox:
@@ -227,8 +414,8 @@ class NoStartBox:
     start on a host (a wrong --hostfile, no ssh there) as a box on stdout. That box becomes
     one line (`say`); every other line goes on to `passon` unchanged, in order."""
 
-    def __init__(self, passon, say, debug: bool = False):
-        self.passon, self.say, self.debug = passon, say, debug
+    def __init__(self, passon, say, debug: bool = False, via: str | None = None):
+        self.passon, self.say, self.debug, self.via = passon, say, debug, via
         self.host: str | None = None
         self._held: list[str] | None = None
 
@@ -247,7 +434,7 @@ class NoStartBox:
             host = no_start_host(box)
             if host and not self.debug:
                 self.host = host
-                self.say(no_start_message(host))
+                self.say(no_start_message(host, self.via))
             else:
                 self.passon(box)
 
@@ -268,10 +455,11 @@ class StderrFilter:
     pressed Ctrl-C), they only repeat it, so they are held back, as are Open MPI's tagged
     `[host:pid]` diagnostics. With --debug everything is shown."""
 
-    def __init__(self, out, debug: bool = False, write=None):
-        self.debug = debug
+    def __init__(self, out, debug: bool = False, write=None, via: str | None = None):
+        self.debug, self.via = debug, via
         self.explained = False
         self.no_start: str | None = None  # the host Open MPI could not start the job on
+        self.no_connect: str | None = None  # our line about hosts that cannot reach each other
         self._box: list[str] | None = None
         self._write = write or (lambda text: (out.write(text), out.flush()))
 
@@ -283,7 +471,12 @@ class StderrFilter:
                 host = no_start_host(box)
                 if host and not self.explained and not self.debug:
                     self.no_start, self.explained = host, True
-                    self._write(no_start_message(host))
+                    self._write(no_start_message(host, self.via))
+                    return
+                line = no_connect_message(box)
+                if line and not self.explained and not self.debug:
+                    self.no_connect, self.explained = line, True
+                    self._write(line)
                     return
                 self._emit(box, noise=True)
             return
@@ -313,7 +506,8 @@ def _want_bar() -> bool:
 
 
 def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
-        resume_hint: str | None = None, debug: bool = False, on_interrupt=None) -> int:
+        resume_hint: str | None = None, debug: bool = False, on_interrupt=None,
+        iface: str | None = None) -> int:
     """Run the job and return its exit code (130 after Ctrl-C).
 
     mpiexec runs in its own process group, so a Ctrl-C at the terminal reaches only us: we
@@ -329,13 +523,23 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
 
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
+    networks = local_networks()
+    if iface is not None:
+        iface = check_iface(iface, networks)
+        via = f"{'network' if '/' in iface else 'interface'} {iface} (--iface)"
+    else:
+        hosts = read_hostfile(hostfile) if hostfile is not None else None
+        warning = several_networks_warning(hosts, local_names(networks), networks)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        via = networks_said(networks)
     cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra,
-                               launcher=True)
+                               launcher=True, iface=iface)
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **group)
     relay = StdoutRelay(sys.stdout, _want_bar())
-    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text))
+    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text), via=via)
     seen: collections.deque[str] = collections.deque(maxlen=200)
 
     def pump_stderr():
@@ -356,7 +560,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         errors.explained = True  # Open MPI's boxes on stderr only repeat it
         relay.write_other(sys.stderr, text)
 
-    stdout = NoStartBox(relay.feed, no_start, debug)
+    stdout = NoStartBox(relay.feed, no_start, debug, via=via)
     try:
         while True:
             try:
@@ -383,8 +587,8 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         else:
             print("mpitrain: interrupted", file=sys.stderr)
         return 130
-    if code != 0 and (errors.no_start or stdout.host) is not None:
-        return 2  # a usage error (the hostfile), said in one line: no rank ever ran
+    if code != 0 and ((errors.no_start or stdout.host) is not None or errors.no_connect):
+        return 2  # a usage error (the hostfile, the network), said in one line
     if code != 0:
         lost = lost_rank_message("".join(seen), resume_hint)
         if lost:
