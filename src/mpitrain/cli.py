@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from mpitrain.dist.strategies import compressions as strategy_compressions
     from mpitrain.dist.strategies import names as strategy_names
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision, as for train (default: %(default)s)")
+    b.add_argument("--compress", choices=strategy_compressions(), default="none",
+                   help="gradient compression, as for train (default: %(default)s)")
     b.add_argument("--compare-fit", action="store_true", help="also time plain model.fit (one process)")
     b.add_argument("--json", action="store_true",
                    help="standard output is one JSON object and nothing else (the summary goes to stderr)")
@@ -350,6 +353,7 @@ def _cmd_bench(args, argv) -> int:
         from mpitrain.dist import launch
 
         strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
+        strategy_class(args.strategy).check_compress(args.compress)
         return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
                           iface=args.iface)
     from mpitrain.train.bench import bench_main
@@ -357,7 +361,7 @@ def _cmd_bench(args, argv) -> int:
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
                       image_size=args.image_size, strategy=args.strategy, threads=args.threads,
                       as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats,
-                      precision=args.precision)
+                      precision=args.precision, compress=args.compress)
 
 
 def _config_from_args(args):

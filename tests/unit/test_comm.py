@@ -28,7 +28,7 @@ def _params(fn):
 def test_the_protocol_lists_what_the_package_uses():
     assert public_members(Comm) == {
         "rank", "size", "local_size", "elastic", "failed", "lost_any", "world_ranks",
-        "make_elastic", "shrink", "allreduce_sum_", "allreduce_max", "bcast_", "gather_flat",
+        "make_elastic", "shrink", "allreduce_sum_", "allreduce_op_", "allreduce_max", "bcast_", "gather_flat",
         "gather_rows", "allgather_obj", "bcast_obj", "scatter_rows", "barrier", "ibarrier", "test",
         "abort"}
 

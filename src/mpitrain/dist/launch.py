@@ -446,7 +446,7 @@ class NoStartBox:
         held, self._held = self._held, None
         for line in held:
             self.passon(line)
-_OMPI_TAGGED = re.compile(r"^\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ..."
+_OMPI_TAGGED = re.compile(r"^\s*\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ...", also indented
 
 
 class StderrFilter:
@@ -485,7 +485,7 @@ class StderrFilter:
             return
         if line.startswith(("mpitrain: error", "mpitrain: interrupted")):
             self.explained = True
-        self._emit(line, noise=bool(_OMPI_TAGGED.match(line)))
+        self._emit(line, noise=bool(_OMPI_TAGGED.match(line)) or not line.strip())
 
     def close(self) -> None:
         if self._box:

@@ -46,7 +46,8 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats) -> fl
 
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
-               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto") -> int:
+               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto",
+               compress="none") -> int:
     from mpitrain.runtime import import_tensorflow
 
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
@@ -56,6 +57,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
 
     comm = world()
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
+    strategy_class(strategy).check_compress(compress)
 
     import keras
 
@@ -75,7 +77,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     if precision == "fp16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     opt.build(model.trainable_variables)
-    sync = make_sync(strategy, comm, None)
+    sync = make_sync(strategy, comm, None, compress=compress)
     sync.start(model, opt)
     step = make_train_step(model, opt, sync.reduce_step if sync.per_step_reduce else None)
     w = np.ones(batch, np.float32)
@@ -103,7 +105,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
             best = (seconds, float(comm_frac[0]) / comm.size)
     seconds, comm_frac = best
     images = batch * steps * sync.train_ranks
-    result = {"model": model_name, "precision": precision, "batch_size_per_rank": batch, "steps": steps, "strategy": strategy,
+    result = {"model": model_name, "precision": precision, "compress": compress, "batch_size_per_rank": batch, "steps": steps, "strategy": strategy,
               "ranks": comm.size, "training_ranks": sync.train_ranks, "threads_per_rank": n_threads,
               "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 1),
               "images_per_second_per_rank": round(images / seconds / max(sync.train_ranks, 1), 1),

@@ -103,7 +103,7 @@ class Trainer:
         cfg, comm = self.cfg, self.comm
         # The strategy refuses too few ranks itself; while it waits for peers that are still
         # working it reports their progress to the watchdog.
-        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat)
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat, compress=cfg.compress)
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
