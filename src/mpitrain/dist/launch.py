@@ -544,7 +544,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
 
     def pump_stderr():
         for raw in proc.stderr:
-            line = raw.decode(errors="replace")
+            line = raw.decode(errors="replace").replace("\x00", "")  # Open MPI pads some reports with NULs
             seen.append(line)
             errors.feed(line)
         errors.close()
@@ -565,7 +565,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         while True:
             try:
                 for raw in proc.stdout:
-                    stdout.feed(raw.decode(errors="replace"))
+                    stdout.feed(raw.decode(errors="replace").replace("\x00", ""))
                 stdout.close()
                 code = proc.wait()
                 break
