@@ -111,6 +111,12 @@ class Cluster:
         self.hidden.setdefault(host, []).extend(str(p) for p in paths)
         self._write_scripts()
 
+    def reset(self) -> None:
+        """Every host sees every folder again and every link is unlimited."""
+        self.hidden.clear()
+        self._write_scripts()
+        self.limit(None)
+
     def env(self, **extra) -> dict:
         """The environment for running mpiexec on a fake host."""
         env = dict(os.environ)

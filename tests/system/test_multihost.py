@@ -38,6 +38,13 @@ def cluster():
         assert not leftovers(tag)
 
 
+@pytest.fixture(autouse=True)
+def _fresh(cluster):
+    """Each test starts with no hidden folders and unlimited links."""
+    cluster.reset()
+    yield
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from mpitrain.data.synth import generate
@@ -84,6 +91,20 @@ def test_allreduce_across_two_hosts_gives_the_weights_of_one_host(cluster, data,
     assert '"ranks": 2' in config
     for a, b in zip(_weights(one_host_run), _weights(tmp_path / "run")):
         assert np.array_equal(a, b)
+
+
+def test_bf16_compression_across_rate_limited_hosts_stays_close(cluster, data, one_host_run, tmp_path):
+    # The same job over links limited to 1 Gbit/s, the gradients summed in bfloat16: not the
+    # same weights (the rounding is applied), but close to them after one epoch.
+    cluster.limit("1gbit")
+    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data,
+                  "--iface", "eth1", "--compress", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"compress": "bf16"' in (tmp_path / "run" / "config.json").read_text()
+    exact, rounded = _weights(one_host_run), _weights(tmp_path / "run")
+    assert any(not np.array_equal(a, b) for a, b in zip(exact, rounded))
+    for a, b in zip(exact, rounded):
+        assert np.abs(a - b).max() <= 0.05 * max(np.abs(a).max(), 1e-3), np.abs(a - b).max()
 
 
 def test_without_data_on_root_host_2_fails_in_one_line(cluster, data, tmp_path):

@@ -446,6 +446,7 @@ class NoStartBox:
         held, self._held = self._held, None
         for line in held:
             self.passon(line)
+_SETPGID = re.compile(r"plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent")
 _OMPI_TAGGED = re.compile(r"^\s*\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ...", also indented
 
 
@@ -485,6 +486,8 @@ class StderrFilter:
             return
         if line.startswith(("mpitrain: error", "mpitrain: interrupted")):
             self.explained = True
+        if _SETPGID.search(line) and not self.debug:
+            return  # Open MPI's harmless race between starting a remote agent and grouping it
         self._emit(line, noise=bool(_OMPI_TAGGED.match(line)) or not line.strip())
 
     def close(self) -> None:
