@@ -139,8 +139,15 @@ class Cluster:
 
     # ---- links ----
 
-    def limit(self, rate: str | None, burst: str = "256kb", latency: str = "50ms") -> None:
-        """Limit every host's link to `rate` (e.g. "1gbit") in both directions; None: unlimited."""
+    def limit(self, rate: str | None, latency: str = "50ms") -> None:
+        """Limit every host's link to `rate` (e.g. "1gbit", "10gbit") in both directions (a
+        token bucket, `tc tbf`: `netem` is not in every kernel); None: unlimited. The bucket
+        holds 2 ms of traffic, so that timer granularity does not cap the rate."""
+        burst = None
+        if rate:
+            units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+            number, unit = next((rate[:-len(u)], f) for u, f in units.items() if rate.endswith(u))
+            burst = f"{max(32_000, int(float(number) * unit / 8 * 0.002))}b"
         for k in range(1, self.n + 1):
             for ns, dev in ((None, f"{PREFIX}{self.tag}v{k}"), (self.name(k), "eth1")):
                 pre = ["ip", "netns", "exec", ns] if ns else []

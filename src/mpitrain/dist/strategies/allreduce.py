@@ -18,11 +18,18 @@ from mpitrain.dist.strategies.base import Sync
 _BF16_NAN = np.uint16(0x7FC0)
 
 
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounded to nearest, ties to even; NaN stays NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+def to_bf16(x: np.ndarray, scratch: bool = False) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest, ties to even; NaN stays NaN.
+    `scratch`: `x` may be overwritten (saves a copy; this runs inside every step)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     nan = np.isnan(x)
+    bits = x.view(np.uint32) if scratch else x.view(np.uint32).copy()
+    carry = bits >> 16
+    carry &= 1
+    carry += 0x7FFF
+    bits += carry      # round to nearest even at bit 16
+    bits >>= 16
+    out = bits.astype(np.uint16)
     if nan.any():
         out[nan] = _BF16_NAN  # the rounding carry could turn a NaN's bits into inf
     return out
@@ -30,13 +37,17 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 
 def from_bf16(h: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) -> float32, exactly."""
-    return (h.astype(np.uint32) << 16).view(np.float32)
+    bits = h.astype(np.uint32)
+    bits <<= 16
+    return bits.view(np.float32)
 
 
 def bf16_add(a: np.ndarray, b: np.ndarray) -> None:
     """b = a + b in bfloat16 (summed in float32, rounded once): the MPI operation of the
     compressed allreduce. Commutative, as MPI requires."""
-    b[:] = to_bf16(from_bf16(a) + from_bf16(b))
+    total = from_bf16(a)
+    total += from_bf16(b)
+    b[:] = to_bf16(total, scratch=True)
 
 
 class AllreduceSync(Sync):
@@ -58,7 +69,7 @@ class AllreduceSync(Sync):
             # Two collectives, in this order on every rank: the gradients in bfloat16 (half
             # the bytes of the big one), then the three statistics in float32 (12 bytes:
             # exact counts and loss sums for the mean's divisor and the metrics).
-            grads = to_bf16(out[:-3])
+            grads = to_bf16(out[:-3], scratch=True)  # `out` is our private copy
             self._timed(self.comm.allreduce_op_, grads, bf16_add)
             stats = out[-3:].copy()
             self._timed(self.comm.allreduce_sum_, stats)
