@@ -14,7 +14,9 @@ the command in the host's namespace instead of ssh.
 Network: every host has `eth1` on the cluster's bridge (10.231.N.0/24, the bridge has no
 address in the root namespace, so nothing outside the cluster is reachable or touched).
 `dead_net=True` adds `eth2` (10.232.N.0/24) on every host, up but wired to nothing: the
-hosts cannot reach each other over it (a second network that does not connect the hosts).
+hosts cannot reach each other over it (a second network that does not connect the hosts);
+a connection over it fails in seconds ("No route to host"), or after `silence()` never
+answers at all.
 Every name starts with `mpt` and carries a tag unique to the process; `close()` removes
 everything (also at exit, and pytest fixtures call it on failure).
 
@@ -112,10 +114,24 @@ class Cluster:
         self._write_scripts()
 
     def reset(self) -> None:
-        """Every host sees every folder again and every link is unlimited."""
+        """Every host sees every folder again, every link is unlimited, eth2 answers again."""
         self.hidden.clear()
         self._write_scripts()
         self.limit(None)
+        if self.dead_net:
+            for k in range(1, self.n + 1):
+                _sh("ip", "-n", self.name(k), "neigh", "flush", "dev", "eth2", check=False)
+
+    def silence(self) -> None:
+        """Make eth2 drop packets without an answer: with the other hosts' link-layer
+        addresses fixed, nobody asks for them (an unanswered ARP request is what makes the
+        kernel say "No route to host"), so a connection attempt waits for a reply that never
+        comes, as behind a firewall that drops."""
+        for k in range(1, self.n + 1):
+            for j in range(1, self.n + 1):
+                if j != k:
+                    _sh("ip", "-n", self.name(k), "neigh", "replace", self.addr(j, "eth2"),
+                        "lladdr", f"02:00:00:00:{self.net:02x}:{j:02x}", "dev", "eth2", "nud", "permanent")
 
     def env(self, **extra) -> dict:
         """The environment for running mpiexec on a fake host."""

@@ -56,10 +56,10 @@ def _env(cluster, tmp_path):
     return cluster.env(PYTHONPATH=SRC, MPITRAIN_CACHE_DIR=tmp_path / "cache", MPITRAIN_TTY=0)
 
 
-def _train(cluster, tmp_path, hostfile, out, *extra, timeout=240):
+def _train(cluster, tmp_path, hostfile, out, *extra, timeout=240, env=None):
     argv = [sys.executable, "-m", "mpitrain", "train", "-n", 2, "--hostfile", hostfile, *extra, *TRAIN,
             "--out", out]
-    return cluster.run(1, argv, env=_env(cluster, tmp_path), timeout=timeout)
+    return cluster.run(1, argv, env={**_env(cluster, tmp_path), **(env or {})}, timeout=timeout)
 
 
 def _weights(run):
@@ -140,3 +140,13 @@ def test_without_iface_a_second_network_is_warned_about_and_its_failure_named(cl
     assert len(warnings) == 1 and "eth1" in warnings[0] and "eth2" in warnings[0] and "--iface" in warnings[0]
     line = _one_line(proc, "could not connect", "eth2", "--iface")
     assert cluster.name(1) in line or cluster.name(2) in line
+
+
+def test_a_network_that_drops_packets_silently_is_stopped_in_one_line(cluster, data, tmp_path):
+    # Nothing fails on a network that drops without answering: Open MPI waits forever. The
+    # launcher's start deadline (15 s here, 45 s by default) stops the job with one line.
+    cluster.silence()
+    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2",
+                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "15"})
+    line = _one_line(proc, "within 15 s", "eth2", "MPITRAIN_START_TIMEOUT")
+    assert cluster.name(2) in line

@@ -190,3 +190,44 @@ def test_a_host_that_did_not_connect_back_is_named_with_the_network():
 def test_this_hosts_networks_are_read(monkeypatch):
     nets = launch.local_networks()
     assert nets.get("lo") == ipaddress.IPv4Interface("127.0.0.1/8")
+
+
+def _fake_mpiexec(tmp_path, states, then="sleep 30", code=0):
+    """An mpiexec that prints rank 0's start markers `states`, then runs `then`."""
+    script = tmp_path / "mpiexec"
+    lines = "".join(f"printf '\\033]mpitrain-state;{s}\\007\\n'\n" for s in states)
+    script.write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n{lines}{then}\nexit {code}\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("states, words", [
+    ([], ["the job did not start within 1 s", "node2 did not connect back", "interface ib0 (--iface)"]),
+    (["started"], ["the ranks on head, node2 did not reach each other within 1 s over interface ib0 (--iface)",
+                   "choose the one that connects them with --iface"]),
+])
+def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, monkeypatch, capsys, states, words):
+    monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, states, then="exec sleep 30"))
+    monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
+    monkeypatch.setattr(launch, "local_networks", lambda: NETS)
+    monkeypatch.setattr(launch, "local_names", lambda networks=None: {"head", "localhost"})
+    hosts = tmp_path / "hosts"
+    hosts.write_text("head slots=1\nnode2 slots=1\n")
+    code = launch.run(2, ["train"], hostfile=str(hosts), iface="ib0")
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, out.err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "mpitrain-state" not in out.out  # the markers are never shown
+
+
+def test_a_job_whose_ranks_met_is_not_stopped_by_the_deadline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, ["started", "contact"], then="sleep 2; echo done"))
+    monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
+    assert launch.run(2, ["train"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "done\n" and out.err == ""
+    monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "soon")
+    with pytest.raises(UserError):
+        launch.start_timeout()

@@ -363,6 +363,9 @@ def world() -> Comm:
         if launched_by_mpi():
             whole = _mpi().COMM_WORLD
             _WORLD = MPIComm(whole) if whole.Get_size() > 1 else SingleComm()
+            from mpitrain.dist.launch import first_contact
+
+            first_contact(_WORLD)  # collective: the ranks' first message, watched by our launcher
         else:
             _WORLD = SingleComm()
     return _WORLD

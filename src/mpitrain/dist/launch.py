@@ -321,6 +321,65 @@ def parse_progress(line: str) -> tuple[str, str] | None:
     return where, text
 
 
+# The job's start, from rank 0 to the launcher: "started" right after MPI_Init (Open MPI
+# starts ranks only once the daemons of every host have connected back to mpiexec) and
+# "contact" after the ranks' first message to each other. Neither is ever shown.
+STATE = "\x1b]mpitrain-state;"
+START_TIMEOUT_ENV = "MPITRAIN_START_TIMEOUT"
+START_TIMEOUT = 45.0  # seconds; with start-up and the stop the job has ended within a minute
+
+
+def state_line(state: str) -> str:
+    return f"{STATE}{state}{_BEL}\n"
+
+
+def parse_state(line: str) -> str | None:
+    if not line.startswith(STATE):
+        return None
+    return line[len(STATE):].rstrip("\r\n").rstrip(_BEL)
+
+
+def first_contact(comm) -> None:
+    """Under our launcher, rank 0 reports that the job started and, after a barrier, that
+    the ranks reached each other (`run` stops a job that does not within its deadline).
+    Called once, as soon as MPI is up (comm.world), by every rank."""
+    if os.environ.get("MPITRAIN_LAUNCHER") != "1" or comm.size == 1:
+        return
+    if comm.rank == 0:
+        sys.stdout.write(state_line("started"))
+        sys.stdout.flush()
+    # Collective: the ranks' first message to each other. Over a network that does not
+    # connect their hosts it never completes (packets dropped without an answer): the
+    # launcher's deadline turns that into one line instead of a hang.
+    comm.barrier()
+    if comm.rank == 0:
+        sys.stdout.write(state_line("contact"))
+        sys.stdout.flush()
+
+
+def start_timeout() -> float:
+    """The launcher's deadline for "contact" ($MPITRAIN_START_TIMEOUT seconds, 0: none)."""
+    text = os.environ.get(START_TIMEOUT_ENV, "")
+    try:
+        return max(0.0, float(text)) if text else START_TIMEOUT
+    except ValueError:
+        raise UserError(f"{START_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+
+
+def stalled_message(stage: str, seconds: float, hosts: list[str], via: str | None) -> str:
+    """The one line for a job that did not start (`stage` "start": no rank ran) or whose
+    ranks did not reach each other ("contact") within `seconds`."""
+    others = ", ".join(hosts) if hosts else "the other hosts"
+    over = f" over {via}" if via else ""
+    if stage == "start":
+        return (f"mpitrain: error: the job did not start within {seconds:g} s: {others} did not connect back to "
+                f"this host{over}; check the --hostfile, ssh, and that the hosts reach each other on that network "
+                f"({START_TIMEOUT_ENV}={seconds:g})\n")
+    return (f"mpitrain: error: the ranks on {others} did not reach each other within {seconds:g} s{over}: "
+            f"the hosts do not reach each other on that network; choose the one that connects them with "
+            f"--iface NAME|CIDR ({START_TIMEOUT_ENV}={seconds:g})\n")
+
+
 class StdoutRelay:
     """mpiexec's stdout to ours: progress marker lines are redrawn as a one-line bar
     (`draw`, a terminal) or dropped (a log), every other line passes unchanged. The last
@@ -332,9 +391,14 @@ class StdoutRelay:
         self.out, self.draw, self.width = out, draw, width
         self.lock = lock or threading.Lock()
         self.where: str | None = None
+        self.states: set[str] = set()  # "started", "contact": how far the job's start got
         self._shown = False
 
     def feed(self, line: str) -> None:
+        state = parse_state(line)
+        if state is not None:
+            self.states.add(state)
+            return
         marker = parse_progress(line)
         with self.lock:
             if marker is None:
@@ -501,6 +565,21 @@ class StderrFilter:
         self._write(text)
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and theirs (Linux /proc; [] elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            kids = []
+        found += kids
+        todo += kids
+    return found
+
+
 def _want_bar() -> bool:
     tty = os.environ.get("MPITRAIN_TTY")
     if tty in ("0", "1"):
@@ -526,6 +605,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
 
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
+    deadline = start_timeout() if n > 1 else 0.0
     networks = local_networks()
     if iface is not None:
         iface = check_iface(iface, networks)
@@ -564,13 +644,45 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         relay.write_other(sys.stderr, text)
 
     stdout = NoStartBox(relay.feed, no_start, debug, via=via)
+    stalled = []
+
+    def watch_start():
+        # A job that has not started, or whose ranks have not reached each other, by the
+        # deadline is stopped with one line (a network that drops packets silently would
+        # otherwise keep it waiting forever: nothing fails, nothing is printed).
+        if proc_done.wait(deadline) or "contact" in relay.states:
+            return
+        stage = "contact" if "started" in relay.states else "start"
+        stalled.append(stage)
+        errors.explained = True  # Open MPI's reports of the stop say nothing new
+        hosts = [h for h, _ in read_hostfile(hostfile)] if hostfile is not None else []
+        if stage == "start":
+            hosts = [h for h in hosts if h not in local_names(networks)]
+        relay.write_other(sys.stderr, stalled_message(stage, deadline, hosts[:8], via))
+        children = _descendants(proc.pid)  # its ssh (or agent) processes have groups of their own
+        proc.send_signal(signal.SIGTERM)
+        if not proc_done.wait(5):
+            for pid in [proc.pid, *children]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    proc_done = threading.Event()
+    if deadline > 0:
+        threading.Thread(target=watch_start, daemon=True, name="mpitrain-start-deadline").start()
+    def pump_stdout():
+        for raw in proc.stdout:
+            stdout.feed(raw.decode(errors="replace").replace("\x00", ""))
+        stdout.close()
+
+    out_pump = threading.Thread(target=pump_stdout, daemon=True)
+    out_pump.start()
     try:
         while True:
             try:
-                for raw in proc.stdout:
-                    stdout.feed(raw.decode(errors="replace").replace("\x00", ""))
-                stdout.close()
                 code = proc.wait()
+                proc_done.set()
                 break
             except KeyboardInterrupt:
                 if interrupted:
@@ -580,8 +692,12 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
                     errors.explained = True  # Open MPI's report of the stop says nothing new
                     proc.send_signal(signal.SIGINT)
     finally:
+        proc_done.set()
         for sig, old in forwarded.items():
             signal.signal(sig, old)
+    # The rest of the output. A stopped job's remote agents may still hold the pipes open:
+    # we wait a little, not for them.
+    out_pump.join(timeout=10)
     pump.join(timeout=10)
     relay.clear()
     if interrupted and code != 0:
@@ -590,7 +706,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         else:
             print("mpitrain: interrupted", file=sys.stderr)
         return 130
-    if code != 0 and ((errors.no_start or stdout.host) is not None or errors.no_connect):
+    if code != 0 and ((errors.no_start or stdout.host) is not None or errors.no_connect or stalled):
         return 2  # a usage error (the hostfile, the network), said in one line
     if code != 0:
         lost = lost_rank_message("".join(seen), resume_hint)
