@@ -258,11 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_nested_launch(args) -> None:
-    """-n/--hostfile start mpiexec; under an MPI launcher that would nest a job in each rank."""
-    from mpitrain.dist.comm import launched_by_mpi, world
+def _check_launch(args) -> None:
+    """The processes of this command form one job: tasks of srun that MPI does not join
+    into one world stop (each would work alone), and -n/--hostfile, which start mpiexec,
+    are refused under an MPI launcher (that would nest a job in each rank)."""
+    from mpitrain.dist.comm import check_world, launched_by_mpi, world
     from mpitrain.errors import agree
 
+    check_world()
     flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface))
                  if v is not None), None)
     if flag is not None and launched_by_mpi():
@@ -287,7 +290,7 @@ def _check_hostfile(args) -> None:
 
 
 def _cmd_evaluate(args, argv) -> int:
-    _refuse_nested_launch(args)
+    _check_launch(args)
     _check_hostfile(args)
     _data_or_labels(args)
     if args.np is not None:
@@ -345,7 +348,7 @@ def _cmd_bench(args, argv) -> int:
     from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.models import check_model
 
-    _refuse_nested_launch(args)
+    _check_launch(args)
     check_image_size(args.image_size)
     check_model(args.model, args.image_size)
     _check_hostfile(args)
@@ -391,7 +394,7 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
 
 
 def _cmd_train(args, argv) -> int:
-    _refuse_nested_launch(args)
+    _check_launch(args)
     _check_hostfile(args)
     if args.np is None:
         from mpitrain.train.command import train_main
@@ -460,7 +463,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
     try:
         return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report, iface=args.iface)
+                          debug=args.debug, on_interrupt=report, stoppable=True, iface=args.iface)
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)

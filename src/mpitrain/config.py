@@ -26,7 +26,7 @@ LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
-AUGMENTS = ("none", "xray")                               # data/augment.py POLICIES
+AUGMENTS = ("none", "xray", "xray-strong")                               # data/augment.py POLICIES
 GROUPINGS = ("none", "filename-patient", "duplicates")    # data/groups.py GROUPINGS
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
@@ -37,7 +37,8 @@ THRESHOLD_POLICIES = ("prior", "youden")                  # evaluate/threshold.p
 # chest X-ray file naming.
 RECIPES = {
     "none": {},
-    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray", "groups": "filename-patient"},
+    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray-strong",
+             "groups": "filename-patient"},
 }
 
 

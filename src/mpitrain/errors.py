@@ -2,7 +2,8 @@
 
 `UserError` means "the user asked for something we cannot do": the CLI turns it into one
 line on stderr and exit code 2. `AgreedError` is a UserError every rank knows about, so no
-MPI abort is needed; `QuietExit` stops a rank whose reason another rank reports. Any other
+MPI abort is needed; `QuietExit` stops a rank whose reason another rank reports;
+`StopRequested` ends a training every rank agreed to stop on a signal (exit code 0). Any other
 exception is a bug and keeps its traceback (with --debug) or is summarised (without).
 """
 
@@ -13,6 +14,15 @@ class UserError(Exception):
 
 class AgreedError(UserError):
     """A user error every rank knows about: all ranks stop together, no abort is needed."""
+
+
+class StopRequested(Exception):
+    """Every rank agreed to stop (SIGTERM/SIGUSR1) and the run is checkpointed at `epoch`
+    (0-based, the one to continue in) and `step` (its steps done): `--resume` goes on."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(epoch, step)
+        self.epoch, self.step = epoch, step
 
 
 class QuietExit(Exception):

@@ -170,16 +170,82 @@ def set_precision(precision: str) -> None:
     keras.config.set_dtype_policy(POLICIES[precision])
 
 
-def configure_runtime(seed: int, threads: int | None, local_ranks: int, precision: str = "fp32") -> int:
-    """Threads per rank (the node's cores split between its ranks), seeded determinism and
-    the dtype policy of the models built afterwards (`precision`, resolved: not "auto").
+def cpu_set() -> frozenset[int]:
+    """The CPUs this process may run on (its affinity: a launcher's or Slurm's binding, a
+    cgroup), or range(cpu_count) where affinity is unknown."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def ranks_sharing_cores(comm) -> int:
+    """Collective (every rank calls it once, at start-up): how many ranks of this node may
+    run on this rank's CPUs, itself included. Ranks started with `--bind-to none` share the
+    node's CPUs (all of them count); ranks bound to cores of their own (srun's binding,
+    --cpus-per-task, mpiexec's default --bind-to core) count only themselves."""
+    mine = cpu_set()
+    # Collective over the world, answered per node: the CPU sets of this node's ranks.
+    others = comm.node_allgather_obj(sorted(mine))
+    return max(1, sum(1 for cpus in others if mine & set(cpus)))
+
+
+def threads_per_rank(threads: int | None, sharing: int, cores: int | None = None,
+                     cpus_per_task: int | None = None) -> int:
+    """TensorFlow threads for one rank: --threads if given; else Slurm's
+    SLURM_CPUS_PER_TASK (at most the CPUs the rank may use); else the rank's CPUs divided
+    among the `sharing` ranks that may run on them (`ranks_sharing_cores`), so a rank bound
+    to K CPUs of its own uses K threads and N unbound ranks split the node."""
+    if threads:
+        return threads
+    cores = available_cores() if cores is None else cores
+    if cpus_per_task:
+        return max(1, min(cpus_per_task, cores))
+    return max(1, cores // max(1, sharing))
+
+
+def pin_gpu(local_rank: int, local_size: int, tf=None) -> str | None:
+    """With GPUs visible, this rank takes the GPU of its local rank and sees only that one
+    (ranks beyond the GPU count share them round-robin, growing their memory as needed
+    instead of each taking all of it). Must run before TensorFlow initialises its devices.
+    Returns the GPU's name, None without GPUs. `tf`: for tests."""
+    tf = import_tensorflow() if tf is None else tf
+    gpus = tf.config.list_physical_devices("GPU")  # does not initialise the devices
+    if not gpus:
+        return None
+    gpu = gpus[local_rank % len(gpus)]
+    try:
+        tf.config.set_visible_devices([gpu], "GPU")
+        if local_size > len(gpus):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # already initialised (second run in one process, e.g. tests)
+        pass
+    return gpu.name
+
+
+def configure_rank(comm, seed: int, threads: int | None, precision: str = "fp32") -> int:
+    """`configure_runtime` for one rank of `comm` (train, evaluate, bench). Collective:
+    every rank calls it once, at start-up (`ranks_sharing_cores`)."""
+    return configure_runtime(seed, threads, ranks_sharing_cores(comm), precision, comm.local_rank,
+                             comm.local_size)
+
+
+def configure_runtime(seed: int, threads: int | None, sharing: int, precision: str = "fp32",
+                      local_rank: int = 0, local_size: int = 1) -> int:
+    """This rank's GPU (the one of its local rank, see `pin_gpu`), its threads
+    (`threads_per_rank`: --threads, Slurm's --cpus-per-task, or its CPUs split among the
+    `sharing` ranks that may run on them), seeded determinism and the dtype policy of the
+    models built afterwards (`precision`, resolved: not "auto").
 
     Must run before TensorFlow executes its first op. Returns the threads per rank.
     """
+    from mpitrain import slurm
+
     tf = import_tensorflow()
     import keras
 
-    n = threads or max(1, available_cores() // max(1, local_ranks))
+    pin_gpu(local_rank, local_size, tf)
+    n = threads_per_rank(threads, sharing, cpus_per_task=slurm.cpus_per_task())
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
         tf.config.threading.set_inter_op_parallelism_threads(n)

@@ -27,19 +27,33 @@ def test_policies_match_the_config_choices():
     assert tuple(POLICIES) == AUGMENTS == tuple(POLICY)
 
 
-def test_same_position_same_output_other_position_other_output():
+AUGMENTING = [p for p in POLICIES if p != "none"]
+
+
+@pytest.mark.parametrize("policy", AUGMENTING)
+def test_same_position_same_output_other_position_other_output(policy):
     x = _batch()
-    a = augment_batch(x, 255.0, "xray", seed=3, epoch=1, rank=0, step=5)
-    b = augment_batch(x.copy(), 255.0, "xray", seed=3, epoch=1, rank=0, step=5)
+    a = augment_batch(x, 255.0, policy, seed=3, epoch=1, rank=0, step=5)
+    b = augment_batch(x.copy(), 255.0, policy, seed=3, epoch=1, rank=0, step=5)
     assert np.array_equal(a, b)  # bit for bit: a resumed run draws the same
     for other in ({"step": 6}, {"epoch": 2}, {"rank": 1}, {"seed": 4}):
         args = {"seed": 3, "epoch": 1, "rank": 0, "step": 5, **other}
-        assert not np.array_equal(a, augment_batch(x, 255.0, "xray", **args)), other
+        assert not np.array_equal(a, augment_batch(x, 255.0, policy, **args)), other
 
 
-def test_output_is_model_input_and_changes_each_image():
+def test_the_strong_policy_widens_every_range_of_the_mild_one():
+    mild, strong = POLICY["xray"], POLICY["xray-strong"]
+    assert strong.rotate_degrees > mild.rotate_degrees and strong.shift > mild.shift
+    assert strong.brightness > mild.brightness
+    for lo_hi in ("scale", "gamma", "contrast"):
+        (a, b), (c, d) = getattr(mild, lo_hi), getattr(strong, lo_hi)
+        assert c < a and d > b, lo_hi
+
+
+@pytest.mark.parametrize("policy", AUGMENTING)
+def test_output_is_model_input_and_changes_each_image(policy):
     x = _batch()
-    a = augment_batch(x, 255.0, "xray", 0, 0, 0, 0)
+    a = augment_batch(x, 255.0, policy, 0, 0, 0, 0)
     assert a.dtype == np.float32 and a.shape == (6, 16, 16, 1)
     assert a.min() >= 0.0 and a.max() <= 1.0
     plain = as_float(x, 255.0)

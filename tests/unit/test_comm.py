@@ -27,10 +27,10 @@ def _params(fn):
 
 def test_the_protocol_lists_what_the_package_uses():
     assert public_members(Comm) == {
-        "rank", "size", "local_size", "elastic", "failed", "lost_any", "world_ranks",
-        "make_elastic", "shrink", "allreduce_sum_", "allreduce_op_", "allreduce_max", "bcast_", "gather_flat",
-        "gather_rows", "allgather_obj", "bcast_obj", "scatter_rows", "barrier", "ibarrier", "test",
-        "abort"}
+        "rank", "size", "local_size", "local_rank", "elastic", "failed", "lost_any", "world_ranks",
+        "make_elastic", "shrink", "allreduce_sum_", "allreduce_op_", "allreduce_max", "iallreduce_sum_", "bcast_",
+        "gather_flat", "gather_rows", "allgather_obj", "bcast_obj", "node_allgather_obj", "scatter_rows", "barrier",
+        "ibarrier", "test", "abort"}
 
 
 @pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
@@ -62,3 +62,6 @@ def test_single_comm_collectives_are_the_identity():
     assert c.allgather_obj("x") == ["x"] and c.bcast_obj(3) == 3
     assert c.scatter_rows([buf]) is buf and c.shrink() == [] and c.world_ranks == [0]
     assert (c.rank, c.size, c.local_size, c.elastic, c.failed, c.lost_any) == (0, 1, 1, False, False, False)
+    assert c.local_rank == 0 and c.node_allgather_obj("x") == ["x"]
+    request = c.iallreduce_sum_(buf)
+    assert c.test(request) and list(buf) == [0.0, 1.0, 2.0, 3.0]

@@ -39,22 +39,24 @@ def test_the_bfloat16_sum_commutes_and_rounds_once():
 
 
 class SumComm:
-    """Rank 0 of `size` ranks whose peers hold `others`: every collective is computed here,
-    in rank order, and the dtype and length of each message is recorded."""
+    """Rank 0 of `size` ranks whose peers hold the step buffers `others` (their stop votes 0):
+    every collective is computed here, in rank order, and the dtype and length of each
+    message is recorded."""
 
     def __init__(self, others):
-        self.rank, self.size, self.others, self.sent = 0, len(others) + 1, others, []
+        self.rank, self.size, self.sent = 0, len(others) + 1, []
+        self.others = [np.append(o, np.float32(0)) for o in others]  # + the stop vote slot
 
     def allreduce_sum_(self, buf):
         self.sent.append((buf.dtype, buf.size))
         for other in self.others:
-            buf += other[-buf.size:] if buf.size == 3 else other
+            buf += other[-buf.size:]  # the whole buffer, or its float32 tail
         return buf
 
     def allreduce_op_(self, buf, combine):
         self.sent.append((buf.dtype, buf.size))
         for other in self.others:
-            combine(to_bf16(other[:-3]), buf)
+            combine(to_bf16(other[:buf.size]), buf)
         return buf
 
 
@@ -79,11 +81,11 @@ def test_the_gradient_travels_in_bfloat16_and_the_statistics_exactly(compress):
     assert np.array_equal(out[-3:], (mine[-3:] + others[0][-3:] + others[1][-3:]))  # float32, exact counts
     err = np.abs(out[:-3] - exact[:-3])
     if compress == "none":
-        assert comm.sent == [(np.float32, mine.size)]
+        assert comm.sent == [(np.float32, mine.size + 1)]  # + the stop vote
         assert err.max() < 1e-8
     else:
-        # Half the bytes for the gradients, then 3 float32 statistics.
-        assert comm.sent == [(np.uint16, mine.size - 3), (np.float32, 3)]
+        # Half the bytes for the gradients, then 3 float32 statistics and the stop vote.
+        assert comm.sent == [(np.uint16, mine.size - 3), (np.float32, 4)]
         # Each of the 3 contributions and 2 partial sums is rounded once: within a few
         # bfloat16 ulps of the exact sum, but not equal to it.
         scale = 3 * np.abs(np.stack([mine, *others])[:, :-3]).sum(0)  # 5 roundings, each <= 2^-8 of its value
@@ -111,3 +113,16 @@ def test_one_line_error_from_the_command_line(capsys):
     assert main(["bench", "-n", "2", "--strategy", "master-worker", "--compress", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--strategy master-worker takes --compress none" in err[0]
+
+
+@pytest.mark.parametrize("compress", ["none", "bf16"])
+def test_a_peers_stop_vote_travels_exactly_with_either_buffer(compress):
+    mine, *others = _step_buffers()
+    comm = SumComm(others)
+    comm.others[1][-1] = 1.0  # rank 2 was asked to stop
+    sync = make_sync("allreduce", comm, None, compress=compress)
+    out = sync.reduce_step(mine.copy())
+    assert out.shape == mine.shape and sync.stop_agreed(1, 10)
+    quiet = make_sync("allreduce", SumComm(others), None, compress=compress)
+    quiet.reduce_step(mine.copy())
+    assert not quiet.stop_agreed(1, 10)

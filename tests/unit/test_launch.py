@@ -18,7 +18,9 @@ def fake_mpi(monkeypatch):
     """An Open MPI mpiexec, 4 cores, not root, none of our variables set beforehand.
 
     Returns a setter for the core count and the uid."""
-    for var in ROOT_VARS + ("MPITRAIN_CACHE_DIR", "MPITRAIN_TTY", "TF_CPP_MIN_LOG_LEVEL"):
+    # Outside Slurm (inside an allocation mpiexec takes its slots from Slurm: test_cluster.py).
+    for var in ROOT_VARS + ("MPITRAIN_CACHE_DIR", "MPITRAIN_TTY", "TF_CPP_MIN_LOG_LEVEL", "SLURM_JOB_ID",
+                            "SLURM_JOBID"):
         monkeypatch.delenv(var, raising=False)
     state = {"cores": 4, "uid": 1000, "open_mpi": True}
     monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: state["open_mpi"])

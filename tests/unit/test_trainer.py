@@ -43,3 +43,35 @@ def test_fit_stops_its_watchdog_when_it_raises():
     for t in started:
         t.join(5.0)
     assert not [t for t in started if t.is_alive()]
+
+
+@pytest.mark.parametrize("signal_after, stops_at", [(1, 1), (3, None)])
+def test_a_stop_request_during_validation_stops_after_that_epochs_checkpoint(tmp_path, signal_after, stops_at):
+    # SIGUSR1 while epoch `signal_after` validates (its line is echoed then): the run stops
+    # after that epoch's checkpoint, unless it was the last epoch, which finishes instead.
+    import os
+    import signal
+
+    from mpitrain.dist import preempt
+    from mpitrain.errors import StopRequested
+    from mpitrain.train import checkpoint
+    from mpitrain.train.trainer import Trainer
+
+    cfg, plan, data, model = _tiny_job()
+
+    def echo(line):
+        if line.startswith(f"epoch {signal_after}/"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    restore = preempt.install()
+    try:
+        trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=echo, checkpoints=True, run_dir=tmp_path)
+        if stops_at is None:
+            assert trainer.fit().epochs_run == 3
+            return
+        with pytest.raises(StopRequested) as stop:
+            trainer.fit()
+    finally:
+        restore()
+    assert (stop.value.epoch, stop.value.step) == (stops_at, 0)
+    assert checkpoint.list_checkpoints(tmp_path)[-1].name == f"ckpt-e{stops_at:05d}-s0000000.npz"

@@ -12,7 +12,8 @@ lacks a member, so a method cannot silently do nothing on one of them):
 
 `world()` picks one: MPI only when the process was started by an MPI launcher
 (mpiexec/srun set well-known variables), so a plain `python -m mpitrain` never pays for
-MPI initialisation and never depends on a working MPI install.
+MPI initialisation and never depends on a working MPI install. `check_world()` stops the
+tasks of an srun without PMIx, which all see a world of one (`slurm.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import sys
 from typing import Protocol
 
 import numpy as np
+
+from mpitrain import slurm
+from mpitrain.errors import QuietExit, UserError
 
 # Variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
@@ -62,6 +66,7 @@ class Comm(Protocol):
     rank: int               # this process, 0 .. size-1
     size: int               # processes in the communicator
     local_size: int         # processes on this node (they share its cores)
+    local_rank: int         # this process among them, 0 .. local_size-1 (which GPU it takes)
     elastic: bool           # after make_elastic(): a dead peer raises RankLost
     failed: bool            # a peer was found dead; shrink() before the next collective
     lost_any: bool          # a rank was lost during this run (leave without MPI_Finalize)
@@ -83,6 +88,10 @@ class Comm(Protocol):
     def allreduce_max(self, value: float) -> float:
         """The largest `value` of all ranks."""
 
+    def iallreduce_sum_(self, buf: np.ndarray):
+        """Nonblocking elementwise sum over all ranks into `buf`: a request for `test`;
+        `buf` holds the sum once the request has completed (keep it alive until then)."""
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         """Root's buffer into every rank's buffer (same shape and dtype), in place."""
 
@@ -97,6 +106,10 @@ class Comm(Protocol):
 
     def bcast_obj(self, obj, root: int = 0):
         """Root's small object on every rank (metadata made by our own code)."""
+
+    def node_allgather_obj(self, obj) -> list:
+        """Collective over every rank: the small objects of the ranks on this rank's node,
+        in their local-rank order (start-up only: not renewed when an elastic job shrinks)."""
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
@@ -120,6 +133,7 @@ class SingleComm:
     rank: int = 0
     size: int = 1
     local_size: int = 1
+    local_rank: int = 0
     elastic: bool = False
     failed: bool = False
     lost_any: bool = False
@@ -143,6 +157,9 @@ class SingleComm:
     def allreduce_max(self, value: float) -> float:
         return value
 
+    def iallreduce_sum_(self, buf: np.ndarray):
+        return None  # complete at once: `test` says so
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
 
@@ -157,6 +174,9 @@ class SingleComm:
 
     def bcast_obj(self, obj, root: int = 0):
         return obj
+
+    def node_allgather_obj(self, obj) -> list:
+        return [obj]
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
         return parts[0]
@@ -221,6 +241,7 @@ class MPIComm:
     rank: int
     size: int
     local_size: int
+    local_rank: int
     elastic: bool = False
     failed: bool = False
     lost_any: bool = False
@@ -231,10 +252,10 @@ class MPIComm:
         self._comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        # Ranks sharing this node: used to split the node's cores between them.
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_size = node.Get_size()
-        node.Free()
+        # Ranks sharing this node (shared memory): they share its cores and its GPUs.
+        self._node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size = self._node.Get_size()
+        self.local_rank = local_rank_from(os.environ, self._node.Get_rank(), self.size)
         self.world_ranks = list(range(self.size))
 
     def make_elastic(self) -> None:
@@ -290,6 +311,9 @@ class MPIComm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
         return float(buf[0])
 
+    def iallreduce_sum_(self, buf: np.ndarray):
+        return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         self._comm.Bcast(buf, root=root)
         return buf
@@ -319,6 +343,11 @@ class MPIComm:
     def bcast_obj(self, obj, root: int = 0):
         # Small metadata only (class names, labels), produced by our own code on root.
         return self._comm.bcast(obj, root=root)
+
+    def node_allgather_obj(self, obj) -> list:
+        # Small facts about each process of this node (its CPU set), on the node's own
+        # communicator: every rank calls it, and each node's ranks exchange among themselves.
+        return self._node.allgather(obj)
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
@@ -353,6 +382,21 @@ class MPIComm:
         self._comm.Abort(code)
 
 
+def local_rank_from(env, split_rank: int, size: int) -> int:
+    """This process's index among the ranks on its node: the launcher's own variable when
+    it says so for this world (Open MPI's mpiexec: OMPI_COMM_WORLD_LOCAL_RANK; srun:
+    SLURM_LOCALID, trusted only when the srun step's tasks are this world's ranks, since the
+    ranks of an mpiexec inside an allocation inherit its daemons' SLURM_LOCALID), else the
+    rank in MPI's shared-memory split of the node."""
+    value = env.get("OMPI_COMM_WORLD_LOCAL_RANK")
+    if value is None and slurm.step_tasks(env) == size:
+        value = env.get("SLURM_LOCALID")
+    try:
+        return int(value) if value is not None else split_rank
+    except ValueError:
+        return split_rank
+
+
 _WORLD: Comm | None = None
 
 
@@ -369,6 +413,19 @@ def world() -> Comm:
         else:
             _WORLD = SingleComm()
     return _WORLD
+
+
+def check_world() -> None:
+    """Stop when the processes a launcher started do not form one MPI world: srun without
+    PMIx starts N tasks that each see a world of 1. Task 0 says why (UserError: one line,
+    exit 2); the others stop quietly with the same code, so the job log has one line."""
+    announced = os.environ.get("OMPI_COMM_WORLD_SIZE")
+    problem = slurm.srun_without_mpi(world().size, int(announced) if announced else None)
+    if problem is None:
+        return
+    if slurm.task_id() == 0:
+        raise UserError(problem)
+    raise QuietExit(2)
 
 
 def current() -> Comm | None:

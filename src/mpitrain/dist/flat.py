@@ -14,12 +14,14 @@ import numpy as np
 class FlatVars:
     """A fixed list of variables and a reusable float32 buffer that holds all of them."""
 
-    def __init__(self, variables):
+    def __init__(self, variables, extra: int = 0):
+        """`extra`: slots after the variables' values in `buffer`, for numbers that travel
+        with them (a stop vote); `pack` and `unpack` leave them alone."""
         self.variables = list(variables)
         self.shapes = [tuple(v.shape) for v in self.variables]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).tolist()
-        self.buffer = np.zeros(self.offsets[-1], dtype=np.float32)
+        self.buffer = np.zeros(self.offsets[-1] + extra, dtype=np.float32)
 
     @property
     def size(self) -> int:
@@ -39,7 +41,7 @@ class FlatVars:
 
     def checksum(self) -> str:
         """A digest of the exact bytes of every variable (for cross-rank comparison)."""
-        return f"{zlib.crc32(self.pack().tobytes()):08x}"
+        return f"{zlib.crc32(self.pack()[:self.size].tobytes()):08x}"
 
 
 def float_vars(variables):

@@ -8,7 +8,9 @@ reported once, before any process starts. Then it runs
 and returns mpiexec's exit code. Open MPI refuses to run as root unless two variables are
 set; we set them only when we are root. `--bind-to none` lets each rank use its share of
 the node's cores (the trainer splits cores between the ranks on a node) instead of Open
-MPI's default of one core per rank.
+MPI's default of one core per rank. Inside a Slurm allocation Open MPI's mpiexec takes the
+hosts and slots from Slurm: we add neither --oversubscribe nor a hostfile, refuse more
+ranks than the allocation's tasks, and say where the ranks run (`in_allocation`).
 
 While the job runs, the launcher stands between mpiexec and the user (`run`):
 
@@ -17,7 +19,9 @@ While the job runs, the launcher stands between mpiexec and the user (`run`):
 * stderr is relayed line by line; after a rank's own `mpitrain: error` line, Open MPI's
   boxed reports (which only repeat that a process failed) are held back, unless --debug;
 * mpiexec runs in its own process group, so Ctrl-C reaches only us: we pass it on once,
-  wait for the job to end and let the caller report where the run stopped.
+  wait for the job to end and let the caller report where the run stopped;
+* SIGTERM or SIGUSR1 (a batch system's stop request) reaches the ranks as SIGUSR1: they
+  checkpoint together and exit with 0, and we wait for them.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mpitrain import slurm
 from mpitrain.errors import UserError
 from mpitrain.runtime import available_cores, oversubscribed
+
+# The `--resume` command of a `-n N` run, for its rank 0 to print after a preemption stop.
+RESUME_HINT_ENV = "MPITRAIN_RESUME_HINT"
 
 
 def find_mpiexec() -> str:
@@ -57,12 +65,14 @@ def is_open_mpi(mpiexec: str) -> bool:
 
 def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
                     extra: list[str] | None = None, mpiexec: str | None = None,
-                    launcher: bool = False, iface: str | None = None) -> tuple[list[str], dict]:
+                    launcher: bool = False, variables: dict | None = None,
+                    iface: str | None = None) -> tuple[list[str], dict]:
     """`launcher`: our `run` relays the job's output, so rank 0 sends progress as lines.
+    `variables`: more environment for the ranks (forwarded to other hosts if ours).
     `iface`: the network (names or CIDRs, checked by `check_iface`) for all of the job's TCP
     traffic."""
     mpiexec = mpiexec or find_mpiexec()
-    env = dict(os.environ)
+    env = dict(os.environ, **(variables or {}))
     if launcher:
         env["MPITRAIN_LAUNCHER"] = "1"
     else:
@@ -75,7 +85,9 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
             env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-        if hostfile is None and n > available_cores():
+        # Inside a Slurm allocation mpiexec takes its hosts and slots from Slurm: no
+        # --oversubscribe there, it would let the job exceed what Slurm granted.
+        if hostfile is None and n > available_cores() and slurm.allocation() is None:
             cmd.append("--oversubscribe")
         cmd += ["--bind-to", "none"]
         here = ranks_here(n, read_hostfile(hostfile) if hostfile is not None else None)
@@ -87,7 +99,7 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
             cmd += iface_flags(iface)
         # Forward our variables to ranks on other hosts too.
         for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_STARTED", "MPITRAIN_CACHE_DIR",
-                    "MPITRAIN_JOB", "TF_CPP_MIN_LOG_LEVEL"):
+                    "MPITRAIN_JOB", RESUME_HINT_ENV, "TF_CPP_MIN_LOG_LEVEL"):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:
@@ -250,6 +262,23 @@ def network_of(address: str, networks: dict | None = None) -> str:
         if ip in net.network:
             return f"interface {name} ({net.network})"
     return f"the network of {address}"
+
+
+def in_allocation(n: int, hostfile: str | None) -> str | None:
+    """Inside a Slurm allocation: the line saying where the N ranks run (Open MPI's mpiexec
+    places them on the allocation's hosts by itself); None outside one. A --hostfile or more
+    ranks than the allocation's tasks are refused: Slurm decides the hosts and the slots."""
+    alloc = slurm.allocation()
+    if alloc is None:
+        return None
+    if hostfile is not None:
+        raise UserError(f"--hostfile inside {alloc.describe()}: mpiexec runs the ranks on the "
+                        f"allocation's hosts; drop --hostfile")
+    if alloc.ntasks is not None and n > alloc.ntasks:
+        raise UserError(f"-n {n} is more than the {alloc.ntasks} task(s) of {alloc.describe()}: "
+                        f"use -n {alloc.ntasks} or less, or ask sbatch for --ntasks {n}")
+    return (f"mpitrain: {n} rank(s) on the hosts of {alloc.describe()}, placed by mpiexec "
+            f"from the allocation")
 
 
 def check_hostfile(hostfile: str) -> None:
@@ -589,8 +618,12 @@ def _want_bar() -> bool:
 
 def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         resume_hint: str | None = None, debug: bool = False, on_interrupt=None,
-        iface: str | None = None) -> int:
+        stoppable: bool = False, iface: str | None = None) -> int:
     """Run the job and return its exit code (130 after Ctrl-C).
+
+    `stoppable`: the ranks checkpoint and stop on SIGUSR1 (`train`), so our SIGTERM or
+    SIGUSR1 reaches them as SIGUSR1 and we wait for them (otherwise a SIGTERM is passed on
+    as it is and mpiexec ends the job).
 
     mpiexec runs in its own process group, so a Ctrl-C at the terminal reaches only us: we
     pass it on once (Open MPI then stops every rank) and wait; a second one kills mpiexec.
@@ -606,6 +639,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
     deadline = start_timeout() if n > 1 else 0.0
+    where = in_allocation(n, hostfile)
     networks = local_networks()
     if iface is not None:
         iface = check_iface(iface, networks)
@@ -617,7 +651,10 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
             print(warning, file=sys.stderr, flush=True)
         via = networks_said(networks)
     cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra,
-                               launcher=True, iface=iface)
+                               launcher=True, variables={RESUME_HINT_ENV: resume_hint} if resume_hint else None,
+                               iface=iface)
+    if where:
+        print(where, file=sys.stderr, flush=True)
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **group)
@@ -634,9 +671,17 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
 
     pump = threading.Thread(target=pump_stderr, daemon=True)
     pump.start()
-    # Our own SIGTERM/SIGHUP (a batch system, a closed terminal) stop the job too.
-    forwarded = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s))
-                 for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # A stop request for us (SIGTERM or SIGUSR1: Slurm's time limit, a preemption, its
+    # --signal) is one for the ranks: training ranks checkpoint at their next step boundary
+    # and exit with 0 (train/trainer.py). It reaches them as SIGUSR1, which Open MPI's
+    # mpiexec forwards to every rank; a SIGTERM to mpiexec would make it kill them instead.
+    # We keep relaying until they are done. A closed terminal (SIGHUP) still ends the job.
+    def stop_request(sig, _frame):
+        proc.send_signal(signal.SIGUSR1 if stoppable else sig)
+
+    forwarded = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop_request),
+                 signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop_request),
+                 signal.SIGHUP: signal.signal(signal.SIGHUP, lambda s, _f: proc.send_signal(s))}
     interrupted = False
 
     def no_start(text):

@@ -94,11 +94,11 @@ def evaluate_main(model: str | list[str], data: str, json_path: str | None = Non
         err = str(e)
     agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
 
-    from mpitrain.runtime import configure_runtime, resolve_precision
+    from mpitrain.runtime import configure_rank, resolve_precision
 
     # Collective: rank 0 resolves "auto" for all, so every rank predicts alike.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
-    configure_runtime(0, threads, comm.local_size, precision)
+    configure_rank(comm, 0, threads, precision)
     err = None
     try:
         from mpitrain.evaluate import ensemble

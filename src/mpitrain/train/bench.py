@@ -61,13 +61,13 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
 
     import keras
 
-    from mpitrain.runtime import configure_runtime, resolve_precision
+    from mpitrain.runtime import configure_rank, resolve_precision
     from mpitrain.train.models import build_model
     from mpitrain.train.steps import make_train_step
 
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
-    n_threads = configure_runtime(0, threads, comm.local_size, precision)
+    n_threads = configure_rank(comm, 0, threads, precision)
     x, y = _data(batch * max(steps, warmup), image_size, 2, seed=comm.rank)
     fit_step = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other

@@ -20,7 +20,7 @@ import numpy as np
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.dist.comm import world
 from mpitrain.dist.strategies import strategy_class
-from mpitrain.errors import UserError, agree
+from mpitrain.errors import StopRequested, UserError, agree
 
 
 def _open_resume(cfg: TrainConfig):
@@ -64,12 +64,22 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
 
     Rank 0 locks the run folder (`runfolder.prepare`) and lets go when this returns or
     raises, Ctrl-C included; a folder it created is removed again if nothing was written."""
+    from mpitrain.dist import preempt
     from mpitrain.train import runlock
 
+    from mpitrain.dist.comm import launched_by_mpi
+
+    # SIGTERM/SIGUSR1 from now on: checkpoint with every rank, then stop. A rank keeps the
+    # handlers until its process ends: a request arriving while a finished run exits is
+    # moot and must not kill it in MPI_Finalize (a failed job for a complete run folder).
+    # An in-process caller (a library, the tests) gets its own handlers back.
+    restore = preempt.install()
     try:
         return _train_main(make_config, echo, resume)
     finally:
         runlock.release_all()
+        if not launched_by_mpi():
+            restore()
 
 
 def _train_main(make_config, echo, resume: bool) -> int:
@@ -121,15 +131,52 @@ def _train_main(make_config, echo, resume: bool) -> int:
     try:
         return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
     except KeyboardInterrupt:
-        from mpitrain.dist.launch import resume_command
         from mpitrain.train import progress
 
         progress.clear_active()
         if comm.rank == 0:
             where = progress.last_position() or "set-up, before the first training step"
-            hint = resume_command(comm.size if comm.size > 1 else None, out, elastic=cfg.elastic)
-            print(interrupted_message(where, out, hint), file=sys.stderr, flush=True)
+            print(interrupted_message(where, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
         return 130
+    except StopRequested as stop:
+        from mpitrain.train import progress
+
+        progress.clear_active()
+        if comm.rank == 0:
+            print(stopped_message(stop, cfg.epochs, out, _resume_hint(comm, out, cfg)), file=sys.stderr,
+                  flush=True)
+        return 0  # asked for: a batch system's stop or preemption, not a failure
+
+
+def _resume_hint(comm, out, cfg) -> str:
+    """The command that continues this run: the launcher's (it knows its --hostfile), srun's
+    when srun started the ranks, else one for this many processes."""
+    import os
+
+    from mpitrain import slurm
+    from mpitrain.dist.launch import RESUME_HINT_ENV, resume_command
+
+    if os.environ.get(RESUME_HINT_ENV):
+        return os.environ[RESUME_HINT_ENV]
+    if comm.size > 1 and slurm.step_tasks() == comm.size and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return f"srun --mpi=pmix {resume_command(None, out, elastic=cfg.elastic)}"
+    return resume_command(comm.size if comm.size > 1 else None, out, elastic=cfg.elastic)
+
+
+def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) -> str:
+    """What rank 0 says after every rank agreed to stop on a signal and checkpointed."""
+    from pathlib import Path
+
+    from mpitrain.train import checkpoint
+
+    at = checkpoint.describe_position(stop.epoch, stop.step)
+    lines = [f"mpitrain: stopped on request (SIGTERM or SIGUSR1 to a rank): every rank saved its state "
+             f"at {at} (of {epochs} epochs)"]
+    found = checkpoint.latest_meta(Path(run_dir))
+    if found is not None:
+        lines.append(f"newest checkpoint: {found[0]}")
+    lines.append(f"continue with: {resume_cmd}")
+    return "\n".join(lines)
 
 
 def interrupted_message(where: str | None, run_dir, resume_cmd: str | None) -> str:
@@ -175,11 +222,11 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
     """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
     why `cfg.precision` is the one used (config.json's runtime facts)."""
     from mpitrain.data import dataset
-    from mpitrain.runtime import configure_runtime
+    from mpitrain.runtime import configure_rank
     from mpitrain.train.models import build_model
     from mpitrain.train.trainer import fit
 
-    threads = configure_runtime(cfg.seed, cfg.threads, comm.local_size, cfg.precision)
+    threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision)  # collective
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:

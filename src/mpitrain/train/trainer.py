@@ -14,6 +14,12 @@ communicator, adopt rank 0's state, re-shard the data among themselves, rebuild 
 strategy and the train step for the new rank count, and go on from rank 0's position in
 the current epoch. Rank 0 writes the run folder; if it is the one lost, the survivors stop
 cleanly and the run continues with --resume from its newest checkpoint.
+
+Stop requests (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`): after every step the ranks
+ask their strategy whether they have agreed to stop (a vote carried by the strategy's own
+collectives, see `dist/strategies/base.py`); once they have, they write a checkpoint at
+that step and raise StopRequested, which `mpitrain train` turns into exit code 0 and the
+command that resumes the run.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import numpy as np
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
+from mpitrain.dist import preempt
 from mpitrain.dist.comm import RankLost
 from mpitrain.dist.pulses import Pulses
 from mpitrain.dist.rankstate import RankState
 from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.dist.watchdog import Watchdog
-from mpitrain.errors import AgreedError, QuietExit
+from mpitrain.errors import AgreedError, QuietExit, StopRequested
 from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
@@ -103,7 +110,8 @@ class Trainer:
         cfg, comm = self.cfg, self.comm
         # The strategy refuses too few ranks itself; while it waits for peers that are still
         # working it reports their progress to the watchdog.
-        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat, compress=cfg.compress)
+        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat,
+                              stop_requested=lambda: preempt.requested() is not None, compress=cfg.compress)
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
@@ -201,6 +209,11 @@ class Trainer:
             sync.after_step(s + 1, self.steps, len(idx))
             self.done = s + 1
             self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
+            # Every rank asks at every step (the vote is collective); all get the same answer.
+            if sync.stop_agreed(s + 1, self.steps) and self.checkpoints and s + 1 < self.steps:
+                self._checkpoint(epoch, s + 1, stats)
+                bar.close()
+                raise StopRequested(epoch, s + 1)
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, stats)
         sync.end_epoch()
@@ -234,6 +247,10 @@ class Trainer:
         self._checkpoint(epoch + 1, 0, np.zeros(3),
                          "trained" if epoch + 1 == cfg.epochs or self.stopping else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
+        # A stop asked for during validation: collective, once per epoch. After the last
+        # epoch the run finishes instead (validated; saving the model takes seconds).
+        if self.checkpoints and epoch + 1 < cfg.epochs and not self.stopping and sync.stop_vote():
+            raise StopRequested(epoch + 1, 0)
         return float(stats[0])
 
     def _validate(self, epoch: int):

@@ -7,6 +7,8 @@ FAULT=stop   SIGSTOP: the whole process freezes, its own watchdog thread include
 FAULT=slow   from step FAULT_AT on, every step of the rank first sleeps FAULT_SECONDS
              (default 1): a healthy but slow rank that keeps stepping.
 FAULT=slow_validation  the rank's validation first sleeps FAULT_SECONDS per image.
+FAULT=term / FAULT=usr1  SIGTERM / SIGUSR1 to itself (a batch system's stop request):
+             the job checkpoints and stops with exit code 0.
 
 FAULT_RANK is the rank at start (ranks are renumbered after an elastic loss), or several
 separated by commas; FAULT_AT is the rank's step count (1-based) at which it fails.
@@ -51,6 +53,8 @@ def faulty_make(*args, **kwargs):
                     os.kill(os.getpid(), signal.SIGSTOP)
                 elif FAULT == "stall":
                     time.sleep(3600)
+                elif FAULT in ("term", "usr1"):
+                    os.kill(os.getpid(), signal.SIGTERM if FAULT == "term" else signal.SIGUSR1)
                 elif FAULT == "raise":
                     raise ValueError("injected failure for the test")
         return step(*a, **k)

@@ -37,10 +37,11 @@ def compressions() -> tuple[str, ...]:
     return ("none",) + tuple(sorted(found - {"none"}))
 
 
-def make_sync(name: str, comm, sync_every: int | None = None, progress=None, compress: str = "none") -> Sync:
+def make_sync(name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None,
+              compress: str = "none") -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
     strategy cannot apply `compress`)."""
-    return REGISTRY[name](comm, sync_every, progress, compress)
+    return REGISTRY[name](comm, sync_every, progress, stop_requested=stop_requested, compress=compress)
 
 
 __all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]

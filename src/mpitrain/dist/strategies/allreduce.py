@@ -56,28 +56,40 @@ class AllreduceSync(Sync):
     name = "allreduce"
     compressions = ("none", "bf16")
 
-    def __init__(self, comm, sync_every=None, progress=None, compress="none"):
-        super().__init__(comm, sync_every, progress, compress)
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.per_step_reduce = comm.size > 1
+        self._stop = False  # the stop vote of the last step's allreduce
 
     def reduce_step(self, buf: np.ndarray) -> np.ndarray:
         # Called from tf.numpy_function inside the compiled step; every rank calls it once
         # per step, in step order, so the allreduces pair up. The input may alias TF
-        # memory, so reduce a private copy.
-        out = np.array(buf, dtype=np.float32, copy=True)
+        # memory, so reduce a private copy, one slot longer: the stop vote rides along, so
+        # agreeing to stop costs no collective of its own.
+        out = np.empty(buf.size + 1, dtype=np.float32)
+        out[:-1] = buf
+        out[-1] = self._asked()
         if self.compress == "bf16":
             # Two collectives, in this order on every rank: the gradients in bfloat16 (half
-            # the bytes of the big one), then the three statistics in float32 (12 bytes:
-            # exact counts and loss sums for the mean's divisor and the metrics).
-            grads = to_bf16(out[:-3], scratch=True)  # `out` is our private copy
+            # the bytes of the big one), then the three statistics and the stop vote in
+            # float32 (16 bytes: exact counts and loss sums for the mean's divisor and the
+            # metrics, and an exact vote).
+            tail = out[-4:].copy()
+            grads = to_bf16(out[:-4], scratch=True)  # `out` is our private copy
             self._timed(self.comm.allreduce_op_, grads, bf16_add)
-            stats = out[-3:].copy()
-            self._timed(self.comm.allreduce_sum_, stats)
-            out[:-3], out[-3:] = from_bf16(grads), stats
-            return out
-        # One collective: the whole fused float32 buffer, statistics included.
-        self._timed(self.comm.allreduce_sum_, out)
-        return out
+            self._timed(self.comm.allreduce_sum_, tail)
+            out[:-4], out[-4:] = from_bf16(grads), tail
+        else:
+            # One collective: the whole fused float32 buffer, statistics and vote included.
+            self._timed(self.comm.allreduce_sum_, out)
+        self._stop = bool(out[-1] > 0)
+        return out[:-1]
+
+    def stop_agreed(self, step: int, steps: int) -> bool:
+        # The vote travelled with this step's gradients: every rank has the same sum.
+        if not self.per_step_reduce:
+            return super().stop_agreed(step, steps)
+        return self._stop
 
     def end_epoch(self) -> None:
         # Trainable weights are identical by construction (same summed gradients, same

@@ -10,6 +10,17 @@ deadlocking):
     end_epoch()                  after the last step of every epoch
     settle()                     before a collective that needs every rank's steps so far
                                  (a checkpoint): returns once they are done
+    stop_agreed(step, steps)     after every step: have the ranks agreed to stop here?
+    stop_vote()                  after every epoch's checkpoint: the same, blocking
+
+Stopping on request (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`) is decided by a vote:
+every rank contributes whether it was asked (`stop_requested()`), and all of them learn the
+sum after the same step, so they checkpoint together and stop. The vote rides on a
+collective the strategy has anyway where it has one at a step (allreduce: the gradient
+sum; local-sgd: the weight average every K steps); otherwise (master-worker, whose steps
+have no collective) it is a nonblocking one-number sum posted every `vote_every` steps
+and read `vote_every` steps later, so no rank waits for it unless it is that far ahead of
+the slowest. Never a blocking collective per step.
 
 A strategy also says which ranks train (`trains`), how many do (`train_ranks`), and which
 part of the training and validation data this rank owns. Everything else that is
@@ -40,6 +51,7 @@ class Sync:
     default_sync_every: int | None = None         # what --sync-every "auto" (None) means
     auto_lr: tuple[str, str] = ("sqrt", "cosine")  # (--lr-scaling, --lr-schedule) for "auto"
     compressions: tuple[str, ...] = ("none",)      # --compress values the strategy can apply
+    vote_every = 8  # steps between nonblocking stop votes (strategies without a per-step collective)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -91,15 +103,19 @@ class Sync:
 
     # ---- one rank's instance ----
 
-    def __init__(self, comm, sync_every: int | None = None, progress=None, compress: str = "none"):
+    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None,
+                 compress: str = "none"):
         """`progress(what)` is called while this rank waits for peers that are still
-        working (the trainer passes its watchdog's beat)."""
+        working (the trainer passes its watchdog's beat); `stop_requested()` says whether
+        this rank was asked to stop (the trainer passes `preempt.requested`)."""
         self.check_ranks(comm.size)
         self.check_compress(compress)
         self.compress = compress
         self.comm = comm
         self.sync_every = sync_every
         self.progress = progress or (lambda what: None)
+        self.stop_requested = stop_requested or (lambda: False)
+        self._vote = None  # the pending nonblocking stop vote: (buffer, request)
         self.comm_seconds = 0.0  # time spent inside collectives, for `bench`
         self.trains = True
         self.train_ranks = self.train_ranks_of(comm.size)
@@ -141,6 +157,49 @@ class Sync:
     def settle(self) -> None:
         pass
 
+    # ---- stopping on request: every rank learns the same answer after the same step ----
+
+    def _asked(self) -> float:
+        return 1.0 if self.stop_requested() else 0.0
+
+    def stop_agreed(self, step: int, steps: int) -> bool:
+        """After step `step` (1-based) of `steps`, on every rank: True on all ranks alike
+        once a rank was asked to stop. This default is the nonblocking vote: one posted every
+        `vote_every` steps, read (waited for, polling) `vote_every` steps later, none left
+        pending across an epoch's end (`stop_vote` decides there)."""
+        if self.comm.size == 1:
+            return bool(self._asked())
+        if step % self.vote_every and step != steps:
+            return False
+        agreed = False
+        if self._vote is not None:
+            buf, request = self._vote
+            self._vote = None
+            self._timed(self._wait, request)
+            agreed = bool(buf[0] > 0)
+        if step != steps and not agreed:  # (stopping: no request left pending at MPI_Finalize)
+            buf = np.array([self._asked()], dtype=np.float64)
+            # Collective, nonblocking: every rank posts this vote at the same step.
+            self._vote = (buf, self._timed(self.comm.iallreduce_sum_, buf))
+        return agreed
+
+    def stop_vote(self) -> bool:
+        """Collective, blocking; once per epoch, after its checkpoint, when every rank is
+        there anyway: whether any rank was asked to stop (a signal during validation)."""
+        return self._timed(self.comm.allreduce_max, self._asked()) > 0
+
+    def _wait(self, request) -> None:
+        """Until `request` completes, polling, reporting peers' progress (`_waiting`)."""
+        pause = 0.0002
+        while not self.comm.test(request):
+            self._waiting()
+            time.sleep(pause)  # sleep, not spin: ranks often share a node's cores
+            pause = min(2 * pause, 0.01)
+
+    def _waiting(self) -> None:
+        """Called while this rank waits for a vote: a strategy that can tell how its peers
+        progress reports it here (master-worker polls its pulses)."""
+
     def checksum(self) -> str:
         return self.weights.checksum()
 
@@ -158,15 +217,21 @@ class Sync:
         finally:
             self.comm_seconds += time.perf_counter() - t
 
-    def _average_weights(self, variables) -> None:
-        """Replace `variables` by their mean over all ranks (one fused allreduce)."""
+    def _average_weights(self, variables, vote: bool = False) -> bool:
+        """Replace `variables` by their mean over all ranks (one fused allreduce). `vote`:
+        a stop vote travels in one more slot of the same buffer; returns whether any rank
+        was asked to stop (False without a vote)."""
         if self.comm.size == 1 or not variables:
-            return
-        flat = FlatVars(variables)
+            return vote and bool(self._asked())
+        flat = FlatVars(variables, extra=1 if vote else 0)
         flat.pack()
+        if vote:
+            flat.buffer[-1] = self._asked()
         self._timed(self.comm.allreduce_sum_, flat.buffer)
+        agreed = vote and bool(flat.buffer[-1] > 0)
         flat.buffer /= self.comm.size
         flat.unpack()
+        return agreed
 
 
 def scaled_lr(base: float, scaling: str, ranks: int) -> float:

@@ -19,9 +19,20 @@ class LocalSGDSync(Sync):
     # scaling with a cosine decay (measured best there).
     default_sync_every = 4
 
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
+        self._stop = False  # the stop vote of the last average
+
     def after_step(self, step: int, steps: int, samples: int) -> None:
         if self.sync_every and step % self.sync_every == 0 and step != steps:
-            self._average_weights(self.weights.variables)
+            # The stop vote rides in the average's buffer: decided every K steps, for free.
+            self._stop = self._average_weights(self.weights.variables, vote=True)
+
+    def stop_agreed(self, step: int, steps: int) -> bool:
+        if self.comm.size == 1 or not self.sync_every:
+            return super().stop_agreed(step, steps)
+        stop, self._stop = self._stop, False
+        return stop
 
     def end_epoch(self) -> None:
         self._average_weights(self.weights.variables)

@@ -30,8 +30,8 @@ class MasterWorkerSync(Sync):
     # single-rank rate held constant.
     auto_lr = ("none", "constant")
 
-    def __init__(self, comm, sync_every=None, progress=None, compress="none"):
-        super().__init__(comm, sync_every, progress, compress)
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.trains = comm.rank != 0
         self.round_samples = 0
         self.rounds = 0
@@ -66,6 +66,12 @@ class MasterWorkerSync(Sync):
     def settle(self) -> None:
         """Wait (polling, reporting progress) until every rank has done its steps so far."""
         self._timed(self.pulses.wait)
+
+    # Stop votes: the base class's nonblocking vote every `vote_every` steps (a round may
+    # last a whole epoch, too long to wait for a stop); while a rank waits for one, the
+    # pulses tell it whether the slower workers are still stepping.
+    def _waiting(self) -> None:
+        self.pulses.poll()
 
     def extra_state(self) -> np.ndarray:
         return np.array([self.round_samples, self.rounds], dtype=np.float64)

@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Stands in for mpiexec (MPITRAIN_MPIEXEC) to see what the launcher sends it: says
+"started", then reports the first signal it gets and exits (0 for SIGUSR1, the request
+Open MPI forwards to the ranks; 143 for SIGTERM, which would kill them). No MPI, no ranks."""
+
+import signal
+import sys
+import time
+
+if "--version" in sys.argv:
+    sys.exit(0)  # not Open MPI: the launcher adds no Open MPI options
+got = []
+for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(sig, lambda s, _f: got.append(s))
+print("fake mpiexec started", flush=True)
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.02)
+name = signal.Signals(got[0]).name if got else "nothing"
+print(f"fake mpiexec got {name}", flush=True)
+sys.exit(0 if name == "SIGUSR1" else 143)
