@@ -110,6 +110,8 @@ class Cluster:
 
     def hide(self, host: int, *paths) -> None:
         """Host `host` sees these folders empty (a tmpfs over them) from its next command on."""
+        if any(len(str(p).split()) != 1 for p in paths):
+            raise ValueError(f"hide: paths without white space only: {paths}")
         self.hidden.setdefault(host, []).extend(str(p) for p in paths)
         self._write_scripts()
 

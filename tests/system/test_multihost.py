@@ -144,9 +144,31 @@ def test_without_iface_a_second_network_is_warned_about_and_its_failure_named(cl
 
 def test_a_network_that_drops_packets_silently_is_stopped_in_one_line(cluster, data, tmp_path):
     # Nothing fails on a network that drops without answering: Open MPI waits forever. The
-    # launcher's start deadline (15 s here, 45 s by default) stops the job with one line.
+    # launcher's start deadline (8 s here, 45 s by default) stops the job with one line.
     cluster.silence()
     proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2",
-                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "15"})
-    line = _one_line(proc, "within 15 s", "eth2", "MPITRAIN_START_TIMEOUT")
+                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "8"})
+    line = _one_line(proc, "within 8 s", "eth2", "MPITRAIN_START_TIMEOUT")
     assert cluster.name(2) in line
+
+
+def test_idle_ranks_yield_where_a_host_has_more_ranks_than_cores(cluster, tmp_path):
+    # Host 1 (the launcher's) runs 1 rank, host 2 one more than its cores: only host 2's
+    # ranks yield, each deciding for its own node before MPI starts. (With host 1 over its
+    # cores the launcher adds Open MPI's option instead: tests/unit/test_launch_network.py.)
+    from mpitrain.dist.launch import mpiexec_command
+    from mpitrain.runtime import available_cores
+
+    cores = available_cores()
+    if cores > 4:
+        pytest.skip(f"{cores} cores: {cores + 2} ranks would be too many for a short test")
+    show = [sys.executable, "-c", "import os, socket; from mpitrain.dist.comm import world; world(); "
+            "print(socket.gethostname(), os.environ.get('OMPI_MCA_mpi_yield_when_idle'))"]
+    env = _env(cluster, tmp_path)
+    del env["OMPI_MCA_mpi_yield_when_idle"]  # the harness's own setting: not here
+    cmd, _ = mpiexec_command(cores + 2, show, hostfile=str(cluster.hostfile([1, cores + 1])), iface="eth1")
+    assert "mpi_yield_when_idle" not in cmd  # the launcher's host is not over its cores
+    proc = cluster.run(1, cmd, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h1, h2 = cluster.name(1), cluster.name(2)
+    assert sorted(proc.stdout.splitlines()) == sorted([f"{h1} None"] + [f"{h2} 1"] * (cores + 1))
