@@ -231,3 +231,37 @@ def test_a_job_whose_ranks_met_is_not_stopped_by_the_deadline(tmp_path, monkeypa
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "soon")
     with pytest.raises(UserError):
         launch.start_timeout()
+
+
+LOST_DAEMON_BOX = ["-" * 74 + "\n",
+                   "PRTE has lost communication with a remote daemon.\n",
+                   "\n",
+                   "  HNP daemon   : [prterun-node1-12783@0,0] on node node1\n",
+                   "  Remote daemon: [prterun-node1-12783@0,1] on node node2\n",
+                   "\n",
+                   "This is usually due to either a failure of the TCP network\n",
+                   "therefore will terminate the job.\n",
+                   "-" * 74 + "\n"]
+
+
+def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys):
+    # Measured on fake hosts: a host lost under --elastic ends the whole job, and mpiexec
+    # exits with 0. The launcher names the host, says how to go on and fails.
+    script = tmp_path / "mpiexec"
+    box = "".join(LOST_DAEMON_BOX).replace("\n", "\\n")
+    script.write_text('#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n'
+                      "printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;contact\\007\\n'\n"
+                      f"printf 'epoch 1/40\\n'; printf '%b' '{box}' >&2; exit 0\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("MPITRAIN_MPIEXEC", str(script))
+    code = launch.run(3, ["train"], resume_hint="mpitrain train -n 3 --resume --out r")
+    out = capsys.readouterr()
+    assert code == 1 and out.out == "epoch 1/40\n"
+    assert out.err == ("mpitrain: error: host node2 was lost (Open MPI's daemon there stopped answering) and "
+                       "Open MPI stopped the whole job (--elastic survives lost ranks, not lost hosts); "
+                       "continue it with: mpitrain train -n 3 --resume --out r\n")
+    shown = []
+    f = launch.NoStartBox(shown.append, shown.append)  # the same box on stdout
+    for line in LOST_DAEMON_BOX:
+        f.feed(line)
+    assert f.lost == "node2" and shown == []

@@ -473,6 +473,22 @@ _DASHES = re.compile(r"^-{20,}\s*$")
 _NO_DAEMON = re.compile(r"daemon failed to report back.*?Remote host:\s*(\S+)", re.S)
 
 
+# Open MPI's box when the daemon of a host stopped answering mid-job (the host was lost):
+# PRRTE then ends the whole job, --with-ft ulfm or not, and mpiexec may still exit with 0.
+_LOST_DAEMON = re.compile(r"lost communication with a remote daemon.*?Remote daemon:.*? on node (\S+)", re.S)
+
+
+def lost_host(box: str) -> str | None:
+    m = _LOST_DAEMON.search(box)
+    return m.group(1) if m else None
+
+
+def lost_host_message(host: str, resume_hint: str | None = None) -> str:
+    msg = (f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
+           "stopped the whole job (--elastic survives lost ranks, not lost hosts)")
+    return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
+
+
 def no_start_host(box: str) -> str | None:
     m = _NO_DAEMON.search(box)
     return m.group(1) if m else None
@@ -510,6 +526,7 @@ class NoStartBox:
     def __init__(self, passon, say, debug: bool = False, via: str | None = None):
         self.passon, self.say, self.debug, self.via = passon, say, debug, via
         self.host: str | None = None
+        self.lost: str | None = None  # a host whose daemon was lost mid-job
         self._held: list[str] | None = None
 
     def feed(self, line: str) -> None:
@@ -520,14 +537,17 @@ class NoStartBox:
                 self.passon(line)
             return
         self._held.append(line)
-        if len(self._held) == 2 and not line.startswith("A daemon failed to report back"):
+        if len(self._held) == 2 and not line.startswith(("A daemon failed to report back",
+                                                         "PRTE has lost communication with a remote daemon")):
             self._flush()
         elif len(self._held) > 2 and _DASHES.match(line):
             box, self._held = "".join(self._held), None
-            host = no_start_host(box)
+            host, gone = no_start_host(box), lost_host(box)
             if host and not self.debug:
                 self.host = host
                 self.say(no_start_message(host, self.via))
+            elif gone and not self.debug:
+                self.lost = gone  # said at the end, with the resume command
             else:
                 self.passon(box)
 
@@ -554,6 +574,7 @@ class StderrFilter:
         self.explained = False
         self.no_start: str | None = None  # the host Open MPI could not start the job on
         self.no_connect: str | None = None  # our line about hosts that cannot reach each other
+        self.lost: str | None = None  # a host whose daemon was lost mid-job
         self._box: list[str] | None = None
         self._write = write or (lambda text: (out.write(text), out.flush()))
 
@@ -566,6 +587,10 @@ class StderrFilter:
                 if host and not self.explained and not self.debug:
                     self.no_start, self.explained = host, True
                     self._write(no_start_message(host, self.via))
+                    return
+                gone = lost_host(box)
+                if gone and not self.debug:
+                    self.lost, self.explained = gone, True  # said at the end, with the resume command
                     return
                 line = no_connect_message(box)
                 if line and not self.explained and not self.debug:
@@ -753,6 +778,10 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         return 130
     if code != 0 and ((errors.no_start or stdout.host) is not None or errors.no_connect or stalled):
         return 2  # a usage error (the hostfile, the network), said in one line
+    gone = errors.lost or stdout.lost
+    if gone:
+        print(lost_host_message(gone, resume_hint), file=sys.stderr)
+        return code or 1  # mpiexec may say 0 although it stopped the job
     if code != 0:
         lost = lost_rank_message("".join(seen), resume_hint)
         if lost:
