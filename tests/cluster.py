@@ -174,6 +174,14 @@ class Cluster:
                     _sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
                         "burst", burst, "latency", latency)
 
+    def crash(self, host: int) -> None:
+        """Host `host` dies: every process in its namespace is killed (SIGKILL)."""
+        for pid in _sh("ip", "netns", "pids", self.name(host), check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
     def cut(self, host: int) -> None:
         """Host `host`'s cable out of the bridge: the others cannot reach it."""
         _sh("ip", "link", "set", f"{PREFIX}{self.tag}v{host}", "down")

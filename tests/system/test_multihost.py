@@ -9,7 +9,9 @@ where fake hosts cannot be made (not root, no `ip netns`).
 """
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +174,32 @@ def test_idle_ranks_yield_where_a_host_has_more_ranks_than_cores(cluster, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     h1, h2 = cluster.name(1), cluster.name(2)
     assert sorted(proc.stdout.splitlines()) == sorted([f"{h1} None"] + [f"{h2} 1"] * (cores + 1))
+
+
+def test_master_worker_across_hosts_and_a_lost_host_is_named(cluster, data, tmp_path):
+    # Master and one worker on host 1, a worker on host 2, --elastic. Once epoch 1 is
+    # checkpointed (trained across the hosts), host 2 dies. Open MPI ends the whole job
+    # (ULFM survives lost ranks, not a lost host) and its mpiexec exits with 0: the launcher
+    # must name the host, say how to resume and fail.
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "mpitrain", "train", "-n", 3, "--hostfile", cluster.hostfile([2, 1]),
+            "--iface", "eth1", "--data", data, "--strategy", "master-worker", "--sync-every", 2, "--elastic",
+            "--model", "tiny", "--image-size", 16, "--epochs", 500, "--batch-size", 8, "--threads", 1,
+            "--precision", "fp32", "--out", out]
+    proc = subprocess.Popen(cluster.command(1, argv), env=_env(cluster, tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120  # a hang guard, not a measurement
+        while not list((out / "checkpoints").glob("ckpt-*.npz")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        cluster.crash(2)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "epoch 1/500 [master-worker x2 + master]" in stdout
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"mpitrain: error: host {cluster.name(2)} was lost")
+    assert f"--resume --out {out} --elastic" in lines[0]

@@ -244,11 +244,18 @@ LOST_DAEMON_BOX = ["-" * 74 + "\n",
                    "-" * 74 + "\n"]
 
 
-def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys):
+# After the start, a daemon whose ssh (or agent) ended is reported like one that never
+# started: which box comes depends on what died first.
+NO_DAEMON_BOX = ["-" * 60 + "\n", "A daemon failed to report back after being spawned. This could\n",
+                 "  Local host:    node1\n", "  Remote host:   node2\n", "  Daemon exit status: 255\n", "-" * 60 + "\n"]
+
+
+@pytest.mark.parametrize("lost_box", [LOST_DAEMON_BOX, NO_DAEMON_BOX], ids=["lost-daemon", "daemon-ended"])
+def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys, lost_box):
     # Measured on fake hosts: a host lost under --elastic ends the whole job, and mpiexec
     # exits with 0. The launcher names the host, says how to go on and fails.
     script = tmp_path / "mpiexec"
-    box = "".join(LOST_DAEMON_BOX).replace("\n", "\\n")
+    box = "".join(lost_box).replace("\n", "\\n")
     script.write_text('#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n'
                       "printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;contact\\007\\n'\n"
                       f"printf 'epoch 1/40\\n'; printf '%b' '{box}' >&2; exit 0\n")
@@ -261,7 +268,7 @@ def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys)
                        "Open MPI stopped the whole job (--elastic survives lost ranks, not lost hosts); "
                        "continue it with: mpitrain train -n 3 --resume --out r\n")
     shown = []
-    f = launch.NoStartBox(shown.append, shown.append)  # the same box on stdout
-    for line in LOST_DAEMON_BOX:
+    f = launch.NoStartBox(shown.append, shown.append, started=lambda: True)  # the same box on stdout
+    for line in lost_box:
         f.feed(line)
     assert f.lost == "node2" and shown == []

@@ -523,8 +523,11 @@ class NoStartBox:
     start on a host (a wrong --hostfile, no ssh there) as a box on stdout. That box becomes
     one line (`say`); every other line goes on to `passon` unchanged, in order."""
 
-    def __init__(self, passon, say, debug: bool = False, via: str | None = None):
+    def __init__(self, passon, say, debug: bool = False, via: str | None = None, started=None):
+        """`started()`: whether the job had started (then a host whose daemon's ssh ended
+        was lost, not unreachable)."""
         self.passon, self.say, self.debug, self.via = passon, say, debug, via
+        self.started = started or (lambda: False)
         self.host: str | None = None
         self.lost: str | None = None  # a host whose daemon was lost mid-job
         self._held: list[str] | None = None
@@ -543,6 +546,8 @@ class NoStartBox:
         elif len(self._held) > 2 and _DASHES.match(line):
             box, self._held = "".join(self._held), None
             host, gone = no_start_host(box), lost_host(box)
+            if host and self.started():
+                host, gone = None, host
             if host and not self.debug:
                 self.host = host
                 self.say(no_start_message(host, self.via))
@@ -569,8 +574,9 @@ class StderrFilter:
     pressed Ctrl-C), they only repeat it, so they are held back, as are Open MPI's tagged
     `[host:pid]` diagnostics. With --debug everything is shown."""
 
-    def __init__(self, out, debug: bool = False, write=None, via: str | None = None):
+    def __init__(self, out, debug: bool = False, write=None, via: str | None = None, started=None):
         self.debug, self.via = debug, via
+        self.started = started or (lambda: False)  # as for NoStartBox
         self.explained = False
         self.no_start: str | None = None  # the host Open MPI could not start the job on
         self.no_connect: str | None = None  # our line about hosts that cannot reach each other
@@ -584,6 +590,9 @@ class StderrFilter:
             if _DASHES.match(line):
                 box, self._box = "".join(self._box), None
                 host = no_start_host(box)
+                if host and self.started() and not self.debug:
+                    self.lost, self.explained = host, True  # it had started: the host was lost
+                    return
                 if host and not self.explained and not self.debug:
                     self.no_start, self.explained = host, True
                     self._write(no_start_message(host, self.via))
@@ -684,7 +693,8 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **group)
     relay = StdoutRelay(sys.stdout, _want_bar())
-    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text), via=via)
+    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text), via=via,
+                          started=lambda: "started" in relay.states)
     seen: collections.deque[str] = collections.deque(maxlen=200)
 
     def pump_stderr():
@@ -713,7 +723,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         errors.explained = True  # Open MPI's boxes on stderr only repeat it
         relay.write_other(sys.stderr, text)
 
-    stdout = NoStartBox(relay.feed, no_start, debug, via=via)
+    stdout = NoStartBox(relay.feed, no_start, debug, via=via, started=lambda: "started" in relay.states)
     stalled = []
 
     def watch_start():
