@@ -146,11 +146,11 @@ def test_without_iface_a_second_network_is_warned_about_and_its_failure_named(cl
 
 def test_a_network_that_drops_packets_silently_is_stopped_in_one_line(cluster, data, tmp_path):
     # Nothing fails on a network that drops without answering: Open MPI waits forever. The
-    # launcher's start deadline (8 s here, 45 s by default) stops the job with one line.
+    # launcher's start deadline (5 s here, 45 s by default) stops the job with one line.
     cluster.silence()
     proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2",
-                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "8"})
-    line = _one_line(proc, "within 8 s", "eth2", "MPITRAIN_START_TIMEOUT")
+                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "5"})
+    line = _one_line(proc, "within 5 s", "eth2", "MPITRAIN_START_TIMEOUT")
     assert cluster.name(2) in line
 
 
