@@ -4,7 +4,7 @@
 
 For each buffer size (float32 bytes) and each of `none` (one float32 MPI_Allreduce, as
 `--compress none` sends) and `bf16` (the bfloat16 buffer with mpitrain's user-defined sum, as
-`--compress bf16` sends; the 12-byte statistics are left out, their latency is modelled),
+`--compress bf16` sends; the 16-byte statistics and stop vote are left out, their latency is modelled),
 every rank times R calls after 2 untimed ones; a barrier starts each call, and the slowest
 rank's time counts. Rank 0 prints one JSON line per (size, compression) with all R times.
 """

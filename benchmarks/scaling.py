@@ -129,7 +129,7 @@ def predict(model: dict, n: int, rate: float, compress: str, grad_bytes: int, co
         return 2 * (n - 1) * a + 2 * (n - 1) / n * grad_bytes / wire
     half = grad_bytes / 2
     # The ring's reduce-scatter applies the numpy sum to (n-1)/n of the buffer on every rank;
-    # the 12-byte statistics follow in a second allreduce (recursive doubling: log2 n steps);
+    # the 16-byte statistics and stop vote follow in a second allreduce (recursive doubling: log2 n steps);
     # the rounding before and the expansion after cost `conv`.
     return (2 * (n - 1) * a + 2 * (n - 1) / n * half / wire + (n - 1) / n * half * model["bf16_op_s_per_byte"]
             + 2 * math.ceil(math.log2(n)) * a + conv)
