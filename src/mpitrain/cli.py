@@ -93,6 +93,10 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="show tracebacks")
 
 
+IFACE_HELP = ("network for all of the job's TCP traffic (MPI messages and Open MPI's runtime), for -n: "
+              "interface names or CIDR networks, comma-separated (e.g. eth1 or 10.0.0.0/24); default: "
+              "Open MPI's choice, with a warning when the job spans hosts and this host has several")
+
 LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column")
 
 
@@ -123,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from mpitrain.dist.strategies import compressions as strategy_compressions
     from mpitrain.dist.strategies import names as strategy_names
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
     t.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    t.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     _add_train_args(t)
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint (with its saved options)")
@@ -169,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    b.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
                                                    "(default: %(default)s)")
     b.add_argument("--batch-size", type=_positive_int, default=64,
@@ -186,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     b.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision, as for train (default: %(default)s)")
+    b.add_argument("--compress", choices=strategy_compressions(), default="none",
+                   help="gradient compression, as for train (default: %(default)s)")
     b.add_argument("--compare-fit", action="store_true",
                    help="also time plain model.fit, in the same precision (one process)")
     b.add_argument("--json", action="store_true",
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
+    e.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     e.add_argument("--model", required=True, action="append", metavar="RUNDIR",
                    help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
                         "that averages the models' probabilities")
@@ -226,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     # predict runs in one process: -n is taken only to say so (not in --help)
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
+    pr.add_argument("--iface", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
 
     from mpitrain.evaluate.export import FORMATS
@@ -258,7 +269,8 @@ def _check_launch(args) -> None:
     from mpitrain.errors import agree
 
     check_world()
-    flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else None
+    flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface))
+                 if v is not None), None)
     if flag is not None and launched_by_mpi():
         # Every rank has the same command line: all stop together, rank 0 says it once.
         agree(world(), f"{flag} starts its own mpiexec, but this command already runs under an MPI "
@@ -266,12 +278,18 @@ def _check_launch(args) -> None:
 
 
 def _check_hostfile(args) -> None:
+    """--hostfile and --iface: options of the launcher (-n), checked before it starts."""
+    from mpitrain.dist.launch import check_hostfile, check_iface
+
     if args.hostfile is not None:
         if args.np is None:
             raise UserError("--hostfile needs -n N")
-        from mpitrain.dist.launch import check_hostfile
-
         check_hostfile(args.hostfile)
+    if args.iface is not None:
+        if args.np is None:
+            raise UserError("--iface needs -n N (under your own mpiexec, give it Open MPI's "
+                            "--mca btl_tcp_if_include and --prtemca oob_tcp_if_include)")
+        args.iface = check_iface(args.iface)
 
 
 def _cmd_evaluate(args, argv) -> int:
@@ -284,7 +302,8 @@ def _cmd_evaluate(args, argv) -> int:
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots,
                 labels=args.labels, columns=_columns(args))
-        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
+        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
+                             iface=args.iface)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
@@ -312,8 +331,9 @@ def _launch_timed(n: int, child: list[str], **kwargs) -> int:
 def _cmd_predict(args, argv) -> int:
     from mpitrain.evaluate.predict import predict_main
 
-    if args.np is not None or args.hostfile is not None:
-        raise UserError(f"predict runs in one process: drop {'-n' if args.np is not None else '--hostfile'} "
+    if args.np is not None or args.hostfile is not None or args.iface is not None:
+        flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else "--iface"
+        raise UserError(f"predict runs in one process: drop {flag} "
                         "(evaluate -n N spreads labelled images over N processes)")
 
     return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
@@ -339,13 +359,15 @@ def _cmd_bench(args, argv) -> int:
         from mpitrain.dist import launch
 
         strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug)
+        strategy_class(args.strategy).check_compress(args.compress)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
+                          iface=args.iface)
     from mpitrain.train.bench import bench_main
 
     return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
                       image_size=args.image_size, strategy=args.strategy, threads=args.threads,
                       as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats,
-                      precision=args.precision)
+                      precision=args.precision, compress=args.compress)
 
 
 def _config_from_args(args):
@@ -359,16 +381,16 @@ def _config_from_args(args):
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
-    """The child command line: ours without -n/--np/--hostfile (they are for the launcher)."""
+    """The child command line: ours without -n/--np/--hostfile/--iface (they are for the launcher)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("-n", "--np", "--hostfile"):
+        if a in ("-n", "--np", "--hostfile", "--iface"):
             skip = True
             continue
-        if a.startswith(("--np=", "--hostfile=")) or (a.startswith("-n") and a[2:].isdigit()):
+        if a.startswith(("--np=", "--hostfile=", "--iface=")) or (a.startswith("-n") and a[2:].isdigit()):
             continue
         out.append(a)
     return out
@@ -418,7 +440,7 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | N
         from mpitrain.train.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
-    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic)
+    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface)
     return (launch.elastic_flags() if elastic else None), hint
 
 
@@ -444,7 +466,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
     try:
         return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report, stoppable=True)
+                          debug=args.debug, on_interrupt=report, stoppable=True, iface=args.iface)
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)

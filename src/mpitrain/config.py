@@ -133,6 +133,9 @@ class TrainConfig:
     tensorboard: bool = _opt(False, "write TensorBoard logs to RUNDIR/tb")
     data_on_root: bool = _opt(False, "only rank 0 reads the images and sends each rank its share "
                                      "(no shared file system)")
+    compress: str = _opt("none", "allreduce: sum the fused gradient buffer in bfloat16 (half the bytes; "
+                                 "statistics and metrics stay exact in float32)",
+                         choices=strategies.compressions())
     threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)",
                                metavar="T")
     precision: str = _opt("auto", "compute precision; weights, optimizer state and the softmax stay "
@@ -179,6 +182,7 @@ class TrainConfig:
         check_image_size(self.image_size)
         need(self.strategy in strategies.names(),
              f"--strategy must be one of {', '.join(strategies.names())}")
+        strategies.strategy_class(self.strategy).check_compress(self.compress)
         need(self.sync_every is None or self.sync_every >= 1,
              f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")

@@ -212,7 +212,9 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
             x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
             which = [parts_of(r)[split == "val"] for r in range(comm.size)]
             idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
-            parts = [x[i] for i in idx], [y[i] for i in idx], [full.val_index[i] for i in idx]
+            # val_index belongs to the validation rows only (the training rows have none).
+            parts = [x[i] for i in idx], [y[i] for i in idx], \
+                ([full.val_index[i] for i in idx] if split == "val" else None)
         setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
         setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
         if split == "val":  # where each row is in the plan: for the saved validation predictions

@@ -37,9 +37,23 @@ def launched_by_mpi() -> bool:
 
 def _mpi():
     """mpi4py's MPI module (importing it initialises MPI): the package's one mpi4py import."""
+    _yield_if_oversubscribed(os.environ)
     from mpi4py import MPI
 
     return MPI
+
+
+def _yield_if_oversubscribed(env) -> None:
+    """Before MPI starts: when this node runs more ranks than it has cores, waiting ranks
+    yield (Open MPI reads `mpi_yield_when_idle` at MPI_Init). Open MPI tells each rank how
+    many ranks share its node; the launcher applies the same rule to its own host, but only
+    a rank can count the cores of a node the launcher does not run on. A value set by the
+    user is kept."""
+    from mpitrain.runtime import available_cores, oversubscribed
+
+    local = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+    if local.isdigit() and oversubscribed(int(local), available_cores()):
+        env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
 class Comm(Protocol):
@@ -66,6 +80,10 @@ class Comm(Protocol):
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         """Elementwise sum over all ranks, in place."""
+
+    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
+        """Elementwise reduction over all ranks with `combine(a, b)`, in place: a commutative
+        numpy function that stores a (+) b into `b` (e.g. a sum in a format MPI lacks)."""
 
     def allreduce_max(self, value: float) -> float:
         """The largest `value` of all ranks."""
@@ -131,6 +149,9 @@ class SingleComm:
         return []  # nobody was lost
 
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
         return buf
 
     def allreduce_max(self, value: float) -> float:
@@ -288,6 +309,22 @@ class MPIComm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
+    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
+        # One user-defined MPI operation per (combine, dtype), made once: MPI applies it to
+        # pieces of the buffer in whatever order its algorithm chooses, so it must commute.
+        # The order is fixed for a given size and rank count, so runs repeat bit for bit.
+        key = (combine, buf.dtype.str)
+        ops = self.__dict__.setdefault("_ops", {})
+        if key not in ops:
+            dtype = buf.dtype
+
+            def apply(inbuf, inoutbuf, datatype):
+                combine(np.frombuffer(inbuf, dtype=dtype), np.frombuffer(inoutbuf, dtype=dtype))
+
+            ops[key] = self._MPI.Op.Create(apply, commute=True)
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=ops[key])
+        return buf
+
     def allreduce_max(self, value: float) -> float:
         buf = np.array([value], dtype=np.float64)
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
@@ -389,6 +426,9 @@ def world() -> Comm:
         if launched_by_mpi():
             whole = _mpi().COMM_WORLD
             _WORLD = MPIComm(whole) if whole.Get_size() > 1 else SingleComm()
+            from mpitrain.dist.launch import first_contact
+
+            first_contact(_WORLD)  # collective: the ranks' first message, watched by our launcher
         else:
             _WORLD = SingleComm()
     return _WORLD

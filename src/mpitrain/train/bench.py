@@ -106,7 +106,8 @@ class _TimedStep:
 
 
 def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
-               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto") -> int:
+               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto",
+               compress="none") -> int:
     from mpitrain.runtime import import_tensorflow
 
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
@@ -116,6 +117,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
 
     comm = world()
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
+    strategy_class(strategy).check_compress(compress)
 
     from mpitrain.config import TrainConfig
     from mpitrain.data.dataset import Plan, Shard, as_float
@@ -137,7 +139,7 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     flops = count_flops(model)
     cfg = TrainConfig(model=model_name, image_size=image_size, batch_size=batch, strategy=strategy,
                       precision=precision, threads=n_threads, epochs=1, timeout=0, class_weight="none",
-                      lr=1e-3, lr_scaling="none", lr_schedule="constant")
+                      lr=1e-3, lr_scaling="none", lr_schedule="constant", compress=compress)
     plan = Plan("generated", ["0", "1"], [""] * len(y), y, [], np.zeros(0, np.int32), "split")
     data = Shard(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
     trainer = Trainer(cfg, comm, plan, data, model, echo=lambda line: None)  # collective: rank 0's weights
@@ -168,7 +170,8 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     images = batch * trainer.steps * sync.train_ranks
     ips = images / seconds
     gflops = flops.train * ips / 1e9
-    result = {"model": model_name, "precision": precision, "batch_size_per_rank": batch, "steps": trainer.steps,
+    result = {"model": model_name, "precision": precision, "compress": compress, "batch_size_per_rank": batch,
+              "steps": trainer.steps,
               "strategy": strategy, "ranks": comm.size, "training_ranks": sync.train_ranks,
               "threads_per_rank": n_threads, "seconds": round(seconds, 3), "images_per_second": round(ips, 1),
               "images_per_second_per_rank": round(ips / max(sync.train_ranks, 1), 1),

@@ -114,7 +114,7 @@ class Trainer:
         # The strategy refuses too few ranks itself; while it waits for peers that are still
         # working it reports their progress to the watchdog.
         self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat,
-                              stop_requested=lambda: preempt.requested() is not None)
+                              stop_requested=lambda: preempt.requested() is not None, compress=cfg.compress)
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:

@@ -31,9 +31,17 @@ def strategy_class(name: str) -> type[Sync]:
     return REGISTRY[name]
 
 
-def make_sync(name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None) -> Sync:
-    """This rank's instance of strategy `name` (UserError if comm has too few ranks)."""
-    return REGISTRY[name](comm, sync_every, progress, stop_requested)
+def compressions() -> tuple[str, ...]:
+    """Every --compress value some strategy applies ("none" first)."""
+    found = {c for cls in REGISTRY.values() for c in cls.compressions}
+    return ("none",) + tuple(sorted(found - {"none"}))
 
 
-__all__ = ["Sync", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]
+def make_sync(name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None,
+              compress: str = "none") -> Sync:
+    """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
+    strategy cannot apply `compress`)."""
+    return REGISTRY[name](comm, sync_every, progress, stop_requested=stop_requested, compress=compress)
+
+
+__all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]

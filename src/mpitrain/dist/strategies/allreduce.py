@@ -1,4 +1,12 @@
-"""allreduce (the default): every rank trains; gradients are summed after every step."""
+"""allreduce (the default): every rank trains; gradients are summed after every step.
+
+`--compress bf16` halves the bytes of that sum: the fused gradient buffer travels and is
+summed in bfloat16 (float32's sign, exponent and top 7 mantissa bits: the same range, about
+3 significant digits), rounded to nearest even, and is expanded back to float32 before the
+optimizer. The step's statistics (samples, loss sum, hits) stay exact in float32, so the
+divisor of the mean gradient and the metrics are unchanged. No state is kept (no error
+feedback), so checkpoints and --resume are exact as without compression.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,49 @@ import numpy as np
 from mpitrain.dist.flat import float_vars
 from mpitrain.dist.strategies.base import Sync
 
+_BF16_NAN = np.uint16(0x7FC0)
+
+
+def to_bf16(x: np.ndarray, scratch: bool = False) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest, ties to even; NaN stays NaN.
+    `scratch`: `x` may be overwritten (saves a copy; this runs inside every step)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    nan = np.isnan(x)
+    bits = x.view(np.uint32) if scratch else x.view(np.uint32).copy()
+    carry = bits >> 16
+    carry &= 1
+    carry += 0x7FFF
+    bits += carry      # round to nearest even at bit 16
+    bits >>= 16
+    out = bits.astype(np.uint16)
+    if nan.any():
+        out[nan] = _BF16_NAN  # the rounding carry could turn a NaN's bits into inf
+    return out
+
+
+def from_bf16(h: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    bits = h.astype(np.uint32)
+    bits <<= 16
+    return bits.view(np.float32)
+
+
+def bf16_add(a: np.ndarray, b: np.ndarray) -> None:
+    """b = a + b in bfloat16 (summed in float32, rounded once): the MPI operation of the
+    compressed allreduce. Commutative, as MPI requires."""
+    total = from_bf16(a)
+    total += from_bf16(b)
+    b[:] = to_bf16(total, scratch=True)
+
 
 class AllreduceSync(Sync):
     """Gradients (with the step's sample count, loss sum and hits) summed every step."""
 
     name = "allreduce"
+    compressions = ("none", "bf16")
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None):
-        super().__init__(comm, sync_every, progress, stop_requested)
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.per_step_reduce = comm.size > 1
         self._stop = False  # the stop vote of the last step's allreduce
 
@@ -26,7 +69,19 @@ class AllreduceSync(Sync):
         out = np.empty(buf.size + 1, dtype=np.float32)
         out[:-1] = buf
         out[-1] = self._asked()
-        self._timed(self.comm.allreduce_sum_, out)
+        if self.compress == "bf16":
+            # Two collectives, in this order on every rank: the gradients in bfloat16 (half
+            # the bytes of the big one), then the three statistics and the stop vote in
+            # float32 (16 bytes: exact counts and loss sums for the mean's divisor and the
+            # metrics, and an exact vote).
+            tail = out[-4:].copy()
+            grads = to_bf16(out[:-4], scratch=True)  # `out` is our private copy
+            self._timed(self.comm.allreduce_op_, grads, bf16_add)
+            self._timed(self.comm.allreduce_sum_, tail)
+            out[:-4], out[-4:] = from_bf16(grads), tail
+        else:
+            # One collective: the whole fused float32 buffer, statistics and vote included.
+            self._timed(self.comm.allreduce_sum_, out)
         self._stop = bool(out[-1] > 0)
         return out[:-1]
 

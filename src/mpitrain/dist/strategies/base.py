@@ -50,6 +50,7 @@ class Sync:
     min_ranks_why = ""                 # e.g. "1 master + workers"
     default_sync_every: int | None = None         # what --sync-every "auto" (None) means
     auto_lr: tuple[str, str] = ("sqrt", "cosine")  # (--lr-scaling, --lr-schedule) for "auto"
+    compressions: tuple[str, ...] = ("none",)      # --compress values the strategy can apply
     vote_every = 8  # steps between nonblocking stop votes (strategies without a per-step collective)
 
     def __init_subclass__(cls, **kwargs):
@@ -79,6 +80,14 @@ class Sync:
             raise UserError(f"{problem}: use -n {cls.min_ranks} or more")
 
     @classmethod
+    def check_compress(cls, compress: str) -> None:
+        """One-line UserError when this strategy cannot apply `--compress compress`."""
+        if compress not in cls.compressions:
+            users = sorted(name for name, c in REGISTRY.items() if compress in c.compressions)
+            raise UserError(f"--compress {compress} compresses the gradients of {' / '.join(users) or 'no strategy'}; "
+                            f"--strategy {cls.name} takes --compress {' or '.join(cls.compressions)}")
+
+    @classmethod
     def train_ranks_of(cls, size: int) -> int:
         """How many of `size` ranks train (the learning rate is scaled by this)."""
         return size
@@ -94,11 +103,14 @@ class Sync:
 
     # ---- one rank's instance ----
 
-    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None):
+    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None,
+                 compress: str = "none"):
         """`progress(what)` is called while this rank waits for peers that are still
         working (the trainer passes its watchdog's beat); `stop_requested()` says whether
         this rank was asked to stop (the trainer passes `preempt.requested`)."""
         self.check_ranks(comm.size)
+        self.check_compress(compress)
+        self.compress = compress
         self.comm = comm
         self.sync_every = sync_every
         self.progress = progress or (lambda what: None)

@@ -19,8 +19,8 @@ class LocalSGDSync(Sync):
     # scaling with a cosine decay (measured best there).
     default_sync_every = 4
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None):
-        super().__init__(comm, sync_every, progress, stop_requested)
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
         self._stop = False  # the stop vote of the last average
 
     def after_step(self, step: int, steps: int, samples: int) -> None:

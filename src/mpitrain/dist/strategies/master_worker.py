@@ -30,8 +30,8 @@ class MasterWorkerSync(Sync):
     # single-rank rate held constant.
     auto_lr = ("none", "constant")
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None):
-        super().__init__(comm, sync_every, progress, stop_requested)
+    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+        super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.trains = comm.rank != 0
         self.round_samples = 0
         self.rounds = 0
