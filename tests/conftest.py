@@ -6,11 +6,18 @@ Data-layer fixtures (imagefolder, decode, cache, split, datainfo tests) are pref
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+# A test run started in the background by a non-interactive shell (`make test &`, nohup)
+# inherits SIGINT as ignored, and so would every training it starts: the Ctrl-C tests would
+# then wait for a process that cannot be interrupted. A handler here makes every child start
+# with the default disposition again (handlers are reset on exec, "ignored" is inherited).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _write_image(path: Path, img: np.ndarray | None = None, value: int = 128,
