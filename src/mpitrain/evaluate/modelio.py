@@ -228,6 +228,12 @@ def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: i
     return np.concatenate(out)
 
 
+def exact(p) -> str:
+    """A probability as text: the exact float32 value, the shortest decimal that reads back to it
+    (predict's CSV and val_predictions.csv, so metrics recomputed from them are the same)."""
+    return repr(float(p))
+
+
 def decide(probs: np.ndarray, threshold: float | None, positive: int | None) -> np.ndarray:
     """Predicted class per row: P(positive) >= threshold for two classes, else argmax."""
     if threshold is None or positive is None:

@@ -61,10 +61,6 @@ def collect(paths: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def _fmt(p: np.float32) -> str:
-    return repr(float(p))  # the exact float32 value, shortest decimal that reads back to it
-
-
 def decision_rule(classes: list[str], threshold: float | None, positive: int | None) -> str:
     """The CSV's ``decision`` column: how ``predicted`` follows from the ``p_`` columns."""
     if threshold is None or positive is None:
@@ -116,7 +112,7 @@ def predict_main(model: str | list[str], paths: list[str], csv_path: str | None 
                     continue
                 c = int(modelio.decide(row[None, :], t, pos)[0])
                 counts[c] += 1
-                writer.writerow([path, info.classes[c]] + [_fmt(p) for p in row] + [rule, ""])
+                writer.writerow([path, info.classes[c]] + [modelio.exact(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
     saved = "chosen for the ensemble" if info.members else "saved with the model"
     decision = (f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})"

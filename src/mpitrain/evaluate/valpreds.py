@@ -34,12 +34,13 @@ class ValPredictions:
 
 def write(out: Path, paths: list[str], labels, probs, classes: list[str]) -> Path:
     from mpitrain.atomic import write_atomic
+    from mpitrain.evaluate.modelio import exact
 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label"] + [f"p_{c}" for c in classes])
     for path, y, row in zip(paths, np.asarray(labels).tolist(), np.asarray(probs, np.float32)):
-        w.writerow([path, classes[int(y)]] + [repr(float(p)) for p in row])
+        w.writerow([path, classes[int(y)]] + [exact(p) for p in row])
     return write_atomic(Path(out) / NAME, buf.getvalue(), errors="surrogateescape")
 
 

@@ -64,13 +64,9 @@ class Result:
     kept_epoch: int | None = None   # --keep-best: the epoch whose weights the model has
     stopped_early: bool = False     # --early-stop ended the run before --epochs
 
-    @property
-    def validated(self):
-        return self.val_probs, self.val_labels, self.val_index
-
-    @validated.setter
-    def validated(self, gathered) -> None:  # rank 0: probabilities, labels, plan indices
-        self.val_probs, self.val_labels, self.val_index = gathered
+    def keep_validation(self, probs, labels, index) -> None:
+        """Rank 0: the gathered validation probabilities, labels and plan indices of the model kept."""
+        self.val_probs, self.val_labels, self.val_index = probs, labels, index
 
 
 def _make_optimizer(cfg: TrainConfig, lr: float):
@@ -180,7 +176,7 @@ class Trainer:
                 # and the saved metrics need the validation predictions of the final weights.
                 epoch = len(self.result.history) if comm.rank == 0 else epoch
                 epoch = comm.bcast_obj(epoch)  # collective: the epochs run (fewer if stopped early)
-                _, *self.result.validated = self._validate(epoch - 1)
+                self.result.keep_validation(*self._validate(epoch - 1)[1:])
             self.result.epochs_run, self.result.stopped_early = epoch, self.stopping
             self._restore_best()
         finally:
@@ -219,7 +215,7 @@ class Trainer:
                 from mpitrain.train import tensorboard as tb
 
                 tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
-            self.result.validated = validated
+            self.result.keep_validation(*validated)
             self.echo(epoch_line(row, cfg.epochs, self.tag))
         self.stopping = self._watch(epoch)
         # The last one is "trained", not "finished": the run is finished only once rank 0 has
@@ -368,7 +364,7 @@ class Trainer:
         flat.unpack()
         _, *validated = self._validate(kept - 1)
         if comm.rank == 0:
-            self.result.validated = validated
+            self.result.keep_validation(*validated)
             self.echo(f"kept the weights of epoch {kept} (best {self.cfg.keep_best})")
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
