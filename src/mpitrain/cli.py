@@ -464,9 +464,17 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
 
     old = os.environ.get(runlock.JOB_ENV)
     os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
+    n, hostfile = args.np, args.hostfile
     try:
-        return launch.run(args.np, child, hostfile=args.hostfile, resume_hint=hint, extra=extra,
-                          debug=args.debug, on_interrupt=report, stoppable=True, iface=args.iface)
+        while True:
+            try:
+                return launch.run(n, child, hostfile=hostfile, resume_hint=hint, extra=extra, debug=args.debug,
+                                  on_interrupt=report, stoppable=True, iface=args.iface,
+                                  heal=extra is not None and out is not None)
+            except launch.HostLost as lost:  # --elastic: go on without that host (train/hostloss.py)
+                n, hostfile, child, hint = _heal(args, out, n, hostfile, lost.host, hint, job)
+                if n is None:
+                    return 1
     finally:
         if old is None:
             os.environ.pop(runlock.JOB_ENV, None)
@@ -475,6 +483,29 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
         if out is not None:
             runlock.clear_job(out, job)
             remove_empty(list(fresh))
+
+
+def _heal(args, out, n: int, hostfile: str | None, lost: str, hint: str | None, job: str):
+    """After losing host `lost`: (ranks, hostfile, child command, resume hint) to go on with,
+    said in one line; (None, ...) after saying in one line why the job cannot go on."""
+    from pathlib import Path
+
+    from mpitrain.dist import launch
+    from mpitrain.train import hostloss, runlock
+    from mpitrain.train.checkpoint import saved_config
+
+    strategy = (saved_config(Path(out)) or {}).get("strategy", "allreduce")
+    try:
+        plan = hostloss.plan(Path(out), n, hostfile, lost, strategy)
+    except hostloss.CannotHeal as why:
+        print(launch.lost_host_message(lost, hint, why=str(why)), file=sys.stderr)
+        return None, hostfile, None, hint
+    print(hostloss.message(lost, plan), file=sys.stderr, flush=True)
+    hostloss.note(Path(out), lost, n, plan)
+    runlock.clear_job(out, job)  # rank 0 was stopped with the job: its lock file stayed behind
+    child = ["train", "--resume", "--out", str(out)] + (["--debug"] if args.debug else [])
+    hint = launch.resume_command(plan.ranks, out, str(plan.hostfile), True, args.iface)
+    return plan.ranks, str(plan.hostfile), child, hint
 
 
 def _cmd_data(args, argv) -> int:

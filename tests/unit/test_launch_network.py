@@ -252,8 +252,8 @@ NO_DAEMON_BOX = ["-" * 60 + "\n", "A daemon failed to report back after being sp
 
 @pytest.mark.parametrize("lost_box", [LOST_DAEMON_BOX, NO_DAEMON_BOX], ids=["lost-daemon", "daemon-ended"])
 def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys, lost_box):
-    # Measured on fake hosts: a host lost under --elastic ends the whole job, and mpiexec
-    # exits with 0. The launcher names the host, says how to go on and fails.
+    # Measured on fake hosts: a lost host ends the whole job, and mpiexec exits with 0.
+    # Without --elastic the launcher names the host, says how to go on and fails.
     script = tmp_path / "mpiexec"
     box = "".join(lost_box).replace("\n", "\\n")
     script.write_text('#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n'
@@ -265,7 +265,7 @@ def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys,
     out = capsys.readouterr()
     assert code == 1 and out.out == "epoch 1/40\n"
     assert out.err == ("mpitrain: error: host node2 was lost (Open MPI's daemon there stopped answering) and "
-                       "Open MPI stopped the whole job (--elastic survives lost ranks, not lost hosts); "
+                       "Open MPI stopped the whole job (with --elastic and a --hostfile it goes on without the host); "
                        "continue it with: mpitrain train -n 3 --resume --out r\n")
     shown = []
     f = launch.NoStartBox(shown.append, shown.append, started=lambda: True)  # the same box on stdout

@@ -113,6 +113,30 @@ def test_scatter_refuses_another_rank_count_for_per_rank_states():
     assert all(np.array_equal(x, y) for x, y in zip(before, _now(b)))  # nothing loaded
 
 
+class _SecondOfTwo(SingleComm):
+    """Rank 0 of a 2-rank world whose scatter hands back what rank 1 would receive."""
+    size = 2
+
+    def scatter_rows(self, parts, root=0):
+        return parts[1]
+
+
+def test_an_elastic_run_resumed_by_other_ranks_gives_every_rank_rank_0s_state():
+    # An --elastic job that lost a host goes on with fewer ranks (train/hostloss.py): every
+    # rank starts from rank 0's state (for master-worker the master's), as after a lost rank.
+    first, *_ = _state(3)
+    (state0,), _ = first.gather(SingleComm(), np.zeros(3))
+    others = [_state(seed)[0].gather(SingleComm(), np.full(3, seed))[0][0] for seed in (4, 5)]
+    b, *_ = _state(2)
+    ckpt = Checkpoint(epoch=0, step=2, ranks=3, strategy="master-worker", states=[state0, *others],
+                      config={"elastic": True})
+    b.scatter(_SecondOfTwo(), ckpt)  # what rank 1 of the 2 left receives
+    assert all(np.array_equal(x, y) for x, y in zip(_now(first), _now(b)))
+    ckpt.config = {"elastic": False}  # a run that was not elastic must keep its rank count
+    with pytest.raises(AgreedError, match="written by 3 processes"):
+        b.scatter(_SecondOfTwo(), ckpt)
+
+
 @pytest.mark.parametrize("damage", ["shape", "dtype", "fewer", "more"])
 def test_scatter_refuses_a_state_of_another_model(damage):
     a, *_ = _state(1)

@@ -75,3 +75,23 @@ def test_a_stop_request_during_validation_stops_after_that_epochs_checkpoint(tmp
         restore()
     assert (stop.value.epoch, stop.value.step) == (stops_at, 0)
     assert checkpoint.list_checkpoints(tmp_path)[-1].name == f"ckpt-e{stops_at:05d}-s0000000.npz"
+
+
+@pytest.mark.parametrize("ranks, written_steps, step, goes_on_at", [(2, 6, 4, 2), (1, 3, 2, 2)])
+def test_a_mid_epoch_checkpoint_goes_on_at_the_same_fraction_of_the_epoch(ranks, written_steps, step, goes_on_at):
+    # Written by another number of ranks (an elastic job that lost a host): 4 of 6 steps
+    # done is 2 of this job's 3, not step 4 (past the end: the epoch would be skipped). By
+    # the same number of ranks the position is kept as it is (and so are the epoch's sums).
+    from mpitrain.train.checkpoint import Checkpoint
+    from mpitrain.train.trainer import Trainer
+
+    cfg, plan, data, model = _tiny_job()
+    lines = []
+    trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lines.append)
+    assert trainer.steps == 3
+    ckpt = Checkpoint(epoch=1, step=step, ranks=ranks, strategy="allreduce", shared=True, steps=written_steps,
+                      states=[trainer.state.arrays(np.array([16.0, 11.0, 9.0]))], config=cfg.to_dict(),
+                      history=[{"epoch": 1}])
+    result = trainer.fit(ckpt, resuming=True)
+    assert f"resuming at epoch 2, step {goes_on_at} of 3" in lines
+    assert result.epochs_run == 3 and len(result.history) == 3

@@ -484,9 +484,14 @@ def lost_host(box: str) -> str | None:
     return m.group(1) if m else None
 
 
-def lost_host_message(host: str, resume_hint: str | None = None) -> str:
-    msg = (f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
-           "stopped the whole job (--elastic survives lost ranks, not lost hosts)")
+def lost_host_message(host: str, resume_hint: str | None = None, why: str | None = None) -> str:
+    """`why`: the reason an --elastic job could not go on without the host (train/hostloss.py);
+    None for a job that was not elastic."""
+    if why is None:
+        msg = (f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
+               "stopped the whole job (with --elastic and a --hostfile it goes on without the host)")
+    else:
+        msg = f"mpitrain: error: host {host} was lost and the job cannot go on without it: {why}"
     return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
 
 
@@ -662,10 +667,21 @@ def _want_bar() -> bool:
     return sys.stdout.isatty()
 
 
+class HostLost(Exception):
+    """The job ended because a host was lost (raised by `run` only when asked to: `heal`)."""
+
+    def __init__(self, host: str):
+        super().__init__(host)
+        self.host = host
+
+
 def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         resume_hint: str | None = None, debug: bool = False, on_interrupt=None,
-        stoppable: bool = False, iface: str | None = None) -> int:
+        stoppable: bool = False, iface: str | None = None, heal: bool = False) -> int:
     """Run the job and return its exit code (130 after Ctrl-C).
+
+    `heal`: when the job ended because a host was lost, raise HostLost instead of saying so
+    (the caller goes on without it: train/hostloss.py).
 
     `stoppable`: the ranks checkpoint and stop on SIGUSR1 (`train`), so our SIGTERM or
     SIGUSR1 reaches them as SIGUSR1 and we wait for them (otherwise a SIGTERM is passed on
@@ -801,6 +817,8 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     if code != 0 and ((errors.no_start or stdout.host) is not None or errors.no_connect or stalled):
         return 2  # a usage error (the hostfile, the network), said in one line
     gone = errors.lost or stdout.lost
+    if gone and heal:
+        raise HostLost(gone)
     if gone:
         print(lost_host_message(gone, resume_hint), file=sys.stderr)
         return code or 1  # mpiexec may say 0 although it stopped the job

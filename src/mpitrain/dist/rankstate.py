@@ -61,14 +61,18 @@ class RankState:
         parts, error = None, None
         if comm.rank == 0:
             like = self.arrays(np.zeros(3))
-            if not ckpt.shared and ckpt.ranks != comm.size:
+            # Ranks whose states differ (local-sgd, master-worker) resume rank for rank; with
+            # another number of ranks only an --elastic run may go on, every rank from rank 0's
+            # state, as the survivors of a lost rank do (`broadcast`).
+            adopt = not ckpt.shared and ckpt.ranks != comm.size
+            if adopt and not ckpt.config.get("elastic"):
                 error = (f"the checkpoint was written by {ckpt.ranks} processes with --strategy "
                          f"{ckpt.strategy}; resume it with -n {ckpt.ranks}")
             elif any(len(s) != len(like) or any(a.shape != b.shape or a.dtype != b.dtype
                                                  for a, b in zip(s, like)) for s in ckpt.states):
                 error = "the checkpoint does not match this model and optimizer"
             else:
-                parts = [_pack(ckpt.state_of(r)) for r in range(comm.size)]
+                parts = [_pack(ckpt.state_of(0 if adopt else r)) for r in range(comm.size)]
         agree(comm, error)  # collective: all ranks stop together on a mismatch
         buf = comm.scatter_rows(parts)
         return self.load(_unpack(buf, self.arrays(np.zeros(3))))

@@ -110,6 +110,16 @@ def _duration(seconds: float) -> str:
     return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
 
 
+def _loss(e: dict) -> list[str]:
+    """An events.jsonl line: what was lost, the ranks before and after, where the run went on."""
+    ranks = f"{e['ranks_before']} -> {e['ranks_after']}"
+    if e.get("event") == "host_lost":  # the launcher started the job again (train/hostloss.py)
+        return [f"host {e['host']} ({e['lost_ranks']} rank(s))", ranks, f"checkpoint: {e['continue_from']}"]
+    return [f"rank(s) {', '.join(map(str, e['lost_ranks']))}", ranks,
+            f"epoch {e['epoch']}, step {e['continue_at_step']} of {e['of_new_steps']} (lost at step {e['step']} "
+            f"of {e['of_steps']})"]
+
+
 def _comm_label(strategy) -> str:
     """What rank 0's time inside MPI calls is: mostly waiting, not moving bytes."""
     if strategy == "master-worker":  # the master trains nothing: it waits while the workers train
@@ -174,14 +184,13 @@ def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], t
                                   f"({timings.get('kept_by', 'last epoch')})"],
     ]) + [""]
     events_file = Path(out) / "events.jsonl"
-    if events_file.is_file():  # --elastic: ranks lost during training
+    if events_file.is_file():  # --elastic: ranks or hosts lost during training
         import json
 
         events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
-        lines += ["## Lost ranks", ""]
-        lines += _md_table(["time", "lost rank(s)", "ranks before -> after", "epoch", "step"], [
-            [e["time"], ", ".join(map(str, e["lost_ranks"])), f"{e['ranks_before']} -> {e['ranks_after']}",
-             str(e["epoch"]), f"{e['step']} of {e['of_steps']}"] for e in events]) + [""]
+        lines += ["## Lost ranks and hosts", ""]
+        lines += _md_table(["time", "lost", "ranks before -> after", "went on from"],
+                           [[e["time"], *_loss(e)] for e in events]) + [""]
     lines += ["## Configuration", ""]
     lines += _md_table(["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items()
                                              if k != "extra" or v]) + [""]

@@ -3,8 +3,8 @@
 A checkpoint is one `.npz` file (a zip of raw numpy arrays, read with allow_pickle=False)
 in RUNDIR/checkpoints/, named by epoch and step so that names sort by progress:
 
-    meta            JSON (as uint8 bytes): format, epoch, step, ranks, strategy, status,
-                    config, history so far
+    meta            JSON (as uint8 bytes): format, epoch, step, ranks, steps per epoch,
+                    strategy, status, config, history so far
     r{R}_{I}        array I of rank R's state (model variables, optimizer variables, and
                     the trainer's counters), exact dtypes; when every rank's state is
                     byte-identical (allreduce) only rank 0's is stored, with meta "shared"
@@ -55,6 +55,7 @@ class Checkpoint:
     path: Path | None = None
     best: np.ndarray | None = None   # --keep-best: flat float32 weights of the best epoch
     best_epoch: int | None = None
+    steps: int | None = None         # steps per epoch of the job that wrote it (None: older files)
 
     def state_of(self, rank: int) -> list[np.ndarray]:
         return self.states[0] if self.shared else self.states[rank]
@@ -70,7 +71,7 @@ def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     meta = {"format": FORMAT, "epoch": ckpt.epoch, "step": ckpt.step, "ranks": ckpt.ranks,
             "strategy": ckpt.strategy, "status": ckpt.status, "shared": ckpt.shared,
             "config": ckpt.config, "history": ckpt.history,
-            "arrays": [len(s) for s in ckpt.states], "best_epoch": ckpt.best_epoch}
+            "arrays": [len(s) for s in ckpt.states], "best_epoch": ckpt.best_epoch, "steps": ckpt.steps}
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     if ckpt.best is not None:
         arrays["best"] = np.asarray(ckpt.best)
@@ -108,7 +109,7 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"],
                       strategy=meta["strategy"], states=states, shared=meta["shared"],
                       status=meta["status"], config=meta["config"], history=meta["history"], path=path,
-                      best=best, best_epoch=meta.get("best_epoch"))
+                      best=best, best_epoch=meta.get("best_epoch"), steps=meta.get("steps"))
 
 
 def mark_finished(run_dir: Path) -> Path | None:

@@ -24,7 +24,7 @@ from mpitrain.errors import UserError
 
 RUN_FILES = ("model.keras", "model.json", "config.json", "history.csv", "metrics.json",
              "classes.json", "skipped_files.txt", "report.md", "training_curves.png",
-             "confusion_matrix.png", "roc_curve.png", "events.jsonl")
+             "confusion_matrix.png", "roc_curve.png", "events.jsonl", "hostfile")
 
 
 def default_run_dir() -> Path:

@@ -14,7 +14,9 @@ communicator, adopt rank 0's state, re-shard the data among themselves, rebuild 
 strategy and the train step for the new rank count, and go on from rank 0's position in
 the current epoch (master-worker: the start of the master's round, `Sync.recovery_step`).
 Rank 0 writes the run folder; if it is the one lost, the survivors stop
-cleanly and the run continues with --resume from its newest checkpoint.
+cleanly and the run continues with --resume from its newest checkpoint. A lost *host* ends
+the whole job (Open MPI's runtime does not survive it): the launcher starts it again on the
+hosts left, from the newest checkpoint (`train/hostloss.py`).
 
 Stop requests (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`): after every step the ranks
 ask their strategy whether they have agreed to stop (a vote carried by the strategy's own
@@ -145,13 +147,18 @@ class Trainer:
         epoch, first, stats, trained = 0, 0, None, False
         if resuming:
             # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
-            epoch, first, history, trained = comm.bcast_obj(
-                (resume.epoch, resume.step, resume.history, resume.status != "running")
-                if comm.rank == 0 else None)
+            epoch, first, history, trained, ranks, steps = comm.bcast_obj(
+                (resume.epoch, resume.step, resume.history, resume.status != "running", resume.ranks,
+                 resume.steps or self.steps) if comm.rank == 0 else None)
             saved = self.state.scatter(comm, resume)
             if comm.rank == 0:
                 self.best, self.best_epoch = resume.best, resume.best_epoch
             stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
+            if first and (ranks != comm.size or steps != self.steps):
+                # Written by another number of ranks (an elastic job that lost a host, or -n
+                # changed): the epoch's steps are laid out anew; go on at the same fraction of
+                # the epoch, and its training metrics cover the steps from here (as after a lost rank).
+                first, stats = min(self.steps, first * self.steps // steps), None
             self.result.history = list(history) if comm.rank == 0 else []
             self.echo("resuming after the last epoch: validating and saving the model" if trained
                       else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
@@ -379,7 +386,7 @@ class Trainer:
             ckpt.save(self.run_dir, ckpt.Checkpoint(
                 epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
                 shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history,
-                best=self.best, best_epoch=self.best_epoch),
+                best=self.best, best_epoch=self.best_epoch, steps=self.steps),
                 keep=self.cfg.keep_checkpoints)
 
     def _recover(self, epoch: int) -> int:

@@ -1,0 +1,117 @@
+"""An `--elastic` job that lost a whole host goes on without it, from its newest checkpoint.
+
+Open MPI's ULFM lets the ranks outlive a dead *rank* (dist/comm.py, train/trainer.py's
+`_recover`), but not a dead *host*: when the Open MPI daemon of a host stops answering,
+PRRTE ends the whole job, `--with-ft ulfm` or not (its error manager treats a lost daemon
+as the end of the virtual machine). So the healing of a lost host happens one level up, in
+`mpitrain train -n N --hostfile F --elastic`, the process that started mpiexec:
+
+1. mpiexec ends; its report names the host whose daemon was lost (`launch.lost_host`);
+2. `plan` works out what is left: the hostfile without that host (written into the run
+   folder as `hostfile`, so the printed `--resume` command still works later), the ranks
+   that were placed there by slot (`launch.ranks_here`), the strategy's minimum, and the
+   newest checkpoint to continue from;
+3. the launcher says so in one line, notes the event in `events.jsonl` and starts mpiexec
+   again with `train --resume` on the remaining hosts. The ranks read the saved options;
+   with fewer ranks than the checkpoint was written by, an elastic run's ranks all start
+   from rank 0's state, as the survivors of a lost rank do (dist/rankstate.py), and a
+   mid-epoch position is carried over in proportion (train/trainer.py).
+
+The work since the newest checkpoint is done again (checkpoints come at every epoch's end,
+and every S steps with `--checkpoint-every S`). What cannot heal, and fails in one line
+with the `--resume` command as before: the launcher's own host (it is gone with it), a
+loss before the first checkpoint, too few ranks left for the strategy, a job without a
+hostfile (one host, or hosts chosen by Slurm), or a host name the hostfile does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HOSTFILE_NAME = "hostfile"  # in the run folder: the hosts an elastic run goes on with
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    ranks: int            # ranks to go on with
+    hostfile: Path        # the remaining hosts (in the run folder)
+    lost_ranks: int       # ranks that ran on the lost host
+    position: str         # where the run continues, e.g. "end of epoch 1"
+
+
+class CannotHeal(Exception):
+    """Why the job cannot go on without the lost host (said after "host X was lost and ...")."""
+
+
+def _matching(name: str, hosts) -> list[str]:
+    """The names in `hosts` that are `name`: by name (or short name) first; only if none is,
+    by address (a hostfile may name a host by its address, Open MPI by its hostname)."""
+    same = [h for h in hosts if h == name or h.split(".")[0] == name.split(".")[0]]
+    if same:
+        return same
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return []
+    found = []
+    for h in hosts:
+        try:
+            if h == address or socket.gethostbyname(h) == address:
+                found.append(h)
+        except OSError:
+            pass
+    return found
+
+
+def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here: set[str] | None = None,
+         cores: int | None = None) -> Plan:
+    """How the run in `out` goes on after `lost` (a host of `hostfile`) was lost; raises
+    CannotHeal with the reason when it cannot."""
+    from mpitrain.dist.launch import local_names, ranks_here, read_hostfile
+    from mpitrain.dist.strategies import strategy_class
+    from mpitrain.train.checkpoint import describe_position, latest_meta
+
+    if hostfile is None:
+        raise CannotHeal("only a job started with --hostfile can go on without one of its hosts")
+    here = local_names() if here is None else here
+    if _matching(lost, here):
+        raise CannotHeal("it is the launcher's own host")
+    hosts = read_hostfile(hostfile)
+    gone = _matching(lost, [h for h, _ in hosts])
+    if not gone:
+        raise CannotHeal(f"the hostfile {hostfile} does not name it")
+    placed = ranks_here(n, hosts, set(gone), cores=cores)
+    left = [(h, s) for h, s in hosts if h not in gone]
+    ranks = n - placed
+    problem = strategy_class(strategy).too_few_ranks(ranks) if ranks > 0 else "no host is left"
+    if problem:
+        raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
+    found = latest_meta(Path(out))
+    if found is None:
+        raise CannotHeal("the run had no checkpoint yet")
+    meta = found[1]
+    if meta.get("status") == "finished":
+        raise CannotHeal("the run had finished")
+    path = Path(out) / HOSTFILE_NAME
+    path.write_text("# written by mpitrain after losing host " + lost + "\n"
+                    + "".join(f"{h}{f' slots={s}' if s is not None else ''}\n" for h, s in left))
+    return Plan(ranks=ranks, hostfile=path, lost_ranks=placed,
+                position=describe_position(meta["epoch"], meta["step"]))
+
+
+def message(lost: str, p: Plan) -> str:
+    return (f"mpitrain: host {lost} was lost with {p.lost_ranks} rank(s) (--elastic): going on with "
+            f"{p.ranks} rank(s) on the hosts left ({p.hostfile}) from the newest checkpoint ({p.position})")
+
+
+def note(out: Path, lost: str, before: int, p: Plan) -> None:
+    """One line in the run's `events.jsonl` (as a lost rank's), written by the launcher."""
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "host_lost", "host": lost,
+             "lost_ranks": p.lost_ranks, "ranks_before": before, "ranks_after": p.ranks,
+             "continue_from": p.position, "hostfile": str(p.hostfile)}
+    with open(Path(out) / "events.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
