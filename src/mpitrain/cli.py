@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start N processes with mpiexec (omit when already under mpiexec)")
     t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     t.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
+    t.add_argument("--fixed-order", action="store_true",
+                   help="for -n: sum the gradients in an order set by the number of ranks alone, not by how "
+                        "they sit on hosts, so one host or several give bit-identical weights (turns off Open "
+                        "MPI's hierarchical collectives, coll/han, which may be faster on many hosts)")
     _add_train_args(t)
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint (with its saved options)")
@@ -269,7 +273,8 @@ def _check_launch(args) -> None:
     from mpitrain.errors import agree
 
     check_world()
-    flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface))
+    flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface),
+                                ("--fixed-order", getattr(args, "fixed_order", None) or None))
                  if v is not None), None)
     if flag is not None and launched_by_mpi():
         # Every rank has the same command line: all stop together, rank 0 says it once.
@@ -278,7 +283,7 @@ def _check_launch(args) -> None:
 
 
 def _check_hostfile(args) -> None:
-    """--hostfile and --iface: options of the launcher (-n), checked before it starts."""
+    """--hostfile, --iface and --fixed-order: options of the launcher (-n), checked before it starts."""
     from mpitrain.dist.launch import check_hostfile, check_iface
 
     if args.hostfile is not None:
@@ -290,6 +295,8 @@ def _check_hostfile(args) -> None:
             raise UserError("--iface needs -n N (under your own mpiexec, give it Open MPI's "
                             "--mca btl_tcp_if_include and --prtemca oob_tcp_if_include)")
         args.iface = check_iface(args.iface)
+    if getattr(args, "fixed_order", False) and args.np is None:
+        raise UserError("--fixed-order needs -n N (under your own mpiexec, give it Open MPI's --mca coll ^han)")
 
 
 def _cmd_evaluate(args, argv) -> int:
@@ -381,7 +388,8 @@ def _config_from_args(args):
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
-    """The child command line: ours without -n/--np/--hostfile/--iface (they are for the launcher)."""
+    """The child command line: ours without -n/--np/--hostfile/--iface/--fixed-order (they are for
+    the launcher)."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -389,6 +397,8 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
             continue
         if a in ("-n", "--np", "--hostfile", "--iface"):
             skip = True
+            continue
+        if a == "--fixed-order":
             continue
         if a.startswith(("--np=", "--hostfile=", "--iface=")) or (a.startswith("-n") and a[2:].isdigit()):
             continue
@@ -427,8 +437,9 @@ def _cmd_train(args, argv) -> int:
     return _launch_train(args, child, out, cfg.elastic, fresh=missing_dirs(out))
 
 
-def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | None]:
-    """mpiexec's extra flags and the resume command for `mpitrain train -n N` of `out`.
+def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bool]:
+    """mpiexec's extra flags, the resume command for `mpitrain train -n N` of `out`, and
+    whether the job is elastic.
 
     A resumed run trains with its saved options, so whether it is elastic (and needs
     Open MPI's ULFM) is read from its newest checkpoint, not from this command line."""
@@ -440,8 +451,11 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str] | None, str | N
         from mpitrain.train.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
-    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface)
-    return (launch.elastic_flags() if elastic else None), hint
+    fixed = bool(getattr(args, "fixed_order", False))
+    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface,
+                                                          fixed_order=fixed)
+    extra = (launch.elastic_flags() if elastic else []) + (launch.FIXED_ORDER_FLAGS if fixed else [])
+    return extra, hint, elastic
 
 
 def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
@@ -454,7 +468,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     from mpitrain.outdir import remove_empty
     from mpitrain.train import runlock
 
-    extra, hint = _launch_options(args, out, elastic)
+    extra, hint, elastic = _launch_options(args, out, elastic)
     job = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
 
     def report(where):  # after Ctrl-C: where it stopped, what is on disk, how to go on
@@ -470,7 +484,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
             try:
                 return launch.run(n, child, hostfile=hostfile, resume_hint=hint, extra=extra, debug=args.debug,
                                   on_interrupt=report, stoppable=True, iface=args.iface,
-                                  heal=extra is not None and out is not None)
+                                  heal=elastic and out is not None)
             except launch.HostLost as lost:  # --elastic: go on without that host (train/hostloss.py)
                 n, hostfile, child, hint = _heal(args, out, n, hostfile, lost.host, hint, job)
                 if n is None:
@@ -504,7 +518,8 @@ def _heal(args, out, n: int, hostfile: str | None, lost: str, hint: str | None, 
     hostloss.note(Path(out), lost, n, plan)
     runlock.clear_job(out, job)  # rank 0 was stopped with the job: its lock file stayed behind
     child = ["train", "--resume", "--out", str(out)] + (["--debug"] if args.debug else [])
-    hint = launch.resume_command(plan.ranks, out, str(plan.hostfile), True, args.iface)
+    hint = launch.resume_command(plan.ranks, out, str(plan.hostfile), True, args.iface,
+                                 fixed_order=bool(getattr(args, "fixed_order", False)))
     return plan.ranks, str(plan.hostfile), child, hint
 
 

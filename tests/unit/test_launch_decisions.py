@@ -28,14 +28,14 @@ def _args(*argv):
 def test_resuming_an_elastic_run_keeps_it_elastic(tmp_path):
     # --elastic is not on the command line: it comes from the run's newest checkpoint.
     run = _saved_run(tmp_path, elastic=True)
-    extra, hint = _launch_options(_args("-n", 3, "--resume", "--out", run), run, elastic=False)
+    extra, hint, _ = _launch_options(_args("-n", 3, "--resume", "--out", run), run, elastic=False)
     assert extra == ["--with-ft", "ulfm"]
     assert hint == f"mpitrain train -n 3 --resume --out {run} --elastic"
 
 
 def test_resuming_a_plain_run_adds_no_ulfm_flags(tmp_path):
     run = _saved_run(tmp_path / "plain", elastic=False)
-    extra, hint = _launch_options(_args("-n", 2, "--resume", "--out", run), run, elastic=False)
+    extra, hint, _ = _launch_options(_args("-n", 2, "--resume", "--out", run), run, elastic=False)
     assert not extra
     assert hint == f"mpitrain train -n 2 --resume --out {run}"
 
@@ -50,13 +50,32 @@ def test_the_config_is_read_from_the_meta_alone(tmp_path):
 
 def test_the_resume_hint_of_a_new_run_is_complete(tmp_path):
     hosts = tmp_path / "my hosts"
-    extra, hint = _launch_options(_args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"),
+    extra, hint, _ = _launch_options(_args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"),
                                   tmp_path / "r", elastic=True)
     assert extra == ["--with-ft", "ulfm"]
     assert hint == f"mpitrain train -n 4 --hostfile '{hosts}' --resume --out {tmp_path / 'r'} --elastic"
     msg = launch.lost_rank_message(
         "prterun noticed that process rank 1 with PID 7 on node vm exited on\n signal 9 (Killed).", hint)
     assert msg.endswith("continue it with: " + hint)
+
+
+def test_fixed_order_turns_off_hierarchical_sums_and_is_kept_by_the_resume_hint(tmp_path):
+    from mpitrain.cli import _strip_launch_args
+
+    argv = ["train", "-n", "4", "--fixed-order", "--elastic", "--out", str(tmp_path / "r")]
+    extra, hint, elastic = _launch_options(build_parser().parse_args(argv), tmp_path / "r", elastic=True)
+    assert elastic and extra == ["--with-ft", "ulfm", "--mca", "coll", "^han"]
+    assert hint == f"mpitrain train -n 4 --fixed-order --resume --out {tmp_path / 'r'} --elastic"
+    assert _strip_launch_args(argv) == ["train", "--elastic", "--out", str(tmp_path / "r")]  # not for the ranks
+    cmd, _ = launch.mpiexec_command(4, ["prog"], extra=extra)
+    assert cmd[-6:] == ["--with-ft", "ulfm", "--mca", "coll", "^han", "prog"]
+
+def test_fixed_order_without_n_is_one_line(tmp_path, capsys):
+    from mpitrain.cli import main
+
+    assert main(["train", "--fixed-order", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ("mpitrain: error: --fixed-order needs -n N (under your own mpiexec, "
+                                       "give it Open MPI's --mca coll ^han)\n")
 
 
 BOX = ["-" * 74 + "\n",

@@ -75,7 +75,7 @@ def test_iface_is_for_the_launcher_and_stays_in_the_resume_hint(tmp_path):
     hosts.write_text("a\nb\n")
     args = build_parser().parse_args(["train", "-n", "4", "--hostfile", str(hosts), "--iface", "ib0",
                                       "--out", str(tmp_path / "r")])
-    _, hint = _launch_options(args, tmp_path / "r", elastic=False)
+    _, hint, _ = _launch_options(args, tmp_path / "r", elastic=False)
     assert hint == f"mpitrain train -n 4 --hostfile {hosts} --iface ib0 --resume --out {tmp_path / 'r'}"
 
 

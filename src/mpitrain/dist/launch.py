@@ -287,6 +287,15 @@ def check_hostfile(hostfile: str) -> None:
         raise UserError(f"--hostfile: no such file: {hostfile}")
 
 
+# --fixed-order. Open MPI's hierarchical collectives (coll/han, chosen over coll/tuned when a
+# job spans hosts) first sum within each host, then across hosts: the order of the float
+# additions, and so the last bits of the weights, then depend on how the ranks sit on the
+# hosts (measured: 6 ranks on one fake host against 2 x 3 differ by up to 8e-8 after one
+# epoch). Without han every placement gets coll/tuned's algorithm for that rank count and
+# size, the same order: bit-identical weights (tests/system/test_multihost.py).
+FIXED_ORDER_FLAGS = ["--mca", "coll", "^han"]
+
+
 def elastic_flags() -> list[str]:
     """mpiexec options that let the job outlive a dead rank (Open MPI 5's ULFM)."""
     if not is_open_mpi(find_mpiexec()):
@@ -312,7 +321,7 @@ def lost_rank_message(stderr_text: str, resume_hint: str | None = None) -> str |
 
 
 def resume_command(n: int | None, out, hostfile: str | None = None, elastic: bool = False,
-                   iface: str | None = None) -> str:
+                   iface: str | None = None, fixed_order: bool = False) -> str:
     """The command that continues the run in `out` (`n` None: one process)."""
     import shlex
 
@@ -323,6 +332,8 @@ def resume_command(n: int | None, out, hostfile: str | None = None, elastic: boo
         words += ["--hostfile", shlex.quote(str(hostfile))]
     if iface is not None:
         words += ["--iface", shlex.quote(iface)]
+    if fixed_order:
+        words.append("--fixed-order")
     words += ["--resume", "--out", shlex.quote(str(out))]
     if elastic:
         words.append("--elastic")
