@@ -9,11 +9,12 @@ TensorFlow's MultiWorkerMirroredStrategy (MWMS) with `tf_keras`, alternating.
 Run it with the Python of mpitrain's environment (e.g. `.venv/bin/python`) from the
 repository root: it times the mpitrain of this checkout (`src/` goes first on PYTHONPATH).
 
-All three train the same model (the registry's `seed` CNN, layer for layer: three conv/pool
+All of them train the same model (the registry's `seed` CNN, layer for layer: three conv/pool
 blocks, dense 128, dropout 0.3, softmax in float32), the same batch per process, the same
 precision (bf16 = Keras' `mixed_bfloat16`), Adam 1e-3, on random images in memory:
 
 * `mpitrain bench -n N`: N ranks x (cores / N) threads, our loop and MPI allreduce;
+* `mpitrain bench` in one process on every core ("mpitrain x1", for bf16 over fp32 on one rank);
 * `keras fit`: one process, all cores, Keras 3's `model.fit` on float32 NumPy arrays;
 * `MWMS xN`: N tf_keras workers x (cores / N) threads on localhost (TF_CONFIG with N local
   ports), `model.fit` on a `tf.data` pipeline of the global batch (N x batch), which the
@@ -197,8 +198,10 @@ def _last_json(text: str) -> dict:
     raise RuntimeError(f"no JSON result in:\n{text[-3000:]}")
 
 
-def run_mpitrain(a, precision: str) -> dict:
-    cmd = [sys.executable, "-m", "mpitrain", "bench", "-n", str(a.np), "--batch-size", str(a.batch_size),
+def run_mpitrain(a, precision: str, one: bool = False) -> dict:
+    """`mpitrain bench -n N` (N ranks x cores/N threads); `one`: one process on every core."""
+    ranks = [] if one else ["-n", str(a.np)]
+    cmd = [sys.executable, "-m", "mpitrain", "bench", *ranks, "--batch-size", str(a.batch_size),
            "--steps", str(a.steps), "--image-size", str(a.image_size), "--precision", precision, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode:
@@ -291,8 +294,8 @@ def main(argv=None) -> int:
     cores = _cores()
     print(f"peers: seed CNN {a.image_size}px, batch {a.batch_size} per process, {a.steps} steps, "
           f"{a.rounds} rounds; {cores} cores; TensorFlow {tf.__version__}", flush=True)
-    names = [f"mpitrain -n {a.np}", "keras fit x1", f"MWMS x{a.np}"]
-    runners = [run_mpitrain, run_fit, run_mwms]
+    names = [f"mpitrain -n {a.np}", "keras fit x1", f"MWMS x{a.np}", "mpitrain x1"]
+    runners = [run_mpitrain, run_fit, run_mwms, lambda a, pr: run_mpitrain(a, pr, one=True)]
     results = {(pr, n): [] for pr in a.precision for n in names}
     loads = {(pr, r): [] for pr in a.precision for r in range(a.rounds)}  # load average after each run
     for r in range(a.rounds):
@@ -316,6 +319,12 @@ def main(argv=None) -> int:
             load = " / ".join(loads[(pr, i)]) if i < len(rows) else ""
             print(f"| {pr} | {label} | " + " | ".join(f"{v:,.0f}" for v in row)
                   + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} | {load} |")
+    if "fp32" in a.precision and "bf16" in a.precision:
+        print("\nbf16 / fp32, by round and of the medians:")
+        for n in names:
+            ratios = [b / f for f, b in zip(results[("fp32", n)], results[("bf16", n)])]
+            med = statistics.median(results[("bf16", n)]) / statistics.median(results[("fp32", n)])
+            print(f"  {n:14s} " + " / ".join(f"{x:.2f}" for x in ratios) + f"   (medians: {med:.2f})")
     return 0
 
 
