@@ -486,7 +486,7 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
                                   on_interrupt=report, stoppable=True, iface=args.iface,
                                   heal=elastic and out is not None)
             except launch.HostLost as lost:  # --elastic: go on without that host (train/hostloss.py)
-                n, hostfile, child, hint = _heal(args, out, n, hostfile, lost.host, hint, job)
+                n, hostfile, child, hint = _heal(args, out, n, hostfile, lost, hint, job)
                 if n is None:
                     return 1
     finally:
@@ -499,8 +499,8 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
             remove_empty(list(fresh))
 
 
-def _heal(args, out, n: int, hostfile: str | None, lost: str, hint: str | None, job: str):
-    """After losing host `lost`: (ranks, hostfile, child command, resume hint) to go on with,
+def _heal(args, out, n: int, hostfile: str | None, loss, hint: str | None, job: str):
+    """After losing a host (`loss`: launch.HostLost): (ranks, hostfile, child command, resume hint) to go on with,
     said in one line; (None, ...) after saying in one line why the job cannot go on."""
     from pathlib import Path
 
@@ -509,8 +509,9 @@ def _heal(args, out, n: int, hostfile: str | None, lost: str, hint: str | None, 
     from mpitrain.train.checkpoint import saved_config
 
     strategy = (saved_config(Path(out)) or {}).get("strategy", "allreduce")
+    lost = loss.host
     try:
-        plan = hostloss.plan(Path(out), n, hostfile, lost, strategy)
+        plan = hostloss.plan(Path(out), n, hostfile, lost, strategy, placed=loss.placed)
     except hostloss.CannotHeal as why:
         print(launch.lost_host_message(lost, hint, why=str(why)), file=sys.stderr)
         return None, hostfile, None, hint

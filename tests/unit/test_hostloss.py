@@ -42,6 +42,17 @@ def test_the_lost_hosts_ranks_and_the_hosts_left(tmp_path):
     assert "end of epoch 1" in hostloss.message("node2", plan)
 
 
+def test_the_ranks_own_report_of_their_hosts_wins_over_the_slots(tmp_path):
+    # Without slots= Open MPI gives a remote host as many slots as it has cores, which the
+    # launcher cannot know: the ranks' hosts, reported at contact, say how many were lost.
+    run = _run(tmp_path)
+    hosts = _hostfile(tmp_path, "node1\nnode2\n")
+    placed = ["node1"] * 4 + ["node2.cluster.example"] * 4
+    plan = hostloss.plan(run, 8, hosts, "node2", "allreduce", here={"node1"}, cores=4, placed=placed)
+    assert (plan.ranks, plan.lost_ranks) == (4, 4)
+    assert hostloss.plan(run, 8, hosts, "node2", "allreduce", here={"node1"}, cores=4).lost_ranks == 1  # guess
+
+
 @pytest.mark.parametrize("case, why", [
     ("launcher", "the launcher's own host"),
     ("no hostfile", "only a job started with --hostfile"),
@@ -71,7 +82,7 @@ def _fake_mpiexec(tmp_path, lost_times=1):
     script.write_text(f"""#!/bin/sh
 [ "$1" = "--version" ] && {{ echo "mpiexec (Open MPI) 5.0.11"; exit 0; }}
 printf '%s\\n' "$*" >> {log}
-printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;contact\\007\\n'
+printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;hosts=node1,node2,node2\\007\\n\\033]mpitrain-state;contact\\007\\n'
 if [ $(wc -l < {log}) -le {lost_times} ]; then printf 'epoch 2/5\\n'; printf '%b' '{box}' >&2; exit 0; fi
 echo finished
 """)

@@ -151,6 +151,13 @@ def ranks_here(n: int, hosts: list[tuple[str, int | None]] | None, here: set[str
     if not hosts:
         return n
     here = local_names() if here is None else here
+    return sum(p for (h, _), p in zip(hosts, placement(n, hosts, here, cores)) if h in here)
+
+
+def placement(n: int, hosts: list[tuple[str, int | None]], here: set[str] | None = None,
+              cores: int | None = None) -> list[int]:
+    """Ranks per hostfile line as Open MPI maps `n` by slot (see `ranks_here`)."""
+    here = local_names() if here is None else here
     cores = available_cores() if cores is None else cores
     slots = [s if s is not None else (cores if h in here else 1) for h, s in hosts]
     placed = [0] * len(hosts)
@@ -160,7 +167,7 @@ def ranks_here(n: int, hosts: list[tuple[str, int | None]] | None, here: set[str
             take = min(s, left)
             placed[i] += take
             left -= take
-    return sum(p for (h, _), p in zip(hosts, placed) if h in here)
+    return placed
 
 
 def local_networks() -> dict:
@@ -370,6 +377,9 @@ START_TIMEOUT_ENV = "MPITRAIN_START_TIMEOUT"
 START_TIMEOUT = 45.0  # seconds; with start-up and the stop the job has ended within a minute
 
 
+HOSTS_STATE = "hosts="  # then the host of every rank, in rank order, comma-separated
+
+
 def state_line(state: str) -> str:
     return f"{STATE}{state}{_BEL}\n"
 
@@ -381,20 +391,23 @@ def parse_state(line: str) -> str | None:
 
 
 def first_contact(comm) -> None:
-    """Under our launcher, rank 0 reports that the job started and, after a barrier, that
-    the ranks reached each other (`run` stops a job that does not within its deadline).
-    Called once, as soon as MPI is up (comm.world), by every rank."""
+    """Under our launcher, rank 0 reports that the job started and, once the ranks have
+    reached each other, the host of every rank and "contact" (`run` stops a job that does
+    not make contact within its deadline; the hosts tell it how many ranks a lost host
+    held). Called once, as soon as MPI is up (comm.world), by every rank."""
     if os.environ.get("MPITRAIN_LAUNCHER") != "1" or comm.size == 1:
         return
+    import socket
+
     if comm.rank == 0:
         sys.stdout.write(state_line("started"))
         sys.stdout.flush()
     # Collective: the ranks' first message to each other. Over a network that does not
     # connect their hosts it never completes (packets dropped without an answer): the
     # launcher's deadline turns that into one line instead of a hang.
-    comm.barrier()
+    hosts = comm.allgather_obj(socket.gethostname())
     if comm.rank == 0:
-        sys.stdout.write(state_line("contact"))
+        sys.stdout.write(state_line(HOSTS_STATE + ",".join(hosts)) + state_line("contact"))
         sys.stdout.flush()
 
 
@@ -433,12 +446,16 @@ class StdoutRelay:
         self.lock = lock or threading.Lock()
         self.where: str | None = None
         self.states: set[str] = set()  # "started", "contact": how far the job's start got
+        self.hosts: list[str] | None = None  # the host of every rank, once they made contact
         self._shown = False
 
     def feed(self, line: str) -> None:
         state = parse_state(line)
         if state is not None:
-            self.states.add(state)
+            if state.startswith(HOSTS_STATE):
+                self.hosts = state[len(HOSTS_STATE):].split(",")
+            else:
+                self.states.add(state)
             return
         marker = parse_progress(line)
         with self.lock:
@@ -679,11 +696,12 @@ def _want_bar() -> bool:
 
 
 class HostLost(Exception):
-    """The job ended because a host was lost (raised by `run` only when asked to: `heal`)."""
+    """The job ended because a host was lost (raised by `run` only when asked to: `heal`).
+    `placed`: the host of every rank as the ranks said at contact (None if they had not)."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str, placed: list[str] | None = None):
         super().__init__(host)
-        self.host = host
+        self.host, self.placed = host, placed
 
 
 def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
@@ -829,7 +847,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         return 2  # a usage error (the hostfile, the network), said in one line
     gone = errors.lost or stdout.lost
     if gone and heal:
-        raise HostLost(gone)
+        raise HostLost(gone, relay.hosts)
     if gone:
         print(lost_host_message(gone, resume_hint), file=sys.stderr)
         return code or 1  # mpiexec may say 0 although it stopped the job

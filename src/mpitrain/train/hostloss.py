@@ -9,7 +9,8 @@ as the end of the virtual machine). So the healing of a lost host happens one le
 1. mpiexec ends; its report names the host whose daemon was lost (`launch.lost_host`);
 2. `plan` works out what is left: the hostfile without that host (written into the run
    folder as `hostfile`, so the printed `--resume` command still works later), the ranks
-   that were placed there by slot (`launch.ranks_here`), the strategy's minimum, and the
+   that ran there (as the ranks reported their hosts at start, `launch.first_contact`;
+   else by slot, `launch.placement`), the strategy's minimum, and the
    newest checkpoint to continue from;
 3. the launcher says so in one line, notes the event in `events.jsonl` and starts mpiexec
    again with `train --resume` on the remaining hosts. The ranks read the saved options;
@@ -68,10 +69,12 @@ def _matching(name: str, hosts) -> list[str]:
 
 
 def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here: set[str] | None = None,
-         cores: int | None = None) -> Plan:
+         cores: int | None = None, placed: list[str] | None = None) -> Plan:
     """How the run in `out` goes on after `lost` (a host of `hostfile`) was lost; raises
-    CannotHeal with the reason when it cannot."""
-    from mpitrain.dist.launch import local_names, ranks_here, read_hostfile
+    CannotHeal with the reason when it cannot. `placed`: the host of every rank, as the
+    ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
+    as Open MPI fills them; a host without `slots=` then counts as 1)."""
+    from mpitrain.dist.launch import local_names, placement, read_hostfile
     from mpitrain.dist.strategies import strategy_class
     from mpitrain.train.checkpoint import describe_position, latest_meta
 
@@ -84,9 +87,13 @@ def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here
     gone = _matching(lost, [h for h, _ in hosts])
     if not gone:
         raise CannotHeal(f"the hostfile {hostfile} does not name it")
-    placed = ranks_here(n, hosts, set(gone), cores=cores)
+    there = 0
+    if placed and len(placed) == n:
+        on_lost = {h for h in set(placed) if _matching(h, gone)}
+        there = sum(1 for h in placed if h in on_lost)
+    lost_ranks = there or sum(k for (h, _), k in zip(hosts, placement(n, hosts, here, cores)) if h in gone)
     left = [(h, s) for h, s in hosts if h not in gone]
-    ranks = n - placed
+    ranks = n - lost_ranks
     problem = strategy_class(strategy).too_few_ranks(ranks) if ranks > 0 else "no host is left"
     if problem:
         raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
@@ -99,7 +106,7 @@ def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here
     path = Path(out) / HOSTFILE_NAME
     path.write_text("# written by mpitrain after losing host " + lost + "\n"
                     + "".join(f"{h}{f' slots={s}' if s is not None else ''}\n" for h, s in left))
-    return Plan(ranks=ranks, hostfile=path, lost_ranks=placed,
+    return Plan(ranks=ranks, hostfile=path, lost_ranks=lost_ranks,
                 position=describe_position(meta["epoch"], meta["step"]))
 
 
