@@ -147,7 +147,8 @@ class TrainConfig:
     checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)",
                                         metavar="S")
     keep_checkpoints: int = _opt(2, "how many checkpoints to keep", metavar="N")
-    elastic: bool = _opt(False, "survive lost ranks: the others shrink the job and go on (Open MPI ULFM)")
+    elastic: bool = _opt(False, "survive lost ranks (the others shrink the job and go on, Open MPI ULFM) and, "
+                         "with -n and --hostfile, a lost host (the job goes on without it from the newest checkpoint)")
     timeout: float = _opt(600.0, "abort the job after this many seconds without progress, 0: never",
                           metavar="SECONDS")
     augment: str = _opt("none", "augment training batches (random rotation, zoom, shift, gamma, "
