@@ -506,12 +506,10 @@ def _heal(args, out, n: int, hostfile: str | None, loss, hint: str | None, job: 
 
     from mpitrain.dist import launch
     from mpitrain.train import hostloss, runlock
-    from mpitrain.train.checkpoint import saved_config
 
-    strategy = (saved_config(Path(out)) or {}).get("strategy", "allreduce")
     lost = loss.host
     try:
-        plan = hostloss.plan(Path(out), n, hostfile, lost, strategy, placed=loss.placed)
+        plan = hostloss.plan(Path(out), n, hostfile, lost, placed=loss.placed)
     except hostloss.CannotHeal as why:
         print(launch.lost_host_message(lost, hint, why=str(why)), file=sys.stderr)
         return None, hostfile, None, hint

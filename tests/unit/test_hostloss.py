@@ -30,15 +30,15 @@ def _hostfile(tmp_path, text):
 def test_the_lost_hosts_ranks_and_the_hosts_left(tmp_path):
     run = _run(tmp_path)
     hosts = _hostfile(tmp_path, "node1 slots=2\nnode2 slots=1  # small\nnode3 slots=2\n")
-    plan = hostloss.plan(run, 5, hosts, "node2", "allreduce", here={"node1"})
+    plan = hostloss.plan(run, 5, hosts, "node2", here={"node1"})
     assert (plan.ranks, plan.lost_ranks, plan.position) == (4, 1, "end of epoch 1")
     assert plan.hostfile == run / "hostfile"
     lines = [line for line in plan.hostfile.read_text().splitlines() if not line.startswith("#")]
     assert lines == ["node1 slots=2", "node3 slots=2"]
     # Open MPI may report the host by its full name, the hostfile by its short one.
-    assert hostloss.plan(run, 5, hosts, "node3.cluster.example", "allreduce", here={"node1"}).ranks == 3
+    assert hostloss.plan(run, 5, hosts, "node3.cluster.example", here={"node1"}).ranks == 3
     # More ranks than slots: Open MPI fills the slots again from the first host.
-    assert hostloss.plan(run, 9, hosts, "node3", "allreduce", here={"node1"}).lost_ranks == 3  # 2 + 1
+    assert hostloss.plan(run, 9, hosts, "node3", here={"node1"}).lost_ranks == 3  # 2 + 1
     assert "end of epoch 1" in hostloss.message("node2", plan)
 
 
@@ -48,9 +48,9 @@ def test_the_ranks_own_report_of_their_hosts_wins_over_the_slots(tmp_path):
     run = _run(tmp_path)
     hosts = _hostfile(tmp_path, "node1\nnode2\n")
     placed = ["node1"] * 4 + ["node2.cluster.example"] * 4
-    plan = hostloss.plan(run, 8, hosts, "node2", "allreduce", here={"node1"}, cores=4, placed=placed)
+    plan = hostloss.plan(run, 8, hosts, "node2", here={"node1"}, cores=4, placed=placed)
     assert (plan.ranks, plan.lost_ranks) == (4, 4)
-    assert hostloss.plan(run, 8, hosts, "node2", "allreduce", here={"node1"}, cores=4).lost_ranks == 1  # guess
+    assert hostloss.plan(run, 8, hosts, "node2", here={"node1"}, cores=4).lost_ranks == 1  # guess
 
 
 @pytest.mark.parametrize("case, why", [
@@ -69,7 +69,7 @@ def test_when_the_job_cannot_go_on(tmp_path, case, why):
     n = 3 if case == "too few" else 4
     hosts = None if case == "no hostfile" else hosts
     with pytest.raises(hostloss.CannotHeal, match=re.escape(why)):
-        hostloss.plan(run, n, hosts, lost, "master-worker", here={"node1"})
+        hostloss.plan(run, n, hosts, lost, here={"node1"})
     assert not (run / "hostfile").exists()
 
 

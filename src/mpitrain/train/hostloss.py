@@ -27,9 +27,7 @@ hostfile (one host, or hosts chosen by Slurm), or a host name the hostfile does 
 
 from __future__ import annotations
 
-import json
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +66,11 @@ def _matching(name: str, hosts) -> list[str]:
     return found
 
 
-def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here: set[str] | None = None,
+def plan(out: Path, n: int, hostfile: str | None, lost: str, here: set[str] | None = None,
          cores: int | None = None, placed: list[str] | None = None) -> Plan:
     """How the run in `out` goes on after `lost` (a host of `hostfile`) was lost; raises
-    CannotHeal with the reason when it cannot. `placed`: the host of every rank, as the
+    CannotHeal with the reason when it cannot. The strategy (and its fewest ranks) is the
+    newest checkpoint's. `placed`: the host of every rank, as the
     ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
     as Open MPI fills them; a host without `slots=` then counts as 1)."""
     from mpitrain.dist.launch import local_names, placement, read_hostfile
@@ -94,15 +93,15 @@ def plan(out: Path, n: int, hostfile: str | None, lost: str, strategy: str, here
     lost_ranks = there or sum(k for (h, _), k in zip(hosts, placement(n, hosts, here, cores)) if h in gone)
     left = [(h, s) for h, s in hosts if h not in gone]
     ranks = n - lost_ranks
-    problem = strategy_class(strategy).too_few_ranks(ranks) if ranks > 0 else "no host is left"
-    if problem:
-        raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
     found = latest_meta(Path(out))
     if found is None:
         raise CannotHeal("the run had no checkpoint yet")
     meta = found[1]
     if meta.get("status") == "finished":
         raise CannotHeal("the run had finished")
+    problem = strategy_class(meta["strategy"]).too_few_ranks(ranks) if ranks > 0 else "no host is left"
+    if problem:
+        raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
     path = Path(out) / HOSTFILE_NAME
     path.write_text("# written by mpitrain after losing host " + lost + "\n"
                     + "".join(f"{h}{f' slots={s}' if s is not None else ''}\n" for h, s in left))
@@ -117,8 +116,8 @@ def message(lost: str, p: Plan) -> str:
 
 def note(out: Path, lost: str, before: int, p: Plan) -> None:
     """One line in the run's `events.jsonl` (as a lost rank's), written by the launcher."""
-    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "host_lost", "host": lost,
-             "lost_ranks": p.lost_ranks, "ranks_before": before, "ranks_after": p.ranks,
-             "continue_from": p.position, "hostfile": str(p.hostfile)}
-    with open(Path(out) / "events.jsonl", "a") as f:
-        f.write(json.dumps(event) + "\n")
+    from mpitrain.train import runfolder
+
+    runfolder.append_event(out, runfolder.event(
+        "host_lost", host=lost, lost_ranks=p.lost_ranks, ranks_before=before, ranks_after=p.ranks,
+        continue_from=p.position, hostfile=str(p.hostfile)))

@@ -92,6 +92,21 @@ def resume_folder(out: str | None, check_only: bool = False) -> Path:
     return path
 
 
+EVENTS_NAME = "events.jsonl"  # --elastic: one JSON line per lost rank (the ranks) or host (the launcher)
+
+
+def event(kind: str, **fields) -> dict:
+    """An events.jsonl line: the time, what happened (`kind`), then `fields` in order."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **fields}
+
+
+def append_event(run_dir: Path, line: dict) -> None:
+    import json
+
+    with open(Path(run_dir) / EVENTS_NAME, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     if history:

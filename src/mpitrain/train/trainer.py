@@ -47,6 +47,7 @@ from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit, StopRequested
 from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
+from mpitrain.train import runfolder
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
 
@@ -158,7 +159,7 @@ class Trainer:
                 # Written by another number of ranks (an elastic job that lost a host, or -n
                 # changed): the epoch's steps are laid out anew; go on at the same fraction of
                 # the epoch, and its training metrics cover the steps from here (as after a lost rank).
-                first, stats = min(self.steps, first * self.steps // steps), None
+                first, stats = _same_fraction(first, steps, self.steps), None
             self.result.history = list(history) if comm.rank == 0 else []
             self.echo("resuming after the last epoch: validating and saving the model" if trained
                       else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
@@ -419,23 +420,26 @@ class Trainer:
         deadline.cancel()
         old_steps = self.steps
         self._layout(first_time=False)
-        first = min(self.steps, int(resume_at * self.steps / old_steps))
-        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "rank_lost", "lost_ranks": lost,
-                 "ranks_before": before, "ranks_after": comm.size, "epoch": epoch + 1,
-                 "step": done, "of_steps": old_steps, "continue_at_step": first, "of_new_steps": self.steps}
+        first = _same_fraction(resume_at, old_steps, self.steps)
+        event = runfolder.event("rank_lost", lost_ranks=lost, ranks_before=before, ranks_after=comm.size,
+                                epoch=epoch + 1, step=done, of_steps=old_steps, continue_at_step=first,
+                                of_new_steps=self.steps)
         self.result.events.append(event)
         if comm.rank == 0:
             self.echo(f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
                       f"step {first} of {self.steps} (lr {self.target_lr:.3g})")
             if self.run_dir is not None:
-                import json
-
-                with open(self.run_dir / "events.jsonl", "a") as f:
-                    f.write(json.dumps(event) + "\n")
+                runfolder.append_event(self.run_dir, event)
         return first
 
 
 RECOVERY_SECONDS = 60.0
+
+
+def _same_fraction(step: int, of_steps: int, steps: int) -> int:
+    """Step `step` of an epoch of `of_steps` steps, in a layout of `steps` steps per epoch
+    (another number of ranks): the same fraction of the epoch, rounded down."""
+    return min(steps, step * steps // of_steps)
 
 
 def _recovery_failed(rank: int) -> None:
