@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.mpitrain-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast lint format install bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mpitrain train -n 5 --strategy master-worker --epochs 8 --out runs/demo --overwrite
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q --durations=15
+
+# The unit tests alone (no mpiexec, no real data): under a minute here.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+# Ruff (lint and format check) and the type checker, on every file the project owns.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/mpitrain bench -n 1 && $(BIN)/mpitrain bench -n 2

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from mpitrain.dist.comm import world
-from mpitrain.dist.strategies.allreduce import bf16_add, to_bf16
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.strategies.allreduce import bf16_add, to_bf16
 
 
 def main() -> None:
@@ -42,8 +42,9 @@ def main() -> None:
                 if r >= 2:
                     times.append(dt)
             if comm.rank == 0:
-                print(json.dumps({"ranks": comm.size, "bytes": size, "compress": compress, "seconds": times}),
-                      flush=True)
+                print(
+                    json.dumps({"ranks": comm.size, "bytes": size, "compress": compress, "seconds": times}), flush=True
+                )
 
 
 if __name__ == "__main__":

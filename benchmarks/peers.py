@@ -54,7 +54,7 @@ PEERS_VENV = HERE / ".venv-peers"
 
 def _load() -> str:
     try:
-        return "%.1f" % os.getloadavg()[0]
+        return f"{os.getloadavg()[0]:.1f}"
     except OSError:
         return "?"
 
@@ -74,6 +74,7 @@ def _env(**extra) -> dict:
 
 # ---- the peers' virtual environment ----
 
+
 def peers_python() -> Path:
     return PEERS_VENV / "bin" / "python"
 
@@ -84,14 +85,17 @@ def setup_peers(quiet: bool = False) -> Path:
 
     py = peers_python()
     major_minor = ".".join(tf.__version__.split(".")[:2])
-    if py.exists() and subprocess.run([py, "-c", "import tf_keras"], capture_output=True,
-                                      env=_env()).returncode == 0:
+    if py.exists() and subprocess.run([py, "-c", "import tf_keras"], capture_output=True, env=_env()).returncode == 0:
         return py
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"peers: creating {PEERS_VENV} (tf_keras {major_minor}.* for TensorFlow {tf.__version__})")
     subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "_mpitrain_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps", f"tf_keras=={major_minor}.*"], check=True)
     return py
@@ -102,8 +106,13 @@ def try_horovod(timeout: float = 900) -> str:
     py = setup_peers()
     env = dict(os.environ, HOROVOD_WITH_TENSORFLOW="1", HOROVOD_WITHOUT_PYTORCH="1", HOROVOD_WITHOUT_MXNET="1")
     try:
-        proc = subprocess.run([py, "-m", "pip", "install", "--no-cache-dir", "horovod"], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [py, "-m", "pip", "install", "--no-cache-dir", "horovod"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         return f"exit {proc.returncode}\n{tail}"
     except subprocess.TimeoutExpired:
@@ -112,30 +121,32 @@ def try_horovod(timeout: float = 900) -> str:
 
 # ---- workers (one process each) ----
 
+
 def _seed_cnn(keras, image_size: int):
     """The registry's seed CNN (src/mpitrain/train/models.py), written for tf_keras."""
     layers = keras.layers
-    return keras.Sequential([
-        keras.Input((image_size, image_size, 1)),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu"),
-        layers.Dropout(0.3),
-        layers.Dense(2, activation="softmax", dtype="float32"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 1)),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.3),
+            layers.Dense(2, activation="softmax", dtype="float32"),
+        ]
+    )
 
 
 def _data(n: int, image_size: int, seed: int):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return (rng.random((n, image_size, image_size, 1), dtype=np.float32),
-            rng.integers(0, 2, n).astype(np.int32))
+    return (rng.random((n, image_size, image_size, 1), dtype=np.float32), rng.integers(0, 2, n).astype(np.int32))
 
 
 def worker_fit(a) -> dict:
@@ -151,7 +162,7 @@ def worker_fit(a) -> dict:
     x, y = _data(a.batch_size * a.steps, a.image_size, 0)
     m = build_model("seed", a.image_size, 2)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-    m.fit(x[:a.batch_size * 5], y[:a.batch_size * 5], batch_size=a.batch_size, epochs=1, verbose=0, shuffle=False)
+    m.fit(x[: a.batch_size * 5], y[: a.batch_size * 5], batch_size=a.batch_size, epochs=1, verbose=0, shuffle=False)
     t = time.perf_counter()
     m.fit(x, y, batch_size=a.batch_size, epochs=1, verbose=0, shuffle=False)
     seconds = time.perf_counter() - t
@@ -176,8 +187,13 @@ def worker_mwms(a) -> dict:
     x, y = _data(a.batch_size * a.steps, a.image_size, 0)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    ds = (tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
-          .prefetch(2).with_options(options))
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .repeat()
+        .batch(global_batch, drop_remainder=True)
+        .prefetch(2)
+        .with_options(options)
+    )
     with strategy.scope():
         m = _seed_cnn(keras, a.image_size)
         m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
@@ -185,11 +201,15 @@ def worker_mwms(a) -> dict:
     t = time.perf_counter()
     m.fit(ds, steps_per_epoch=a.steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - t
-    return {"images_per_second": global_batch * a.steps / seconds, "workers": workers,
-            "policy": m.layers[0].dtype_policy.name}
+    return {
+        "images_per_second": global_batch * a.steps / seconds,
+        "workers": workers,
+        "policy": m.layers[0].dtype_policy.name,
+    }
 
 
 # ---- the contestants ----
+
 
 def _last_json(text: str) -> dict:
     for line in reversed(text.splitlines()):
@@ -201,20 +221,51 @@ def _last_json(text: str) -> dict:
 def run_mpitrain(a, precision: str, one: bool = False) -> dict:
     """`mpitrain bench -n N` (N ranks x cores/N threads); `one`: one process on every core."""
     ranks = [] if one else ["-n", str(a.np)]
-    cmd = [sys.executable, "-m", "mpitrain", "bench", *ranks, "--batch-size", str(a.batch_size),
-           "--steps", str(a.steps), "--image-size", str(a.image_size), "--precision", precision, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpitrain",
+        "bench",
+        *ranks,
+        "--batch-size",
+        str(a.batch_size),
+        "--steps",
+        str(a.steps),
+        "--image-size",
+        str(a.image_size),
+        "--precision",
+        precision,
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     r = _last_json(proc.stdout)
-    return {"images_per_second": r["images_per_second"], "comm": r["comm_fraction"],
-            "host": r.get("host_fraction"), "gflops": r.get("gflops_per_second")}
+    return {
+        "images_per_second": r["images_per_second"],
+        "comm": r["comm_fraction"],
+        "host": r.get("host_fraction"),
+        "gflops": r.get("gflops_per_second"),
+    }
 
 
 def run_fit(a, precision: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "fit", "--threads", str(_cores()),
-           "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--image-size", str(a.image_size),
-           "--precision", precision]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "fit",
+        "--threads",
+        str(_cores()),
+        "--batch-size",
+        str(a.batch_size),
+        "--steps",
+        str(a.steps),
+        "--image-size",
+        str(a.image_size),
+        "--precision",
+        precision,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=a.timeout)
     if proc.returncode:
         raise RuntimeError(f"keras fit: exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -238,11 +289,31 @@ def run_mwms(a, precision: str) -> dict:
     procs = []
     for i in range(a.np):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
-        cmd = [str(py), str(Path(__file__).resolve()), "--worker", "mwms", "--threads", str(threads),
-               "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--image-size", str(a.image_size),
-               "--precision", precision]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=_env(TF_CONFIG=tf_config, TF_USE_LEGACY_KERAS="1")))
+        cmd = [
+            str(py),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "mwms",
+            "--threads",
+            str(threads),
+            "--batch-size",
+            str(a.batch_size),
+            "--steps",
+            str(a.steps),
+            "--image-size",
+            str(a.image_size),
+            "--precision",
+            precision,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_env(TF_CONFIG=tf_config, TF_USE_LEGACY_KERAS="1"),
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -251,13 +322,14 @@ def run_mwms(a, precision: str) -> dict:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         if p.returncode:
             raise RuntimeError(f"MWMS worker: exit {p.returncode}\n{err[-3000:]}")
     return _last_json(outs[0][0])
 
 
 # ---- main ----
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -292,8 +364,11 @@ def main(argv=None) -> int:
         return 0
 
     cores = _cores()
-    print(f"peers: seed CNN {a.image_size}px, batch {a.batch_size} per process, {a.steps} steps, "
-          f"{a.rounds} rounds; {cores} cores; TensorFlow {tf.__version__}", flush=True)
+    print(
+        f"peers: seed CNN {a.image_size}px, batch {a.batch_size} per process, {a.steps} steps, "
+        f"{a.rounds} rounds; {cores} cores; TensorFlow {tf.__version__}",
+        flush=True,
+    )
     names = [f"mpitrain -n {a.np}", "keras fit x1", f"MWMS x{a.np}", "mpitrain x1"]
     runners = [run_mpitrain, run_fit, run_mwms, lambda a, pr: run_mpitrain(a, pr, one=True)]
     results = {(pr, n): [] for pr in a.precision for n in names}
@@ -305,8 +380,10 @@ def main(argv=None) -> int:
                 results[(pr, name)].append(got["images_per_second"])
                 loads[(pr, r)].append(_load())
                 extra = "".join(f" {k} {v}" for k, v in got.items() if k != "images_per_second")
-                print(f"  round {r + 1} {pr:4s} {name:14s} {got['images_per_second']:8.1f} img/s "
-                      f"(load {_load()}){extra}", flush=True)
+                print(
+                    f"  round {r + 1} {pr:4s} {name:14s} {got['images_per_second']:8.1f} img/s (load {_load()}){extra}",
+                    flush=True,
+                )
     print()
     head = f"| precision | round | {' | '.join(names)} | mpitrain / fit | mpitrain / MWMS | load after each |"
     print(head)
@@ -317,8 +394,11 @@ def main(argv=None) -> int:
         for i, row in enumerate(rows + [med]):
             label = str(i + 1) if i < len(rows) else "median"
             load = " / ".join(loads[(pr, i)]) if i < len(rows) else ""
-            print(f"| {pr} | {label} | " + " | ".join(f"{v:,.0f}" for v in row)
-                  + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} | {load} |")
+            print(
+                f"| {pr} | {label} | "
+                + " | ".join(f"{v:,.0f}" for v in row)
+                + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} | {load} |"
+            )
     if "fp32" in a.precision and "bf16" in a.precision:
         print("\nbf16 / fp32, by round and of the medians:")
         for n in names:

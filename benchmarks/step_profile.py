@@ -39,7 +39,7 @@ import numpy as np
 
 def _load() -> str:
     try:
-        return "load %.2f %.2f %.2f" % os.getloadavg()
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load ?"
 
@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one trainer epoch")
-    p.add_argument("--pieces", action="store_true",
-                   help="instead: CPU time of each piece of host work of a step, alone, in a loop")
+    p.add_argument(
+        "--pieces", action="store_true", help="instead: CPU time of each piece of host work of a step, alone, in a loop"
+    )
     a = p.parse_args(argv)
     if a.pieces:
         return pieces(a)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
     from mpitrain.config import TrainConfig
     from mpitrain.data.dataset import Plan, Shard, as_float
-    from mpitrain.dist.comm import SingleComm
+    from mpitrain.parallel.comm import SingleComm
     from mpitrain.train.models import build_model
     from mpitrain.train.trainer import Trainer
 
@@ -78,8 +79,16 @@ def main(argv=None) -> int:
     vx, vy = x8[:b], y[:b]  # one validation batch: the trainer's epoch validates, we do not time it
     plan = Plan("generated", ["a", "b"], [""] * n, y, [""] * b, vy, "split")
     data = Shard(x8, y, vx, vy, train_max=255.0, val_max=255.0)
-    cfg = TrainConfig(epochs=10_000, batch_size=b, model=a.model, image_size=a.image_size,
-                      timeout=0, class_weight="none", precision=a.precision, lr_schedule="constant")
+    cfg = TrainConfig(
+        epochs=10_000,
+        batch_size=b,
+        model=a.model,
+        image_size=a.image_size,
+        timeout=0,
+        class_weight="none",
+        precision=a.precision,
+        lr_schedule="constant",
+    )
     model = build_model(a.model, a.image_size, 2)
     trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lambda line: None)
     trainer.show_progress = False
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
     xf = x8[..., np.newaxis] if dtype.kind in "ui" else as_float(x8, 255.0)
     w = np.ones(b, np.float32)
     lr = np.float32(cfg.lr)
-    batches_np = [(xf[i:i + b], y[i:i + b], w) for i in range(0, n, b)]
+    batches_np = [(xf[i : i + b], y[i : i + b], w) for i in range(0, n, b)]
     batches_tf = [tuple(tf.constant(t) for t in bt) for bt in batches_np]
     lr_tf = tf.constant(lr)
 
@@ -100,6 +109,7 @@ def main(argv=None) -> int:
             t, c = time.perf_counter(), time.process_time()
             fn()
             return time.perf_counter() - t, time.process_time() - c
+
         return run
 
     @timed
@@ -125,8 +135,11 @@ def main(argv=None) -> int:
     for fn in runs.values():  # warm-up: compile, first-call costs
         fn()
     best = {k: [float("inf"), float("inf")] for k in runs}  # wall, cpu
-    print(f"{a.model} {a.image_size}px batch {b} {a.precision} {a.threads} thread(s), "
-          f"{a.steps} steps x {a.repeats} repeats, TensorFlow {tf.__version__}", flush=True)
+    print(
+        f"{a.model} {a.image_size}px batch {b} {a.precision} {a.threads} thread(s), "
+        f"{a.steps} steps x {a.repeats} repeats, TensorFlow {tf.__version__}",
+        flush=True,
+    )
     for r in range(a.repeats):
         row = []
         for name, fn in runs.items():
@@ -136,12 +149,16 @@ def main(argv=None) -> int:
         print(f"  run {r + 1} (wall/cpu ms per step): " + ", ".join(row) + f"  ({_load()})", flush=True)
     print("lowest per step:             wall ms    img/s   vs alone |  cpu ms   vs alone")
     for name, (wall, cpu) in best.items():
-        print(f"  {name:24s} {wall * 1e3:8.3f} {b / wall:8.1f} {100 * (wall / best['step alone'][0] - 1):+8.2f}% |"
-              f" {cpu * 1e3:7.3f} {100 * (cpu / best['step alone'][1] - 1):+8.2f}%")
+        print(
+            f"  {name:24s} {wall * 1e3:8.3f} {b / wall:8.1f} {100 * (wall / best['step alone'][0] - 1):+8.2f}% |"
+            f" {cpu * 1e3:7.3f} {100 * (cpu / best['step alone'][1] - 1):+8.2f}%"
+        )
     for k, what in ((0, "wall"), (1, "cpu")):
         base, loop_s = best["step alone"][k], best["trainer loop"][k]
-        print(f"host overhead ({what}): {100 * (loop_s - base) / loop_s:.2f}% of the trainer's step "
-              f"({(loop_s - base) * 1e6:.0f} us per step)")
+        print(
+            f"host overhead ({what}): {100 * (loop_s - base) / loop_s:.2f}% of the trainer's step "
+            f"({(loop_s - base) * 1e6:.0f} us per step)"
+        )
     print(f"({_load()})")
     if a.profile:
         import cProfile
@@ -165,8 +182,8 @@ def pieces(a) -> int:
     tf = import_tensorflow()
     configure_runtime(0, 1, 1, "fp32")
     from mpitrain.data.dataset import as_float
-    from mpitrain.dist.strategies import lr_at
-    from mpitrain.dist.watchdog import Watchdog
+    from mpitrain.parallel.strategies import lr_at
+    from mpitrain.parallel.watchdog import Watchdog
     from mpitrain.train.progress import Progress
 
     b, side = a.batch_size, a.image_size
@@ -189,8 +206,9 @@ def pieces(a) -> int:
 
     tail = [tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32), tf.TensorSpec((), tf.float32)]
     poly = tf.function(body, input_signature=[tf.TensorSpec((None, side, side, 1), tf.float32)] + tail)
-    conc8 = tf.function(body8, input_signature=[tf.TensorSpec((None, side, side, 1), tf.uint8)] + tail
-                        ).get_concrete_function()
+    conc8 = tf.function(
+        body8, input_signature=[tf.TensorSpec((None, side, side, 1), tf.uint8)] + tail
+    ).get_concrete_function()
     st, p = poly(xf, y, w, lr)
     stats, probs = np.zeros(3), []
     bar, dog = Progress(100, "e", enabled=False), Watchdog(0, None, 0)
@@ -203,8 +221,9 @@ def pieces(a) -> int:
         "       (the same, args already tensors)": lambda: poly(*tensors),
         "before: stats += st.numpy()": lambda: stats.__iadd__(st.numpy()),
         "before: probs.append(p.numpy())": lambda: probs.append(p.numpy()),
-        "before: bar.update(loss=, acc=) (bar off)": lambda: bar.update(5, loss=stats[1] / max(stats[0], 1),
-                                                                        acc=stats[2] / max(stats[0], 1)),
+        "before: bar.update(loss=, acc=) (bar off)": lambda: bar.update(
+            5, loss=stats[1] / max(stats[0], 1), acc=stats[2] / max(stats[0], 1)
+        ),
         "both:   watchdog beat with its f-string": lambda: dog.beat(f"epoch {1 + 1} step {5 + 1}"),
         "after:  rows[..., None] (a view)": lambda: x8[idx][..., np.newaxis],
         "after:  concrete function call, uint8 args, sums in graph": lambda: conc8(x8[idx][..., np.newaxis], y, w, lr),

@@ -132,15 +132,31 @@ class Cluster:
         for k in range(1, self.n + 1):
             for j in range(1, self.n + 1):
                 if j != k:
-                    _sh("ip", "-n", self.name(k), "neigh", "replace", self.addr(j, "eth2"),
-                        "lladdr", f"02:00:00:00:{self.net:02x}:{j:02x}", "dev", "eth2", "nud", "permanent")
+                    _sh(
+                        "ip",
+                        "-n",
+                        self.name(k),
+                        "neigh",
+                        "replace",
+                        self.addr(j, "eth2"),
+                        "lladdr",
+                        f"02:00:00:00:{self.net:02x}:{j:02x}",
+                        "dev",
+                        "eth2",
+                        "nud",
+                        "permanent",
+                    )
 
     def env(self, **extra) -> dict:
         """The environment for running mpiexec on a fake host."""
         env = dict(os.environ)
-        env.update(PRTE_MCA_plm_ssh_agent=str(self.dir / "agent"),
-                   OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMPI_MCA_mpi_yield_when_idle="1", TF_CPP_MIN_LOG_LEVEL="2")
+        env.update(
+            PRTE_MCA_plm_ssh_agent=str(self.dir / "agent"),
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            OMPI_MCA_mpi_yield_when_idle="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -150,10 +166,12 @@ class Cluster:
         """`argv` as a command that runs on fake host `host`."""
         return [str(self.dir / "onhost"), self.name(host), *map(str, argv)]
 
-    def run(self, host: int, argv: list[str], env: dict | None = None, timeout: float = 240,
-            **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(host, argv), env=env or self.env(), capture_output=True,
-                              text=True, timeout=timeout, **kwargs)
+    def run(
+        self, host: int, argv: list[str], env: dict | None = None, timeout: float = 240, **kwargs
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.command(host, argv), env=env or self.env(), capture_output=True, text=True, timeout=timeout, **kwargs
+        )
 
     # ---- links ----
 
@@ -164,15 +182,29 @@ class Cluster:
         burst = None
         if rate:
             units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-            number, unit = next((rate[:-len(u)], f) for u, f in units.items() if rate.endswith(u))
+            number, unit = next((rate[: -len(u)], f) for u, f in units.items() if rate.endswith(u))
             burst = f"{max(32_000, int(float(number) * unit / 8 * 0.002))}b"
         for k in range(1, self.n + 1):
             for ns, dev in ((None, f"{PREFIX}{self.tag}v{k}"), (self.name(k), "eth1")):
                 pre = ["ip", "netns", "exec", ns] if ns else []
                 _sh(*pre, "tc", "qdisc", "del", "dev", dev, "root", check=False)
                 if rate:
-                    _sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                        "burst", burst, "latency", latency)
+                    _sh(
+                        *pre,
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        burst,
+                        "latency",
+                        latency,
+                    )
 
     def crash(self, host: int) -> None:
         """Host `host` dies: every process in its namespace is killed (SIGKILL)."""
@@ -196,7 +228,9 @@ class Cluster:
             _sh("ip", "netns", "add", ns)
             self._made.append(("netns", ns))
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            nets = [("eth1", f"{PREFIX}{self.tag}v{k}")] + ([("eth2", f"{PREFIX}{self.tag}d{k}")] if self.dead_net else [])
+            nets = [("eth1", f"{PREFIX}{self.tag}v{k}")] + (
+                [("eth2", f"{PREFIX}{self.tag}d{k}")] if self.dead_net else []
+            )
             for dev, outside in nets:
                 _sh("ip", "link", "add", outside, "type", "veth", "peer", "name", dev, "netns", ns)
                 self._made.append(("link", outside))
@@ -205,30 +239,35 @@ class Cluster:
                 _sh("ip", "link", "set", outside, "up")
                 _sh("ip", "-n", ns, "addr", "add", f"{self.addr(k, dev)}/24", "dev", dev)
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
-        (self.dir / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-            f"{self.addr(k)} {name}\n" for k, name in enumerate(self.names, 1)))
+        (self.dir / "hosts").write_text(
+            "127.0.0.1 localhost\n" + "".join(f"{self.addr(k)} {name}\n" for k, name in enumerate(self.names, 1))
+        )
         self._write_scripts()
 
     def _write_scripts(self) -> None:
         # onhost HOST CMD...: CMD in HOST's network namespace, with a private mount namespace
         # (its own /dev/shm, the cluster's /etc/hosts, hidden folders) and its own hostname.
-        cases = "".join(f"  {self.name(h)}) hide={shlex.quote(' '.join(map(shlex.quote, paths)))} ;;\n"
-                        for h, paths in self.hidden.items())
-        inner = ('mount -t tmpfs tmpfs /dev/shm && mount --bind "$HOSTS" /etc/hosts && '
-                 'for d in $HIDE; do mount -t tmpfs tmpfs "$d"; done && hostname "$HOST" && exec "$@"')
+        cases = "".join(
+            f"  {self.name(h)}) hide={shlex.quote(' '.join(map(shlex.quote, paths)))} ;;\n"
+            for h, paths in self.hidden.items()
+        )
+        inner = (
+            'mount -t tmpfs tmpfs /dev/shm && mount --bind "$HOSTS" /etc/hosts && '
+            'for d in $HIDE; do mount -t tmpfs tmpfs "$d"; done && hostname "$HOST" && exec "$@"'
+        )
         onhost = f"""#!/bin/sh
 # Generated by tests/cluster.py: run a command on fake host $1.
 HOST=$1; shift
 hide=
 case "$HOST" in
 {cases}esac
-export HOST HOSTS={shlex.quote(str(self.dir / 'hosts'))} HIDE="$hide"
+export HOST HOSTS={shlex.quote(str(self.dir / "hosts"))} HIDE="$hide"
 exec ip netns exec "$HOST" unshare --mount --uts sh -c {shlex.quote(inner)} sh "$@"
 """
         # PRRTE calls `agent HOST 'command line'` where it would call ssh.
         agent = f"""#!/bin/sh
 HOST=$1; shift
-exec {shlex.quote(str(self.dir / 'onhost'))} "$HOST" sh -c "$*"
+exec {shlex.quote(str(self.dir / "onhost"))} "$HOST" sh -c "$*"
 """
         for name, text in (("onhost", onhost), ("agent", agent)):
             path = self.dir / name
@@ -253,7 +292,7 @@ exec {shlex.quote(str(self.dir / 'onhost'))} "$HOST" sh -c "$*"
                 _sh("ip", "link", "del", name, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -263,6 +302,7 @@ exec {shlex.quote(str(self.dir / 'onhost'))} "$HOST" sh -c "$*"
 def leftovers(tag: str) -> list[str]:
     """Names of cluster `tag`'s namespaces and links that exist now (for tests of the clean-up)."""
     ns = [line.split()[0] for line in _sh("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
-    links = [line.split(":")[1].strip().split("@")[0]
-             for line in _sh("ip", "-o", "link", check=False).stdout.splitlines()]
+    links = [
+        line.split(":")[1].strip().split("@")[0] for line in _sh("ip", "-o", "link", check=False).stdout.splitlines()
+    ]
     return [n for n in ns + links if n.startswith(PREFIX + tag)]

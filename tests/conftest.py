@@ -20,15 +20,13 @@ import pytest
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _write_image(path: Path, img: np.ndarray | None = None, value: int = 128,
-                 size: int = 16) -> Path:
+def _write_image(path: Path, img: np.ndarray | None = None, value: int = 128, size: int = 16) -> Path:
     """Write ``img`` (default: a ``size``x``size`` gray square of ``value``) with cv2."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if img is None:
         img = np.full((size, size), value, np.uint8)
-    ext = path.suffix.lower() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp",
-                                                          ".tif", ".tiff"} else ".png"
+    ext = path.suffix.lower() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} else ".png"
     ok, buf = cv2.imencode(ext, img)
     assert ok, path
     path.write_bytes(buf.tobytes())

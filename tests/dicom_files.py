@@ -12,11 +12,25 @@ from pathlib import Path
 import numpy as np
 
 
-def write_dicom(path, pixels: np.ndarray, *, bits_stored: int | None = None, signed: bool = False,
-                photometric: str = "MONOCHROME2", slope: float | None = None, intercept: float | None = None,
-                center=None, width=None, voi_function: str | None = None, voi_lut: tuple | None = None,
-                frames: int = 1, transfer_syntax: str | None = None, junk: bytes | None = None,
-                preamble: bool = True, uid: str = "1.2.826.0.1.3680043.9.7133.1") -> Path:
+def write_dicom(
+    path,
+    pixels: np.ndarray,
+    *,
+    bits_stored: int | None = None,
+    signed: bool = False,
+    photometric: str = "MONOCHROME2",
+    slope: float | None = None,
+    intercept: float | None = None,
+    center=None,
+    width=None,
+    voi_function: str | None = None,
+    voi_lut: tuple | None = None,
+    frames: int = 1,
+    transfer_syntax: str | None = None,
+    junk: bytes | None = None,
+    preamble: bool = True,
+    uid: str = "1.2.826.0.1.3680043.9.7133.1",
+) -> Path:
     """``pixels``: [rows, cols] (or [frames, rows, cols]) integers stored as they are.
 
     ``voi_lut``: (first mapped value, bits per entry, LUT data). ``junk``: the one
@@ -24,7 +38,7 @@ def write_dicom(path, pixels: np.ndarray, *, bits_stored: int | None = None, sig
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, UID
+    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,9 @@ from pathlib import Path
 PROGRAMS = Path(__file__).parent / "system" / "mpi_programs"
 
 
-def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None,
-           extra: list[str] | None = None):
+def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None, extra: list[str] | None = None):
     """Returns (CompletedProcess, seconds). A hang fails the test via TimeoutExpired."""
-    from mpitrain.dist.launch import mpiexec_command
+    from mpitrain.parallel.launch import mpiexec_command
 
     cmd, full_env = mpiexec_command(n, program, extra=extra)
     full_env.update(env or {})
@@ -32,10 +31,30 @@ def cli(*args) -> list[str]:
 def train_run(tmp_path_factory, data, *extra) -> Path:
     """A finished run folder of the tiny model (one CLI training, cache in the test folder)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               MPITRAIN_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "mpitrain-cache"))
-    proc = subprocess.run(cli("train", "--data", data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
-                              "--batch-size", 8, "--out", out, *extra),
-                          capture_output=True, text=True, timeout=300, env=env)
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPITRAIN_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "mpitrain-cache")
+    )
+    proc = subprocess.run(
+        cli(
+            "train",
+            "--data",
+            data,
+            "--model",
+            "tiny",
+            "--image-size",
+            16,
+            "--epochs",
+            1,
+            "--batch-size",
+            8,
+            "--out",
+            out,
+            *extra,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out

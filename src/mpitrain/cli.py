@@ -79,23 +79,34 @@ def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
         if f.name == "model":
             text += ": " + ", ".join(sorted(MODELS))
         if f.name == "recipe":
-            text += "; " + "; ".join(f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
-                                     for name, values in RECIPES.items() if values)
+            text += "; " + "; ".join(
+                f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                for name, values in RECIPES.items()
+                if values
+            )
         if f.default is not None:
             text += f" (default: {f.default})"
-        p.add_argument(flag, action=_Store, type=kind, default=f.default, choices=meta["choices"],
-                       metavar=meta["metavar"], help=text)
+        p.add_argument(
+            flag,
+            action=_Store,
+            type=kind,
+            default=f.default,
+            choices=meta["choices"],
+            metavar=meta["metavar"],
+            help=text,
+        )
 
 
 def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
     # After a subcommand: SUPPRESS leaves the value given before it (or False) alone.
-    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
-                   help="show tracebacks")
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help="show tracebacks")
 
 
-IFACE_HELP = ("network for all of the job's TCP traffic (MPI messages and Open MPI's runtime), for -n: "
-              "interface names or CIDR networks, comma-separated (e.g. eth1 or 10.0.0.0/24); default: "
-              "Open MPI's choice, with a warning when the job spans hosts and this host has several")
+IFACE_HELP = (
+    "network for all of the job's TCP traffic (MPI messages and Open MPI's runtime), for -n: "
+    "interface names or CIDR networks, comma-separated (e.g. eth1 or 10.0.0.0/24); default: "
+    "Open MPI's choice, with a warning when the job spans hosts and this host has several"
+)
 
 LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column")
 
@@ -109,17 +120,21 @@ def _columns(args):
 def _data_or_labels(args) -> None:
     """`data` and `evaluate` read a class-folder layout or a label file: exactly one."""
     if (args.data is None) == (args.labels is None):
-        raise UserError("give --data DIR (one sub-folder per class) or --labels FILE.csv" +
-                        (", not both" if args.data is not None else ""))
+        raise UserError(
+            "give --data DIR (one sub-folder per class) or --labels FILE.csv"
+            + (", not both" if args.data is not None else "")
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mpitrain.config import GROUPINGS, TrainConfig
     from mpitrain.runtime import PRECISIONS
 
-    infer_precision = ("compute precision of the model; fp32 (the default) gives the same numbers "
-                       "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
-                       "weights and the softmax stay float32")
+    infer_precision = (
+        "compute precision of the model; fp32 (the default) gives the same numbers "
+        "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
+        "weights and the softmax stay float32"
+    )
     from mpitrain import __version__
     from mpitrain.train.models import MODELS
 
@@ -127,98 +142,178 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    from mpitrain.dist.strategies import compressions as strategy_compressions
-    from mpitrain.dist.strategies import names as strategy_names
+    from mpitrain.parallel.strategies import compressions as strategy_compressions
+    from mpitrain.parallel.strategies import names as strategy_names
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
-    t.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
-                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    t.add_argument(
+        "-n",
+        "--np",
+        type=_positive_int,
+        dest="np",
+        metavar="N",
+        help="start N processes with mpiexec (omit when already under mpiexec)",
+    )
     t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     t.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
-    t.add_argument("--fixed-order", action="store_true",
-                   help="for -n: sum the gradients in an order set by the number of ranks alone, not by how "
-                        "they sit on hosts, so one host or several give bit-identical weights (turns off Open "
-                        "MPI's hierarchical collectives, coll/han, which may be faster on many hosts)")
+    t.add_argument(
+        "--fixed-order",
+        action="store_true",
+        help="for -n: sum the gradients in an order set by the number of ranks alone, not by how "
+        "they sit on hosts, so one host or several give bit-identical weights (turns off Open "
+        "MPI's hierarchical collectives, coll/han, which may be faster on many hosts)",
+    )
     _add_train_args(t)
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest good checkpoint (with its saved options)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest good checkpoint (with its saved options)",
+    )
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
     d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
     _add_train_args(d, only=LABEL_OPTIONS)
-    d.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
-                   help="decode at this size, as training would (default: %(default)s)")
+    d.add_argument(
+        "--image-size",
+        type=int,
+        default=TrainConfig.image_size,
+        metavar="PX",
+        help="decode at this size, as training would (default: %(default)s)",
+    )
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
-    d.add_argument("--groups", choices=GROUPINGS, default="none",
-                   help="groups to keep whole in a split (default: look for patient ids and copies)")
+    d.add_argument(
+        "--groups",
+        choices=GROUPINGS,
+        default="none",
+        help="groups to keep whole in a split (default: look for patient ids and copies)",
+    )
     d.add_argument("--group-pattern", metavar="REGEX", help="first capture group names the group")
-    d.add_argument("--val-split", type=float, default=TrainConfig.val_split, metavar="F",
-                   help="the split to check for shared groups (default: %(default)s)")
+    d.add_argument(
+        "--val-split",
+        type=float,
+        default=TrainConfig.val_split,
+        metavar="F",
+        help="the split to check for shared groups (default: %(default)s)",
+    )
     d.add_argument("--seed", type=int, default=TrainConfig.seed, help="the split's seed (default: %(default)s)")
     d.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
-    s.add_argument("--out", required=True, metavar="DIR",
-                   help="new or empty folder to write (one sub-folder per class)")
-    s.add_argument("--per-class", type=_positive_int, default=300, metavar="N",
-                   help="images per class (default: %(default)s)")
-    s.add_argument("--image-size", type=int, default=TrainConfig.image_size, metavar="PX",
-                   help="side of the square images in pixels (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0,
-                   help="same seed = same images, byte for byte (default: %(default)s)")
+    s.add_argument(
+        "--out", required=True, metavar="DIR", help="new or empty folder to write (one sub-folder per class)"
+    )
+    s.add_argument(
+        "--per-class", type=_positive_int, default=300, metavar="N", help="images per class (default: %(default)s)"
+    )
+    s.add_argument(
+        "--image-size",
+        type=int,
+        default=TrainConfig.image_size,
+        metavar="PX",
+        help="side of the square images in pixels (default: %(default)s)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="same seed = same images, byte for byte (default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
 
-    b = sub.add_parser("bench", help="training throughput on generated data (add -n N for N processes)",
-                       description="Training throughput of the real train step and strategy, on generated "
-                                   "random images held in memory (no data folder, no decoding, no disk), "
-                                   "so it measures the model and the communication, not the input; with the model's "
-                                   "FLOPs per image (counted from its layers), the GFLOP/s achieved against the "
-                                   "machine's matmul rate, and the shares of compute, communication and host work.")
-    b.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
-                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    b = sub.add_parser(
+        "bench",
+        help="training throughput on generated data (add -n N for N processes)",
+        description="Training throughput of the real train step and strategy, on generated "
+        "random images held in memory (no data folder, no decoding, no disk), "
+        "so it measures the model and the communication, not the input; with the model's "
+        "FLOPs per image (counted from its layers), the GFLOP/s achieved against the "
+        "machine's matmul rate, and the shares of compute, communication and host work.",
+    )
+    b.add_argument(
+        "-n",
+        "--np",
+        type=_positive_int,
+        dest="np",
+        metavar="N",
+        help="start N processes with mpiexec (omit when already under mpiexec)",
+    )
     b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     b.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
-    b.add_argument("--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} "
-                                                   "(default: %(default)s)")
-    b.add_argument("--batch-size", type=_positive_int, default=64,
-                   help=f"per rank (default: %(default)s, not train's {TrainConfig.batch_size}: docs/benchmarks.md "
-                        f"was measured at 64, where per-step overheads weigh less; use {TrainConfig.batch_size} "
-                        "to time train's default)")
+    b.add_argument(
+        "--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} (default: %(default)s)"
+    )
+    b.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        help=f"per rank (default: %(default)s, not train's {TrainConfig.batch_size}: docs/benchmarks.md "
+        f"was measured at 64, where per-step overheads weigh less; use {TrainConfig.batch_size} "
+        "to time train's default)",
+    )
     b.add_argument("--steps", type=_positive_int, default=60, help="timed steps (default: %(default)s)")
     b.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps first (default: %(default)s)")
-    b.add_argument("--repeats", type=_positive_int, default=1,
-                   help="timed runs; the best is reported (default: %(default)s)")
-    b.add_argument("--image-size", type=_positive_int, default=TrainConfig.image_size, metavar="PX",
-                   help="input side in pixels (default: %(default)s)")
-    b.add_argument("--strategy", choices=strategy_names(), default="allreduce",
-                   help="how ranks stay in step, as in train (default: %(default)s)")
+    b.add_argument(
+        "--repeats", type=_positive_int, default=1, help="timed runs; the best is reported (default: %(default)s)"
+    )
+    b.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=TrainConfig.image_size,
+        metavar="PX",
+        help="input side in pixels (default: %(default)s)",
+    )
+    b.add_argument(
+        "--strategy",
+        choices=strategy_names(),
+        default="allreduce",
+        help="how ranks stay in step, as in train (default: %(default)s)",
+    )
     b.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
-    b.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="compute precision, as for train (default: %(default)s)")
-    b.add_argument("--compress", choices=strategy_compressions(), default="none",
-                   help="gradient compression, as for train (default: %(default)s)")
-    b.add_argument("--compare-fit", action="store_true",
-                   help="also time plain model.fit, in the same precision (one process)")
-    b.add_argument("--json", action="store_true",
-                   help="standard output is one JSON object and nothing else (the summary goes to stderr)")
+    b.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="compute precision, as for train (default: %(default)s)"
+    )
+    b.add_argument(
+        "--compress",
+        choices=strategy_compressions(),
+        default="none",
+        help="gradient compression, as for train (default: %(default)s)",
+    )
+    b.add_argument(
+        "--compare-fit", action="store_true", help="also time plain model.fit, in the same precision (one process)"
+    )
+    b.add_argument(
+        "--json",
+        action="store_true",
+        help="standard output is one JSON object and nothing else (the summary goes to stderr)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
-    e.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N",
-                   help="start N processes with mpiexec (omit when already under mpiexec)")
+    e.add_argument(
+        "-n",
+        "--np",
+        type=_positive_int,
+        dest="np",
+        metavar="N",
+        help="start N processes with mpiexec (omit when already under mpiexec)",
+    )
     e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
     e.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
-    e.add_argument("--model", required=True, action="append", metavar="RUNDIR",
-                   help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-                        "that averages the models' probabilities")
-    e.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; "
-                                                 "or --labels)")
+    e.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        metavar="RUNDIR",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
+        "that averages the models' probabilities",
+    )
+    e.add_argument(
+        "--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; or --labels)"
+    )
     _add_train_args(e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column")))
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
-    e.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
-                                                   "(default: the one saved with the model)")
+    e.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold on P(positive class) (default: the one saved with the model)",
+    )
     e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
@@ -227,13 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
-    pr.add_argument("--model", required=True, action="append", metavar="RUNDIR",
-                    help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-                         "that averages the models' probabilities")
+    pr.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        metavar="RUNDIR",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
+        "that averages the models' probabilities",
+    )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     pr.add_argument("--csv", metavar="FILE", help="write the rows here (default: standard output)")
-    pr.add_argument("--threshold", type=float, help="decision threshold on P(positive class) "
-                                                    "(default: the one saved with the model)")
+    pr.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold on P(positive class) (default: the one saved with the model)",
+    )
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
@@ -245,19 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mpitrain.evaluate.export import FORMATS
 
-    x = sub.add_parser("export", help="write a run's model as a TensorFlow SavedModel or a TFLite file, checked "
-                                      "against model.keras",
-                       description="Write RUN's model as a SavedModel or TFLite file taking uint8 grayscale pixels "
-                                   "[n, S, S, 1] (0-255, resized to the training size S by the caller) and giving "
-                                   "class probabilities, with export.json (classes, threshold, input contract). "
-                                   "The export is checked against model.keras on validation images before it "
-                                   "is written.")
+    x = sub.add_parser(
+        "export",
+        help="write a run's model as a TensorFlow SavedModel or a TFLite file, checked against model.keras",
+        description="Write RUN's model as a SavedModel or TFLite file taking uint8 grayscale pixels "
+        "[n, S, S, 1] (0-255, resized to the training size S by the caller) and giving "
+        "class probabilities, with export.json (classes, threshold, input contract). "
+        "The export is checked against model.keras on validation images before it "
+        "is written.",
+    )
     x.add_argument("run", metavar="RUN", help="the run folder (or RUN/model.keras) of a finished training")
-    x.add_argument("--format", required=True, choices=FORMATS, help="savedmodel: a TensorFlow SavedModel folder; "
-                                                                   "tflite: model.tflite for LiteRT / TFLite")
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="savedmodel: a TensorFlow SavedModel folder; tflite: model.tflite for LiteRT / TFLite",
+    )
     x.add_argument("--out", metavar="DIR", help="new or empty folder to write (default: RUN/export-FORMAT)")
-    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a folder with "
-                                                            "export.json; any other non-empty folder is refused)")
+    x.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in --out (a folder with export.json; any other non-empty folder is refused)",
+    )
     x.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     x.set_defaults(func=_cmd_export)
     for command in sub.choices.values():
@@ -269,22 +381,35 @@ def _check_launch(args) -> None:
     """The processes of this command form one job: tasks of srun that MPI does not join
     into one world stop (each would work alone), and -n/--hostfile, which start mpiexec,
     are refused under an MPI launcher (that would nest a job in each rank)."""
-    from mpitrain.dist.comm import check_world, launched_by_mpi, world
     from mpitrain.errors import agree
+    from mpitrain.parallel.comm import check_world, launched_by_mpi, world
 
     check_world()
-    flag = next((f for f, v in (("-n", args.np), ("--hostfile", args.hostfile), ("--iface", args.iface),
-                                ("--fixed-order", getattr(args, "fixed_order", None) or None))
-                 if v is not None), None)
+    flag = next(
+        (
+            f
+            for f, v in (
+                ("-n", args.np),
+                ("--hostfile", args.hostfile),
+                ("--iface", args.iface),
+                ("--fixed-order", getattr(args, "fixed_order", None) or None),
+            )
+            if v is not None
+        ),
+        None,
+    )
     if flag is not None and launched_by_mpi():
         # Every rank has the same command line: all stop together, rank 0 says it once.
-        agree(world(), f"{flag} starts its own mpiexec, but this command already runs under an MPI "
-                       f"launcher: drop {flag} (the launcher's -n sets the processes) or drop the launcher")
+        agree(
+            world(),
+            f"{flag} starts its own mpiexec, but this command already runs under an MPI "
+            f"launcher: drop {flag} (the launcher's -n sets the processes) or drop the launcher",
+        )
 
 
 def _check_hostfile(args) -> None:
     """--hostfile, --iface and --fixed-order: options of the launcher (-n), checked before it starts."""
-    from mpitrain.dist.launch import check_hostfile, check_iface
+    from mpitrain.parallel.launch import check_hostfile, check_iface
 
     if args.hostfile is not None:
         if args.np is None:
@@ -292,8 +417,10 @@ def _check_hostfile(args) -> None:
         check_hostfile(args.hostfile)
     if args.iface is not None:
         if args.np is None:
-            raise UserError("--iface needs -n N (under your own mpiexec, give it Open MPI's "
-                            "--mca btl_tcp_if_include and --prtemca oob_tcp_if_include)")
+            raise UserError(
+                "--iface needs -n N (under your own mpiexec, give it Open MPI's "
+                "--mca btl_tcp_if_include and --prtemca oob_tcp_if_include)"
+            )
         args.iface = check_iface(args.iface)
     if getattr(args, "fixed_order", False) and args.np is None:
         raise UserError("--fixed-order needs -n N (under your own mpiexec, give it Open MPI's --mca coll ^han)")
@@ -307,21 +434,39 @@ def _cmd_evaluate(args, argv) -> int:
         from mpitrain.evaluate.command import prepare
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
-        prepare(args.model, args.data, args.threshold, args.image_size, args.json, args.plots,
-                labels=args.labels, columns=_columns(args))
-        return _launch_timed(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
-                             iface=args.iface)
+        prepare(
+            args.model,
+            args.data,
+            args.threshold,
+            args.image_size,
+            args.json,
+            args.plots,
+            labels=args.labels,
+            columns=_columns(args),
+        )
+        return _launch_timed(
+            args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug, iface=args.iface
+        )
     from mpitrain.evaluate.command import evaluate_main
 
-    return evaluate_main(args.model, args.data, json_path=args.json, threshold=args.threshold,
-                         plots=args.plots, image_size=args.image_size, cache_dir=args.cache_dir,
-                         threads=args.threads, precision=args.precision, labels=args.labels,
-                         columns=_columns(args))
+    return evaluate_main(
+        args.model,
+        args.data,
+        json_path=args.json,
+        threshold=args.threshold,
+        plots=args.plots,
+        image_size=args.image_size,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        precision=args.precision,
+        labels=args.labels,
+        columns=_columns(args),
+    )
 
 
 def _launch_timed(n: int, child: list[str], **kwargs) -> int:
     """launch.run, telling the ranks when this command started (their "total" time counts from it)."""
-    from mpitrain.dist import launch
+    from mpitrain.parallel import launch
     from mpitrain.runtime import STARTED_ENV, started_at
 
     old = os.environ.get(STARTED_ENV)
@@ -340,11 +485,19 @@ def _cmd_predict(args, argv) -> int:
 
     if args.np is not None or args.hostfile is not None or args.iface is not None:
         flag = "-n" if args.np is not None else "--hostfile" if args.hostfile is not None else "--iface"
-        raise UserError(f"predict runs in one process: drop {flag} "
-                        "(evaluate -n N spreads labelled images over N processes)")
+        raise UserError(
+            f"predict runs in one process: drop {flag} (evaluate -n N spreads labelled images over N processes)"
+        )
 
-    return predict_main(args.model, args.paths, csv_path=args.csv, threshold=args.threshold,
-                        image_size=args.image_size, threads=args.threads, precision=args.precision)
+    return predict_main(
+        args.model,
+        args.paths,
+        csv_path=args.csv,
+        threshold=args.threshold,
+        image_size=args.image_size,
+        threads=args.threads,
+        precision=args.precision,
+    )
 
 
 def _cmd_export(args, argv) -> int:
@@ -355,7 +508,7 @@ def _cmd_export(args, argv) -> int:
 
 def _cmd_bench(args, argv) -> int:
     from mpitrain.config import check_image_size
-    from mpitrain.dist.strategies import strategy_class
+    from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train.models import check_model
 
     _check_launch(args)
@@ -363,18 +516,27 @@ def _cmd_bench(args, argv) -> int:
     check_model(args.model, args.image_size)
     _check_hostfile(args)
     if args.np is not None:
-        from mpitrain.dist import launch
+        from mpitrain.parallel import launch
 
         strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
         strategy_class(args.strategy).check_compress(args.compress)
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug,
-                          iface=args.iface)
+        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug, iface=args.iface)
     from mpitrain.train.bench import bench_main
 
-    return bench_main(model_name=args.model, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
-                      image_size=args.image_size, strategy=args.strategy, threads=args.threads,
-                      as_json=args.json, compare_fit=args.compare_fit, repeats=args.repeats,
-                      precision=args.precision, compress=args.compress)
+    return bench_main(
+        model_name=args.model,
+        batch=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        image_size=args.image_size,
+        strategy=args.strategy,
+        threads=args.threads,
+        as_json=args.json,
+        compare_fit=args.compare_fit,
+        repeats=args.repeats,
+        precision=args.precision,
+        compress=args.compress,
+    )
 
 
 def _config_from_args(args):
@@ -383,8 +545,9 @@ def _config_from_args(args):
     from mpitrain.config import TrainConfig
 
     given = getattr(args, "given_options", set())
-    return TrainConfig.with_recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                                      if f.name in given})
+    return TrainConfig.with_recipe(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name in given}
+    )
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -416,7 +579,7 @@ def _cmd_train(args, argv) -> int:
     # Everything that can be checked without the data, then the data folder's listing and the
     # run folder: each mistake is reported here, once, before mpiexec starts. The run folder is
     # only checked (and locked for a moment): rank 0 creates and locks it for the run.
-    from mpitrain.dist.strategies import strategy_class
+    from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train import runfolder
     from mpitrain.train.models import check_model
 
@@ -443,7 +606,7 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bo
 
     A resumed run trains with its saved options, so whether it is elastic (and needs
     Open MPI's ULFM) is read from its newest checkpoint, not from this command line."""
-    from mpitrain.dist import launch
+    from mpitrain.parallel import launch
 
     if args.resume and out is not None:
         from pathlib import Path
@@ -452,8 +615,11 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bo
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
     fixed = bool(getattr(args, "fixed_order", False))
-    hint = None if out is None else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface,
-                                                          fixed_order=fixed)
+    hint = (
+        None
+        if out is None
+        else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface, fixed_order=fixed)
+    )
     extra = (launch.elastic_flags() if elastic else []) + (launch.FIXED_ORDER_FLAGS if fixed else [])
     return extra, hint, elastic
 
@@ -464,8 +630,8 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     nothing was written into them."""
     import socket
 
-    from mpitrain.dist import launch
     from mpitrain.outdir import remove_empty
+    from mpitrain.parallel import launch
     from mpitrain.train import runlock
 
     extra, hint, elastic = _launch_options(args, out, elastic)
@@ -482,9 +648,18 @@ def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
     try:
         while True:
             try:
-                return launch.run(n, child, hostfile=hostfile, resume_hint=hint, extra=extra, debug=args.debug,
-                                  on_interrupt=report, stoppable=True, iface=args.iface,
-                                  heal=elastic and out is not None)
+                return launch.run(
+                    n,
+                    child,
+                    hostfile=hostfile,
+                    resume_hint=hint,
+                    extra=extra,
+                    debug=args.debug,
+                    on_interrupt=report,
+                    stoppable=True,
+                    iface=args.iface,
+                    heal=elastic and out is not None,
+                )
             except launch.HostLost as lost:  # --elastic: go on without that host (train/hostloss.py)
                 n, hostfile, child, hint = _heal(args, out, n, hostfile, lost, hint, job)
                 if n is None:
@@ -504,7 +679,7 @@ def _heal(args, out, n: int, hostfile: str | None, loss, hint: str | None, job: 
     said in one line; (None, ...) after saying in one line why the job cannot go on."""
     from pathlib import Path
 
-    from mpitrain.dist import launch
+    from mpitrain.parallel import launch
     from mpitrain.train import hostloss, runlock
 
     lost = loss.host
@@ -517,8 +692,9 @@ def _heal(args, out, n: int, hostfile: str | None, loss, hint: str | None, job: 
     hostloss.note(Path(out), lost, n, plan)
     runlock.clear_job(out, job)  # rank 0 was stopped with the job: its lock file stayed behind
     child = ["train", "--resume", "--out", str(out)] + (["--debug"] if args.debug else [])
-    hint = launch.resume_command(plan.ranks, out, str(plan.hostfile), True, args.iface,
-                                 fixed_order=bool(getattr(args, "fixed_order", False)))
+    hint = launch.resume_command(
+        plan.ranks, out, str(plan.hostfile), True, args.iface, fixed_order=bool(getattr(args, "fixed_order", False))
+    )
     return plan.ranks, str(plan.hostfile), child, hint
 
 
@@ -530,12 +706,30 @@ def _cmd_data(args, argv) -> int:
     if args.groups != "none" and args.group_pattern:
         raise UserError("give --groups or --group-pattern, not both")
     _data_or_labels(args)
-    check_sources(args.data, args.labels, args.val_data, args.val_labels, args.path_column, args.label_column,
-                  args.patient_column, args.groups, args.group_pattern)
-    return describe_data(args.data, image_size=args.image_size, val_data=args.val_data,
-                         cache_dir=args.cache_dir, groups=args.groups, group_pattern=args.group_pattern,
-                         val_split=args.val_split, seed=args.seed, labels=args.labels,
-                         val_labels=args.val_labels, columns=_columns(args))
+    check_sources(
+        args.data,
+        args.labels,
+        args.val_data,
+        args.val_labels,
+        args.path_column,
+        args.label_column,
+        args.patient_column,
+        args.groups,
+        args.group_pattern,
+    )
+    return describe_data(
+        args.data,
+        image_size=args.image_size,
+        val_data=args.val_data,
+        cache_dir=args.cache_dir,
+        groups=args.groups,
+        group_pattern=args.group_pattern,
+        val_split=args.val_split,
+        seed=args.seed,
+        labels=args.labels,
+        val_labels=args.val_labels,
+        columns=_columns(args),
+    )
 
 
 def _cmd_synth(args, argv) -> int:
@@ -569,7 +763,7 @@ def _exit_if_a_rank_was_lost(code: int) -> None:
     ULFM it has been seen to wait forever after a lost rank. Everything is written and
     flushed by now, and Open MPI's ULFM mode accepts the exit code as it is.
     """
-    from mpitrain.dist import comm
+    from mpitrain.parallel import comm
 
     if comm.current() is not None and comm.current().lost_any:
         sys.stdout.flush()
@@ -597,15 +791,15 @@ def _main(args, argv) -> int:
 
 def _abort_if_alone(e: UserError, code: int) -> None:
     """A user error found by one rank alone, after set-up: the others must not wait."""
-    from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import AgreedError
+    from mpitrain.parallel.comm import launched_by_mpi, world
 
     if not isinstance(e, AgreedError) and launched_by_mpi() and world().size > 1:
         world().abort(code)
 
 
 def _crash(e: BaseException, debug: bool) -> int:
-    from mpitrain.dist.comm import launched_by_mpi, world
+    from mpitrain.parallel.comm import launched_by_mpi, world
 
     comm = world() if launched_by_mpi() else None
     where = f" on rank {comm.rank}" if comm is not None and comm.size > 1 else ""
@@ -613,8 +807,11 @@ def _crash(e: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"mpitrain: error{where}: {type(e).__name__}: {e}"
-          + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+    print(
+        f"mpitrain: error{where}: {type(e).__name__}: {e}"
+        + ("" if debug else " (rerun with --debug for the traceback)"),
+        file=sys.stderr,
+    )
     if comm is not None and comm.size > 1:
         # Ranks still inside a collective would wait for us forever: end the whole job.
         comm.abort(1)

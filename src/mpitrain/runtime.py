@@ -141,8 +141,9 @@ def gpu_capabilities() -> list[tuple[int, int]]:
     return out
 
 
-def resolve_precision(requested: str, cpuinfo: str | None = None,
-                      gpus: list[tuple[int, int]] | None = None) -> tuple[str, str]:
+def resolve_precision(
+    requested: str, cpuinfo: str | None = None, gpus: list[tuple[int, int]] | None = None
+) -> tuple[str, str]:
     """(fp32 | bf16 | fp16, why) for a --precision value.
 
     "auto" is bf16 where the hardware computes in bfloat16 natively: with GPUs, when every
@@ -190,8 +191,9 @@ def ranks_sharing_cores(comm) -> int:
     return max(1, sum(1 for cpus in others if mine & set(cpus)))
 
 
-def threads_per_rank(threads: int | None, sharing: int, cores: int | None = None,
-                     cpus_per_task: int | None = None) -> int:
+def threads_per_rank(
+    threads: int | None, sharing: int, cores: int | None = None, cpus_per_task: int | None = None
+) -> int:
     """TensorFlow threads for one rank: --threads if given; else Slurm's
     SLURM_CPUS_PER_TASK (at most the CPUs the rank may use); else the rank's CPUs divided
     among the `sharing` ranks that may run on them (`ranks_sharing_cores`), so a rank bound
@@ -226,12 +228,12 @@ def pin_gpu(local_rank: int, local_size: int, tf=None) -> str | None:
 def configure_rank(comm, seed: int, threads: int | None, precision: str = "fp32") -> int:
     """`configure_runtime` for one rank of `comm` (train, evaluate, bench). Collective:
     every rank calls it once, at start-up (`ranks_sharing_cores`)."""
-    return configure_runtime(seed, threads, ranks_sharing_cores(comm), precision, comm.local_rank,
-                             comm.local_size)
+    return configure_runtime(seed, threads, ranks_sharing_cores(comm), precision, comm.local_rank, comm.local_size)
 
 
-def configure_runtime(seed: int, threads: int | None, sharing: int, precision: str = "fp32",
-                      local_rank: int = 0, local_size: int = 1) -> int:
+def configure_runtime(
+    seed: int, threads: int | None, sharing: int, precision: str = "fp32", local_rank: int = 0, local_size: int = 1
+) -> int:
     """This rank's GPU (the one of its local rank, see `pin_gpu`), its threads
     (`threads_per_rank`: --threads, Slurm's --cpus-per-task, or its CPUs split among the
     `sharing` ranks that may run on them), seeded determinism and the dtype policy of the

@@ -5,7 +5,7 @@ Two situations matter, and Slurm marks them with different variables:
 * **Inside an allocation** (the shell of `sbatch` or `salloc`): SLURM_JOB_ID, the hosts in
   SLURM_JOB_NODELIST and, with --ntasks, SLURM_NTASKS. `mpitrain train -n N` runs Open
   MPI's mpiexec there, which reads the allocation by itself (hosts and slots) and starts
-  its daemons with srun: the launcher must not override it (`dist/launch.py`).
+  its daemons with srun: the launcher must not override it (`parallel/launch.py`).
 * **A task of an srun step**: srun sets SLURM_STEP_ID and SLURM_STEP_NUM_TASKS (and
   SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS for the step). The batch script itself has
   SLURM_PROCID=0 and SLURM_NTASKS too, but no SLURM_STEP_* variables, so those tell an
@@ -18,8 +18,8 @@ environment by default), so tests fake Slurm with a dict.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
@@ -34,8 +34,8 @@ def _int(env: Mapping[str, str], name: str) -> int | None:
 @dataclass(frozen=True)
 class Allocation:
     job_id: str
-    nodelist: str          # Slurm's compact form, e.g. "node[01-04]"
-    ntasks: int | None     # --ntasks of the job (None: not given)
+    nodelist: str  # Slurm's compact form, e.g. "node[01-04]"
+    ntasks: int | None  # --ntasks of the job (None: not given)
 
     def describe(self) -> str:
         tasks = f", {self.ntasks} task(s)" if self.ntasks else ""
@@ -89,8 +89,7 @@ def cpus_per_task(env: Mapping[str, str] | None = None) -> int | None:
     return _int(env, "SLURM_CPUS_PER_TASK")
 
 
-def srun_without_mpi(world_size: int, launcher_size: int | None,
-                     env: Mapping[str, str] | None = None) -> str | None:
+def srun_without_mpi(world_size: int, launcher_size: int | None, env: Mapping[str, str] | None = None) -> str | None:
     """The one-line reason to stop when srun started N > 1 tasks but MPI sees a world of
     `world_size` == 1: Open MPI 5 under srun without PMIx starts every task as its own
     "rank 0 of 1", and each would train a model of its own. `launcher_size`: the size an
@@ -99,6 +98,8 @@ def srun_without_mpi(world_size: int, launcher_size: int | None,
     tasks = step_tasks(env)
     if launcher_size is not None or tasks is None or tasks <= 1 or world_size != 1:
         return None
-    return (f"srun started {tasks} tasks, but MPI sees each of them alone (a world of 1), so each "
-            f"would train a model of its own: start them with `srun --mpi=pmix` (Open MPI 5 needs "
-            f"PMIx), or run `mpitrain train -n {tasks}` (or mpirun) in the allocation instead of srun")
+    return (
+        f"srun started {tasks} tasks, but MPI sees each of them alone (a world of 1), so each "
+        f"would train a model of its own: start them with `srun --mpi=pmix` (Open MPI 5 needs "
+        f"PMIx), or run `mpitrain train -n {tasks}` (or mpirun) in the allocation instead of srun"
+    )

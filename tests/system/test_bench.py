@@ -10,9 +10,28 @@ TF_NOTICES = ("absl::InitializeLog", "oneDNN custom operations", "cuda", "TF_ENA
 
 @pytest.mark.timeout(300)
 def test_bench_reports_throughput_as_json_on_two_ranks():
-    proc = subprocess.run([sys.executable, "-m", "mpitrain", "bench", "-n", "2", "--model", "tiny",
-                           "--image-size", "16", "--steps", "5", "--warmup", "1", "--json"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpitrain",
+            "bench",
+            "-n",
+            "2",
+            "--model",
+            "tiny",
+            "--image-size",
+            "16",
+            "--steps",
+            "5",
+            "--warmup",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # --json: standard output is the JSON object and nothing else
     assert result["ranks"] == 2 and result["training_ranks"] == 2
@@ -31,7 +50,8 @@ def test_bench_reports_throughput_as_json_on_two_ranks():
     assert result["gflops_per_second"] == pytest.approx(3 * forward * result["images_per_second"] / 1e9, rel=0.01)
     assert result["matmul_gflops_per_second"] > 0
     assert result["fraction_of_matmul"] == pytest.approx(
-        result["gflops_per_second"] / result["matmul_gflops_per_second"], rel=0.01)
+        result["gflops_per_second"] / result["matmul_gflops_per_second"], rel=0.01
+    )
     shares = [result[k] for k in ("compute_fraction", "comm_fraction", "host_fraction")]
     assert all(0.0 <= f <= 1.0 for f in shares) and sum(shares) == pytest.approx(1.0, abs=1e-3)
     assert result["compute_fraction"] > 0
@@ -41,9 +61,29 @@ def test_bench_reports_throughput_as_json_on_two_ranks():
 
 @pytest.mark.timeout(300)
 def test_compare_fit_runs_plain_fit_in_the_precision_asked_for():
-    proc = subprocess.run([sys.executable, "-m", "mpitrain", "bench", "--model", "tiny", "--image-size", "16",
-                           "--steps", "3", "--warmup", "1", "--precision", "bf16", "--compare-fit", "--json"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpitrain",
+            "bench",
+            "--model",
+            "tiny",
+            "--image-size",
+            "16",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--precision",
+            "bf16",
+            "--compare-fit",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["precision"] == "bf16" and result["fit_dtype_policy"] == "mixed_bfloat16"

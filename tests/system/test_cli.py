@@ -13,32 +13,36 @@ from mpitrain.cli import _strip_launch_args
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "mpitrain", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mpitrain", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def one_line_error(proc, *words):
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "--data", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
-    (["train", "--epochs", "0"], ["--epochs"]),
-    (["train", "--epochs", "two"], ["--epochs"]),
-    (["train", "--batch-size", "-3"], ["--batch-size"]),
-    (["train", "--strategy", "gossip"], ["--strategy"]),
-    (["train", "--image-size", "2"], ["--image-size"]),
-    (["train", "-n", "0"], ["-n"]),
-    (["data"], ["--data"]),
-    (["data", "--data", "/no/such/dir"], ["/no/such/dir"]),
-    (["bench", "--model", "resnet999"], ["resnet999"]),
-    (["frobnicate"], ["frobnicate"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "--data", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
+        (["train", "--epochs", "0"], ["--epochs"]),
+        (["train", "--epochs", "two"], ["--epochs"]),
+        (["train", "--batch-size", "-3"], ["--batch-size"]),
+        (["train", "--strategy", "gossip"], ["--strategy"]),
+        (["train", "--image-size", "2"], ["--image-size"]),
+        (["train", "-n", "0"], ["-n"]),
+        (["data"], ["--data"]),
+        (["data", "--data", "/no/such/dir"], ["/no/such/dir"]),
+        (["bench", "--model", "resnet999"], ["resnet999"]),
+        (["frobnicate"], ["frobnicate"]),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, words):
     one_line_error(run_cli(*args, timeout=60), *words)
 
@@ -60,8 +64,9 @@ def test_unwritable_and_occupied_run_folders_are_refused(tmp_path, synth_data):
 
 
 def test_master_worker_needs_two_processes(synth_data, tmp_path):
-    one_line_error(run_cli("train", "--data", synth_data, "--strategy", "master-worker",
-                           "--out", tmp_path / "r"), "master-worker")
+    one_line_error(
+        run_cli("train", "--data", synth_data, "--strategy", "master-worker", "--out", tmp_path / "r"), "master-worker"
+    )
 
 
 @pytest.mark.parametrize("launch", [[], ["-n", "1"]])
@@ -75,14 +80,30 @@ def test_bench_refuses_master_worker_on_one_process_like_train(synth_data, tmp_p
 
 
 def test_launch_arguments_are_removed_for_the_ranks():
-    assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == \
-        ["train", "--data", "d"]
+    assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == [
+        "train",
+        "--data",
+        "d",
+    ]
 
 
 def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):
     out = tmp_path / "run"
-    proc = run_cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
-                   "--batch-size", 8, "--out", out)
+    proc = run_cli(
+        "train",
+        "--data",
+        synth_data,
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "epoch 2/2" in proc.stdout and "val_acc" in proc.stdout and str(out) in proc.stdout
     with open(out / "history.csv") as f:
@@ -101,8 +122,22 @@ def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):
     assert model.output_shape == (None, 2)
 
     # Same seed, same data: the same result.
-    again = run_cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
-                    "--batch-size", 8, "--out", out, "--overwrite")
+    again = run_cli(
+        "train",
+        "--data",
+        synth_data,
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--out",
+        out,
+        "--overwrite",
+    )
     assert again.returncode == 0, again.stderr
     with open(out / "history.csv") as f:
         rerun = list(csv.DictReader(f))
@@ -126,8 +161,23 @@ def test_mpitrain_data_warms_the_cache_the_next_training_reads_and_reports_dupli
     assert "shared: `train` and `evaluate`" in described.stdout
     assert "1 group(s) of byte-identical files: 2 files, 1 redundant copies" in described.stdout
     assert f"data/NORMAL/{first.name} = data/PNEUMONIA/copied.png" in described.stdout
-    trained = run_cli("train", "--data", data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
-                      "--batch-size", 8, "--cache-dir", cache, "--out", tmp_path / "run")
+    trained = run_cli(
+        "train",
+        "--data",
+        data,
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--cache-dir",
+        cache,
+        "--out",
+        tmp_path / "run",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "(cache: 2/2 hits)" in trained.stdout  # the split's train and val shards, from data's entry
     assert "acc and val_acc in the epoch lines are at argmax" in trained.stdout

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+
 from mpirun import cli, mpirun, script
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600)]
@@ -33,8 +34,12 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
     common = ["--data", elastic_data, "--strategy", strategy, *TRAIN]
     ok, _ = mpirun(3, cli("train", *common, "--out", whole), extra=["--with-ft", "ulfm"])
     assert ok.returncode == 0, ok.stderr[-2000:]
-    proc, seconds = mpirun(3, script("fault_at_step.py", "train", *common, "--out", survived),
-                           env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_AT": str(kill_at)}, extra=["--with-ft", "ulfm"])
+    proc, seconds = mpirun(
+        3,
+        script("fault_at_step.py", "train", *common, "--out", survived),
+        env={"FAULT": "kill", "FAULT_RANK": "1", "FAULT_AT": str(kill_at)},
+        extra=["--with-ft", "ulfm"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lost rank(s) [1]: continuing on 2 ranks" in proc.stdout
     events = [json.loads(line) for line in (survived / "events.jsonl").read_text().splitlines()]
@@ -54,9 +59,13 @@ def test_a_killed_rank_is_survived_and_recorded(tmp_path, elastic_data, strategy
 
 
 def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
-    proc, seconds = mpirun(3, script("fault_at_step.py", "train", "--data", elastic_data, *TRAIN,
-                                     "--out", tmp_path / "run"),
-                           env={"FAULT": "kill", "FAULT_RANK": "0", "FAULT_AT": "13"}, extra=["--with-ft", "ulfm"], timeout=180)
+    proc, seconds = mpirun(
+        3,
+        script("fault_at_step.py", "train", "--data", elastic_data, *TRAIN, "--out", tmp_path / "run"),
+        env={"FAULT": "kill", "FAULT_RANK": "0", "FAULT_AT": "13"},
+        extra=["--with-ft", "ulfm"],
+        timeout=180,
+    )
     assert proc.returncode != 0
     # One line says why and how to go on. Normally the survivors agree that rank 0 is gone;
     # if ULFM cannot shrink the communicator in time they stop on the recovery deadline.

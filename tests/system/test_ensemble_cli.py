@@ -7,8 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from mpirun import cli, train_run
 
+from mpirun import cli, train_run
 from mpitrain.evaluate import valpreds
 from mpitrain.evaluate.threshold import choose_threshold
 
@@ -27,8 +27,7 @@ def runs(tmp_path_factory, synth_data):
 def _predict(tmp_path, data, name, *models):
     out = tmp_path / f"{name}.csv"
     args = [a for m in models for a in ("--model", m)]
-    proc = subprocess.run(cli("predict", *args, "--csv", out, data), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(cli("predict", *args, "--csv", out, data), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -68,8 +67,12 @@ def test_evaluate_and_predict_average_the_members(runs, synth_data, tmp_path):
     assert {r["decision"] for r in rows_ab} == {f"p_PNEUMONIA >= {want!r}"}
 
     out = tmp_path / "ens.json"
-    proc = subprocess.run(cli("evaluate", "-n", 2, "--model", a, "--model", b, "--data", synth_data, "--json", out),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cli("evaluate", "-n", 2, "--model", a, "--model", b, "--data", synth_data, "--json", out),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     assert doc["threshold"] == want and doc["threshold_method"] == "youden"
@@ -81,10 +84,18 @@ def test_evaluate_and_predict_average_the_members(runs, synth_data, tmp_path):
 
 def test_runs_split_differently_need_a_threshold(runs, synth_data, tmp_path_factory):
     c = train_run(tmp_path_factory, synth_data, "--seed", 2, "--threshold-policy", "youden")
-    proc = subprocess.run(cli("evaluate", "--model", runs[0], "--model", c, "--data", synth_data),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cli("evaluate", "--model", runs[0], "--model", c, "--data", synth_data),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "validated on different images" in proc.stderr
-    proc = subprocess.run(cli("evaluate", "--model", runs[0], "--model", c, "--data", synth_data,
-                              "--threshold", 0.5), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cli("evaluate", "--model", runs[0], "--model", c, "--data", synth_data, "--threshold", 0.5),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpirun import cli, mpirun
 
+from mpirun import cli, mpirun
 from mpitrain.cli import main
 from mpitrain.evaluate.metrics import classification_metrics
 
@@ -40,8 +40,19 @@ def one_rank(run, eval_data, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["evaluate", "--model", str(run / "model.keras"), "--data", str(eval_data),
-                     "--json", str(folder / "eval.json"), "--plots", str(folder / "plots")])
+        code = main(
+            [
+                "evaluate",
+                "--model",
+                str(run / "model.keras"),
+                "--data",
+                str(eval_data),
+                "--json",
+                str(folder / "eval.json"),
+                "--plots",
+                str(folder / "plots"),
+            ]
+        )
     return code, buf.getvalue(), json.loads((folder / "eval.json").read_text()), folder / "plots"
 
 
@@ -60,8 +71,19 @@ def one_line_error(code, err, *words):
 def test_evaluate_prints_a_table_and_writes_json_and_plots(one_rank, run):
     code, out, doc, plots = one_rank
     assert code == 0
-    for word in ("accuracy", "balanced accuracy", "sensitivity", "specificity", "F1", "ROC AUC", "PR AUC",
-                 "confusion matrix", "P(PNEUMONIA) >=", "class odds of the training loss", "validated during training on"):
+    for word in (
+        "accuracy",
+        "balanced accuracy",
+        "sensitivity",
+        "specificity",
+        "F1",
+        "ROC AUC",
+        "PR AUC",
+        "confusion matrix",
+        "P(PNEUMONIA) >=",
+        "class odds of the training loss",
+        "validated during training on",
+    ):
         assert word in out, word
     model_info = json.loads((run / "model.json").read_text())
     assert doc["threshold"] == model_info["threshold"] and doc["threshold_source"] == "model"
@@ -82,8 +104,9 @@ def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run,
     _, _, doc, _ = one_rank
     out_csv = tmp_path / "pred.csv"
     # Another order (PNEUMONIA first), so every image is predicted in a different batch.
-    code = main(["predict", "--model", str(run), str(eval_data / "PNEUMONIA"), str(eval_data / "NORMAL"),
-                 "--csv", str(out_csv)])
+    code = main(
+        ["predict", "--model", str(run), str(eval_data / "PNEUMONIA"), str(eval_data / "NORMAL"), "--csv", str(out_csv)]
+    )
     assert code == 1  # the unreadable file is a row with an error
     with open(out_csv, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -102,13 +125,19 @@ def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run,
 def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval_data, tmp_path):
     _, _, ref, _ = one_rank
     # 2 ranks under a plain mpiexec, 3 ranks through `mpitrain evaluate -n 3`.
-    two, _ = mpirun(2, cli("evaluate", "--model", run / "model.keras", "--data", eval_data,
-                           "--json", tmp_path / "two.json"), timeout=180)
+    two, _ = mpirun(
+        2,
+        cli("evaluate", "--model", run / "model.keras", "--data", eval_data, "--json", tmp_path / "two.json"),
+        timeout=180,
+    )
     assert two.returncode == 0, two.stderr
     wall = time.time()
-    three = subprocess.run(cli("evaluate", "-n", 3, "--model", run, "--data", eval_data,
-                               "--json", tmp_path / "three.json"),
-                           capture_output=True, text=True, timeout=180)
+    three = subprocess.run(
+        cli("evaluate", "-n", 3, "--model", run, "--data", eval_data, "--json", tmp_path / "three.json"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     wall = time.time() - wall
     assert three.returncode == 0, three.stderr
     # The total counts from the launcher's start: starting mpiexec, 3 ranks, TensorFlow, the model.
@@ -135,8 +164,19 @@ def test_a_setup_error_under_mpiexec_is_reported_once(run, tmp_path, write_image
 
 
 def test_threshold_override_changes_the_decision(run, synth_data, tmp_path, capsys):
-    code = main(["evaluate", "--model", str(run), "--data", str(synth_data), "--threshold", "0",
-                 "--json", str(tmp_path / "t0.json")])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(synth_data),
+            "--threshold",
+            "0",
+            "--json",
+            str(tmp_path / "t0.json"),
+        ]
+    )
     assert code == 0
     doc = json.loads((tmp_path / "t0.json").read_text())
     assert doc["threshold"] == 0.0 and doc["threshold_source"] == "--threshold"
@@ -152,14 +192,17 @@ def _copy_run(run, dest, **changes):
     return dest
 
 
-@pytest.mark.parametrize("case, words", [
-    ("image_size", ["16x16", "--image-size 24"]),
-    ("classes", ["trained for classes NORMAL, PNEUMONIA", "cat, dog"]),
-    ("newer_model_json", ["format 2", "upgrade"]),
-    ("newer_config_json", ["config.json", "format 3", "upgrade"]),
-    ("tampered_size", ["model.json says 24x24", "do not belong together"]),
-    ("missing", ["does not exist"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("image_size", ["16x16", "--image-size 24"]),
+        ("classes", ["trained for classes NORMAL, PNEUMONIA", "cat, dog"]),
+        ("newer_model_json", ["format 2", "upgrade"]),
+        ("newer_config_json", ["config.json", "format 3", "upgrade"]),
+        ("tampered_size", ["model.json says 24x24", "do not belong together"]),
+        ("missing", ["does not exist"]),
+    ],
+)
 def test_wrong_models_are_refused_with_one_line(case, words, run, synth_data, tmp_path, write_image, capsys):
     model, data, extra = run, synth_data, []
     if case == "image_size":
@@ -193,9 +236,18 @@ def test_a_model_with_python_code_is_refused_in_safe_mode(tmp_path, synth_data, 
     x = keras.layers.Lambda(lambda t: t * 2.0)(inp)
     out = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
     keras.Model(inp, out).save(tmp_path / "model.keras")
-    (tmp_path / "model.json").write_text(json.dumps(
-        {"format": 1, "classes": ["NORMAL", "PNEUMONIA"], "image_size": 16, "threshold": None,
-         "threshold_method": "argmax", "positive_class": "PNEUMONIA"}))
+    (tmp_path / "model.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "classes": ["NORMAL", "PNEUMONIA"],
+                "image_size": 16,
+                "threshold": None,
+                "threshold_method": "argmax",
+                "positive_class": "PNEUMONIA",
+            }
+        )
+    )
     capsys.readouterr()
     code = main(["evaluate", "--model", str(tmp_path), "--data", str(synth_data)])
     one_line_error(code, capsys.readouterr().err, "refusing to load", "safe mode")

@@ -63,9 +63,14 @@ def _val_pixels_and_reference(run):
 
 def _run_user(code, model_path, pixels, tmp_path):
     np.save(tmp_path / "x.npy", pixels)
-    proc = subprocess.run([sys.executable, "-c", code, str(model_path), str(tmp_path / "x.npy"),
-                           str(tmp_path / "p.npy")], capture_output=True, text=True, timeout=120, check=False,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(model_path), str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split(), np.load(tmp_path / "p.npy")
 
@@ -110,8 +115,9 @@ def test_savedmodel_reproduces_model_keras_in_a_fresh_tensorflow(tiny_run, tmp_p
     assert np.abs(got - reference).max() <= export.TOLERANCE["savedmodel"]
 
 
-@pytest.mark.skipif(LITERT is None, reason="neither ai-edge-litert nor tflite-runtime is installed "
-                                           "(pip install ai-edge-litert)")
+@pytest.mark.skipif(
+    LITERT is None, reason="neither ai-edge-litert nor tflite-runtime is installed (pip install ai-edge-litert)"
+)
 def test_tflite_reproduces_model_keras_in_the_litert_interpreter(tiny_run, tmp_path, capsys):
     pixels, reference, _ = _val_pixels_and_reference(tiny_run)
     out = tmp_path / "tfl"
@@ -214,8 +220,17 @@ def test_a_failed_check_leaves_nothing_behind(tiny_run, tmp_path, capsys, monkey
     assert _tree(earlier) == before and sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]
 
 
-@pytest.mark.parametrize("case", ["missing run", "no model.json", "unknown format", "out not empty",
-                                  "overwrite a folder that is no export", "out is a file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing run",
+        "no model.json",
+        "unknown format",
+        "out not empty",
+        "overwrite a folder that is no export",
+        "out is a file",
+    ],
+)
 def test_bad_input_is_one_line_and_loses_nothing(case, tiny_run, tmp_path, capsys):
     run, out, extra = tiny_run, tmp_path / "out", []
     out.mkdir()
@@ -235,7 +250,9 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tiny_run, tmp_path, capsy
         out.write_text("a file")
         words = ["not a folder"]
     before, run_before = _tree(tmp_path), _tree(tiny_run)
-    args = ["export", str(run), "--out", str(out)] + (extra if "--format" in extra else ["--format", "savedmodel"] + extra)
+    args = ["export", str(run), "--out", str(out)] + (
+        extra if "--format" in extra else ["--format", "savedmodel"] + extra
+    )
     try:
         code = main(args)
     except SystemExit as e:  # argparse's own errors

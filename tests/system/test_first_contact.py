@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from mpirun import cli, mpirun
 
 pytestmark = pytest.mark.timeout(600)
@@ -66,12 +67,17 @@ def _ctrl_c(proc) -> tuple[str, str]:
 
 # 1. One training per run folder.
 
-def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(tmp_path, synth_data,
-                                                                                no_mpiexec):
+
+def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(tmp_path, synth_data, no_mpiexec):
     out = tmp_path / "runs" / "same"
-    first = subprocess.Popen(cli("train", "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cli("train", "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         holder = _wait_for_training(first, out)
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
@@ -92,15 +98,23 @@ def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(
 @pytest.mark.mpi
 def test_under_the_launcher_rank_0_holds_the_lock_for_the_whole_run(tmp_path, synth_data):
     out = tmp_path / "run"
-    job = subprocess.Popen(cli("train", "-n", 2, "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                           start_new_session=True)
+    job = subprocess.Popen(
+        cli("train", "-n", 2, "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         holder = _wait_for_training(job, out)
         environ = Path(f"/proc/{holder['pid']}/environ").read_bytes().split(b"\0")
         assert holder["pid"] != job.pid and b"OMPI_COMM_WORLD_RANK=0" in environ
-        one_line(run("train", "-n", 2, "--data", synth_data, *TINY, "--out", out, "--overwrite"),
-                 "in use", f"process {holder['pid']} ")
+        one_line(
+            run("train", "-n", 2, "--data", synth_data, *TINY, "--out", out, "--overwrite"),
+            "in use",
+            f"process {holder['pid']} ",
+        )
     finally:
         _ctrl_c(job)
     assert not (out / ".lock").exists()
@@ -108,32 +122,68 @@ def test_under_the_launcher_rank_0_holds_the_lock_for_the_whole_run(tmp_path, sy
 
 # 2. -n / --hostfile under an MPI launcher.
 
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("args", [
-    ["train", "-n", 2, "--out", "{tmp}/run"],
-    ["evaluate", "-n", 2, "--model", "{tmp}/m", "--data", "{tmp}/d"],
-    ["bench", "--hostfile", "{tmp}/hosts"],
-], ids=["train", "evaluate", "bench"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "-n", 2, "--out", "{tmp}/run"],
+        ["evaluate", "-n", 2, "--model", "{tmp}/m", "--data", "{tmp}/d"],
+        ["bench", "--hostfile", "{tmp}/hosts"],
+    ],
+    ids=["train", "evaluate", "bench"],
+)
 def test_n_under_mpiexec_is_refused_once(tmp_path, args):
     args = [str(a).format(tmp=tmp_path) for a in args]
     proc, _ = mpirun(2, cli(*args), timeout=120)
     flag = "-n" if "-n" in args else "--hostfile"
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("mpitrain: error:") == 1, proc.stderr
-    assert f"mpitrain: error: {flag} starts its own mpiexec, but this command already runs under an MPI " \
-           f"launcher: drop {flag}" in proc.stderr
+    assert (
+        f"mpitrain: error: {flag} starts its own mpiexec, but this command already runs under an MPI "
+        f"launcher: drop {flag}" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and "MPI_ABORT" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
 # 3. Checks before work, and no run folder left by a start that failed.
 
+
 def test_an_unknown_model_under_n_is_refused_before_the_data_and_mpiexec(tmp_path, no_mpiexec):
     env, mark = no_mpiexec
-    one_line(run("train", "-n", 2, "--model", "resnet", "--data", tmp_path / "missing",
-                 "--out", tmp_path / "runs" / "x", env=env), "unknown model 'resnet'", "seed, tiny")
-    one_line(run("train", "-n", 2, "--hostfile", tmp_path / "nohosts", "--data", tmp_path / "missing",
-                 "--out", tmp_path / "runs" / "x", env=env), "--hostfile", "nohosts")
+    one_line(
+        run(
+            "train",
+            "-n",
+            2,
+            "--model",
+            "resnet",
+            "--data",
+            tmp_path / "missing",
+            "--out",
+            tmp_path / "runs" / "x",
+            env=env,
+        ),
+        "unknown model 'resnet'",
+        "seed, tiny",
+    )
+    one_line(
+        run(
+            "train",
+            "-n",
+            2,
+            "--hostfile",
+            tmp_path / "nohosts",
+            "--data",
+            tmp_path / "missing",
+            "--out",
+            tmp_path / "runs" / "x",
+            env=env,
+        ),
+        "--hostfile",
+        "nohosts",
+    )
     assert not mark.exists() and not (tmp_path / "runs").exists()
 
 
@@ -141,8 +191,19 @@ def test_an_unknown_model_under_n_is_refused_before_the_data_and_mpiexec(tmp_pat
 def test_a_launch_that_fails_on_a_hostfile_host_is_one_line_and_leaves_no_folder(tmp_path, synth_data):
     hosts = tmp_path / "hosts"
     hosts.write_text("nosuchhost.invalid slots=2\n")
-    proc = run("train", "-n", 2, "--hostfile", hosts, "--data", synth_data, *TINY, "--out", tmp_path / "runs" / "x",
-               timeout=120)
+    proc = run(
+        "train",
+        "-n",
+        2,
+        "--hostfile",
+        hosts,
+        "--data",
+        synth_data,
+        *TINY,
+        "--out",
+        tmp_path / "runs" / "x",
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     ours = [line for line in proc.stderr.splitlines() if line.startswith("mpitrain: error:")]
     assert len(ours) == 1 and "could not start the job on host nosuchhost" in ours[0], proc.stderr
@@ -179,6 +240,7 @@ def test_data_and_synth_follow_trains_rules(tmp_path, synth_data):
 
 # 9. --resume of a folder that is not there.
 
+
 def test_resume_of_a_missing_folder_says_so(tmp_path, no_mpiexec):
     env, mark = no_mpiexec
     never = tmp_path / "runs" / "never"
@@ -190,21 +252,27 @@ def test_resume_of_a_missing_folder_says_so(tmp_path, no_mpiexec):
 
 # 10. predict runs in one process.
 
+
 def test_predict_with_n_says_it_runs_in_one_process(tmp_path):
     one_line(run("predict", "-n", 2, "--model", tmp_path / "m", tmp_path / "x.png"), "one process", "drop -n")
 
 
 # 11. One error prefix, and --version.
 
-@pytest.mark.parametrize("args", [
-    ["frobnicate"],                                  # argparse, top level
-    ["train", "--epochs", "two"],                    # argparse, a subcommand
-    ["data"],                                        # a missing required option
-    ["train", "--epochs", "0"],                      # TrainConfig
-    ["train", "-n", "2", "--hostfile", "/no/hosts"],  # the launcher
-    ["evaluate", "--model", "/no/run", "--data", "/no/data"],
-    ["predict", "-n", "2", "--model", "m", "x.png"],
-], ids=lambda a: " ".join(a))
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["frobnicate"],  # argparse, top level
+        ["train", "--epochs", "two"],  # argparse, a subcommand
+        ["data"],  # a missing required option
+        ["train", "--epochs", "0"],  # TrainConfig
+        ["train", "-n", "2", "--hostfile", "/no/hosts"],  # the launcher
+        ["evaluate", "--model", "/no/run", "--data", "/no/data"],
+        ["predict", "-n", "2", "--model", "m", "x.png"],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_every_error_starts_the_same_way(args):
     one_line(run(*args))
 

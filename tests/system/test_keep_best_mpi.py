@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+
 from mpirun import cli, mpirun, script
 
 pytestmark = pytest.mark.timeout(900)
@@ -23,8 +24,7 @@ def _history(run):
 
 def _run(n, program, env=None):
     if n == 1:
-        return subprocess.run(program, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, **(env or {})))
+        return subprocess.run(program, capture_output=True, text=True, timeout=600, env=dict(os.environ, **(env or {})))
     return mpirun(n, program, env=env, timeout=600)[0]
 
 
@@ -49,9 +49,30 @@ def _checkpoint_weights(run, epoch):
 @pytest.mark.parametrize("strategy", ["allreduce", "master-worker"])
 def test_keep_best_and_early_stop_on_two_ranks(tmp_path, synth_data, strategy):
     run = tmp_path / "run"
-    proc, _ = mpirun(2, cli("train", "--data", synth_data, *XRAY, "--epochs", 12, "--lr", 0.02,
-                            "--strategy", strategy, "--keep-best", "val_loss", "--early-stop", 2,
-                            "--keep-checkpoints", 20, "--out", run), timeout=600)
+    proc, _ = mpirun(
+        2,
+        cli(
+            "train",
+            "--data",
+            synth_data,
+            *XRAY,
+            "--epochs",
+            12,
+            "--lr",
+            0.02,
+            "--strategy",
+            strategy,
+            "--keep-best",
+            "val_loss",
+            "--early-stop",
+            2,
+            "--keep-checkpoints",
+            20,
+            "--out",
+            run,
+        ),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = _history(run)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -87,8 +108,11 @@ def test_killed_run_with_augmentation_and_batch_norm_resumes_exactly(tmp_path, s
     # epoch, killed in epoch 2 after its step-5 checkpoint, where the ranks' batch-norm
     # statistics differ (stored per rank).
     at = "12" if n == 1 else "16"
-    killed = _run(n, script("fault_at_step.py", "train", "--data", synth_data, *train, "--out", broken),
-                  env={"FAULT": "kill", "FAULT_RANK": str(n - 1), "FAULT_AT": at})
+    killed = _run(
+        n,
+        script("fault_at_step.py", "train", "--data", synth_data, *train, "--out", broken),
+        env={"FAULT": "kill", "FAULT_RANK": str(n - 1), "FAULT_AT": at},
+    )
     assert killed.returncode != 0
     assert not (broken / "model.keras").exists()
     resumed = _run(n, cli("train", "--resume", "--out", broken))
@@ -102,5 +126,6 @@ def test_killed_run_with_augmentation_and_batch_norm_resumes_exactly(tmp_path, s
     # Training AUC and balanced accuracy of the epoch resumed mid-way come from the predictions
     # of its steps after the checkpoint only (predictions are not checkpointed; the sums are).
     drop = ("seconds", "images_per_second", "auc", "balanced_accuracy")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in _history(whole)] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in _history(broken)]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _history(whole)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in _history(broken)
+    ]

@@ -44,23 +44,37 @@ def _one_line(proc, *words):
 
 @pytest.mark.mpi
 def test_a_finished_run_is_refused_in_one_line_under_the_launcher(tiny_run):
-    proc = subprocess.run(_mpitrain("train", "-n", 2, "--resume", "--out", tiny_run),
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        _mpitrain("train", "-n", 2, "--resume", "--out", tiny_run),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     _one_line(proc, "already finished")
 
 
 @pytest.mark.mpi
 def test_an_unknown_model_is_refused_in_one_line_under_the_launcher(tmp_path, synth_data):
-    proc = subprocess.run(_mpitrain("train", "-n", 2, "--data", synth_data, "--model", "resnet999",
-                                    "--out", tmp_path / "run"),
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        _mpitrain("train", "-n", 2, "--data", synth_data, "--model", "resnet999", "--out", tmp_path / "run"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     _one_line(proc, "resnet999")
 
 
 @pytest.mark.mpi
 def test_debug_shows_open_mpis_report_too(tiny_run):
-    proc = subprocess.run(_mpitrain("--debug", "train", "-n", 2, "--resume", "--out", tiny_run),
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        _mpitrain("--debug", "train", "-n", 2, "--resume", "--out", tiny_run),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 2 and "already finished" in proc.stderr
     assert "prterun" in proc.stderr
 
@@ -93,9 +107,14 @@ def _read_pty(fd, proc, timeout):
 @pytest.mark.mpi
 def test_the_progress_bar_shows_under_the_launcher_on_a_terminal(tmp_path, data):
     main, child = os.openpty()
-    proc = subprocess.Popen(_mpitrain("train", "-n", 2, "--data", data, *TRAIN, "--epochs", 1,
-                                      "--out", tmp_path / "run"),
-                            stdin=child, stdout=child, stderr=child, env=_env(), close_fds=True)
+    proc = subprocess.Popen(
+        _mpitrain("train", "-n", 2, "--data", data, *TRAIN, "--epochs", 1, "--out", tmp_path / "run"),
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env=_env(),
+        close_fds=True,
+    )
     os.close(child)
     try:
         screen, when = _read_pty(main, proc, 300)
@@ -113,8 +132,9 @@ def test_the_progress_bar_shows_under_the_launcher_on_a_terminal(tmp_path, data)
 def _interrupt(cmd, out: Path):
     """Start a training in its own session, Ctrl-C it (the whole process group, as a
     terminal does) after its first checkpoint; returns (CompletedProcess-like, newest)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
     deadline = time.time() + 240
     while not list((out / "checkpoints").glob("ckpt-*.npz")) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -139,13 +159,14 @@ def _check_report(code, stdout, stderr, newest, resume):
 def test_ctrl_c_under_the_launcher_says_where_and_how_to_continue(tmp_path, data):
     out = tmp_path / "run"
     code, stdout, stderr, newest = _interrupt(
-        _mpitrain("train", "-n", 2, "--data", data, *TRAIN, "--epochs", 50, "--checkpoint-every", 10,
-                  "--out", out), out)
+        _mpitrain("train", "-n", 2, "--data", data, *TRAIN, "--epochs", 50, "--checkpoint-every", 10, "--out", out), out
+    )
     _check_report(code, stdout, stderr, newest, f"mpitrain train -n 2 --resume --out {out}")
 
 
 def test_ctrl_c_in_one_process_says_where_and_how_to_continue(tmp_path, data):
     out = tmp_path / "run"
     code, stdout, stderr, newest = _interrupt(
-        _mpitrain("train", "--data", data, *TRAIN, "--epochs", 50, "--checkpoint-every", 10, "--out", out), out)
+        _mpitrain("train", "--data", data, *TRAIN, "--epochs", 50, "--checkpoint-every", 10, "--out", out), out
+    )
     _check_report(code, stdout, stderr, newest, f"mpitrain train --resume --out {out}")

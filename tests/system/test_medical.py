@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dicom_files import write_dicom, xray
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,12 +50,27 @@ def dicom_xrays(tmp_path_factory) -> Path:
             mono1 = i % 2 == 1
             stored = ((1 << bits) - 1 - img) if mono1 else img
             name = f"{cls[0]}{i:03d}" + ("" if i % 4 == 3 else ".dcm")
-            write_dicom(root / cls / name, stored.astype(np.uint16), bits_stored=bits,
-                        photometric="MONOCHROME1" if mono1 else "MONOCHROME2", uid=f"1.2.3.{label}.{i}")
-    write_dicom(root / "NORMAL" / "zz-multiframe.dcm", np.stack([xray(rng, 40, False)] * 2), bits_stored=12,
-                frames=2, uid="1.2.3.9.1")
-    write_dicom(root / "PNEUMONIA" / "zz-jpegls.dcm", xray(rng, 40, True), transfer_syntax=JPEGLSLossless,
-                junk=b"\xff\xd8not jpeg-ls" * 4, uid="1.2.3.9.2")
+            write_dicom(
+                root / cls / name,
+                stored.astype(np.uint16),
+                bits_stored=bits,
+                photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+                uid=f"1.2.3.{label}.{i}",
+            )
+    write_dicom(
+        root / "NORMAL" / "zz-multiframe.dcm",
+        np.stack([xray(rng, 40, False)] * 2),
+        bits_stored=12,
+        frames=2,
+        uid="1.2.3.9.1",
+    )
+    write_dicom(
+        root / "PNEUMONIA" / "zz-jpegls.dcm",
+        xray(rng, 40, True),
+        transfer_syntax=JPEGLSLossless,
+        junk=b"\xff\xd8not jpeg-ls" * 4,
+        uid="1.2.3.9.2",
+    )
     return root
 
 
@@ -67,10 +83,36 @@ def test_dicom_xrays_train_on_two_ranks_then_evaluate_and_describe(dicom_xrays, 
     cache = tmp_path / "cache"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPITRAIN_CACHE_DIR=str(cache))
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "mpitrain", "train", "-n", "2", "--data", str(dicom_xrays),
-                           "--model", "tiny", "--image-size", "16", "--epochs", "2", "--batch-size", "8",
-                           "--val-split", "0.25", "--threads", "1", "--out", str(run)],
-                          capture_output=True, text=True, timeout=400, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpitrain",
+            "train",
+            "-n",
+            "2",
+            "--data",
+            str(dicom_xrays),
+            "--model",
+            "tiny",
+            "--image-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--val-split",
+            "0.25",
+            "--threads",
+            "1",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     config = json.loads((run / "config.json").read_text())["runtime"]
     assert config["ranks"] == 2 and config["classes"] == ["NORMAL", "PNEUMONIA"]
@@ -92,8 +134,21 @@ def test_dicom_xrays_train_on_two_ranks_then_evaluate_and_describe(dicom_xrays, 
             for p in sorted((dicom_xrays / cls).iterdir()):
                 w.writerow([os.path.relpath(p, tmp_path), cls])
         w.writerow(["xrays-gone/x.dcm", "NORMAL"])
-    code, out, err = _main("evaluate", "--model", run, "--labels", table, "--path-column", "file",
-                           "--label-column", "finding", "--json", tmp_path / "eval.json", "--cache-dir", cache)
+    code, out, err = _main(
+        "evaluate",
+        "--model",
+        run,
+        "--labels",
+        table,
+        "--path-column",
+        "file",
+        "--label-column",
+        "finding",
+        "--json",
+        tmp_path / "eval.json",
+        "--cache-dir",
+        cache,
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n_samples"] == usable and result["data"] == str(table)
@@ -134,8 +189,22 @@ def _columns(path: Path, drop=("seconds", "images_per_second", "images/s", "time
 
 def test_a_label_file_trains_bit_identically_to_its_class_folders(synth_data, tmp_path):
     table = _copy_as_table(synth_data, tmp_path / "tabled")
-    common = ["--model", "tiny", "--image-size", 16, "--epochs", 2, "--batch-size", 8, "--seed", 4,
-              "--threads", 1, "--groups", "duplicates"]
+    common = [
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--seed",
+        4,
+        "--threads",
+        1,
+        "--groups",
+        "duplicates",
+    ]
     code, _, err = _main("train", "--data", synth_data, *common, "--out", tmp_path / "folder")
     assert code == 0, err
     code, _, err = _main("train", "--labels", table, *common, "--out", tmp_path / "table")
@@ -145,6 +214,11 @@ def test_a_label_file_trains_bit_identically_to_its_class_folders(synth_data, tm
     assert b["data_dir"] == str(table) and a["grouping"] == b["grouping"]
     history = [_columns(tmp_path / r / "history.csv") for r in ("folder", "table")]
     assert len(history[0]) == 2 and history[0] == history[1]
-    preds = [[{k: v for k, v in row.items() if k.startswith("p_") or k == "label"}
-              for row in _columns(tmp_path / r / "val_predictions.csv")] for r in ("folder", "table")]
+    preds = [
+        [
+            {k: v for k, v in row.items() if k.startswith("p_") or k == "label"}
+            for row in _columns(tmp_path / r / "val_predictions.csv")
+        ]
+        for r in ("folder", "table")
+    ]
     assert preds[0] == preds[1]

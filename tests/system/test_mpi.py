@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from mpirun import cli, mpirun, script
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(400)]
@@ -33,8 +34,12 @@ def _max_diff(a, b):
 def test_allreduce_equals_one_process_with_n_times_the_batch(tmp_path, n):
     proc, _ = mpirun(n, script("fit_weights.py", "--out", tmp_path / "mpi", "--strategy", "allreduce"))
     _assert_ok(proc)
-    ref = subprocess.run(script("fit_weights.py", "--out", tmp_path / "ref", "--reference", n),
-                         capture_output=True, text=True, timeout=240)
+    ref = subprocess.run(
+        script("fit_weights.py", "--out", tmp_path / "ref", "--reference", n),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     _assert_ok(ref)
     ranks = _weights(tmp_path / "mpi")
     assert len(ranks) == n
@@ -48,10 +53,12 @@ def test_allreduce_equals_one_process_with_n_times_the_batch(tmp_path, n):
 
 
 def _weights_of_untrained():
-    code = ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='2'\n"
-            "from mpitrain.runtime import configure_runtime; configure_runtime(3, 1, 1)\n"
-            "from mpitrain.train.models import build_model; import numpy as np, sys\n"
-            "np.savez(sys.argv[1], *build_model('tiny', 12, 2).get_weights())\n")
+    code = (
+        "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='2'\n"
+        "from mpitrain.runtime import configure_runtime; configure_runtime(3, 1, 1)\n"
+        "from mpitrain.train.models import build_model; import numpy as np, sys\n"
+        "np.savez(sys.argv[1], *build_model('tiny', 12, 2).get_weights())\n"
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -66,8 +73,9 @@ def test_local_sgd_every_step_with_plain_sgd_equals_allreduce(tmp_path):
     # weights after each plain-SGD step is the same as averaging the gradients.
     common = ["--samples", 64, "--batch", 8]
     a, _ = mpirun(2, script("fit_weights.py", "--out", tmp_path / "ar", "--strategy", "allreduce", *common))
-    b, _ = mpirun(2, script("fit_weights.py", "--out", tmp_path / "ls", "--strategy", "local-sgd",
-                            "--sync-every", 1, *common))
+    b, _ = mpirun(
+        2, script("fit_weights.py", "--out", tmp_path / "ls", "--strategy", "local-sgd", "--sync-every", 1, *common)
+    )
     _assert_ok(a)
     _assert_ok(b)
     wa, wb = _weights(tmp_path / "ar"), _weights(tmp_path / "ls")
@@ -82,8 +90,9 @@ def test_master_combines_the_sample_weighted_mean_of_the_workers():
 
 
 def test_master_worker_trains_and_all_ranks_agree(tmp_path):
-    proc, _ = mpirun(3, script("fit_weights.py", "--out", tmp_path / "mw", "--strategy", "master-worker",
-                               "--sync-every", 2))
+    proc, _ = mpirun(
+        3, script("fit_weights.py", "--out", tmp_path / "mw", "--strategy", "master-worker", "--sync-every", 2)
+    )
     _assert_ok(proc)
     ranks = _weights(tmp_path / "mw")
     assert len(ranks) == 3
@@ -92,10 +101,27 @@ def test_master_worker_trains_and_all_ranks_agree(tmp_path):
 
 
 def test_an_exception_on_one_rank_ends_the_job(tmp_path, synth_data):
-    proc, seconds = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, "--model", "tiny",
-                                     "--image-size", 16, "--epochs", 2, "--batch-size", 4,
-                                     "--out", tmp_path / "run"), timeout=120,
-                           env={"FAULT": "raise", "FAULT_RANK": "1", "FAULT_AT": "3"})
+    proc, seconds = mpirun(
+        3,
+        script(
+            "fault_at_step.py",
+            "train",
+            "--data",
+            synth_data,
+            "--model",
+            "tiny",
+            "--image-size",
+            16,
+            "--epochs",
+            2,
+            "--batch-size",
+            4,
+            "--out",
+            tmp_path / "run",
+        ),
+        timeout=120,
+        env={"FAULT": "raise", "FAULT_RANK": "1", "FAULT_AT": "3"},
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("injected failure for the test") == 1, proc.stderr
     assert "rank 1" in proc.stderr
@@ -104,9 +130,30 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, synth_data):
 
 def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_data):
     out = tmp_path / "run"
-    proc = subprocess.run(cli("train", "-n", 5, "--strategy", "master-worker", "--data", synth_data,
-                              "--model", "tiny", "--image-size", 16, "--epochs", 2, "--batch-size", 8,
-                              "--out", out), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cli(
+            "train",
+            "-n",
+            5,
+            "--strategy",
+            "master-worker",
+            "--data",
+            synth_data,
+            "--model",
+            "tiny",
+            "--image-size",
+            16,
+            "--epochs",
+            2,
+            "--batch-size",
+            8,
+            "--out",
+            out,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _assert_ok(proc)
     assert "master-worker" in proc.stdout and "rank 0 = master" in proc.stdout
     assert proc.stdout.count("epoch 2/2") == 1  # rank 0 alone prints
@@ -114,14 +161,33 @@ def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_dat
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["runtime"]["ranks"] == 5
-    assert "| rank 0 (master) waiting in collectives, mostly for the workers' training |" in \
-        (out / "report.md").read_text()
+    assert (
+        "| rank 0 (master) waiting in collectives, mostly for the workers' training |"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_direct_mpiexec_with_data_on_root_matches_the_run_folder_contract(tmp_path, synth_data):
     out = tmp_path / "run"
-    proc, _ = mpirun(2, cli("train", "--data", synth_data, "--data-on-root", "--model", "tiny",
-                            "--image-size", 16, "--epochs", 1, "--batch-size", 8, "--out", out))
+    proc, _ = mpirun(
+        2,
+        cli(
+            "train",
+            "--data",
+            synth_data,
+            "--data-on-root",
+            "--model",
+            "tiny",
+            "--image-size",
+            16,
+            "--epochs",
+            1,
+            "--batch-size",
+            8,
+            "--out",
+            out,
+        ),
+    )
     _assert_ok(proc)
     assert "loaded 72 train + 8 val images" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -136,10 +202,11 @@ def test_a_setup_error_under_mpiexec_is_reported_once_and_no_rank_hangs(tmp_path
 
 
 def test_ranks_started_with_different_options_are_refused_by_name(tmp_path, synth_data):
-    from mpitrain.dist.launch import mpiexec_command
+    from mpitrain.parallel.launch import mpiexec_command
 
-    base = cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
-               "--out", tmp_path / "run")
+    base = cli(
+        "train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1, "--out", tmp_path / "run"
+    )
     cmd, env = mpiexec_command(3, base + ["--seed", "1"])  # 3 ranks in all: --oversubscribe
     cmd[cmd.index("-n") + 1] = "2"
     at = cmd.index(sys.executable)
@@ -155,11 +222,29 @@ def test_master_worker_epoch_rows_report_the_workers_time(tmp_path, synth_data):
     # writing each checkpoint, during which the workers already train the next epoch. The
     # epoch rows must report the workers' wall time and images, not the idle master's.
     out = tmp_path / "run"
-    proc, _ = mpirun(3, script("fault_at_step.py", "train", "--data", synth_data, "--model", "tiny",
-                               "--image-size", 16, "--batch-size", 4, "--epochs", 2,
-                               "--strategy", "master-worker", "--out", out), timeout=300,
-                     env={"FAULT": "slow", "FAULT_RANK": "1", "FAULT_AT": "1", "FAULT_SECONDS": "0.3",
-                          "SAVE_DELAY": "5"})
+    proc, _ = mpirun(
+        3,
+        script(
+            "fault_at_step.py",
+            "train",
+            "--data",
+            synth_data,
+            "--model",
+            "tiny",
+            "--image-size",
+            16,
+            "--batch-size",
+            4,
+            "--epochs",
+            2,
+            "--strategy",
+            "master-worker",
+            "--out",
+            out,
+        ),
+        timeout=300,
+        env={"FAULT": "slow", "FAULT_RANK": "1", "FAULT_AT": "1", "FAULT_SECONDS": "0.3", "SAVE_DELAY": "5"},
+    )
     _assert_ok(proc)
     import csv
 

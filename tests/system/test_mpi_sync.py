@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mpirun import mpirun, script
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(400)]
@@ -36,8 +37,24 @@ def test_shards_straddling_a_batch_boundary_take_the_same_steps(tmp_path, strate
     # 33 samples on 2 ranks: shards of 17 and 16; with batch 8 that is 3 batches against 2.
     # The longest shard decides: both ranks take 3 steps per epoch (rank 1's last one empty).
     extra = ["--sync-every", sync_every] if sync_every else []
-    proc, _ = mpirun(2, script("fit_weights.py", "--out", tmp_path, "--strategy", strategy, "--samples", 33,
-                               "--batch", 8, "--epochs", 2, *extra), timeout=150)
+    proc, _ = mpirun(
+        2,
+        script(
+            "fit_weights.py",
+            "--out",
+            tmp_path,
+            "--strategy",
+            strategy,
+            "--samples",
+            33,
+            "--batch",
+            8,
+            "--epochs",
+            2,
+            *extra,
+        ),
+        timeout=150,
+    )
     _assert_ok(proc)
     steps = {}
     for f in sorted(glob.glob(os.path.join(tmp_path, "rank*.steps"))):
@@ -57,11 +74,16 @@ def test_an_empty_last_batch_leaves_allreduce_equal_to_one_process(tmp_path):
     import subprocess
 
     common = ["--samples", 33, "--batch", 8, "--epochs", 2]
-    proc, _ = mpirun(2, script("fit_weights.py", "--out", tmp_path / "mpi", "--strategy", "allreduce", *common),
-                     timeout=150)
+    proc, _ = mpirun(
+        2, script("fit_weights.py", "--out", tmp_path / "mpi", "--strategy", "allreduce", *common), timeout=150
+    )
     _assert_ok(proc)
-    ref = subprocess.run(script("fit_weights.py", "--out", tmp_path / "ref", "--reference", 2, *common),
-                         capture_output=True, text=True, timeout=240)
+    ref = subprocess.run(
+        script("fit_weights.py", "--out", tmp_path / "ref", "--reference", 2, *common),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     _assert_ok(ref)
     got, want = np.load(tmp_path / "mpi" / "rank0.npz"), np.load(tmp_path / "ref" / "rank0.npz")
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want.files) < 1e-5

@@ -10,7 +10,6 @@ where fake hosts cannot be made (not root, no `ip netns`).
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cluster import Cluster, leftovers, unavailable
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # tiny model, fp32 (the same numbers on every machine), one thread per rank.
-TRAIN = ["--model", "tiny", "--image-size", 16, "--epochs", 1, "--batch-size", 8, "--threads", 1,
-         "--precision", "fp32"]
+TRAIN = ["--model", "tiny", "--image-size", 16, "--epochs", 1, "--batch-size", 8, "--threads", 1, "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +60,7 @@ def _env(cluster, tmp_path):
 
 
 def _train(cluster, tmp_path, hostfile, out, *extra, timeout=240, env=None):
-    argv = [sys.executable, "-m", "mpitrain", "train", "-n", 2, "--hostfile", hostfile, *extra, *TRAIN,
-            "--out", out]
+    argv = [sys.executable, "-m", "mpitrain", "train", "-n", 2, "--hostfile", hostfile, *extra, *TRAIN, "--out", out]
     return cluster.run(1, argv, env={**_env(cluster, tmp_path), **(env or {})}, timeout=timeout)
 
 
@@ -87,8 +85,9 @@ def test_allreduce_across_two_hosts_gives_the_weights_of_one_host(cluster, data,
     # either order: the weights are bit-identical to the one-host run.
     cluster.hide(2, data)
     assert cluster.run(2, ["ls", "-A", data]).stdout == ""  # host 2 really sees an empty folder
-    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--data-on-root",
-                  "--iface", "eth1")
+    proc = _train(
+        cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--data-on-root", "--iface", "eth1"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning" not in proc.stderr  # --iface chose the network: nothing to warn about
     config = (tmp_path / "run" / "config.json").read_text()
@@ -104,8 +103,24 @@ def test_fixed_order_gives_six_ranks_on_two_hosts_the_weights_of_six_on_one(clus
     # (the weights of this tiny model after one epoch differed by up to 1.5e-8, measured);
     # --fixed-order keeps one order for a rank count: bit-identical weights.
     def train(name, hostfile, *extra):
-        argv = [sys.executable, "-m", "mpitrain", "train", "-n", 6, "--hostfile", hostfile, "--iface", "eth1",
-                *extra, "--data", data, *TRAIN, "--out", tmp_path / name]
+        argv = [
+            sys.executable,
+            "-m",
+            "mpitrain",
+            "train",
+            "-n",
+            6,
+            "--hostfile",
+            hostfile,
+            "--iface",
+            "eth1",
+            *extra,
+            "--data",
+            data,
+            *TRAIN,
+            "--out",
+            tmp_path / name,
+        ]
         proc = cluster.run(1, argv, env=_env(cluster, tmp_path), timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _weights(tmp_path / name)
@@ -119,8 +134,18 @@ def test_bf16_compression_across_rate_limited_hosts_stays_close(cluster, data, o
     # The same job over links limited to 1 Gbit/s, the gradients summed in bfloat16: not the
     # same weights (the rounding is applied), but close to them after one epoch.
     cluster.limit("1gbit")
-    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data,
-                  "--iface", "eth1", "--compress", "bf16")
+    proc = _train(
+        cluster,
+        tmp_path,
+        cluster.hostfile(1),
+        tmp_path / "run",
+        "--data",
+        data,
+        "--iface",
+        "eth1",
+        "--compress",
+        "bf16",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"compress": "bf16"' in (tmp_path / "run" / "config.json").read_text()
     exact, rounded = _weights(one_host_run), _weights(tmp_path / "run")
@@ -150,8 +175,9 @@ def _one_line(proc, *words):
 def test_an_iface_that_does_not_connect_the_hosts_fails_in_one_line(cluster, data, tmp_path):
     # The runtime's daemon on host 2 cannot connect back over eth2. The subprocess timeout
     # (60 s) is the hang guard: a hang fails the test.
-    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2",
-                  timeout=60)
+    proc = _train(
+        cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2", timeout=60
+    )
     _one_line(proc, cluster.name(2), "eth2")
 
 
@@ -168,8 +194,18 @@ def test_a_network_that_drops_packets_silently_is_stopped_in_one_line(cluster, d
     # Nothing fails on a network that drops without answering: Open MPI waits forever. The
     # launcher's start deadline (5 s here, 45 s by default) stops the job with one line.
     cluster.silence()
-    proc = _train(cluster, tmp_path, cluster.hostfile(1), tmp_path / "run", "--data", data, "--iface", "eth2",
-                  timeout=60, env={"MPITRAIN_START_TIMEOUT": "5"})
+    proc = _train(
+        cluster,
+        tmp_path,
+        cluster.hostfile(1),
+        tmp_path / "run",
+        "--data",
+        data,
+        "--iface",
+        "eth2",
+        timeout=60,
+        env={"MPITRAIN_START_TIMEOUT": "5"},
+    )
     line = _one_line(proc, "within 5 s", "eth2", "MPITRAIN_START_TIMEOUT")
     assert cluster.name(2) in line
 
@@ -178,14 +214,18 @@ def test_idle_ranks_yield_where_a_host_has_more_ranks_than_cores(cluster, tmp_pa
     # Host 1 (the launcher's) runs 1 rank, host 2 one more than its cores: only host 2's
     # ranks yield, each deciding for its own node before MPI starts. (With host 1 over its
     # cores the launcher adds Open MPI's option instead: tests/unit/test_launch_network.py.)
-    from mpitrain.dist.launch import mpiexec_command
+    from mpitrain.parallel.launch import mpiexec_command
     from mpitrain.runtime import available_cores
 
     cores = available_cores()
     if cores > 4:
         pytest.skip(f"{cores} cores: {cores + 2} ranks would be too many for a short test")
-    show = [sys.executable, "-c", "import os, socket; from mpitrain.dist.comm import world; world(); "
-            "print(socket.gethostname(), os.environ.get('OMPI_MCA_mpi_yield_when_idle'))"]
+    show = [
+        sys.executable,
+        "-c",
+        "import os, socket; from mpitrain.parallel.comm import world; world(); "
+        "print(socket.gethostname(), os.environ.get('OMPI_MCA_mpi_yield_when_idle'))",
+    ]
     env = _env(cluster, tmp_path)
     del env["OMPI_MCA_mpi_yield_when_idle"]  # the harness's own setting: not here
     cmd, _ = mpiexec_command(cores + 2, show, hostfile=str(cluster.hostfile([1, cores + 1])), iface="eth1")
@@ -204,12 +244,42 @@ def test_elastic_master_worker_goes_on_without_a_lost_host(cluster, data, tmp_pa
     # newest checkpoint, with the master and the worker left, and the run finishes.
     out = tmp_path / "run"
     epochs = 30
-    argv = [sys.executable, "-m", "mpitrain", "train", "-n", 3, "--hostfile", cluster.hostfile([2, 1]),
-            "--iface", "eth1", "--data", data, "--strategy", "master-worker", "--sync-every", 2, "--elastic",
-            "--model", "tiny", "--image-size", 16, "--epochs", epochs, "--batch-size", 8, "--threads", 1,
-            "--precision", "fp32", "--out", out]
-    proc = subprocess.Popen(cluster.command(1, argv), env=_env(cluster, tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "mpitrain",
+        "train",
+        "-n",
+        3,
+        "--hostfile",
+        cluster.hostfile([2, 1]),
+        "--iface",
+        "eth1",
+        "--data",
+        data,
+        "--strategy",
+        "master-worker",
+        "--sync-every",
+        2,
+        "--elastic",
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        epochs,
+        "--batch-size",
+        8,
+        "--threads",
+        1,
+        "--precision",
+        "fp32",
+        "--out",
+        out,
+    ]
+    proc = subprocess.Popen(
+        cluster.command(1, argv), env=_env(cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 120  # a hang guard, not a measurement
         while not list((out / "checkpoints").glob("ckpt-*.npz")) and proc.poll() is None and time.time() < deadline:
@@ -223,8 +293,9 @@ def test_elastic_master_worker_goes_on_without_a_lost_host(cluster, data, tmp_pa
     assert proc.returncode == 0, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith(f"mpitrain: host {cluster.name(2)} was lost with 1 rank(s) (--elastic): "
-                               f"going on with 2 rank(s)"), lines[0]
+    assert lines[0].startswith(
+        f"mpitrain: host {cluster.name(2)} was lost with 1 rank(s) (--elastic): going on with 2 rank(s)"
+    ), lines[0]
     assert "epoch 1/30 [master-worker x2 + master]" in stdout
     assert f"epoch {epochs}/{epochs} [master-worker x1 + master]" in stdout
     assert cluster.name(2) not in (out / "hostfile").read_text().split("\n", 1)[1]

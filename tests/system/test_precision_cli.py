@@ -10,8 +10,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from mpirun import cli, script
 
+from mpirun import cli, script
 from mpitrain.runtime import resolve_precision
 
 pytestmark = pytest.mark.timeout(600)
@@ -30,8 +30,14 @@ def test_precision_is_recorded_and_a_resumed_run_keeps_it(tmp_path, synth_data):
     chosen = "fp32" if resolve_precision("auto")[0] == "bf16" else "bf16"
     run = tmp_path / "run"
     # 72 training images, batch 8: 9 steps per epoch; killed in epoch 2, after its checkpoint.
-    killed = _run(script("fault_at_step.py", "train", "--data", synth_data, *TINY, "--epochs", 2,
-                         "--precision", chosen, "--out", run), FAULT="kill", FAULT_RANK="0", FAULT_AT="12")
+    killed = _run(
+        script(
+            "fault_at_step.py", "train", "--data", synth_data, *TINY, "--epochs", 2, "--precision", chosen, "--out", run
+        ),
+        FAULT="kill",
+        FAULT_RANK="0",
+        FAULT_AT="12",
+    )
     assert killed.returncode != 0 and not (run / "model.keras").exists()
     assert f"| {chosen}" in killed.stdout
     resumed = _run(cli("train", "--resume", "--out", run))

@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-from mpirun import train_run
 from test_evaluate import one_line_error
 
+from mpirun import train_run
 from mpitrain.cli import main
 
 
@@ -24,7 +24,7 @@ def three_class_run(tmp_path_factory, synth_data):
     data = tmp_path_factory.mktemp("three") / "data"
     for name, src, start in (("a", "NORMAL", 0), ("b", "PNEUMONIA", 0), ("c", "NORMAL", 20)):
         (data / name).mkdir(parents=True)
-        for f in sorted((synth_data / src).iterdir())[start:start + 20]:
+        for f in sorted((synth_data / src).iterdir())[start : start + 20]:
             shutil.copy(f, data / name / f.name)
     return train_run(tmp_path_factory, data, "--val-split", "0.2"), data
 
@@ -44,8 +44,18 @@ def test_unreadable_files_become_rows_with_an_error_and_the_run_goes_on(run, syn
     (folder / ".hidden.png").write_bytes(b"ignored")
     (folder / "notes.txt").write_text("not an image extension: not searched")
     (tmp_path / "nothing-here").mkdir()
-    code = main(["predict", "--model", str(run), str(folder), str(tmp_path / "missing.png"),
-                 str(tmp_path / "nothing-here"), "--csv", str(tmp_path / "out.csv")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(run),
+            str(folder),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "nothing-here"),
+            "--csv",
+            str(tmp_path / "out.csv"),
+        ]
+    )
     assert code == 1  # some rows failed
     out = capsys.readouterr().out
     assert "predicted 3 image(s)" in out and "4 row(s) with an error" in out
@@ -95,10 +105,13 @@ def test_csv_goes_to_stdout_and_the_threshold_override_changes_predictions(run, 
     assert [r["path"] for r in results["0"]] == [r["path"] for r in results[None]]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--threshold", "1.5"], ["--threshold", "[0, 1]"]),
-    (["--csv", "/no/such/folder/out.csv"], ["--csv"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--threshold", "1.5"], ["--threshold", "[0, 1]"]),
+        (["--csv", "/no/such/folder/out.csv"], ["--csv"]),
+    ],
+)
 def test_bad_options_are_one_line(run, synth_data, args, words, capsys):
     code = main(["predict", "--model", str(run), str(synth_data), *args])
     one_line_error(code, capsys.readouterr().err, *words)
@@ -108,8 +121,19 @@ def test_more_than_two_classes_use_argmax_and_macro_micro_averages(three_class_r
     run, data = three_class_run
     info = json.loads((run / "model.json").read_text())
     assert info["threshold"] is None and info["threshold_method"] == "argmax" and info["positive_class"] is None
-    code = main(["evaluate", "--model", str(run), "--data", str(data), "--json", str(tmp_path / "e.json"),
-                 "--plots", str(tmp_path / "plots")])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(data),
+            "--json",
+            str(tmp_path / "e.json"),
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     for word in ("macro precision", "micro F1", "ROC AUC (macro, one-vs-rest)", "argmax"):
@@ -129,7 +153,8 @@ def test_more_than_two_classes_use_argmax_and_macro_micro_averages(three_class_r
 
 
 def test_evaluating_on_a_subset_of_the_classes_names_the_absent_one_and_averages_over_the_rest(
-        three_class_run, tmp_path, capsys):
+    three_class_run, tmp_path, capsys
+):
     run, data = three_class_run
     subset = tmp_path / "ab"
     subset.mkdir()

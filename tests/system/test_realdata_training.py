@@ -18,8 +18,12 @@ pytestmark = [
 
 def test_two_ranks_learn_the_real_xrays_in_one_epoch(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "mpitrain", "train", "-n", "2", "--data", str(REAL),
-                           "--epochs", "1", "--out", str(out)], capture_output=True, text=True, timeout=360)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpitrain", "train", "-n", "2", "--data", str(REAL), "--epochs", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "history.csv") as f:
         row = list(csv.DictReader(f))[-1]

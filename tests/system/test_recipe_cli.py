@@ -5,7 +5,6 @@ import json
 import subprocess
 
 from mpirun import cli, train_run
-
 from mpitrain.config import RECIPES
 
 
@@ -23,8 +22,12 @@ def test_recipe_under_the_launcher_keeps_explicit_options_and_records_itself(tmp
 
 
 def test_recipe_on_file_names_without_patient_ids_says_what_to_do(tmp_path, synth_data):
-    proc = subprocess.run(cli("train", "-n", 2, "--recipe", "xray", "--data", synth_data, "--out", tmp_path / "r"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cli("train", "-n", 2, "--recipe", "xray", "--data", synth_data, "--out", tmp_path / "r"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--groups filename-patient found no patient ids" in proc.stderr and "--group-pattern" in proc.stderr
     assert not (tmp_path / "r").exists()  # refused before anything was written

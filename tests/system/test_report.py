@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from mpirun import train_run
 
+from mpirun import train_run
 from mpitrain.evaluate import modelio
 from mpitrain.evaluate.metrics import classification_metrics
 from mpitrain.evaluate.report import text_table, write_report
@@ -28,10 +28,18 @@ def test_report_md_shows_existing_figures_metrics_timings_and_config(run):
     for name in images:
         assert (run / name).read_bytes().startswith(PNG), name
     metrics = json.loads((run / "metrics.json").read_text())
-    for needle in (f"| accuracy | {metrics['accuracy']:.4f} |", f"| ROC AUC | {metrics['roc_auc']:.4f} |",
-                   "| ranks | 1 |", "| strategy | allreduce |", "training images per second",
-                   "training wall time", "| target_sensitivity | `0.9` |", "| model | `tiny` |",
-                   "| NORMAL |", "target_sensitivity"):
+    for needle in (
+        f"| accuracy | {metrics['accuracy']:.4f} |",
+        f"| ROC AUC | {metrics['roc_auc']:.4f} |",
+        "| ranks | 1 |",
+        "| strategy | allreduce |",
+        "training images per second",
+        "training wall time",
+        "| target_sensitivity | `0.9` |",
+        "| model | `tiny` |",
+        "| NORMAL |",
+        "target_sensitivity",
+    ):
         assert needle in text, needle
     # Which accuracy is which, and how the curves' two series are measured.
     assert f"Accuracy in this table is at the decision threshold, P(PNEUMONIA) >= {metrics['threshold']:.4f}" in text
@@ -98,9 +106,14 @@ def test_report_and_table_for_more_classes(tmp_path):
     m = classification_metrics(y, rng.dirichlet(np.ones(3), 30), ["a", "b|c", "d"])
     table = text_table(m)
     assert "macro precision" in table and "micro recall" in table and "sensitivity" not in table
-    path = write_report(tmp_path, {"model": "seed", "image_size": 50, "epochs": 1, "strategy": "allreduce"},
-                        m, {"confusion_matrix": "confusion_matrix.png"}, {"ranks": 2, "seconds": 75.5},
-                        "`data`")
+    path = write_report(
+        tmp_path,
+        {"model": "seed", "image_size": 50, "epochs": 1, "strategy": "allreduce"},
+        m,
+        {"confusion_matrix": "confusion_matrix.png"},
+        {"ranks": 2, "seconds": 75.5},
+        "`data`",
+    )
     text = path.read_text()
     assert "Accuracy here, in the training curves and in the epoch lines is at argmax." in text
     assert "b\\|c" in text  # a pipe in a class name does not break the table
@@ -109,8 +122,9 @@ def test_report_and_table_for_more_classes(tmp_path):
 
 def test_master_worker_report_says_rank_0_mostly_waits_for_the_workers(tmp_path):
     m = classification_metrics([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], ["a", "b"], threshold=0.5)
-    text = write_report(tmp_path, {"strategy": "master-worker"}, m, {}, {"ranks": 5, "seconds": 8.9,
-                                                                     "comm_seconds": 7.6}, "`data`").read_text()
+    text = write_report(
+        tmp_path, {"strategy": "master-worker"}, m, {}, {"ranks": 5, "seconds": 8.9, "comm_seconds": 7.6}, "`data`"
+    ).read_text()
     assert "| rank 0 (master) waiting in collectives, mostly for the workers' training | 7.6 s |" in text
     assert "time in communication" not in text
 

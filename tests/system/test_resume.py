@@ -8,13 +8,26 @@ import sys
 
 import numpy as np
 import pytest
+
 from mpirun import cli, mpirun, script
 
 pytestmark = pytest.mark.timeout(600)
 
 # The seed CNN (with dropout, so the dropout RNG state must survive too) on 16x16 images.
-TRAIN = ["--model", "seed", "--image-size", 16, "--epochs", 3, "--batch-size", 4,
-         "--checkpoint-every", 5, "--threads", 1]
+TRAIN = [
+    "--model",
+    "seed",
+    "--image-size",
+    16,
+    "--epochs",
+    3,
+    "--batch-size",
+    4,
+    "--checkpoint-every",
+    5,
+    "--threads",
+    1,
+]
 
 
 def _weights(run_dir):
@@ -57,8 +70,14 @@ def _run(n, program, env=None):
 
 # --compress bf16 (2 ranks): the gradients are rounded to bfloat16 on every step, with no
 # state of its own, so a resumed run is still bit-identical.
-@pytest.mark.parametrize("n, compress, kill_at", [(1, "none", 12), pytest.param(3, "none", 12, marks=pytest.mark.mpi),
-                                                  pytest.param(2, "bf16", 16, marks=pytest.mark.mpi)])
+@pytest.mark.parametrize(
+    "n, compress, kill_at",
+    [
+        (1, "none", 12),
+        pytest.param(3, "none", 12, marks=pytest.mark.mpi),
+        pytest.param(2, "bf16", 16, marks=pytest.mark.mpi),
+    ],
+)
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n, compress, kill_at):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train = [*TRAIN, "--compress", compress]
@@ -67,8 +86,11 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
     # Rank 1 (or the only rank) dies by SIGKILL in step kill_at, after a --checkpoint-every
     # checkpoint of its epoch (n=2: 9 steps per epoch, so step 16 is epoch 2's 7th).
-    killed = _run(n, script("fault_at_step.py", "train", "--data", synth_data, *train, "--out", broken),
-                  env={"FAULT": "kill", "FAULT_RANK": str(min(1, n - 1)), "FAULT_AT": str(kill_at)})
+    killed = _run(
+        n,
+        script("fault_at_step.py", "train", "--data", synth_data, *train, "--out", broken),
+        env={"FAULT": "kill", "FAULT_RANK": str(min(1, n - 1)), "FAULT_AT": str(kill_at)},
+    )
     assert killed.returncode != 0
     assert not (broken / "model.keras").exists()
     assert list((broken / "checkpoints").glob("ckpt-*.npz"))
@@ -90,8 +112,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
 def test_resume_refuses_a_finished_run_and_an_empty_folder(tmp_path, synth_data):
     run = tmp_path / "run"
-    ok = _run(1, cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1,
-                     "--out", run))
+    ok = _run(1, cli("train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1, "--out", run))
     assert ok.returncode == 0, ok.stderr
     again = _run(1, cli("train", "--resume", "--out", run))
     assert again.returncode == 2 and "already finished" in again.stderr
@@ -119,9 +140,28 @@ def test_a_rank_killed_from_outside_stops_the_job_fast_and_is_named(tmp_path, sy
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli("train", "-n", 3, "--data", synth_data, "--model", "seed", "--image-size", 16,
-                                "--epochs", 50, "--batch-size", 4, "--out", out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(
+            "train",
+            "-n",
+            3,
+            "--data",
+            synth_data,
+            "--model",
+            "seed",
+            "--image-size",
+            16,
+            "--epochs",
+            50,
+            "--batch-size",
+            4,
+            "--out",
+            out,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not list((out / "checkpoints").glob("ckpt-*.npz")) and time.time() < deadline:
         time.sleep(0.2)  # wait until training is under way (the first epoch's checkpoint)
@@ -146,8 +186,21 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_kill_between_the_last_checkpoint_and_the_model_can_still_resume(tmp_path, synth_data):
     run = tmp_path / "run"
-    args = ["train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 2,
-            "--batch-size", 8, "--out", run]
+    args = [
+        "train",
+        "--data",
+        synth_data,
+        "--model",
+        "tiny",
+        "--image-size",
+        16,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--out",
+        run,
+    ]
     killed = _run(1, [sys.executable, "-c", KILL_BEFORE_MODEL, *map(str, args)])
     assert killed.returncode == 9, killed.stderr[-2000:]
     assert not (run / "model.keras").exists()

@@ -19,7 +19,7 @@ def _batch(n=6, side=16, dtype=np.uint8, top=255):
     rng = np.random.default_rng(11)
     ramp = np.add.outer(np.arange(side), np.arange(side)) / (2 * side - 2)
     x = 0.6 * ramp + 0.1 * rng.random((n, side, side))
-    x[:, side // 4: side // 2, side // 4: 3 * side // 4] += 0.3
+    x[:, side // 4 : side // 2, side // 4 : 3 * side // 4] += 0.3
     return np.round(x * top).astype(dtype)
 
 
@@ -121,8 +121,11 @@ def _imports(path: Path):
 def test_only_the_training_loop_uses_augmentation():
     """evaluate/predict and the validation pass never touch it: one caller in the package."""
     pkg = Path(mpitrain.__file__).parent
-    users = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
-                   if p.name != "augment.py" and any(m == "mpitrain.data.augment" for m in _imports(p)))
+    users = sorted(
+        str(p.relative_to(pkg))
+        for p in pkg.rglob("*.py")
+        if p.name != "augment.py" and any(m == "mpitrain.data.augment" for m in _imports(p))
+    )
     assert users == ["train/trainer.py"]
 
 
@@ -132,7 +135,7 @@ def test_training_batches_only_in_a_real_fit(monkeypatch):
     import mpitrain.data.augment as augment
     from mpitrain.config import TrainConfig
     from mpitrain.data.dataset import Plan, Shard
-    from mpitrain.dist.comm import world
+    from mpitrain.parallel.comm import world
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
     from mpitrain.train.trainer import fit
@@ -148,7 +151,7 @@ def test_training_batches_only_in_a_real_fit(monkeypatch):
     configure_runtime(0, 1, 1)
     rng = np.random.default_rng(0)
     train_x = rng.integers(0, 200, (21, 16, 16)).astype(np.uint8)  # never above 200
-    val_x = np.full((6, 16, 16), 255, np.uint8)                     # all 255: recognisable
+    val_x = np.full((6, 16, 16), 255, np.uint8)  # all 255: recognisable
     train_y, val_y = np.arange(21, dtype=np.int32) % 2, np.arange(6, dtype=np.int32) % 2
     cfg = TrainConfig(epochs=2, batch_size=8, model="xray", image_size=16, augment="xray", threads=1)
     plan = Plan("mem", ["a", "b"], [""] * 21, train_y, [""] * 6, val_y, "split")

@@ -25,6 +25,7 @@ def _entries(cache_dir: Path) -> list[Path]:
 def _no_decoding(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded although the cache should have hit")
+
     monkeypatch.setattr(cache, "decode_native", fail)
 
 
@@ -86,8 +87,7 @@ def test_corrupt_entry_is_a_miss_and_rewritten(image_tree, tmp_path, damage):
     x1, *_ = load_images_cached(paths, 8, tmp_path)
     (entry,) = _entries(tmp_path)
     data = entry.read_bytes()
-    entry.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)),
-                       "empty": b""}[damage])
+    entry.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     x2, _, _, hit = load_images_cached(paths, 8, tmp_path)
     assert not hit and np.array_equal(x1, x2)
     assert entry.read_bytes() == data
@@ -186,8 +186,10 @@ def test_16bit_entry_hit_equals_the_decode(tmp_path, write_image):
     from mpitrain.data.decode import decode_native
 
     ramp = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
-    paths = [str(write_image(tmp_path / "d" / "a16.png", ramp)),
-             str(write_image(tmp_path / "d" / "b8.png", value=51))]  # 8-bit beside 16-bit
+    paths = [
+        str(write_image(tmp_path / "d" / "a16.png", ramp)),
+        str(write_image(tmp_path / "d" / "b8.png", value=51)),
+    ]  # 8-bit beside 16-bit
     arr0, max0, ok0, _ = decode_native(paths, 16)
     assert arr0.dtype == np.uint16 and max0 == 65535.0 and ok0.all()
     for expect_hit in (False, True):

@@ -14,8 +14,16 @@ from mpitrain.train import checkpoint as ck
 
 def _ckpt(epoch, step, value=1.0, shared=True, ranks=1):
     states = [[np.full((3, 2), value, np.float32), np.array([epoch], np.int64)]]
-    return ck.Checkpoint(epoch=epoch, step=step, ranks=ranks, strategy="allreduce", states=states,
-                         shared=shared, config={"seed": 1}, history=[{"epoch": epoch}])
+    return ck.Checkpoint(
+        epoch=epoch,
+        step=step,
+        ranks=ranks,
+        strategy="allreduce",
+        states=states,
+        shared=shared,
+        config={"seed": 1},
+        history=[{"epoch": epoch}],
+    )
 
 
 def test_round_trip_keeps_exact_arrays_and_metadata(tmp_path):
@@ -29,8 +37,7 @@ def test_round_trip_keeps_exact_arrays_and_metadata(tmp_path):
 def test_only_the_newest_k_are_kept_in_progress_order(tmp_path):
     for e, s in [(0, 5), (0, 10), (1, 0), (1, 5)]:
         ck.save(tmp_path, _ckpt(e, s), keep=2)
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt-e00001-s0000000.npz",
-                                                              "ckpt-e00001-s0000005.npz"]
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt-e00001-s0000000.npz", "ckpt-e00001-s0000005.npz"]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):

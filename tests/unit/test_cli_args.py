@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-import mpitrain.dist.strategies as strategies
+import mpitrain.parallel.strategies as strategies
 from mpitrain import config
 from mpitrain.cli import _config_from_args, build_parser
 from mpitrain.config import TrainConfig
@@ -54,7 +54,8 @@ def test_every_field_is_an_option_that_reaches_the_config(f):
     assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(value)
     # Nothing else moved (but what a --recipe presets, and the options it needs).
     assert dataclasses.replace(cfg, **{f.name: f.default}) == dataclasses.replace(
-        TrainConfig.with_recipe(**needs, **{f.name: value}), **{f.name: f.default})
+        TrainConfig.with_recipe(**needs, **{f.name: value}), **{f.name: f.default}
+    )
 
 
 def test_options_that_need_another_are_refused_alone():
@@ -115,8 +116,11 @@ def test_every_option_says_what_it_does(command):
     import argparse
 
     sub = build_parser()._subparsers._group_actions[0].choices[command]
-    bare = [a.option_strings[-1] if a.option_strings else a.dest for a in sub._actions
-            if a.help is not argparse.SUPPRESS and (not a.help or a.help.startswith("(default"))]
+    bare = [
+        a.option_strings[-1] if a.option_strings else a.dest
+        for a in sub._actions
+        if a.help is not argparse.SUPPRESS and (not a.help or a.help.startswith("(default"))
+    ]
     assert not bare, f"{command}: options without a description: {bare}"
 
 

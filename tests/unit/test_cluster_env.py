@@ -7,15 +7,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import mpitrain.dist.launch as launch
+import mpitrain.parallel.launch as launch
 from mpitrain import runtime, slurm
-from mpitrain.dist.comm import local_rank_from
-from mpitrain.dist.strategies import make_sync
 from mpitrain.errors import UserError
+from mpitrain.parallel.comm import local_rank_from
+from mpitrain.parallel.strategies import make_sync
 
 # What a batch script sees (sbatch --ntasks 4): SLURM_PROCID too, but no SLURM_STEP_*.
-BATCH = {"SLURM_JOB_ID": "123", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NTASKS": "4",
-         "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_CPUS_PER_TASK": "3"}
+BATCH = {
+    "SLURM_JOB_ID": "123",
+    "SLURM_JOB_NODELIST": "node[01-02]",
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_CPUS_PER_TASK": "3",
+}
 # What task 2 of `srun -n 4` sees.
 TASK = dict(BATCH, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="2", SLURM_LOCALID="1")
 
@@ -38,8 +44,8 @@ def test_srun_without_pmix_is_caught_only_when_mpi_sees_one_of_many():
     problem = slurm.srun_without_mpi(1, None, TASK)
     assert "srun started 4 tasks" in problem and "srun --mpi=pmix" in problem and "-n 4" in problem
     assert "\n" not in problem
-    assert slurm.srun_without_mpi(4, None, TASK) is None            # srun --mpi=pmix: one world
-    assert slurm.srun_without_mpi(1, None, BATCH) is None           # one process in the batch script
+    assert slurm.srun_without_mpi(4, None, TASK) is None  # srun --mpi=pmix: one world
+    assert slurm.srun_without_mpi(1, None, BATCH) is None  # one process in the batch script
     assert slurm.srun_without_mpi(1, None, dict(TASK, SLURM_STEP_NUM_TASKS="1")) is None
     # A rank of `mpiexec -n 1` on an allocation's other node inherits its daemon's srun step.
     assert slurm.srun_without_mpi(1, 1, TASK) is None
@@ -47,10 +53,10 @@ def test_srun_without_pmix_is_caught_only_when_mpi_sees_one_of_many():
 
 def test_the_local_rank_comes_from_the_launcher_that_started_this_world():
     assert local_rank_from({"OMPI_COMM_WORLD_LOCAL_RANK": "3"}, split_rank=0, size=8) == 3
-    assert local_rank_from(TASK, split_rank=0, size=4) == 1          # srun's tasks are this world
+    assert local_rank_from(TASK, split_rank=0, size=4) == 1  # srun's tasks are this world
     # mpiexec's ranks inherit SLURM_LOCALID of its daemon (a step of 2 tasks): not theirs.
     assert local_rank_from(dict(TASK, SLURM_STEP_NUM_TASKS="2"), split_rank=5, size=8) == 5
-    assert local_rank_from({}, split_rank=2, size=4) == 2            # another launcher: MPI's split
+    assert local_rank_from({}, split_rank=2, size=4) == 2  # another launcher: MPI's split
 
 
 class NodeComm:
@@ -63,11 +69,14 @@ class NodeComm:
         return [sorted(s) for s in self.sets]
 
 
-@pytest.mark.parametrize("mine, node, sharing", [
-    ({0, 1, 2, 3}, [{0, 1, 2, 3}] * 4, 4),            # --bind-to none: all share the node
-    ({0, 1}, [{0, 1}, {2, 3}, {4, 5}], 1),             # bound to CPUs of its own (srun -c 2)
-    ({0, 1, 2, 3}, [{0, 1, 2, 3}, {0, 1, 2, 3}, {4, 5, 6, 7}, {4, 5, 6, 7}], 2),
-])
+@pytest.mark.parametrize(
+    "mine, node, sharing",
+    [
+        ({0, 1, 2, 3}, [{0, 1, 2, 3}] * 4, 4),  # --bind-to none: all share the node
+        ({0, 1}, [{0, 1}, {2, 3}, {4, 5}], 1),  # bound to CPUs of its own (srun -c 2)
+        ({0, 1, 2, 3}, [{0, 1, 2, 3}, {0, 1, 2, 3}, {4, 5, 6, 7}, {4, 5, 6, 7}], 2),
+    ],
+)
 def test_ranks_sharing_cores_counts_those_on_this_ranks_cpus(monkeypatch, mine, node, sharing):
     monkeypatch.setattr(runtime, "cpu_set", lambda: frozenset(mine))
     assert runtime.ranks_sharing_cores(NodeComm(node)) == sharing
@@ -94,8 +103,11 @@ class FakeTF:
         self.visible, self.growth = None, []
         devices = [SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(gpus)]
         experimental = SimpleNamespace(set_memory_growth=lambda gpu, on: self.growth.append(gpu.name))
-        self.config = SimpleNamespace(list_physical_devices=lambda kind: list(devices),
-                                      set_visible_devices=self._visible, experimental=experimental)
+        self.config = SimpleNamespace(
+            list_physical_devices=lambda kind: list(devices),
+            set_visible_devices=self._visible,
+            experimental=experimental,
+        )
 
     def _visible(self, devices, kind):
         assert kind == "GPU"
@@ -133,8 +145,10 @@ def fake_allocation(monkeypatch):
 def test_inside_an_allocation_mpiexec_gets_no_oversubscribe(fake_allocation):
     cmd, _ = launch.mpiexec_command(4, ["python"], mpiexec="/opt/mpi/bin/mpiexec")
     assert "--oversubscribe" not in cmd and "--hostfile" not in cmd and "--host" not in cmd
-    assert launch.in_allocation(4, None) == ("mpitrain: 4 rank(s) on the hosts of Slurm job 123 "
-                                             "(hosts node[01-02], 4 task(s)), placed by mpiexec from the allocation")
+    assert launch.in_allocation(4, None) == (
+        "mpitrain: 4 rank(s) on the hosts of Slurm job 123 "
+        "(hosts node[01-02], 4 task(s)), placed by mpiexec from the allocation"
+    )
 
 
 def test_inside_an_allocation_slurm_decides_hosts_and_slots(fake_allocation):

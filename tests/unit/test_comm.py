@@ -8,7 +8,7 @@ import inspect
 import numpy as np
 import pytest
 
-from mpitrain.dist.comm import Comm, MPIComm, SingleComm
+from mpitrain.parallel.comm import Comm, MPIComm, SingleComm
 
 IMPLEMENTATIONS = [SingleComm, MPIComm]
 
@@ -27,10 +27,32 @@ def _params(fn):
 
 def test_the_protocol_lists_what_the_package_uses():
     assert public_members(Comm) == {
-        "rank", "size", "local_size", "local_rank", "elastic", "failed", "lost_any", "world_ranks",
-        "make_elastic", "shrink", "allreduce_sum_", "allreduce_op_", "allreduce_max", "iallreduce_sum_", "bcast_",
-        "gather_flat", "gather_rows", "allgather_obj", "bcast_obj", "node_allgather_obj", "scatter_rows", "barrier",
-        "ibarrier", "test", "abort"}
+        "rank",
+        "size",
+        "local_size",
+        "local_rank",
+        "elastic",
+        "failed",
+        "lost_any",
+        "world_ranks",
+        "make_elastic",
+        "shrink",
+        "allreduce_sum_",
+        "allreduce_op_",
+        "allreduce_max",
+        "iallreduce_sum_",
+        "bcast_",
+        "gather_flat",
+        "gather_rows",
+        "allgather_obj",
+        "bcast_obj",
+        "node_allgather_obj",
+        "scatter_rows",
+        "barrier",
+        "ibarrier",
+        "test",
+        "abort",
+    }
 
 
 @pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)

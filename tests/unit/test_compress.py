@@ -5,27 +5,27 @@ import numpy as np
 import pytest
 
 from mpitrain.config import TrainConfig
-from mpitrain.dist.strategies import compressions, make_sync
-from mpitrain.dist.strategies.allreduce import bf16_add, from_bf16, to_bf16
 from mpitrain.errors import UserError
+from mpitrain.parallel.strategies import compressions, make_sync
+from mpitrain.parallel.strategies.allreduce import bf16_add, from_bf16, to_bf16
 
 
 def test_rounding_to_bfloat16_is_to_nearest_even_and_keeps_specials():
-    x = np.array([1.0, -2.5, 0.0, np.inf, -np.inf, 2.0 ** 127, 2.0 ** -130], np.float32)
+    x = np.array([1.0, -2.5, 0.0, np.inf, -np.inf, 2.0**127, 2.0**-130], np.float32)
     assert np.array_equal(from_bf16(to_bf16(x)), x)  # representable values pass unchanged
     one = np.float32(1.0).view(np.uint32)
     # 1 + half an ulp of bfloat16 (2^-8) is a tie: to even (1.0); just above it rounds up.
     tie, above = np.array([one + 0x8000, one + 0x8001], np.uint32).view(np.float32)
     assert from_bf16(to_bf16(np.array([tie, above])))[0] == 1.0
-    assert from_bf16(to_bf16(np.array([tie, above])))[1] == np.float32(1 + 2 ** -7)
-    odd = np.float32(1 + 2 ** -7).view(np.uint32)  # an odd last bit: a tie rounds up, to even
-    assert from_bf16(to_bf16(np.array([odd + 0x8000], np.uint32).view(np.float32)))[0] == np.float32(1 + 2 ** -6)
+    assert from_bf16(to_bf16(np.array([tie, above])))[1] == np.float32(1 + 2**-7)
+    odd = np.float32(1 + 2**-7).view(np.uint32)  # an odd last bit: a tie rounds up, to even
+    assert from_bf16(to_bf16(np.array([odd + 0x8000], np.uint32).view(np.float32)))[0] == np.float32(1 + 2**-6)
     nan = np.array([0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32)  # NaNs whose carry would make inf
     assert np.isnan(from_bf16(to_bf16(nan))).all()
     rng = np.random.default_rng(0)
     g = rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 10_000)
     rel = np.abs(from_bf16(to_bf16(g)) - g) / np.abs(g)
-    assert rel.max() <= 2 ** -8 and rel.mean() > 2 ** -12  # half a bfloat16 ulp (8 significant bits), and not exact
+    assert rel.max() <= 2**-8 and rel.mean() > 2**-12  # half a bfloat16 ulp (8 significant bits), and not exact
 
 
 def test_the_bfloat16_sum_commutes_and_rounds_once():
@@ -50,13 +50,13 @@ class SumComm:
     def allreduce_sum_(self, buf):
         self.sent.append((buf.dtype, buf.size))
         for other in self.others:
-            buf += other[-buf.size:]  # the whole buffer, or its float32 tail
+            buf += other[-buf.size :]  # the whole buffer, or its float32 tail
         return buf
 
     def allreduce_op_(self, buf, combine):
         self.sent.append((buf.dtype, buf.size))
         for other in self.others:
-            combine(to_bf16(other[:buf.size]), buf)
+            combine(to_bf16(other[: buf.size]), buf)
         return buf
 
 
@@ -89,7 +89,7 @@ def test_the_gradient_travels_in_bfloat16_and_the_statistics_exactly(compress):
         # Each of the 3 contributions and 2 partial sums is rounded once: within a few
         # bfloat16 ulps of the exact sum, but not equal to it.
         scale = 3 * np.abs(np.stack([mine, *others])[:, :-3]).sum(0)  # 5 roundings, each <= 2^-8 of its value
-        assert (err <= 2 ** -8 * scale).all()
+        assert (err <= 2**-8 * scale).all()
         assert err.max() > 1e-6
 
 
@@ -99,8 +99,9 @@ def test_compress_is_a_rule_of_the_allreduce_strategy():
     for strategy in ("local-sgd", "master-worker"):
         with pytest.raises(UserError) as e:
             TrainConfig(strategy=strategy, compress="bf16")
-        assert str(e.value) == (f"--compress bf16 compresses the gradients of allreduce; --strategy {strategy} "
-                                "takes --compress none")
+        assert str(e.value) == (
+            f"--compress bf16 compresses the gradients of allreduce; --strategy {strategy} takes --compress none"
+        )
         TrainConfig(strategy=strategy, compress="none")
 
 

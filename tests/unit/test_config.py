@@ -6,20 +6,23 @@ from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import UserError
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"epochs": 0}, "--epochs"),
-    ({"batch_size": 0}, "--batch-size"),
-    ({"lr": 0}, "--lr"),
-    ({"val_split": 1.0}, "--val-split"),
-    ({"val_split": -0.1}, "--val-split"),
-    ({"val_split": 0.0}, "validation"),
-    ({"image_size": 4}, "--image-size"),
-    ({"strategy": "ring"}, "--strategy"),
-    ({"sync_every": 0}, "--sync-every"),
-    ({"lr_scaling": "cubic"}, "--lr-scaling"),
-    ({"warmup_epochs": -1}, "--warmup-epochs"),
-    ({"class_weight": "inverse"}, "--class-weight"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": 0}, "--lr"),
+        ({"val_split": 1.0}, "--val-split"),
+        ({"val_split": -0.1}, "--val-split"),
+        ({"val_split": 0.0}, "validation"),
+        ({"image_size": 4}, "--image-size"),
+        ({"strategy": "ring"}, "--strategy"),
+        ({"sync_every": 0}, "--sync-every"),
+        ({"lr_scaling": "cubic"}, "--lr-scaling"),
+        ({"warmup_epochs": -1}, "--warmup-epochs"),
+        ({"class_weight": "inverse"}, "--class-weight"),
+    ],
+)
 def test_bad_values_are_one_line_user_errors(kwargs, words):
     with pytest.raises(UserError) as e:
         TrainConfig(**kwargs)

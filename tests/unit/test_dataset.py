@@ -56,8 +56,7 @@ def test_labels_of_a_skip_in_the_middle_of_the_list(dark_and_bright, tmp_path):
     from mpitrain.data.scan import scan
 
     index = scan(dark_and_bright)
-    plan = Plan(str(dark_and_bright), index.classes, list(index.paths), index.labels, [], np.zeros(0, int),
-                "split")
+    plan = Plan(str(dark_and_bright), index.classes, list(index.paths), index.labels, [], np.zeros(0, int), "split")
     shard = load_shard(plan, 8, 0, (0, 1), (0, 1), cache_dir=str(tmp_path / "c"))
     assert [p.rsplit("/", 1)[1] for p, _ in shard.errors] == ["00b.png"]
     assert shard.train_y.tolist() == [0] * 6 + [1] * 6
@@ -80,7 +79,7 @@ def _train_one_step(class_weight: str, record=None):
     """One SGD step on a 3:1 imbalanced in-memory set; returns the final weights."""
     import mpitrain.train.trainer as trainer
     from mpitrain.config import TrainConfig
-    from mpitrain.dist.comm import SingleComm
+    from mpitrain.parallel.comm import SingleComm
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
 
@@ -88,8 +87,19 @@ def _train_one_step(class_weight: str, record=None):
     y = np.array([0] * 12 + [1] * 4, np.int32)
     x = (rng.random((16, 12, 12, 1)) * 0.5).astype(np.float32)
     x[y == 1, 3:9, 3:9, 0] += 0.4
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, optimizer="sgd", model="tiny", image_size=12, seed=3,
-                      class_weight=class_weight, threads=1, lr_scaling="none", lr_schedule="constant")
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        lr=0.1,
+        optimizer="sgd",
+        model="tiny",
+        image_size=12,
+        seed=3,
+        class_weight=class_weight,
+        threads=1,
+        lr_scaling="none",
+        lr_schedule="constant",
+    )
     configure_runtime(3, 1, 1)
     model = build_model("tiny", 12, 2)
     plan = Plan("mem", ["a", "b"], [""] * 16, y, [""] * 4, y[:4], "split")
@@ -116,7 +126,7 @@ def _train_one_step(class_weight: str, record=None):
 def test_trainer_feeds_the_class_weights_into_the_loss():
     seen = []
     balanced = _train_one_step("balanced", seen)
-    (y, w), = seen  # one step: the whole batch
+    ((y, w),) = seen  # one step: the whole batch
     expected = class_weights(np.array([12, 4]), "balanced")
     np.testing.assert_array_equal(w, expected[y])
     np.testing.assert_allclose(w[y == 0], 16 / 24, rtol=1e-6)
@@ -144,6 +154,7 @@ def test_mpitrain_data_warms_the_shards_of_every_rank(dark_and_bright, tmp_path,
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although `mpitrain data` cached these files")
+
     monkeypatch.setattr(cache, "decode_native", no_decoding)
     for part in range(3):  # 3 ranks: 3 other shards of the training and of the validation list
         shard = load_shard(plan, 8, 0, (part, 3), (part, 3), cache_dir=str(tmp_path / "c"))

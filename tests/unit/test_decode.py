@@ -125,7 +125,7 @@ def test_corrupt_jpeg_body_is_quiet(tmp_path, write_image, capfd):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
     data = bytearray(write_image(tmp_path / "a.jpg", noise).read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 40] = b"\x00" * 40
+    data[mid : mid + 40] = b"\x00" * 40
     (tmp_path / "a.jpg").write_bytes(bytes(data))
     decode_images([str(tmp_path / "a.jpg")], 8)  # may decode with artefacts; must not raise
     assert "Corrupt JPEG" not in capfd.readouterr().err
@@ -171,5 +171,10 @@ def test_truncated_file_is_skipped_even_if_the_decoder_returns_an_image(tmp_path
     assert calls  # the fake is in use: the good file went through it
     assert ok.tolist() == [True, False]
     assert (x[1] == 0).all()
-    assert errors == [(str(path), f"truncated {kind.upper().replace('JPG', 'JPEG')} "
-                                  + ("(no end-of-image marker)" if kind == "jpg" else "(no IEND chunk)"))]
+    assert errors == [
+        (
+            str(path),
+            f"truncated {kind.upper().replace('JPG', 'JPEG')} "
+            + ("(no end-of-image marker)" if kind == "jpg" else "(no IEND chunk)"),
+        )
+    ]

@@ -55,8 +55,7 @@ def test_write_skip_report_and_warning(tmp_path):
     path = write_skip_report(errors, tmp_path / "out")
     assert path == tmp_path / "out" / "skipped_files.txt"
     assert path.read_text() == "/d/a.png\tempty file (0 bytes)\n/d/b c.jpg\tbad reason\n"
-    assert skip_warning(errors, path) == \
-        f"warning: skipped 2 unreadable files (list in {path})"
+    assert skip_warning(errors, path) == f"warning: skipped 2 unreadable files (list in {path})"
     assert "skipped 1 unreadable file " in skip_warning(errors[:1], path)
 
 
@@ -66,7 +65,8 @@ def test_byte_identical_duplicates_are_reported(image_tree, tmp_path):
     assert "duplicates:     none" in _report(image_tree, image_size=8, cache_dir=tmp_path / "c")
     (image_tree / "dog" / "copy-of-cat-a.png").write_bytes((image_tree / "cat" / "a.png").read_bytes())
     (image_tree / "dog" / "same-size-other-bytes.png").write_bytes(
-        bytes(reversed((image_tree / "cat" / "a.png").read_bytes())))
+        bytes(reversed((image_tree / "cat" / "a.png").read_bytes()))
+    )
     text = _report(image_tree, image_size=8, cache_dir=tmp_path / "c")
     assert "1 group(s) of byte-identical files: 2 files, 1 redundant copies" in text
     assert "  data/cat/a.png = data/dog/copy-of-cat-a.png" in text

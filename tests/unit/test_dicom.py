@@ -6,8 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from dicom_files import write_dicom
 
+from dicom_files import write_dicom
 from mpitrain.data.decode import decode_native
 
 pydicom = pytest.importorskip("pydicom")
@@ -75,18 +75,19 @@ def test_rescale_then_linear_window(tmp_path):
     arr, _, ok, _ = decode1(path)
     hu = 2.0 * x - 1000
     c, w = 300.0, 1000.0
-    expected = np.where(hu <= c - 0.5 - (w - 1) / 2, 0.0,
-                        np.where(hu > c - 0.5 + (w - 1) / 2, 1.0, (hu - (c - 0.5)) / (w - 1) + 0.5))
+    expected = np.where(
+        hu <= c - 0.5 - (w - 1) / 2, 0.0, np.where(hu > c - 0.5 + (w - 1) / 2, 1.0, (hu - (c - 0.5)) / (w - 1) + 0.5)
+    )
     assert ok and 0 < (expected == 0).sum() < x.size and 0 < (expected == 1).sum() < x.size  # both clips hit
     np.testing.assert_array_equal(arr.astype(np.int64), as16(expected))
 
 
-@pytest.mark.parametrize("slope, intercept, photometric", [(2, -1000, "MONOCHROME2"), (-1, 4095, "MONOCHROME2"),
-                                                          (-0.5, 10, "MONOCHROME1")])
+@pytest.mark.parametrize(
+    "slope, intercept, photometric", [(2, -1000, "MONOCHROME2"), (-1, 4095, "MONOCHROME2"), (-0.5, 10, "MONOCHROME1")]
+)
 def test_rescale_without_window_maps_the_stored_range_through_it(tmp_path, slope, intercept, photometric):
     x = rng_pixels(21, 4095)
-    path = write_dicom(tmp_path / "r.dcm", x, bits_stored=12, slope=slope, intercept=intercept,
-                       photometric=photometric)
+    path = write_dicom(tmp_path / "r.dcm", x, bits_stored=12, slope=slope, intercept=intercept, photometric=photometric)
     arr, _, ok, _ = decode1(path)
     m, ends = slope * x.astype(np.float64) + intercept, np.array([0, 4095]) * slope + intercept
     y = (m - ends.min()) / (ends.max() - ends.min())
@@ -97,8 +98,9 @@ def test_rescale_without_window_maps_the_stored_range_through_it(tmp_path, slope
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_other_voi_functions(tmp_path, function):
     x = rng_pixels(6, 4095)
-    arr, _, ok, _ = decode1(write_dicom(tmp_path / "w.dcm", x, bits_stored=12, center=1500, width=800,
-                                        voi_function=function))
+    arr, _, ok, _ = decode1(
+        write_dicom(tmp_path / "w.dcm", x, bits_stored=12, center=1500, width=800, voi_function=function)
+    )
     if function == "SIGMOID":
         expected = 1 / (1 + np.exp(-4 * (x - 1500.0) / 800.0))
     else:
@@ -109,8 +111,11 @@ def test_other_voi_functions(tmp_path, function):
 
 def test_multi_valued_window_takes_the_first_and_monochrome1_inverts_the_window(tmp_path):
     x = rng_pixels(7, 4095)
-    arr, _, ok, _ = decode1(write_dicom(tmp_path / "w.dcm", x, bits_stored=12, center=[2048, 100], width=[4096, 50],
-                                        photometric="MONOCHROME1"))
+    arr, _, ok, _ = decode1(
+        write_dicom(
+            tmp_path / "w.dcm", x, bits_stored=12, center=[2048, 100], width=[4096, 50], photometric="MONOCHROME1"
+        )
+    )
     expected = 1 - np.clip((x - 2047.5) / 4095 + 0.5, 0, 1)
     assert ok
     np.testing.assert_allclose(arr.astype(np.int64), as16(expected), atol=1)
@@ -172,8 +177,12 @@ def test_undecodable_transfer_syntax_is_a_skip_naming_the_package(tmp_path):
 def test_junk_jpeg2000_data_is_a_skip_not_a_crash(tmp_path):
     from pydicom.uid import JPEG2000Lossless
 
-    bad = write_dicom(tmp_path / "j2k.dcm", rng_pixels(14, 4095), transfer_syntax=JPEG2000Lossless,
-                      junk=b"\x00\x00\x00\x0cjP  junk" * 5)
+    bad = write_dicom(
+        tmp_path / "j2k.dcm",
+        rng_pixels(14, 4095),
+        transfer_syntax=JPEG2000Lossless,
+        junk=b"\x00\x00\x00\x0cjP  junk" * 5,
+    )
     _, _, ok, errors = decode1(bad)
     assert not ok and errors and "DICOM" in errors[0][1]  # no decoder installed, or the data is junk
 
@@ -194,7 +203,7 @@ def test_scan_finds_dicom_by_extension_and_by_marker(tmp_path):
 
     x = rng_pixels(16, 4095)
     write_dicom(tmp_path / "d" / "A" / "x.DCM", x)
-    write_dicom(tmp_path / "d" / "A" / "IM000001", x)             # no extension
+    write_dicom(tmp_path / "d" / "A" / "IM000001", x)  # no extension
     write_dicom(tmp_path / "d" / "B" / "1.2.840.113619.2.55", x)  # a UID as its name
     write_dicom(tmp_path / "d" / "B" / "y.dicom", x)
     (tmp_path / "d" / "B" / "README").write_text("not an image, no marker\n" * 10)
@@ -222,8 +231,10 @@ def test_cached_dicom_equals_decoded_and_keeps_the_note(tmp_path, capsys):
     from mpitrain.data.cache import load_images_native
 
     frames = np.stack([rng_pixels(18, 4095), rng_pixels(19, 4095)])
-    paths = [str(write_dicom(tmp_path / "mf.dcm", frames, bits_stored=12, frames=2)),
-             str(write_dicom(tmp_path / "b.dcm", rng_pixels(20, 255, np.uint8)))]
+    paths = [
+        str(write_dicom(tmp_path / "mf.dcm", frames, bits_stored=12, frames=2)),
+        str(write_dicom(tmp_path / "b.dcm", rng_pixels(20, 255, np.uint8))),
+    ]
     first = load_images_native(paths, S, tmp_path / "cache")
     assert "mf.dcm: multi-frame" in capsys.readouterr().err
     decode._SHOWN.clear()  # as a new process would start

@@ -16,8 +16,14 @@ def fake_run(folder, threshold=0.5, method="prior", classes=CLASSES, size=64, va
     """A run folder as far as metadata goes (model.keras is not loaded by read_info)."""
     folder.mkdir(parents=True)
     (folder / "model.keras").write_bytes(b"")
-    doc = {"format": 1, "classes": classes, "image_size": size, "threshold": threshold,
-           "threshold_method": method, **extra}
+    doc = {
+        "format": 1,
+        "classes": classes,
+        "image_size": size,
+        "threshold": threshold,
+        "threshold_method": method,
+        **extra,
+    }
     (folder / "model.json").write_text(json.dumps(doc))
     if val is not None:
         paths, labels, probs = val
@@ -67,11 +73,14 @@ def test_runs_validated_on_different_images_need_an_explicit_threshold(tmp_path)
         ensemble.read_info([str(a), str(old)])
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(classes=["NORMAL", "VIRAL"]), "different classes"),
-    (dict(size=96), "different image sizes"),
-    (dict(method="youden"), "chose their thresholds differently"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(classes=["NORMAL", "VIRAL"]), "different classes"),
+        (dict(size=96), "different image sizes"),
+        (dict(method="youden"), "chose their thresholds differently"),
+    ],
+)
 def test_runs_that_cannot_be_averaged_are_refused_in_one_line(tmp_path, change, words):
     a = fake_run(tmp_path / "a")
     b = fake_run(tmp_path / "b", **change)
@@ -104,7 +113,7 @@ def test_a_class_mix_far_from_trainings_is_warned_about():
     warning = mix_warning(train, {"NORMAL": 115, "PNEUMONIA": 192})  # 37 % NORMAL
     assert "NORMAL 37% here vs 26% in training" in warning and "balanced accuracy" in warning
     assert mix_warning(train, {"NORMAL": 27, "PNEUMONIA": 73}) is None  # the same mix
-    assert mix_warning(None, {"NORMAL": 1, "PNEUMONIA": 1}) is None    # older runs: nothing known
+    assert mix_warning(None, {"NORMAL": 1, "PNEUMONIA": 1}) is None  # older runs: nothing known
     # Classes absent here are left out of the comparison: a subset of the classes is no mix.
     assert mix_warning(train, {"NORMAL": 0, "PNEUMONIA": 10}) is None
     three = {"a": 100, "b": 100, "c": 200}

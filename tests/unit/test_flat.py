@@ -1,4 +1,4 @@
-"""Fused flat buffers (dist/flat.py): many variables <-> one float32 buffer."""
+"""Fused flat buffers (parallel/flat.py): many variables <-> one float32 buffer."""
 
 from __future__ import annotations
 
@@ -10,18 +10,23 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
-from mpitrain.dist.flat import FlatVars, float_vars  # noqa: E402
+from mpitrain.parallel.flat import FlatVars, float_vars  # noqa: E402
 
 # Shapes of every kind: scalar, vector, matrix, 4-D kernel, empty; dtypes the buffer must carry.
-SPECS = [((), "float32"), ((5,), "float64"), ((2, 3), "float16"), ((3, 3, 1, 4), "float32"),
-         ((0,), "float32"), ((4, 1), "float64")]
+SPECS = [
+    ((), "float32"),
+    ((5,), "float64"),
+    ((2, 3), "float16"),
+    ((3, 3, 1, 4), "float32"),
+    ((0,), "float32"),
+    ((4, 1), "float64"),
+]
 
 
 def _variables(seed=0):
     rng = np.random.default_rng(seed)
     # values exactly representable in float16, so every dtype survives the float32 trip
-    return [keras.Variable(np.round(rng.normal(size=shape) * 64) / 64, dtype=dtype)
-            for shape, dtype in SPECS]
+    return [keras.Variable(np.round(rng.normal(size=shape) * 64) / 64, dtype=dtype) for shape, dtype in SPECS]
 
 
 def _values(variables):

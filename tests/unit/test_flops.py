@@ -13,19 +13,21 @@ def test_a_tiny_conv_and_dense_model_counted_by_hand():
 
     from mpitrain.train.flops import count_flops
 
-    model = keras.Sequential([
-        keras.Input((6, 6, 1)),
-        layers.Conv2D(2, 3, activation="relu", name="conv"),  # valid: 4x4x2 out
-        layers.MaxPooling2D(2, name="pool"),                     # 2x2x2 out
-        layers.Flatten(name="flat"),                             # 8
-        layers.Dense(3, activation="relu", name="hidden"),
-        layers.Dense(2, activation="softmax", name="out"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            layers.Conv2D(2, 3, activation="relu", name="conv"),  # valid: 4x4x2 out
+            layers.MaxPooling2D(2, name="pool"),  # 2x2x2 out
+            layers.Flatten(name="flat"),  # 8
+            layers.Dense(3, activation="relu", name="hidden"),
+            layers.Dense(2, activation="softmax", name="out"),
+        ]
+    )
     c = count_flops(model)
     conv = 2 * (3 * 3 * 1 * 2) * (4 * 4) + 32 + 32  # multiply-adds x2, bias, relu over 4x4x2
-    pool = 4 * 8                                    # a 2x2 window per output value
+    pool = 4 * 8  # a 2x2 window per output value
     hidden = 2 * 8 * 3 + 3 + 3
-    out = 2 * 3 * 2 + 2 + 3 * 2                     # softmax: 3 per value
+    out = 2 * 3 * 2 + 2 + 3 * 2  # softmax: 3 per value
     assert c.per_layer == {"conv": conv, "pool": pool, "flat": 0, "hidden": hidden, "out": out}
     assert c.forward == 746 == conv + pool + hidden + out
     assert c.train == 3 * 746 and c.uncounted == []
@@ -58,9 +60,11 @@ def test_the_seed_cnn_at_50_px():
     from mpitrain.train.models import build_model
 
     c = count_flops(build_model("seed", 50, 2))
-    convs = [2 * 9 * 1 * 32 * 50 * 50 + 2 * 32 * 50 * 50,   # 50x50x32, bias and relu
-             2 * 9 * 32 * 64 * 25 * 25 + 2 * 64 * 25 * 25,  # 25x25x64
-             2 * 9 * 64 * 64 * 12 * 12 + 2 * 64 * 12 * 12]  # 12x12x64
+    convs = [
+        2 * 9 * 1 * 32 * 50 * 50 + 2 * 32 * 50 * 50,  # 50x50x32, bias and relu
+        2 * 9 * 32 * 64 * 25 * 25 + 2 * 64 * 25 * 25,  # 25x25x64
+        2 * 9 * 64 * 64 * 12 * 12 + 2 * 64 * 12 * 12,
+    ]  # 12x12x64
     pools = [4 * 25 * 25 * 32, 4 * 12 * 12 * 64, 4 * 6 * 6 * 64]
     dense = [2 * 2304 * 128 + 2 * 128, 128, 2 * 128 * 2 + 2 + 3 * 2]  # hidden, dropout, softmax
     assert c.forward == sum(convs) + sum(pools) + sum(dense) == 36_072_072
@@ -73,8 +77,9 @@ def test_an_unknown_layer_is_named_not_silently_counted():
 
     from mpitrain.train.flops import count_flops
 
-    model = keras.Sequential([keras.Input((4, 4, 1)), layers.Conv2DTranspose(1, 3, name="up"),
-                              layers.Flatten(), layers.Dense(2, name="d")])
+    model = keras.Sequential(
+        [keras.Input((4, 4, 1)), layers.Conv2DTranspose(1, 3, name="up"), layers.Flatten(), layers.Dense(2, name="d")]
+    )
     c = count_flops(model)
     assert c.uncounted == ["up"] and c.per_layer["up"] == 0
     assert c.forward == c.per_layer["d"] == 2 * 36 * 2 + 2

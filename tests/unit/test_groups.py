@@ -89,29 +89,44 @@ def _touch(root, rel, data=None):
 
 
 def test_filename_patient_groups_of_the_chest_xray_naming(tmp_path):
-    names = ["NORMAL/IM-0115-0001.jpeg", "NORMAL/IM-0115-0002.jpeg", "NORMAL/IM-0117-0001.jpeg",
-             "NORMAL/NORMAL2-IM-0115-0001.jpeg", "NORMAL/NORMAL2-IM-0115-0002.jpeg",
-             "PNEUMONIA/person1_bacteria_1.jpeg", "PNEUMONIA/person1_virus_7.jpeg",
-             "PNEUMONIA/person10_bacteria_2.jpeg", "PNEUMONIA/other.jpeg"]
+    names = [
+        "NORMAL/IM-0115-0001.jpeg",
+        "NORMAL/IM-0115-0002.jpeg",
+        "NORMAL/IM-0117-0001.jpeg",
+        "NORMAL/NORMAL2-IM-0115-0001.jpeg",
+        "NORMAL/NORMAL2-IM-0115-0002.jpeg",
+        "PNEUMONIA/person1_bacteria_1.jpeg",
+        "PNEUMONIA/person1_virus_7.jpeg",
+        "PNEUMONIA/person10_bacteria_2.jpeg",
+        "PNEUMONIA/other.jpeg",
+    ]
     paths = [_touch(tmp_path, n) for n in names]
     g = group_ids(paths, str(tmp_path), "filename-patient")
     ids = g.ids.tolist()
-    assert ids[0] == ids[1] != ids[2]          # one IM patient, another one
-    assert ids[3] == ids[4] != ids[0]          # NORMAL2-IM-0115 is not IM-0115
-    assert ids[5] == ids[6] != ids[7]          # person1 twice, person10 apart
-    assert ids[8] not in ids[:8]               # no match: a group of its own
+    assert ids[0] == ids[1] != ids[2]  # one IM patient, another one
+    assert ids[3] == ids[4] != ids[0]  # NORMAL2-IM-0115 is not IM-0115
+    assert ids[5] == ids[6] != ids[7]  # person1 twice, person10 apart
+    assert ids[8] not in ids[:8]  # no match: a group of its own
     assert g.n_groups == 6 and g.matched == 8
 
 
 def test_identical_files_join_one_group(tmp_path):
     same = b"\x89PNG same bytes"
-    paths = [_touch(tmp_path, "A/x1.png", same), _touch(tmp_path, "A/x2.png"),
-             _touch(tmp_path, "B/copy.png", same), _touch(tmp_path, "B/y.png", b"\x89PNG same byteZ")]
+    paths = [
+        _touch(tmp_path, "A/x1.png", same),
+        _touch(tmp_path, "A/x2.png"),
+        _touch(tmp_path, "B/copy.png", same),
+        _touch(tmp_path, "B/y.png", b"\x89PNG same byteZ"),
+    ]
     g = group_ids(paths, str(tmp_path), "duplicates")
     assert g.ids.tolist() == [0, 1, 0, 2] and g.duplicate_sets == 1 and g.duplicate_files == 2
     # and they bridge name groups: person1 and person2 share a copied file
-    paths = [_touch(tmp_path, "P/person1_a.png", same), _touch(tmp_path, "P/person1_b.png"),
-             _touch(tmp_path, "P/person2_a.png", same), _touch(tmp_path, "P/person3_a.png")]
+    paths = [
+        _touch(tmp_path, "P/person1_a.png", same),
+        _touch(tmp_path, "P/person1_b.png"),
+        _touch(tmp_path, "P/person2_a.png", same),
+        _touch(tmp_path, "P/person3_a.png"),
+    ]
     g = group_ids(paths, str(tmp_path), group_pattern=r"(person\d+)_")
     assert g.ids.tolist() == [0, 0, 0, 1]
     assert group_ids(paths, str(tmp_path), "none") is None
@@ -121,9 +136,12 @@ def test_a_pattern_without_any_match_or_an_invalid_one_is_a_user_error(tmp_path)
     paths = [_touch(tmp_path, "A/a.png"), _touch(tmp_path, "B/b.png")]
     with pytest.raises(UserError, match="matches none"):
         group_ids(paths, str(tmp_path), group_pattern=r"patient(\d+)")
-    for bad in ({"group_pattern": "(unclosed"}, {"groups": "patients"},
-                {"groups": "filename-patient", "group_pattern": "(x)"},
-                {"groups": "duplicates", "val_data": "somewhere"}):
+    for bad in (
+        {"group_pattern": "(unclosed"},
+        {"groups": "patients"},
+        {"groups": "filename-patient", "group_pattern": "(x)"},
+        {"groups": "duplicates", "val_data": "somewhere"},
+    ):
         with pytest.raises(UserError) as e:
             TrainConfig(**bad)
         assert "\n" not in str(e.value)

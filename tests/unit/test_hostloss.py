@@ -6,18 +6,27 @@ import re
 
 import numpy as np
 import pytest
+from test_launch_network import LOST_DAEMON_BOX
 
 from mpitrain.cli import main
-from mpitrain.train import hostloss
-from mpitrain.train import checkpoint
-from test_launch_network import LOST_DAEMON_BOX
+from mpitrain.train import checkpoint, hostloss
 
 
 def _run(tmp_path, strategy="allreduce", epoch=1, step=0, status="running", ranks=4):
     run = tmp_path / "run"
-    checkpoint.save(run, checkpoint.Checkpoint(
-        epoch=epoch, step=step, ranks=ranks, strategy=strategy, states=[[np.zeros(4, np.float32)]],
-        shared=True, status=status, config={"elastic": True, "epochs": 5, "strategy": strategy}))
+    checkpoint.save(
+        run,
+        checkpoint.Checkpoint(
+            epoch=epoch,
+            step=step,
+            ranks=ranks,
+            strategy=strategy,
+            states=[[np.zeros(4, np.float32)]],
+            shared=True,
+            status=status,
+            config={"elastic": True, "epochs": 5, "strategy": strategy},
+        ),
+    )
     return run
 
 
@@ -53,17 +62,23 @@ def test_the_ranks_own_report_of_their_hosts_wins_over_the_slots(tmp_path):
     assert hostloss.plan(run, 8, hosts, "node2", here={"node1"}, cores=4).lost_ranks == 1  # guess
 
 
-@pytest.mark.parametrize("case, why", [
-    ("launcher", "the launcher's own host"),
-    ("no hostfile", "only a job started with --hostfile"),
-    ("unknown", "does not name it"),
-    ("too few", "only 1 rank(s) are left and --strategy master-worker needs at least 2"),
-    ("no checkpoint", "no checkpoint yet"),
-    ("finished", "had finished"),
-])
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ("launcher", "the launcher's own host"),
+        ("no hostfile", "only a job started with --hostfile"),
+        ("unknown", "does not name it"),
+        ("too few", "only 1 rank(s) are left and --strategy master-worker needs at least 2"),
+        ("no checkpoint", "no checkpoint yet"),
+        ("finished", "had finished"),
+    ],
+)
 def test_when_the_job_cannot_go_on(tmp_path, case, why):
-    run = tmp_path / "empty" if case == "no checkpoint" else _run(
-        tmp_path, "master-worker", status="finished" if case == "finished" else "running")
+    run = (
+        tmp_path / "empty"
+        if case == "no checkpoint"
+        else _run(tmp_path, "master-worker", status="finished" if case == "finished" else "running")
+    )
     hosts = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=2\n")
     lost = {"launcher": "node1", "unknown": "node9.invalid"}.get(case, "node2")
     n = 3 if case == "too few" else 4
@@ -99,8 +114,10 @@ def test_the_launcher_goes_on_without_the_lost_host(tmp_path, monkeypatch, capsy
     code = main(["train", "-n", "3", "--hostfile", hosts, "--resume", "--out", str(run)])
     out = capsys.readouterr()
     assert code == 0 and out.out == "epoch 2/5\nfinished\n"
-    assert out.err == (f"mpitrain: host node2 was lost with 2 rank(s) (--elastic): going on with 1 rank(s) on "
-                       f"the hosts left ({run / 'hostfile'}) from the newest checkpoint (end of epoch 1)\n")
+    assert out.err == (
+        f"mpitrain: host node2 was lost with 2 rank(s) (--elastic): going on with 1 rank(s) on "
+        f"the hosts left ({run / 'hostfile'}) from the newest checkpoint (end of epoch 1)\n"
+    )
     first, second = log.read_text().splitlines()
     assert "-n 3" in first and f"--hostfile {hosts}" in first and "--with-ft ulfm" in first
     assert "-n 1" in second and f"--hostfile {run / 'hostfile'}" in second and "--with-ft ulfm" in second
@@ -118,6 +135,8 @@ def test_a_second_loss_that_leaves_nothing_ends_in_one_line(tmp_path, monkeypatc
     code = main(["train", "-n", "3", "--hostfile", hosts, "--resume", "--out", str(run)])
     err = capsys.readouterr().err.splitlines()
     assert code == 1 and len(err) == 2 and len(log.read_text().splitlines()) == 2
-    assert err[1] == (f"mpitrain: error: host node2 was lost and the job cannot go on without it: the hostfile "
-                      f"{run / 'hostfile'} does not name it; continue it with: mpitrain train -n 1 --hostfile "
-                      f"{run / 'hostfile'} --resume --out {run} --elastic")
+    assert err[1] == (
+        f"mpitrain: error: host node2 was lost and the job cannot go on without it: the hostfile "
+        f"{run / 'hostfile'} does not name it; continue it with: mpitrain train -n 1 --hostfile "
+        f"{run / 'hostfile'} --resume --out {run} --elastic"
+    )

@@ -18,8 +18,9 @@ def _rows(**series):
 
 
 def test_best_epoch_minimises_loss_maximises_the_rest_and_keeps_the_earliest_tie():
-    rows = _rows(val_loss=[0.5, 0.3, 0.3, 0.4], val_auc=[0.8, 0.9, 0.95, 0.95],
-                 val_accuracy=[None, 0.7, float("nan"), 0.6])
+    rows = _rows(
+        val_loss=[0.5, 0.3, 0.3, 0.4], val_auc=[0.8, 0.9, 0.95, 0.95], val_accuracy=[None, 0.7, float("nan"), 0.6]
+    )
     assert best_epoch(rows, "val_loss") == 2
     assert best_epoch(rows, "val_auc") == 3
     assert best_epoch(rows, "val_accuracy") == 2  # None and NaN are never best
@@ -28,22 +29,29 @@ def test_best_epoch_minimises_loss_maximises_the_rest_and_keeps_the_earliest_tie
 
 
 def test_every_keep_best_metric_is_a_column_of_the_epoch_row():
-    from mpitrain.dist.comm import world
+    from mpitrain.parallel.comm import world
     from mpitrain.train.epochlog import epoch_metrics
 
-    m, _, _ = epoch_metrics(world(), np.array([4.0, 2.0, 3.0]), np.array([[0.9, 0.1], [0.2, 0.8]] * 2, np.float32),
-                            np.array([0, 1, 1, 0]), 2)
-    assert {k[len("val_"):] for k in KEEP_BEST_METRICS} <= set(m)
+    m, _, _ = epoch_metrics(
+        world(),
+        np.array([4.0, 2.0, 3.0]),
+        np.array([[0.9, 0.1], [0.2, 0.8]] * 2, np.float32),
+        np.array([0, 1, 1, 0]),
+        2,
+    )
+    assert {k[len("val_") :] for k in KEEP_BEST_METRICS} <= set(m)
 
 
 def test_checkpoint_carries_the_best_weights_exactly(tmp_path):
     best = np.random.default_rng(0).random(17).astype(np.float32)
-    c = ck.Checkpoint(epoch=3, step=0, ranks=2, strategy="allreduce", states=[[np.zeros(2)]], shared=True,
-                      best=best, best_epoch=2)
+    c = ck.Checkpoint(
+        epoch=3, step=0, ranks=2, strategy="allreduce", states=[[np.zeros(2)]], shared=True, best=best, best_epoch=2
+    )
     got = ck.read(ck.save(tmp_path, c))
     assert got.best_epoch == 2 and got.best.dtype == np.float32 and np.array_equal(got.best, best)
-    plain = ck.read(ck.save(tmp_path / "b", ck.Checkpoint(epoch=1, step=0, ranks=1, strategy="allreduce",
-                                                          states=[[np.zeros(2)]])))
+    plain = ck.read(
+        ck.save(tmp_path / "b", ck.Checkpoint(epoch=1, step=0, ranks=1, strategy="allreduce", states=[[np.zeros(2)]]))
+    )
     assert plain.best is None and plain.best_epoch is None
 
 
@@ -65,11 +73,17 @@ def test_config_checks_and_the_watched_metric():
 def test_cli_options_reach_the_config():
     from mpitrain.cli import _config_from_args, build_parser
 
-    args = build_parser().parse_args(["train", "--augment", "xray", "--group-pattern", r"(p\d+)_",
-                                      "--keep-best", "val_auc", "--early-stop", "3"])
+    args = build_parser().parse_args(
+        ["train", "--augment", "xray", "--group-pattern", r"(p\d+)_", "--keep-best", "val_auc", "--early-stop", "3"]
+    )
     cfg = _config_from_args(args)
-    assert (cfg.augment, cfg.groups, cfg.group_pattern, cfg.keep_best, cfg.early_stop) == \
-        ("xray", "none", r"(p\d+)_", "val_auc", 3)
+    assert (cfg.augment, cfg.groups, cfg.group_pattern, cfg.keep_best, cfg.early_stop) == (
+        "xray",
+        "none",
+        r"(p\d+)_",
+        "val_auc",
+        3,
+    )
 
 
 def test_batch_norm_model_skips_an_empty_batch():
@@ -84,8 +98,9 @@ def test_batch_norm_model_skips_an_empty_batch():
     opt.build(model.trainable_variables)
     step = make_train_step(model, opt)
     before = [v.numpy().copy() for v in model.non_trainable_weights]
-    stats, probs = step(np.zeros((0, 16, 16, 1), np.float32), np.zeros(0, np.int32),
-                        np.zeros(0, np.float32), np.float32(1e-3))
+    stats, probs = step(
+        np.zeros((0, 16, 16, 1), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.float32(1e-3)
+    )
     assert stats.numpy().tolist() == [0.0, 0.0, 0.0] and probs.shape == (0, 2)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.non_trainable_weights))
     x = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)

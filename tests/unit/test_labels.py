@@ -62,8 +62,10 @@ def test_a_table_of_a_folder_gives_the_folders_plan(synth_data, tmp_path, relati
 
 def test_patient_column_splits_like_the_filename_patient_groups(tmp_path, write_image):
     root = tmp_path / "xr"
-    names = {"NORMAL": [f"IM-{i // 3:04d}-{i:04d}.png" for i in range(24)],
-             "PNEUMONIA": [f"person{i // 4}_virus_{i}.png" for i in range(32)]}
+    names = {
+        "NORMAL": [f"IM-{i // 3:04d}-{i:04d}.png" for i in range(24)],
+        "PNEUMONIA": [f"person{i // 4}_virus_{i}.png" for i in range(32)],
+    }
     for cls, files in names.items():
         for i, n in enumerate(files):
             write_image(root / cls / n, value=(7 * i + len(cls)) % 250)
@@ -95,8 +97,11 @@ def test_rows_are_read_from_any_separator_with_a_bom_and_sorted_by_class_then_pa
 def test_rows_without_an_image_are_listed_with_their_row(tmp_path, write_image):
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "b.png")
-    table = write_csv(tmp_path / "t.csv", ["path", "label"],
-                      [["a.png", "x"], ["gone.png", "x"], ["", "y"], ["b.png", "y"], ["b2.png", ""]])
+    table = write_csv(
+        tmp_path / "t.csv",
+        ["path", "label"],
+        [["a.png", "x"], ["gone.png", "x"], ["", "y"], ["b.png", "y"], ["b2.png", ""]],
+    )
     index = read_labels(table)
     assert [Path(p).name for p in index.paths] == ["a.png", "b.png"]
     reasons = [r for _, r in index.skipped]
@@ -104,15 +109,22 @@ def test_rows_without_an_image_are_listed_with_their_row(tmp_path, write_image):
     assert index.skipped[0][0] == str(tmp_path / "gone.png")
 
 
-@pytest.mark.parametrize("content, columns, message", [
-    ("file,label\na.png,x\n", Columns(), r"has no column 'path' \(columns: file, label\); choose one with --path-column"),
-    ("path,label\na.png,x\n", Columns(label="dx"), r"no column 'dx' .* --label-column"),
-    ("path,label\na.png,x\n", Columns(patient="pid"), r"no column 'pid' .* --patient-column"),
-    ("", Columns(), "is empty"),
-    ("path,label\n", Columns(), "has a header but no rows"),
-    ("path,label\na.png,x\nb.png,x\n", Columns(), r"has only 'x' as usable class; need at least 2"),
-    ("path,label\na.png,x\nb.png,y\na.png,y\n", Columns(), r"lists a.png twice \(rows 2 and 4\)"),
-])
+@pytest.mark.parametrize(
+    "content, columns, message",
+    [
+        (
+            "file,label\na.png,x\n",
+            Columns(),
+            r"has no column 'path' \(columns: file, label\); choose one with --path-column",
+        ),
+        ("path,label\na.png,x\n", Columns(label="dx"), r"no column 'dx' .* --label-column"),
+        ("path,label\na.png,x\n", Columns(patient="pid"), r"no column 'pid' .* --patient-column"),
+        ("", Columns(), "is empty"),
+        ("path,label\n", Columns(), "has a header but no rows"),
+        ("path,label\na.png,x\nb.png,x\n", Columns(), r"has only 'x' as usable class; need at least 2"),
+        ("path,label\na.png,x\nb.png,y\na.png,y\n", Columns(), r"lists a.png twice \(rows 2 and 4\)"),
+    ],
+)
 def test_unusable_tables_are_one_line_errors(tmp_path, write_image, content, columns, message):
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "b.png")
@@ -126,9 +138,14 @@ def test_missing_table_and_validation_classes(tmp_path, synth_data):
     with pytest.raises(UserError, match="does not exist"):
         read_labels(tmp_path / "nope.csv")
     table = table_of_folder(synth_data, tmp_path / "t.csv", relative=False)
-    other = write_csv(tmp_path / "v.csv", ["path", "label"],
-                      [[str(next((synth_data / "NORMAL").iterdir())), "NORMAL"],
-                       [str(next((synth_data / "PNEUMONIA").iterdir())), "COVID"]])
+    other = write_csv(
+        tmp_path / "v.csv",
+        ["path", "label"],
+        [
+            [str(next((synth_data / "NORMAL").iterdir())), "NORMAL"],
+            [str(next((synth_data / "PNEUMONIA").iterdir())), "COVID"],
+        ],
+    )
     with pytest.raises(UserError, match="do not match the training classes .*missing PNEUMONIA; unexpected COVID"):
         make_plan(None, None, 0.1, 0, labels=str(table), val_labels=str(other))
     plan = make_plan(None, None, 0.1, 0, labels=str(table), val_labels=str(table))
@@ -170,8 +187,10 @@ def test_data_reports_rows_without_images_as_skipped(tmp_path, synth_data, capsy
     assert f"data:           {table}" in out
     assert "skipped:        2 file(s), 80 usable" in out
     listed = (cache / REPORT_NAME).read_text().splitlines()
-    assert listed == [f"{tmp_path / 'gone.png'}\tt.csv row 82: no such file",
-                      f"{tmp_path / 'broken.png'}\ttruncated PNG (no IEND chunk)"]
+    assert listed == [
+        f"{tmp_path / 'gone.png'}\tt.csv row 82: no such file",
+        f"{tmp_path / 'broken.png'}\ttruncated PNG (no IEND chunk)",
+    ]
 
 
 @pytest.mark.realdata
@@ -205,5 +224,7 @@ def test_plan_for_a_config_reads_the_label_files_and_never_the_demo_data(synth_d
     grouped = plan_for(TrainConfig(labels=str(table), patient_column="label", val_split=0.25))
     # one "patient" per class: a class cannot give a group to validation and keep one for training
     assert grouped.grouping.startswith("2 groups (--patient-column label)") and not grouped.val_paths
-    assert dataset.make_plan(str(synth_data), None, 0.25, 0).train_paths == plan_for(
-        TrainConfig(data=str(synth_data), val_split=0.25)).train_paths
+    assert (
+        dataset.make_plan(str(synth_data), None, 0.25, 0).train_paths
+        == plan_for(TrainConfig(data=str(synth_data), val_split=0.25)).train_paths
+    )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import mpitrain.dist.launch as launch
-from mpitrain.dist.launch import lost_rank_message, mpiexec_command
+import mpitrain.parallel.launch as launch
 from mpitrain.errors import UserError
+from mpitrain.parallel.launch import lost_rank_message, mpiexec_command
 
 MPIEXEC = "/opt/mpi/bin/mpiexec"  # never run: is_open_mpi is faked
 PROGRAM = ["python", "-m", "mpitrain", "train"]
@@ -19,8 +19,13 @@ def fake_mpi(monkeypatch):
 
     Returns a setter for the core count and the uid."""
     # Outside Slurm (inside an allocation mpiexec takes its slots from Slurm: test_cluster.py).
-    for var in ROOT_VARS + ("MPITRAIN_CACHE_DIR", "MPITRAIN_TTY", "TF_CPP_MIN_LOG_LEVEL", "SLURM_JOB_ID",
-                            "SLURM_JOBID"):
+    for var in ROOT_VARS + (
+        "MPITRAIN_CACHE_DIR",
+        "MPITRAIN_TTY",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "SLURM_JOB_ID",
+        "SLURM_JOBID",
+    ):
         monkeypatch.delenv(var, raising=False)
     state = {"cores": 4, "uid": 1000, "open_mpi": True}
     monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: state["open_mpi"])
@@ -58,7 +63,7 @@ def test_command_shape(fake_mpi, monkeypatch):
     monkeypatch.setenv("MPITRAIN_CACHE_DIR", "/somewhere")
     cmd, env = _cmd(3, extra=["--with-ft", "ulfm"])
     assert cmd[:3] == [MPIEXEC, "-n", "3"]
-    assert cmd[-len(PROGRAM):] == PROGRAM
+    assert cmd[-len(PROGRAM) :] == PROGRAM
     at = cmd.index("--bind-to")
     assert cmd[at + 1] == "none"
     assert cmd.index("--with-ft") < cmd.index(PROGRAM[0])  # extra options before the program
@@ -109,16 +114,20 @@ signal 9 (Killed).
 
 def test_lost_rank_message_from_open_mpi_text():
     text = "epoch 1/3 ...\nsome other output\n" + OPEN_MPI_LOST
-    assert lost_rank_message(text) == (
-        "mpitrain: error: rank 1 on vm was lost (SIGKILL); the whole job was stopped")
+    assert lost_rank_message(text) == ("mpitrain: error: rank 1 on vm was lost (SIGKILL); the whole job was stopped")
 
 
 def test_lost_rank_message_with_a_resume_hint():
-    msg = lost_rank_message(OPEN_MPI_LOST.replace("rank 1 ", "rank 12 ").replace("node vm", "node n-7.lan")
-                            .replace("signal 9 (Killed)", "signal 15 (Terminated)"),
-                            "mpitrain train --resume --out runs/x -n 4")
-    assert msg == ("mpitrain: error: rank 12 on n-7.lan was lost (SIGTERM); the whole job was stopped; "
-                   "continue it with: mpitrain train --resume --out runs/x -n 4")
+    msg = lost_rank_message(
+        OPEN_MPI_LOST.replace("rank 1 ", "rank 12 ")
+        .replace("node vm", "node n-7.lan")
+        .replace("signal 9 (Killed)", "signal 15 (Terminated)"),
+        "mpitrain train --resume --out runs/x -n 4",
+    )
+    assert msg == (
+        "mpitrain: error: rank 12 on n-7.lan was lost (SIGTERM); the whole job was stopped; "
+        "continue it with: mpitrain train --resume --out runs/x -n 4"
+    )
 
 
 def test_lost_rank_message_unknown_signal_number():
@@ -126,8 +135,14 @@ def test_lost_rank_message_unknown_signal_number():
     assert "rank 1 on vm was lost (signal 99)" in msg
 
 
-@pytest.mark.parametrize("text", ["", "Traceback (most recent call last):\nValueError: boom\n",
-                                  "prterun detected that one or more processes exited with non-zero status"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Traceback (most recent call last):\nValueError: boom\n",
+        "prterun detected that one or more processes exited with non-zero status",
+    ],
+)
 def test_lost_rank_message_without_a_match_is_none(text):
     assert lost_rank_message(text) is None
     assert lost_rank_message(text, "mpitrain train --resume") is None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import _launch_options, build_parser
-from mpitrain.dist import launch
+from mpitrain.parallel import launch
 from mpitrain.train import checkpoint
 from mpitrain.train.command import interrupted_message
 from mpitrain.train.progress import Progress
@@ -15,9 +15,18 @@ from mpitrain.train.progress import Progress
 
 def _saved_run(tmp_path, elastic: bool, epoch=0, step=10):
     run = tmp_path / "run"
-    checkpoint.save(run, checkpoint.Checkpoint(
-        epoch=epoch, step=step, ranks=3, strategy="allreduce", states=[[np.zeros(4, np.float32)]],
-        shared=True, config={"elastic": elastic, "epochs": 5, "strategy": "allreduce"}))
+    checkpoint.save(
+        run,
+        checkpoint.Checkpoint(
+            epoch=epoch,
+            step=step,
+            ranks=3,
+            strategy="allreduce",
+            states=[[np.zeros(4, np.float32)]],
+            shared=True,
+            config={"elastic": elastic, "epochs": 5, "strategy": "allreduce"},
+        ),
+    )
     return run
 
 
@@ -50,12 +59,14 @@ def test_the_config_is_read_from_the_meta_alone(tmp_path):
 
 def test_the_resume_hint_of_a_new_run_is_complete(tmp_path):
     hosts = tmp_path / "my hosts"
-    extra, hint, _ = _launch_options(_args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"),
-                                  tmp_path / "r", elastic=True)
+    extra, hint, _ = _launch_options(
+        _args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"), tmp_path / "r", elastic=True
+    )
     assert extra == ["--with-ft", "ulfm"]
     assert hint == f"mpitrain train -n 4 --hostfile '{hosts}' --resume --out {tmp_path / 'r'} --elastic"
     msg = launch.lost_rank_message(
-        "prterun noticed that process rank 1 with PID 7 on node vm exited on\n signal 9 (Killed).", hint)
+        "prterun noticed that process rank 1 with PID 7 on node vm exited on\n signal 9 (Killed).", hint
+    )
     assert msg.endswith("continue it with: " + hint)
 
 
@@ -70,21 +81,25 @@ def test_fixed_order_turns_off_hierarchical_sums_and_is_kept_by_the_resume_hint(
     cmd, _ = launch.mpiexec_command(4, ["prog"], extra=extra)
     assert cmd[-6:] == ["--with-ft", "ulfm", "--mca", "coll", "^han", "prog"]
 
+
 def test_fixed_order_without_n_is_one_line(tmp_path, capsys):
     from mpitrain.cli import main
 
     assert main(["train", "--fixed-order", "--out", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err == ("mpitrain: error: --fixed-order needs -n N (under your own mpiexec, "
-                                       "give it Open MPI's --mca coll ^han)\n")
+    assert capsys.readouterr().err == (
+        "mpitrain: error: --fixed-order needs -n N (under your own mpiexec, give it Open MPI's --mca coll ^han)\n"
+    )
 
 
-BOX = ["-" * 74 + "\n",
-       "prterun detected that one or more processes exited with non-zero status,\n",
-       "thus causing the job to be terminated. The first process to do so was:\n",
-       "\n",
-       "   Process name: [prterun-vm-7771@1,1]\n",
-       "   Exit code:    2\n",
-       "-" * 74 + "\n"]
+BOX = [
+    "-" * 74 + "\n",
+    "prterun detected that one or more processes exited with non-zero status,\n",
+    "thus causing the job to be terminated. The first process to do so was:\n",
+    "\n",
+    "   Process name: [prterun-vm-7771@1,1]\n",
+    "   Exit code:    2\n",
+    "-" * 74 + "\n",
+]
 
 
 def _filtered(lines, debug=False):
@@ -129,8 +144,9 @@ def test_the_launcher_redraws_marker_lines_as_a_bar_on_a_terminal():
     relay.feed(line)
     relay.feed(launch.progress_line("epoch 1/5, step 45/45", ""))
     relay.feed("epoch 1/5 [allreduce x2] loss 0.6\n")
-    assert out.getvalue() == ("data: d\n\repoch 1/5 3/45 [>   ] loss 0.7\x1b[K\r\x1b[K"
-                              "epoch 1/5 [allreduce x2] loss 0.6\n")
+    assert out.getvalue() == (
+        "data: d\n\repoch 1/5 3/45 [>   ] loss 0.7\x1b[K\r\x1b[Kepoch 1/5 [allreduce x2] loss 0.6\n"
+    )
     assert relay.where == "epoch 1/5, step 45/45"
     # Not a terminal: the markers vanish, every other line passes unchanged.
     quiet = io.StringIO()
@@ -193,14 +209,16 @@ def test_under_a_plain_mpiexec_without_a_terminal_the_bar_becomes_plain_lines(mo
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
 
 
-NO_DAEMON_BOX = ["-" * 60 + "\n",
-                 "A daemon failed to report back after being spawned. This could\n",
-                 "be due to several factors, including inability to find the\n",
-                 "\n",
-                 "  Local host:    vm\n",
-                 "  Remote host:   node7\n",
-                 "  Daemon exit status: 255\n",
-                 "-" * 60 + "\n"]
+NO_DAEMON_BOX = [
+    "-" * 60 + "\n",
+    "A daemon failed to report back after being spawned. This could\n",
+    "be due to several factors, including inability to find the\n",
+    "\n",
+    "  Local host:    vm\n",
+    "  Remote host:   node7\n",
+    "  Daemon exit status: 255\n",
+    "-" * 60 + "\n",
+]
 
 
 def test_a_job_that_could_not_start_on_a_host_is_one_line():

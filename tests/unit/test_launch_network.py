@@ -7,14 +7,16 @@ import ipaddress
 
 import pytest
 
-import mpitrain.dist.launch as launch
+import mpitrain.parallel.launch as launch
 from mpitrain.cli import _launch_options, _strip_launch_args, build_parser
-from mpitrain.dist import comm
 from mpitrain.errors import UserError
+from mpitrain.parallel import comm
 
-NETS = {"lo": ipaddress.IPv4Interface("127.0.0.1/8"),
-        "eth0": ipaddress.IPv4Interface("192.168.1.5/24"),
-        "ib0": ipaddress.IPv4Interface("10.10.0.5/16")}
+NETS = {
+    "lo": ipaddress.IPv4Interface("127.0.0.1/8"),
+    "eth0": ipaddress.IPv4Interface("192.168.1.5/24"),
+    "ib0": ipaddress.IPv4Interface("10.10.0.5/16"),
+}
 PROGRAM = ["python", "-m", "mpitrain", "train"]
 
 
@@ -35,7 +37,7 @@ def _cmd(n, **kw):
 
 
 def _pairs(cmd):
-    return [tuple(cmd[i:i + 3]) for i in range(len(cmd) - 2)]
+    return [tuple(cmd[i : i + 3]) for i in range(len(cmd) - 2)]
 
 
 def test_iface_sets_the_tcp_interfaces_of_mpi_and_of_the_runtime(fake_mpi):
@@ -46,19 +48,23 @@ def test_iface_sets_the_tcp_interfaces_of_mpi_and_of_the_runtime(fake_mpi):
     assert "btl_tcp_if_include" not in _cmd(4) and "oob_tcp_if_include" not in _cmd(4)
 
 
-@pytest.mark.parametrize("value, kept", [("ib0", "ib0"), ("10.10.0.0/16", "10.10.0.0/16"),
-                                         ("eth0, 10.10.3.0/16", "eth0,10.10.3.0/16")])
+@pytest.mark.parametrize(
+    "value, kept", [("ib0", "ib0"), ("10.10.0.0/16", "10.10.0.0/16"), ("eth0, 10.10.3.0/16", "eth0,10.10.3.0/16")]
+)
 def test_iface_takes_names_and_networks_of_this_host(value, kept):
     assert launch.check_iface(value, NETS) == kept
 
 
-@pytest.mark.parametrize("value, words", [
-    ("eth7", ["eth7", "no such interface", "eth0 (192.168.1.5/24)", "ib0 (10.10.0.5/16)"]),
-    ("172.16.0.0/12", ["172.16.0.0/12", "no interface of this host"]),
-    ("10.0.0.0/33", ["not a network in CIDR"]),
-    ("eth0;rm", ["neither an interface name nor a network"]),
-    ("eth0,", ["separated by commas"]),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("eth7", ["eth7", "no such interface", "eth0 (192.168.1.5/24)", "ib0 (10.10.0.5/16)"]),
+        ("172.16.0.0/12", ["172.16.0.0/12", "no interface of this host"]),
+        ("10.0.0.0/33", ["not a network in CIDR"]),
+        ("eth0;rm", ["neither an interface name nor a network"]),
+        ("eth0,", ["separated by commas"]),
+    ],
+)
 def test_a_wrong_iface_is_one_line_naming_what_this_host_has(value, words):
     with pytest.raises(UserError) as e:
         launch.check_iface(value, NETS)
@@ -73,8 +79,9 @@ def test_iface_is_for_the_launcher_and_stays_in_the_resume_hint(tmp_path):
     assert _strip_launch_args(argv) == ["train", "--epochs", "1"]
     hosts = tmp_path / "hosts"
     hosts.write_text("a\nb\n")
-    args = build_parser().parse_args(["train", "-n", "4", "--hostfile", str(hosts), "--iface", "ib0",
-                                      "--out", str(tmp_path / "r")])
+    args = build_parser().parse_args(
+        ["train", "-n", "4", "--hostfile", str(hosts), "--iface", "ib0", "--out", str(tmp_path / "r")]
+    )
     _, hint, _ = _launch_options(args, tmp_path / "r", elastic=False)
     assert hint == f"mpitrain train -n 4 --hostfile {hosts} --iface ib0 --resume --out {tmp_path / 'r'}"
 
@@ -97,14 +104,14 @@ def test_several_networks_are_warned_about_only_when_the_job_spans_hosts():
     w = launch.several_networks_warning(spans, here, two_nets)
     assert w.startswith("mpitrain: warning: the job spans hosts (node2 and this one)")
     assert "eth0 (192.168.1.5/24), ib0 (10.10.0.5/16)" in w and "--iface" in w and "lo" not in w
-    assert launch.several_networks_warning(spans, here, one_net) is None        # one network: no choice
+    assert launch.several_networks_warning(spans, here, one_net) is None  # one network: no choice
     assert launch.several_networks_warning([("head", 4)], here, two_nets) is None  # one host: no network used
-    assert launch.several_networks_warning(None, here, two_nets) is None          # no hostfile: this host
+    assert launch.several_networks_warning(None, here, two_nets) is None  # no hostfile: this host
 
 
 def test_ranks_on_this_host_follow_open_mpis_mapping_by_slot():
     here = {"head"}
-    assert launch.ranks_here(6, None, here, cores=2) == 6                    # no hostfile: all here
+    assert launch.ranks_here(6, None, here, cores=2) == 6  # no hostfile: all here
     assert launch.ranks_here(6, [("head", 2), ("n2", 4)], here, cores=2) == 2
     assert launch.ranks_here(6, [("n2", 4), ("head", 4)], here, cores=2) == 2  # filled in hostfile order
     assert launch.ranks_here(4, [("n2", 4), ("head", 4)], here, cores=2) == 0
@@ -120,9 +127,9 @@ def test_the_launcher_yields_when_its_host_has_more_ranks_than_cores(fake_mpi, t
     hosts = tmp_path / "hosts"
     hosts.write_text("# two nodes\nhead slots=4\nnode2 slots=4  # the other\n")
     assert launch.read_hostfile(str(hosts)) == [("head", 4), ("node2", 4)]
-    assert yield_flag in _pairs(_cmd(8, hostfile=str(hosts)))       # 4 ranks here on 2 cores
+    assert yield_flag in _pairs(_cmd(8, hostfile=str(hosts)))  # 4 ranks here on 2 cores
     hosts.write_text("head slots=2\nnode2 slots=6\n")
-    assert yield_flag not in _pairs(_cmd(8, hostfile=str(hosts)))   # 2 here; node2 decides for itself
+    assert yield_flag not in _pairs(_cmd(8, hostfile=str(hosts)))  # 2 here; node2 decides for itself
     fake_mpi["cores"] = 8
     assert yield_flag not in _pairs(_cmd(8))
 
@@ -140,21 +147,28 @@ def test_a_rank_yields_when_its_node_has_more_ranks_than_cores(monkeypatch):
     assert env["OMPI_MCA_mpi_yield_when_idle"] == "0"  # the user's choice is kept
 
 
-NO_CONNECT_BOX = ["-" * 74 + "\n",
-                  "WARNING: Open MPI failed to TCP connect to a peer MPI process.  This\n",
-                  "should not happen.\n",
-                  "\n",
-                  "Your Open MPI job may now hang or fail.\n",
-                  "\n",
-                  "  Local host: node1\n",
-                  "  PID:        22127\n",
-                  "  Message:    connect() to 10.10.0.7:1025 failed\n",
-                  "  Error:      No route to host (113)\n",
-                  "-" * 74 + "\n"]
-AFTER = ["[node1:29398] plm:ssh: Warning: setpgid(29402,29402) failed in parent with errno=Permission denied(13)\n",
-         " [node1:00000] *** An error occurred in Socket closed\n",
-         "\x00[node1:00000] *** reported by process [2728329217,1]\n".replace("\x00", ""),
-         "-" * 74 + "\n", "prterun has exited due to process rank 1 calling \"abort\".\n", "-" * 74 + "\n", " \n"]
+NO_CONNECT_BOX = [
+    "-" * 74 + "\n",
+    "WARNING: Open MPI failed to TCP connect to a peer MPI process.  This\n",
+    "should not happen.\n",
+    "\n",
+    "Your Open MPI job may now hang or fail.\n",
+    "\n",
+    "  Local host: node1\n",
+    "  PID:        22127\n",
+    "  Message:    connect() to 10.10.0.7:1025 failed\n",
+    "  Error:      No route to host (113)\n",
+    "-" * 74 + "\n",
+]
+AFTER = [
+    "[node1:29398] plm:ssh: Warning: setpgid(29402,29402) failed in parent with errno=Permission denied(13)\n",
+    " [node1:00000] *** An error occurred in Socket closed\n",
+    "\x00[node1:00000] *** reported by process [2728329217,1]\n".replace("\x00", ""),
+    "-" * 74 + "\n",
+    'prterun has exited due to process rank 1 calling "abort".\n',
+    "-" * 74 + "\n",
+    " \n",
+]
 
 
 def test_hosts_that_cannot_reach_each_other_are_one_line_naming_host_and_interface(monkeypatch):
@@ -168,8 +182,10 @@ def test_hosts_that_cannot_reach_each_other_are_one_line_naming_host_and_interfa
     f.close()
     assert out.getvalue().count("\n") == 1, out.getvalue()
     assert out.getvalue() == f.no_connect
-    assert out.getvalue().startswith("mpitrain: error: host node1 could not connect to a rank at 10.10.0.7 over "
-                                     "interface ib0 (10.10.0.0/16) (No route to host)")
+    assert out.getvalue().startswith(
+        "mpitrain: error: host node1 could not connect to a rank at 10.10.0.7 over "
+        "interface ib0 (10.10.0.0/16) (No route to host)"
+    )
     assert "--iface" in out.getvalue()
     debug = io.StringIO()
     f = launch.StderrFilter(debug, debug=True)
@@ -201,11 +217,19 @@ def _fake_mpiexec(tmp_path, states, then="sleep 30", code=0):
     return str(script)
 
 
-@pytest.mark.parametrize("states, words", [
-    ([], ["the job did not start within 1 s", "node2 did not connect back", "interface ib0 (--iface)"]),
-    (["started"], ["the ranks on head, node2 did not reach each other within 1 s over interface ib0 (--iface)",
-                   "choose the one that connects them with --iface"]),
-])
+@pytest.mark.parametrize(
+    "states, words",
+    [
+        ([], ["the job did not start within 1 s", "node2 did not connect back", "interface ib0 (--iface)"]),
+        (
+            ["started"],
+            [
+                "the ranks on head, node2 did not reach each other within 1 s over interface ib0 (--iface)",
+                "choose the one that connects them with --iface",
+            ],
+        ),
+    ],
+)
 def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, monkeypatch, capsys, states, words):
     monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, states, then="exec sleep 30"))
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
@@ -233,21 +257,29 @@ def test_a_job_whose_ranks_met_is_not_stopped_by_the_deadline(tmp_path, monkeypa
         launch.start_timeout()
 
 
-LOST_DAEMON_BOX = ["-" * 74 + "\n",
-                   "PRTE has lost communication with a remote daemon.\n",
-                   "\n",
-                   "  HNP daemon   : [prterun-node1-12783@0,0] on node node1\n",
-                   "  Remote daemon: [prterun-node1-12783@0,1] on node node2\n",
-                   "\n",
-                   "This is usually due to either a failure of the TCP network\n",
-                   "therefore will terminate the job.\n",
-                   "-" * 74 + "\n"]
+LOST_DAEMON_BOX = [
+    "-" * 74 + "\n",
+    "PRTE has lost communication with a remote daemon.\n",
+    "\n",
+    "  HNP daemon   : [prterun-node1-12783@0,0] on node node1\n",
+    "  Remote daemon: [prterun-node1-12783@0,1] on node node2\n",
+    "\n",
+    "This is usually due to either a failure of the TCP network\n",
+    "therefore will terminate the job.\n",
+    "-" * 74 + "\n",
+]
 
 
 # After the start, a daemon whose ssh (or agent) ended is reported like one that never
 # started: which box comes depends on what died first.
-NO_DAEMON_BOX = ["-" * 60 + "\n", "A daemon failed to report back after being spawned. This could\n",
-                 "  Local host:    node1\n", "  Remote host:   node2\n", "  Daemon exit status: 255\n", "-" * 60 + "\n"]
+NO_DAEMON_BOX = [
+    "-" * 60 + "\n",
+    "A daemon failed to report back after being spawned. This could\n",
+    "  Local host:    node1\n",
+    "  Remote host:   node2\n",
+    "  Daemon exit status: 255\n",
+    "-" * 60 + "\n",
+]
 
 
 @pytest.mark.parametrize("lost_box", [LOST_DAEMON_BOX, NO_DAEMON_BOX], ids=["lost-daemon", "daemon-ended"])
@@ -256,17 +288,21 @@ def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys,
     # Without --elastic the launcher names the host, says how to go on and fails.
     script = tmp_path / "mpiexec"
     box = "".join(lost_box).replace("\n", "\\n")
-    script.write_text('#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n'
-                      "printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;contact\\007\\n'\n"
-                      f"printf 'epoch 1/40\\n'; printf '%b' '{box}' >&2; exit 0\n")
+    script.write_text(
+        '#!/bin/sh\n[ "$1" = "--version" ] && exit 0\n'
+        "printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;contact\\007\\n'\n"
+        f"printf 'epoch 1/40\\n'; printf '%b' '{box}' >&2; exit 0\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("MPITRAIN_MPIEXEC", str(script))
     code = launch.run(3, ["train"], resume_hint="mpitrain train -n 3 --resume --out r")
     out = capsys.readouterr()
     assert code == 1 and out.out == "epoch 1/40\n"
-    assert out.err == ("mpitrain: error: host node2 was lost (Open MPI's daemon there stopped answering) and "
-                       "Open MPI stopped the whole job (with --elastic and a --hostfile it goes on without the host); "
-                       "continue it with: mpitrain train -n 3 --resume --out r\n")
+    assert out.err == (
+        "mpitrain: error: host node2 was lost (Open MPI's daemon there stopped answering) and "
+        "Open MPI stopped the whole job (with --elastic and a --hostfile it goes on without the host); "
+        "continue it with: mpitrain train -n 3 --resume --out r\n"
+    )
     shown = []
     f = launch.NoStartBox(shown.append, shown.append, started=lambda: True)  # the same box on stdout
     for line in lost_box:

@@ -1,14 +1,14 @@
 """The package's layers, enforced: imports point downwards only, one module imports mpi4py.
 
     cli, config, errors, runtime, atomic   (top level: used by every layer)
-    train/     -> evaluate/, dist/, data/
-    evaluate/  -> dist/, data/             (never train/)
-    dist/, data/                           (neither train/ nor evaluate/)
+    train/     -> evaluate/, parallel/, data/
+    evaluate/  -> parallel/, data/             (never train/)
+    parallel/, data/                           (neither train/ nor evaluate/)
 
-One exception: config imports dist/strategies. A strategy owns its rules (its name, what
+One exception: config imports parallel/strategies. A strategy owns its rules (its name, what
 "auto" means for its --sync-every and learning rate), and the config validates and
 resolves options by asking the strategies' registry instead of keeping a second copy of
-those rules. dist/strategies imports only numpy, dist/flat, dist/pulses and errors, never
+those rules. parallel/strategies imports only numpy, parallel/flat, parallel/pulses and errors, never
 config.
 """
 
@@ -19,8 +19,8 @@ import mpitrain
 
 PKG = Path(mpitrain.__file__).parent
 FORBIDDEN = {
-    "data": {"train", "evaluate", "dist", "cli"},
-    "dist": {"train", "evaluate", "data", "cli"},
+    "data": {"train", "evaluate", "parallel", "cli"},
+    "parallel": {"train", "evaluate", "data", "cli"},
     "evaluate": {"train", "cli"},
     "train": {"cli"},
     None: set(),
@@ -53,14 +53,20 @@ def test_layers_import_only_downwards():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
-ALLOWED_TOP_LEVEL = {"config.py": "mpitrain.dist.strategies"}  # see the module docstring
+ALLOWED_TOP_LEVEL = {"config.py": "mpitrain.parallel.strategies"}  # see the module docstring
 
 
 def test_top_level_modules_import_no_layer():
     # config, errors, runtime and atomic are used by every layer; they must not pull one in.
-    bad = [f"{p.name} imports {n}" for p in PKG.glob("*.py") if p.name not in ("cli.py", "__main__.py")
-           for n in _imports(p) if n.split(".")[:2][-1] in ("data", "dist", "train", "evaluate", "cli")
-           and n.startswith("mpitrain.") and not _allowed(p.name, n)]
+    bad = [
+        f"{p.name} imports {n}"
+        for p in PKG.glob("*.py")
+        if p.name not in ("cli.py", "__main__.py")
+        for n in _imports(p)
+        if n.split(".")[:2][-1] in ("data", "parallel", "train", "evaluate", "cli")
+        and n.startswith("mpitrain.")
+        and not _allowed(p.name, n)
+    ]
     assert not bad, bad
 
 
@@ -71,23 +77,34 @@ def _allowed(module: str, name: str) -> bool:
 
 def test_strategies_import_neither_config_nor_other_layers():
     # The one exception above must not become a cycle.
-    bad = [f"{p.relative_to(PKG)} imports {n}" for p in (PKG / "dist" / "strategies").glob("*.py")
-           for n in _imports(p) if n.startswith("mpitrain.")
-           and not n.startswith(("mpitrain.dist.strategies", "mpitrain.dist.flat", "mpitrain.dist.pulses",
-                                 "mpitrain.errors"))]
+    bad = [
+        f"{p.relative_to(PKG)} imports {n}"
+        for p in (PKG / "parallel" / "strategies").glob("*.py")
+        for n in _imports(p)
+        if n.startswith("mpitrain.")
+        and not n.startswith(
+            ("mpitrain.parallel.strategies", "mpitrain.parallel.flat", "mpitrain.parallel.pulses", "mpitrain.errors")
+        )
+    ]
     assert not bad, bad
 
 
 def test_only_the_comm_module_imports_mpi4py():
-    users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
-                   if any(n == "mpi4py" or n.startswith("mpi4py.") for n in _imports(p)))
-    assert users == ["dist/comm.py"]
+    users = sorted(
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        if any(n == "mpi4py" or n.startswith("mpi4py.") for n in _imports(p))
+    )
+    assert users == ["parallel/comm.py"]
 
 
 def test_the_readme_map_names_every_module():
     # The README's "Layout" map is the reader's first view of the package: it must not drift.
     readme = (PKG.parents[1] / "README.md").read_text()
     layout = readme.split("### Layout", 1)[1].split("```")[1]
-    missing = [str(p.relative_to(PKG)) for p in sorted(PKG.rglob("*.py"))
-               if p.stem not in ("__init__", "__main__") and p.stem not in layout]
+    missing = [
+        str(p.relative_to(PKG))
+        for p in sorted(PKG.rglob("*.py"))
+        if p.stem not in ("__init__", "__main__") and p.stem not in layout
+    ]
     assert not missing, f"README's Layout does not mention: {missing}"

@@ -214,8 +214,7 @@ def test_an_absent_class_is_named_and_left_out_of_every_macro_average():
 def test_one_hot_labels_and_shape_errors():
     y = np.array([0, 1, 1])
     probs = one_hot_probs([0, 1, 0], 2)
-    assert classification_metrics(np.eye(2)[y], probs, ["a", "b"]) == \
-        classification_metrics(y, probs, ["a", "b"])
+    assert classification_metrics(np.eye(2)[y], probs, ["a", "b"]) == classification_metrics(y, probs, ["a", "b"])
     with pytest.raises(ValueError):
         classification_metrics(y, probs, ["a", "b", "c"])
     with pytest.raises(ValueError):

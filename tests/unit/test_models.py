@@ -20,8 +20,8 @@ def test_seed_model_has_one_hidden_dense_layer_after_convolutions():
     import keras
 
     layers = build_model("seed", 50, 2).layers
-    dense = [l for l in layers if isinstance(l, keras.layers.Dense)]
-    convs = [l for l in layers if isinstance(l, keras.layers.Conv2D)]
+    dense = [x for x in layers if isinstance(x, keras.layers.Dense)]
+    convs = [x for x in layers if isinstance(x, keras.layers.Conv2D)]
     assert len(dense) == 2 and len(convs) >= 2  # one hidden dense layer + the softmax output
 
 

@@ -27,12 +27,25 @@ def _binary(n=200, seed=0):
 def test_the_binary_figures_and_the_training_curves(tmp_path):
     y, probs = _binary()
     m = classification_metrics(y, probs, ["NORMAL", "PNEUMONIA"], threshold=0.5)
-    history = [{"epoch": e, "loss": 1 / e, "accuracy": 0.5 + 0.1 * e, "auc": None if e == 1 else 0.6 + 0.05 * e,
-                "val_loss": 1.1 / e, "val_accuracy": 0.5 + 0.08 * e, "val_auc": "", "lr": 1e-3}
-               for e in range(1, 5)]
+    history = [
+        {
+            "epoch": e,
+            "loss": 1 / e,
+            "accuracy": 0.5 + 0.1 * e,
+            "auc": None if e == 1 else 0.6 + 0.05 * e,
+            "val_loss": 1.1 / e,
+            "val_accuracy": 0.5 + 0.08 * e,
+            "val_auc": "",
+            "lr": 1e-3,
+        }
+        for e in range(1, 5)
+    ]
     made = plots.write_all(tmp_path, y, probs, m, history)
-    assert made == {"training_curves": "training_curves.png", "confusion_matrix": "confusion_matrix.png",
-                    "roc_curve": "roc_curve.png"}
+    assert made == {
+        "training_curves": "training_curves.png",
+        "confusion_matrix": "confusion_matrix.png",
+        "roc_curve": "roc_curve.png",
+    }
     w, h = _png_size(tmp_path / "training_curves.png")
     assert w > 2.5 * h and w >= 1000  # three panels side by side, readable
     for name in ("confusion_matrix.png", "roc_curve.png"):
@@ -62,8 +75,18 @@ def test_more_classes_a_single_epoch_and_a_missing_class(tmp_path):
 def test_training_curves_say_which_accuracy_and_how_each_series_is_measured():
     from matplotlib.text import Text
 
-    history = [{"epoch": e, "loss": 1 / e, "accuracy": 0.6, "auc": 0.55, "val_loss": 0.9 / e,
-                "val_accuracy": 0.9, "val_auc": 0.98} for e in (1, 2)]
+    history = [
+        {
+            "epoch": e,
+            "loss": 1 / e,
+            "accuracy": 0.6,
+            "auc": 0.55,
+            "val_loss": 0.9 / e,
+            "val_accuracy": 0.9,
+            "val_auc": 0.98,
+        }
+        for e in (1, 2)
+    ]
     fig = plots.curves_figure(history)
     texts = " | ".join(t.get_text() for t in fig.findobj(Text))
     assert "Accuracy (argmax)" in texts and "accuracy (argmax)" in texts  # title and axis label

@@ -20,9 +20,16 @@ AMX_ONLY = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
 NO_BF16 = "processor\t: 0\nmodel name\t: Test bf16-less CPU\nflags\t\t: fpu avx2 avx512f avx512_fp16 avx512_vnni\n"
 
 
-@pytest.mark.parametrize("cpuinfo, expected", [
-    (INTEL_BF16, "bf16"), (AMX_ONLY, "bf16"), (NO_BF16, "fp32"), ("", "fp32"),
-], ids=["avx512_bf16", "amx_bf16", "avx512_fp16-only", "no-flags"])
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (INTEL_BF16, "bf16"),
+        (AMX_ONLY, "bf16"),
+        (NO_BF16, "fp32"),
+        ("", "fp32"),
+    ],
+    ids=["avx512_bf16", "amx_bf16", "avx512_fp16-only", "no-flags"],
+)
 def test_auto_resolves_from_the_cpuinfo_flags(cpuinfo, expected):
     precision, why = resolve_precision("auto", cpuinfo=cpuinfo, gpus=[])
     assert precision == expected
@@ -73,8 +80,14 @@ def test_the_fused_gradient_buffer_is_float32_under_mixed_bfloat16(policy):
     from mpitrain.train.steps import make_train_step
 
     policy("bf16")
-    model = keras.Sequential([keras.Input((16, 16, 1)), layers.Conv2D(4, 3, activation="relu"),
-                              layers.Flatten(), layers.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.Flatten(),
+            layers.Dense(2, activation="softmax"),
+        ]
+    )
     assert model.outputs[0].dtype == "bfloat16"
     opt = keras.optimizers.SGD(0.1)
     opt.build(model.trainable_variables)
@@ -114,8 +127,7 @@ def test_a_model_saved_after_bf16_training_computes_in_float32_and_loads_in_any_
     x, _ = _tiny_data()
     net32 = modelio.load_model(info)
     assert {layer.compute_dtype for layer in net32._flatten_layers()} == {"float32"}
-    np.testing.assert_array_equal(modelio.predict_probs(net32, x, 2),
-                                  modelio.predict_probs(_float32_copy(model), x, 2))
+    np.testing.assert_array_equal(modelio.predict_probs(net32, x, 2), modelio.predict_probs(_float32_copy(model), x, 2))
     net16 = modelio.load_model(info, "bf16")
     assert net16.layers[0].compute_dtype == "bfloat16" and net16.layers[-1].compute_dtype == "float32"
     p16 = modelio.predict_probs(net16, x, 2)
@@ -152,7 +164,7 @@ def _lso_step(overflow_on_another_rank: bool):
     keras.utils.set_random_seed(0)
     model = build_model("tiny", 16, 2)
     # A small initial scale: whatever the initial weights, this fp16 step does not overflow.
-    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=2.0 ** 8)
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=2.0**8)
     opt.build(model.trainable_variables)
 
     def reduce(buf):  # the allreduce: another rank's fp16 gradient overflowed, or not

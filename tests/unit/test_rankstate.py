@@ -1,4 +1,4 @@
-"""A rank's state (dist/rankstate.py): byte packing, gather/scatter over a SingleComm, refusals."""
+"""A rank's state (parallel/rankstate.py): byte packing, gather/scatter over a SingleComm, refusals."""
 
 from __future__ import annotations
 
@@ -10,20 +10,26 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
-from mpitrain.dist.comm import SingleComm  # noqa: E402
-from mpitrain.dist.rankstate import RankState, _pack, _unpack  # noqa: E402
-from mpitrain.dist.strategies import make_sync  # noqa: E402
 from mpitrain.errors import AgreedError  # noqa: E402
+from mpitrain.parallel.comm import SingleComm  # noqa: E402
+from mpitrain.parallel.rankstate import RankState, _pack, _unpack  # noqa: E402
+from mpitrain.parallel.strategies import make_sync  # noqa: E402
 from mpitrain.train.checkpoint import Checkpoint  # noqa: E402
 
 
 def test_pack_unpack_round_trip_over_dtypes_and_shapes():
     rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=(3, 4)).astype(np.float32), np.arange(5, dtype=np.int64),
-              np.array(2.5), np.zeros((0, 3), np.float32), rng.integers(0, 255, (2, 2, 2)).astype(np.uint8),
-              np.array([True, False, True]), rng.normal(size=7).astype(np.float16),
-              np.asfortranarray(rng.normal(size=(3, 2))),  # not C-contiguous
-              np.array([1, 2], dtype=np.uint32)]
+    arrays = [
+        rng.normal(size=(3, 4)).astype(np.float32),
+        np.arange(5, dtype=np.int64),
+        np.array(2.5),
+        np.zeros((0, 3), np.float32),
+        rng.integers(0, 255, (2, 2, 2)).astype(np.uint8),
+        np.array([True, False, True]),
+        rng.normal(size=7).astype(np.float16),
+        np.asfortranarray(rng.normal(size=(3, 2))),  # not C-contiguous
+        np.array([1, 2], dtype=np.uint32),
+    ]
     buf = _pack(arrays)
     assert buf.dtype == np.uint8 and buf.ndim == 1
     assert buf.size == sum(a.nbytes for a in arrays)
@@ -38,14 +44,23 @@ def test_pack_unpack_round_trip_over_dtypes_and_shapes():
 
 def _model_and_optimizer(seed):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
     opt = keras.optimizers.Adam(1e-3)
     opt.build(model.trainable_variables)
     rng = np.random.default_rng(seed)
     for v in opt.variables:  # non-trivial optimizer state: moments and the step counter
-        v.assign(rng.integers(1, 100, v.shape).astype(v.dtype) if "int" in str(v.dtype)
-                 else rng.normal(size=v.shape).astype(v.dtype))
+        v.assign(
+            rng.integers(1, 100, v.shape).astype(v.dtype)
+            if "int" in str(v.dtype)
+            else rng.normal(size=v.shape).astype(v.dtype)
+        )
     return model, opt
 
 
@@ -115,6 +130,7 @@ def test_scatter_refuses_another_rank_count_for_per_rank_states():
 
 class _SecondOfTwo(SingleComm):
     """Rank 0 of a 2-rank world whose scatter hands back what rank 1 would receive."""
+
     size = 2
 
     def scatter_rows(self, parts, root=0):
@@ -128,8 +144,9 @@ def test_an_elastic_run_resumed_by_other_ranks_gives_every_rank_rank_0s_state():
     (state0,), _ = first.gather(SingleComm(), np.zeros(3))
     others = [_state(seed)[0].gather(SingleComm(), np.full(3, seed))[0][0] for seed in (4, 5)]
     b, *_ = _state(2)
-    ckpt = Checkpoint(epoch=0, step=2, ranks=3, strategy="master-worker", states=[state0, *others],
-                      config={"elastic": True})
+    ckpt = Checkpoint(
+        epoch=0, step=2, ranks=3, strategy="master-worker", states=[state0, *others], config={"elastic": True}
+    )
     b.scatter(_SecondOfTwo(), ckpt)  # what rank 1 of the 2 left receives
     assert all(np.array_equal(x, y) for x, y in zip(_now(first), _now(b)))
     ckpt.config = {"elastic": False}  # a run that was not elastic must keep its rank count

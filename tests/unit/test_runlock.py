@@ -22,25 +22,37 @@ def _let_go():
 
 def _holder_process(run_dir):
     """Another process that holds the lock of `run_dir` until its stdin closes."""
-    code = ("import sys; from mpitrain.train import runlock; runlock.acquire(sys.argv[1]); "
-            "print('locked', flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from mpitrain.train import runlock; runlock.acquire(sys.argv[1]); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
 def _write_lock(run_dir, **fields):
-    doc = {"host": socket.gethostname(), "pid": 1, "started": "2024-01-01 00:00:00", "start_ticks": 1,
-           "command": "mpitrain train", **fields}
+    doc = {
+        "host": socket.gethostname(),
+        "pid": 1,
+        "started": "2024-01-01 00:00:00",
+        "start_ticks": 1,
+        "command": "mpitrain train",
+        **fields,
+    }
     (run_dir / ".lock").write_text(json.dumps(doc) + "\n")
 
 
 def test_a_folder_locked_by_another_process_is_refused_naming_it(tmp_path):
     holder = _holder_process(tmp_path)
     try:
-        with pytest.raises(UserError, match=rf"in use by another training: process {holder.pid} on host "
-                                            rf"{socket.gethostname()} \(since "):
+        with pytest.raises(
+            UserError,
+            match=rf"in use by another training: process {holder.pid} on host "
+            rf"{socket.gethostname()} \(since ",
+        ):
             runlock.acquire(tmp_path)
     finally:
         holder.stdin.close()
@@ -53,8 +65,9 @@ def test_a_folder_locked_by_another_process_is_refused_naming_it(tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_note(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     _write_lock(tmp_path, pid=int(dead))
     notes = []
     runlock.acquire(tmp_path, note=notes.append)
@@ -136,8 +149,9 @@ def test_a_lock_left_by_a_killed_but_unreaped_process_is_taken_over(tmp_path):
             if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
                 break
             time.sleep(0.05)
-        (tmp_path / runlock.LOCK_NAME).write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": child.pid, "start_ticks": runlock._start_ticks(child.pid)}))
+        (tmp_path / runlock.LOCK_NAME).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": child.pid, "start_ticks": runlock._start_ticks(child.pid)})
+        )
         notes = []
         lock = runlock.acquire(tmp_path, note=notes.append)
         lock.release()

@@ -35,4 +35,3 @@ def test_every_rank_takes_the_same_number_of_steps():
         assert len(batches) == steps
         assert sum(len(b) for b in batches) == n
     assert steps_per_epoch(0, 8) == 1
-

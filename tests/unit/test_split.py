@@ -31,9 +31,9 @@ def test_indices_sorted_disjoint_complete():
 
 
 def test_small_classes_keep_one_on_each_side():
-    assert val_count(2, 0.01) == 1   # at least 1 in validation
-    assert val_count(2, 0.9) == 1    # at least 1 left for training
-    assert val_count(1, 0.5) == 0    # a single image stays in training
+    assert val_count(2, 0.01) == 1  # at least 1 in validation
+    assert val_count(2, 0.9) == 1  # at least 1 left for training
+    assert val_count(1, 0.5) == 0  # a single image stays in training
     assert val_count(10, 0.25) == 3  # 2.5 rounds half up
     assert val_count(10, 0.0) == 0
 

@@ -60,11 +60,13 @@ CHECK = textwrap.dedent("""
 def test_an_empty_local_batch_joins_the_step_with_nothing():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0 and "empty batch ok" in proc.stdout, \
+    assert proc.returncode == 0 and "empty batch ok" in proc.stdout, (
         f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 # ---- the lean step: integer input scaled in the graph, running sums kept on the device ----
+
 
 def _model_and_step(reduce=None, input_dtype=np.float32, max_value=1.0, size=12):
     import keras
@@ -91,8 +93,10 @@ def test_integer_images_are_scaled_in_the_graph_to_the_bits_numpy_computes():
     for dtype, full in ((np.uint8, 255.0), (np.uint16, 65535.0), (np.uint16, 4095.0)):
         rows = np.arange(int(full) + 1).astype(dtype).reshape(-1, 1, 1)
         divisor = tf.Variable(full, dtype=tf.float32)
-        scale = tf.function(lambda x: to_float_input(x, divisor),
-                            input_signature=[tf.TensorSpec((None, 1, 1, 1), tf.as_dtype(dtype))])
+        scale = tf.function(
+            lambda x, divisor=divisor: to_float_input(x, divisor),
+            input_signature=[tf.TensorSpec((None, 1, 1, 1), tf.as_dtype(dtype))],
+        )
         got = scale(rows[..., np.newaxis]).numpy()
         assert got.dtype == np.float32
         assert np.array_equal(got, to_float(rows, full)), (dtype, full, int((got != to_float(rows, full)).sum()))
@@ -107,8 +111,9 @@ def test_a_step_on_uint8_rows_trains_exactly_as_on_their_float_conversion():
     w = np.ones(8, np.float32)
     weights = []
     for integer in (False, True):
-        model, step = _model_and_step(input_dtype=np.uint8 if integer else np.float32,
-                                      max_value=255.0 if integer else 1.0)
+        model, step = _model_and_step(
+            input_dtype=np.uint8 if integer else np.float32, max_value=255.0 if integer else 1.0
+        )
         model.set_weights([np.full(v.shape, 0.01 * (i + 1), np.float32) for i, v in enumerate(model.weights)])
         for b in range(3):
             step(rows[b][..., np.newaxis] if integer else as_float(rows[b], 255.0), y[b], w, np.float32(1e-2))

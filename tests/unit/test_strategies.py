@@ -5,10 +5,10 @@ import math
 import pytest
 
 from mpitrain.config import TrainConfig
-from mpitrain.dist import strategies
-from mpitrain.dist.strategies import Sync, lr_at, make_sync, scaled_lr, strategy_class
-from mpitrain.dist.strategies.base import REGISTRY
 from mpitrain.errors import UserError
+from mpitrain.parallel import strategies
+from mpitrain.parallel.strategies import Sync, lr_at, make_sync, scaled_lr, strategy_class
+from mpitrain.parallel.strategies.base import REGISTRY
 
 
 class FakeComm:
@@ -55,11 +55,14 @@ def test_unknown_strategy_is_a_one_line_error_listing_the_registry():
     assert str(e.value) == "--strategy must be one of allreduce, local-sgd, master-worker"
 
 
-@pytest.mark.parametrize("name, size, trains, roles, tag", [
-    ("allreduce", 4, 4, "4 training ranks", "allreduce x4"),
-    ("local-sgd", 1, 1, "1 training rank", "local-sgd x1"),
-    ("master-worker", 5, 4, "rank 0 = master, ranks 1..4 = workers", "master-worker x4 + master"),
-])
+@pytest.mark.parametrize(
+    "name, size, trains, roles, tag",
+    [
+        ("allreduce", 4, 4, "4 training ranks", "allreduce x4"),
+        ("local-sgd", 1, 1, "1 training rank", "local-sgd x1"),
+        ("master-worker", 5, 4, "rank 0 = master, ranks 1..4 = workers", "master-worker x4 + master"),
+    ],
+)
 def test_roles_training_ranks_and_tag(name, size, trains, roles, tag):
     cls = strategy_class(name)
     assert cls.train_ranks_of(size) == trains
@@ -73,8 +76,9 @@ def test_master_worker_needs_a_master_and_a_worker():
     assert mw.min_ranks == 2 and mw.too_few_ranks(2) is None
     with pytest.raises(UserError) as e:
         make_sync("master-worker", FakeComm(0, 1), None)
-    assert str(e.value) == ("--strategy master-worker needs at least 2 processes (1 master + workers): "
-                            "use -n 2 or more")
+    assert str(e.value) == (
+        "--strategy master-worker needs at least 2 processes (1 master + workers): use -n 2 or more"
+    )
     for name in ("allreduce", "local-sgd"):
         assert strategy_class(name).too_few_ranks(1) is None
     # The master validates everything and trains nothing; workers split the training data.
@@ -82,11 +86,14 @@ def test_master_worker_needs_a_master_and_a_worker():
     assert mw.data_parts(2, 3) == ((1, 2), (0, 0))
 
 
-@pytest.mark.parametrize("name, scaling, schedule, sync_every", [
-    ("allreduce", "sqrt", "cosine", None),
-    ("local-sgd", "sqrt", "cosine", 4),
-    ("master-worker", "none", "constant", None),
-])
+@pytest.mark.parametrize(
+    "name, scaling, schedule, sync_every",
+    [
+        ("allreduce", "sqrt", "cosine", None),
+        ("local-sgd", "sqrt", "cosine", 4),
+        ("master-worker", "none", "constant", None),
+    ],
+)
 def test_auto_defaults_each_strategy_resolves_to(name, scaling, schedule, sync_every):
     cfg = TrainConfig(strategy=name).resolved()
     assert (cfg.lr_scaling, cfg.lr_schedule, cfg.sync_every) == (scaling, schedule, sync_every)
@@ -118,11 +125,11 @@ def test_cosine_decays_from_the_target_to_about_zero_after_warmup():
     base, target, warm, total = 0.1, 0.4, 10, 110
     at = [lr_at(base, target, warm, s, total, "cosine") for s in range(total + 1)]
     assert at[warm - 1] == pytest.approx(target)  # end of warm-up
-    assert at[warm] == pytest.approx(target)      # decay starts from the target
+    assert at[warm] == pytest.approx(target)  # decay starts from the target
     assert at[warm + 50] == pytest.approx(target / 2)  # half way
-    assert at[total - 1] < 0.001 * target         # the last step is close to zero
+    assert at[total - 1] < 0.001 * target  # the last step is close to zero
     assert at[total] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(at[warm:], at[warm + 1:]))  # never rises again
+    assert all(a >= b for a, b in zip(at[warm:], at[warm + 1 :]))  # never rises again
     assert at[total - 1] > 0  # but the last step still learns
     # Constant stays at the target.
     assert lr_at(base, target, warm, total - 1, total, "constant") == target

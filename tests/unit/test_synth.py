@@ -49,6 +49,7 @@ def test_pneumonia_lungs_brighter_on_average(tmp_path):
     def mean_image(name):
         pngs = sorted((out / name).glob("*.png"))
         return np.mean([cv2.imread(str(p), 0).astype(float) for p in pngs], axis=0)
+
     normal, sick = mean_image("NORMAL"), mean_image("PNEUMONIA")
     lungs = (slice(15, 35), slice(8, 42))
     assert sick[lungs].mean() > normal[lungs].mean() + 5
@@ -60,12 +61,23 @@ def test_more_classes(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(classes)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"per_class": 0}, {"per_class": 2.5}, {"per_class": True}, {"image_size": 7},
-    {"image_size": "50"}, {"seed": -1}, {"classes": ("ONLY",)}, {"classes": ("A", "A")},
-    {"classes": ("A", "b/c")}, {"classes": ("A", ".hidden")}, {"classes": ("A", "")},
-    {"classes": ("A", "B", "C", "D", "E")},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"per_class": 0},
+        {"per_class": 2.5},
+        {"per_class": True},
+        {"image_size": 7},
+        {"image_size": "50"},
+        {"seed": -1},
+        {"classes": ("ONLY",)},
+        {"classes": ("A", "A")},
+        {"classes": ("A", "b/c")},
+        {"classes": ("A", ".hidden")},
+        {"classes": ("A", "")},
+        {"classes": ("A", "B", "C", "D", "E")},
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(UserError):
         synth.generate(tmp_path / "d", **kwargs)
@@ -94,6 +106,7 @@ def test_existing_target(tmp_path):
 def test_crash_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(synth.cv2, "imwrite", boom)
     with pytest.raises(UserError, match="disk full"):
         synth.generate(tmp_path / "d", per_class=2)
@@ -123,11 +136,13 @@ def test_demo_data_follows_the_cache_folder(tmp_path, monkeypatch):
 
 def test_concurrent_callers_agree(tmp_path):
     results, errors = [], []
+
     def worker():
         try:
             results.append(synth.generate(tmp_path / "shared", per_class=3, seed=1))
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()

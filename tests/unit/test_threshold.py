@@ -110,8 +110,14 @@ def test_prior_policy_is_not_tuned_on_validation_but_measured_there():
     probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.45, 0.55], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
     counts = np.array([100, 300])
     for weighting, t in (("balanced", 0.5), ("none", 0.75)):
-        c = choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], policy="prior",
-                               class_counts=counts, class_weights=class_weights(counts, weighting))
+        c = choose_for_classes(
+            labels,
+            probs,
+            ["NORMAL", "PNEUMONIA"],
+            policy="prior",
+            class_counts=counts,
+            class_weights=class_weights(counts, weighting),
+        )
         assert c.method == "prior" and c.threshold == pytest.approx(t)
         sens, spec = _rates(labels, probs[:, 1], c.threshold)
         assert (c.sensitivity, c.specificity) == pytest.approx((sens, spec))
@@ -119,8 +125,15 @@ def test_prior_policy_is_not_tuned_on_validation_but_measured_there():
     # The same predictions pick another point under Youden (a tie of 0.4 and 0.8: the lower),
     # and a target sensitivity still overrides the policy.
     assert choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], policy="youden").threshold == 0.4
-    c = choose_for_classes(labels, probs, ["NORMAL", "PNEUMONIA"], target_sensitivity=0.6, policy="prior",
-                           class_counts=counts, class_weights=class_weights(counts, "balanced"))
+    c = choose_for_classes(
+        labels,
+        probs,
+        ["NORMAL", "PNEUMONIA"],
+        target_sensitivity=0.6,
+        policy="prior",
+        class_counts=counts,
+        class_weights=class_weights(counts, "balanced"),
+    )
     assert c.method == "target_sensitivity" and c.threshold == 0.8
 
 
@@ -128,7 +141,13 @@ def test_prior_policy_with_one_class_missing_from_validation_still_decides():
     from mpitrain.data.dataset import class_weights
 
     counts = np.array([10, 30])
-    c = choose_for_classes(np.array([1, 1]), np.array([[0.3, 0.7], [0.6, 0.4]]), ["NORMAL", "PNEUMONIA"],
-                           policy="prior", class_counts=counts, class_weights=class_weights(counts, "balanced"))
+    c = choose_for_classes(
+        np.array([1, 1]),
+        np.array([[0.3, 0.7], [0.6, 0.4]]),
+        ["NORMAL", "PNEUMONIA"],
+        policy="prior",
+        class_counts=counts,
+        class_weights=class_weights(counts, "balanced"),
+    )
     assert c.threshold == 0.5 and c.sensitivity == 0.5 and c.specificity is None
     assert "specificity" not in describe(c, "PNEUMONIA")

@@ -7,7 +7,7 @@ import pytest
 
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard
-from mpitrain.dist.comm import SingleComm
+from mpitrain.parallel.comm import SingleComm
 
 
 def _tiny_job(n=24, size=12):
@@ -52,8 +52,8 @@ def test_a_stop_request_during_validation_stops_after_that_epochs_checkpoint(tmp
     import os
     import signal
 
-    from mpitrain.dist import preempt
     from mpitrain.errors import StopRequested
+    from mpitrain.parallel import preempt
     from mpitrain.train import checkpoint
     from mpitrain.train.trainer import Trainer
 
@@ -89,9 +89,17 @@ def test_a_mid_epoch_checkpoint_goes_on_at_the_same_fraction_of_the_epoch(ranks,
     lines = []
     trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lines.append)
     assert trainer.steps == 3
-    ckpt = Checkpoint(epoch=1, step=step, ranks=ranks, strategy="allreduce", shared=True, steps=written_steps,
-                      states=[trainer.state.arrays(np.array([16.0, 11.0, 9.0]))], config=cfg.to_dict(),
-                      history=[{"epoch": 1}])
+    ckpt = Checkpoint(
+        epoch=1,
+        step=step,
+        ranks=ranks,
+        strategy="allreduce",
+        shared=True,
+        steps=written_steps,
+        states=[trainer.state.arrays(np.array([16.0, 11.0, 9.0]))],
+        config=cfg.to_dict(),
+        history=[{"epoch": 1}],
+    )
     result = trainer.fit(ckpt, resuming=True)
     assert f"resuming at epoch 2, step {goes_on_at} of 3" in lines
     assert result.epochs_run == 3 and len(result.history) == 3

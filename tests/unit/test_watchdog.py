@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from mpitrain.dist.watchdog import Watchdog
+from mpitrain.parallel.watchdog import Watchdog
 
 
 def test_beats_keep_it_quiet_and_silence_fires_it(monkeypatch):

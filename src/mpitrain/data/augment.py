@@ -42,12 +42,12 @@ _TAG = 0xA06  # keeps these draws apart from the shuffle (shards.epoch_order) of
 
 @dataclass(frozen=True)
 class Policy:
-    rotate_degrees: float = 0.0          # uniform in +-this
+    rotate_degrees: float = 0.0  # uniform in +-this
     scale: tuple[float, float] = (1.0, 1.0)  # log-uniform zoom factor (>1: zoom in)
-    shift: float = 0.0                   # uniform in +-this fraction of the side, x and y
+    shift: float = 0.0  # uniform in +-this fraction of the side, x and y
     gamma: tuple[float, float] = (1.0, 1.0)  # log-uniform exponent on [0, 1] values
     contrast: tuple[float, float] = (1.0, 1.0)  # uniform factor around the image's mean
-    brightness: float = 0.0              # uniform in +-this, added to [0, 1] values
+    brightness: float = 0.0  # uniform in +-this, added to [0, 1] values
 
     @property
     def geometric(self) -> bool:
@@ -60,10 +60,12 @@ class Policy:
 
 POLICY = {
     "none": Policy(),
-    "xray": Policy(rotate_degrees=10.0, scale=(0.9, 1.1), shift=0.06, gamma=(0.8, 1.25),
-                   contrast=(0.8, 1.2), brightness=0.08),
-    "xray-strong": Policy(rotate_degrees=15.0, scale=(0.85, 1.2), shift=0.10, gamma=(0.6, 1.6),
-                          contrast=(0.7, 1.4), brightness=0.12),
+    "xray": Policy(
+        rotate_degrees=10.0, scale=(0.9, 1.1), shift=0.06, gamma=(0.8, 1.25), contrast=(0.8, 1.2), brightness=0.08
+    ),
+    "xray-strong": Policy(
+        rotate_degrees=15.0, scale=(0.85, 1.2), shift=0.10, gamma=(0.6, 1.6), contrast=(0.7, 1.4), brightness=0.12
+    ),
 }
 
 
@@ -91,8 +93,9 @@ def affine_matrices(rng: np.random.Generator, n: int, side: int, policy: Policy)
     return m
 
 
-def augment_batch(x: np.ndarray, max_value: float, policy: str | Policy, seed: int, epoch: int,
-                  rank: int, step: int) -> np.ndarray:
+def augment_batch(
+    x: np.ndarray, max_value: float, policy: str | Policy, seed: int, epoch: int, rank: int, step: int
+) -> np.ndarray:
     """One training batch as augmented model input: float32 [n, s, s, 1] in [0, 1]."""
     p = POLICY[policy] if isinstance(policy, str) else policy
     x = np.asarray(x)
@@ -115,8 +118,9 @@ def augment_batch(x: np.ndarray, max_value: float, policy: str | Policy, seed: i
         warped = np.empty_like(src)
         size = (x.shape[2], x.shape[1])
         for i in range(n):
-            cv2.warpAffine(src[i], mats[i], size, dst=warped[i], flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REFLECT_101)
+            cv2.warpAffine(
+                src[i], mats[i], size, dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+            )
         x = warped
     if not p.photometric:
         return _to_float(x, max_value, floats)
@@ -138,9 +142,8 @@ def _photometric_u8(x, max_value, gamma, contrast, bright) -> np.ndarray:
 
     n = len(x)
     levels = np.minimum(np.arange(256, dtype=np.float64) / float(max_value), 1.0)
-    g = levels[None, :] ** gamma[:, None]                                  # [n, 256]
-    hist = np.bincount((x.reshape(n, -1) + (np.arange(n) * 256)[:, None]).ravel(),
-                       minlength=256 * n).reshape(n, 256)
+    g = levels[None, :] ** gamma[:, None]  # [n, 256]
+    hist = np.bincount((x.reshape(n, -1) + (np.arange(n) * 256)[:, None]).ravel(), minlength=256 * n).reshape(n, 256)
     mean = (hist * g).sum(axis=1, keepdims=True) / max(1, x[0].size)
     luts = np.clip((g - mean) * contrast[:, None] + mean + bright[:, None], 0.0, 1.0).astype(np.float32)
     out = np.empty(x.shape + (1,), dtype=np.float32)

@@ -70,8 +70,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(paths: list[str], image_size: int) -> str:
     """Hex key for decoding ``paths`` at ``image_size`` given their current stat data."""
-    h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0"
-                       f"{image_size}\0{len(paths)}\0".encode())
+    h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0{image_size}\0{len(paths)}\0".encode())
     if any(os.path.splitext(p)[1].lower() not in OPENCV_EXTENSIONS for p in paths):
         from mpitrain.data.dicom import signature
 
@@ -80,8 +79,7 @@ def cache_key(paths: list[str], image_size: int) -> str:
     for p in paths:
         try:
             st = os.stat(p)
-            parts.append(f"{len(p)}:{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
-                         f"{st.st_mode}\0")
+            parts.append(f"{len(p)}:{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_mode}\0")
         except OSError as e:
             parts.append(f"{len(p)}:{p}\0missing:{e.errno}\0")
     h.update("".join(parts).encode("utf-8", "surrogateescape"))
@@ -108,8 +106,10 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
                 shape, dtype = arr.shape, arr.dtype
             else:  # the header only; the rows are mapped below
                 version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}[version]
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }[version]
                 shape, fortran, dtype = read_header(f)
                 offset = f.tell()
                 if fortran:
@@ -118,11 +118,15 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
             ok = np.load(f, allow_pickle=False)
             meta = json.loads(f.read().decode("utf-8"))
         max_value = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]
-        valid = (meta.get("version") == FORMAT_VERSION and meta.get("n") == n
-                 and meta.get("image_size") == image_size
-                 and tuple(shape) == (n, image_size, image_size)
-                 and ok.shape == (n,) and ok.dtype == np.bool_
-                 and meta.get("n_failed") == n - int(ok.sum()))
+        valid = (
+            meta.get("version") == FORMAT_VERSION
+            and meta.get("n") == n
+            and meta.get("image_size") == image_size
+            and tuple(shape) == (n, image_size, image_size)
+            and ok.shape == (n,)
+            and ok.dtype == np.bool_
+            and meta.get("n_failed") == n - int(ok.sum())
+        )
         errors = [(str(p), str(r)) for p, r in meta["errors"]]
         notes = [(str(p), str(r)) for p, r in meta.get("notes", [])]
         if not valid or len(errors) != n - int(ok.sum()):
@@ -132,16 +136,21 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
             arr = np.array(whole[rows])  # reads only these rows; a plain in-memory array
             del whole
             ok = ok[rows]
-    except Exception:  # any damage at all just means "decode again"
+    except Exception:  # noqa: BLE001 - any damage at all just means "decode again"
         return None
     return arr, max_value, ok, errors, notes
 
 
 def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors, notes=()) -> None:
     """Atomically create ``path`` (temp file + fsync + os.replace in the same folder)."""
-    meta = {"version": FORMAT_VERSION, "n": len(ok), "image_size": int(arr.shape[1]),
-            "n_failed": int(len(ok) - ok.sum()), "errors": [list(e) for e in errors],
-            "notes": [list(e) for e in notes]}
+    meta = {
+        "version": FORMAT_VERSION,
+        "n": len(ok),
+        "image_size": int(arr.shape[1]),
+        "n_failed": int(len(ok) - ok.sum()),
+        "errors": [list(e) for e in errors],
+        "notes": [list(e) for e in notes],
+    }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         np.save(f, ok, allow_pickle=False)
@@ -193,9 +202,13 @@ def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: in
     return arr, max_value, ok, [(p, why[p]) for p in paths if p in why]
 
 
-def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None = None,
-                       threads: int | None = None, whole: list[str] | None = None
-                       ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
+def load_images_native(
+    paths: list[str],
+    image_size: int,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    whole: list[str] | None = None,
+) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
     """Through the cache, as compact integers: (arr [n, s, s], max value, ok, errors, hit).
 
     `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
@@ -236,9 +249,13 @@ def load_images_native(paths: list[str], image_size: int, cache_dir: Path | None
     return arr, max_value, ok, errors, False
 
 
-def load_images_cached(paths: list[str], image_size: int, cache_dir: Path | None = None,
-                       threads: int | None = None, whole: list[str] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
+def load_images_cached(
+    paths: list[str],
+    image_size: int,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    whole: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
     """Like `mpitrain.data.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
     arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads, whole)
     return to_float(arr, max_value), ok, errors, hit

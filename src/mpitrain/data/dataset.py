@@ -40,7 +40,7 @@ class Plan:
     # decoder's skipped files.
     skipped: list = field(default_factory=list)
     val_is_table: bool = False  # val_from is a --val-labels file, not a --val-data folder
-    is_table: bool = False      # data_dir is a --labels file, not a folder
+    is_table: bool = False  # data_dir is a --labels file, not a folder
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=len(self.classes))
@@ -53,8 +53,10 @@ class Plan:
         share = f"{len(self.val_paths) / max(n, 1):.0%} of the training {'label file' if self.is_table else 'folder'}"
         if self.grouping:
             return f"{share}, split by group: {self.grouping}"
-        return (f"{share}, split image by image (one patient's images may be on both sides, which "
-                f"flatters validation; --groups / --group-pattern split by patient)")
+        return (
+            f"{share}, split image by image (one patient's images may be on both sides, which "
+            f"flatters validation; --groups / --group-pattern split by patient)"
+        )
 
 
 @dataclass
@@ -97,14 +99,31 @@ def plan_for(cfg, cache_dir: str | None = None) -> Plan:
 
     labels = getattr(cfg, "labels", None)
     data_dir = resolve_data_dir(cfg.data, cfg.cache_dir) if labels is None else None
-    return make_plan(data_dir, cfg.val_data, cfg.val_split, cfg.split_seed_used, cfg.groups, cfg.group_pattern,
-                     labels=labels, val_labels=getattr(cfg, "val_labels", None),
-                     columns=Columns(cfg.path_column, cfg.label_column, cfg.patient_column))
+    return make_plan(
+        data_dir,
+        cfg.val_data,
+        cfg.val_split,
+        cfg.split_seed_used,
+        cfg.groups,
+        cfg.group_pattern,
+        labels=labels,
+        val_labels=getattr(cfg, "val_labels", None),
+        columns=Columns(cfg.path_column, cfg.label_column, cfg.patient_column),
+    )
 
 
-def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed: int,
-              groups: str | None = "none", group_pattern: str | None = None, *, labels: str | None = None,
-              val_labels: str | None = None, columns=None) -> Plan:
+def make_plan(
+    data_dir: str | None,
+    val_data: str | None,
+    val_split: float,
+    seed: int,
+    groups: str | None = "none",
+    group_pattern: str | None = None,
+    *,
+    labels: str | None = None,
+    val_labels: str | None = None,
+    columns=None,
+) -> Plan:
     """`groups` / `group_pattern` (or a label file's patient column): keep patients (and
     identical files) on one side of the split (`data/groups.py`); only with a split, not
     with `val_data` / `val_labels`. `labels` / `val_labels`: label files instead of the
@@ -118,11 +137,20 @@ def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed
     paths = np.array(index.paths, dtype=object)
     if val_data is not None or val_labels is not None:
         val = index_of(val_data, val_labels, columns, class_names=index.classes)
-        return Plan(data_dir, index.classes, list(index.paths), index.labels,
-                    list(val.paths), val.labels, val_labels if val_labels is not None else val_data,
-                    train_source=list(index.paths), val_source=list(val.paths),
-                    skipped=index.skipped + val.skipped, val_is_table=val_labels is not None,
-                    is_table=labels is not None)
+        return Plan(
+            data_dir,
+            index.classes,
+            list(index.paths),
+            index.labels,
+            list(val.paths),
+            val.labels,
+            val_labels if val_labels is not None else val_data,
+            train_source=list(index.paths),
+            val_source=list(val.paths),
+            skipped=index.skipped + val.skipped,
+            val_is_table=val_labels is not None,
+            is_table=labels is not None,
+        )
     from mpitrain.data.groups import group_ids
 
     found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
@@ -133,10 +161,20 @@ def make_plan(data_dir: str | None, val_data: str | None, val_split: float, seed
     if len(tr) == 0:
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
     whole = list(index.paths)
-    return Plan(data_dir, index.classes, paths[tr].tolist(), index.labels[tr],
-                paths[va].tolist(), index.labels[va], "split", train_source=whole, val_source=whole,
-                grouping="" if found is None else found.describe(), skipped=list(index.skipped),
-                is_table=labels is not None)
+    return Plan(
+        data_dir,
+        index.classes,
+        paths[tr].tolist(),
+        index.labels[tr],
+        paths[va].tolist(),
+        index.labels[va],
+        "split",
+        train_source=whole,
+        val_source=whole,
+        grouping="" if found is None else found.describe(),
+        skipped=list(index.skipped),
+        is_table=labels is not None,
+    )
 
 
 def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
@@ -154,25 +192,34 @@ def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out:
     """(rows, labels, full-scale value, readable mask) of `paths`; unreadable files are left out."""
     if not paths:
         return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
-    x, max_value, ok, errors, hit = load_images_native(paths, image_size, Path(cache_dir) if cache_dir else None,
-                                                       whole=whole)
+    x, max_value, ok, errors, hit = load_images_native(
+        paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole
+    )
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
     return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value), ok
 
 
-def load_shard(plan: Plan, image_size: int, seed: int, train_part: tuple[int, int],
-               val_part: tuple[int, int], cache_dir: str | None = None) -> Shard:
+def load_shard(
+    plan: Plan,
+    image_size: int,
+    seed: int,
+    train_part: tuple[int, int],
+    val_part: tuple[int, int],
+    cache_dir: str | None = None,
+) -> Shard:
     """Decode the training and validation images that belong to this rank."""
     t0 = time.perf_counter()
     out = Shard(*(np.zeros(0),) * 4)
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
     va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
-    out.train_x, out.train_y, out.train_max, _ = _load([plan.train_paths[i] for i in tr], plan.train_labels[tr],
-                                                       image_size, cache_dir, out, plan.train_source)
-    out.val_x, out.val_y, out.val_max, ok = _load([plan.val_paths[i] for i in va], plan.val_labels[va],
-                                                  image_size, cache_dir, out, plan.val_source)
+    out.train_x, out.train_y, out.train_max, _ = _load(
+        [plan.train_paths[i] for i in tr], plan.train_labels[tr], image_size, cache_dir, out, plan.train_source
+    )
+    out.val_x, out.val_y, out.val_max, ok = _load(
+        [plan.val_paths[i] for i in va], plan.val_labels[va], image_size, cache_dir, out, plan.val_source
+    )
     out.val_index = np.asarray(va, dtype=np.int64)[ok] if len(va) else np.zeros(0, np.int64)
     out.seconds = time.perf_counter() - t0
     return out
@@ -187,8 +234,9 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts_of,
-                      cache_dir: str | None = None) -> tuple[Plan, Shard]:
+def scatter_from_root(
+    comm, plan: Plan | None, image_size: int, seed: int, parts_of, cache_dir: str | None = None
+) -> tuple[Plan, Shard]:
     """--data-on-root: rank 0 decodes everything and sends each rank its shards.
 
     For clusters without a shared file system. `parts_of(rank)` gives a rank's
@@ -200,8 +248,9 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
     if comm.rank == 0:
         full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir)
     # Collective order: plan metadata, then the training rows, then the validation rows.
-    meta = comm.bcast_obj(None if plan is None else
-                          (plan.data_dir, plan.classes, plan.train_labels, plan.val_labels, plan.val_from))
+    meta = comm.bcast_obj(
+        None if plan is None else (plan.data_dir, plan.classes, plan.train_labels, plan.val_labels, plan.val_from)
+    )
     if plan is None:
         data_dir, classes, train_labels, val_labels, val_from = meta
         plan = Plan(data_dir, classes, [], train_labels, [], val_labels, val_from)
@@ -213,8 +262,11 @@ def scatter_from_root(comm, plan: Plan | None, image_size: int, seed: int, parts
             which = [parts_of(r)[split == "val"] for r in range(comm.size)]
             idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
             # val_index belongs to the validation rows only (the training rows have none).
-            parts = [x[i] for i in idx], [y[i] for i in idx], \
-                ([full.val_index[i] for i in idx] if split == "val" else None)
+            parts = (
+                [x[i] for i in idx],
+                [y[i] for i in idx],
+                ([full.val_index[i] for i in idx] if split == "val" else None),
+            )
         setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
         setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
         if split == "val":  # where each row is in the plan: for the saved validation predictions

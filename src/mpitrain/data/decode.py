@@ -51,12 +51,24 @@ from mpitrain.errors import UserError
 from mpitrain.runtime import available_cores
 
 _GRAY = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
-_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
-            (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+_REDUCED = (
+    (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
+    (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+    (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+)
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_NOISE = (b"Corrupt JPEG data", b"Premature end of JPEG", b"libpng warning", b"libpng error",
-          b"Invalid SOS", b"Unsupported marker", b"JPEG datastream", b"[ WARN:", b"[ INFO:",
-          b"TIFF")
+_NOISE = (
+    b"Corrupt JPEG data",
+    b"Premature end of JPEG",
+    b"libpng warning",
+    b"libpng error",
+    b"Invalid SOS",
+    b"Unsupported marker",
+    b"JPEG datastream",
+    b"[ WARN:",
+    b"[ INFO:",
+    b"TIFF",
+)
 # DCT-domain reduction only while the decoded image keeps >= 2x the target size: at 1x the
 # result drifts visibly from a full-size INTER_AREA resize (mean 1.8, max 90 grey levels on
 # the chest X-rays, 224 -> 50), at 2x it stays close (mean 0.5, max 30) and keeps most of
@@ -82,12 +94,12 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        seglen = int.from_bytes(data[i + 2:i + 4], "big")
+        seglen = int.from_bytes(data[i + 2 : i + 4], "big")
         if marker == 0xD9 or seglen < 2:
             return None
         if marker in _SOF and seglen >= 7 and i + 9 <= n:
-            h = int.from_bytes(data[i + 5:i + 7], "big")
-            w = int.from_bytes(data[i + 7:i + 9], "big")
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
         if marker == 0xDA:
             return h, w, i + 2 + seglen
         i += 2 + seglen
@@ -131,10 +143,8 @@ def _decode_opencv(data: bytes, image_size: int) -> np.ndarray | str:
     if img is not None and flag != _GRAY and min(img.shape[:2]) < image_size:
         img = cv2.imdecode(buf, _GRAY)  # header lied or rotation: decode at full size
     if img is None or img.size == 0:
-        kind = "JPEG" if flag != _GRAY or data[:3] == b"\xff\xd8\xff" else \
-            "PNG" if data[:4] == b"\x89PNG" else None
-        return f"corrupt or truncated {kind}" if kind else \
-            "not a decodable image (unknown format or corrupt data)"
+        kind = "JPEG" if flag != _GRAY or data[:3] == b"\xff\xd8\xff" else "PNG" if data[:4] == b"\x89PNG" else None
+        return f"corrupt or truncated {kind}" if kind else "not a decodable image (unknown format or corrupt data)"
     if img.ndim == 3:  # multi-channel source that came back as colour; keep luma
         img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
     if img.dtype not in (np.uint8, np.uint16):
@@ -182,8 +192,11 @@ def _quiet_stderr():
                 os.dup2(saved, 2)
                 os.close(saved)
                 tmp.seek(0)
-                kept = [ln for ln in tmp.read().splitlines(keepends=True)
-                        if ln.strip() and not ln.lstrip().startswith(_NOISE)]
+                kept = [
+                    ln
+                    for ln in tmp.read().splitlines(keepends=True)
+                    if ln.strip() and not ln.lstrip().startswith(_NOISE)
+                ]
                 tmp.close()
                 if kept:
                     os.write(2, b"".join(kept))
@@ -200,12 +213,15 @@ def warn_notes(notes: list[tuple[str, str]]) -> None:
         notes = [n for n in notes if tuple(n) not in _SHOWN]
         _SHOWN.update(tuple(n) for n in notes)
     if notes:
-        shown = "; ".join(f"{p}: {n}" for p, n in notes[:2]) + (f"; and {len(notes) - 2} more" if len(notes) > 2 else "")
+        shown = "; ".join(f"{p}: {n}" for p, n in notes[:2]) + (
+            f"; and {len(notes) - 2} more" if len(notes) > 2 else ""
+        )
         print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
 
 
-def decode_native(paths: list[str], image_size: int, threads: int | None = None,
-                  notes: list | None = None) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
+def decode_native(
+    paths: list[str], image_size: int, threads: int | None = None, notes: list | None = None
+) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
     """Decode to integers: (uint8 or uint16 array [n, s, s], max value, ok, errors).
 
     ``notes``: a list to receive ``(path, note)`` for files decoded with a caveat (the
@@ -239,8 +255,9 @@ def decode_native(paths: list[str], image_size: int, threads: int | None = None,
     def work(start: int, step: int) -> None:
         for i in range(start, n, step):
             data = _read(paths[i])
-            out, caveats[i] = (data, None) if isinstance(data, str) else \
-                _decode_one(data, image_size, is_dicom_name(paths[i]))
+            out, caveats[i] = (
+                (data, None) if isinstance(data, str) else _decode_one(data, image_size, is_dicom_name(paths[i]))
+            )
             if isinstance(out, str):
                 reasons[i] = out
             else:
@@ -273,8 +290,9 @@ def to_float(arr: np.ndarray, max_value: float) -> np.ndarray:
     return np.divide(arr, np.float32(max_value), dtype=np.float32)[..., np.newaxis]
 
 
-def decode_images(paths: list[str], image_size: int, threads: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def decode_images(
+    paths: list[str], image_size: int, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Decode ``paths`` to (x float32 [n, s, s, 1] in [0, 1], ok bool [n], errors).
 
     ``errors`` lists ``(path, reason)`` for every file that failed; its row in ``x`` is

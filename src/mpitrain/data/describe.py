@@ -72,9 +72,12 @@ def _load(label: str, index: FileIndex, image_size: int, cache_dir: Path, line) 
     _, ok, errors, hit = load_images_cached(index.paths, image_size, cache_dir)
     seconds = time.perf_counter() - t0
     rate = len(index.paths) / seconds if seconds > 0 else float("inf")
-    line(f"{label}load", f"{seconds:.2f} s, {rate:,.0f} images/s "
-                         f"(cache {'hit' if hit else 'miss'}, {len(ok):,} files, "
-                         f"{available_cores()} threads)")
+    line(
+        f"{label}load",
+        f"{seconds:.2f} s, {rate:,.0f} images/s "
+        f"(cache {'hit' if hit else 'miss'}, {len(ok):,} files, "
+        f"{available_cores()} threads)",
+    )
     if not hit:  # show what the next run will pay, too: the cached load
         t0 = time.perf_counter()
         load_images_cached(index.paths, image_size, cache_dir)
@@ -92,8 +95,9 @@ def find_duplicates(paths: list[str]) -> list[list[str]]:
     return [[paths[i] for i in s] for s in duplicate_sets(paths)]
 
 
-def _duplicate_lines(groups: list[list[str]], roots: list[Path], seconds: float, dest: Path, line, out,
-                     val_paths: set[str]) -> None:
+def _duplicate_lines(
+    groups: list[list[str]], roots: list[Path], seconds: float, dest: Path, line, out, val_paths: set[str]
+) -> None:
     """The few report lines about byte-identical files; the whole list goes to ``dest``."""
     if not groups:
         line("duplicates", f"none (byte-identical files; checked in {seconds:.2f} s)")
@@ -106,14 +110,21 @@ def _duplicate_lines(groups: list[list[str]], roots: list[Path], seconds: float,
         return p
 
     try:
-        listed = write_atomic(dest / DUPLICATES_NAME, "".join("\t".join(g) + "\n" for g in groups),
-                              errors="surrogateescape")
+        listed = write_atomic(
+            dest / DUPLICATES_NAME, "".join("\t".join(g) + "\n" for g in groups), errors="surrogateescape"
+        )
     except OSError:
-        listed = write_atomic(Path(tempfile.gettempdir()) / "mpitrain" / DUPLICATES_NAME,
-                              "".join("\t".join(g) + "\n" for g in groups), errors="surrogateescape")
+        listed = write_atomic(
+            Path(tempfile.gettempdir()) / "mpitrain" / DUPLICATES_NAME,
+            "".join("\t".join(g) + "\n" for g in groups),
+            errors="surrogateescape",
+        )
     files = sum(len(g) for g in groups)
-    line("duplicates", f"{len(groups):,} group(s) of byte-identical files: {files:,} files, "
-                       f"{files - len(groups):,} redundant copies (checked in {seconds:.2f} s); list in {listed}")
+    line(
+        "duplicates",
+        f"{len(groups):,} group(s) of byte-identical files: {files:,} files, "
+        f"{files - len(groups):,} redundant copies (checked in {seconds:.2f} s); list in {listed}",
+    )
     for g in groups[:3]:
         print("  " + " = ".join(short(p) for p in g), file=out)
     if len(groups) > 3:
@@ -125,8 +136,9 @@ def _duplicate_lines(groups: list[list[str]], roots: list[Path], seconds: float,
         print("  a random --val-split can put copies of one image on both sides", file=out)
 
 
-def _groups_report(index: FileIndex, groups: str, group_pattern, val_split: float, seed: int,
-                   line, out, columns: Columns) -> None:
+def _groups_report(
+    index: FileIndex, groups: str, group_pattern, val_split: float, seed: int, line, out, columns: Columns
+) -> None:
     from mpitrain.data.groups import (
         FILENAME_PATIENT,
         group_ids,
@@ -150,21 +162,38 @@ def _groups_report(index: FileIndex, groups: str, group_pattern, val_split: floa
     split = f"--val-split {val_split} (seed {seed})"
     if shared:
         hint = "" if asked else f"; use --groups {found.source}"
-        print(f"warning: an image-by-image {split} puts {shared:,} of {len(va):,} validation images in "
-              f"{n_shared:,} groups that also have training images{hint}", file=out)
+        print(
+            f"warning: an image-by-image {split} puts {shared:,} of {len(va):,} validation images in "
+            f"{n_shared:,} groups that also have training images{hint}",
+            file=out,
+        )
     else:
         line("split", f"an image-by-image {split} shares no group between training and validation")
     gtr, gva = grouped_split(index.labels, found.ids, val_split, seed)
-    per_class = ", ".join(f"{c} {n:,}" for c, n in zip(index.classes, np.bincount(index.labels[gva],
-                                                                                   minlength=len(index.classes))))
-    line("grouped split", f"{len(gva):,} validation images ({per_class}), "
-                          f"{shared_groups(found.ids, gtr, gva)[0]} sharing a group with training")
+    per_class = ", ".join(
+        f"{c} {n:,}" for c, n in zip(index.classes, np.bincount(index.labels[gva], minlength=len(index.classes)))
+    )
+    line(
+        "grouped split",
+        f"{len(gva):,} validation images ({per_class}), "
+        f"{shared_groups(found.ids, gtr, gva)[0]} sharing a group with training",
+    )
 
 
-def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
-                  out=None, groups: str = "none", group_pattern: str | None = None,
-                  val_split: float = 0.1, seed: int = 0, labels=None, val_labels=None,
-                  columns: Columns = Columns()) -> int:
+def describe_data(
+    data_dir,
+    image_size: int = 50,
+    val_data=None,
+    cache_dir=None,
+    out=None,
+    groups: str = "none",
+    group_pattern: str | None = None,
+    val_split: float = 0.1,
+    seed: int = 0,
+    labels=None,
+    val_labels=None,
+    columns: Columns = Columns(),  # noqa: B008 - frozen, never changed
+) -> int:
     """Print the report for ``data_dir`` or ``labels`` (and ``val_data`` or ``val_labels``)
     to ``out``; return 0.
 
@@ -218,6 +247,13 @@ def describe_data(data_dir, image_size: int = 50, val_data=None, cache_dir=None,
     t0 = time.perf_counter()
     everything = list(index.paths) + (list(val.paths) if val is not None else [])
     copies = find_duplicates(everything)
-    _duplicate_lines(copies, [index.root] + ([val.root] if val is not None else []), time.perf_counter() - t0,
-                     cache, line, out, set(val.paths) if val is not None else set())
+    _duplicate_lines(
+        copies,
+        [index.root] + ([val.root] if val is not None else []),
+        time.perf_counter() - t0,
+        cache,
+        line,
+        out,
+        set(val.paths) if val is not None else set(),
+    )
     return 0

@@ -54,7 +54,7 @@ def may_be_dicom_name(name: str) -> bool:
 
 
 def has_marker_bytes(data: bytes) -> bool:
-    return data[MARKER_OFFSET:MARKER_OFFSET + 4] == MARKER
+    return data[MARKER_OFFSET : MARKER_OFFSET + 4] == MARKER
 
 
 def has_marker(path: str) -> bool:
@@ -111,8 +111,10 @@ def missing_decoder(uid) -> str | None:
         return f"DICOM transfer syntax {getattr(uid, 'name', uid)} ({uid}) has no pixel data decoder in pydicom"
     if decoder.is_available:
         return None
-    return (f"DICOM transfer syntax {uid.name} ({uid}) cannot be decoded with the installed packages; "
-            f"pip install {_packages(decoder.missing_dependencies)}")
+    return (
+        f"DICOM transfer syntax {uid.name} ({uid}) cannot be decoded with the installed packages; "
+        f"pip install {_packages(decoder.missing_dependencies)}"
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -237,8 +239,11 @@ def decode(data: bytes, named_dicom: bool = False) -> tuple[np.ndarray, str | No
         return f"unexpected DICOM pixel array shape {arr.shape}"
     try:
         stored = _honour_bits_stored(arr, ds)
-        if "ModalityLUTSequence" not in ds and not ds.get("VOILUTSequence") and \
-                not ("WindowCenter" in ds and "WindowWidth" in ds):
+        if (
+            "ModalityLUTSequence" not in ds
+            and not ds.get("VOILUTSequence")
+            and not ("WindowCenter" in ds and "WindowWidth" in ds)
+        ):
             return _stored_range_levels(stored, ds, photometric == "MONOCHROME1"), note
         m = _modality(stored, ds)
         y = _voi(m, ds)

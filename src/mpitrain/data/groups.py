@@ -42,12 +42,12 @@ FILENAME_PATIENT = r"(?:^|/)(person\d+)_|(?:^|/)((?:NORMAL2-)?IM-\d+)-"
 
 @dataclass
 class Groups:
-    ids: np.ndarray        # int64 [n]: group number of each image, numbered by first image
+    ids: np.ndarray  # int64 [n]: group number of each image, numbered by first image
     n_groups: int
-    matched: int           # images whose name matched the pattern (0 without a pattern)
-    duplicate_sets: int    # sets of >= 2 byte-identical files
-    duplicate_files: int   # files in those sets
-    source: str            # what was used, for messages
+    matched: int  # images whose name matched the pattern (0 without a pattern)
+    duplicate_sets: int  # sets of >= 2 byte-identical files
+    duplicate_files: int  # files in those sets
+    source: str  # what was used, for messages
 
     def describe(self) -> str:
         parts = [f"{self.n_groups:,} groups ({self.source})"]
@@ -110,8 +110,11 @@ def duplicate_sets(paths: list[str]) -> list[list[int]]:
         for i in same:
             try:
                 with open(paths[i], "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").digest() if hasattr(hashlib, "file_digest") \
+                    digest = (
+                        hashlib.file_digest(f, "sha256").digest()
+                        if hasattr(hashlib, "file_digest")
                         else hashlib.sha256(f.read()).digest()
+                    )
             except OSError:
                 continue
             by_hash[digest].append(i)
@@ -140,9 +143,14 @@ def _union_find_ids(n: int, links: list[list[int]]) -> np.ndarray:
     return np.array([first.setdefault(r, len(first)) for r in roots], dtype=np.int64)
 
 
-def group_ids(paths: list[str], root: str, groups: str | None = "none",
-              group_pattern: str | None = None, patients: list[str | None] | None = None,
-              patient_column: str | None = None) -> Groups | None:
+def group_ids(
+    paths: list[str],
+    root: str,
+    groups: str | None = "none",
+    group_pattern: str | None = None,
+    patients: list[str | None] | None = None,
+    patient_column: str | None = None,
+) -> Groups | None:
     """Groups of `paths` (None when grouping is off). ``patients``: each path's patient id
     from the label file's ``patient_column`` (None or empty: unknown)."""
     pattern = pattern_of(groups, group_pattern)
@@ -156,9 +164,14 @@ def group_ids(paths: list[str], root: str, groups: str | None = "none",
         links = [v for v in by_patient.values() if len(v) > 1]
         dups = duplicate_sets(paths)
         ids = _union_find_ids(len(paths), links + dups)
-        return Groups(ids=ids, n_groups=int(ids.max()) + 1 if len(paths) else 0,
-                      matched=sum(len(v) for v in by_patient.values()), duplicate_sets=len(dups),
-                      duplicate_files=sum(len(d) for d in dups), source=f"--patient-column {patient_column}")
+        return Groups(
+            ids=ids,
+            n_groups=int(ids.max()) + 1 if len(paths) else 0,
+            matched=sum(len(v) for v in by_patient.values()),
+            duplicate_sets=len(dups),
+            duplicate_files=sum(len(d) for d in dups),
+            source=f"--patient-column {patient_column}",
+        )
     if pattern is None and groups in (None, "none"):
         return None
     if groups not in GROUPINGS:
@@ -175,18 +188,28 @@ def group_ids(paths: list[str], root: str, groups: str | None = "none",
         if n and matched == 0:
             example = relative(paths[0], root)
             if not group_pattern:  # the built-in naming (also what --recipe xray sets)
-                raise UserError(f"--groups filename-patient found no patient ids (personNNN_, IM-NNNN-, "
-                                f"NORMAL2-IM-NNNN-) in the {n:,} file names, e.g. {example!r}: give "
-                                f"--group-pattern REGEX for your naming, or --groups duplicates or none")
-            raise UserError(f"--group-pattern {pattern!r} matches none of the {n:,} file names "
-                            f"(searched in paths relative to the data folder, e.g. {example!r})")
+                raise UserError(
+                    f"--groups filename-patient found no patient ids (personNNN_, IM-NNNN-, "
+                    f"NORMAL2-IM-NNNN-) in the {n:,} file names, e.g. {example!r}: give "
+                    f"--group-pattern REGEX for your naming, or --groups duplicates or none"
+                )
+            raise UserError(
+                f"--group-pattern {pattern!r} matches none of the {n:,} file names "
+                f"(searched in paths relative to the data folder, e.g. {example!r})"
+            )
         links.extend(v for v in by_name.values() if len(v) > 1)
     dups = duplicate_sets(paths)
     links.extend(dups)
     ids = _union_find_ids(n, links)
     source = group_pattern and f"--group-pattern '{group_pattern}'" or (groups if groups != "none" else "")
-    return Groups(ids=ids, n_groups=int(ids.max()) + 1 if n else 0, matched=matched,
-                  duplicate_sets=len(dups), duplicate_files=sum(len(d) for d in dups), source=source)
+    return Groups(
+        ids=ids,
+        n_groups=int(ids.max()) + 1 if n else 0,
+        matched=matched,
+        duplicate_sets=len(dups),
+        duplicate_files=sum(len(d) for d in dups),
+        source=source,
+    )
 
 
 def shared_groups(ids: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[int, int]:

@@ -67,8 +67,9 @@ def _open_table(csv_path: str) -> tuple[list[str], list[list[str]]]:
 
 def _column(header: list[str], name: str, option: str, csv_path: str) -> int:
     if name not in header:
-        raise UserError(f"labels file {csv_path} has no column {name!r} (columns: {', '.join(header)}); "
-                        f"choose one with {option}")
+        raise UserError(
+            f"labels file {csv_path} has no column {name!r} (columns: {', '.join(header)}); choose one with {option}"
+        )
     return header.index(name)
 
 
@@ -118,8 +119,15 @@ def read_labels(csv_path, columns: Columns = Columns(), class_names: list[str] |
     label_of = {c: i for i, c in enumerate(classes)}
     order = sorted(kept, key=lambda p: (label_of[kept[p][0]], p))
     patients = [kept[p][1] for p in order] if columns.patient is not None else None
-    return FileIndex(Path(base), classes, order, np.array([label_of[kept[p][0]] for p in order], np.int64),
-                     patients=patients, skipped=skipped, source=csv_path)
+    return FileIndex(
+        Path(base),
+        classes,
+        order,
+        np.array([label_of[kept[p][0]] for p in order], np.int64),
+        patients=patients,
+        skipped=skipped,
+        source=csv_path,
+    )
 
 
 def index_of(data, labels=None, columns: Columns = Columns(), class_names: list[str] | None = None) -> FileIndex:

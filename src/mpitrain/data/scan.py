@@ -69,8 +69,7 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(folder: str, rel: str, visited: set[tuple[int, int]], out: list[tuple[str, str]]
-          ) -> None:
+def _walk(folder: str, rel: str, visited: set[tuple[int, int]], out: list[tuple[str, str]]) -> None:
     """Append (relative path, full path) of every candidate image below ``folder``."""
     try:
         st = os.stat(folder)
@@ -88,14 +87,18 @@ def _walk(folder: str, rel: str, visited: set[tuple[int, int]], out: list[tuple[
         try:
             is_dir = entry.is_dir()  # follows symlinks
             is_file = not is_dir and entry.is_file()
-            dangling = not is_dir and not is_file and entry.is_symlink() and \
-                not os.path.exists(entry.path)
+            dangling = not is_dir and not is_file and entry.is_symlink() and not os.path.exists(entry.path)
         except OSError:
             is_dir, is_file, dangling = False, True, False  # let the decoder report it
         if is_dir:
             _walk(entry.path, sub, visited, out)
-        elif (is_file or dangling) and _is_image_name(entry.name) or \
-                is_file and may_be_dicom_name(entry.name) and has_marker(entry.path):
+        elif (
+            (is_file or dangling)
+            and _is_image_name(entry.name)
+            or is_file
+            and may_be_dicom_name(entry.name)
+            and has_marker(entry.path)
+        ):
             out.append((sub, entry.path))
 
 
@@ -117,11 +120,18 @@ def check_classes(where: str, classes: list[str], class_names: list[str] | None)
     if class_names is not None and list(class_names) != classes:
         missing = [c for c in class_names if c not in classes]
         extra = [c for c in classes if c not in class_names]
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra)}" if extra else "") if part) or "different order"
-        raise UserError(f"classes in {where} do not match the training classes "
-                        f"({', '.join(class_names)}): {detail}")
+        detail = (
+            "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unexpected {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            or "different order"
+        )
+        raise UserError(f"classes in {where} do not match the training classes ({', '.join(class_names)}): {detail}")
 
 
 def scan(root, class_names: list[str] | None = None) -> FileIndex:
@@ -154,9 +164,13 @@ def scan(root, class_names: list[str] | None = None) -> FileIndex:
 
     if not paths:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no image files ({exts}, or DICOM without an extension) found in class sub-folders of {root_str}")
+        raise UserError(
+            f"no image files ({exts}, or DICOM without an extension) found in class sub-folders of {root_str}"
+        )
     if len(classes) < 2:
-        raise UserError(f"found {len(classes)} class folder(s) with images in {root_str}; "
-                        "need at least 2 (one sub-folder per class)")
+        raise UserError(
+            f"found {len(classes)} class folder(s) with images in {root_str}; "
+            "need at least 2 (one sub-folder per class)"
+        )
     check_classes(root_str, classes, class_names)
     return FileIndex(Path(root_str), classes, paths, np.asarray(labels, dtype=np.int64))

@@ -37,4 +37,4 @@ def steps_per_epoch(longest_shard: int, batch_size: int) -> int:
 
 def batch_slices(order: np.ndarray, steps: int, batch_size: int):
     """`steps` index arrays; past the end of the shard they are short or empty."""
-    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]

@@ -25,8 +25,7 @@ def val_count(n_c: int, val_fraction: float) -> int:
     return min(max(k, 1), n_c - 1)
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices of ``labels`` into sorted int64 (train_idx, val_idx).
 
     ``val_fraction`` must be in [0, 1); 0 gives an empty validation set.
@@ -51,12 +50,12 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int
         k = val_count(len(members), fraction)
         if k:
             in_val[rng.permutation(members)[:k]] = True
-    return (np.flatnonzero(~in_val).astype(np.int64),
-            np.flatnonzero(in_val).astype(np.int64))
+    return (np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64))
 
 
-def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Like `stratified_split`, but every group (a patient) lies wholly on one side.
 
     Each group belongs to the class most of its images have (ties: the lower label). Per
@@ -104,5 +103,4 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, s
             if abs(got + int(size[best]) - k) < k - got:
                 take[best] = True
     in_val = take[groups]
-    return (np.flatnonzero(~in_val).astype(np.int64),
-            np.flatnonzero(in_val).astype(np.int64))
+    return (np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64))

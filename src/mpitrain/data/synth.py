@@ -85,8 +85,7 @@ def _opacities(rng, x, y, style: int, n: int) -> np.ndarray:
         return 1.0 - np.exp(-dose * np.clip(0.85 + 0.4 * texture, 0.4, 1.3))
     if style == 2:  # lobar: one dense, well-defined patch low in one lung
         side = float(rng.choice([-1.0, 1.0]))
-        d = _ellipse(x, y, side * 0.38, rng.uniform(0.1, 0.35), rng.uniform(0.12, 0.2),
-                     rng.uniform(0.12, 0.2))
+        d = _ellipse(x, y, side * 0.38, rng.uniform(0.1, 0.35), rng.uniform(0.12, 0.2), rng.uniform(0.12, 0.2))
         return rng.uniform(0.6, 0.95) * _smooth_inside(d, 0.1)
     # interstitial: fine reticular texture plus haze over both lungs
     texture = np.abs(_blur(rng.standard_normal(x.shape).astype(np.float32), n / 60))
@@ -107,20 +106,24 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     edge = 2.0 / n
 
     img = np.full((n, n), rng.uniform(0.02, 0.08), dtype=np.float32)
-    torso = np.maximum(_smooth_inside(_ellipse(x, y, 0, 0.3, 0.92, 1.05, 3.0), edge * 3),
-                       _smooth_inside(_ellipse(x, y, 0, -0.85, 0.22, 0.4, 4.0), edge * 3))
+    torso = np.maximum(
+        _smooth_inside(_ellipse(x, y, 0, 0.3, 0.92, 1.05, 3.0), edge * 3),
+        _smooth_inside(_ellipse(x, y, 0, -0.85, 0.22, 0.4, 4.0), edge * 3),
+    )
     img += rng.uniform(0.5, 0.6) * torso
     lungs = np.zeros_like(x)
     lung_h = rng.uniform(0.5, 0.6)
     for side in (-1.0, 1.0):
         # Narrow apex, wide base: scale the horizontal coordinate with the height.
         taper = np.clip(0.85 + 0.2 * (y + 0.02) / lung_h, 0.6, 1.05)
-        d = _ellipse(side * 0.38 + (x - side * 0.38) / taper, y, side * 0.38, -0.02,
-                     rng.uniform(0.25, 0.3), lung_h, 2.2)
+        d = _ellipse(
+            side * 0.38 + (x - side * 0.38) / taper, y, side * 0.38, -0.02, rng.uniform(0.25, 0.3), lung_h, 2.2
+        )
         lungs = np.maximum(lungs, _smooth_inside(d, 0.06))
     # The heart is a soft-tissue shadow over the lower medial lungs (mostly the image right).
-    heart = _smooth_inside(_ellipse(x, y, rng.uniform(0.05, 0.14), 0.45, rng.uniform(0.22, 0.3),
-                                    rng.uniform(0.18, 0.24)), 0.08)
+    heart = _smooth_inside(
+        _ellipse(x, y, rng.uniform(0.05, 0.14), 0.45, rng.uniform(0.22, 0.3), rng.uniform(0.18, 0.24)), 0.08
+    )
     lungs *= 1.0 - 0.7 * heart
     darkness = rng.uniform(0.3, 0.4)
     img -= darkness * lungs * torso
@@ -162,8 +165,12 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
 
 
 def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) \
-        and value >= low and (high is None or value <= high)
+    ok = (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
     if not ok:
         span = f">= {low}" if high is None else f"from {low} to {high}"
         raise UserError(f"{name} must be a whole number {span}, got {value!r}")
@@ -178,8 +185,14 @@ def _check_args(per_class, image_size, seed, classes) -> list[str]:
     if not 2 <= len(names) <= 4:
         raise UserError(f"need 2 to 4 class names, got {len(names)}")
     for name in names:
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name \
-                or "\\" in name or name != name.strip():
+        if (
+            not isinstance(name, str)
+            or not name
+            or name.startswith(".")
+            or "/" in name
+            or "\\" in name
+            or name != name.strip()
+        ):
             raise UserError(f"bad class name {name!r}: use a plain folder name")
     if len(set(names)) != len(names):
         raise UserError(f"class names must be distinct, got {names}")
@@ -193,8 +206,9 @@ def _read_marker(folder: Path) -> dict | None:
         return None
 
 
-def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: int = 0,
-             classes=("NORMAL", "PNEUMONIA")) -> Path:
+def generate(
+    out: Path | str, per_class: int = 300, image_size: int = 50, seed: int = 0, classes=("NORMAL", "PNEUMONIA")
+) -> Path:
     """Write the data set to ``out`` (see module doc) and return ``out`` as a Path.
 
     Raises UserError for bad arguments, or if ``out`` is a file, a non-empty folder that is
@@ -202,9 +216,14 @@ def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: 
     """
     names = _check_args(per_class, image_size, seed, classes)
     out = Path(out).expanduser()
-    params = {"generator": "mpitrain.data.synth", "version": GENERATOR_VERSION,
-              "per_class": int(per_class), "image_size": int(image_size), "seed": int(seed),
-              "classes": names}
+    params = {
+        "generator": "mpitrain.data.synth",
+        "version": GENERATOR_VERSION,
+        "per_class": int(per_class),
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "classes": names,
+    }
 
     def reuse_or_refuse() -> Path | None:
         if not out.exists():
@@ -213,8 +232,10 @@ def generate(out: Path | str, per_class: int = 300, image_size: int = 50, seed: 
         if marker == params:
             return out
         if marker is not None:
-            raise UserError(f"{out} holds a synthetic data set made with other parameters "
-                            f"({marker}); delete it or choose another folder")
+            raise UserError(
+                f"{out} holds a synthetic data set made with other parameters "
+                f"({marker}); delete it or choose another folder"
+            )
         check_new_or_empty(out, "--out", "choose a new or empty folder")  # train's rule for its --out
         return None
 

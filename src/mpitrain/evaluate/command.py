@@ -28,10 +28,10 @@ class Setup:
     info: ModelInfo
     data_dir: str
     paths: list[str]
-    labels: np.ndarray          # model class index per file
+    labels: np.ndarray  # model class index per file
     threshold: float | None
-    source: str                 # "model", "--threshold" or "argmax"
-    skipped: list               # label-file rows left out (no such file, empty cells): (path, reason)
+    source: str  # "model", "--threshold" or "argmax"
+    skipped: list  # label-file rows left out (no such file, empty cells): (path, reason)
 
 
 def _check_outputs(json_path: str | None, plots: str | None) -> None:
@@ -46,9 +46,17 @@ def _check_outputs(json_path: str | None, plots: str | None) -> None:
             raise UserError(f"--plots {plots}: cannot create the folder: {e.strerror or e}") from None
 
 
-def prepare(model: str | list[str], data: str, threshold: float | None = None, image_size: int | None = None,
-            json_path: str | None = None, plots: str | None = None, check_outputs: bool = True,
-            labels: str | None = None, columns=None) -> Setup:
+def prepare(
+    model: str | list[str],
+    data: str,
+    threshold: float | None = None,
+    image_size: int | None = None,
+    json_path: str | None = None,
+    plots: str | None = None,
+    check_outputs: bool = True,
+    labels: str | None = None,
+    columns=None,
+) -> Setup:
     """Everything that can be checked without Keras; raises UserError (all ranks alike).
     ``labels``: a label file instead of the class folders of ``data`` (`data/labels.py`)."""
     from mpitrain.data.labels import Columns, index_of
@@ -74,22 +82,41 @@ def my_indices(n: int, rank: int, size: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def evaluate_main(model: str | list[str], data: str, json_path: str | None = None, threshold: float | None = None,
-                  plots: str | None = None, image_size: int | None = None, cache_dir: str | None = None,
-                  threads: int | None = None, precision: str = "fp32", echo=print, labels: str | None = None,
-                  columns=None) -> int:
+def evaluate_main(
+    model: str | list[str],
+    data: str,
+    json_path: str | None = None,
+    threshold: float | None = None,
+    plots: str | None = None,
+    image_size: int | None = None,
+    cache_dir: str | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    echo=print,
+    labels: str | None = None,
+    columns=None,
+) -> int:
     from mpitrain.data.cache import load_images_cached
-    from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.errors import agree
     from mpitrain.evaluate import modelio
+    from mpitrain.parallel.comm import launched_by_mpi, world
     from mpitrain.runtime import started_at
 
     started = started_at(launched_by_mpi())  # the command's start (the launcher's, under `-n N`)
     comm = world()
     setup, err = None, None
     try:
-        setup = prepare(model, data, threshold, image_size, json_path, plots, check_outputs=comm.rank == 0,
-                        labels=labels, columns=columns)
+        setup = prepare(
+            model,
+            data,
+            threshold,
+            image_size,
+            json_path,
+            plots,
+            check_outputs=comm.rank == 0,
+            labels=labels,
+            columns=columns,
+        )
     except UserError as e:
         err = str(e)
     agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
@@ -113,9 +140,9 @@ def evaluate_main(model: str | list[str], data: str, json_path: str | None = Non
     idx = my_indices(n, comm.rank, comm.size)
     k = len(info.classes)
     if len(idx):
-        x, ok, errors, _ = load_images_cached([setup.paths[i] for i in idx], info.image_size,
-                                              Path(cache_dir) if cache_dir else None,
-                                              whole=setup.paths)  # `mpitrain data` caches the whole folder
+        x, ok, errors, _ = load_images_cached(
+            [setup.paths[i] for i in idx], info.image_size, Path(cache_dir) if cache_dir else None, whole=setup.paths
+        )  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
         probs = modelio.predict_probs(net, x, k)
@@ -143,15 +170,25 @@ def evaluate_main(model: str | list[str], data: str, json_path: str | None = Non
     labels = setup.labels[ok]
     probs = probs[ok]
     result = _metrics(setup, labels, probs, counts)
-    result.update(model=info.label, members=[str(m.path) for m in info.members], data=setup.data_dir, skipped_files=[list(e) for e in all_errors],
-                  ranks=comm.size, compute_precision=precision, seconds=round(time.perf_counter() - t0, 3),
-                  total_seconds=round(time.time() - started, 3))
+    result.update(
+        model=info.label,
+        members=[str(m.path) for m in info.members],
+        data=setup.data_dir,
+        skipped_files=[list(e) for e in all_errors],
+        ranks=comm.size,
+        compute_precision=precision,
+        seconds=round(time.perf_counter() - t0, 3),
+        total_seconds=round(time.time() - started, 3),
+    )
     result["validation_protocol"] = [m.extra.get("validation") for m in (info.members or [info])]
     _report(setup, result, comm.size, echo)
     if all_errors:
-        print(f"warning: skipped {len(all_errors)} unreadable file(s): "
-              + "; ".join(f"{p}: {r}" for p, r in all_errors[:3]) + (" ..." if len(all_errors) > 3 else ""),
-              file=sys.stderr)
+        print(
+            f"warning: skipped {len(all_errors)} unreadable file(s): "
+            + "; ".join(f"{p}: {r}" for p, r in all_errors[:3])
+            + (" ..." if len(all_errors) > 3 else ""),
+            file=sys.stderr,
+        )
     if json_path is not None:
         from mpitrain.atomic import write_json
 
@@ -184,15 +221,20 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     from mpitrain.evaluate.report import text_table
 
     info = setup.info
-    per_class = ", ".join(f"{c} {v:,}" for c, v in result["per_class_counts"].items()
-                          if c not in result["absent_classes"])  # those are named in the table
+    per_class = ", ".join(
+        f"{c} {v:,}" for c, v in result["per_class_counts"].items() if c not in result["absent_classes"]
+    )  # those are named in the table
     echo(f"model: {info.label} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
-    echo(f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
-         f"{ranks} rank{'s' * (ranks > 1)} | {result['compute_precision']}")
+    echo(
+        f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
+        f"{ranks} rank{'s' * (ranks > 1)} | {result['compute_precision']}"
+    )
     start_up = "starting the ranks" if ranks > 1 else "Python start-up"
-    echo(f"time: {result['total_seconds']:.1f}s since the command started ({start_up}, TensorFlow and model "
-         f"loading included), of which {result['seconds']:.1f}s decoding, predicting and gathering "
-         f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)")
+    echo(
+        f"time: {result['total_seconds']:.1f}s since the command started ({start_up}, TensorFlow and model "
+        f"loading included), of which {result['seconds']:.1f}s decoding, predicting and gathering "
+        f"({result['n_samples'] / max(result['seconds'], 1e-9):,.0f} images/s)"
+    )
     source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
     echo(text_table(result, source))
     for line in context_lines(info, result):

@@ -41,15 +41,18 @@ def read_info(models: list[str] | str, need_threshold: bool = True) -> ModelInfo
     first = infos[0]
     for other in infos[1:]:
         if other.classes != first.classes:
-            raise UserError(f"models {first.path} and {other.path} have different classes "
-                            f"({', '.join(first.classes)} vs {', '.join(other.classes)}): they cannot be averaged")
+            raise UserError(
+                f"models {first.path} and {other.path} have different classes "
+                f"({', '.join(first.classes)} vs {', '.join(other.classes)}): they cannot be averaged"
+            )
         if other.image_size != first.image_size:
-            raise UserError(f"models {first.path} and {other.path} take different image sizes "
-                            f"({first.image_size} vs {other.image_size}): they cannot be averaged")
+            raise UserError(
+                f"models {first.path} and {other.path} take different image sizes "
+                f"({first.image_size} vs {other.image_size}): they cannot be averaged"
+            )
         if other.positive_class != first.positive_class:
             raise UserError(f"models {first.path} and {other.path} have different positive classes")
-    info = ModelInfo(first.path, list(first.classes), first.image_size, None, "argmax",
-                     first.positive_class, {}, infos)
+    info = ModelInfo(first.path, list(first.classes), first.image_size, None, "argmax", first.positive_class, {}, infos)
     if need_threshold and len(first.classes) == 2:
         info.threshold, info.threshold_method, info.extra = _threshold(infos)
     return info
@@ -60,15 +63,18 @@ def _threshold(infos: list[ModelInfo]) -> tuple[float | None, str, dict]:
     if methods == {"argmax"}:
         return None, "argmax", {}
     if len(methods) > 1:
-        raise UserError(f"the models chose their thresholds differently ({', '.join(sorted(methods))}): "
-                        "give --threshold T for the ensemble")
+        raise UserError(
+            f"the models chose their thresholds differently ({', '.join(sorted(methods))}): "
+            "give --threshold T for the ensemble"
+        )
     method = methods.pop()
     if method == "prior":
         return float(np.mean([i.threshold for i in infos])), "prior", {}
     targets = {i.extra.get("target_sensitivity") for i in infos}
     if len(targets) > 1:
-        raise UserError("the models were trained for different --target-sensitivity values: "
-                        "give --threshold T for the ensemble")
+        raise UserError(
+            "the models were trained for different --target-sensitivity values: give --threshold T for the ensemble"
+        )
     target = targets.pop()
     preds = _common_validation(infos)
     from mpitrain.evaluate.threshold import choose_threshold
@@ -77,8 +83,16 @@ def _threshold(infos: list[ModelInfo]) -> tuple[float | None, str, dict]:
     choice = choose_threshold(preds[0] == infos[0].positive, scores, target)
     if choice.threshold is None:
         raise UserError(f"no ensemble threshold: {choice.reason}; give --threshold T")
-    return choice.threshold, method, {"target_sensitivity": target, "val_sensitivity": choice.sensitivity,
-                                      "val_specificity": choice.specificity, "val_images": len(scores)}
+    return (
+        choice.threshold,
+        method,
+        {
+            "target_sensitivity": target,
+            "val_sensitivity": choice.sensitivity,
+            "val_specificity": choice.specificity,
+            "val_images": len(scores),
+        },
+    )
 
 
 def _common_validation(infos: list[ModelInfo]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +102,15 @@ def _common_validation(infos: list[ModelInfo]) -> tuple[np.ndarray, np.ndarray]:
     runs = [valpreds.read(i.path.parent, i.classes) for i in infos]
     missing = [str(i.path.parent) for i, r in zip(infos, runs) if r is None]
     if missing:
-        raise UserError(f"{missing[0]} has no {valpreds.NAME} (trained by an older mpitrain): give "
-                        "--threshold T for the ensemble")
+        raise UserError(
+            f"{missing[0]} has no {valpreds.NAME} (trained by an older mpitrain): give --threshold T for the ensemble"
+        )
     if any(r.paths != runs[0].paths for r in runs[1:]):
-        raise UserError("the models were validated on different images (another --seed moves the "
-                        "--val-split), so no image is unseen by all of them: give --threshold T, train "
-                        "them with one --split-seed, or with --threshold-policy prior")
+        raise UserError(
+            "the models were validated on different images (another --seed moves the "
+            "--val-split), so no image is unseen by all of them: give --threshold T, train "
+            "them with one --split-seed, or with --threshold-policy prior"
+        )
     return runs[0].labels, average([r.probs for r in runs])
 
 

@@ -55,13 +55,13 @@ import numpy as np
 
 from mpitrain.errors import UserError
 
-FORMAT = 1                    # the export.json format this version writes
+FORMAT = 1  # the export.json format this version writes
 FORMATS = ("savedmodel", "tflite")
 NAME = "export.json"
 TFLITE_FILE = "model.tflite"
 SIGNATURE, INPUT, OUTPUT = "serving_default", "pixels", "probabilities"
-SAMPLE = 64                   # validation images (or random ones) the export is checked on
-SEED = 0                      # which of them: same run, same images
+SAMPLE = 64  # validation images (or random ones) the export is checked on
+SEED = 0  # which of them: same run, same images
 TOLERANCE = {"savedmodel": 1e-5, "tflite": 1e-4}  # max |p_export - p_model.keras|, see above
 
 INPUT_CONTRACT = (
@@ -92,8 +92,10 @@ def check_out(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if overwrite and out.is_dir() and any(out.iterdir()):
         if not (out / NAME).is_file():
-            raise UserError(f"--out {out} is not empty and holds no {NAME}: --overwrite replaces only an "
-                            "earlier export; choose another folder")
+            raise UserError(
+                f"--out {out} is not empty and holds no {NAME}: --overwrite replaces only an "
+                "earlier export; choose another folder"
+            )
         return
     outdir.check_new_or_empty(out, "--out", "pass --overwrite to replace an earlier export, or choose another folder")
 
@@ -106,8 +108,9 @@ def to_pixels(arr: np.ndarray, max_value: float) -> np.ndarray:
     return ((np.asarray(arr, np.uint32) + 128) // 257).astype(np.uint8)
 
 
-def check_sample(info, threads: int | None = None, n: int = SAMPLE, seed: int = SEED
-                 ) -> tuple[np.ndarray, str, str | None]:
+def check_sample(
+    info, threads: int | None = None, n: int = SAMPLE, seed: int = SEED
+) -> tuple[np.ndarray, str, str | None]:
     """(uint8 pixels [m, S, S], what they are, why not validation images or None).
 
     A seeded sample of the run's validation images (``val_predictions.csv``) decoded as
@@ -119,8 +122,13 @@ def check_sample(info, threads: int | None = None, n: int = SAMPLE, seed: int = 
     s = info.image_size
     try:
         val = valpreds.read(info.path.parent, info.classes)
-        reason = f"the run has no {valpreds.NAME}" if val is None else \
-            f"{valpreds.NAME} lists no images" if not val.paths else None
+        reason = (
+            f"the run has no {valpreds.NAME}"
+            if val is None
+            else f"{valpreds.NAME} lists no images"
+            if not val.paths
+            else None
+        )
     except UserError as e:
         val, reason = None, str(e)
     if reason is None:
@@ -147,8 +155,7 @@ def _save_savedmodel(model, size: int, folder: Path) -> None:
     def serve(pixels):
         return {OUTPUT: model(tf.cast(pixels, tf.float32) / 255.0, training=False)}
 
-    archive.add_endpoint(SIGNATURE, serve,
-                         input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name=INPUT)])
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name=INPUT)])
     archive.write_out(str(folder), verbose=False)
 
 
@@ -165,20 +172,24 @@ def tflite_interpreter():
     try:
         import ai_edge_litert
         from ai_edge_litert.interpreter import Interpreter
+
         return Interpreter, f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '')}".strip()
     except ImportError:
         pass
     try:
         import tflite_runtime
         from tflite_runtime.interpreter import Interpreter
+
         return Interpreter, f"tflite-runtime {getattr(tflite_runtime, '__version__', '')}".strip()
     except ImportError:
         pass
     import tensorflow as tf
 
     if not hasattr(tf.lite, "Interpreter"):
-        raise UserError("a TFLite export is checked by running it, and no TFLite interpreter is installed: "
-                        "pip install ai-edge-litert")
+        raise UserError(
+            "a TFLite export is checked by running it, and no TFLite interpreter is installed: "
+            "pip install ai-edge-litert"
+        )
     return tf.lite.Interpreter, f"tensorflow {tf.__version__} tf.lite.Interpreter"
 
 
@@ -189,8 +200,9 @@ def exported_predictor(fmt: str, folder: Path):
         import tensorflow as tf
 
         signature = tf.saved_model.load(str(folder)).signatures[SIGNATURE]
-        return (lambda x: signature(**{INPUT: tf.constant(x)})[OUTPUT].numpy()), \
-            f"tensorflow {tf.__version__} tf.saved_model.load"
+        return (
+            lambda x: signature(**{INPUT: tf.constant(x)})[OUTPUT].numpy()
+        ), f"tensorflow {tf.__version__} tf.saved_model.load"
     interpreter, name = tflite_interpreter()
     runner = interpreter(model_path=str(folder / TFLITE_FILE)).get_signature_runner(SIGNATURE)
     return (lambda x: runner(**{INPUT: x})[OUTPUT]), name
@@ -214,21 +226,26 @@ def describe(info, fmt: str, check: dict) -> dict:
         "decision": decision_rule(info.classes, info.threshold, info.positive),
         "image_size": s,
         "input": {"name": INPUT, "dtype": "uint8", "shape": [None, s, s, 1], "contract": INPUT_CONTRACT.format(s=s)},
-        "output": {"name": OUTPUT, "dtype": "float32", "shape": [None, k],
-                   "meaning": "class probabilities (softmax) in the order of classes"},
+        "output": {
+            "name": OUTPUT,
+            "dtype": "float32",
+            "shape": [None, k],
+            "meaning": "class probabilities (softmax) in the order of classes",
+        },
         "compute_precision": "fp32",
         "source": {"model": str(info.path.resolve()), "mpitrain_version": __version__},
         "check": check,
     }
 
 
-def export_main(run: str, fmt: str, out: str | None = None, overwrite: bool = False,
-                threads: int | None = None, echo=print) -> int:
+def export_main(
+    run: str, fmt: str, out: str | None = None, overwrite: bool = False, threads: int | None = None, echo=print
+) -> int:
     from mpitrain import outdir
     from mpitrain.atomic import atomic_dir, write_json
     from mpitrain.data.decode import to_float
-    from mpitrain.dist.comm import launched_by_mpi, world
     from mpitrain.evaluate import modelio
+    from mpitrain.parallel.comm import launched_by_mpi, world
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more would write the same folder
@@ -237,8 +254,10 @@ def export_main(run: str, fmt: str, out: str | None = None, overwrite: bool = Fa
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     path = modelio.model_path(run)
     if not path.with_name("model.json").is_file():  # older runs: no threshold, no positive class to carry
-        raise UserError(f"no model.json beside {path}: export needs a run folder written by an mpitrain "
-                        "that saves model.json (classes, threshold, positive class)")
+        raise UserError(
+            f"no model.json beside {path}: export needs a run folder written by an mpitrain "
+            "that saves model.json (classes, threshold, positive class)"
+        )
     info = modelio.read_info(path)
     target = Path(out) if out else default_out(info, fmt)
     check_out(target, overwrite)
@@ -273,20 +292,35 @@ def export_main(run: str, fmt: str, out: str | None = None, overwrite: bool = Fa
             diff = float(np.abs(got.astype(np.float64) - reference).max())
             tol = TOLERANCE[fmt]
             if not diff <= tol:  # NaN fails too
-                raise UserError(f"the {fmt} export does not reproduce {path}: probabilities differ by up to "
-                                f"{diff:.3g} on {what} (tolerance {tol:g}); nothing written")
-            flips = int((modelio.decide(got, info.threshold, info.positive)
-                         != modelio.decide(reference, info.threshold, info.positive)).sum())
-            check = {"inputs": what, "n": len(pixels), "random_because": fallback,
-                     "reference": f"{path.name} in float32 (Keras, safe mode)", "run_with": runner,
-                     "max_abs_diff": diff, "tolerance": tol, "decisions_changed": flips}
+                raise UserError(
+                    f"the {fmt} export does not reproduce {path}: probabilities differ by up to "
+                    f"{diff:.3g} on {what} (tolerance {tol:g}); nothing written"
+                )
+            flips = int(
+                (
+                    modelio.decide(got, info.threshold, info.positive)
+                    != modelio.decide(reference, info.threshold, info.positive)
+                ).sum()
+            )
+            check = {
+                "inputs": what,
+                "n": len(pixels),
+                "random_because": fallback,
+                "reference": f"{path.name} in float32 (Keras, safe mode)",
+                "run_with": runner,
+                "max_abs_diff": diff,
+                "tolerance": tol,
+                "decisions_changed": flips,
+            }
             write_json(tmp / NAME, describe(info, fmt, check))
     except BaseException:
         outdir.remove_empty(created)
         raise
     s = info.image_size
-    echo(f"exported {path} as {'a SavedModel' if fmt == 'savedmodel' else 'TFLite ' + TFLITE_FILE} to {target} "
-         f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, 1] (0-255, resized to {s}x{s} by the "
-         f"caller) -> {OUTPUT} of {', '.join(info.classes)}; checked on {what}: max |p - {path.name}| = "
-         f"{diff:.2g} <= {tol:g}")
+    echo(
+        f"exported {path} as {'a SavedModel' if fmt == 'savedmodel' else 'TFLite ' + TFLITE_FILE} to {target} "
+        f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, 1] (0-255, resized to {s}x{s} by the "
+        f"caller) -> {OUTPUT} of {', '.join(info.classes)}; checked on {what}: max |p - {path.name}| = "
+        f"{diff:.2g} <= {tol:g}"
+    )
     return 0

@@ -100,8 +100,9 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     for name, a in (("y_true", t), ("y_pred", p)):
         if a.size and (a.min() < 0 or a.max() >= n_classes):
             raise ValueError(f"{name} has labels outside 0..{n_classes - 1}")
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes) \
-        .reshape(n_classes, n_classes).astype(np.int64)
+    return (
+        np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.int64)
+    )
 
 
 def _ratio(num, den) -> float | None:
@@ -122,8 +123,7 @@ def _f1(tp, fp, fn) -> float | None:
     return _ratio(2 * tp, 2 * tp + fp + fn)
 
 
-def classification_metrics(y_true, probs, class_names, threshold: float | None = None,
-                           positive: int = 1) -> dict:
+def classification_metrics(y_true, probs, class_names, threshold: float | None = None, positive: int = 1) -> dict:
     """Everything a report needs about predictions ``probs`` for labels ``y_true``.
 
     ``y_true`` holds class indices (a one-hot ``[n, n_classes]`` array is accepted too).
@@ -165,10 +165,15 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
     tp = np.diag(cm)
     fp, fn, support = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp, cm.sum(axis=1)
 
-    per_class = {name: {"precision": _ratio(tp[i], tp[i] + fp[i]),
-                        "recall": _ratio(tp[i], support[i]),
-                        "f1": _f1(tp[i], fp[i], fn[i]), "support": int(support[i])}
-                 for i, name in enumerate(names)}
+    per_class = {
+        name: {
+            "precision": _ratio(tp[i], tp[i] + fp[i]),
+            "recall": _ratio(tp[i], support[i]),
+            "f1": _f1(tp[i], fp[i], fn[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
     present = [i for i in range(k) if support[i] > 0]
     present_names = [names[i] for i in present]
     aucs, aps = [], []
@@ -181,8 +186,11 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
     result = {
         "accuracy": _ratio(tp.sum(), n),
         "balanced_accuracy": _mean([per_class[c]["recall"] for c in present_names]),
-        "roc_auc": _mean(aucs), "pr_auc": _mean(aps),
-        "confusion_matrix": cm.tolist(), "class_names": names, "n_samples": n,
+        "roc_auc": _mean(aucs),
+        "pr_auc": _mean(aps),
+        "confusion_matrix": cm.tolist(),
+        "class_names": names,
+        "n_samples": n,
         "per_class_counts": {name: int(support[i]) for i, name in enumerate(names)},
         "threshold": None if threshold is None else float(threshold),
         "positive_class": names[positive] if k == 2 else None,
@@ -199,7 +207,11 @@ def classification_metrics(y_true, probs, class_names, threshold: float | None =
     if k == 2:
         pos = per_class[names[positive]]
         neg = 1 - positive
-        result.update(precision=pos["precision"], recall=pos["recall"],
-                      sensitivity=pos["recall"], f1=pos["f1"],
-                      specificity=_ratio(tp[neg], support[neg]))
+        result.update(
+            precision=pos["precision"],
+            recall=pos["recall"],
+            sensitivity=pos["recall"],
+            f1=pos["f1"],
+            specificity=_ratio(tp[neg], support[neg]),
+        )
     return result

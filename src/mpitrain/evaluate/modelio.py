@@ -32,23 +32,23 @@ import numpy as np
 
 from mpitrain.errors import UserError
 
-FORMAT = 1          # the model.json format this version writes and reads
-CONFIG_FORMAT = 1   # the newest config.json format this version reads
-BATCH = 32          # fixed batch shape of every prediction call
+FORMAT = 1  # the model.json format this version writes and reads
+CONFIG_FORMAT = 1  # the newest config.json format this version reads
+BATCH = 32  # fixed batch shape of every prediction call
 
 
 @dataclass
 class ModelInfo:
     """What model.json says (or, for older run folders, classes.json + config.json)."""
 
-    path: Path                      # the .keras file
+    path: Path  # the .keras file
     classes: list[str]
     image_size: int
     threshold: float | None = None
     threshold_method: str = "argmax"
     positive_class: str | None = None
     extra: dict = field(default_factory=dict)
-    members: list["ModelInfo"] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
+    members: list[ModelInfo] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
 
     @property
     def positive(self) -> int | None:
@@ -74,8 +74,10 @@ def _check_format(doc: dict, path: Path, newest: int) -> None:
     if not isinstance(fmt, int):
         raise UserError(f"{path} has no format number: not an mpitrain run file")
     if fmt > newest:
-        raise UserError(f"{path} has format {fmt}, but this mpitrain reads format {newest} at most: "
-                        "upgrade mpitrain to use this model")
+        raise UserError(
+            f"{path} has format {fmt}, but this mpitrain reads format {newest} at most: "
+            "upgrade mpitrain to use this model"
+        )
 
 
 def model_path(given: str | Path) -> Path:
@@ -99,9 +101,15 @@ def read_info(given: str | Path) -> ModelInfo:
         _check_format(doc, meta, FORMAT)
         try:
             classes = [str(c) for c in doc["classes"]]
-            info = ModelInfo(path, classes, int(doc["image_size"]), doc.get("threshold"),
-                             doc.get("threshold_method") or "argmax", doc.get("positive_class"),
-                             {k: v for k, v in doc.items() if k not in ("format", "classes", "image_size")})
+            info = ModelInfo(
+                path,
+                classes,
+                int(doc["image_size"]),
+                doc.get("threshold"),
+                doc.get("threshold_method") or "argmax",
+                doc.get("positive_class"),
+                {k: v for k, v in doc.items() if k not in ("format", "classes", "image_size")},
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{meta} is incomplete or damaged ({type(e).__name__}: {e})") from None
     elif cfg.is_file() and path.with_name("classes.json").is_file():  # before model.json existed
@@ -129,16 +137,20 @@ def read_info(given: str | Path) -> ModelInfo:
 
 def check_image_size(info: ModelInfo, image_size: int | None) -> None:
     if image_size is not None and image_size != info.image_size:
-        raise UserError(f"model {info.path} was trained on {info.image_size}x{info.image_size} images; "
-                        f"--image-size {image_size} does not match (omit it to use the model's size)")
+        raise UserError(
+            f"model {info.path} was trained on {info.image_size}x{info.image_size} images; "
+            f"--image-size {image_size} does not match (omit it to use the model's size)"
+        )
 
 
 def label_map(info: ModelInfo, data_classes: list[str], where) -> np.ndarray:
     """Model class index of each data class; refuses classes the model does not know."""
     unknown = [c for c in data_classes if c not in info.classes]
     if unknown:
-        raise UserError(f"model {info.path} was trained for classes {', '.join(info.classes)}; "
-                        f"{where} has other classes: {', '.join(unknown)}")
+        raise UserError(
+            f"model {info.path} was trained for classes {', '.join(info.classes)}; "
+            f"{where} has other classes: {', '.join(unknown)}"
+        )
     return np.array([info.classes.index(c) for c in data_classes], dtype=np.int64)
 
 
@@ -189,22 +201,29 @@ def load_model(info: ModelInfo, precision: str = "fp32"):
     except Exception as e:  # noqa: BLE001 - any load failure is the file's fault, not ours
         text = " ".join(str(e).split())
         if "safe_mode" in text or "lambda" in text.lower():
-            raise UserError(f"refusing to load {info.path}: it contains Python code (e.g. a Lambda "
-                            "layer), which safe mode does not run") from None
+            raise UserError(
+                f"refusing to load {info.path}: it contains Python code (e.g. a Lambda "
+                "layer), which safe mode does not run"
+            ) from None
         raise UserError(f"cannot load model {info.path}: {type(e).__name__}: {text[:300]}") from None
     want_in = (None, info.image_size, info.image_size, 1)
     if tuple(model.input_shape) != want_in:
-        raise UserError(f"model {info.path} takes inputs {tuple(model.input_shape)[1:]}, but its "
-                        f"model.json says {info.image_size}x{info.image_size} grayscale: files do not belong together")
+        raise UserError(
+            f"model {info.path} takes inputs {tuple(model.input_shape)[1:]}, but its "
+            f"model.json says {info.image_size}x{info.image_size} grayscale: files do not belong together"
+        )
     if tuple(model.output_shape) != (None, len(info.classes)):
-        raise UserError(f"model {info.path} has {model.output_shape[-1]} outputs for "
-                        f"{len(info.classes)} classes in model.json: files do not belong together")
+        raise UserError(
+            f"model {info.path} has {model.output_shape[-1]} outputs for "
+            f"{len(info.classes)} classes in model.json: files do not belong together"
+        )
     set_model_precision(model, precision)
     return model
 
 
-def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH,
-                  on_batch=None) -> np.ndarray:
+def predict_probs(
+    predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH, on_batch=None
+) -> np.ndarray:
     """Class probabilities, float32 [n, n_classes], for the rows of `x`: the package's one
     prediction loop (evaluate, predict, and validation during training).
 
@@ -218,7 +237,7 @@ def predict_probs(predict, x: np.ndarray, n_classes: int, convert=None, batch: i
     """
     out = [np.zeros((0, n_classes), np.float32)]
     for a in range(0, len(x), batch):
-        chunk = x[a:a + batch] if convert is None else convert(x[a:a + batch])
+        chunk = x[a : a + batch] if convert is None else convert(x[a : a + batch])
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
@@ -241,12 +260,17 @@ def decide(probs: np.ndarray, threshold: float | None, positive: int | None) -> 
     return np.where(probs[:, positive].astype(np.float64) >= threshold, positive, 1 - positive)
 
 
-def write_info(out: Path, classes: list[str], image_size: int, choice, positive: int | None,
-               **extra) -> dict:
+def write_info(out: Path, classes: list[str], image_size: int, choice, positive: int | None, **extra) -> dict:
     """Write ``out/model.json`` (rank 0, at the end of training) and return it."""
     from mpitrain.atomic import write_json
 
-    doc = {"format": FORMAT, "classes": list(classes), "image_size": int(image_size),
-           **choice.to_dict(), "positive_class": None if positive is None else classes[positive], **extra}
+    doc = {
+        "format": FORMAT,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        **choice.to_dict(),
+        "positive_class": None if positive is None else classes[positive],
+        **extra,
+    }
     write_json(Path(out) / "model.json", doc)
     return doc

@@ -14,8 +14,11 @@ import numpy as np
 from mpitrain.atomic import atomic_path
 from mpitrain.evaluate.metrics import roc_auc, roc_curve
 
-FIGURES = {"training_curves": "training_curves.png", "confusion_matrix": "confusion_matrix.png",
-           "roc_curve": "roc_curve.png"}
+FIGURES = {
+    "training_curves": "training_curves.png",
+    "confusion_matrix": "confusion_matrix.png",
+    "roc_curve": "roc_curve.png",
+}
 _TRAIN, _VAL = "#1f77b4", "#d62728"
 
 
@@ -41,14 +44,17 @@ def _column(history: list[dict], key: str) -> np.ndarray:
             return float(v)
         except (TypeError, ValueError):
             return math.nan  # undefined (None / ""), e.g. AUC of a one-class batch
+
     return np.array([num(row.get(key)) for row in history], dtype=np.float64)
 
 
 # What the curves are, in one line under them: the two series are measured differently
 # (e.g. validation AUC 0.98 beside training AUC 0.55 after one master-worker epoch), and
 # their accuracy is at argmax, not at the decision threshold of the metrics table.
-CURVES_NOTE = ("training: running mean over each epoch while the weights change; validation: measured "
-               "at the epoch's end. Accuracy at argmax, not at the decision threshold of the metrics table.")
+CURVES_NOTE = (
+    "training: running mean over each epoch while the weights change; validation: measured "
+    "at the epoch's end. Accuracy at argmax, not at the decision threshold of the metrics table."
+)
 
 
 def training_curves(history: list[dict], path: Path, loss_note: str | None = None) -> Path:
@@ -62,19 +68,31 @@ def curves_figure(history: list[dict], loss_note: str | None = None):
     axes = fig.subplots(1, 3)
     epochs = _column(history, "epoch")
     loss_title = "Loss (cross-entropy)" + (f"\n{loss_note}" if loss_note else "")
-    panels = (("loss", loss_title, "loss"), ("accuracy", "Accuracy (argmax)", "accuracy (argmax)"),
-              ("auc", "ROC AUC", "ROC AUC"))
+    panels = (
+        ("loss", loss_title, "loss"),
+        ("accuracy", "Accuracy (argmax)", "accuracy (argmax)"),
+        ("auc", "ROC AUC", "ROC AUC"),
+    )
     for ax, (key, title, ylabel) in zip(axes, panels):
         ax.set_ylabel(ylabel)
         empty = True
-        for prefix, label, color in (("", "train (running mean over the epoch)", _TRAIN),
-                                     ("val_", "validation (at the epoch's end)", _VAL)):
+        for prefix, label, color in (
+            ("", "train (running mean over the epoch)", _TRAIN),
+            ("val_", "validation (at the epoch's end)", _VAL),
+        ):
             values = _column(history, prefix + key)
             empty &= bool(np.isnan(values).all())
             ax.plot(epochs, values, marker="o", color=color, label=label)
         if empty:
-            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="grey",
-                bbox={"facecolor": "white", "edgecolor": "none"})
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded",
+                transform=ax.transAxes,
+                ha="center",
+                color="grey",
+                bbox={"facecolor": "white", "edgecolor": "none"},
+            )
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if key != "loss":
@@ -100,8 +118,15 @@ def confusion_matrix(cm, class_names: list[str], path: Path, title: str = "Confu
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{cm[i, j]:,}\n{100 * share[i, j]:.1f}%", ha="center", va="center",
-                    color="white" if share[i, j] > 0.55 else "black", fontsize=12 if k <= 4 else 8)
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]:,}\n{100 * share[i, j]:.1f}%",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.55 else "black",
+                fontsize=12 if k <= 4 else 8,
+            )
     ax.set_xticks(range(k), class_names, rotation=0 if k <= 4 else 45)
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted class")
@@ -111,8 +136,15 @@ def confusion_matrix(cm, class_names: list[str], path: Path, title: str = "Confu
     return _save(fig, path)
 
 
-def roc(labels, probs, class_names: list[str], path: Path, threshold: float | None = None,
-        positive: int | None = None, title: str = "ROC curve") -> Path:
+def roc(
+    labels,
+    probs,
+    class_names: list[str],
+    path: Path,
+    threshold: float | None = None,
+    positive: int | None = None,
+    title: str = "ROC curve",
+) -> Path:
     """ROC curve of the positive class with the decision point marked (one-vs-rest if k > 2)."""
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
@@ -126,22 +158,40 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
             continue  # no curve without both classes
         drawn += 1
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, linewidth=2, label=f"{class_names[i]} (AUC {roc_auc(y, s):.3f})",
-                color=_TRAIN if positive is not None else None)
+        ax.plot(
+            fpr,
+            tpr,
+            linewidth=2,
+            label=f"{class_names[i]} (AUC {roc_auc(y, s):.3f})",
+            color=_TRAIN if positive is not None else None,
+        )
     if positive is not None and len(labels) and 0 < (labels == positive).sum() < len(labels):
         y, s = labels == positive, probs[:, positive]
         called = probs.argmax(axis=1) == positive if threshold is None else s >= threshold
         sens, fpr_t = called[y].mean(), called[~y].mean()
         name = "argmax" if threshold is None else f"threshold {threshold:.3f}"
-        ax.plot([fpr_t], [sens], marker="o", markersize=10, color=_VAL, linestyle="none",
-                label=f"{name}: sens {sens:.3f}, spec {1 - fpr_t:.3f}")
+        ax.plot(
+            [fpr_t],
+            [sens],
+            marker="o",
+            markersize=10,
+            color=_VAL,
+            linestyle="none",
+            label=f"{name}: sens {sens:.3f}, spec {1 - fpr_t:.3f}",
+        )
         ax.annotate(name, (fpr_t, sens), xytext=(12, -18), textcoords="offset points", color=_VAL)
     if drawn:
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance", zorder=1)
     else:
-        ax.text(0.5, 0.55, "no ROC curve:\nthe data lacks a positive or a negative class",
-                transform=ax.transAxes, ha="center", color="grey",
-                bbox={"facecolor": "white", "edgecolor": "none"})
+        ax.text(
+            0.5,
+            0.55,
+            "no ROC curve:\nthe data lacks a positive or a negative class",
+            transform=ax.transAxes,
+            ha="center",
+            color="grey",
+            bbox={"facecolor": "white", "edgecolor": "none"},
+        )
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
@@ -155,8 +205,15 @@ def roc(labels, probs, class_names: list[str], path: Path, threshold: float | No
     return _save(fig, path)
 
 
-def write_all(folder: Path, labels, probs, metrics: dict, history: list[dict] | None = None,
-              title: str = "validation", loss_note: str | None = None) -> dict[str, str]:
+def write_all(
+    folder: Path,
+    labels,
+    probs,
+    metrics: dict,
+    history: list[dict] | None = None,
+    title: str = "validation",
+    loss_note: str | None = None,
+) -> dict[str, str]:
     """The figures for one set of predictions (+ curves if a history is given): {kind: file}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,9 +222,10 @@ def write_all(folder: Path, labels, probs, metrics: dict, history: list[dict] | 
     out = {}
     if history:
         out["training_curves"] = training_curves(history, folder / FIGURES["training_curves"], loss_note).name
-    out["confusion_matrix"] = confusion_matrix(metrics["confusion_matrix"], names,
-                                               folder / FIGURES["confusion_matrix"],
-                                               f"Confusion matrix, {title}").name
-    out["roc_curve"] = roc(labels, probs, names, folder / FIGURES["roc_curve"], metrics.get("threshold"),
-                           pos, f"ROC, {title}").name
+    out["confusion_matrix"] = confusion_matrix(
+        metrics["confusion_matrix"], names, folder / FIGURES["confusion_matrix"], f"Confusion matrix, {title}"
+    ).name
+    out["roc_curve"] = roc(
+        labels, probs, names, folder / FIGURES["roc_curve"], metrics.get("threshold"), pos, f"ROC, {title}"
+    ).name
     return out

@@ -68,10 +68,17 @@ def decision_rule(classes: list[str], threshold: float | None, positive: int | N
     return f"p_{classes[positive]} >= {float(threshold)!r}"  # exact: the comparison modelio.decide makes
 
 
-def predict_main(model: str | list[str], paths: list[str], csv_path: str | None = None, threshold: float | None = None,
-                 image_size: int | None = None, threads: int | None = None, precision: str = "fp32") -> int:
-    from mpitrain.dist.comm import launched_by_mpi, world
+def predict_main(
+    model: str | list[str],
+    paths: list[str],
+    csv_path: str | None = None,
+    threshold: float | None = None,
+    image_size: int | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+) -> int:
     from mpitrain.evaluate import ensemble, modelio
+    from mpitrain.parallel.comm import launched_by_mpi, world
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more ranks would only write the same file
@@ -98,7 +105,7 @@ def predict_main(model: str | list[str], paths: list[str], csv_path: str | None 
         writer = csv.writer(stream)
         writer.writerow(["path", "predicted"] + [f"p_{c}" for c in info.classes] + ["decision", "error"])
         for a in range(0, len(items), BLOCK):
-            block = items[a:a + BLOCK]
+            block = items[a : a + BLOCK]
             probs, ok, reasons = _predict_block(net, info, [p for p, why in block if why is None])
             j = 0
             for path, why in block:
@@ -115,12 +122,15 @@ def predict_main(model: str | list[str], paths: list[str], csv_path: str | None 
                 writer.writerow([path, info.classes[c]] + [modelio.exact(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
     saved = "chosen for the ensemble" if info.members else "saved with the model"
-    decision = (f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})"
-                if t is not None else "argmax")
-    say(f"predicted {int(counts.sum()):,} image(s) with {info.label} (decision: {decision}): "
+    decision = (
+        f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})" if t is not None else "argmax"
+    )
+    say(
+        f"predicted {int(counts.sum()):,} image(s) with {info.label} (decision: {decision}): "
         + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
         + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
-        + (f"; wrote {csv_path}" if csv_path else ""))
+        + (f"; wrote {csv_path}" if csv_path else "")
+    )
     return 1 if failed else 0
 
 

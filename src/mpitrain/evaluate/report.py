@@ -21,9 +21,12 @@ def threshold_text(metrics: dict, source: str | None = None) -> str:
     if t is None:
         return f"argmax (P({metrics['positive_class']}) vs the other class)"
     target = metrics.get("target_sensitivity")
-    how = {"prior": "the class odds of the training loss", "youden": "Youden's J on validation",
-           "target_sensitivity": f"sensitivity >= {target:g} on validation" if target else "target sensitivity",
-           "--threshold": "--threshold"}.get(source or metrics.get("threshold_method") or "", source or "")
+    how = {
+        "prior": "the class odds of the training loss",
+        "youden": "Youden's J on validation",
+        "target_sensitivity": f"sensitivity >= {target:g} on validation" if target else "target sensitivity",
+        "--threshold": "--threshold",
+    }.get(source or metrics.get("threshold_method") or "", source or "")
     return f"P({metrics['positive_class']}) >= {t:.4f}" + (f" ({how})" if how else "")
 
 
@@ -47,30 +50,49 @@ def mix_warning(train_counts: dict | None, counts: dict) -> str | None:
     if not far:
         return None
     said = ", ".join(f"{c} {b:.0%} here vs {a:.0%} in training" for c, (a, b) in far.items())
-    return (f"warning: the class mix differs from training ({said}): accuracy, precision and F1 "
-            "depend on the mix; balanced accuracy, sensitivity, specificity and ROC AUC do not")
+    return (
+        f"warning: the class mix differs from training ({said}): accuracy, precision and F1 "
+        "depend on the mix; balanced accuracy, sensitivity, specificity and ROC AUC do not"
+    )
 
 
 def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str]]:
     """(label, value) rows: binary metrics of the positive class, or macro/micro averages."""
-    rows = [("images", f"{metrics['n_samples']:,}"), ("accuracy", _v(metrics["accuracy"])),
-            ("balanced accuracy", _v(metrics["balanced_accuracy"]))]
+    rows = [
+        ("images", f"{metrics['n_samples']:,}"),
+        ("accuracy", _v(metrics["accuracy"])),
+        ("balanced accuracy", _v(metrics["balanced_accuracy"])),
+    ]
     if metrics.get("positive_class") is not None:
-        rows += [("precision (PPV)", _v(metrics["precision"])),
-                 ("recall = sensitivity", _v(metrics["recall"])),
-                 ("specificity", _v(metrics["specificity"])), ("F1", _v(metrics["f1"]))]
+        rows += [
+            ("precision (PPV)", _v(metrics["precision"])),
+            ("recall = sensitivity", _v(metrics["recall"])),
+            ("specificity", _v(metrics["specificity"])),
+            ("F1", _v(metrics["f1"])),
+        ]
     else:
         for avg in ("macro", "micro"):
-            rows += [(f"{avg} precision", _v(metrics[f"{avg}_precision"])),
-                     (f"{avg} recall", _v(metrics[f"{avg}_recall"])), (f"{avg} F1", _v(metrics[f"{avg}_f1"]))]
+            rows += [
+                (f"{avg} precision", _v(metrics[f"{avg}_precision"])),
+                (f"{avg} recall", _v(metrics[f"{avg}_recall"])),
+                (f"{avg} F1", _v(metrics[f"{avg}_f1"])),
+            ]
     one_vs_rest = "" if metrics.get("positive_class") is not None else " (macro, one-vs-rest)"
-    rows += [("ROC AUC" + one_vs_rest, _v(metrics["roc_auc"])), ("PR AUC" + one_vs_rest, _v(metrics["pr_auc"])),
-             ("decision", threshold_text(metrics, source))]
+    rows += [
+        ("ROC AUC" + one_vs_rest, _v(metrics["roc_auc"])),
+        ("PR AUC" + one_vs_rest, _v(metrics["pr_auc"])),
+        ("decision", threshold_text(metrics, source)),
+    ]
     absent = metrics.get("absent_classes") or []
     if absent:
         n_present = len(metrics["class_names"]) - len(absent)
-        rows.append(("absent classes", f"{', '.join(absent)}: no images in this data; averages are over "
-                                       f"the {n_present} class{'es' * (n_present != 1)} present"))
+        rows.append(
+            (
+                "absent classes",
+                f"{', '.join(absent)}: no images in this data; averages are over "
+                f"the {n_present} class{'es' * (n_present != 1)} present",
+            )
+        )
     return rows
 
 
@@ -88,21 +110,32 @@ def text_table(metrics: dict, source: str | None = None) -> str:
     names = metrics["class_names"]
     out += ["", "  confusion matrix (rows: true class, columns: predicted class)"]
     cm = metrics["confusion_matrix"]
-    out += ["  " + s for s in _grid(["true \\ predicted"] + names,
-                                     [[n] + [f"{c:,}" for c in row] for n, row in zip(names, cm)])]
+    out += [
+        "  " + s
+        for s in _grid(["true \\ predicted"] + names, [[n] + [f"{c:,}" for c in row] for n, row in zip(names, cm)])
+    ]
     out += ["", "  per class"]
     pc = metrics["per_class"]
     absent = set(metrics.get("absent_classes") or [])  # named once in the rows above instead
-    out += ["  " + s for s in _grid(["class", "images", "precision", "recall", "F1"],
-                                     [[n, f"{pc[n]['support']:,}", _v(pc[n]["precision"]), _v(pc[n]["recall"]),
-                                       _v(pc[n]["f1"])] for n in names if n not in absent])]
+    out += [
+        "  " + s
+        for s in _grid(
+            ["class", "images", "precision", "recall", "F1"],
+            [
+                [n, f"{pc[n]['support']:,}", _v(pc[n]["precision"]), _v(pc[n]["recall"]), _v(pc[n]["f1"])]
+                for n in names
+                if n not in absent
+            ],
+        )
+    ]
     return "\n".join(out)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    return (["| " + " | ".join(map(esc, header)) + " |", "|" + " --- |" * len(header)]
-            + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+    return ["| " + " | ".join(map(esc, header)) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(map(esc, r)) + " |" for r in rows
+    ]
 
 
 def _duration(seconds: float) -> str:
@@ -115,9 +148,12 @@ def _loss(e: dict) -> list[str]:
     ranks = f"{e['ranks_before']} -> {e['ranks_after']}"
     if e.get("event") == "host_lost":  # the launcher started the job again (train/hostloss.py)
         return [f"host {e['host']} ({e['lost_ranks']} rank(s))", ranks, f"checkpoint: {e['continue_from']}"]
-    return [f"rank(s) {', '.join(map(str, e['lost_ranks']))}", ranks,
-            f"epoch {e['epoch']}, step {e['continue_at_step']} of {e['of_new_steps']} (lost at step {e['step']} "
-            f"of {e['of_steps']})"]
+    return [
+        f"rank(s) {', '.join(map(str, e['lost_ranks']))}",
+        ranks,
+        f"epoch {e['epoch']}, step {e['continue_at_step']} of {e['of_new_steps']} (lost at step {e['step']} "
+        f"of {e['of_steps']})",
+    ]
 
 
 def _comm_label(strategy) -> str:
@@ -127,73 +163,112 @@ def _comm_label(strategy) -> str:
     return "rank 0 in collectives (communication, and waiting for slower ranks)"
 
 
-def write_report(out: Path, cfg: dict, metrics: dict, figures: dict[str, str], timings: dict,
-                 data_line: str, protocol: str | None = None) -> Path:
+def write_report(
+    out: Path,
+    cfg: dict,
+    metrics: dict,
+    figures: dict[str, str],
+    timings: dict,
+    data_line: str,
+    protocol: str | None = None,
+) -> Path:
     """``out/report.md``: figures, validation metrics, timings and the config (rank 0)."""
     from mpitrain.atomic import write_atomic
 
     names = metrics["class_names"]
-    lines = [f"# mpitrain run `{Path(out).name}`", "",
-             f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} grayscale), "
-             f"trained for {cfg.get('epochs')} epochs on {data_line}.", ""]
+    lines = [
+        f"# mpitrain run `{Path(out).name}`",
+        "",
+        f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} grayscale), "
+        f"trained for {cfg.get('epochs')} epochs on {data_line}.",
+        "",
+    ]
     if protocol:
-        lines += [f"Validation images: {protocol}. They come from the same source as the training images, "
-                  "so the numbers below are an upper bound for images of new patients or another site; "
-                  "`mpitrain evaluate` measures those.", ""]
-    captions = {"training_curves": "Training curves", "confusion_matrix": "Confusion matrix (validation)",
-                "roc_curve": "ROC curve (validation) with the decision threshold"}
+        lines += [
+            f"Validation images: {protocol}. They come from the same source as the training images, "
+            "so the numbers below are an upper bound for images of new patients or another site; "
+            "`mpitrain evaluate` measures those.",
+            "",
+        ]
+    captions = {
+        "training_curves": "Training curves",
+        "confusion_matrix": "Confusion matrix (validation)",
+        "roc_curve": "ROC curve (validation) with the decision threshold",
+    }
     lines += ["## Validation metrics", ""]
     lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
-    lines += _md_table(["true \\ predicted"] + names,
-                       [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])]) + [""]
+    lines += _md_table(
+        ["true \\ predicted"] + names,
+        [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])],
+    ) + [""]
     if metrics.get("threshold") is not None:
-        lines += [f"Accuracy in this table is at the decision threshold, {threshold_text(metrics)}; the training "
-                  "curves and the epoch lines printed during training show accuracy at argmax, so the two "
-                  "accuracies differ.", ""]
+        lines += [
+            f"Accuracy in this table is at the decision threshold, {threshold_text(metrics)}; the training "
+            "curves and the epoch lines printed during training show accuracy at argmax, so the two "
+            "accuracies differ.",
+            "",
+        ]
     else:
         lines += ["Accuracy here, in the training curves and in the epoch lines is at argmax.", ""]
     if "val_sensitivity" in metrics or metrics.get("threshold_method"):
-        lines += [f"Threshold method: `{metrics.get('threshold_method')}`"
-                  + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
-                  + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.",
-                  "",
-                  ("The threshold was not tuned on these images (it is the class odds the loss was trained "
-                   "with), but the validation images come from the training folder, so they resemble the "
-                   "training images more than new patients' images will; measure on images of other "
-                   "patients (or another site) with `mpitrain evaluate`."
-                   if metrics.get("threshold_method") == "prior" else
-                   "The threshold was chosen on these same validation images, so the metrics above "
-                   "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
-                   "images the run never saw with `mpitrain evaluate`."), ""]
+        lines += [
+            f"Threshold method: `{metrics.get('threshold_method')}`"
+            + (f", target sensitivity {metrics['target_sensitivity']}" if metrics.get("target_sensitivity") else "")
+            + ". `mpitrain evaluate` and `mpitrain predict` use this threshold unless `--threshold` is given.",
+            "",
+            (
+                "The threshold was not tuned on these images (it is the class odds the loss was trained "
+                "with), but the validation images come from the training folder, so they resemble the "
+                "training images more than new patients' images will; measure on images of other "
+                "patients (or another site) with `mpitrain evaluate`."
+                if metrics.get("threshold_method") == "prior"
+                else "The threshold was chosen on these same validation images, so the metrics above "
+                "that depend on it (all but ROC AUC and PR AUC) are optimistic; measure them on "
+                "images the run never saw with `mpitrain evaluate`."
+            ),
+            "",
+        ]
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]
         if kind == "training_curves":
-            lines += ["Training numbers are running means over each epoch, taken while the weights change; "
-                      "validation numbers are measured with the weights at the end of the epoch. So early on "
-                      "validation can be far ahead of training. Accuracy in the curves is at argmax.", ""]
+            lines += [
+                "Training numbers are running means over each epoch, taken while the weights change; "
+                "validation numbers are measured with the weights at the end of the epoch. So early on "
+                "validation can be far ahead of training. Accuracy in the curves is at argmax.",
+                "",
+            ]
     lines += ["## Timings", ""]
-    lines += _md_table(["what", "value"], [
-        ["ranks", str(timings.get("ranks"))], ["strategy", str(cfg.get("strategy"))],
-        ["threads per rank", str(timings.get("threads_per_rank"))],
-        ["training wall time", _duration(timings.get("seconds", 0.0))],
-        ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
-        [_comm_label(cfg.get("strategy")), _duration(timings.get("comm_seconds", 0.0))],
-        ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
-        ["epochs trained / kept", f"{timings.get('epochs_run', '?')} / {timings.get('kept_epoch', '?')} "
-                                  f"({timings.get('kept_by', 'last epoch')})"],
-    ]) + [""]
+    lines += _md_table(
+        ["what", "value"],
+        [
+            ["ranks", str(timings.get("ranks"))],
+            ["strategy", str(cfg.get("strategy"))],
+            ["threads per rank", str(timings.get("threads_per_rank"))],
+            ["training wall time", _duration(timings.get("seconds", 0.0))],
+            ["training images per second (all ranks)", f"{timings.get('images_per_second', 0.0):,.1f}"],
+            [_comm_label(cfg.get("strategy")), _duration(timings.get("comm_seconds", 0.0))],
+            ["images", f"{timings.get('train_samples', 0):,} train / {timings.get('val_samples', 0):,} validation"],
+            [
+                "epochs trained / kept",
+                f"{timings.get('epochs_run', '?')} / {timings.get('kept_epoch', '?')} "
+                f"({timings.get('kept_by', 'last epoch')})",
+            ],
+        ],
+    ) + [""]
     events_file = Path(out) / "events.jsonl"
     if events_file.is_file():  # --elastic: ranks or hosts lost during training
         import json
 
         events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
         lines += ["## Lost ranks and hosts", ""]
-        lines += _md_table(["time", "lost", "ranks before -> after", "went on from"],
-                           [[e["time"], *_loss(e)] for e in events]) + [""]
+        lines += _md_table(
+            ["time", "lost", "ranks before -> after", "went on from"], [[e["time"], *_loss(e)] for e in events]
+        ) + [""]
     lines += ["## Configuration", ""]
-    lines += _md_table(["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items()
-                                             if k != "extra" or v]) + [""]
+    lines += _md_table(
+        ["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items() if k != "extra" or v]
+    ) + [""]
     path = Path(out) / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

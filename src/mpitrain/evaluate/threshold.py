@@ -41,8 +41,23 @@ from mpitrain.evaluate.metrics import roc_curve
 
 POLICIES = ("prior", "youden")  # --threshold-policy; --target-sensitivity S is the third rule
 
-_NO_FINDING = frozenset({"normal", "negative", "neg", "healthy", "benign", "no", "none",
-                         "no_finding", "no finding", "nofinding", "control", "0", "false"})
+_NO_FINDING = frozenset(
+    {
+        "normal",
+        "negative",
+        "neg",
+        "healthy",
+        "benign",
+        "no",
+        "none",
+        "no_finding",
+        "no finding",
+        "nofinding",
+        "control",
+        "0",
+        "false",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -57,9 +72,13 @@ class Choice:
     reason: str = ""  # why no threshold could be chosen
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "threshold_method": self.method,
-                "target_sensitivity": self.target_sensitivity,
-                "val_sensitivity": self.sensitivity, "val_specificity": self.specificity}
+        return {
+            "threshold": self.threshold,
+            "threshold_method": self.method,
+            "target_sensitivity": self.target_sensitivity,
+            "val_sensitivity": self.sensitivity,
+            "val_specificity": self.specificity,
+        }
 
 
 def positive_index(classes: list[str]) -> int | None:
@@ -82,8 +101,9 @@ def choose_threshold(y_positive, scores, target_sensitivity: float | None = None
     y = np.asarray(y_positive).reshape(-1).astype(bool)
     if not y.any() or y.all():
         missing = "positive" if not y.any() else "negative"
-        return Choice(None, method, target_sensitivity=target_sensitivity,
-                      reason=f"no {missing} images in the validation data")
+        return Choice(
+            None, method, target_sensitivity=target_sensitivity, reason=f"no {missing} images in the validation data"
+        )
     fpr, tpr, thresholds = roc_curve(y, scores)
     # Point 0 is (0, 0) at +inf: "nothing positive", never a usable threshold.
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
@@ -94,8 +114,7 @@ def choose_threshold(y_positive, scores, target_sensitivity: float | None = None
         # tpr is non-decreasing as the threshold falls; take the first point that reaches
         # the target. The small tolerance keeps e.g. 19/20 from missing 0.95 by rounding.
         i = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
-    return Choice(float(thresholds[i]), method, float(tpr[i]), float(1.0 - fpr[i]),
-                  target_sensitivity)
+    return Choice(float(thresholds[i]), method, float(tpr[i]), float(1.0 - fpr[i]), target_sensitivity)
 
 
 def prior_threshold(class_counts, class_weights, positive: int) -> float:
@@ -122,16 +141,24 @@ def at_threshold(y_positive, scores, threshold: float) -> tuple[float | None, fl
     return sens, spec
 
 
-def choose_for_classes(labels, probs, classes: list[str], target_sensitivity: float | None = None,
-                       policy: str = "youden", class_counts=None, class_weights=None) -> Choice:
+def choose_for_classes(
+    labels,
+    probs,
+    classes: list[str],
+    target_sensitivity: float | None = None,
+    policy: str = "youden",
+    class_counts=None,
+    class_weights=None,
+) -> Choice:
     """The threshold for a model's validation predictions ([n, k] probs, class labels).
 
     `target_sensitivity` wins over `policy`; policy "prior" needs the training
     `class_counts` and the loss's `class_weights` (one per class)."""
     pos = positive_index(classes)
     if pos is None:
-        return Choice(None, "argmax", target_sensitivity=target_sensitivity,
-                      reason="a threshold applies to two classes only")
+        return Choice(
+            None, "argmax", target_sensitivity=target_sensitivity, reason="a threshold applies to two classes only"
+        )
     if policy not in POLICIES:
         raise ValueError(f"unknown threshold policy {policy!r}")
     labels = np.asarray(labels).reshape(-1)
@@ -147,12 +174,16 @@ def describe(choice: Choice, positive: str | None) -> str:
     """One line for people: what was chosen, how, and what it does on validation."""
     if choice.threshold is None:
         return f"decision: argmax ({choice.reason})" if choice.reason else "decision: argmax"
-    on_val = ", ".join(f"{k} {v:.3f}" for k, v in (("sensitivity", choice.sensitivity),
-                                                   ("specificity", choice.specificity)) if v is not None)
+    on_val = ", ".join(
+        f"{k} {v:.3f}"
+        for k, v in (("sensitivity", choice.sensitivity), ("specificity", choice.specificity))
+        if v is not None
+    )
     if choice.method == "prior":
-        return (f"threshold {choice.threshold:.4f} on P({positive}): the class odds the loss was "
-                f"trained with (--threshold-policy prior, not tuned on validation); on the validation "
-                f"data: {on_val or 'n/a'}")
-    how = ("Youden's J" if choice.method == "youden"
-           else f"sensitivity >= {choice.target_sensitivity:g}")
+        return (
+            f"threshold {choice.threshold:.4f} on P({positive}): the class odds the loss was "
+            f"trained with (--threshold-policy prior, not tuned on validation); on the validation "
+            f"data: {on_val or 'n/a'}"
+        )
+    how = "Youden's J" if choice.method == "youden" else f"sensitivity >= {choice.target_sensitivity:g}"
     return f"threshold {choice.threshold:.4f} on P({positive}) chosen by {how} on the validation data: {on_val}"

@@ -28,8 +28,8 @@ NAME = "val_predictions.csv"
 @dataclass
 class ValPredictions:
     paths: list[str]
-    labels: np.ndarray   # class index per row
-    probs: np.ndarray    # float32 [n, k]
+    labels: np.ndarray  # class index per row
+    probs: np.ndarray  # float32 [n, k]
 
 
 def write(out: Path, paths: list[str], labels, probs, classes: list[str]) -> Path:

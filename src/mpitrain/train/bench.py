@@ -55,11 +55,11 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
 
     m = build_model(model_name, image_size, 2)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-    m.fit(x[:batch * warmup], y[:batch * warmup], batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    m.fit(x[: batch * warmup], y[: batch * warmup], batch_size=batch, epochs=1, verbose=0, shuffle=False)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        m.fit(x[:batch * steps], y[:batch * steps], batch_size=batch, epochs=1, verbose=0, shuffle=False)
+        m.fit(x[: batch * steps], y[: batch * steps], batch_size=batch, epochs=1, verbose=0, shuffle=False)
         best = min(best, (time.perf_counter() - t) / steps)
     return best, m.dtype_policy.name
 
@@ -81,7 +81,7 @@ def matmul_gflops(comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> 
         t = time.perf_counter()
         mm(a).numpy()
         best = min(best, time.perf_counter() - t)
-    rate = np.array([2.0 * n ** 3 / best / 1e9])
+    rate = np.array([2.0 * n**3 / best / 1e9])
     comm.allreduce_sum_(rate)  # collective: the machine's rate is every rank's together
     return float(rate[0])
 
@@ -105,15 +105,26 @@ class _TimedStep:
         return out
 
 
-def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, strategy="allreduce",
-               threads=None, as_json=False, compare_fit=False, repeats=1, precision="auto",
-               compress="none") -> int:
+def bench_main(
+    model_name="seed",
+    batch=64,
+    steps=60,
+    warmup=5,
+    image_size=50,
+    strategy="allreduce",
+    threads=None,
+    as_json=False,
+    compare_fit=False,
+    repeats=1,
+    precision="auto",
+    compress="none",
+) -> int:
     from mpitrain.runtime import import_tensorflow
 
     import_tensorflow()  # first: a plain `import keras` would print TensorFlow's absl/oneDNN notices
 
-    from mpitrain.dist.comm import world
-    from mpitrain.dist.strategies import strategy_class
+    from mpitrain.parallel.comm import world
+    from mpitrain.parallel.strategies import strategy_class
 
     comm = world()
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
@@ -132,14 +143,33 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     rows, y = _data(batch * steps, image_size, 2, seed=comm.rank)
     fit = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other
-        fit = _time_fit(model_name, image_size, batch, steps, warmup,
-                        np.concatenate([as_float(rows, 255.0)] * (1 + warmup // steps)),
-                        np.concatenate([y] * (1 + warmup // steps)), repeats)
+        fit = _time_fit(
+            model_name,
+            image_size,
+            batch,
+            steps,
+            warmup,
+            np.concatenate([as_float(rows, 255.0)] * (1 + warmup // steps)),
+            np.concatenate([y] * (1 + warmup // steps)),
+            repeats,
+        )
     model = build_model(model_name, image_size, 2)
     flops = count_flops(model)
-    cfg = TrainConfig(model=model_name, image_size=image_size, batch_size=batch, strategy=strategy,
-                      precision=precision, threads=n_threads, epochs=1, timeout=0, class_weight="none",
-                      lr=1e-3, lr_scaling="none", lr_schedule="constant", compress=compress)
+    cfg = TrainConfig(
+        model=model_name,
+        image_size=image_size,
+        batch_size=batch,
+        strategy=strategy,
+        precision=precision,
+        threads=n_threads,
+        epochs=1,
+        timeout=0,
+        class_weight="none",
+        lr=1e-3,
+        lr_scaling="none",
+        lr_schedule="constant",
+        compress=compress,
+    )
     plan = Plan("generated", ["0", "1"], [""] * len(y), y, [], np.zeros(0, np.int32), "split")
     data = Shard(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
     trainer = Trainer(cfg, comm, plan, data, model, echo=lambda line: None)  # collective: rank 0's weights
@@ -170,18 +200,30 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
     images = batch * trainer.steps * sync.train_ranks
     ips = images / seconds
     gflops = flops.train * ips / 1e9
-    result = {"model": model_name, "precision": precision, "compress": compress, "batch_size_per_rank": batch,
-              "steps": trainer.steps,
-              "strategy": strategy, "ranks": comm.size, "training_ranks": sync.train_ranks,
-              "threads_per_rank": n_threads, "seconds": round(seconds, 3), "images_per_second": round(ips, 1),
-              "images_per_second_per_rank": round(ips / max(sync.train_ranks, 1), 1),
-              "flops_per_image_forward": flops.forward, "flops_per_image_train": flops.train,
-              "flops_method": "counted from the layers; a training step = 3 x forward (approximation)",
-              "uncounted_layers": flops.uncounted,
-              "gflops_per_second": round(gflops, 2), "matmul_gflops_per_second": round(peak, 2),
-              "fraction_of_matmul": round(gflops / peak, 4) if peak > 0 else None,
-              "compute_fraction": round(float(compute_frac), 4), "comm_fraction": round(float(comm_frac), 4),
-              "host_fraction": round(float(host_frac), 4)}
+    result = {
+        "model": model_name,
+        "precision": precision,
+        "compress": compress,
+        "batch_size_per_rank": batch,
+        "steps": trainer.steps,
+        "strategy": strategy,
+        "ranks": comm.size,
+        "training_ranks": sync.train_ranks,
+        "threads_per_rank": n_threads,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(ips, 1),
+        "images_per_second_per_rank": round(ips / max(sync.train_ranks, 1), 1),
+        "flops_per_image_forward": flops.forward,
+        "flops_per_image_train": flops.train,
+        "flops_method": "counted from the layers; a training step = 3 x forward (approximation)",
+        "uncounted_layers": flops.uncounted,
+        "gflops_per_second": round(gflops, 2),
+        "matmul_gflops_per_second": round(peak, 2),
+        "fraction_of_matmul": round(gflops / peak, 4) if peak > 0 else None,
+        "compute_fraction": round(float(compute_frac), 4),
+        "comm_fraction": round(float(comm_frac), 4),
+        "host_fraction": round(float(host_frac), 4),
+    }
     if fit is not None:
         fit_step, fit_policy = fit
         result["fit_images_per_second"] = round(batch / fit_step, 1)
@@ -189,19 +231,27 @@ def bench_main(model_name="seed", batch=64, steps=60, warmup=5, image_size=50, s
         result["vs_fit"] = round(result["images_per_second"] / result["fit_images_per_second"], 3)
     if comm.rank == 0:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print  # --json: stdout is JSON only
-        say(f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, batch {batch}/rank, "
+        say(
+            f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, batch {batch}/rank, "
             f"{trainer.steps} steps: {result['images_per_second']:.0f} img/s total, "
             f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
-            f"communication {100 * comm_frac:.1f}% of step time")
+            f"communication {100 * comm_frac:.1f}% of step time"
+        )
         gaps = f" (not counted: {', '.join(flops.uncounted)})" if flops.uncounted else ""
-        say(f"bench: {flops.train / 1e6:.3g} MFLOP per training image (forward {flops.forward / 1e6:.3g} x3){gaps}: "
+        say(
+            f"bench: {flops.train / 1e6:.3g} MFLOP per training image (forward {flops.forward / 1e6:.3g} x3){gaps}: "
             f"{gflops:.1f} GFLOP/s achieved, {100 * gflops / peak:.0f}% of this machine's {precision} matmul "
-            f"rate ({peak:.0f} GFLOP/s over {comm.size} rank(s) x {n_threads} thread(s))")
-        say(f"bench: step time: compute {100 * compute_frac:.1f}%, communication {100 * comm_frac:.1f}%, "
-            f"host {100 * host_frac:.1f}% (mean over ranks)")
+            f"rate ({peak:.0f} GFLOP/s over {comm.size} rank(s) x {n_threads} thread(s))"
+        )
+        say(
+            f"bench: step time: compute {100 * compute_frac:.1f}%, communication {100 * comm_frac:.1f}%, "
+            f"host {100 * host_frac:.1f}% (mean over ranks)"
+        )
         if fit is not None:
-            say(f"bench: plain model.fit ({result['fit_dtype_policy']}): {result['fit_images_per_second']:.0f} img/s "
-                f"(mpitrain / fit = {result['vs_fit']:.3f})")
+            say(
+                f"bench: plain model.fit ({result['fit_dtype_policy']}): {result['fit_images_per_second']:.0f} img/s "
+                f"(mpitrain / fit = {result['vs_fit']:.3f})"
+            )
         if as_json:
             print(json.dumps(result))
     return 0

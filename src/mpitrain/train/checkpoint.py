@@ -41,8 +41,8 @@ class CheckpointTooNew(ValueError):
 
 @dataclass
 class Checkpoint:
-    epoch: int                  # the epoch to continue in (0-based)
-    step: int                   # steps of that epoch already done
+    epoch: int  # the epoch to continue in (0-based)
+    step: int  # steps of that epoch already done
     ranks: int
     strategy: str
     states: list[list[np.ndarray]]  # one list of arrays per rank (one shared list if "shared")
@@ -53,9 +53,9 @@ class Checkpoint:
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     path: Path | None = None
-    best: np.ndarray | None = None   # --keep-best: flat float32 weights of the best epoch
+    best: np.ndarray | None = None  # --keep-best: flat float32 weights of the best epoch
     best_epoch: int | None = None
-    steps: int | None = None         # steps per epoch of the job that wrote it (None: older files)
+    steps: int | None = None  # steps per epoch of the job that wrote it (None: older files)
 
     def state_of(self, rank: int) -> list[np.ndarray]:
         return self.states[0] if self.shared else self.states[rank]
@@ -68,10 +68,20 @@ def folder_of(run_dir: Path) -> Path:
 def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     folder = folder_of(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "epoch": ckpt.epoch, "step": ckpt.step, "ranks": ckpt.ranks,
-            "strategy": ckpt.strategy, "status": ckpt.status, "shared": ckpt.shared,
-            "config": ckpt.config, "history": ckpt.history,
-            "arrays": [len(s) for s in ckpt.states], "best_epoch": ckpt.best_epoch, "steps": ckpt.steps}
+    meta = {
+        "format": FORMAT,
+        "epoch": ckpt.epoch,
+        "step": ckpt.step,
+        "ranks": ckpt.ranks,
+        "strategy": ckpt.strategy,
+        "status": ckpt.status,
+        "shared": ckpt.shared,
+        "config": ckpt.config,
+        "history": ckpt.history,
+        "arrays": [len(s) for s in ckpt.states],
+        "best_epoch": ckpt.best_epoch,
+        "steps": ckpt.steps,
+    }
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     if ckpt.best is not None:
         arrays["best"] = np.asarray(ckpt.best)
@@ -106,10 +116,21 @@ def read(path: Path) -> Checkpoint:
             best = z["best"] if "best" in z.files else None
     except (OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
-    return Checkpoint(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"],
-                      strategy=meta["strategy"], states=states, shared=meta["shared"],
-                      status=meta["status"], config=meta["config"], history=meta["history"], path=path,
-                      best=best, best_epoch=meta.get("best_epoch"), steps=meta.get("steps"))
+    return Checkpoint(
+        epoch=meta["epoch"],
+        step=meta["step"],
+        ranks=meta["ranks"],
+        strategy=meta["strategy"],
+        states=states,
+        shared=meta["shared"],
+        status=meta["status"],
+        config=meta["config"],
+        history=meta["history"],
+        path=path,
+        best=best,
+        best_epoch=meta.get("best_epoch"),
+        steps=meta.get("steps"),
+    )
 
 
 def mark_finished(run_dir: Path) -> Path | None:

@@ -18,9 +18,9 @@ import time
 import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
-from mpitrain.dist.comm import world
-from mpitrain.dist.strategies import strategy_class
 from mpitrain.errors import StopRequested, UserError, agree
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.strategies import strategy_class
 
 
 def _open_resume(cfg: TrainConfig):
@@ -64,10 +64,9 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
 
     Rank 0 locks the run folder (`runfolder.prepare`) and lets go when this returns or
     raises, Ctrl-C included; a folder it created is removed again if nothing was written."""
-    from mpitrain.dist import preempt
+    from mpitrain.parallel import preempt
+    from mpitrain.parallel.comm import launched_by_mpi
     from mpitrain.train import runlock
-
-    from mpitrain.dist.comm import launched_by_mpi
 
     # SIGTERM/SIGUSR1 from now on: checkpoint with every rank, then stop. A rank keeps the
     # handlers until its process ends: a request arriving while a finished run exits is
@@ -125,8 +124,10 @@ def _train_main(make_config, echo, resume: bool) -> int:
     prints = comm.allgather_obj(_fingerprint(cfg, plan))
     differ = [r for r, f in enumerate(prints) if f != prints[0]]
     if differ:
-        agree(comm, f"rank(s) {differ} were started with a different config, mpitrain version "
-                    f"or data file list than rank 0")
+        agree(
+            comm,
+            f"rank(s) {differ} were started with a different config, mpitrain version or data file list than rank 0",
+        )
 
     try:
         return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
@@ -143,8 +144,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
 
         progress.clear_active()
         if comm.rank == 0:
-            print(stopped_message(stop, cfg.epochs, out, _resume_hint(comm, out, cfg)), file=sys.stderr,
-                  flush=True)
+            print(stopped_message(stop, cfg.epochs, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
         return 0  # asked for: a batch system's stop or preemption, not a failure
 
 
@@ -154,7 +154,7 @@ def _resume_hint(comm, out, cfg) -> str:
     import os
 
     from mpitrain import slurm
-    from mpitrain.dist.launch import RESUME_HINT_ENV, resume_command
+    from mpitrain.parallel.launch import RESUME_HINT_ENV, resume_command
 
     if os.environ.get(RESUME_HINT_ENV):
         return os.environ[RESUME_HINT_ENV]
@@ -170,8 +170,10 @@ def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) 
     from mpitrain.train import checkpoint
 
     at = checkpoint.describe_position(stop.epoch, stop.step)
-    lines = [f"mpitrain: stopped on request (SIGTERM or SIGUSR1 to a rank): every rank saved its state "
-             f"at {at} (of {epochs} epochs)"]
+    lines = [
+        f"mpitrain: stopped on request (SIGTERM or SIGUSR1 to a rank): every rank saved its state "
+        f"at {at} (of {epochs} epochs)"
+    ]
     found = checkpoint.latest_meta(Path(run_dir))
     if found is not None:
         lines.append(f"newest checkpoint: {found[0]}")
@@ -194,8 +196,9 @@ def interrupted_message(where: str | None, run_dir, resume_cmd: str | None) -> s
         lines.append("newest checkpoint: none yet, so there is nothing to resume; start the run again")
     else:
         path, meta = found
-        lines.append(f"newest checkpoint: {path} "
-                     f"({checkpoint.describe_position(meta.get('epoch', 0), meta.get('step', 0))})")
+        lines.append(
+            f"newest checkpoint: {path} ({checkpoint.describe_position(meta.get('epoch', 0), meta.get('step', 0))})"
+        )
         if meta.get("status") == "finished":
             lines.append("training had finished; the run folder may be incomplete")
         elif resume_cmd:
@@ -230,22 +233,25 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
-        say(f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
+        say(
+            f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
-            + (f" | grouped: {plan.grouping}" if plan.grouping else ""))
+            + (f" | grouped: {plan.grouping}" if plan.grouping else "")
+        )
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
-    say(f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
+    say(
+        f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
         f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size} | "
-        f"{cfg.precision}" + (f" ({why})" if requested == "auto" else ""))
+        f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
+    )
     if cfg.data_on_root:
-        plan, data = dataset.scatter_from_root(comm, plan, cfg.image_size, cfg.seed,
-                                               lambda r: data_parts(r, comm.size), cfg.cache_dir)
+        plan, data = dataset.scatter_from_root(
+            comm, plan, cfg.image_size, cfg.seed, lambda r: data_parts(r, comm.size), cfg.cache_dir
+        )
     else:
-        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size),
-                                  cfg.cache_dir)
-    counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads],
-                      dtype=np.float64)
+        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size), cfg.cache_dir)
+    counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads], dtype=np.float64)
     comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
     all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
     if comm.rank == 0:  # label-file rows left out at planning, then the files the ranks could not decode
@@ -253,8 +259,10 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
     if counts[0] == 0 or counts[1] == 0:
         which = "training" if counts[0] == 0 else "validation"
         agree(comm, f"no usable {which} images in {plan.data_dir}")
-    say(f"loaded {int(counts[0])} train + {int(counts[1])} val images in "
-        f"{counts[2] / comm.size:.1f}s per rank (cache: {int(counts[3])}/{int(counts[4])} hits)")
+    say(
+        f"loaded {int(counts[0])} train + {int(counts[1])} val images in "
+        f"{counts[2] / comm.size:.1f}s per rank (cache: {int(counts[3])}/{int(counts[4])} hits)"
+    )
     if all_errors and comm.rank == 0:
         from mpitrain.data.describe import skip_warning, write_skip_report
 
@@ -267,12 +275,24 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
     def reshard(train_part, val_part):  # elastic: this rank's data in the new layout
         return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir)
 
-    result = fit(cfg, comm, plan, data, model, echo=say, checkpoints=True, run_dir=out,
-                 resume=ckpt, resuming=resume, reshard=reshard)
+    result = fit(
+        cfg,
+        comm,
+        plan,
+        data,
+        model,
+        echo=say,
+        checkpoints=True,
+        run_dir=out,
+        resume=ckpt,
+        resuming=resume,
+        reshard=reshard,
+    )
     if comm.rank == 0:
         precision_facts = {"requested": requested, "used": cfg.precision, "why": why}
-        for line in _save(cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]),
-                          precision_facts):
+        for line in _save(
+            cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]), precision_facts
+        ):
             say(line)
         from mpitrain.train import checkpoint
 
@@ -286,8 +306,11 @@ def _resolve_precision(requested: str) -> tuple[str, str]:
 
     precision, why = resolve_precision(requested)
     if precision == "fp16" and not _has_gpu():
-        print("mpitrain: note: --precision fp16 on a CPU is emulated and several times slower than "
-              "fp32; bf16 or fp32 suit CPUs", file=sys.stderr)
+        print(
+            "mpitrain: note: --precision fp16 on a CPU is emulated and several times slower than "
+            "fp32; bf16 or fp32 suit CPUs",
+            file=sys.stderr,
+        )
     return precision, why
 
 
@@ -315,39 +338,84 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     from mpitrain.data.dataset import class_weights
 
     counts = plan.class_counts()
-    choice = choose_for_classes(result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity,
-                                cfg.threshold_policy, counts, class_weights(counts, cfg.class_weight))
+    choice = choose_for_classes(
+        result.val_labels,
+        result.val_probs,
+        plan.classes,
+        cfg.target_sensitivity,
+        cfg.threshold_policy,
+        counts,
+        class_weights(counts, cfg.class_weight),
+    )
     if cfg.target_sensitivity is not None and positive is None:
         lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
-    metrics = classification_metrics(result.val_labels, result.val_probs, plan.classes,
-                                      threshold=choice.threshold, positive=1 if positive is None else positive)
+    metrics = classification_metrics(
+        result.val_labels,
+        result.val_probs,
+        plan.classes,
+        threshold=choice.threshold,
+        positive=1 if positive is None else positive,
+    )
     metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
     metrics["train_samples"], metrics["val_samples"] = n_train, n_val
     # Which weights these numbers (and model.keras) belong to.
-    kept = {"epochs_run": result.epochs_run, "kept_epoch": result.kept_epoch or result.epochs_run,
-            "kept_by": cfg.keep_best or "last epoch", "stopped_early": result.stopped_early}
+    kept = {
+        "epochs_run": result.epochs_run,
+        "kept_epoch": result.kept_epoch or result.epochs_run,
+        "kept_by": cfg.keep_best or "last epoch",
+        "stopped_early": result.stopped_early,
+    }
     metrics.update(kept)
     runfolder.save_model(out / "model.keras", model)
-    modelio.write_info(out, plan.classes, cfg.image_size, choice, positive, model=cfg.model,
-                       validation=plan.protocol(),
-                       train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)})
-    timings = {"ranks": ranks, "threads_per_rank": threads, "seconds": round(result.seconds, 3),
-               "images_per_second": round(result.images_per_second, 1),
-               "comm_seconds": round(result.comm_seconds, 3), "train_samples": n_train, "val_samples": n_val,
-               **kept}
-    save_config(cfg, out / "config.json", ranks=ranks, threads_per_rank=threads,
-                precision=precision, data_dir=plan.data_dir, classes=plan.classes, checksum=result.checksum,
-                seconds=timings["seconds"], images_per_second=timings["images_per_second"],
-                comm_seconds=timings["comm_seconds"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                grouping=plan.grouping, **kept)
+    modelio.write_info(
+        out,
+        plan.classes,
+        cfg.image_size,
+        choice,
+        positive,
+        model=cfg.model,
+        validation=plan.protocol(),
+        train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)},
+    )
+    timings = {
+        "ranks": ranks,
+        "threads_per_rank": threads,
+        "seconds": round(result.seconds, 3),
+        "images_per_second": round(result.images_per_second, 1),
+        "comm_seconds": round(result.comm_seconds, 3),
+        "train_samples": n_train,
+        "val_samples": n_val,
+        **kept,
+    }
+    save_config(
+        cfg,
+        out / "config.json",
+        ranks=ranks,
+        threads_per_rank=threads,
+        precision=precision,
+        data_dir=plan.data_dir,
+        classes=plan.classes,
+        checksum=result.checksum,
+        seconds=timings["seconds"],
+        images_per_second=timings["images_per_second"],
+        comm_seconds=timings["comm_seconds"],
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        grouping=plan.grouping,
+        **kept,
+    )
     runfolder.write_history(out / "history.csv", result.history)
     idx = result.val_index
     if idx is not None and len(idx) and (idx >= 0).all():  # plan order; an ensemble's threshold reads it
         from mpitrain.evaluate import valpreds
 
         order = np.argsort(idx, kind="stable")
-        valpreds.write(out, [plan.val_paths[i] for i in idx[order]], result.val_labels[order],
-                       result.val_probs[order], plan.classes)
+        valpreds.write(
+            out,
+            [plan.val_paths[i] for i in idx[order]],
+            result.val_labels[order],
+            result.val_probs[order],
+            plan.classes,
+        )
     write_json(out / "metrics.json", metrics)
     write_json(out / "classes.json", plan.classes)
     lines.append(describe(choice, None if positive is None else plan.classes[positive]))
@@ -357,11 +425,17 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         from mpitrain.evaluate import plots, report
 
         note = "train: class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
-        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history,
-                                  loss_note=note)
+        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history, loss_note=note)
         counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, counts))
-        report.write_report(out, cfg.to_dict(), metrics, figures, timings,
-                            f"`{plan.data_dir}` ({counts} training images)", plan.protocol())
+        report.write_report(
+            out,
+            cfg.to_dict(),
+            metrics,
+            figures,
+            timings,
+            f"`{plan.data_dir}` ({counts} training images)",
+            plan.protocol(),
+        )
         lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
         print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)

@@ -20,8 +20,16 @@ def epoch_metrics(comm, stats, probs, labels, n_classes):
         return None, None, None
     n = max(stats[0], 1.0)
     m = classification_metrics(all_labels, all_probs, [str(i) for i in range(n_classes)])
-    return ({"loss": stats[1] / n, "accuracy": stats[2] / n, "auc": m["roc_auc"],
-             "balanced_accuracy": m["balanced_accuracy"]}, all_probs, all_labels)
+    return (
+        {
+            "loss": stats[1] / n,
+            "accuracy": stats[2] / n,
+            "auc": m["roc_auc"],
+            "balanced_accuracy": m["balanced_accuracy"],
+        },
+        all_probs,
+        all_labels,
+    )
 
 
 def best_epoch(history: list[dict], metric: str) -> int | None:
@@ -51,7 +59,9 @@ def _fmt(v) -> str:
 
 
 def epoch_line(row: dict, epochs: int, tag: str) -> str:
-    return (f"epoch {row['epoch']}/{epochs} [{tag}] "
-            f"loss {_fmt(row['loss'])} acc {_fmt(row['accuracy'])} auc {_fmt(row['auc'])} | "
-            f"val_loss {_fmt(row['val_loss'])} val_acc {_fmt(row['val_accuracy'])} "
-            f"val_auc {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s")
+    return (
+        f"epoch {row['epoch']}/{epochs} [{tag}] "
+        f"loss {_fmt(row['loss'])} acc {_fmt(row['accuracy'])} auc {_fmt(row['auc'])} | "
+        f"val_loss {_fmt(row['val_loss'])} val_acc {_fmt(row['val_accuracy'])} "
+        f"val_auc {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+    )

@@ -34,7 +34,7 @@ BACKWARD_FACTOR = 3  # training step = forward + ~2x forward for the backward pa
 
 @dataclass
 class FlopCount:
-    forward: int = 0                     # FLOPs of one image's forward pass
+    forward: int = 0  # FLOPs of one image's forward pass
     per_layer: dict = field(default_factory=dict)  # layer name -> forward FLOPs
     uncounted: list = field(default_factory=list)  # names of layers of an unknown type
 
@@ -81,13 +81,15 @@ def layer_flops(layer) -> int | None:
     if kind == "Dense":
         n_in = in_shape[-1]
         rows = out_values // layer.units  # a Dense on a sequence applies per position
-        return (2 * n_in * layer.units * rows + (out_values if layer.use_bias else 0)
-                + _activation_flops(layer, out_values))
+        return (
+            2 * n_in * layer.units * rows + (out_values if layer.use_bias else 0) + _activation_flops(layer, out_values)
+        )
     if kind == "BatchNormalization":
         return 4 * out_values
     if kind in ("ReLU", "Activation", "LeakyReLU", "ELU", "Softmax"):
-        return (3 if kind == "Softmax" or getattr(getattr(layer, "activation", None), "__name__", "") == "softmax"
-                else 1) * out_values
+        return (
+            3 if kind == "Softmax" or getattr(getattr(layer, "activation", None), "__name__", "") == "softmax" else 1
+        ) * out_values
     if kind == "Dropout":
         return out_values
     if kind in ("MaxPooling2D", "AveragePooling2D"):

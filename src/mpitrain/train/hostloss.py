@@ -1,6 +1,6 @@
 """An `--elastic` job that lost a whole host goes on without it, from its newest checkpoint.
 
-Open MPI's ULFM lets the ranks outlive a dead *rank* (dist/comm.py, train/trainer.py's
+Open MPI's ULFM lets the ranks outlive a dead *rank* (parallel/comm.py, train/trainer.py's
 `_recover`), but not a dead *host*: when the Open MPI daemon of a host stops answering,
 PRRTE ends the whole job, `--with-ft ulfm` or not (its error manager treats a lost daemon
 as the end of the virtual machine). So the healing of a lost host happens one level up, in
@@ -15,7 +15,7 @@ as the end of the virtual machine). So the healing of a lost host happens one le
 3. the launcher says so in one line, notes the event in `events.jsonl` and starts mpiexec
    again with `train --resume` on the remaining hosts. The ranks read the saved options;
    with fewer ranks than the checkpoint was written by, an elastic run's ranks all start
-   from rank 0's state, as the survivors of a lost rank do (dist/rankstate.py), and a
+   from rank 0's state, as the survivors of a lost rank do (parallel/rankstate.py), and a
    mid-epoch position is carried over in proportion (train/trainer.py).
 
 The work since the newest checkpoint is done again (checkpoints come at every epoch's end,
@@ -36,10 +36,10 @@ HOSTFILE_NAME = "hostfile"  # in the run folder: the hosts an elastic run goes o
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    ranks: int            # ranks to go on with
-    hostfile: Path        # the remaining hosts (in the run folder)
-    lost_ranks: int       # ranks that ran on the lost host
-    position: str         # where the run continues, e.g. "end of epoch 1"
+    ranks: int  # ranks to go on with
+    hostfile: Path  # the remaining hosts (in the run folder)
+    lost_ranks: int  # ranks that ran on the lost host
+    position: str  # where the run continues, e.g. "end of epoch 1"
 
 
 class CannotHeal(Exception):
@@ -66,15 +66,22 @@ def _matching(name: str, hosts) -> list[str]:
     return found
 
 
-def plan(out: Path, n: int, hostfile: str | None, lost: str, here: set[str] | None = None,
-         cores: int | None = None, placed: list[str] | None = None) -> Plan:
+def plan(
+    out: Path,
+    n: int,
+    hostfile: str | None,
+    lost: str,
+    here: set[str] | None = None,
+    cores: int | None = None,
+    placed: list[str] | None = None,
+) -> Plan:
     """How the run in `out` goes on after `lost` (a host of `hostfile`) was lost; raises
     CannotHeal with the reason when it cannot. The strategy (and its fewest ranks) is the
     newest checkpoint's. `placed`: the host of every rank, as the
     ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
     as Open MPI fills them; a host without `slots=` then counts as 1)."""
-    from mpitrain.dist.launch import local_names, placement, read_hostfile
-    from mpitrain.dist.strategies import strategy_class
+    from mpitrain.parallel.launch import local_names, placement, read_hostfile
+    from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train.checkpoint import describe_position, latest_meta
 
     if hostfile is None:
@@ -103,21 +110,37 @@ def plan(out: Path, n: int, hostfile: str | None, lost: str, here: set[str] | No
     if problem:
         raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
     path = Path(out) / HOSTFILE_NAME
-    path.write_text("# written by mpitrain after losing host " + lost + "\n"
-                    + "".join(f"{h}{f' slots={s}' if s is not None else ''}\n" for h, s in left))
-    return Plan(ranks=ranks, hostfile=path, lost_ranks=lost_ranks,
-                position=describe_position(meta["epoch"], meta["step"]))
+    path.write_text(
+        "# written by mpitrain after losing host "
+        + lost
+        + "\n"
+        + "".join(f"{h}{f' slots={s}' if s is not None else ''}\n" for h, s in left)
+    )
+    return Plan(
+        ranks=ranks, hostfile=path, lost_ranks=lost_ranks, position=describe_position(meta["epoch"], meta["step"])
+    )
 
 
 def message(lost: str, p: Plan) -> str:
-    return (f"mpitrain: host {lost} was lost with {p.lost_ranks} rank(s) (--elastic): going on with "
-            f"{p.ranks} rank(s) on the hosts left ({p.hostfile}) from the newest checkpoint ({p.position})")
+    return (
+        f"mpitrain: host {lost} was lost with {p.lost_ranks} rank(s) (--elastic): going on with "
+        f"{p.ranks} rank(s) on the hosts left ({p.hostfile}) from the newest checkpoint ({p.position})"
+    )
 
 
 def note(out: Path, lost: str, before: int, p: Plan) -> None:
     """One line in the run's `events.jsonl` (as a lost rank's), written by the launcher."""
     from mpitrain.train import runfolder
 
-    runfolder.append_event(out, runfolder.event(
-        "host_lost", host=lost, lost_ranks=p.lost_ranks, ranks_before=before, ranks_after=p.ranks,
-        continue_from=p.position, hostfile=str(p.hostfile)))
+    runfolder.append_event(
+        out,
+        runfolder.event(
+            "host_lost",
+            host=lost,
+            lost_ranks=p.lost_ranks,
+            ranks_before=before,
+            ranks_after=p.ranks,
+            continue_from=p.position,
+            hostfile=str(p.hostfile),
+        ),
+    )

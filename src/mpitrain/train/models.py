@@ -12,7 +12,7 @@ tests/unit/test_models.py checks it for every registry model.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mpitrain.errors import UserError
 
@@ -100,8 +100,7 @@ def check_model(name: str, image_size: int) -> None:
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     if image_size < MODELS[name][1]:
-        raise UserError(f"--image-size {image_size} is too small for model {name!r} "
-                        f"(needs >= {MODELS[name][1]})")
+        raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {MODELS[name][1]})")
 
 
 def build_model(name: str, image_size: int, n_classes: int):

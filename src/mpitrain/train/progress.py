@@ -62,7 +62,7 @@ def _open_tty():
 
 
 def mode(stream=None) -> str | None:
-    """"redraw" (carriage return), "marker" (lines for the launcher), "lines" (a plain
+    """ "redraw" (carriage return), "marker" (lines for the launcher), "lines" (a plain
     line now and then) or None (silent)."""
     return _choose(stream)[0]
 
@@ -75,7 +75,7 @@ def _choose(stream=None):
         return None, stream
     if os.environ.get("MPITRAIN_LAUNCHER") == "1":
         return "marker", stream
-    from mpitrain.dist.comm import launched_by_mpi
+    from mpitrain.parallel.comm import launched_by_mpi
 
     if launched_by_mpi():
         if tty != "1":
@@ -124,7 +124,7 @@ class Progress:
         stats = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = f"{self.prefix}{done}/{self.total} [{bar:<{self.width}}] {elapsed:.0f}s eta {eta:.0f}s {stats}"
         if self.mode == "marker":
-            from mpitrain.dist.launch import progress_line
+            from mpitrain.parallel.launch import progress_line
 
             self.stream.write(progress_line(_where(self.prefix, done, self.total), line.rstrip()))
         elif self.mode == "lines":
@@ -144,7 +144,7 @@ class Progress:
             return
         self._shown = False
         if self.mode == "marker":
-            from mpitrain.dist.launch import progress_line
+            from mpitrain.parallel.launch import progress_line
 
             self.stream.write(progress_line(_where(self.prefix, self._done, self.total), ""))
         elif self.mode == "redraw":

@@ -22,9 +22,21 @@ from pathlib import Path
 from mpitrain.atomic import atomic_path, write_atomic
 from mpitrain.errors import UserError
 
-RUN_FILES = ("model.keras", "model.json", "config.json", "history.csv", "metrics.json",
-             "classes.json", "skipped_files.txt", "report.md", "training_curves.png",
-             "confusion_matrix.png", "roc_curve.png", "events.jsonl", "hostfile")
+RUN_FILES = (
+    "model.keras",
+    "model.json",
+    "config.json",
+    "history.csv",
+    "metrics.json",
+    "classes.json",
+    "skipped_files.txt",
+    "report.md",
+    "training_curves.png",
+    "confusion_matrix.png",
+    "roc_curve.png",
+    "events.jsonl",
+    "hostfile",
+)
 
 
 def default_run_dir() -> Path:
@@ -53,8 +65,9 @@ def prepare(out: str | None, overwrite: bool, resume: bool = False, check_only: 
         raise
     try:
         if not overwrite:
-            outdir.check_new_or_empty(path, "--out", "pass --overwrite or choose another folder",
-                                      ignore=(runlock.LOCK_NAME,))
+            outdir.check_new_or_empty(
+                path, "--out", "pass --overwrite or choose another folder", ignore=(runlock.LOCK_NAME,)
+            )
         try:
             probe = path / ".mpitrain-write-test"
             probe.write_text("")

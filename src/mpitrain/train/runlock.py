@@ -33,7 +33,7 @@ from mpitrain.errors import UserError
 
 LOCK_NAME = ".lock"
 JOB_ENV = "MPITRAIN_JOB"  # set by `mpitrain train -n N` for its ranks: which launch a lock belongs to
-_held: dict[Path, "RunLock"] = {}
+_held: dict[Path, RunLock] = {}
 
 
 class RunLock:
@@ -94,9 +94,14 @@ def _alive(pid: int, ticks: int | None) -> bool:
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_ticks": _start_ticks(os.getpid()),
-            "command": "mpitrain train", "job": os.environ.get(JOB_ENV)}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "start_ticks": _start_ticks(os.getpid()),
+        "command": "mpitrain train",
+        "job": os.environ.get(JOB_ENV),
+    }
 
 
 def _holder(text: str) -> dict | None:
@@ -114,8 +119,10 @@ def _who(holder: dict | None) -> str:
 
 
 def _busy(run_dir: Path, holder: dict | None) -> UserError:
-    return UserError(f"run folder {run_dir} is in use by another training: {_who(holder)}; "
-                     "wait for it to end or choose another --out")
+    return UserError(
+        f"run folder {run_dir} is in use by another training: {_who(holder)}; "
+        "wait for it to end or choose another --out"
+    )
 
 
 def _judge(run_dir: Path, holder: dict | None, note) -> None:
@@ -123,8 +130,10 @@ def _judge(run_dir: Path, holder: dict | None, note) -> None:
     if holder is None:
         return  # empty or torn: its writer died before writing it out
     if holder.get("host") != socket.gethostname():
-        raise UserError(f"run folder {run_dir} is locked by {_who(holder)}, which cannot be checked from "
-                        f"this host; if no training runs there any more, remove {run_dir / LOCK_NAME}")
+        raise UserError(
+            f"run folder {run_dir} is locked by {_who(holder)}, which cannot be checked from "
+            f"this host; if no training runs there any more, remove {run_dir / LOCK_NAME}"
+        )
     if holder["pid"] == os.getpid():
         return
     if _alive(holder["pid"], holder.get("start_ticks")):

@@ -93,14 +93,16 @@ class TrainStep:
 
     def __call__(self, x, y, w, lr):
         if len(x) == 0 and not self._guard:
-            stats, probs = self._fn(np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32),
-                                    np.zeros(1, np.float32), lr)
+            stats, probs = self._fn(
+                np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32), np.zeros(1, np.float32), lr
+            )
             return stats, probs[:0]
         return self._fn(x, y, w, lr)
 
 
-def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0,
-                    sums: RunningSums | None = None) -> TrainStep:
+def make_train_step(
+    model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0, sums: RunningSums | None = None
+) -> TrainStep:
     import keras
     import tensorflow as tf
 
@@ -146,8 +148,7 @@ def make_train_step(model, optimizer, reduce=None, input_dtype=np.float32, max_v
             grads, loss_sum, probs = forward(x, y, w)
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
-        stats = tf.stack([tf.reduce_sum(counted), loss_sum,
-                          tf.reduce_sum(tf.cast(hits, tf.float32) * counted)])
+        stats = tf.stack([tf.reduce_sum(counted), loss_sum, tf.reduce_sum(tf.cast(hits, tf.float32) * counted)])
         if reduce is not None:
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [stats], axis=0)
             flat = tf.numpy_function(reduce, [flat], tf.float32, stateful=True)

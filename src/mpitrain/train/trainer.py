@@ -1,6 +1,6 @@
 """The training loop: the same code on every rank, one strategy object for the distribution.
 
-Every rank runs the same epochs and steps; the strategy (`dist/strategies/`) decides what is
+Every rank runs the same epochs and steps; the strategy (`parallel/strategies/`) decides what is
 exchanged and when. Metrics come from sums and predictions over the whole data set
 (`epochlog.py`), with two exceptions: after an elastic recovery the epoch's data was
 re-sharded mid-way, and after a mid-epoch resume the training AUC covers only the steps
@@ -18,9 +18,9 @@ cleanly and the run continues with --resume from its newest checkpoint. A lost *
 the whole job (Open MPI's runtime does not survive it): the launcher starts it again on the
 hosts left, from the newest checkpoint (`train/hostloss.py`).
 
-Stop requests (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`): after every step the ranks
+Stop requests (SIGTERM/SIGUSR1 to any rank, `parallel/preempt.py`): after every step the ranks
 ask their strategy whether they have agreed to stop (a vote carried by the strategy's own
-collectives, see `dist/strategies/base.py`); once they have, they write a checkpoint at
+collectives, see `parallel/strategies/base.py`); once they have, they write a checkpoint at
 that step and raise StopRequested, which `mpitrain train` turns into exit code 0 and the
 command that resumes the run.
 """
@@ -38,16 +38,16 @@ import numpy as np
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
-from mpitrain.dist import preempt
-from mpitrain.dist.comm import RankLost
-from mpitrain.dist.pulses import Pulses
-from mpitrain.dist.rankstate import RankState
-from mpitrain.dist.strategies import lr_at, make_sync, scaled_lr, strategy_class
-from mpitrain.dist.watchdog import Watchdog
 from mpitrain.errors import AgreedError, QuietExit, StopRequested
 from mpitrain.evaluate.modelio import predict_probs
-from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
+from mpitrain.parallel import preempt
+from mpitrain.parallel.comm import RankLost
+from mpitrain.parallel.pulses import Pulses
+from mpitrain.parallel.rankstate import RankState
+from mpitrain.parallel.strategies import lr_at, make_sync, scaled_lr, strategy_class
+from mpitrain.parallel.watchdog import Watchdog
 from mpitrain.train import runfolder
+from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
 from mpitrain.train.progress import Progress
 from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
 
@@ -55,17 +55,17 @@ from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
 @dataclass
 class Result:
     history: list[dict] = field(default_factory=list)
-    val_probs: np.ndarray | None = None   # rank 0 only
+    val_probs: np.ndarray | None = None  # rank 0 only
     val_labels: np.ndarray | None = None  # rank 0 only
-    val_index: np.ndarray | None = None   # rank 0 only: each row's index in Plan.val_paths (-1: unknown)
+    val_index: np.ndarray | None = None  # rank 0 only: each row's index in Plan.val_paths (-1: unknown)
     seconds: float = 0.0
     images_per_second: float = 0.0
     comm_seconds: float = 0.0
     checksum: str = ""
     events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
     epochs_run: int = 0
-    kept_epoch: int | None = None   # --keep-best: the epoch whose weights the model has
-    stopped_early: bool = False     # --early-stop ended the run before --epochs
+    kept_epoch: int | None = None  # --keep-best: the epoch whose weights the model has
+    stopped_early: bool = False  # --early-stop ended the run before --epochs
 
     def keep_validation(self, probs, labels, index) -> None:
         """Rank 0: the gathered validation probabilities, labels and plan indices of the model kept."""
@@ -85,8 +85,18 @@ def _make_optimizer(cfg: TrainConfig, lr: float):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print,
-                 checkpoints: bool = False, run_dir=None, reshard=None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        comm,
+        plan: Plan,
+        data: Shard,
+        model,
+        echo=print,
+        checkpoints: bool = False,
+        run_dir=None,
+        reshard=None,
+    ):
         """`checkpoints` must be the same on every rank; rank 0 writes them to `run_dir`.
         `reshard(train_part, val_part)` loads a rank's data for a new layout (elastic)."""
         self.cfg = cfg.resolved()
@@ -112,8 +122,14 @@ class Trainer:
         cfg, comm = self.cfg, self.comm
         # The strategy refuses too few ranks itself; while it waits for peers that are still
         # working it reports their progress to the watchdog.
-        self.sync = make_sync(cfg.strategy, comm, cfg.sync_every, progress=self._beat,
-                              stop_requested=lambda: preempt.requested() is not None, compress=cfg.compress)
+        self.sync = make_sync(
+            cfg.strategy,
+            comm,
+            cfg.sync_every,
+            progress=self._beat,
+            stop_requested=lambda: preempt.requested() is not None,
+            compress=cfg.compress,
+        )
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
@@ -124,11 +140,14 @@ class Trainer:
         # same bits as `as_float`); augmented batches come out of OpenCV as float32.
         rows = self.data.train_x
         self.integer_input = cfg.augment == "none" and rows.dtype.kind in "ui"
-        self.step = make_train_step(self.model, self.optimizer,
-                                    self.sync.reduce_step if self.sync.per_step_reduce else None,
-                                    input_dtype=rows.dtype if self.integer_input else np.float32,
-                                    max_value=self.data.train_max if self.integer_input else 1.0,
-                                    sums=self.sums)
+        self.step = make_train_step(
+            self.model,
+            self.optimizer,
+            self.sync.reduce_step if self.sync.per_step_reduce else None,
+            input_dtype=rows.dtype if self.integer_input else np.float32,
+            max_value=self.data.train_max if self.integer_input else 1.0,
+            sums=self.sums,
+        )
         # Collective: every rank must agree on the step count before the first step.
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
         self.warmup = int(round(cfg.warmup_epochs * self.steps))
@@ -149,8 +168,17 @@ class Trainer:
         if resuming:
             # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
             epoch, first, history, trained, ranks, steps = comm.bcast_obj(
-                (resume.epoch, resume.step, resume.history, resume.status != "running", resume.ranks,
-                 resume.steps or self.steps) if comm.rank == 0 else None)
+                (
+                    resume.epoch,
+                    resume.step,
+                    resume.history,
+                    resume.status != "running",
+                    resume.ranks,
+                    resume.steps or self.steps,
+                )
+                if comm.rank == 0
+                else None
+            )
             saved = self.state.scatter(comm, resume)
             if comm.rank == 0:
                 self.best, self.best_epoch = resume.best, resume.best_epoch
@@ -161,8 +189,11 @@ class Trainer:
                 # the epoch, and its training metrics cover the steps from here (as after a lost rank).
                 first, stats = _same_fraction(first, steps, self.steps), None
             self.result.history = list(history) if comm.rank == 0 else []
-            self.echo("resuming after the last epoch: validating and saving the model" if trained
-                      else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}")
+            self.echo(
+                "resuming after the last epoch: validating and saving the model"
+                if trained
+                else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}"
+            )
         self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
@@ -215,9 +246,14 @@ class Trainer:
         val_m, *validated = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
         if comm.rank == 0:
-            row = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
-                   "lr": self._lr((epoch + 1) * self.steps - 1), "seconds": round(train_time, 3),
-                   "images_per_second": round(stats[0] / max(train_time, 1e-9), 1)}
+            row = {
+                "epoch": epoch + 1,
+                **train_m,
+                **{f"val_{k}": v for k, v in val_m.items()},
+                "lr": self._lr((epoch + 1) * self.steps - 1),
+                "seconds": round(train_time, 3),
+                "images_per_second": round(stats[0] / max(train_time, 1e-9), 1),
+            }
             self.result.history.append(row)
             if cfg.tensorboard and self.run_dir is not None:
                 from mpitrain.train import tensorboard as tb
@@ -228,8 +264,9 @@ class Trainer:
         self.stopping = self._watch(epoch)
         # The last one is "trained", not "finished": the run is finished only once rank 0 has
         # saved the model (train/command.py marks it then), so a kill in between can resume.
-        self._checkpoint(epoch + 1, 0, np.zeros(3),
-                         "trained" if epoch + 1 == cfg.epochs or self.stopping else "running")
+        self._checkpoint(
+            epoch + 1, 0, np.zeros(3), "trained" if epoch + 1 == cfg.epochs or self.stopping else "running"
+        )
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         # A stop asked for during validation: collective, once per epoch. After the last
         # epoch the run finishes instead (validated; saving the model takes seconds).
@@ -250,8 +287,11 @@ class Trainer:
         sums.reset(stats)
         probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
         self.done = first
-        self.bar = bar = Progress(self.steps, f"epoch {epoch + 1}/{cfg.epochs} ",
-                                  enabled=self.show_progress and comm.rank == 0 and sync.trains)
+        self.bar = bar = Progress(
+            self.steps,
+            f"epoch {epoch + 1}/{cfg.epochs} ",
+            enabled=self.show_progress and comm.rank == 0 and sync.trains,
+        )
 
         def running() -> dict:  # called only when the bar redraws
             n, loss, hits = sums.read()
@@ -278,9 +318,11 @@ class Trainer:
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, sums.read())
         sync.end_epoch()
-        return (sums.read(),
-                np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
-                np.concatenate(labels) if labels else np.zeros(0, np.int32))
+        return (
+            sums.read(),
+            np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
+            np.concatenate(labels) if labels else np.zeros(0, np.int32),
+        )
 
     def _lrs(self, epoch: int) -> np.ndarray:
         """The learning rate of every step of `epoch` (float32), worked out once per epoch."""
@@ -305,8 +347,9 @@ class Trainer:
         def pulse(i: int) -> None:  # collective, nonblocking: the same count on every rank
             pulses.post(f"validation batch {i} of {batches} after epoch {epoch + 1}")
 
-        vp = predict_probs(self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max),
-                           batch=size, on_batch=pulse)
+        vp = predict_probs(
+            self.predict, data.val_x, self.n_classes, lambda x: as_float(x, data.val_max), batch=size, on_batch=pulse
+        )
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()
@@ -325,8 +368,7 @@ class Trainer:
             return as_float(rows, self.data.train_max)
         from mpitrain.data.augment import augment_batch
 
-        return augment_batch(rows, self.data.train_max, self.cfg.augment, self.cfg.seed, epoch,
-                             self.comm.rank, step)
+        return augment_batch(rows, self.data.train_max, self.cfg.augment, self.cfg.seed, epoch, self.comm.rank, step)
 
     def _watch(self, epoch: int) -> bool:
         """--keep-best / --early-stop after `epoch`: rank 0 decides from the history, every
@@ -339,12 +381,13 @@ class Trainer:
         if comm.rank == 0:
             best = best_epoch(self.result.history, metric)
             improved = best == epoch + 1
-            stop = bool(cfg.early_stop and best is not None and epoch + 1 < cfg.epochs
-                        and epoch + 1 - best >= cfg.early_stop)
+            stop = bool(
+                cfg.early_stop and best is not None and epoch + 1 < cfg.epochs and epoch + 1 - best >= cfg.early_stop
+            )
             decision = (improved, stop, best)
         improved, stop, best = comm.bcast_obj(decision)  # collective: one decision for all
         if cfg.keep_best and improved and comm.rank == 0:
-            from mpitrain.dist.flat import FlatVars, float_vars
+            from mpitrain.parallel.flat import FlatVars, float_vars
 
             self.best = FlatVars(float_vars(self.model.weights)).pack().copy()
             self.best_epoch = epoch + 1
@@ -363,7 +406,7 @@ class Trainer:
         self.result.kept_epoch = kept if kept is not None else last
         if kept is None or kept == last:
             return  # the current weights are the best ones
-        from mpitrain.dist.flat import FlatVars, float_vars
+        from mpitrain.parallel.flat import FlatVars, float_vars
 
         flat = FlatVars(float_vars(self.model.weights))
         if comm.rank == 0:
@@ -384,11 +427,24 @@ class Trainer:
             from mpitrain.train import checkpoint as ckpt
 
             states, shared = gathered
-            ckpt.save(self.run_dir, ckpt.Checkpoint(
-                epoch=epoch, step=done, ranks=self.comm.size, strategy=self.cfg.strategy, states=states,
-                shared=shared, status=status, config=self.cfg.to_dict(), history=self.result.history,
-                best=self.best, best_epoch=self.best_epoch, steps=self.steps),
-                keep=self.cfg.keep_checkpoints)
+            ckpt.save(
+                self.run_dir,
+                ckpt.Checkpoint(
+                    epoch=epoch,
+                    step=done,
+                    ranks=self.comm.size,
+                    strategy=self.cfg.strategy,
+                    states=states,
+                    shared=shared,
+                    status=status,
+                    config=self.cfg.to_dict(),
+                    history=self.result.history,
+                    best=self.best,
+                    best_epoch=self.best_epoch,
+                    steps=self.steps,
+                ),
+                keep=self.cfg.keep_checkpoints,
+            )
 
     def _recover(self, epoch: int) -> int:
         """Survivors only: shrink, agree on rank 0's state and position, re-shard. Returns
@@ -406,11 +462,15 @@ class Trainer:
         too_few = strategy_class(self.cfg.strategy).too_few_ranks(comm.size)
         if 0 in lost or too_few:
             deadline.cancel()
-            why = ("rank 0, which writes the run folder, was lost" if 0 in lost
-                   else f"only {comm.size} rank(s) are left and {too_few}")
+            why = (
+                "rank 0, which writes the run folder, was lost"
+                if 0 in lost
+                else f"only {comm.size} rank(s) are left and {too_few}"
+            )
             if comm.rank == 0:
-                raise AgreedError(f"{why}; the survivors stopped. Continue the run from its newest "
-                                  f"checkpoint with --resume")
+                raise AgreedError(
+                    f"{why}; the survivors stopped. Continue the run from its newest checkpoint with --resume"
+                )
             raise QuietExit(4)
         done = comm.bcast_obj(self.done if comm.rank == 0 else None)  # rank 0's position
         # Where the adopted state stands: for master-worker the start of the master's round,
@@ -421,13 +481,23 @@ class Trainer:
         old_steps = self.steps
         self._layout(first_time=False)
         first = _same_fraction(resume_at, old_steps, self.steps)
-        event = runfolder.event("rank_lost", lost_ranks=lost, ranks_before=before, ranks_after=comm.size,
-                                epoch=epoch + 1, step=done, of_steps=old_steps, continue_at_step=first,
-                                of_new_steps=self.steps)
+        event = runfolder.event(
+            "rank_lost",
+            lost_ranks=lost,
+            ranks_before=before,
+            ranks_after=comm.size,
+            epoch=epoch + 1,
+            step=done,
+            of_steps=old_steps,
+            continue_at_step=first,
+            of_new_steps=self.steps,
+        )
         self.result.events.append(event)
         if comm.rank == 0:
-            self.echo(f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
-                      f"step {first} of {self.steps} (lr {self.target_lr:.3g})")
+            self.echo(
+                f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
+                f"step {first} of {self.steps} (lr {self.target_lr:.3g})"
+            )
             if self.run_dir is not None:
                 runfolder.append_event(self.run_dir, event)
         return first
@@ -443,14 +513,29 @@ def _same_fraction(step: int, of_steps: int, steps: int) -> int:
 
 
 def _recovery_failed(rank: int) -> None:
-    print(f"mpitrain: error on rank {rank}: after losing a rank, the survivors could not form a "
-          f"new communicator within {RECOVERY_SECONDS:.0f} s; stopping. Continue the run from its "
-          f"newest checkpoint with --resume", file=sys.stderr, flush=True)
+    print(
+        f"mpitrain: error on rank {rank}: after losing a rank, the survivors could not form a "
+        f"new communicator within {RECOVERY_SECONDS:.0f} s; stopping. Continue the run from its "
+        f"newest checkpoint with --resume",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(5)
 
 
-def fit(cfg: TrainConfig, comm, plan: Plan, data: Shard, model, echo=print, checkpoints: bool = False,
-        run_dir=None, resume=None, resuming: bool = False, reshard=None) -> Result:
+def fit(
+    cfg: TrainConfig,
+    comm,
+    plan: Plan,
+    data: Shard,
+    model,
+    echo=print,
+    checkpoints: bool = False,
+    run_dir=None,
+    resume=None,
+    resuming: bool = False,
+    reshard=None,
+) -> Result:
     """Train `model` in place on every rank; returns the history (complete on rank 0)."""
     trainer = Trainer(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard)
     return trainer.fit(resume, resuming)

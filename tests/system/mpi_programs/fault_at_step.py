@@ -24,7 +24,7 @@ import time
 import mpitrain.train.checkpoint as checkpoint
 import mpitrain.train.trainer as trainer
 from mpitrain.cli import main
-from mpitrain.dist.comm import world
+from mpitrain.parallel.comm import world
 
 FAULT = os.environ.get("FAULT", "raise")
 FAULT_RANKS = {int(r) for r in os.environ.get("FAULT_RANK", "1").split(",")}

@@ -17,8 +17,8 @@ import numpy as np
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard
 from mpitrain.data.shards import batch_slices, epoch_order, shard, steps_per_epoch
-from mpitrain.dist.comm import world
-from mpitrain.dist.strategies import make_sync
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.strategies import make_sync
 from mpitrain.runtime import configure_runtime
 from mpitrain.train.models import build_model
 from mpitrain.train.trainer import fit
@@ -42,9 +42,21 @@ x_all[y_all == 1, 3:9, 3:9, 0] += 0.4  # learnable signal
 x_all = np.ascontiguousarray(x_all)
 val = np.arange(0, a.samples, 5)
 
-cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch, lr=a.lr, optimizer="sgd", model="tiny",
-                  image_size=SIZE, seed=SEED, strategy=a.strategy, sync_every=a.sync_every,
-                  class_weight="none", threads=1, lr_scaling="none", lr_schedule="constant")
+cfg = TrainConfig(
+    epochs=a.epochs,
+    batch_size=a.batch,
+    lr=a.lr,
+    optimizer="sgd",
+    model="tiny",
+    image_size=SIZE,
+    seed=SEED,
+    strategy=a.strategy,
+    sync_every=a.sync_every,
+    class_weight="none",
+    threads=1,
+    lr_scaling="none",
+    lr_schedule="constant",
+)
 configure_runtime(SEED, 1, 1)
 model = build_model("tiny", SIZE, 2)
 plan = Plan("mem", ["a", "b"], [""] * a.samples, y_all, [""] * len(val), y_all[val], "split")
@@ -60,8 +72,7 @@ if a.reference:
     step = make_train_step(model, opt, None)
     steps = steps_per_epoch(max(len(s) for s in shards), a.batch)
     for epoch in range(a.epochs):
-        per_rank = [batch_slices(epoch_order(len(s), SEED, epoch, r), steps, a.batch)
-                    for r, s in enumerate(shards)]
+        per_rank = [batch_slices(epoch_order(len(s), SEED, epoch, r), steps, a.batch) for r, s in enumerate(shards)]
         for s in range(steps):
             idx = np.concatenate([shards[r][per_rank[r][s]] for r in range(a.reference)])
             step(x_all[idx], y_all[idx], np.ones(len(idx), np.float32), np.float32(a.lr))

@@ -8,8 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from mpitrain.dist.comm import world
-from mpitrain.dist.strategies import make_sync
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.strategies import make_sync
 from mpitrain.runtime import configure_runtime
 from mpitrain.train.models import build_model
 
@@ -38,8 +38,10 @@ if comm.rank > 0:
 else:
     sync.after_step(1, 1, 0)
 counts = np.array([worker_samples(r) for r in range(1, comm.size)], dtype=np.float64)
-expected = [sum(c * worker_weights(r)[i].astype(np.float64) for r, c in zip(range(1, comm.size), counts))
-            / counts.sum() for i in range(len(base))]
+expected = [
+    sum(c * worker_weights(r)[i].astype(np.float64) for r, c in zip(range(1, comm.size), counts)) / counts.sum()
+    for i in range(len(base))
+]
 got = model.get_weights()
 err = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
 print(f"rank {comm.rank} max error {err:.3g}", flush=True)

@@ -13,9 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from mpitrain.dist.comm import world
-from mpitrain.dist.flat import FlatVars, float_vars
-from mpitrain.dist.strategies import make_sync
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.flat import FlatVars, float_vars
+from mpitrain.parallel.strategies import make_sync
 from mpitrain.runtime import configure_runtime
 from mpitrain.train.models import build_model
 
@@ -39,6 +39,11 @@ sync = make_sync(a.strategy, comm, None)
 sync.start(model, opt)
 
 os.makedirs(a.out, exist_ok=True)
-np.savez(os.path.join(a.out, f"rank{comm.rank}.npz"), w_pre=w_pre, s_pre=s_pre,
-         w_post=weights.pack().copy(), s_post=state.pack().copy())
+np.savez(
+    os.path.join(a.out, f"rank{comm.rank}.npz"),
+    w_pre=w_pre,
+    s_pre=s_pre,
+    w_post=weights.pack().copy(),
+    s_post=state.pack().copy(),
+)
 sys.exit(0)

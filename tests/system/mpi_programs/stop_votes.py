@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from mpitrain.dist.comm import world
-from mpitrain.dist.strategies import make_sync, names
+from mpitrain.parallel.comm import world
+from mpitrain.parallel.strategies import make_sync, names
 
 
 class Var:
@@ -47,8 +47,12 @@ ASKED, AT, STEPS = (int(a) for a in sys.argv[1:4])
 result = {}
 for name in names():
     now = [0]
-    sync = make_sync(name, comm, 4 if name == "local-sgd" else None,
-                     stop_requested=lambda: comm.rank == ASKED and now[0] >= AT)
+    sync = make_sync(
+        name,
+        comm,
+        4 if name == "local-sgd" else None,
+        stop_requested=lambda now=now: comm.rank == ASKED and now[0] >= AT,
+    )
     sync.start(Model(), Optimizer())
     stopped = None
     for step in range(1, STEPS + 1):

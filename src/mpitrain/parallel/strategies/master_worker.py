@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpitrain.dist.pulses import Pulses
-from mpitrain.dist.strategies.base import Sync
+from mpitrain.parallel.pulses import Pulses
+from mpitrain.parallel.strategies.base import Sync
 
 
 class MasterWorkerSync(Sync):
@@ -18,7 +18,7 @@ class MasterWorkerSync(Sync):
     The master has no steps of its own, and a worker that finishes its round early has
     nothing to do until the others finish theirs; inside the round's blocking Gather
     neither could tell a slow worker from a stuck one. So every rank posts one progress
-    pulse per step (`dist/pulses.py`) and waits for them, polling, before the Gather: a
+    pulse per step (`parallel/pulses.py`) and waits for them, polling, before the Gather: a
     worker that keeps stepping keeps every rank's watchdog quiet, one that stops does not.
     """
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mpitrain.dist.strategies.base import REGISTRY, Sync, lr_at, scaled_lr
+from mpitrain.parallel.strategies.base import REGISTRY, Sync, lr_at, scaled_lr
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+
 
 def names() -> tuple[str, ...]:
     """Every strategy's --strategy value, sorted."""
@@ -37,8 +38,9 @@ def compressions() -> tuple[str, ...]:
     return ("none",) + tuple(sorted(found - {"none"}))
 
 
-def make_sync(name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None,
-              compress: str = "none") -> Sync:
+def make_sync(
+    name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None, compress: str = "none"
+) -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
     strategy cannot apply `compress`)."""
     return REGISTRY[name](comm, sync_every, progress, stop_requested=stop_requested, compress=compress)

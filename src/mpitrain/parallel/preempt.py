@@ -3,7 +3,7 @@
 Batch systems announce the end of a job with a signal: Slurm sends SIGTERM at the time
 limit or on preemption (then SIGKILL after KillWait), and `--signal=USR1@120` sends SIGUSR1
 120 s before. The handler only notes the request (`requested`); the ranks then agree at a
-step boundary, through their strategy's collectives (`dist/strategies/base.py`,
+step boundary, through their strategy's collectives (`parallel/strategies/base.py`,
 `stop_agreed`), to write a checkpoint and exit with 0, so `--resume` continues the run.
 One rank receiving the signal is enough: the vote carries it to the others.
 

@@ -13,7 +13,7 @@ deadlocking):
     stop_agreed(step, steps)     after every step: have the ranks agreed to stop here?
     stop_vote()                  after every epoch's checkpoint: the same, blocking
 
-Stopping on request (SIGTERM/SIGUSR1 to any rank, `dist/preempt.py`) is decided by a vote:
+Stopping on request (SIGTERM/SIGUSR1 to any rank, `parallel/preempt.py`) is decided by a vote:
 every rank contributes whether it was asked (`stop_requested()`), and all of them learn the
 sum after the same step, so they checkpoint together and stop. The vote rides on a
 collective the strategy has anyway where it has one at a step (allreduce: the gradient
@@ -37,20 +37,20 @@ import time
 
 import numpy as np
 
-from mpitrain.dist.flat import FlatVars, float_vars
 from mpitrain.errors import UserError
+from mpitrain.parallel.flat import FlatVars, float_vars
 
-REGISTRY: dict[str, type["Sync"]] = {}
+REGISTRY: dict[str, type[Sync]] = {}
 
 
 class Sync:
-    name: str = ""                     # the --strategy value; set by every strategy
+    name: str = ""  # the --strategy value; set by every strategy
     per_step_reduce = False
-    min_ranks = 1                      # processes the strategy needs
-    min_ranks_why = ""                 # e.g. "1 master + workers"
-    default_sync_every: int | None = None         # what --sync-every "auto" (None) means
+    min_ranks = 1  # processes the strategy needs
+    min_ranks_why = ""  # e.g. "1 master + workers"
+    default_sync_every: int | None = None  # what --sync-every "auto" (None) means
     auto_lr: tuple[str, str] = ("sqrt", "cosine")  # (--lr-scaling, --lr-schedule) for "auto"
-    compressions: tuple[str, ...] = ("none",)      # --compress values the strategy can apply
+    compressions: tuple[str, ...] = ("none",)  # --compress values the strategy can apply
     vote_every = 8  # steps between nonblocking stop votes (strategies without a per-step collective)
 
     def __init_subclass__(cls, **kwargs):
@@ -84,8 +84,10 @@ class Sync:
         """One-line UserError when this strategy cannot apply `--compress compress`."""
         if compress not in cls.compressions:
             users = sorted(name for name, c in REGISTRY.items() if compress in c.compressions)
-            raise UserError(f"--compress {compress} compresses the gradients of {' / '.join(users) or 'no strategy'}; "
-                            f"--strategy {cls.name} takes --compress {' or '.join(cls.compressions)}")
+            raise UserError(
+                f"--compress {compress} compresses the gradients of {' / '.join(users) or 'no strategy'}; "
+                f"--strategy {cls.name} takes --compress {' or '.join(cls.compressions)}"
+            )
 
     @classmethod
     def train_ranks_of(cls, size: int) -> int:
@@ -103,8 +105,7 @@ class Sync:
 
     # ---- one rank's instance ----
 
-    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None,
-                 compress: str = "none"):
+    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None, compress: str = "none"):
         """`progress(what)` is called while this rank waits for peers that are still
         working (the trainer passes its watchdog's beat); `stop_requested()` says whether
         this rank was asked to stop (the trainer passes `preempt.requested`)."""
@@ -244,8 +245,9 @@ def scaled_lr(base: float, scaling: str, ranks: int) -> float:
     return {"linear": base * ranks, "sqrt": base * math.sqrt(ranks), "none": base}[scaling]
 
 
-def lr_at(base: float, target: float, warmup_steps: int, global_step: int,
-          total_steps: int = 0, schedule: str = "constant") -> float:
+def lr_at(
+    base: float, target: float, warmup_steps: int, global_step: int, total_steps: int = 0, schedule: str = "constant"
+) -> float:
     """The learning rate of one step.
 
     Linear warm-up from the single-rank rate `base` to the scaled rate `target` (Goyal et

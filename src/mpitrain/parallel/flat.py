@@ -41,7 +41,7 @@ class FlatVars:
 
     def checksum(self) -> str:
         """A digest of the exact bytes of every variable (for cross-rank comparison)."""
-        return f"{zlib.crc32(self.pack()[:self.size].tobytes()):08x}"
+        return f"{zlib.crc32(self.pack()[: self.size].tobytes()):08x}"
 
 
 def float_vars(variables):

@@ -64,10 +64,16 @@ def is_open_mpi(mpiexec: str) -> bool:
     return "Open MPI" in out.stdout + out.stderr
 
 
-def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
-                    extra: list[str] | None = None, mpiexec: str | None = None,
-                    launcher: bool = False, variables: dict | None = None,
-                    iface: str | None = None) -> tuple[list[str], dict]:
+def mpiexec_command(
+    n: int,
+    program: list[str],
+    hostfile: str | None = None,
+    extra: list[str] | None = None,
+    mpiexec: str | None = None,
+    launcher: bool = False,
+    variables: dict | None = None,
+    iface: str | None = None,
+) -> tuple[list[str], dict]:
     """`launcher`: our `run` relays the job's output, so rank 0 sends progress as lines.
     `variables`: more environment for the ranks (forwarded to other hosts if ours).
     `iface`: the network (names or CIDRs, checked by `check_iface`) for all of the job's TCP
@@ -99,8 +105,15 @@ def mpiexec_command(n: int, program: list[str], hostfile: str | None = None,
         if iface is not None:
             cmd += iface_flags(iface)
         # Forward our variables to ranks on other hosts too.
-        for var in ("MPITRAIN_TTY", "MPITRAIN_LAUNCHER", "MPITRAIN_STARTED", "MPITRAIN_CACHE_DIR",
-                    "MPITRAIN_JOB", RESUME_HINT_ENV, "TF_CPP_MIN_LOG_LEVEL"):
+        for var in (
+            "MPITRAIN_TTY",
+            "MPITRAIN_LAUNCHER",
+            "MPITRAIN_STARTED",
+            "MPITRAIN_CACHE_DIR",
+            "MPITRAIN_JOB",
+            RESUME_HINT_ENV,
+            "TF_CPP_MIN_LOG_LEVEL",
+        ):
             if var in env:
                 cmd += ["-x", var]
     if hostfile is not None:
@@ -119,6 +132,7 @@ def iface_flags(iface: str) -> list[str]:
 
 
 # ---- hosts and networks: what the launcher can know about the machines of a job ----
+
 
 def read_hostfile(hostfile: str) -> list[tuple[str, int | None]]:
     """(host, slots) per line of an Open MPI hostfile (slots None when not given)."""
@@ -142,8 +156,9 @@ def local_names(networks: dict | None = None) -> set[str]:
     return names
 
 
-def ranks_here(n: int, hosts: list[tuple[str, int | None]] | None, here: set[str] | None = None,
-               cores: int | None = None) -> int:
+def ranks_here(
+    n: int, hosts: list[tuple[str, int | None]] | None, here: set[str] | None = None, cores: int | None = None
+) -> int:
     """How many of `n` ranks Open MPI places on this host: all without a hostfile; with one,
     by slot as Open MPI maps them (each host's slots filled in order, again from the first
     when the job has more ranks than slots). A host without `slots=` counts this host's
@@ -154,8 +169,9 @@ def ranks_here(n: int, hosts: list[tuple[str, int | None]] | None, here: set[str
     return sum(p for (h, _), p in zip(hosts, placement(n, hosts, here, cores)) if h in here)
 
 
-def placement(n: int, hosts: list[tuple[str, int | None]], here: set[str] | None = None,
-              cores: int | None = None) -> list[int]:
+def placement(
+    n: int, hosts: list[tuple[str, int | None]], here: set[str] | None = None, cores: int | None = None
+) -> list[int]:
     """Ranks per hostfile line as Open MPI maps `n` by slot (see `ranks_here`)."""
     here = local_names() if here is None else here
     cores = available_cores() if cores is None else cores
@@ -188,8 +204,8 @@ def local_networks() -> dict:
             req = struct.pack("256s", name.encode()[:15])
             try:
                 flags = struct.unpack("H", fcntl.ioctl(sock.fileno(), 0x8913, req)[16:18])[0]  # SIOCGIFFLAGS
-                addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x8915, req)[20:24])       # SIOCGIFADDR
-                mask = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x891B, req)[20:24])       # SIOCGIFNETMASK
+                addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x8915, req)[20:24])  # SIOCGIFADDR
+                mask = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x891B, req)[20:24])  # SIOCGIFNETMASK
             except OSError:  # no IPv4 address
                 continue
             if flags & 0x1:  # IFF_UP
@@ -233,18 +249,21 @@ def check_iface(iface: str, networks: dict | None = None) -> str:
             except ValueError:
                 raise UserError(f"--iface {item}: not a network in CIDR notation (e.g. 10.0.0.0/24)") from None
             if not any(addr.ip in net for addr in networks.values()):
-                raise UserError(f"--iface {item}: no interface of this host is in that network "
-                                f"(its interfaces: {_describe(_candidates(networks))})")
+                raise UserError(
+                    f"--iface {item}: no interface of this host is in that network "
+                    f"(its interfaces: {_describe(_candidates(networks))})"
+                )
         elif not _IFNAME.match(item):
             raise UserError(f"--iface {item!r}: neither an interface name nor a network in CIDR notation")
         elif item not in networks:
-            raise UserError(f"--iface {item}: this host has no such interface with an IPv4 address that is up "
-                            f"(its interfaces: {_describe(_candidates(networks))})")
+            raise UserError(
+                f"--iface {item}: this host has no such interface with an IPv4 address that is up "
+                f"(its interfaces: {_describe(_candidates(networks))})"
+            )
     return ",".join(items)
 
 
-def several_networks_warning(hosts: list[tuple[str, int | None]] | None, here: set[str],
-                             networks: dict) -> str | None:
+def several_networks_warning(hosts: list[tuple[str, int | None]] | None, here: set[str], networks: dict) -> str | None:
     """Without --iface: a warning when the job spans hosts and this host could send its
     TCP traffic over several interfaces (Open MPI then uses them all, and one that does not
     connect the hosts stops the job)."""
@@ -252,9 +271,11 @@ def several_networks_warning(hosts: list[tuple[str, int | None]] | None, here: s
     choices = _candidates(networks)
     if not others or len(choices) < 2:
         return None
-    return (f"mpitrain: warning: the job spans hosts ({', '.join(others)} and this one) and this host has "
-            f"several networks: {_describe(choices)}; Open MPI may use any of them, and one that does not "
-            "connect the hosts stops the job: choose one with --iface NAME|CIDR")
+    return (
+        f"mpitrain: warning: the job spans hosts ({', '.join(others)} and this one) and this host has "
+        f"several networks: {_describe(choices)}; Open MPI may use any of them, and one that does not "
+        "connect the hosts stops the job: choose one with --iface NAME|CIDR"
+    )
 
 
 def network_of(address: str, networks: dict | None = None) -> str:
@@ -280,13 +301,15 @@ def in_allocation(n: int, hostfile: str | None) -> str | None:
     if alloc is None:
         return None
     if hostfile is not None:
-        raise UserError(f"--hostfile inside {alloc.describe()}: mpiexec runs the ranks on the "
-                        f"allocation's hosts; drop --hostfile")
+        raise UserError(
+            f"--hostfile inside {alloc.describe()}: mpiexec runs the ranks on the allocation's hosts; drop --hostfile"
+        )
     if alloc.ntasks is not None and n > alloc.ntasks:
-        raise UserError(f"-n {n} is more than the {alloc.ntasks} task(s) of {alloc.describe()}: "
-                        f"use -n {alloc.ntasks} or less, or ask sbatch for --ntasks {n}")
-    return (f"mpitrain: {n} rank(s) on the hosts of {alloc.describe()}, placed by mpiexec "
-            f"from the allocation")
+        raise UserError(
+            f"-n {n} is more than the {alloc.ntasks} task(s) of {alloc.describe()}: "
+            f"use -n {alloc.ntasks} or less, or ask sbatch for --ntasks {n}"
+        )
+    return f"mpitrain: {n} rank(s) on the hosts of {alloc.describe()}, placed by mpiexec from the allocation"
 
 
 def check_hostfile(hostfile: str) -> None:
@@ -327,8 +350,14 @@ def lost_rank_message(stderr_text: str, resume_hint: str | None = None) -> str |
     return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
 
 
-def resume_command(n: int | None, out, hostfile: str | None = None, elastic: bool = False,
-                   iface: str | None = None, fixed_order: bool = False) -> str:
+def resume_command(
+    n: int | None,
+    out,
+    hostfile: str | None = None,
+    elastic: bool = False,
+    iface: str | None = None,
+    fixed_order: bool = False,
+) -> str:
     """The command that continues the run in `out` (`n` None: one process)."""
     import shlex
 
@@ -362,7 +391,7 @@ def progress_line(where: str, text: str) -> str:
 def parse_progress(line: str) -> tuple[str, str] | None:
     if not line.startswith(PROGRESS):
         return None
-    body = line[len(PROGRESS):].rstrip("\r\n")
+    body = line[len(PROGRESS) :].rstrip("\r\n")
     if body.endswith(_BEL):
         body = body[:-1]
     where, _, text = body.partition(";")
@@ -387,7 +416,7 @@ def state_line(state: str) -> str:
 def parse_state(line: str) -> str | None:
     if not line.startswith(STATE):
         return None
-    return line[len(STATE):].rstrip("\r\n").rstrip(_BEL)
+    return line[len(STATE) :].rstrip("\r\n").rstrip(_BEL)
 
 
 def first_contact(comm) -> None:
@@ -426,12 +455,16 @@ def stalled_message(stage: str, seconds: float, hosts: list[str], via: str | Non
     others = ", ".join(hosts) if hosts else "the other hosts"
     over = f" over {via}" if via else ""
     if stage == "start":
-        return (f"mpitrain: error: the job did not start within {seconds:g} s: {others} did not connect back to "
-                f"this host{over}; check the --hostfile, ssh, and that the hosts reach each other on that network "
-                f"({START_TIMEOUT_ENV}={seconds:g})\n")
-    return (f"mpitrain: error: the ranks on {others} did not reach each other within {seconds:g} s{over}: "
-            f"the hosts do not reach each other on that network; choose the one that connects them with "
-            f"--iface NAME|CIDR ({START_TIMEOUT_ENV}={seconds:g})\n")
+        return (
+            f"mpitrain: error: the job did not start within {seconds:g} s: {others} did not connect back to "
+            f"this host{over}; check the --hostfile, ssh, and that the hosts reach each other on that network "
+            f"({START_TIMEOUT_ENV}={seconds:g})\n"
+        )
+    return (
+        f"mpitrain: error: the ranks on {others} did not reach each other within {seconds:g} s{over}: "
+        f"the hosts do not reach each other on that network; choose the one that connects them with "
+        f"--iface NAME|CIDR ({START_TIMEOUT_ENV}={seconds:g})\n"
+    )
 
 
 class StdoutRelay:
@@ -453,7 +486,7 @@ class StdoutRelay:
         state = parse_state(line)
         if state is not None:
             if state.startswith(HOSTS_STATE):
-                self.hosts = state[len(HOSTS_STATE):].split(",")
+                self.hosts = state[len(HOSTS_STATE) :].split(",")
             else:
                 self.states.add(state)
             return
@@ -468,7 +501,7 @@ class StdoutRelay:
                 return
             if text:
                 width = self.width or shutil.get_terminal_size().columns
-                self._write(self.out, "\r" + text[:max(10, width - 1)] + "\x1b[K", clear=False)
+                self._write(self.out, "\r" + text[: max(10, width - 1)] + "\x1b[K", clear=False)
                 self._shown = True
             else:
                 self._clear()
@@ -516,8 +549,10 @@ def lost_host_message(host: str, resume_hint: str | None = None, why: str | None
     """`why`: the reason an --elastic job could not go on without the host (train/hostloss.py);
     None for a job that was not elastic."""
     if why is None:
-        msg = (f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
-               "stopped the whole job (with --elastic and a --hostfile it goes on without the host)")
+        msg = (
+            f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
+            "stopped the whole job (with --elastic and a --hostfile it goes on without the host)"
+        )
     else:
         msg = f"mpitrain: error: host {host} was lost and the job cannot go on without it: {why}"
     return msg + (f"; continue it with: {resume_hint}" if resume_hint else "")
@@ -531,13 +566,18 @@ def no_start_host(box: str) -> str | None:
 def no_start_message(host: str, via: str | None = None) -> str:
     """`via`: the network the host had to connect back over (e.g. "interface eth2 (--iface)")."""
     reach = f", and that it reaches this host over {via}" if via else ""
-    return (f"mpitrain: error: mpiexec could not start the job on host {host}: check the --hostfile, "
-            f"that ssh to it works without a password{reach} (--debug shows Open MPI's report)\n")
+    return (
+        f"mpitrain: error: mpiexec could not start the job on host {host}: check the --hostfile, "
+        f"that ssh to it works without a password{reach} (--debug shows Open MPI's report)\n"
+    )
 
 
 # Open MPI's box when a rank could not open a TCP connection to a rank on another host.
-_NO_CONNECT = re.compile(r"failed to TCP connect to a peer.*?Local host:\s*(\S+).*?connect\(\) to "
-                         r"([0-9a-fA-F.:]+?):\d+ failed.*?Error:\s*([^\n]*)", re.S)
+_NO_CONNECT = re.compile(
+    r"failed to TCP connect to a peer.*?Local host:\s*(\S+).*?connect\(\) to "
+    r"([0-9a-fA-F.:]+?):\d+ failed.*?Error:\s*([^\n]*)",
+    re.S,
+)
 
 
 def no_connect_message(box: str, networks: dict | None = None) -> str | None:
@@ -547,9 +587,11 @@ def no_connect_message(box: str, networks: dict | None = None) -> str | None:
         return None
     host, address, error = m.group(1), m.group(2), m.group(3).strip()
     error = re.sub(r"\s*\(\d+\)$", "", error)
-    return (f"mpitrain: error: host {host} could not connect to a rank at {address} over "
-            f"{network_of(address, networks)} ({error}): the hosts do not reach each other on that network; "
-            "choose the one that connects them with --iface NAME|CIDR (--debug shows Open MPI's report)\n")
+    return (
+        f"mpitrain: error: host {host} could not connect to a rank at {address} over "
+        f"{network_of(address, networks)} ({error}): the hosts do not reach each other on that network; "
+        "choose the one that connects them with --iface NAME|CIDR (--debug shows Open MPI's report)\n"
+    )
 
 
 class NoStartBox:
@@ -574,8 +616,9 @@ class NoStartBox:
                 self.passon(line)
             return
         self._held.append(line)
-        if len(self._held) == 2 and not line.startswith(("A daemon failed to report back",
-                                                         "PRTE has lost communication with a remote daemon")):
+        if len(self._held) == 2 and not line.startswith(
+            ("A daemon failed to report back", "PRTE has lost communication with a remote daemon")
+        ):
             self._flush()
         elif len(self._held) > 2 and _DASHES.match(line):
             box, self._held = "".join(self._held), None
@@ -598,6 +641,8 @@ class NoStartBox:
         held, self._held = self._held, None
         for line in held:
             self.passon(line)
+
+
 _SETPGID = re.compile(r"plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent")
 _OMPI_TAGGED = re.compile(r"^\s*\[[^\]\s]+:\d+\] ")  # "[vm:10527] PMIX ERROR: ...", also indented
 
@@ -704,9 +749,18 @@ class HostLost(Exception):
         self.host, self.placed = host, placed
 
 
-def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
-        resume_hint: str | None = None, debug: bool = False, on_interrupt=None,
-        stoppable: bool = False, iface: str | None = None, heal: bool = False) -> int:
+def run(
+    n: int,
+    child_args: list[str],
+    hostfile: str | None = None,
+    extra=None,
+    resume_hint: str | None = None,
+    debug: bool = False,
+    on_interrupt=None,
+    stoppable: bool = False,
+    iface: str | None = None,
+    heal: bool = False,
+) -> int:
     """Run the job and return its exit code (130 after Ctrl-C).
 
     `heal`: when the job ended because a host was lost, raise HostLost instead of saying so
@@ -741,17 +795,29 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
         if warning:
             print(warning, file=sys.stderr, flush=True)
         via = networks_said(networks)
-    cmd, env = mpiexec_command(n, [sys.executable, "-m", "mpitrain", *child_args], hostfile, extra,
-                               launcher=True, variables={RESUME_HINT_ENV: resume_hint} if resume_hint else None,
-                               iface=iface)
+    cmd, env = mpiexec_command(
+        n,
+        [sys.executable, "-m", "mpitrain", *child_args],
+        hostfile,
+        extra,
+        launcher=True,
+        variables={RESUME_HINT_ENV: resume_hint} if resume_hint else None,
+        iface=iface,
+    )
     if where:
         print(where, file=sys.stderr, flush=True)
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **group)
+    proc = subprocess.Popen(
+        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group
+    )
     relay = StdoutRelay(sys.stdout, _want_bar())
-    errors = StderrFilter(sys.stderr, debug, write=lambda text: relay.write_other(sys.stderr, text), via=via,
-                          started=lambda: "started" in relay.states)
+    errors = StderrFilter(
+        sys.stderr,
+        debug,
+        write=lambda text: relay.write_other(sys.stderr, text),
+        via=via,
+        started=lambda: "started" in relay.states,
+    )
     seen: collections.deque[str] = collections.deque(maxlen=200)
 
     def pump_stderr():
@@ -763,6 +829,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
 
     pump = threading.Thread(target=pump_stderr, daemon=True)
     pump.start()
+
     # A stop request for us (SIGTERM or SIGUSR1: Slurm's time limit, a preemption, its
     # --signal) is one for the ranks: training ranks checkpoint at their next step boundary
     # and exit with 0 (train/trainer.py). It reaches them as SIGUSR1, which Open MPI's
@@ -771,9 +838,11 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     def stop_request(sig, _frame):
         proc.send_signal(signal.SIGUSR1 if stoppable else sig)
 
-    forwarded = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop_request),
-                 signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop_request),
-                 signal.SIGHUP: signal.signal(signal.SIGHUP, lambda s, _f: proc.send_signal(s))}
+    forwarded = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, stop_request),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop_request),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda s, _f: proc.send_signal(s)),
+    }
     interrupted = False
 
     def no_start(text):
@@ -808,6 +877,7 @@ def run(n: int, child_args: list[str], hostfile: str | None = None, extra=None,
     proc_done = threading.Event()
     if deadline > 0:
         threading.Thread(target=watch_start, daemon=True, name="mpitrain-start-deadline").start()
+
     def pump_stdout():
         for raw in proc.stdout:
             stdout.feed(raw.decode(errors="replace").replace("\x00", ""))

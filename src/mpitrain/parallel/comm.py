@@ -63,13 +63,13 @@ class Comm(Protocol):
     Methods ending in `_` work in place on a contiguous numpy buffer and return it.
     """
 
-    rank: int               # this process, 0 .. size-1
-    size: int               # processes in the communicator
-    local_size: int         # processes on this node (they share its cores)
-    local_rank: int         # this process among them, 0 .. local_size-1 (which GPU it takes)
-    elastic: bool           # after make_elastic(): a dead peer raises RankLost
-    failed: bool            # a peer was found dead; shrink() before the next collective
-    lost_any: bool          # a rank was lost during this run (leave without MPI_Finalize)
+    rank: int  # this process, 0 .. size-1
+    size: int  # processes in the communicator
+    local_size: int  # processes on this node (they share its cores)
+    local_rank: int  # this process among them, 0 .. local_size-1 (which GPU it takes)
+    elastic: bool  # after make_elastic(): a dead peer raises RankLost
+    failed: bool  # a peer was found dead; shrink() before the next collective
+    lost_any: bool  # a rank was lost during this run (leave without MPI_Finalize)
     world_ranks: list[int]  # current rank -> rank at start (they differ after a shrink)
 
     def make_elastic(self) -> None:
@@ -370,8 +370,9 @@ class MPIComm:
 
     def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
-        meta = self.bcast_obj(None if parts is None else
-                              ([len(p) for p in parts], parts[0].shape[1:], parts[0].dtype.str), root)
+        meta = self.bcast_obj(
+            None if parts is None else ([len(p) for p in parts], parts[0].shape[1:], parts[0].dtype.str), root
+        )
         counts, row_shape, dtype = meta
         row = int(np.prod(row_shape, dtype=np.int64))
         out = np.empty((counts[self.rank],) + tuple(row_shape), dtype=np.dtype(dtype))
@@ -426,7 +427,7 @@ def world() -> Comm:
         if launched_by_mpi():
             whole = _mpi().COMM_WORLD
             _WORLD = MPIComm(whole) if whole.Get_size() > 1 else SingleComm()
-            from mpitrain.dist.launch import first_contact
+            from mpitrain.parallel.launch import first_contact
 
             first_contact(_WORLD)  # collective: the ranks' first message, watched by our launcher
         else:

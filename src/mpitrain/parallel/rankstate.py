@@ -25,7 +25,7 @@ def _unpack(buf: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     out, at = [], 0
     for a in like:
         n = a.size * a.dtype.itemsize
-        out.append(buf[at:at + n].view(a.dtype).reshape(a.shape).copy())
+        out.append(buf[at : at + n].view(a.dtype).reshape(a.shape).copy())
         at += n
     return out
 
@@ -36,8 +36,10 @@ class RankState:
         self.sync = sync
 
     def arrays(self, stats: np.ndarray) -> list[np.ndarray]:
-        return ([np.array(v.numpy()) for v in self.variables]
-                + [np.asarray(stats, np.float64).copy(), self.sync.extra_state()])
+        return [np.array(v.numpy()) for v in self.variables] + [
+            np.asarray(stats, np.float64).copy(),
+            self.sync.extra_state(),
+        ]
 
     def load(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Assign a saved state; returns the saved running sums of the epoch."""
@@ -66,10 +68,14 @@ class RankState:
             # state, as the survivors of a lost rank do (`broadcast`).
             adopt = not ckpt.shared and ckpt.ranks != comm.size
             if adopt and not ckpt.config.get("elastic"):
-                error = (f"the checkpoint was written by {ckpt.ranks} processes with --strategy "
-                         f"{ckpt.strategy}; resume it with -n {ckpt.ranks}")
-            elif any(len(s) != len(like) or any(a.shape != b.shape or a.dtype != b.dtype
-                                                 for a, b in zip(s, like)) for s in ckpt.states):
+                error = (
+                    f"the checkpoint was written by {ckpt.ranks} processes with --strategy "
+                    f"{ckpt.strategy}; resume it with -n {ckpt.ranks}"
+                )
+            elif any(
+                len(s) != len(like) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(s, like))
+                for s in ckpt.states
+            ):
                 error = "the checkpoint does not match this model and optimizer"
             else:
                 parts = [_pack(ckpt.state_of(0 if adopt else r)) for r in range(comm.size)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpitrain.dist.strategies.base import Sync
+from mpitrain.parallel.strategies.base import Sync
 
 
 class LocalSGDSync(Sync):

@@ -26,7 +26,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = None
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.timeout and self.timeout > 0:
             self._last = time.monotonic()
             self._thread = threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True)
@@ -49,9 +49,13 @@ class Watchdog:
         while not self._stop.wait(period):
             idle = time.monotonic() - self._last
             if idle > self.timeout:
-                print(f"mpitrain: error on rank {self.rank}: no progress for {idle:.0f} s "
-                      f"(last: {self.what}); a rank or the network is stuck, stopping the job "
-                      f"(--timeout {self.timeout:g})", file=sys.stderr, flush=True)
+                print(
+                    f"mpitrain: error on rank {self.rank}: no progress for {idle:.0f} s "
+                    f"(last: {self.what}); a rank or the network is stuck, stopping the job "
+                    f"(--timeout {self.timeout:g})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 killer = threading.Timer(10.0, os._exit, args=(3,))  # if the abort itself hangs
                 killer.daemon = True
                 killer.start()

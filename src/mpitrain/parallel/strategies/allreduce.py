@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpitrain.dist.flat import float_vars
-from mpitrain.dist.strategies.base import Sync
+from mpitrain.parallel.flat import float_vars
+from mpitrain.parallel.strategies.base import Sync
 
 _BF16_NAN = np.uint16(0x7FC0)
 
@@ -27,7 +27,7 @@ def to_bf16(x: np.ndarray, scratch: bool = False) -> np.ndarray:
     carry = bits >> 16
     carry &= 1
     carry += 0x7FFF
-    bits += carry      # round to nearest even at bit 16
+    bits += carry  # round to nearest even at bit 16
     bits >>= 16
     out = bits.astype(np.uint16)
     if nan.any():
