@@ -179,3 +179,25 @@ def test_integer_rows_with_a_channel_axis_train_as_their_scaled_floats():
         runs.append(model.get_weights())
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_model_trains_with_its_own_loss_and_optimizer():
+    # Logits out, a from_logits loss, an SGD with a schedule: the engine must use all three
+    # (cross-entropy on logits as if they were probabilities would give other numbers).
+    import keras
+
+    x, y = _blobs()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=6, decay_rate=0.5)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    result = mpitrain.fit(model, x, y, validation_data=(x[:32], y[:32]), epochs=3, batch_size=16, progress=False)
+    assert int(model.optimizer.iterations.numpy()) == 3 * 6  # its own optimizer took every step
+    assert result.history[-1]["lr"] == pytest.approx(0.5 * 0.5 ** (18 / 6), rel=1e-5)  # its schedule, untouched
+    keras_loss, keras_acc = model.evaluate(x[:32], y[:32], batch_size=32, verbose=0)
+    assert result.history[-1]["val_loss"] == pytest.approx(keras_loss, rel=1e-4)
+    assert result.history[-1]["val_accuracy"] == pytest.approx(keras_acc)

@@ -48,7 +48,7 @@ from mpitrain.engine.callbacks.progress import ProgressBar
 from mpitrain.engine.epochs import epoch_metrics, loss_sum
 from mpitrain.engine.options import Options
 from mpitrain.engine.predict import predict_probs
-from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step
+from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step, per_sample_loss
 from mpitrain.errors import AgreedError, QuietExit, StopRequested
 from mpitrain.parallel import preempt
 from mpitrain.parallel.comm import RankLost
@@ -123,6 +123,22 @@ def _make_optimizer(opts: Options, lr: float):
     return opt
 
 
+DEFAULT_LR = 1e-3
+
+
+def _optimizer_for(model, opts: Options):
+    """(optimizer, whether the engine sets its rate each step): the model's own when it was
+    compiled with one (its rate untouched unless `lr` is given), else one made from `opts`."""
+    import keras
+
+    own = getattr(model, "optimizer", None)
+    if own is None:
+        return _make_optimizer(opts, DEFAULT_LR if opts.lr is None else opts.lr), True
+    if opts.precision == "fp16" and not isinstance(own, keras.optimizers.LossScaleOptimizer):
+        own = keras.optimizers.LossScaleOptimizer(own)
+    return own, opts.lr is not None
+
+
 def _class_weights(given, n_classes: int) -> np.ndarray:
     """Per-class loss weights as float32 [n_classes]: an array, a {class: weight} dict as
     Keras' `fit(class_weight=...)` takes, or None (all 1)."""
@@ -170,8 +186,10 @@ class Engine:
         self.augment, self.wrap_step = augment, wrap_step
         self.n_classes = int(model.output_shape[-1])
         self.class_w = _class_weights(class_weight, self.n_classes)
-        self.optimizer = _make_optimizer(opts, opts.lr)
+        self.optimizer, self.set_lr = _optimizer_for(model, opts)
         self.optimizer.build(model.trainable_variables)
+        self.loss_fn = per_sample_loss(model)
+        self.own_loss = getattr(model, "loss", None) is not None
         self.predict = make_predict_step(model)
         self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
         self.result = Result()
@@ -212,6 +230,8 @@ class Engine:
             input_dtype=rows.dtype if self.integer_input else np.float32,
             max_value=self.data.train_max if self.integer_input else 1.0,
             sums=self.sums,
+            loss_fn=self.loss_fn,
+            set_lr=self.set_lr,
         )
         if self.wrap_step is not None:
             self.step = self.wrap_step(self.step)
@@ -219,7 +239,8 @@ class Engine:
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), opts.batch_size)
         self.warmup = int(round(opts.warmup_epochs * self.steps))
         self.total = opts.epochs * self.steps
-        self.target_lr = scaled_lr(opts.lr, opts.lr_scaling, self.sync.train_ranks)
+        self.base_lr = DEFAULT_LR if opts.lr is None else opts.lr
+        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks)
         self.tag = self.sync.tag
 
     def _beat(self, what: str) -> None:
@@ -227,7 +248,9 @@ class Engine:
 
     def _lr(self, global_step: int) -> float:
         o = self.options
-        return lr_at(o.lr, self.target_lr, self.warmup, global_step, self.total, o.lr_schedule)
+        if not self.set_lr:  # the caller's optimizer: its own rate, as it stands now
+            return float(np.asarray(self.optimizer.learning_rate))
+        return lr_at(self.base_lr, self.target_lr, self.warmup, global_step, self.total, o.lr_schedule)
 
     def running(self) -> dict:
         """This rank's loss and accuracy so far in the epoch (reads the device: call rarely)."""
@@ -425,12 +448,18 @@ class Engine:
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()
-        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        vstats = np.array([len(vp), self._loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
         index = data.val_index if data.val_index is not None else np.full(len(vp), -1, np.int64)
         all_vi = comm.gather_rows(index.astype(np.int64))  # collective: same order as the probabilities
         return m, all_vp, all_vy, all_vi
+
+    def _loss_sum(self, y: np.ndarray, probs: np.ndarray) -> float:
+        """Summed validation loss: the model's own loss, or cross-entropy (in NumPy, as Keras clips)."""
+        if not self.own_loss:
+            return loss_sum(y, probs)
+        return float(np.sum(np.asarray(self.loss_fn(y, probs), np.float64))) if len(y) else 0.0
 
     def revalidate(self, epoch: int) -> None:
         """Collective: predict validation again with the current weights (rank 0 keeps the

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 class Options:
     epochs: int = 1
     batch_size: int = 32  # per rank
-    lr: float = 1e-3  # of one rank, scaled by lr_scaling
+    # Of one rank, scaled by lr_scaling, then warm-up and schedule. None: 1e-3 for the
+    # engine's own optimizer; a model compiled with an optimizer keeps that one's rate
+    # (its schedule too), untouched.
+    lr: float | None = None
     optimizer: str = "adam"  # adam or sgd, when the model brings no optimizer of its own
     momentum: float = 0.0
     strategy: str = "allreduce"
