@@ -5,7 +5,8 @@ Keras model in place on every rank of the job (`mpiexec -n N python script.py`, 
 process), `mpitrain.Engine` is the loop behind it and behind `mpitrain train`, and the
 callbacks (`KeepBest`, `EarlyStopping`, `TensorBoard`, `ProgressBar`, or your own
 `Callback`) run on every rank with the global epoch numbers. `rank()` and `size()` say
-where this process stands. Names load on first use, so `import mpitrain` (and the command
+where this process stands; `allreduce` and `broadcast` serve a loop of your own
+(`tf.GradientTape`). Names load on first use, so `import mpitrain` (and the command
 line) does not import TensorFlow.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _ENGINE = ("Callback", "EarlyStopping", "Engine", "InMemory", "KeepBest", "Options", "ProgressBar", "Result",
-           "TensorBoard", "fit")  # fmt: skip
+           "TensorBoard", "allreduce", "broadcast", "fit")  # fmt: skip
 __all__ = ["__version__", "rank", "size", *_ENGINE]
 
 

@@ -47,6 +47,8 @@ def test_the_public_face_is_pinned():
         "ProgressBar",
         "Result",
         "TensorBoard",
+        "allreduce",
+        "broadcast",
         "fit",
     ]
     for name in mpitrain.__all__:
@@ -201,3 +203,20 @@ def test_a_compiled_model_trains_with_its_own_loss_and_optimizer():
     keras_loss, keras_acc = model.evaluate(x[:32], y[:32], batch_size=32, verbose=0)
     assert result.history[-1]["val_loss"] == pytest.approx(keras_loss, rel=1e-4)
     assert result.history[-1]["val_accuracy"] == pytest.approx(keras_acc)
+
+
+def test_allreduce_and_broadcast_in_one_process_hand_back_the_same_kinds():
+    import tensorflow as tf
+
+    values = [np.arange(3, dtype=np.float32), tf.constant([[1.0, 2.0]]), 4, np.float64(2.5)]
+    out = mpitrain.allreduce(values)
+    assert isinstance(out, list) and isinstance(out[0], np.ndarray) and tf.is_tensor(out[1])
+    assert out[2] == 4.0 and out[3] == 2.5 and out[0].dtype == np.float32
+    np.testing.assert_array_equal(out[1].numpy(), [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="mean, sum"):
+        mpitrain.allreduce(1.0, op="min")
+    model = _model()
+    before = [w.copy() for w in model.get_weights()]
+    mpitrain.broadcast(model)  # one rank: its own values, unchanged
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -5,6 +5,7 @@ nothing of folders, plans or the chest X-rays.
 """
 
 from mpitrain.engine.callbacks import Callback, EarlyStopping, KeepBest, ProgressBar, TensorBoard
+from mpitrain.engine.collectives import allreduce, broadcast
 from mpitrain.engine.fit import fit
 from mpitrain.engine.loop import Arrays, Engine, InMemory, Result
 from mpitrain.engine.options import Options
@@ -20,5 +21,7 @@ __all__ = [
     "ProgressBar",
     "Result",
     "TensorBoard",
+    "allreduce",
+    "broadcast",
     "fit",
 ]

@@ -180,7 +180,9 @@ class Engine:
 
         self.options = opts = options.resolved()
         self.comm = comm = world() if comm is None else comm
-        self.data, self.model, self.echo = data, model, echo
+        # Rank 0 speaks for the job: callbacks and the engine's own messages use `self.echo`.
+        self.data, self.model = data, model
+        self.echo = echo if comm.rank == 0 else _silent
         self.checkpoints, self.checkpoint_dir, self.reshard = checkpoints, checkpoint_dir, reshard
         self.checkpoint_config = checkpoint_config if checkpoint_config is not None else _as_dict(opts)
         self.augment, self.wrap_step = augment, wrap_step
@@ -197,7 +199,7 @@ class Engine:
         self.done = 0  # steps of the current epoch done on this rank
         self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
         self.stop_training = False  # set by a callback (EarlyStopping) at an epoch's end
-        self.callbacks = CallbackList(([ProgressBar(echo)] if progress else []) + list(callbacks), self)
+        self.callbacks = CallbackList(([ProgressBar(self.echo)] if progress else []) + list(callbacks), self)
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
@@ -562,6 +564,10 @@ class Engine:
 
 
 RECOVERY_SECONDS = 60.0
+
+
+def _silent(*args, **kwargs) -> None:
+    """The echo of ranks other than 0."""
 
 
 def same_fraction(step: int, of_steps: int, steps: int) -> int:

@@ -1,0 +1,34 @@
+"""A script written against the public API, in one process and under a real mpiexec."""
+
+import json
+import subprocess
+
+import pytest
+
+from mpirun import mpirun, script
+
+
+def _results(stdout: str) -> list[dict]:
+    rows = [json.loads(line[len("RESULT ") :]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["fit", "gradient-tape"])
+def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_every_rank(loop):
+    args = ["--loop"] if loop else []
+    alone = subprocess.run(script("library_script.py", *args), capture_output=True, text=True, timeout=180)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (one,) = _results(alone.stdout)
+    assert (one["rank"], one["size"], one["rank_mean"]) == (0, 1, 0.0)
+    proc, _ = mpirun(2, script("library_script.py", *args), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _results(proc.stdout)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # broadcast at the start, reduced steps after
+    assert ranks[0]["rank_mean"] == ranks[1]["rank_mean"] == 0.5
+    assert ranks[0]["history"] == ranks[1]["history"]  # the global numbers on every rank
+    if loop:
+        assert ranks[0]["history"][-1] < ranks[0]["history"][0]  # it learnt
+    else:
+        assert ranks[0]["history"][-1]["val_accuracy"] > 0.5
+        assert proc.stdout.count("epoch 3/3") == 1  # rank 0 alone prints
