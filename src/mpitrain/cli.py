@@ -611,7 +611,7 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bo
     if args.resume and out is not None:
         from pathlib import Path
 
-        from mpitrain.train.checkpoint import saved_config
+        from mpitrain.engine.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
     fixed = bool(getattr(args, "fixed_order", False))

@@ -1,9 +1,10 @@
 """The package's layers, enforced: imports point downwards only, one module imports mpi4py.
 
-    cli, config, errors, runtime, atomic   (top level: used by every layer)
-    train/     -> evaluate/, parallel/, data/
-    evaluate/  -> parallel/, data/             (never train/)
-    parallel/, data/                           (neither train/ nor evaluate/)
+    cli, config, errors, runtime, atomic, pixels, shards   (top level: used by every layer)
+    train/     -> engine/, evaluate/, parallel/, data/
+    evaluate/  -> engine/, parallel/, data/    (never train/)
+    engine/    -> parallel/                    (never data/, evaluate/, train/)
+    parallel/, data/                           (neither each other nor the layers above)
 
 One exception: config imports parallel/strategies. A strategy owns its rules (its name, what
 "auto" means for its --sync-every and learning rate), and the config validates and
@@ -19,8 +20,10 @@ import mpitrain
 
 PKG = Path(mpitrain.__file__).parent
 FORBIDDEN = {
-    "data": {"train", "evaluate", "parallel", "cli"},
-    "parallel": {"train", "evaluate", "data", "cli"},
+    "data": {"train", "evaluate", "parallel", "engine", "cli"},
+    "parallel": {"train", "evaluate", "data", "engine", "cli"},
+    # The engine takes a Keras model and arrays: no folders, plans, reports or the X-ray app.
+    "engine": {"train", "evaluate", "data", "cli"},
     "evaluate": {"train", "cli"},
     "train": {"cli"},
     None: set(),
@@ -58,12 +61,13 @@ ALLOWED_TOP_LEVEL = {"config.py": "mpitrain.parallel.strategies"}  # see the mod
 
 def test_top_level_modules_import_no_layer():
     # config, errors, runtime and atomic are used by every layer; they must not pull one in.
+    # __init__.py is the public face: it re-exports the engine (lazily).
     bad = [
         f"{p.name} imports {n}"
         for p in PKG.glob("*.py")
-        if p.name not in ("cli.py", "__main__.py")
+        if p.name not in ("cli.py", "__main__.py", "__init__.py")
         for n in _imports(p)
-        if n.split(".")[:2][-1] in ("data", "parallel", "train", "evaluate", "cli")
+        if n.split(".")[:2][-1] in ("data", "parallel", "engine", "train", "evaluate", "cli")
         and n.startswith("mpitrain.")
         and not _allowed(p.name, n)
     ]

@@ -243,9 +243,9 @@ def export_main(
 ) -> int:
     from mpitrain import outdir
     from mpitrain.atomic import atomic_dir, write_json
-    from mpitrain.data.decode import to_float
     from mpitrain.evaluate import modelio
     from mpitrain.parallel.comm import launched_by_mpi, world
+    from mpitrain.pixels import to_float
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more would write the same folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.atomic import atomic_path
-from mpitrain.evaluate.metrics import roc_auc, roc_curve
+from mpitrain.engine.metrics import roc_auc, roc_curve
 
 FIGURES = {
     "training_curves": "training_curves.png",

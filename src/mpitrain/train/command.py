@@ -27,7 +27,8 @@ def _open_resume(cfg: TrainConfig):
     """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint, runfolder
+    from mpitrain.engine import checkpoint
+    from mpitrain.train import runfolder
 
     runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
     try:
@@ -132,7 +133,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
     try:
         return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
     except KeyboardInterrupt:
-        from mpitrain.train import progress
+        from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
@@ -140,7 +141,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
             print(interrupted_message(where, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
         return 130
     except StopRequested as stop:
-        from mpitrain.train import progress
+        from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
@@ -167,7 +168,7 @@ def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) 
     """What rank 0 says after every rank agreed to stop on a signal and checkpointed."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint
+    from mpitrain.engine import checkpoint
 
     at = checkpoint.describe_position(stop.epoch, stop.step)
     lines = [
@@ -186,7 +187,7 @@ def interrupted_message(where: str | None, run_dir, resume_cmd: str | None) -> s
     (found by reading the run folder, so the launcher can tell it too), how to go on."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint
+    from mpitrain.engine import checkpoint
 
     found = checkpoint.latest_meta(Path(run_dir)) if run_dir is not None else None
     if found is not None:
@@ -226,8 +227,8 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
     why `cfg.precision` is the one used (config.json's runtime facts)."""
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_rank
+    from mpitrain.train.fitting import fit
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import fit
 
     threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision)  # collective
     # Which shards this rank owns (the trainer builds the strategy itself).
@@ -294,7 +295,7 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
             cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]), precision_facts
         ):
             say(line)
-        from mpitrain.train import checkpoint
+        from mpitrain.engine import checkpoint
 
         checkpoint.mark_finished(out)  # only now: a kill before this point can still --resume
         say(f"run folder: {out}")
@@ -327,8 +328,8 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     then the figures and report.md, whose failure is only a warning.
     """
     from mpitrain.atomic import write_json
+    from mpitrain.engine.metrics import classification_metrics
     from mpitrain.evaluate import modelio
-    from mpitrain.evaluate.metrics import classification_metrics
     from mpitrain.evaluate.threshold import choose_for_classes, describe, positive_index
     from mpitrain.train import runfolder
 
@@ -440,7 +441,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
         print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)
     if cfg.tensorboard:
-        from mpitrain.train import tensorboard as tb
+        from mpitrain.engine.callbacks import tensorboard as tb
 
         lines.append(f"tensorboard: {tb.write_history(out / 'tb', result.history)}")
     return lines

@@ -80,9 +80,9 @@ def plan(
     newest checkpoint's. `placed`: the host of every rank, as the
     ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
     as Open MPI fills them; a host without `slots=` then counts as 1)."""
+    from mpitrain.engine.checkpoint import describe_position, latest_meta
     from mpitrain.parallel.launch import local_names, placement, read_hostfile
     from mpitrain.parallel.strategies import strategy_class
-    from mpitrain.train.checkpoint import describe_position, latest_meta
 
     if hostfile is None:
         raise CannotHeal("only a job started with --hostfile can go on without one of its hosts")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mpitrain.atomic import atomic_path, write_atomic
+from mpitrain.engine.loop import event  # noqa: F401 - events.jsonl lines have one maker
 from mpitrain.errors import UserError
 
 RUN_FILES = (
@@ -106,11 +107,6 @@ def resume_folder(out: str | None, check_only: bool = False) -> Path:
 
 
 EVENTS_NAME = "events.jsonl"  # --elastic: one JSON line per lost rank (the ranks) or host (the launcher)
-
-
-def event(kind: str, **fields) -> dict:
-    """An events.jsonl line: the time, what happened (`kind`), then `fields` in order."""
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **fields}
 
 
 def append_event(run_dir: Path, line: dict) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 
 def to_float_input(x, divisor):
     """In the graph: integer images -> float32 in [0, 1], bit for bit what
-    `data.decode.to_float` computes in NumPy (exact cast, then one IEEE division).
+    `mpitrain.pixels.to_float` computes in NumPy (exact cast, then one IEEE division).
 
     `divisor` must be a variable holding the full-scale value, not a constant: TensorFlow's
     graph optimiser turns a division by a constant into a multiplication by its reciprocal,
