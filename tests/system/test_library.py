@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -32,3 +33,30 @@ def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_
     else:
         assert ranks[0]["history"][-1]["val_accuracy"] > 0.5
         assert proc.stdout.count("epoch 3/3") == 1  # rank 0 alone prints
+
+
+def _runnable_examples():
+    """The Python blocks of docs/library.md and of the README's "In Python" section."""
+    import importlib.util
+    from pathlib import Path
+
+    # test_docs.py owns the reading of fenced blocks; load it by path (tests/ is no package).
+    spec = importlib.util.spec_from_file_location("docs_blocks", Path(__file__).parents[1] / "unit" / "test_docs.py")
+    docs = sys.modules.setdefault("docs_blocks", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(docs)
+    ROOT, blocks = docs.ROOT, docs.blocks
+
+    readme = [b for b in blocks(ROOT / "README.md") if b.lang == "python"]
+    library = [b for b in blocks(ROOT / "docs" / "library.md") if b.lang == "python"]
+    return readme + library
+
+
+@pytest.mark.parametrize("block", _runnable_examples(), ids=lambda b: b.where())
+def test_every_python_example_of_the_library_page_runs(block, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", block.text], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, f"{block.where()}:\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{block.where()} printed nothing"
+
+
+def test_the_library_page_has_its_examples():
+    assert len(_runnable_examples()) >= 5  # README's, the convnet, callbacks, custom loop, engine
