@@ -14,9 +14,9 @@ def _results(stdout: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
-@pytest.mark.parametrize("loop", [False, True], ids=["fit", "gradient-tape"])
-def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_every_rank(loop):
-    args = ["--loop"] if loop else []
+@pytest.mark.parametrize("mode", ["", "--dataset", "--loop"], ids=["fit", "fit-tf-data", "gradient-tape"])
+def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_every_rank(mode):
+    args, loop = [mode] if mode else [], mode == "--loop"
     alone = subprocess.run(script("library_script.py", *args), capture_output=True, text=True, timeout=180)
     assert alone.returncode == 0, alone.stderr[-3000:]
     (one,) = _results(alone.stdout)

@@ -220,3 +220,49 @@ def test_allreduce_and_broadcast_in_one_process_hand_back_the_same_kinds():
     mpitrain.broadcast(model)  # one rank: its own values, unchanged
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def _pydataset(x, y, batch):
+    import keras
+
+    class Rows(keras.utils.PyDataset):
+        def __len__(self):
+            return -(-len(x) // batch)
+
+        def __getitem__(self, i):
+            return x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+
+    return Rows()
+
+
+@pytest.mark.parametrize("kind", ["pydataset", "tf.data batched", "tf.data unbatched, unknown length"])
+def test_fit_takes_a_pydataset_or_a_tf_data_dataset_as_the_arrays_it_holds(kind):
+    # One process: the dataset's rows in its order must train exactly as the same arrays do
+    # (sharding one rank keeps every row; the engine's own shuffle does the rest).
+    import tensorflow as tf
+
+    x, y = _blobs(64)
+    if kind == "pydataset":
+        train, val = _pydataset(x, y, 16), _pydataset(x[:16], y[:16], 8)
+    elif kind.startswith("tf.data batched"):
+        train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(8)
+    else:
+        train = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: True)  # length unknown
+        val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16]))
+    runs = []
+    for source, validation in ((train, val), (x, (x[:16], y[:16]))):
+        model = _model(seed=2)
+        labels = y if source is x else None
+        result = mpitrain.fit(model, source, labels, validation_data=validation, epochs=2, batch_size=8, progress=False)
+        runs.append((model.get_weights(), result.history[-1]["val_loss"]))
+    (w1, loss1), (w2, loss2) = runs
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    assert loss1 == loss2
+
+
+def test_fit_wants_labels_with_arrays():
+    x, _ = _blobs(16)
+    with pytest.raises(TypeError, match="labels"):
+        mpitrain.fit(_model(), x, validation_data=None)

@@ -1,5 +1,6 @@
 """A user's script written against the public API only: `mpitrain.fit`, or with `--loop` a
-GradientTape loop of its own with `mpitrain.allreduce` / `mpitrain.broadcast`. Prints one
+GradientTape loop of its own with `mpitrain.allreduce` / `mpitrain.broadcast`, with
+`--dataset` `mpitrain.fit` on a tf.data.Dataset. Prints one
 JSON line per rank: rank, size, weights checksum, the allreduce check and the history."""
 
 import json
@@ -37,7 +38,14 @@ if "--loop" in sys.argv:
         history.append(float(mpitrain.allreduce(float(loss))))
 else:
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    result = mpitrain.fit(model, x[:192], y[:192], validation_data=(x[192:], y[192:]), epochs=3, batch_size=16)
+    if "--dataset" in sys.argv:  # each rank reads its shard of a tf.data pipeline
+        import tensorflow as tf
+
+        train = tf.data.Dataset.from_tensor_slices((x[:192], y[:192])).batch(8)
+        val = tf.data.Dataset.from_tensor_slices((x[192:], y[192:])).batch(8)
+        result = mpitrain.fit(model, train, validation_data=val, epochs=3, batch_size=16)
+    else:
+        result = mpitrain.fit(model, x[:192], y[:192], validation_data=(x[192:], y[192:]), epochs=3, batch_size=16)
     history = result.history
 weights = np.concatenate([w.reshape(-1) for w in model.get_weights()])
 check = mpitrain.allreduce(float(mpitrain.rank()))  # mean of 0..size-1
