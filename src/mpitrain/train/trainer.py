@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpitrain import runfiles
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
 from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
@@ -258,7 +259,7 @@ class Trainer:
             if cfg.tensorboard and self.run_dir is not None:
                 from mpitrain.train import tensorboard as tb
 
-                tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
+                tb.log_epoch(self.run_dir / runfiles.TENSORBOARD, row)  # rank 0: live TensorBoard scalars
             self.result.keep_validation(*validated)
             self.echo(epoch_line(row, cfg.epochs, self.tag))
         self.stopping = self._watch(epoch)
