@@ -27,6 +27,7 @@ def _open_resume(cfg: TrainConfig):
     """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
     from pathlib import Path
 
+    from mpitrain import runfiles
     from mpitrain.engine import checkpoint
     from mpitrain.train import runfolder
 
@@ -36,10 +37,10 @@ def _open_resume(cfg: TrainConfig):
     except ValueError as e:
         raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
     if ckpt is None:
-        raise UserError(f"no usable checkpoint in {cfg.out}/checkpoints; nothing to resume")
+        raise UserError(f"no usable checkpoint in {Path(cfg.out) / runfiles.CHECKPOINTS}; nothing to resume")
     # An older mpitrain marked the last checkpoint finished before saving the model: without
     # model.keras such a run is resumed (validated and saved) like a "trained" one.
-    if ckpt.status == "finished" and (Path(cfg.out) / "model.keras").exists():
+    if ckpt.status == "finished" and (Path(cfg.out) / runfiles.MODEL).exists():
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
     # Runs from before --precision existed trained in fp32; "auto" would re-resolve here.
     saved = TrainConfig.from_dict({"precision": "fp32", **ckpt.config, "out": cfg.out, "overwrite": False})
@@ -327,6 +328,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     Order matters: the model and its metadata first (the valuable part), then the numbers,
     then the figures and report.md, whose failure is only a warning.
     """
+    from mpitrain import runfiles
     from mpitrain.atomic import write_json
     from mpitrain.engine.metrics import classification_metrics
     from mpitrain.evaluate import modelio
@@ -367,7 +369,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         "stopped_early": result.stopped_early,
     }
     metrics.update(kept)
-    runfolder.save_model(out / "model.keras", model)
+    runfolder.save_model(out / runfiles.MODEL, model)
     modelio.write_info(
         out,
         plan.classes,
@@ -390,7 +392,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     }
     save_config(
         cfg,
-        out / "config.json",
+        out / runfiles.CONFIG,
         ranks=ranks,
         threads_per_rank=threads,
         precision=precision,
@@ -404,7 +406,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         grouping=plan.grouping,
         **kept,
     )
-    runfolder.write_history(out / "history.csv", result.history)
+    runfolder.write_history(out / runfiles.HISTORY, result.history)
     idx = result.val_index
     if idx is not None and len(idx) and (idx >= 0).all():  # plan order; an ensemble's threshold reads it
         from mpitrain.evaluate import valpreds
@@ -417,8 +419,8 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             result.val_probs[order],
             plan.classes,
         )
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "classes.json", plan.classes)
+    write_json(out / runfiles.METRICS, metrics)
+    write_json(out / runfiles.CLASSES, plan.classes)
     lines.append(describe(choice, None if positive is None else plan.classes[positive]))
     if choice.threshold is not None:
         lines.append("metrics.json and report.md use this threshold; acc and val_acc in the epoch lines are at argmax")
@@ -437,11 +439,11 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             f"`{plan.data_dir}` ({counts} training images)",
             plan.protocol(),
         )
-        lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
+        lines.append(f"report: {out / runfiles.REPORT} ({', '.join(figures.values())})")
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
         print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)
     if cfg.tensorboard:
         from mpitrain.engine.callbacks import tensorboard as tb
 
-        lines.append(f"tensorboard: {tb.write_history(out / 'tb', result.history)}")
+        lines.append(f"tensorboard: {tb.write_history(out / runfiles.TENSORBOARD, result.history)}")
     return lines

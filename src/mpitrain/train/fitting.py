@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mpitrain import runfiles
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, class_weights
 from mpitrain.engine.callbacks.base import Callback
@@ -40,7 +41,7 @@ def callbacks_for(cfg: TrainConfig, run_dir) -> list:
     if run_dir is not None:
         out.append(EventLog(run_dir))
         if cfg.tensorboard:
-            out.append(TensorBoard(Path(run_dir) / "tb"))
+            out.append(TensorBoard(Path(run_dir) / runfiles.TENSORBOARD))
     if cfg.keep_best:
         out.append(KeepBest(cfg.keep_best))
     if cfg.early_stop:

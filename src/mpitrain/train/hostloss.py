@@ -31,7 +31,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-HOSTFILE_NAME = "hostfile"  # in the run folder: the hosts an elastic run goes on with
+from mpitrain import runfiles
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +109,7 @@ def plan(
     problem = strategy_class(meta["strategy"]).too_few_ranks(ranks) if ranks > 0 else "no host is left"
     if problem:
         raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
-    path = Path(out) / HOSTFILE_NAME
+    path = Path(out) / runfiles.HOSTFILE  # the hosts the elastic run goes on with
     path.write_text(
         "# written by mpitrain after losing host "
         + lost
