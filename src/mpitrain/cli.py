@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         action="append",
         metavar="RUNDIR",
-        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-        "that averages the models' probabilities",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training, or an export of it (its folder: "
+        "refused if model.keras changed since); repeat it for an ensemble that averages the models' probabilities",
     )
     e.add_argument(
         "--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; or --labels)"
@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         action="append",
         metavar="RUNDIR",
-        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-        "that averages the models' probabilities",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training, or an export of it (its folder: "
+        "refused if model.keras changed since); repeat it for an ensemble that averages the models' probabilities",
     )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     pr.add_argument("--csv", metavar="FILE", help="write the rows here (default: standard output)")
@@ -611,7 +611,7 @@ def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bo
     if args.resume and out is not None:
         from pathlib import Path
 
-        from mpitrain.train.checkpoint import saved_config
+        from mpitrain.engine.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
     fixed = bool(getattr(args, "fixed_order", False))

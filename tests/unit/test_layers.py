@@ -1,9 +1,10 @@
 """The package's layers, enforced: imports point downwards only, one module imports mpi4py.
 
-    cli, config, errors, runtime, atomic   (top level: used by every layer)
-    train/     -> evaluate/, parallel/, data/
-    evaluate/  -> parallel/, data/             (never train/)
-    parallel/, data/                           (neither train/ nor evaluate/)
+    cli, config, errors, runtime, atomic, pixels, shards   (top level: used by every layer)
+    train/     -> engine/, evaluate/, parallel/, data/
+    evaluate/  -> engine/, parallel/, data/    (never train/)
+    engine/    -> parallel/                    (never data/, evaluate/, train/)
+    parallel/, data/                           (neither each other nor the layers above)
 
 One exception: config imports parallel/strategies. A strategy owns its rules (its name, what
 "auto" means for its --sync-every and learning rate), and the config validates and
@@ -22,8 +23,10 @@ import mpitrain
 
 PKG = Path(mpitrain.__file__).parent
 FORBIDDEN = {
-    "data": {"train", "evaluate", "parallel", "cli"},
-    "parallel": {"train", "evaluate", "data", "cli"},
+    "data": {"train", "evaluate", "parallel", "engine", "cli"},
+    "parallel": {"train", "evaluate", "data", "engine", "cli"},
+    # The engine takes a Keras model and arrays: no folders, plans, reports or the X-ray app.
+    "engine": {"train", "evaluate", "data", "cli"},
     "evaluate": {"train", "cli"},
     "train": {"cli"},
     None: set(),
@@ -83,12 +86,13 @@ ALLOWED_TOP_LEVEL = {"config.py": "mpitrain.parallel.strategies"}  # see the mod
 
 def test_top_level_modules_import_no_layer():
     # config, errors, runtime and atomic are used by every layer; they must not pull one in.
+    # __init__.py is the public face: it re-exports the engine (lazily).
     bad = [
         f"{p.name} imports {n}"
         for p in PKG.glob("*.py")
-        if p.name not in ("cli.py", "__main__.py")
+        if p.name not in ("cli.py", "__main__.py", "__init__.py")
         for n in _layer_imports(p)
-        if n.split(".")[:2][-1] in ("data", "parallel", "train", "evaluate", "cli")
+        if n.split(".")[:2][-1] in ("data", "parallel", "engine", "train", "evaluate", "cli")
         and n.startswith("mpitrain.")
         and not _allowed(p.name, n)
     ]
@@ -123,13 +127,13 @@ def test_only_the_comm_module_imports_mpi4py():
     assert users == ["parallel/comm.py"]
 
 
-def test_the_readme_map_names_every_module():
-    # The README's "Layout" map is the reader's first view of the package: it must not drift.
-    readme = (PKG.parents[1] / "README.md").read_text()
-    layout = readme.split("### Layout", 1)[1].split("```")[1]
+def test_the_layout_map_names_every_module():
+    # docs/development.md's "Layout" map is a maintainer's first view of the package: it must not drift.
+    page = (PKG.parents[1] / "docs" / "development.md").read_text()
+    layout = page.split("\n## Layout\n", 1)[1].split("```")[1]
     missing = [
         str(p.relative_to(PKG))
         for p in sorted(PKG.rglob("*.py"))
         if p.stem not in ("__init__", "__main__") and p.stem not in layout
     ]
-    assert not missing, f"README's Layout does not mention: {missing}"
+    assert not missing, f"docs/development.md's Layout does not mention: {missing}"

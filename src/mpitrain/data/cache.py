@@ -49,8 +49,9 @@ import cv2
 import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX, atomic_path
-from mpitrain.data.decode import decode_native, to_float, warn_notes
+from mpitrain.data.decode import decode_native, warn_notes
 from mpitrain.data.scan import OPENCV_EXTENSIONS
+from mpitrain.pixels import to_float
 
 FORMAT_VERSION = 1
 MAX_AGE_DAYS = 30

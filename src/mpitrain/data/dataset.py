@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpitrain.data.shards import shard
 from mpitrain.errors import UserError
+from mpitrain.shards import shard
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
@@ -186,15 +186,6 @@ def make_plan(
         skipped=list(index.skipped),
         is_table=labels is not None,
     )
-
-
-def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
-    """A batch as the model's input: float32 [n, s, s, 1] in [0, 1], exactly as decoded."""
-    if x.dtype.kind == "f":
-        return x
-    from mpitrain.data.decode import to_float
-
-    return to_float(x, max_value)
 
 
 def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None):

@@ -75,7 +75,7 @@ def prepare(
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
     """File indices this rank predicts: whole chunks of BATCH files, dealt by `shards.shard`."""
-    from mpitrain.data.shards import shard
+    from mpitrain.shards import shard
 
     chunks = shard(np.arange(math.ceil(n / BATCH)), rank, size, seed=0)  # sorted chunk ids
     parts = [np.arange(c * BATCH, min(n, (c + 1) * BATCH)) for c in chunks]
@@ -204,7 +204,7 @@ def evaluate_main(
 
 
 def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:
-    from mpitrain.evaluate.metrics import classification_metrics
+    from mpitrain.engine.metrics import classification_metrics
 
     info = setup.info
     pos = info.positive if info.positive is not None else 1

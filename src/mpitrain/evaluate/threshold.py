@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain.evaluate.metrics import roc_curve
+from mpitrain.engine.metrics import roc_curve
 
 POLICIES = ("prior", "youden")  # --threshold-policy; --target-sensitivity S is the third rule
 

@@ -2,7 +2,7 @@
 
 Each rank trains the chosen model on random uint8 images held in memory (no decoding, no
 disk; uint8 because that is how `mpitrain train` holds images) with the real trainer loop
-(`Trainer.run_steps`: the same train step, strategy, shuffling, learning rates and running
+(`Engine.run_steps`: the same train step, strategy, shuffling, learning rates and running
 sums as training, without the progress bar), at `--precision` (auto: as training resolves it).
 
 What it reports, from the slowest rank's time of the best of `--repeats` runs:
@@ -90,18 +90,19 @@ class _TimedStep:
     """The trainer's step with a clock: time inside the compiled step, and how much of it
     was MPI (the per-step gradient allreduce runs inside it)."""
 
-    def __init__(self, step, sync):
-        self.step, self.sync = step, sync
+    def __init__(self, step, sync_of):
+        self.step, self.sync_of = step, sync_of  # sync_of(): the strategy, once the engine has one
         self.seconds = self.comm_seconds = 0.0
 
     def __getattr__(self, name):
         return getattr(self.step, name)
 
     def __call__(self, *args):
-        c, t = self.sync.comm_seconds, time.perf_counter()
+        sync = self.sync_of()
+        c, t = sync.comm_seconds, time.perf_counter()
         out = self.step(*args)
         self.seconds += time.perf_counter() - t
-        self.comm_seconds += self.sync.comm_seconds - c
+        self.comm_seconds += sync.comm_seconds - c
         return out
 
 
@@ -130,12 +131,12 @@ def bench_main(
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
     strategy_class(strategy).check_compress(compress)
 
-    from mpitrain.config import TrainConfig
-    from mpitrain.data.dataset import Plan, Shard, as_float
+    from mpitrain.engine.loop import Engine, InMemory
+    from mpitrain.engine.options import Options
+    from mpitrain.pixels import as_float
     from mpitrain.runtime import configure_rank, resolve_precision
     from mpitrain.train.flops import count_flops
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import Trainer
 
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
@@ -155,27 +156,27 @@ def bench_main(
         )
     model = build_model(model_name, image_size, 2)
     flops = count_flops(model)
-    cfg = TrainConfig(
-        model=model_name,
-        image_size=image_size,
+    options = Options(
         batch_size=batch,
         strategy=strategy,
         precision=precision,
-        threads=n_threads,
         epochs=1,
         timeout=0,
-        class_weight="none",
         lr=1e-3,
         lr_scaling="none",
         lr_schedule="constant",
         compress=compress,
     )
-    plan = Plan("generated", ["0", "1"], [""] * len(y), y, [], np.zeros(0, np.int32), "split")
-    data = Shard(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
-    trainer = Trainer(cfg, comm, plan, data, model, echo=lambda line: None)  # collective: rank 0's weights
-    trainer.show_progress = False
-    sync = trainer.sync
-    trainer.step = timed = _TimedStep(trainer.step, sync)
+    data = InMemory(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
+    steps_made: list[_TimedStep] = []
+
+    def wrap(step):  # the engine's hook: every train step it makes is timed
+        steps_made.append(_TimedStep(step, lambda: trainer.sync))
+        return steps_made[-1]
+
+    # Collective: rank 0's weights. No bar, no epoch lines.
+    trainer = Engine(model, data, options, comm, progress=False, wrap_step=wrap)
+    sync, timed = trainer.sync, steps_made[-1]
     epoch, left = 0, warmup
     while left > 0:  # warm-up: the last `warmup` steps of an epoch (more epochs if needed)
         k = min(left, trainer.steps)

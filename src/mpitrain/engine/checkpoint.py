@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain import runfiles
 from mpitrain.atomic import atomic_path
 
 FORMAT = 1
@@ -62,7 +63,7 @@ class Checkpoint:
 
 
 def folder_of(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / runfiles.CHECKPOINTS
 
 
 def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:

@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from mpitrain.engine.callbacks.base import Callback
+
 LINES_EVERY = 5.0  # seconds between plain progress lines (no terminal to redraw on)
 
 _last: tuple[str, int, int] | None = None  # (prefix, done, total) of the newest update
@@ -150,3 +152,34 @@ class Progress:
         elif self.mode == "redraw":
             self.stream.write("\r\x1b[K")
         self.stream.flush()
+
+
+class ProgressBar(Callback):
+    """The engine's output on rank 0, as a callback: the bar during an epoch's steps, then
+    the epoch's summary line through `echo` (`engine.epochs.epoch_line`)."""
+
+    def __init__(self, echo=print, bar: bool = True):
+        self.echo, self.show_bar = echo, bar
+        self.bar = Progress(0, enabled=False)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        e = self.engine
+        self.bar.close()
+        self.bar = Progress(
+            e.steps,
+            f"epoch {epoch + 1}/{e.options.epochs} ",
+            enabled=self.show_bar and e.comm.rank == 0 and e.sync.trains,
+        )
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.bar.update(batch + 1, values=self.engine.running)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.bar.close()
+        if self.engine.comm.rank == 0 and logs is not None:
+            from mpitrain.engine.epochs import epoch_line
+
+            self.echo(epoch_line(logs, self.engine.options.epochs, self.engine.tag))
+
+    def on_interrupt(self) -> None:
+        self.bar.close()

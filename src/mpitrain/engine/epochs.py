@@ -12,7 +12,7 @@ import numpy as np
 
 def epoch_metrics(comm, stats, probs, labels, n_classes):
     """Collective (gathers on rank 0). Rank 0: (metrics, all probs, all labels); others Nones."""
-    from mpitrain.evaluate.metrics import classification_metrics
+    from mpitrain.engine.metrics import classification_metrics
 
     all_probs = comm.gather_rows(probs.astype(np.float32))
     all_labels = comm.gather_rows(labels.astype(np.int32))
