@@ -49,14 +49,18 @@ class Block:
 
 def blocks(page: Path) -> list[Block]:
     """The fenced code blocks of a markdown page; an unclosed fence is an error."""
-    found, lang, start, body = [], None, 0, []
+    found: list[Block] = []
+    lang: str | None = None  # inside a fence: its language
+    start = 0  # the fence's first line inside
+    body: list[str] = []  # its lines so far
     for number, line in enumerate(page.read_text().splitlines(), 1):
-        if line.startswith("```") and lang is None:
-            lang, start, body = line[3:].strip().split(" ")[0].lower(), number + 1, []
+        if lang is None:
+            if line.startswith("```"):
+                lang, start, body = line[3:].strip().split(" ")[0].lower(), number + 1, []
         elif line.startswith("```"):
             found.append(Block(page, start, lang, "\n".join(body) + "\n"))
             lang = None
-        elif lang is not None:
+        else:
             body.append(line)
     assert lang is None, f"{_rel(page)}:{start - 1}: a code fence is never closed"
     return found

@@ -11,6 +11,9 @@ One exception: config imports parallel/strategies. A strategy owns its rules (it
 resolves options by asking the strategies' registry instead of keeping a second copy of
 those rules. parallel/strategies imports only numpy, parallel/flat, parallel/pulses and errors, never
 config.
+
+Type-only imports of the `Comm` protocol (`if TYPE_CHECKING: from mpitrain.parallel.comm
+import Comm`) are no dependency: they never run, and every layer is handed a communicator.
 """
 
 import ast
@@ -33,11 +36,33 @@ FORBIDDEN = {
 def _imports(path: Path):
     """Every module name imported by `path`, at any depth (lazy imports count too)."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module
-            yield from (f"{node.module}.{a.name}" for a in node.names)
+        yield from _names(node)
+
+
+def _names(node: ast.AST):
+    if isinstance(node, ast.Import):
+        yield from (a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        yield node.module
+        yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+TYPE_ONLY_OK = "mpitrain.parallel.comm"  # the Comm protocol, for annotations (see the docstring)
+
+
+def _layer_imports(path: Path):
+    """`_imports` less the type-only imports of the Comm protocol's module."""
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for n in ast.walk(block)
+        if isinstance(n, ast.ImportFrom) and n.module == TYPE_ONLY_OK
+    }
+    for node in ast.walk(tree):
+        if id(node) not in type_only:
+            yield from _names(node)
 
 
 def _layer(path: Path):
@@ -49,7 +74,7 @@ def test_layers_import_only_downwards():
     bad = []
     for path in sorted(PKG.rglob("*.py")):
         layer = _layer(path)
-        for name in _imports(path):
+        for name in _layer_imports(path):
             parts = name.split(".")
             if parts[0] == "mpitrain" and len(parts) > 1 and parts[1] in FORBIDDEN[layer]:
                 bad.append(f"{path.relative_to(PKG)} imports {name}")
@@ -66,7 +91,7 @@ def test_top_level_modules_import_no_layer():
         f"{p.name} imports {n}"
         for p in PKG.glob("*.py")
         if p.name not in ("cli.py", "__main__.py", "__init__.py")
-        for n in _imports(p)
+        for n in _layer_imports(p)
         if n.split(".")[:2][-1] in ("data", "parallel", "engine", "train", "evaluate", "cli")
         and n.startswith("mpitrain.")
         and not _allowed(p.name, n)
@@ -84,7 +109,7 @@ def test_strategies_import_neither_config_nor_other_layers():
     bad = [
         f"{p.relative_to(PKG)} imports {n}"
         for p in (PKG / "parallel" / "strategies").glob("*.py")
-        for n in _imports(p)
+        for n in _layer_imports(p)
         if n.startswith("mpitrain.")
         and not n.startswith(
             ("mpitrain.parallel.strategies", "mpitrain.parallel.flat", "mpitrain.parallel.pulses", "mpitrain.errors")

@@ -154,6 +154,8 @@ def _groups_report(
         keys = name_keys(index.paths, str(index.root), FILENAME_PATIENT)
         named = sum(k is not None for k in keys) >= max(1, len(keys) // 2)
         found = group_ids(index.paths, str(index.root), "filename-patient" if named else "duplicates")
+    if found is None:  # grouping off (never so here: it was asked for or looked for)
+        return
     line("groups", found.describe())
     if not 0 < val_split < 1:
         return

@@ -100,12 +100,13 @@ def _common_validation(infos: list[ModelInfo]) -> tuple[np.ndarray, np.ndarray]:
     from mpitrain import runfiles
     from mpitrain.evaluate import valpreds
 
-    runs = [valpreds.read(i.path.parent, i.classes) for i in infos]
-    missing = [str(i.path.parent) for i, r in zip(infos, runs) if r is None]
+    read = [valpreds.read(i.path.parent, i.classes) for i in infos]
+    missing = [str(i.path.parent) for i, r in zip(infos, read) if r is None]
     if missing:
         raise UserError(
             f"{missing[0]} has no {runfiles.VAL_PREDICTIONS} (trained by an older mpitrain): give --threshold T for the ensemble"
         )
+    runs = [r for r in read if r is not None]  # every one of them
     if any(r.paths != runs[0].paths for r in runs[1:]):
         raise UserError(
             "the models were validated on different images (another --seed moves the "

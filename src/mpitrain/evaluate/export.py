@@ -176,7 +176,7 @@ def check_sample(
         )
     except UserError as e:
         val, reason = None, str(e)
-    if reason is None:
+    if reason is None and val is not None:
         pick = np.sort(rng.choice(len(val.paths), min(n, len(val.paths)), replace=False))
         paths = [val.paths[i] for i in pick]
         arr, max_value, ok, errors = decode_native(paths, s, threads)

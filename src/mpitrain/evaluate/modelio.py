@@ -137,10 +137,11 @@ def read_info(given: str | Path) -> ModelInfo:
         raise UserError(f"no model.json beside {path}: give the model of an mpitrain run folder")
     if len(info.classes) < 2 or len(set(info.classes)) != len(info.classes):
         raise UserError(f"model {path}: needs two or more distinct class names, got {info.classes}")
-    if info.positive_class is None and len(info.classes) == 2:
+    if info.positive_class is None:
         from mpitrain.evaluate.threshold import positive_index
 
-        info.positive_class = info.classes[positive_index(info.classes)]
+        k = positive_index(info.classes)  # None with more than two classes
+        info.positive_class = None if k is None else info.classes[k]
     if info.positive_class is not None and info.positive_class not in info.classes:
         raise UserError(f"{meta}: positive class {info.positive_class!r} is not one of the classes")
     t = info.threshold

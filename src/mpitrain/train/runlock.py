@@ -38,7 +38,8 @@ _held: dict[Path, RunLock] = {}
 
 class RunLock:
     def __init__(self, run_dir: Path, fd: int, created: list[Path]):
-        self.run_dir, self.fd, self.created = run_dir, fd, created
+        self.run_dir, self.created = run_dir, created
+        self.fd: int | None = fd  # None once released
         self.path = run_dir / LOCK
         self._ino = os.fstat(fd).st_ino
 
