@@ -16,14 +16,7 @@ PKG = Path(mpitrain.__file__).parent
 BEING_RESTRUCTURED = {
     "cli.py",
     "config.py",
-    "engine/collectives.py",
-    "engine/epochs.py",
-    "engine/fit.py",
-    "engine/loop.py",
     "parallel/launch.py",
-    "train/bench.py",
-    "train/command.py",
-    "train/fitting.py",
     "train/hostloss.py",
 }
 COMM_TYPES = {"Comm", "Comm | None"}

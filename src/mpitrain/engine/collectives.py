@@ -13,14 +13,17 @@ float64, else float32; in a plain `python script.py` they come back unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 OPS = ("mean", "sum")
 
 
-def allreduce(values: Any, op: str = "mean", comm=None) -> Any:
+def allreduce(values: Any, op: str = "mean", comm: Comm | None = None) -> Any:
     """The elementwise mean (or sum) over all ranks of a tensor, array or number, or of a
     list or tuple of them: the same kinds and shapes come back (TensorFlow tensors as
     tensors, NumPy arrays as arrays, numbers as floats)."""
@@ -55,7 +58,7 @@ def _like(item: Any, value: np.ndarray) -> Any:
     return tf.convert_to_tensor(value)
 
 
-def broadcast(model_or_variables: Any, root: int = 0, comm=None) -> None:
+def broadcast(model_or_variables: Any, root: int = 0, comm: Comm | None = None) -> None:
     """Give every rank rank `root`'s values, in place: a Keras model (its weights and, once
     built, its optimizer's variables) or a list of variables. Call it once before the first
     step so that all ranks start alike."""

@@ -15,11 +15,15 @@ master-worker master holds none). Every option of `Options` is a keyword.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpitrain.engine.loop import Engine, InMemory, Result
 from mpitrain.engine.options import Options
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 def _shard(x, y, part: tuple[int, int], seed: int):
@@ -75,7 +79,7 @@ def fit(
     *,
     validation_data=None,
     presharded: bool = False,
-    comm=None,
+    comm: Comm | None = None,
     callbacks=(),
     class_weight=None,
     echo=print,

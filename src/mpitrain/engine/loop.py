@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -58,6 +58,9 @@ from mpitrain.parallel.strategies import lr_at, make_sync, scaled_lr, strategy_c
 from mpitrain.parallel.watchdog import Watchdog
 from mpitrain.pixels import as_float
 from mpitrain.shards import batch_slices, epoch_order, steps_per_epoch
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 class Arrays(Protocol):
@@ -158,7 +161,7 @@ class Engine:
         model,
         data: Arrays,
         options: Options,
-        comm=None,
+        comm: Comm | None = None,
         *,
         class_weight=None,
         augment: Augment | None = None,
@@ -219,6 +222,7 @@ class Engine:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
             self.sync.attach(self.model, self.optimizer)
+            assert self.reshard is not None, "an elastic re-layout needs reshard()"
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
         # Integer images enter the step as they are held and are scaled in the graph (the
@@ -483,7 +487,7 @@ class Engine:
             return
         self.sync.settle()  # until every rank has done its steps so far (a polled wait)
         gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
-        if self.comm.rank == 0:
+        if gathered is not None:  # rank 0
             from mpitrain.engine import checkpoint as ckpt
 
             keep = self.callbacks.find(KeepBest)
@@ -593,7 +597,7 @@ def _as_dict(opts: Options) -> dict:
     return dataclasses.asdict(opts)
 
 
-def _check_identical(comm, sync) -> str:
+def _check_identical(comm: Comm, sync) -> str:
     """All ranks must end with bit-identical weights; a mismatch is a bug, never silent."""
     mine = sync.checksum()
     sums = comm.allgather_obj(mine)  # collective

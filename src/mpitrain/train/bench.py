@@ -32,8 +32,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 MATMUL_N = 1024  # side of the square matmul that measures the machine's rate
 
@@ -64,7 +68,7 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
     return best, m.dtype_policy.name
 
 
-def matmul_gflops(comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> float:
+def matmul_gflops(comm: Comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> float:
     """Collective. GFLOP/s of an n x n x n matmul in the compute dtype of `precision`, on
     this rank's threads while every rank runs its own (they share the machine as in
     training); the best of `repeats`, summed over ranks."""
@@ -196,6 +200,7 @@ def bench_main(
         comm.allreduce_sum_(shares)  # collective: mean over ranks (below)
         if best is None or seconds < best[0]:
             best = (seconds, shares / comm.size)
+    assert best is not None  # repeats >= 1
     seconds, (compute_frac, comm_frac, host_frac) = best
     peak = matmul_gflops(comm, precision)
     images = batch * trainer.steps * sync.train_ranks

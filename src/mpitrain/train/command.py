@@ -14,33 +14,36 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import world
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 from mpitrain.parallel.strategies import strategy_class
 
 
 def _open_resume(cfg: TrainConfig):
     """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
-    from pathlib import Path
 
     from mpitrain import runfiles
     from mpitrain.engine import checkpoint
     from mpitrain.train import runfolder
 
-    runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
+    out = runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
     try:
-        ckpt = checkpoint.load_latest(Path(cfg.out), warn=lambda m: print(m, file=sys.stderr))
+        ckpt = checkpoint.load_latest(out, warn=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
     if ckpt is None:
-        raise UserError(f"no usable checkpoint in {Path(cfg.out) / runfiles.CHECKPOINTS}; nothing to resume")
+        raise UserError(f"no usable checkpoint in {out / runfiles.CHECKPOINTS}; nothing to resume")
     # An older mpitrain marked the last checkpoint finished before saving the model: without
     # model.keras such a run is resumed (validated and saved) like a "trained" one.
-    if ckpt.status == "finished" and (Path(cfg.out) / runfiles.MODEL).exists():
+    if ckpt.status == "finished" and (out / runfiles.MODEL).exists():
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
     # Runs from before --precision existed trained in fp32; "auto" would re-resolve here.
     saved = TrainConfig.from_dict({"precision": "fp32", **ckpt.config, "out": cfg.out, "overwrite": False})
@@ -150,7 +153,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
         return 0  # asked for: a batch system's stop or preemption, not a failure
 
 
-def _resume_hint(comm, out, cfg) -> str:
+def _resume_hint(comm: Comm, out, cfg) -> str:
     """The command that continues this run: the launcher's (it knows its --hostfile), srun's
     when srun started the ranks, else one for this many processes."""
     import os
@@ -223,7 +226,7 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
     return where
 
 
-def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
+def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
     """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
     why `cfg.precision` is the one used (config.json's runtime facts)."""
     from mpitrain.data import dataset

@@ -9,6 +9,7 @@ with the same loop.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpitrain import runfiles
 from mpitrain.config import TrainConfig
@@ -19,6 +20,9 @@ from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.tensorboard import TensorBoard
 from mpitrain.engine.loop import Engine, Result
 from mpitrain.engine.options import Options
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 class EventLog(Callback):
@@ -64,7 +68,7 @@ def augment_for(cfg: TrainConfig):
 
 
 def engine_for(
-    cfg: TrainConfig, comm, plan: Plan, data, model, echo=print, checkpoints: bool = False, run_dir=None, **kw
+    cfg: TrainConfig, comm: Comm, plan: Plan, data, model, echo=print, checkpoints: bool = False, run_dir=None, **kw
 ) -> Engine:
     """The engine for `cfg` on this rank's `data` (a Shard) of `plan`."""
     cfg = cfg.resolved()
@@ -86,7 +90,7 @@ def engine_for(
 
 def fit(
     cfg: TrainConfig,
-    comm,
+    comm: Comm,
     plan: Plan,
     data,
     model,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from mpitrain.engine.callbacks.base import Callback
 
@@ -97,6 +98,8 @@ class Progress:
     def __init__(self, total: int, prefix: str = "", enabled: bool = True, stream=None, width: int = 24):
         self.total = max(1, total)
         self.prefix = prefix
+        self.mode: str | None
+        self.stream: Any
         self.mode, self.stream = _choose(stream) if enabled else (None, stream or sys.stdout)
         self.enabled = self.mode is not None
         self.width = width
