@@ -473,3 +473,14 @@ def check_world() -> None:
 def current() -> Comm | None:
     """The communicator if `world()` has made one, without starting MPI."""
     return _WORLD
+
+
+def abort_started(code: int = 1) -> None:
+    """MPI_Abort the whole job if this process has started MPI (through `world()` or the
+    caller's own mpi4py), without starting it otherwise: a process that never joined MPI
+    ends by its exit code, which the launcher reports."""
+    if _WORLD is not None and _WORLD.size > 1:
+        _WORLD.abort(code)
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized():
+        mpi4py.COMM_WORLD.Abort(code)
