@@ -55,8 +55,8 @@ class Tagged:
 
 def _route_output(rank: int) -> None:
     if os.environ.get(ALL_OUTPUT_ENV) == "1":
-        sys.stdout = Tagged(sys.stdout, f"[rank {rank}] ")  # type: ignore[assignment]
-        sys.stderr = Tagged(sys.stderr, f"[rank {rank}] ")  # type: ignore[assignment]
+        sys.stdout = Tagged(sys.stdout, f"[rank {rank}] ")
+        sys.stderr = Tagged(sys.stderr, f"[rank {rank}] ")
     elif rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
