@@ -124,6 +124,12 @@ class TrainConfig:
     momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
     model: str = _opt("seed", "model from the registry", metavar="NAME")
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
+    channels: int | None = _opt(
+        None,
+        "1: grey (colour images converted to luma), 3: colour (RGB; grey images replicated); "
+        "default: 1, or 3 for a model that needs colour",
+        choices=(1, 3),
+    )
     seed: int = _opt(0, "same seed + same data = same result")
     split_seed: int | None = _opt(
         None,
@@ -246,6 +252,7 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         check_image_size(self.image_size)
+        need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")
         need(self.strategy in strategies.names(), f"--strategy must be one of {', '.join(strategies.names())}")
         strategies.strategy_class(self.strategy).check_compress(self.compress)
         need(self.sync_every is None or self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}")

@@ -8,6 +8,11 @@ resumed run draws exactly what the uninterrupted one drew, and there is no gener
 to save. The trainer calls it on training batches only; validation, `evaluate` and
 `predict` never see it.
 
+Colour rows ([n, s, s, 3], ``--channels 3``) take the same draws in the same order: one
+warp per image for all three channels, and gamma, contrast (around the mean of all three)
+and brightness applied alike to each channel, so hue is kept. They go through their own
+function (`_augment_colour`); grey rows are augmented exactly as before.
+
 Policies (`POLICIES`):
 
 * ``none``: no change; the batch is converted exactly as `dataset.as_float` does.
@@ -35,6 +40,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from mpitrain.pixels import as_float
 
 POLICIES = ("none", "xray", "xray-strong")
 _TAG = 0xA06  # keeps these draws apart from the shuffle (shards.epoch_order) of the same numbers
@@ -99,6 +106,8 @@ def augment_batch(
     """One training batch as augmented model input: float32 [n, s, s, 1] in [0, 1]."""
     p = POLICY[policy] if isinstance(policy, str) else policy
     x = np.asarray(x)
+    if x.ndim == 4 and x.shape[-1] == 3:
+        return _augment_colour(x, max_value, p, batch_rng(seed, epoch, rank, step))
     if x.ndim == 4:
         x = x[..., 0]
     n = len(x)
@@ -133,6 +142,37 @@ def augment_batch(
     f = (f - mean) * contrast.astype(np.float32).reshape(shape) + mean + bright.astype(np.float32).reshape(shape)
     np.clip(f, 0.0, 1.0, out=f)
     return np.ascontiguousarray(f, dtype=np.float32)[..., np.newaxis]
+
+
+def _augment_colour(x: np.ndarray, max_value: float, p: Policy, rng: np.random.Generator) -> np.ndarray:
+    """Colour rows [n, s, s, 3] -> float32 [n, s, s, 3]: `augment_batch`'s draws, in its order."""
+    n, floats = len(x), x.dtype.kind == "f"
+    if n == 0 or not (p.geometric or p.photometric):
+        return np.asarray(x, np.float32) if floats else as_float(x, max_value)
+    import cv2
+
+    mats = affine_matrices(rng, n, x.shape[2], p)
+    gamma = _log_uniform(rng, p.gamma, n)
+    contrast = rng.uniform(p.contrast[0], p.contrast[1], n)
+    bright = rng.uniform(-p.brightness, p.brightness, n)
+    if p.geometric:
+        src = np.ascontiguousarray(x, dtype=np.float32 if floats else x.dtype)
+        warped = np.empty_like(src)
+        size = (x.shape[2], x.shape[1])
+        for i in range(n):
+            cv2.warpAffine(
+                src[i], mats[i], size, dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+            )
+        x = warped
+    f = np.asarray(x, np.float32) if floats else as_float(x, max_value)
+    if not p.photometric:
+        return f
+    shape = (n, 1, 1, 1)
+    f = np.power(f, gamma.astype(np.float32).reshape(shape))
+    mean = f.mean(axis=(1, 2, 3), keepdims=True)
+    f = (f - mean) * contrast.astype(np.float32).reshape(shape) + mean + bright.astype(np.float32).reshape(shape)
+    np.clip(f, 0.0, 1.0, out=f)
+    return np.ascontiguousarray(f, dtype=np.float32)
 
 
 def _photometric_u8(x, max_value, gamma, contrast, bright) -> np.ndarray:

@@ -9,7 +9,9 @@ gives bit-identical float32 values on a hit.
 
 The key is a SHA-256 of: the format version, the OpenCV version, ``image_size`` and, for
 every path in order, the path string and its (followed) stat: size, mtime_ns, inode and
-mode. Any changed, added, removed or reordered file gives a different key, and so does a
+mode; with ``channels`` other than 1 (``--channels 3``: rows [n, s, s, 3], RGB) also the
+channel count, so grey entries keep the keys (and bytes) they always had and a colour
+entry never answers a grey load or the other way round. Any changed, added, removed or reordered file gives a different key, and so does a
 chmod (a file that could not be read is retried once it can). A list with a name that may
 be DICOM (not one of OpenCV's extensions) adds pydicom's version and installed decoders
 (`dicom.signature`), so a file skipped for want of a decoder is retried once one is
@@ -51,7 +53,7 @@ import numpy as np
 from mpitrain.atomic import TMP_PREFIX, atomic_path
 from mpitrain.data.decode import decode_native, warn_notes
 from mpitrain.data.scan import OPENCV_EXTENSIONS
-from mpitrain.pixels import to_float
+from mpitrain.pixels import as_float
 
 FORMAT_VERSION = 1
 MAX_AGE_DAYS = 30
@@ -69,9 +71,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "mpitrain"
 
 
-def cache_key(paths: list[str], image_size: int) -> str:
-    """Hex key for decoding ``paths`` at ``image_size`` given their current stat data."""
+def cache_key(paths: list[str], image_size: int, channels: int = 1) -> str:
+    """Hex key for decoding ``paths`` at ``image_size`` (and ``channels``) given their current stat data."""
     h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0{image_size}\0{len(paths)}\0".encode())
+    if channels != 1:  # grey keys stay what they were
+        h.update(f"channels\0{channels}\0".encode())
     if any(os.path.splitext(p)[1].lower() not in OPENCV_EXTENSIONS for p in paths):
         from mpitrain.data.dicom import signature
 
@@ -98,7 +102,7 @@ def _warn(message: str) -> None:
 Entry = tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]
 
 
-def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None) -> Entry | None:
+def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None, channels: int = 1) -> Entry | None:
     """(array, max value, ok, errors, notes) from an entry file, or None if absent or invalid.
 
     With ``rows``, only those rows (positions in the entry's list) are read, through a
@@ -127,7 +131,8 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
             meta.get("version") == FORMAT_VERSION
             and meta.get("n") == n
             and meta.get("image_size") == image_size
-            and tuple(shape) == (n, image_size, image_size)
+            and meta.get("channels", 1) == channels
+            and tuple(shape) == (n, image_size, image_size) + (() if channels == 1 else (channels,))
             and ok.shape == (n,)
             and ok.dtype == np.bool_
             and meta.get("n_failed") == n - int(ok.sum())
@@ -156,6 +161,8 @@ def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors, notes=()) 
         "errors": [list(e) for e in errors],
         "notes": [list(e) for e in notes],
     }
+    if arr.ndim == 4:  # colour; grey entries keep the bytes they always had
+        meta["channels"] = int(arr.shape[3])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         np.save(f, ok, allow_pickle=False)
@@ -188,13 +195,13 @@ def prune(folder: Path, keep: Path | None = None, now: float | None = None) -> N
         total -= size
 
 
-def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: int):
+def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: int, channels: int = 1):
     """``paths``' rows from the entry of the list ``whole`` (see the module docstring), or None."""
     where = {p: i for i, p in enumerate(whole)}
     if len(where) != len(whole) or any(p not in where for p in paths):
         return None
-    entry = folder / f"{cache_key(whole, image_size)}.entry"
-    found = _read_entry(entry, len(whole), image_size, np.array([where[p] for p in paths], np.int64))
+    entry = folder / f"{cache_key(whole, image_size, channels)}.entry"
+    found = _read_entry(entry, len(whole), image_size, np.array([where[p] for p in paths], np.int64), channels)
     if found is None:
         return None
     arr, max_value, ok, errors, notes = found
@@ -213,8 +220,9 @@ def load_images_native(
     cache_dir: Path | None = None,
     threads: int | None = None,
     whole: list[str] | None = None,
+    channels: int = 1,
 ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
-    """Through the cache, as compact integers: (arr [n, s, s], max value, ok, errors, hit).
+    """Through the cache, as compact integers: (arr [n, s, s] or [n, s, s, 3], max value, ok, errors, hit).
 
     `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
     the integers (4x less memory than float32) and converts one batch at a time. ``whole``:
@@ -222,8 +230,8 @@ def load_images_native(
     """
     paths = [os.fspath(p) for p in paths]
     folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _SUBDIR
-    entry = folder / f"{cache_key(paths, image_size)}.entry"
-    found = _read_entry(entry, len(paths), image_size)
+    entry = folder / f"{cache_key(paths, image_size, channels)}.entry"
+    found = _read_entry(entry, len(paths), image_size, channels=channels)
     if found is not None:
         arr, max_value, ok, errors, notes = found
         try:
@@ -234,12 +242,12 @@ def load_images_native(
         return arr, max_value, ok, errors, True
     whole = None if whole is None else [os.fspath(p) for p in whole]
     if whole is not None and whole != paths:
-        found = _from_whole(folder, paths, whole, image_size)
+        found = _from_whole(folder, paths, whole, image_size, channels)
         if found is not None:
             return (*found, True)
 
     notes = []
-    arr, max_value, ok, errors = decode_native(paths, image_size, threads, notes)
+    arr, max_value, ok, errors = decode_native(paths, image_size, threads, notes, channels)
     warn_notes(notes)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -260,7 +268,8 @@ def load_images_cached(
     cache_dir: Path | None = None,
     threads: int | None = None,
     whole: list[str] | None = None,
+    channels: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
     """Like `mpitrain.data.decode.decode_images`, through the cache: (x, ok, errors, hit)."""
-    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads, whole)
-    return to_float(arr, max_value), ok, errors, hit
+    arr, max_value, ok, errors, hit = load_images_native(paths, image_size, cache_dir, threads, whole, channels)
+    return as_float(arr, max_value), ok, errors, hit

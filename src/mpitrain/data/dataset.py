@@ -188,14 +188,15 @@ def make_plan(
     )
 
 
-def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None):
+def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None, channels=1):
+    """(rows, labels, full-scale value, readable mask) of `paths`; unreadable files are left out."""
     from mpitrain.data.cache import load_images_native
 
-    """(rows, labels, full-scale value, readable mask) of `paths`; unreadable files are left out."""
     if not paths:
-        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
+        shape = (0, image_size, image_size) + (() if channels == 1 else (channels,))
+        return np.zeros(shape, np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
     x, max_value, ok, errors, hit = load_images_native(
-        paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole
+        paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole, channels=channels
     )
     out.errors.extend(errors)
     out.cache_hits += int(hit)
@@ -210,17 +211,25 @@ def load_shard(
     train_part: tuple[int, int],
     val_part: tuple[int, int],
     cache_dir: str | None = None,
+    channels: int = 1,
 ) -> Shard:
-    """Decode the training and validation images that belong to this rank."""
+    """Decode the training and validation images that belong to this rank (rows [n, s, s],
+    or [n, s, s, 3] with ``channels=3``)."""
     t0 = time.perf_counter()
     out = Shard(*(np.zeros(0),) * 4)
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
     va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
     out.train_x, out.train_y, out.train_max, _ = _load(
-        [plan.train_paths[i] for i in tr], plan.train_labels[tr], image_size, cache_dir, out, plan.train_source
+        [plan.train_paths[i] for i in tr],
+        plan.train_labels[tr],
+        image_size,
+        cache_dir,
+        out,
+        plan.train_source,
+        channels,
     )
     out.val_x, out.val_y, out.val_max, ok = _load(
-        [plan.val_paths[i] for i in va], plan.val_labels[va], image_size, cache_dir, out, plan.val_source
+        [plan.val_paths[i] for i in va], plan.val_labels[va], image_size, cache_dir, out, plan.val_source, channels
     )
     out.val_index = np.asarray(va, dtype=np.int64)[ok] if len(va) else np.zeros(0, np.int64)
     out.seconds = time.perf_counter() - t0
@@ -249,7 +258,13 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
 
 
 def scatter_from_root(
-    comm: Comm, plan: Plan | None, image_size: int, seed: int, parts_of: PartsOf, cache_dir: str | None = None
+    comm: Comm,
+    plan: Plan | None,
+    image_size: int,
+    seed: int,
+    parts_of: PartsOf,
+    cache_dir: str | None = None,
+    channels: int = 1,
 ) -> tuple[Plan, Shard]:
     """--data-on-root: rank 0 decodes everything and sends each rank its shards.
 
@@ -262,7 +277,7 @@ def scatter_from_root(
     if comm.rank == 0:
         if plan is None:
             raise ValueError("scatter_from_root: rank 0 holds the plan")
-        full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir)
+        full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir, channels)
     # Collective order: plan metadata, then the training rows, then the validation rows.
     meta = comm.bcast_obj(
         None if plan is None else (plan.data_dir, plan.classes, plan.train_labels, plan.val_labels, plan.val_from)

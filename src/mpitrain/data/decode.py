@@ -1,4 +1,4 @@
-"""Decode image files into a grayscale float32 array, fast and without surprises.
+"""Decode image files into a grayscale (or colour) float32 array, fast and without surprises.
 
 What `decode_images` does with each file:
 
@@ -6,6 +6,10 @@ What `decode_images` does with each file:
   the file's own bit depth. 8-bit sources are scaled by 1/255 and 16-bit sources by
   1/65535 to [0, 1]; gray, RGB and RGBA sources all work (colour is converted to luma,
   alpha is ignored). Other depths (e.g. float TIFF) are rejected with a reason.
+* With ``channels=3`` (``--channels 3``) the same steps run in colour instead
+  (``cv2.IMREAD_COLOR``, the ``IMREAD_REDUCED_COLOR_*`` JPEG reductions): rows are RGB
+  ``[s, s, 3]``, grey sources (and DICOM) have their one channel replicated, alpha is
+  dropped. The default, one channel, is decoded exactly as it always was.
 * The image is resized to ``image_size x image_size`` (aspect ratio not kept) with
   ``cv2.INTER_AREA``, in the source's integer type, then scaled to float32.
 * DICOM (a ``.dcm``/``.dicom`` name or the ``DICM`` marker at byte 128) is read by
@@ -48,7 +52,7 @@ import numpy as np
 
 from mpitrain.data.dicom import has_marker_bytes, is_dicom_name
 from mpitrain.errors import UserError
-from mpitrain.pixels import to_float
+from mpitrain.pixels import as_float, to_float  # noqa: F401 - to_float: callers import it from here
 from mpitrain.runtime import available_cores
 
 _GRAY = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
@@ -57,6 +61,16 @@ _REDUCED = (
     (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
     (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
 )
+# --channels 3: the same decoder in colour (BGR from OpenCV, stored as RGB); grey sources
+# come back with their one channel replicated. A path of its own beside the grey one, so
+# that the default (one channel) decodes exactly as before.
+_COLOUR = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+_REDUCED_COLOUR = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
+CHANNELS = (1, 3)
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _NOISE = (
     b"Corrupt JPEG data",
@@ -107,8 +121,11 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode_one(data: bytes, image_size: int, named_dicom: bool = False) -> tuple[np.ndarray | str, str | None]:
-    """Decode and resize one file's bytes: (a 2-D uint8/uint16 array or a failure reason, note)."""
+def _decode_one(
+    data: bytes, image_size: int, named_dicom: bool = False, channels: int = 1
+) -> tuple[np.ndarray | str, str | None]:
+    """Decode and resize one file's bytes: (a uint8/uint16 array [s, s] (one channel) or
+    [s, s, 3] (three, RGB), or a failure reason; note)."""
     if not data:
         return "empty file (0 bytes)", None
     if named_dicom or has_marker_bytes(data):
@@ -120,20 +137,21 @@ def _decode_one(data: bytes, image_size: int, named_dicom: bool = False) -> tupl
         img, note = got
         if img.shape != (image_size, image_size):
             img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
-        return img, note
-    return _decode_opencv(data, image_size), None
+        return (img if channels == 1 else np.repeat(img[..., np.newaxis], channels, axis=2)), note
+    return _decode_opencv(data, image_size, channels), None
 
 
-def _decode_opencv(data: bytes, image_size: int) -> np.ndarray | str:
-    """Every format but DICOM: a 2-D uint8/uint16 array, or a failure reason."""
-    flag = _GRAY
+def _decode_opencv(data: bytes, image_size: int, channels: int = 1) -> np.ndarray | str:
+    """Every format but DICOM: a uint8/uint16 array ([s, s] or [s, s, 3]), or a failure reason."""
+    full, reductions = (_GRAY, _REDUCED) if channels == 1 else (_COLOUR, _REDUCED_COLOUR)
+    flag = full
     if data[:3] == b"\xff\xd8\xff":
         layout = _jpeg_layout(data)
         if layout is not None:
             h, w, scan = layout
             if data.find(b"\xff\xd9", scan) < 0:
                 return "truncated JPEG (no end-of-image marker)"
-            for factor, reduced in _REDUCED:
+            for factor, reduced in reductions:
                 if min(h, w) // factor >= image_size * _MARGIN:
                     flag = reduced
                     break
@@ -141,18 +159,29 @@ def _decode_opencv(data: bytes, image_size: int) -> np.ndarray | str:
         return "truncated PNG (no IEND chunk)"
     buf = np.frombuffer(data, np.uint8)
     img = cv2.imdecode(buf, flag)
-    if img is not None and flag != _GRAY and min(img.shape[:2]) < image_size:
-        img = cv2.imdecode(buf, _GRAY)  # header lied or rotation: decode at full size
+    if img is not None and flag != full and min(img.shape[:2]) < image_size:
+        img = cv2.imdecode(buf, full)  # header lied or rotation: decode at full size
     if img is None or img.size == 0:
-        kind = "JPEG" if flag != _GRAY or data[:3] == b"\xff\xd8\xff" else "PNG" if data[:4] == b"\x89PNG" else None
+        kind = "JPEG" if flag != full or data[:3] == b"\xff\xd8\xff" else "PNG" if data[:4] == b"\x89PNG" else None
         return f"corrupt or truncated {kind}" if kind else "not a decodable image (unknown format or corrupt data)"
-    if img.ndim == 3:  # multi-channel source that came back as colour; keep luma
+    if channels == 1 and img.ndim == 3:  # multi-channel source that came back as colour; keep luma
         img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
+    elif channels == 3:
+        img = _rgb(img)
     if img.dtype not in (np.uint8, np.uint16):
         return f"unsupported pixel type {img.dtype} (need 8- or 16-bit)"
-    if img.shape != (image_size, image_size):
+    if img.shape[:2] != (image_size, image_size):
         img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
     return img
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """OpenCV's colour decode (BGR, or one channel for some sources) as RGB [h, w, 3]."""
+    if img.ndim == 2:
+        return np.repeat(img[..., np.newaxis], 3, axis=2)
+    if img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
 
 
 def _read(path: str) -> bytes | str:
@@ -220,10 +249,16 @@ def warn_notes(notes: list[tuple[str, str]]) -> None:
         print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
 
 
+def check_channels(channels: int) -> None:
+    if isinstance(channels, bool) or channels not in CHANNELS:
+        raise UserError(f"--channels must be 1 (grey) or 3 (colour), got {channels!r}")
+
+
 def decode_native(
-    paths: list[str], image_size: int, threads: int | None = None, notes: list | None = None
+    paths: list[str], image_size: int, threads: int | None = None, notes: list | None = None, channels: int = 1
 ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
-    """Decode to integers: (uint8 or uint16 array [n, s, s], max value, ok, errors).
+    """Decode to integers: (uint8 or uint16 array [n, s, s], or [n, s, s, 3] with
+    ``channels=3``, max value, ok, errors).
 
     ``notes``: a list to receive ``(path, note)`` for files decoded with a caveat (the
     first frame of a multi-frame DICOM), in path order; without it they are shown at once
@@ -236,9 +271,11 @@ def decode_native(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"image size must be a positive integer, got {image_size!r}")
+    check_channels(channels)
     n = len(paths)
     threads = available_cores() if threads is None else max(1, int(threads))
-    state = {"arr": np.zeros((n, image_size, image_size), np.uint8)}
+    shape = (n, image_size, image_size) + (() if channels == 1 else (channels,))
+    state = {"arr": np.zeros(shape, np.uint8)}
     ok = np.zeros(n, bool)
     reasons: list[str | None] = [None] * n
     caveats: list[str | None] = [None] * n
@@ -257,7 +294,9 @@ def decode_native(
         for i in range(start, n, step):
             data = _read(paths[i])
             out, caveats[i] = (
-                (data, None) if isinstance(data, str) else _decode_one(data, image_size, is_dicom_name(paths[i]))
+                (data, None)
+                if isinstance(data, str)
+                else _decode_one(data, image_size, is_dicom_name(paths[i]), channels)
             )
             if isinstance(out, str):
                 reasons[i] = out
@@ -287,12 +326,12 @@ def decode_native(
 
 
 def decode_images(
-    paths: list[str], image_size: int, threads: int | None = None
+    paths: list[str], image_size: int, threads: int | None = None, channels: int = 1
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Decode ``paths`` to (x float32 [n, s, s, 1] in [0, 1], ok bool [n], errors).
+    """Decode ``paths`` to (x float32 [n, s, s, channels] in [0, 1], ok bool [n], errors).
 
     ``errors`` lists ``(path, reason)`` for every file that failed; its row in ``x`` is
     zeros and ``ok`` is False. ``threads`` defaults to the CPUs this process may use.
     """
-    arr, max_value, ok, errors = decode_native(paths, image_size, threads)
-    return to_float(arr, max_value), ok, errors
+    arr, max_value, ok, errors = decode_native(paths, image_size, threads, channels=channels)
+    return as_float(arr, max_value), ok, errors

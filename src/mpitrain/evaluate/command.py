@@ -142,7 +142,11 @@ def evaluate_main(
     k = len(info.classes)
     if len(idx):
         x, ok, errors, _ = load_images_cached(
-            [setup.paths[i] for i in idx], info.image_size, Path(cache_dir) if cache_dir else None, whole=setup.paths
+            [setup.paths[i] for i in idx],
+            info.image_size,
+            Path(cache_dir) if cache_dir else None,
+            whole=setup.paths,
+            channels=info.channels,
         )  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
@@ -225,7 +229,10 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     per_class = ", ".join(
         f"{c} {v:,}" for c, v in result["per_class_counts"].items() if c not in result["absent_classes"]
     )  # those are named in the table
-    echo(f"model: {info.label} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}")
+    echo(
+        f"model: {info.label} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}"
+        + ("" if info.channels == 1 else f" | {info.channels} channels (RGB)")
+    )
     echo(
         f"data: {setup.data_dir} | {result['n_samples']:,} images ({per_class}) | "
         f"{ranks} rank{'s' * (ranks > 1)} | {result['compute_precision']}"

@@ -50,11 +50,26 @@ def read_info(models: list[str] | str, need_threshold: bool = True) -> ModelInfo
                 f"models {first.path} and {other.path} take different image sizes "
                 f"({first.image_size} vs {other.image_size}): they cannot be averaged"
             )
+        if other.channels != first.channels:
+            raise UserError(
+                f"models {first.path} and {other.path} take different channels "
+                f"({first.channels} vs {other.channels}): they cannot be averaged"
+            )
         if other.positive_class != first.positive_class:
             raise UserError(f"models {first.path} and {other.path} have different positive classes")
-    info = ModelInfo(first.path, list(first.classes), first.image_size, None, "argmax", first.positive_class, {}, infos)
+    info = ModelInfo(
+        first.path,
+        list(first.classes),
+        first.image_size,
+        None,
+        "argmax",
+        first.positive_class,
+        {"channels": first.channels},
+        infos,
+    )
     if need_threshold and len(first.classes) == 2:
-        info.threshold, info.threshold_method, info.extra = _threshold(infos)
+        info.threshold, info.threshold_method, extra = _threshold(infos)
+        info.extra = {**extra, "channels": first.channels}
     return info
 
 

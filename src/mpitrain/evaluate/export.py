@@ -8,8 +8,8 @@ What is written into ``--out`` (default ``RUN/export-<format>``):
 * ``export.json``: classes, positive class, decision threshold and rule (copied from
   ``model.json``), image size, the input contract, and the check below.
 
-**Input contract.** ``pixels`` is uint8 ``[n, S, S, 1]`` (S = the training image size, n
-free): grayscale pixel values 0-255 of images the caller has already decoded and resized
+**Input contract.** ``pixels`` is uint8 ``[n, S, S, C]`` (S = the training image size, C
+its channels, 1 or 3 (RGB) as in model.json, n free): pixel values 0-255 of images the caller has already decoded and resized
 to S x S. The graph casts to float32 and divides by 255, which is what training did to its
 decoded pixels, so the caller never scales. Decoding and resizing stay outside the graph:
 training resized each whole image to S x S with OpenCV's ``cv2.INTER_AREA`` (aspect ratio
@@ -83,6 +83,23 @@ INPUT_CONTRACT = (
     "MONOCHROME1 inverted; mpitrain.data.dicom), then resized the same way; "
     "mpitrain.data.decode.decode_native(paths, {s}) gives training's pixels exactly."
 )
+# --channels 3: the same rules in colour.
+INPUT_CONTRACT_RGB = (
+    "uint8 [n, {s}, {s}, 3]: RGB pixel values 0-255 (red first, not OpenCV's BGR) of images "
+    "already resized to {s}x{s}; the model casts to float32 and divides by 255 itself. Training "
+    "decoded each file with OpenCV in colour (cv2.imdecode(..., cv2.IMREAD_COLOR), then BGR to "
+    "RGB; grey images with their one channel replicated, alpha dropped) and resized the whole "
+    "image to {s}x{s}, aspect ratio not kept, with cv2.resize(img, ({s}, {s}), "
+    "interpolation=cv2.INTER_AREA); do the same, since other resizers (PIL, tf.image) give other "
+    "pixels. 16-bit images: training divided by 65535; pass round(v / 257). JPEGs larger than "
+    "2x{s} on both sides were decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_COLOR_*); "
+    "mpitrain.data.decode.decode_native(paths, {s}, channels=3) gives training's pixels exactly."
+)
+
+
+def input_shape(info) -> list:
+    """The export's input shape: [None, S, S, C]."""
+    return [None, info.image_size, info.image_size, info.channels]
 
 
 def default_out(info, fmt: str) -> Path:
@@ -156,7 +173,7 @@ def to_pixels(arr: np.ndarray, max_value: float) -> np.ndarray:
 def check_sample(
     info, threads: int | None = None, n: int = SAMPLE, seed: int = SEED
 ) -> tuple[np.ndarray, str, str | None]:
-    """(uint8 pixels [m, S, S], what they are, why not validation images or None).
+    """(uint8 pixels [m, S, S, C], what they are, why not validation images or None).
 
     A seeded sample of the run's validation images (``val_predictions.csv``) decoded as
     training decoded them; seeded random pixels when none of them can be read."""
@@ -179,17 +196,22 @@ def check_sample(
     if reason is None and val is not None:
         pick = np.sort(rng.choice(len(val.paths), min(n, len(val.paths)), replace=False))
         paths = [val.paths[i] for i in pick]
-        arr, max_value, ok, errors = decode_native(paths, s, threads)
+        arr, max_value, ok, errors = decode_native(paths, s, threads, channels=info.channels)
+        if arr.ndim == 3:
+            arr = arr[..., np.newaxis]
         if ok.any():
             what = f"{int(ok.sum())} validation images of the run"
             if errors:
                 what += f" ({len(errors)} of the {len(paths)} sampled could not be read)"
             return to_pixels(arr[ok], max_value), what, None
         reason = f"none of the {len(paths)} sampled validation images can be read ({errors[0][0]}: {errors[0][1]})"
-    return rng.integers(0, 256, (n, s, s), dtype=np.uint8), f"{n} seeded random images (seed {seed})", reason
+    random = rng.integers(0, 256, (n, s, s), dtype=np.uint8)  # the grey draws as they always were
+    if info.channels != 1:
+        random = rng.integers(0, 256, (n, s, s, info.channels), dtype=np.uint8)
+    return random[..., np.newaxis] if random.ndim == 3 else random, f"{n} seeded random images (seed {seed})", reason
 
 
-def _save_savedmodel(model, size: int, folder: Path) -> None:
+def _save_savedmodel(model, shape: list, folder: Path) -> None:
     """The SavedModel: one signature, uint8 pixels -> float32 probabilities, batch free."""
     import keras
     import tensorflow as tf
@@ -200,7 +222,7 @@ def _save_savedmodel(model, size: int, folder: Path) -> None:
     def serve(pixels):
         return {OUTPUT: model(tf.cast(pixels, tf.float32) / 255.0, training=False)}
 
-    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec([None, size, size, 1], tf.uint8, name=INPUT)])
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT)])
     archive.write_out(str(folder), verbose=False)
 
 
@@ -271,7 +293,13 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
         "threshold_method": info.threshold_method,
         "decision": decision_rule(info.classes, info.threshold, info.positive),
         "image_size": s,
-        "input": {"name": INPUT, "dtype": "uint8", "shape": [None, s, s, 1], "contract": INPUT_CONTRACT.format(s=s)},
+        "channels": info.channels,
+        "input": {
+            "name": INPUT,
+            "dtype": "uint8",
+            "shape": input_shape(info),
+            "contract": (INPUT_CONTRACT if info.channels == 1 else INPUT_CONTRACT_RGB).format(s=s),
+        },
         "output": {
             "name": OUTPUT,
             "dtype": "float32",
@@ -291,7 +319,7 @@ def export_main(
     from mpitrain.atomic import atomic_dir, write_json
     from mpitrain.evaluate import modelio
     from mpitrain.parallel.comm import launched_by_mpi, world
-    from mpitrain.pixels import to_float
+    from mpitrain.pixels import scaled
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more would write the same folder
@@ -317,7 +345,7 @@ def export_main(
     if fallback:
         print(f"note: checking the export on {what} instead of validation images: {fallback}", file=sys.stderr)
     k = len(info.classes)
-    reference = modelio.predict_probs(model, to_float(pixels, 255.0), k)  # training's scaling, in numpy
+    reference = modelio.predict_probs(model, scaled(pixels, 255.0), k)  # training's scaling, in numpy
 
     created = outdir.make_dirs(target.parent, "--out")
     try:
@@ -328,14 +356,14 @@ def export_main(
                 raise UserError(f"--out {target}: cannot create a folder beside it: {e.strerror or e}") from None
             with quiet_fd2():  # the converter's and the interpreter's C++ notices (MPITRAIN_TF_VERBOSE=1 shows them)
                 if fmt == "savedmodel":
-                    _save_savedmodel(model, info.image_size, tmp)
+                    _save_savedmodel(model, input_shape(info), tmp)
                 else:
                     scratch = tmp / ".savedmodel"
-                    _save_savedmodel(model, info.image_size, scratch)
+                    _save_savedmodel(model, input_shape(info), scratch)
                     (tmp / TFLITE_FILE).write_bytes(_tflite_bytes(scratch))
                     shutil.rmtree(scratch)
                 predict, runner = exported_predictor(fmt, tmp)
-                got = modelio.predict_probs(predict, pixels[..., np.newaxis], k)
+                got = modelio.predict_probs(predict, pixels, k)
             diff = float(np.abs(got.astype(np.float64) - reference).max())
             tol = TOLERANCE[fmt]
             if not diff <= tol:  # NaN fails too
@@ -368,7 +396,7 @@ def export_main(
     s = info.image_size
     echo(
         f"exported {path} as {'a SavedModel' if fmt == 'savedmodel' else 'TFLite ' + TFLITE_FILE} to {target} "
-        f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, 1] (0-255, resized to {s}x{s} by the "
+        f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, {info.channels}] (0-255, resized to {s}x{s} by the "
         f"caller) -> {OUTPUT} of {', '.join(info.classes)}; checked on {what}: max |p - {path.name}| = "
         f"{diff:.2g} <= {tol:g}"
     )

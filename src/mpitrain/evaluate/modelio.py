@@ -4,7 +4,9 @@
 
     {"format": 1, "classes": [...], "image_size": 50, "threshold": 0.42 | null,
      "threshold_method": "youden" | "target_sensitivity" | "argmax",
-     "positive_class": "PNEUMONIA" | null, ...}
+     "positive_class": "PNEUMONIA" | null, "channels": 1 | 3, ...}
+
+A model.json without ``channels`` (written before --channels existed) is one channel.
 
 Safety rules, all `UserError`s with one line:
 
@@ -51,6 +53,11 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
     members: list[ModelInfo] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
     export: Path | None = None  # the export folder given for this model (`model_path`)
+
+    @property
+    def channels(self) -> int:
+        """1 (grey) or 3 (RGB): how the model's images are decoded."""
+        return int(self.extra.get("channels", 1))
 
     @property
     def positive(self) -> int | None:
@@ -222,11 +229,12 @@ def load_model(info: ModelInfo, precision: str = "fp32"):
                 "layer), which safe mode does not run"
             ) from None
         raise UserError(f"cannot load model {info.path}: {type(e).__name__}: {text[:300]}") from None
-    want_in = (None, info.image_size, info.image_size, 1)
+    want_in = (None, info.image_size, info.image_size, info.channels)
     if tuple(model.input_shape) != want_in:
+        kind = "grayscale" if info.channels == 1 else f"{info.channels}-channel"
         raise UserError(
             f"model {info.path} takes inputs {tuple(model.input_shape)[1:]}, but its "
-            f"model.json says {info.image_size}x{info.image_size} grayscale: files do not belong together"
+            f"model.json says {info.image_size}x{info.image_size} {kind}: files do not belong together"
         )
     if tuple(model.output_shape) != (None, len(info.classes)):
         raise UserError(

@@ -141,7 +141,7 @@ def _predict_block(net, info, files: list[str]):
 
     if not files:
         return np.zeros((0, len(info.classes)), np.float32), np.zeros(0, bool), []
-    x, ok, errors = decode_images(files, info.image_size)
+    x, ok, errors = decode_images(files, info.image_size, channels=info.channels)
     why = dict(errors)
     probs = modelio.predict_probs(net, x, len(info.classes))
     return probs, ok, [why.get(f) for f in files]

@@ -181,7 +181,7 @@ def write_report(
     lines = [
         f"# mpitrain run `{Path(out).name}`",
         "",
-        f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} grayscale), "
+        f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} {'colour' if cfg.get('channels') == 3 else 'grayscale'}), "
         f"trained for {cfg.get('epochs')} epochs on {data_line}.",
         "",
     ]

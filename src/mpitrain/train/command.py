@@ -50,6 +50,17 @@ def _open_resume(cfg: TrainConfig):
     return ckpt, saved
 
 
+def channels_for(cfg: TrainConfig) -> int:
+    """--channels, or when not given what the model needs (3 for a model that only takes
+    colour): `models.needs_channels(spec)` where the model registry has it, else 1."""
+    if cfg.channels is not None:
+        return cfg.channels
+    from mpitrain.train import models
+
+    needs = getattr(models, "needs_channels", None)  # HOOK: the keras.applications models' rule
+    return 3 if needs is not None and needs(cfg.model) == 3 else 1
+
+
 def _fingerprint(cfg: TrainConfig, plan) -> str:
     """What every rank must agree on before the first collective: config, code, data."""
     import hashlib
@@ -235,6 +246,7 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     from mpitrain.train.models import build_model
 
     threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision)  # collective
+    channels = channels_for(cfg)
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
@@ -243,19 +255,22 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
             + (f" | grouped: {plan.grouping}" if plan.grouping else "")
+            + (" | 1 channel (colour images converted to luma)" if channels == 1 else " | 3 channels (RGB)")
         )
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(
         f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
-        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size} | "
+        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}x{channels} | "
         f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
     )
     if cfg.data_on_root:
         plan, data = dataset.scatter_from_root(
-            comm, plan, cfg.image_size, cfg.seed, lambda r: data_parts(r, comm.size), cfg.cache_dir
+            comm, plan, cfg.image_size, cfg.seed, lambda r: data_parts(r, comm.size), cfg.cache_dir, channels
         )
     else:
-        data = dataset.load_shard(plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size), cfg.cache_dir)
+        data = dataset.load_shard(
+            plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size), cfg.cache_dir, channels
+        )
     counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads], dtype=np.float64)
     comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
     all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
@@ -273,12 +288,12 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
 
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
-    model = build_model(cfg.model, cfg.image_size, len(plan.classes))
+    model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels)
     if cfg.elastic:
         comm.make_elastic()  # collective: from here on a dead peer raises RankLost
 
     def reshard(train_part, val_part):  # elastic: this rank's data in the new layout
-        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir)
+        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
 
     result = fit(
         cfg,
@@ -380,6 +395,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         choice,
         positive,
         model=cfg.model,
+        channels=channels_for(cfg),
         validation=plan.protocol(),
         train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)},
     )

@@ -17,14 +17,14 @@ from collections.abc import Callable
 from mpitrain.errors import UserError
 
 
-def _seed(image_size: int, n_classes: int):
+def _seed(image_size: int, n_classes: int, channels: int = 1):
     """The seed project's CNN: three conv/pool blocks, one hidden dense layer, softmax."""
     import keras
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, 1)),
+            keras.Input((image_size, image_size, channels)),
             layers.Conv2D(32, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(),
             layers.Conv2D(64, 3, padding="same", activation="relu"),
@@ -40,14 +40,14 @@ def _seed(image_size: int, n_classes: int):
     )
 
 
-def _tiny(image_size: int, n_classes: int):
+def _tiny(image_size: int, n_classes: int, channels: int = 1):
     """A small deterministic model (no dropout, no batch norm): tests and quick checks."""
     import keras
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, 1)),
+            keras.Input((image_size, image_size, channels)),
             layers.Conv2D(8, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(4),
             layers.Flatten(),
@@ -58,7 +58,7 @@ def _tiny(image_size: int, n_classes: int):
     )
 
 
-def _xray(image_size: int, n_classes: int):
+def _xray(image_size: int, n_classes: int, channels: int = 1):
     """A batch-norm CNN for grayscale X-rays: a 16-filter stem, then blocks of two 3x3
     convolutions (conv, batch norm, ReLU) with 32, 64, 128 (and 256 from 128 px on)
     filters, each followed by 2x2 max pooling, then global average pooling, dropout and
@@ -77,7 +77,7 @@ def _xray(image_size: int, n_classes: int):
         return layers.ReLU()(x)
 
     widths = [32, 64, 128] + ([256] if image_size >= 128 else [])
-    inputs = keras.Input((image_size, image_size, 1))
+    inputs = keras.Input((image_size, image_size, channels))
     x = layers.MaxPooling2D()(conv(inputs, 16))
     for filters in widths:
         x = layers.MaxPooling2D()(conv(conv(x, filters), filters))
@@ -103,9 +103,9 @@ def check_model(name: str, image_size: int) -> None:
         raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {MODELS[name][1]})")
 
 
-def build_model(name: str, image_size: int, n_classes: int):
+def build_model(name: str, image_size: int, n_classes: int, channels: int = 1):
     check_model(name, image_size)
     builder, _ = MODELS[name]
     if n_classes < 2:
         raise UserError(f"need at least 2 classes, got {n_classes}")
-    return builder(image_size, n_classes)
+    return builder(image_size, n_classes, channels)
