@@ -104,3 +104,18 @@ def test_export_takes_uint8_rgb_rows(colour_run, tmp_path, capsys):
         assert classes[int(p.argmax())] == want, p
     with pytest.raises(Exception):  # noqa: B017 - a grey row is refused by the signature
         serve(pixels=tf.constant(np.zeros((1, SIDE, SIDE, 1), np.uint8)))
+
+
+def test_two_ranks_train_hue_only_classes_in_colour(hue, tmp_path):
+    import os
+    import subprocess
+
+    from mpirun import cli
+
+    out = tmp_path / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPITRAIN_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["train", "-n", "2", "--data", hue, "--out", out, "--model", "tiny", "--image-size", SIDE]
+    args += ["--epochs", "8", "--batch-size", "8", "--val-split", "0.5", "--channels", "3"]
+    proc = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.95
