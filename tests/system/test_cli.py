@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from mpitrain.cli import _strip_launch_args
 
 
 def run_cli(*args, timeout=300):
@@ -77,14 +76,6 @@ def test_bench_refuses_master_worker_on_one_process_like_train(synth_data, tmp_p
     one_line_error(train, "master-worker", "2")
     one_line_error(bench, "master-worker", "2")
     assert bench.stderr.strip() == train.stderr.strip()
-
-
-def test_launch_arguments_are_removed_for_the_ranks():
-    assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == [
-        "train",
-        "--data",
-        "d",
-    ]
 
 
 def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):

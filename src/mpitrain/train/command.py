@@ -20,7 +20,7 @@ import numpy as np
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import world
-from mpitrain.parallel.strategies import strategy_class
+from mpitrain.parallel.strategies import resolve, strategy_class
 
 
 def _open_resume(cfg: TrainConfig):
@@ -90,7 +90,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
     plan = out = ckpt = None
     err = None
     try:
-        cfg: TrainConfig = make_config().resolved()
+        cfg: TrainConfig = resolve(make_config())
         if resume and comm.rank == 0:
             ckpt, cfg = _open_resume(cfg)
         from mpitrain.train.models import check_model
@@ -154,13 +154,39 @@ def _resume_hint(comm, out, cfg) -> str:
     import os
 
     from mpitrain import slurm
-    from mpitrain.parallel.launch import RESUME_HINT_ENV, resume_command
+    from mpitrain.parallel.wire import RESUME_HINT_ENV
 
     if os.environ.get(RESUME_HINT_ENV):
         return os.environ[RESUME_HINT_ENV]
     if comm.size > 1 and slurm.step_tasks() == comm.size and "OMPI_COMM_WORLD_SIZE" not in os.environ:
         return f"srun --mpi=pmix {resume_command(None, out, elastic=cfg.elastic)}"
     return resume_command(comm.size if comm.size > 1 else None, out, elastic=cfg.elastic)
+
+
+def resume_command(
+    n: int | None,
+    out,
+    hostfile: str | None = None,
+    elastic: bool = False,
+    iface: str | None = None,
+    fixed_order: bool = False,
+) -> str:
+    """The command that continues the run in `out` (`n` None: one process)."""
+    import shlex
+
+    words = ["mpitrain", "train"]
+    if n is not None:
+        words += ["-n", str(n)]
+    if hostfile is not None:
+        words += ["--hostfile", shlex.quote(str(hostfile))]
+    if iface is not None:
+        words += ["--iface", shlex.quote(iface)]
+    if fixed_order:
+        words.append("--fixed-order")
+    words += ["--resume", "--out", shlex.quote(str(out))]
+    if elastic:
+        words.append("--elastic")
+    return " ".join(words)
 
 
 def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) -> str:

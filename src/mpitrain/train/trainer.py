@@ -44,7 +44,7 @@ from mpitrain.parallel import preempt
 from mpitrain.parallel.comm import RankLost
 from mpitrain.parallel.pulses import Pulses
 from mpitrain.parallel.rankstate import RankState
-from mpitrain.parallel.strategies import lr_at, make_sync, scaled_lr, strategy_class
+from mpitrain.parallel.strategies import lr_at, make_sync, resolve, scaled_lr, strategy_class
 from mpitrain.parallel.watchdog import Watchdog
 from mpitrain.train import runfolder
 from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
@@ -99,7 +99,7 @@ class Trainer:
     ):
         """`checkpoints` must be the same on every rank; rank 0 writes them to `run_dir`.
         `reshard(train_part, val_part)` loads a rank's data for a new layout (elastic)."""
-        self.cfg = cfg.resolved()
+        self.cfg = resolve(cfg)
         self.comm, self.plan, self.data, self.model, self.echo = comm, plan, data, model, echo
         self.checkpoints, self.run_dir, self.reshard = checkpoints, run_dir, reshard
         self.n_classes = len(plan.classes)
