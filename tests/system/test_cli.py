@@ -9,7 +9,6 @@ import sys
 import pytest
 
 
-
 def run_cli(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(

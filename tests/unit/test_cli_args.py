@@ -19,13 +19,18 @@ def parse(*argv):
     return build_parser().parse_args([str(a) for a in argv])
 
 
+# The fields whose choices are the strategies' registry's, not the config's.
+REGISTRY_CHOICES = {"strategy": strategies.names(), "compress": strategies.compressions()}
+
+
 def _other_value(f):
     """A valid value different from the field's default, and how to write it."""
     kind = TYPES[f.name]
     if kind is bool:
         return True, []
-    if f.metadata["choices"]:
-        value = next(c for c in f.metadata["choices"] if c != f.default)
+    choices = f.metadata["choices"] or REGISTRY_CHOICES.get(f.name)
+    if choices:
+        value = next(c for c in choices if c != f.default)
     elif f.name == "model":
         value = "tiny"
     elif int in typing.get_args(kind) or kind is int:

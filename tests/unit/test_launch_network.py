@@ -260,7 +260,7 @@ def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, m
     monkeypatch.setattr("mpitrain.launcher.supervise.local_names", lambda networks=None: {"head", "localhost"})
     hosts = tmp_path / "hosts"
     hosts.write_text("head slots=1\nnode2 slots=1\n")
-    code = supervise(2, ["train"], hostfile=str(hosts), iface="ib0")
+    code = supervise(2, ["train"], hostfile=str(hosts), iface="ib0", contact=True)
     out = capsys.readouterr()
     lines = [line for line in out.err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, out.err
@@ -272,7 +272,7 @@ def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, m
 def test_a_job_whose_ranks_met_is_not_stopped_by_the_deadline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, ["started", "contact"], then="sleep 2; echo done"))
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
-    assert supervise(2, ["train"]) == 0
+    assert supervise(2, ["train"], contact=True) == 0
     out = capsys.readouterr()
     assert out.out == "done\n" and out.err == ""
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "soon")

@@ -41,7 +41,13 @@ def launch(command: str, args, variables: dict | None = None) -> int:
     """Start the job of an `evaluate` or `bench` whose options were checked."""
     env = {OPTIONS_ENV: options_json(command, rank_options(args)), **(variables or {})}
     return supervise(
-        args.np, program(command), hostfile=args.hostfile, debug=args.debug, iface=args.iface, variables=env
+        args.np,
+        program(command),
+        hostfile=args.hostfile,
+        debug=args.debug,
+        iface=args.iface,
+        variables=env,
+        contact=True,
     )
 
 

@@ -83,6 +83,7 @@ def run_training(args, job: Job, out, elastic: bool, extra: list[str], fresh=())
                     stoppable=True,
                     iface=args.iface,
                     heal=elastic and out is not None,
+                    contact=True,
                 )
             except HostLost as lost:  # --elastic: go on without that host
                 job = heal(args, out, job, lost, tag)

@@ -8,7 +8,8 @@ train -n N` passes `python -m mpitrain train`, a script launcher would pass the 
   boxed reports (which only repeat that a process failed) are held back, unless --debug
   (launcher/reports.py);
 * a job that has not started, or whose ranks have not reached each other, within
-  $MPITRAIN_START_TIMEOUT seconds is stopped with one line;
+  $MPITRAIN_START_TIMEOUT seconds is stopped with one line (for programs that report
+  their start over parallel/wire.py, as mpitrain's ranks do);
 * mpiexec runs in its own process group, so Ctrl-C reaches only us: we pass it on once,
   wait for the job to end and let the caller report where the run stopped (exit 130);
 * SIGTERM or SIGUSR1 (a batch system's stop request) reaches the ranks as SIGUSR1 when they
@@ -71,6 +72,7 @@ def supervise(
     stoppable: bool = False,
     iface: str | None = None,
     heal: bool = False,
+    contact: bool = False,
 ) -> int:
     """Run `program` as N ranks under mpiexec and return the job's exit code (130 after
     Ctrl-C, 2 after a usage error said in one line: the hostfile, the network).
@@ -80,10 +82,14 @@ def supervise(
     or host. `on_interrupt(where)` reports a Ctrl-C once the job has ended (`where`: the
     last position rank 0 reported, or None). `stoppable`: the ranks stop cleanly on SIGUSR1,
     so our SIGTERM reaches them as that. `heal`: a lost host raises HostLost instead of
-    being said (the caller goes on without it: launcher/elastic.py)."""
+    being said (the caller goes on without it: launcher/elastic.py). `contact`: the
+    program's rank 0 reports the job's start and the ranks' first contact over
+    parallel/wire.py (mpitrain's own ranks do, in comm.world): then a job that has not got
+    that far within $MPITRAIN_START_TIMEOUT seconds is stopped (any other program may take
+    its time)."""
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
-    deadline = start_timeout() if n > 1 else 0.0
+    deadline = start_timeout() if n > 1 and contact else 0.0
     where = in_allocation(n, hostfile)
     networks = local_networks()
     iface, via = _network(iface, hostfile, networks)
