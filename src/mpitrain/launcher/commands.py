@@ -84,7 +84,8 @@ def launch_train(args, cfg) -> int:
         fresh = _missing(out)
         cfg = dataclasses.replace(cfg, out=str(out))  # every rank must use the folder the launcher chose
     extra, hint, elastic = launch_options(args, cfg.out, cfg.elastic)
-    options = {**rank_options(args, drop=[f.name for f in dataclasses.fields(cfg)]), "config": cfg.to_dict()}
+    given = ["given_options", *(f.name for f in dataclasses.fields(cfg))]  # all in the config now
+    options = {**rank_options(args, drop=given), "config": cfg.to_dict()}
     job = Job(n=args.np, hostfile=args.hostfile, program=program("train"), options=options, hint=hint)
     return run_training(args, job, cfg.out, elastic, extra, fresh=fresh)
 

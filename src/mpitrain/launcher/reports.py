@@ -63,7 +63,7 @@ def lost_host(box: str) -> str | None:
 
 
 def lost_host_message(host: str, resume_hint: str | None = None, why: str | None = None) -> str:
-    """`why`: the reason an --elastic job could not go on without the host (train/hostloss.py);
+    """`why`: the reason an --elastic job could not go on without the host (launcher/hostloss.py);
     None for a job that was not elastic."""
     if why is None:
         msg = (
