@@ -160,23 +160,27 @@ def _data_or_labels(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import GROUPINGS, TrainConfig
-    from mpitrain.runtime import PRECISIONS
-
-    infer_precision = (
-        "compute precision of the model; fp32 (the default) gives the same numbers "
-        "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
-        "weights and the softmax stay float32"
-    )
     from mpitrain import __version__
-    from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    from mpitrain.parallel.strategies import compressions as strategy_compressions
-    from mpitrain.parallel.strategies import names as strategy_names
+    for add in (_add_train, _add_data, _add_synth, _add_bench, _add_evaluate, _add_predict, _add_export):
+        add(sub)
+    for command in sub.choices.values():
+        _add_debug(command)
+    return parser
+
+
+INFER_PRECISION = (
+    "compute precision of the model; fp32 (the default) gives the same numbers "
+    "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
+    "weights and the softmax stay float32"
+)
+
+
+def _add_train(sub) -> None:
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
     _add_launch_args(t, fixed_order=True)
@@ -187,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its newest good checkpoint (with its saved options)",
     )
     t.set_defaults(func=_cmd_train)
+
+
+def _add_data(sub) -> None:
+    from mpitrain.config import GROUPINGS, TrainConfig
 
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
@@ -217,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=TrainConfig.seed, help="the split's seed (default: %(default)s)")
     d.set_defaults(func=_cmd_data)
 
+
+def _add_synth(sub) -> None:
+    from mpitrain.config import TrainConfig
+
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
     s.add_argument(
         "--out", required=True, metavar="DIR", help="new or empty folder to write (one sub-folder per class)"
@@ -233,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0, help="same seed = same images, byte for byte (default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
+
+
+def _add_bench(sub) -> None:
+    from mpitrain.config import TrainConfig
+    from mpitrain.parallel.strategies import compressions as strategy_compressions
+    from mpitrain.parallel.strategies import names as strategy_names
+    from mpitrain.runtime import PRECISIONS
+    from mpitrain.train.models import MODELS
 
     b = sub.add_parser(
         "bench",
@@ -293,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_cmd_bench)
 
+
+def _add_evaluate(sub) -> None:
+    from mpitrain.runtime import PRECISIONS
+
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
     _add_launch_args(e)
     e.add_argument(
@@ -316,9 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
-    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     e.add_argument("--cache-dir", help="where decoded images are cached")
     e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_predict(sub) -> None:
+    from mpitrain.runtime import PRECISIONS
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
     pr.add_argument(
@@ -338,12 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
-    pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
+    pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     # predict runs in one process: -n is taken only to say so (not in --help)
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
     pr.add_argument("--iface", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
+
+
+def _add_export(sub) -> None:
 
     from mpitrain.evaluate.export import FORMATS
 
@@ -371,9 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     x.set_defaults(func=_cmd_export)
-    for command in sub.choices.values():
-        _add_debug(command)
-    return parser
 
 
 def _check_launch(args) -> None:
