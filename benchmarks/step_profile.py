@@ -16,8 +16,8 @@ of each kind is reported, the fairest figure on a shared machine):
 * `step, numpy in`: the same, fed NumPy batches (prepared beforehand, in the form the step
   takes: uint8 rows, or float32 before the lean step): adds the conversion of the
   arguments at the call;
-* `trainer loop`: the real `Trainer` running the steps of one epoch on uint8 images (what
-  `mpitrain train` holds): `Trainer.run_steps`, without validation or metrics.
+* `trainer loop`: the real engine (`Engine`) running the steps of one epoch on uint8 images (what
+  `mpitrain train` holds): `Engine.run_steps`, without validation or metrics.
 
 Each is timed twice: wall clock and CPU time of the process (`time.process_time`). With
 one thread and a machine shared with other work the CPU time is the steadier figure (a
@@ -67,10 +67,11 @@ def main(argv=None) -> int:
     configure_runtime(0, a.threads, 1, a.precision)
 
     from mpitrain.config import TrainConfig
-    from mpitrain.data.dataset import Plan, Shard, as_float
+    from mpitrain.data.dataset import Plan, Shard
     from mpitrain.parallel.comm import SingleComm
+    from mpitrain.pixels import as_float
+    from mpitrain.train.fitting import engine_for
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import Trainer
 
     b, n = a.batch_size, a.batch_size * a.steps
     rng = np.random.default_rng(0)
@@ -90,8 +91,7 @@ def main(argv=None) -> int:
         lr_schedule="constant",
     )
     model = build_model(a.model, a.image_size, 2)
-    trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lambda line: None)
-    trainer.show_progress = False
+    trainer = engine_for(cfg, SingleComm(), plan, data, model, echo=lambda line: None, progress=False)
     step = trainer.step
 
     # The batches as the trainer's step takes them: uint8 rows since the lean step
@@ -181,10 +181,10 @@ def pieces(a) -> int:
 
     tf = import_tensorflow()
     configure_runtime(0, 1, 1, "fp32")
-    from mpitrain.data.dataset import as_float
+    from mpitrain.engine.callbacks.progress import Progress
     from mpitrain.parallel.strategies import lr_at
     from mpitrain.parallel.watchdog import Watchdog
-    from mpitrain.train.progress import Progress
+    from mpitrain.pixels import as_float
 
     b, side = a.batch_size, a.image_size
     rng = np.random.default_rng(0)

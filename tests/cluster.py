@@ -179,7 +179,7 @@ class Cluster:
         """Limit every host's link to `rate` (e.g. "1gbit", "10gbit") in both directions (a
         token bucket, `tc tbf`: `netem` is not in every kernel); None: unlimited. The bucket
         holds 2 ms of traffic, so that timer granularity does not cap the rate."""
-        burst = None
+        burst = ""  # the bucket's size, when there is a rate
         if rate:
             units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
             number, unit = next((rate[: -len(u)], f) for u, f in units.items() if rate.endswith(u))

@@ -7,6 +7,7 @@ Data-layer fixtures (imagefolder, decode, cache, split, datainfo tests) are pref
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 import cv2
@@ -72,3 +73,55 @@ def tiny_run(tmp_path_factory, synth_data) -> Path:
     from mpirun import train_run
 
     return train_run(tmp_path_factory, synth_data)
+
+
+_WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
+@pytest.fixture
+def cli_error(capsys, monkeypatch, tmp_path):
+    """`cli_error(args, *words)`: run `mpitrain ARGS` in this process, as a user's mistake must
+    fail: exit code 2, one line on stderr starting "mpitrain: error: " and holding `words`, no
+    traceback, no mpiexec started (MPITRAIN_MPIEXEC points at a stand-in that leaves a mark),
+    and no signal handler or thread left behind. Returns the line.
+
+    In-process because an interpreter per case costs its start and, past argparse, a
+    TensorFlow import each; `test_first_contact.py` checks that a real process says the same."""
+    from mpitrain import runtime
+    from mpitrain.cli import main
+    from mpitrain.parallel import comm
+
+    (tmp_path / "cli_error").mkdir()
+    mark = tmp_path / "cli_error" / "mpiexec-was-started"
+    fake = tmp_path / "cli_error" / "fake-mpiexec"
+    fake.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    fake.chmod(0o755)
+    # What a command sets for the rest of its process: put back after the test.
+    monkeypatch.setattr(comm, "_WORLD", comm._WORLD)
+    monkeypatch.setattr(runtime, "_started", runtime._started)
+
+    def run(args, *words: str) -> str:
+        handlers = {s: signal.getsignal(s) for s in _WATCHED_SIGNALS}
+        threads = set(threading.enumerate())
+        # Only for the call: a process the test starts itself gets the real mpiexec.
+        with monkeypatch.context() as env:
+            env.setenv("MPITRAIN_MPIEXEC", str(fake))
+            env.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+            try:
+                code: int | str | None = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's errors leave through sys.exit
+                code = e.code
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (code, out, err)
+        assert len(lines) == 1, err
+        assert lines[0].startswith("mpitrain: error: "), lines[0]
+        assert "Traceback" not in err and "----" not in out + err
+        for w in words:
+            assert w in lines[0], lines[0]
+        assert not mark.exists(), "mpiexec was started"
+        assert {s: signal.getsignal(s) for s in _WATCHED_SIGNALS} == handlers, "a signal handler was left behind"
+        assert set(threading.enumerate()) <= threads, "a thread was left running"
+        return lines[0]
+
+    return run

@@ -324,8 +324,8 @@ def _add_evaluate(sub) -> None:
         required=True,
         action="append",
         metavar="RUNDIR",
-        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-        "that averages the models' probabilities",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training, or an export of it (its folder: "
+        "refused if model.keras changed since); repeat it for an ensemble that averages the models' probabilities",
     )
     e.add_argument(
         "--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; or --labels)"
@@ -354,8 +354,8 @@ def _add_predict(sub) -> None:
         required=True,
         action="append",
         metavar="RUNDIR",
-        help="RUNDIR/model.keras (or RUNDIR) of a finished training; repeat it for an ensemble "
-        "that averages the models' probabilities",
+        help="RUNDIR/model.keras (or RUNDIR) of a finished training, or an export of it (its folder: "
+        "refused if model.keras changed since); repeat it for an ensemble that averages the models' probabilities",
     )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     pr.add_argument("--csv", metavar="FILE", help="write the rows here (default: standard output)")
@@ -640,7 +640,8 @@ def _exit_if_a_rank_was_lost(code: int) -> None:
     """
     from mpitrain.parallel import comm
 
-    if comm.current() is not None and comm.current().lost_any:
+    world = comm.current()
+    if world is not None and world.lost_any:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -7,6 +7,13 @@ MPI abort is needed; `QuietExit` stops a rank whose reason another rank reports;
 exception is a bug and keeps its traceback (with --debug) or is summarised (without).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
+
 
 class UserError(Exception):
     """A mistake in the user's input: bad option, missing folder, unusable data."""
@@ -33,7 +40,7 @@ class QuietExit(Exception):
         self.code = code
 
 
-def agree(comm, error: str | None) -> None:
+def agree(comm: Comm, error: str | None) -> None:
     """Collective: if any rank hit an error, every rank stops; rank 0 says why, once."""
     errors = comm.allgather_obj(error)
     first = next(((r, e) for r, e in enumerate(errors) if e), None)

@@ -11,6 +11,10 @@ import contextlib
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 # --precision: the Keras dtype policy of each choice ("auto" is resolved first, see
 # `resolve_precision`). The mixed policies compute in 16 bits and keep every variable
@@ -180,7 +184,7 @@ def cpu_set() -> frozenset[int]:
         return frozenset(range(os.cpu_count() or 1))
 
 
-def ranks_sharing_cores(comm) -> int:
+def ranks_sharing_cores(comm: Comm) -> int:
     """Collective (every rank calls it once, at start-up): how many ranks of this node may
     run on this rank's CPUs, itself included. Ranks started with `--bind-to none` share the
     node's CPUs (all of them count); ranks bound to cores of their own (srun's binding,
@@ -225,7 +229,7 @@ def pin_gpu(local_rank: int, local_size: int, tf=None) -> str | None:
     return gpu.name
 
 
-def configure_rank(comm, seed: int, threads: int | None, precision: str = "fp32") -> int:
+def configure_rank(comm: Comm, seed: int, threads: int | None, precision: str = "fp32") -> int:
     """`configure_runtime` for one rank of `comm` (train, evaluate, bench). Collective:
     every rank calls it once, at start-up (`ranks_sharing_cores`)."""
     return configure_runtime(seed, threads, ranks_sharing_cores(comm), precision, comm.local_rank, comm.local_size)

@@ -12,7 +12,7 @@ import pytest
 
 from mpirun import cli, mpirun
 from mpitrain.cli import main
-from mpitrain.evaluate.metrics import classification_metrics
+from mpitrain.engine.metrics import classification_metrics
 
 UNTIMED = ("seconds", "total_seconds", "ranks")
 

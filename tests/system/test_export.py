@@ -20,7 +20,7 @@ from mpitrain.evaluate import export
 
 LITERT = next((m for m in ("ai_edge_litert", "tflite_runtime") if importlib.util.find_spec(m)), None)
 
-# What a user runs (README "Export"): only TensorFlow, or only the interpreter package.
+# What a user runs (docs/evaluate.md, "Export"): only TensorFlow, or only the interpreter package.
 SAVEDMODEL_USER = """
 import sys, numpy as np, tensorflow as tf
 m = tf.saved_model.load(sys.argv[1])
@@ -136,11 +136,11 @@ def test_tflite_reproduces_model_keras_in_the_litert_interpreter(tiny_run, tmp_p
 
 
 def _readme_snippet_gives(out, run, reference, doc):
-    """README's TFLite snippet, run as printed on one validation image, agrees with model.keras."""
+    """docs/evaluate.md's TFLite snippet, run as printed on one validation image, agrees with model.keras."""
     from mpitrain.evaluate import valpreds
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    code = readme.split("Using a TFLite export with the LiteRT interpreter", 1)[1].split("```python\n", 1)[1]
+    page = (Path(__file__).parents[2] / "docs" / "evaluate.md").read_text()
+    code = page.split("Using a TFLite export with the LiteRT interpreter", 1)[1].split("```python\n", 1)[1]
     code = code.split("```", 1)[0]
     pos = doc["classes"].index(doc["positive_class"])
     i = int(np.argmax(np.abs(reference[:, pos] - doc["threshold"])))  # clear of the threshold

@@ -37,16 +37,6 @@ def one_line(proc, *words):
     return lines[0]
 
 
-@pytest.fixture
-def no_mpiexec(tmp_path):
-    """An MPITRAIN_MPIEXEC that only leaves a mark: the launcher must never get that far."""
-    mark = tmp_path / "mpiexec-was-started"
-    fake = tmp_path / "fake-mpiexec"
-    fake.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
-    fake.chmod(0o755)
-    return _env(MPITRAIN_MPIEXEC=str(fake)), mark
-
-
 def _wait_for_training(proc, out: Path, timeout=240) -> dict:
     """The lock file of a training that has written its first checkpoint."""
     deadline = time.time() + timeout
@@ -68,7 +58,7 @@ def _ctrl_c(proc) -> tuple[str, str]:
 # 1. One training per run folder.
 
 
-def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(tmp_path, synth_data, no_mpiexec):
+def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(tmp_path, synth_data, cli_error):
     out = tmp_path / "runs" / "same"
     first = subprocess.Popen(
         cli("train", "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
@@ -82,13 +72,12 @@ def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(
         holder = _wait_for_training(first, out)
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         who = f"process {first.pid} on host {socket.gethostname()}"
-        one_line(run("train", "--data", synth_data, *TINY, "--out", out), "in use", who)
-        one_line(run("train", "--data", synth_data, *TINY, "--out", out, "--overwrite"), "in use", who)
-        one_line(run("train", "--resume", "--out", out), "in use", who)
-        env, mark = no_mpiexec  # under -n the launcher finds it before it starts mpiexec
-        one_line(run("train", "-n", 2, "--data", synth_data, *TINY, "--out", out, env=env), "in use", who)
-        one_line(run("train", "-n", 2, "--resume", "--out", out, env=env), "in use", who)
-        assert not mark.exists()
+        cli_error(["train", "--data", synth_data, *TINY, "--out", out], "in use", who)
+        cli_error(["train", "--data", synth_data, *TINY, "--out", out, "--overwrite"], "in use", who)
+        cli_error(["train", "--resume", "--out", out], "in use", who)
+        # Under -n the launcher finds it before it starts mpiexec (cli_error checks that).
+        cli_error(["train", "-n", 2, "--data", synth_data, *TINY, "--out", out], "in use", who)
+        cli_error(["train", "-n", 2, "--resume", "--out", out], "in use", who)
     finally:
         _ctrl_c(first)
     assert not (out / ".lock").exists()  # let go on Ctrl-C
@@ -96,7 +85,7 @@ def test_a_second_training_into_the_same_run_folder_is_refused_naming_the_first(
 
 
 @pytest.mark.mpi
-def test_under_the_launcher_rank_0_holds_the_lock_for_the_whole_run(tmp_path, synth_data):
+def test_under_the_launcher_rank_0_holds_the_lock_for_the_whole_run(tmp_path, synth_data, cli_error):
     out = tmp_path / "run"
     job = subprocess.Popen(
         cli("train", "-n", 2, "--data", synth_data, *TINY, "--epochs", 100000, "--out", out),
@@ -110,8 +99,8 @@ def test_under_the_launcher_rank_0_holds_the_lock_for_the_whole_run(tmp_path, sy
         holder = _wait_for_training(job, out)
         environ = Path(f"/proc/{holder['pid']}/environ").read_bytes().split(b"\0")
         assert holder["pid"] != job.pid and b"OMPI_COMM_WORLD_RANK=0" in environ
-        one_line(
-            run("train", "-n", 2, "--data", synth_data, *TINY, "--out", out, "--overwrite"),
+        cli_error(
+            ["train", "-n", 2, "--data", synth_data, *TINY, "--out", out, "--overwrite"],
             "in use",
             f"process {holder['pid']} ",
         )
@@ -150,41 +139,16 @@ def test_n_under_mpiexec_is_refused_once(tmp_path, args):
 # 3. Checks before work, and no run folder left by a start that failed.
 
 
-def test_an_unknown_model_under_n_is_refused_before_the_data_and_mpiexec(tmp_path, no_mpiexec):
-    env, mark = no_mpiexec
-    one_line(
-        run(
-            "train",
-            "-n",
-            2,
-            "--model",
-            "resnet",
-            "--data",
-            tmp_path / "missing",
-            "--out",
-            tmp_path / "runs" / "x",
-            env=env,
-        ),
-        "unknown model 'resnet'",
-        "seed, tiny",
+def test_an_unknown_model_under_n_is_refused_before_the_data_and_mpiexec(tmp_path, cli_error):
+    out = tmp_path / "runs" / "x"
+    missing = tmp_path / "missing"
+    cli_error(
+        ["train", "-n", 2, "--model", "resnet", "--data", missing, "--out", out], "unknown model 'resnet'", "seed, tiny"
     )
-    one_line(
-        run(
-            "train",
-            "-n",
-            2,
-            "--hostfile",
-            tmp_path / "nohosts",
-            "--data",
-            tmp_path / "missing",
-            "--out",
-            tmp_path / "runs" / "x",
-            env=env,
-        ),
-        "--hostfile",
-        "nohosts",
+    cli_error(
+        ["train", "-n", 2, "--hostfile", tmp_path / "nohosts", "--data", missing, "--out", out], "--hostfile", "nohosts"
     )
-    assert not mark.exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.mpi
@@ -211,29 +175,29 @@ def test_a_launch_that_fails_on_a_hostfile_host_is_one_line_and_leaves_no_folder
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_training_that_fails_before_it_starts_leaves_no_run_folder(tmp_path):
+def test_a_training_that_fails_before_it_starts_leaves_no_run_folder(tmp_path, cli_error):
     broken = tmp_path / "broken"
     for cls in ("a", "b"):
         (broken / cls).mkdir(parents=True)
         for i in range(6):
             (broken / cls / f"{i}.png").write_text("not an image")
-    one_line(run("train", "--data", broken, *TINY, "--out", tmp_path / "runs" / "x"), "no usable training images")
+    cli_error(["train", "--data", broken, *TINY, "--out", tmp_path / "runs" / "x"], "no usable training images")
     assert not (tmp_path / "runs").exists()
     mine = tmp_path / "mine"  # a folder that was there before is never removed
     mine.mkdir()
-    one_line(run("train", "--data", broken, *TINY, "--out", mine), "no usable training images")
+    cli_error(["train", "--data", broken, *TINY, "--out", mine], "no usable training images")
     assert mine.is_dir() and list(mine.iterdir()) == []
 
 
-def test_data_and_synth_follow_trains_rules(tmp_path, synth_data):
-    rule = one_line(run("train", "--image-size", 4), "--image-size")
-    assert one_line(run("data", "--data", synth_data, "--image-size", 4)) == rule
-    assert one_line(run("synth", "--out", tmp_path / "s", "--image-size", 4)) == rule
+def test_data_and_synth_follow_trains_rules(tmp_path, synth_data, cli_error):
+    rule = cli_error(["train", "--image-size", 4], "--image-size")
+    assert cli_error(["data", "--data", synth_data, "--image-size", 4]) == rule
+    assert cli_error(["synth", "--out", tmp_path / "s", "--image-size", 4]) == rule
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    train_says = one_line(run("train", "--data", synth_data, "--out", full), f"--out {full} is not empty; ")
-    synth_says = one_line(run("synth", "--out", full, "--per-class", 2), f"--out {full} is not empty; ")
+    train_says = cli_error(["train", "--data", synth_data, "--out", full], f"--out {full} is not empty; ")
+    synth_says = cli_error(["synth", "--out", full, "--per-class", 2], f"--out {full} is not empty; ")
     assert train_says.split(";")[0] == synth_says.split(";")[0]
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
 
@@ -241,40 +205,47 @@ def test_data_and_synth_follow_trains_rules(tmp_path, synth_data):
 # 9. --resume of a folder that is not there.
 
 
-def test_resume_of_a_missing_folder_says_so(tmp_path, no_mpiexec):
-    env, mark = no_mpiexec
+def test_resume_of_a_missing_folder_says_so(tmp_path, cli_error):
     never = tmp_path / "runs" / "never"
     for n in ([], ["-n", 2]):
-        one_line(run("train", *n, "--resume", "--out", never, env=env), f"run folder {never} does not exist")
-        one_line(run("train", *n, "--resume", env=env), "--resume needs --out RUNDIR")
-    assert not mark.exists() and not (tmp_path / "runs").exists()
+        cli_error(["train", *n, "--resume", "--out", never], f"run folder {never} does not exist")
+        cli_error(["train", *n, "--resume"], "--resume needs --out RUNDIR")
+    assert not (tmp_path / "runs").exists()
 
 
 # 10. predict runs in one process.
 
 
-def test_predict_with_n_says_it_runs_in_one_process(tmp_path):
-    one_line(run("predict", "-n", 2, "--model", tmp_path / "m", tmp_path / "x.png"), "one process", "drop -n")
+def test_predict_with_n_says_it_runs_in_one_process(tmp_path, cli_error):
+    cli_error(["predict", "-n", 2, "--model", tmp_path / "m", tmp_path / "x.png"], "one process", "drop -n")
 
 
-# 11. One error prefix, and --version.
+# 11. One error prefix, and --version. (test_cli.py's cases check the prefix too.)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "-n", "2", "--hostfile", "/no/hosts"],  # the launcher
+        ["evaluate", "--model", "/no/run", "--data", "/no/data"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_every_error_starts_the_same_way(cli_error, args):
+    cli_error(args)
 
 
 @pytest.mark.parametrize(
     "args",
     [
         ["frobnicate"],  # argparse, top level
-        ["train", "--epochs", "two"],  # argparse, a subcommand
-        ["data"],  # a missing required option
-        ["train", "--epochs", "0"],  # TrainConfig
-        ["train", "-n", "2", "--hostfile", "/no/hosts"],  # the launcher
-        ["evaluate", "--model", "/no/run", "--data", "/no/data"],
-        ["predict", "-n", "2", "--model", "m", "x.png"],
+        ["train", "--epochs", "0"],  # TrainConfig: past argparse, through the cli's handler
     ],
     ids=lambda a: " ".join(a),
 )
-def test_every_error_starts_the_same_way(args):
-    one_line(run(*args))
+def test_a_real_process_says_what_the_in_process_call_says(cli_error, args):
+    # The in-process error tests stand for `python -m mpitrain`: the same line, the same code.
+    assert one_line(run(*args)) == cli_error(args)
 
 
 def test_version():

@@ -36,7 +36,7 @@ def _model_weights(run):
 
 def _checkpoint_weights(run, epoch):
     """The model weights (get_weights order) in the checkpoint written at the end of `epoch`."""
-    from mpitrain.train import checkpoint
+    from mpitrain.engine import checkpoint
     from mpitrain.train.models import build_model
 
     model = build_model("xray", 16, 2)

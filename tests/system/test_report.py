@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mpirun import train_run
+from mpitrain.engine.metrics import classification_metrics
 from mpitrain.evaluate import modelio
-from mpitrain.evaluate.metrics import classification_metrics
 from mpitrain.evaluate.report import text_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,8 +130,8 @@ def test_master_worker_report_says_rank_0_mostly_waits_for_the_workers(tmp_path)
 
 
 def test_live_epoch_logs_are_replaced_by_the_complete_history(tmp_path):
+    from mpitrain.engine.callbacks import tensorboard as tb
     from mpitrain.runtime import import_tensorflow
-    from mpitrain.train import tensorboard as tb
 
     tf = import_tensorflow()
     from tensorflow.core.util import event_pb2

@@ -11,7 +11,7 @@ import pytest
 import mpitrain
 from mpitrain.config import AUGMENTS
 from mpitrain.data.augment import POLICIES, POLICY, Policy, augment_batch, batch_rng
-from mpitrain.data.dataset import as_float
+from mpitrain.pixels import as_float
 
 
 def _batch(n=6, side=16, dtype=np.uint8, top=255):
@@ -126,7 +126,7 @@ def test_only_the_training_loop_uses_augmentation():
         for p in pkg.rglob("*.py")
         if p.name != "augment.py" and any(m == "mpitrain.data.augment" for m in _imports(p))
     )
-    assert users == ["train/trainer.py"]
+    assert users == ["train/fitting.py"]
 
 
 @pytest.mark.timeout(300)
@@ -137,8 +137,8 @@ def test_training_batches_only_in_a_real_fit(monkeypatch):
     from mpitrain.data.dataset import Plan, Shard
     from mpitrain.parallel.comm import world
     from mpitrain.runtime import configure_runtime
+    from mpitrain.train.fitting import fit
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import fit
 
     calls = []
     real = augment.augment_batch

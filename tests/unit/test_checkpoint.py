@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mpitrain.train import checkpoint as ck
+from mpitrain.engine import checkpoint as ck
 
 
 def _ckpt(epoch, step, value=1.0, shared=True, ranks=1):
@@ -103,7 +103,7 @@ def test_refusal_goes_by_the_exception_type_not_its_wording(tmp_path, monkeypatc
 KILL_DURING_WRITE = r"""
 import os, signal, sys
 import numpy as np
-from mpitrain.train import checkpoint as ck
+from mpitrain.engine import checkpoint as ck
 run = sys.argv[1]
 states = [[np.ones((256, 256), np.float32)]]
 ck.save(run, ck.Checkpoint(epoch=1, step=0, ranks=1, strategy="allreduce", states=states, shared=True))

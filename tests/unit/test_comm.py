@@ -87,3 +87,23 @@ def test_single_comm_collectives_are_the_identity():
     assert c.local_rank == 0 and c.node_allgather_obj("x") == ["x"]
     request = c.iallreduce_sum_(buf)
     assert c.test(request) and list(buf) == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("cls", [Comm, *IMPLEMENTATIONS], ids=lambda c: c.__name__)
+def test_every_member_is_annotated_as_in_the_protocol(cls):
+    # The protocol is the package's contract with MPI: a type checker holds callers to it only
+    # where every parameter and result is annotated, and the same on both implementations.
+    for name in sorted(public_members(Comm)):
+        fn = getattr(Comm, name, None)
+        if not callable(fn):
+            assert name in Comm.__annotations__ and name in cls.__annotations__, f"{cls.__name__}.{name}"
+            continue
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        hints = getattr(cls, name).__annotations__
+        assert set(hints) == {*params, "return"}, f"{cls.__name__}.{name} lacks annotations"
+        assert hints == fn.__annotations__, f"{cls.__name__}.{name} is annotated unlike Comm.{name}"
+
+
+def test_scatter_rows_without_parts_on_the_root_says_so():
+    with pytest.raises(ValueError, match="root rank passed no parts"):
+        SingleComm().scatter_rows(None)

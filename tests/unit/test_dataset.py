@@ -9,11 +9,11 @@ import pytest
 from mpitrain.data.dataset import (
     Plan,
     Shard,
-    as_float,
     class_weights,
     load_shard,
     make_plan,
 )
+from mpitrain.pixels import as_float
 
 
 @pytest.fixture
@@ -77,10 +77,11 @@ def test_class_weights_balanced_and_none():
 
 def _train_one_step(class_weight: str, record=None):
     """One SGD step on a 3:1 imbalanced in-memory set; returns the final weights."""
-    import mpitrain.train.trainer as trainer
+    import mpitrain.engine.loop as trainer
     from mpitrain.config import TrainConfig
     from mpitrain.parallel.comm import SingleComm
     from mpitrain.runtime import configure_runtime
+    from mpitrain.train import fitting
     from mpitrain.train.models import build_model
 
     rng = np.random.default_rng(5)
@@ -117,7 +118,7 @@ def _train_one_step(class_weight: str, record=None):
 
     trainer.make_train_step = recording
     try:
-        trainer.fit(cfg, SingleComm(), plan, Shard(x, y, x[:4], y[:4]), model, echo=lambda *_: None)
+        fitting.fit(cfg, SingleComm(), plan, Shard(x, y, x[:4], y[:4]), model, echo=lambda *_: None)
     finally:
         trainer.make_train_step = real
     return model.get_weights()

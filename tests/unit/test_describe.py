@@ -10,9 +10,9 @@ from mpitrain.data.describe import describe_data, skip_warning, write_skip_repor
 from mpitrain.errors import UserError
 
 
-def _report(*args, **kwargs) -> str:
+def _report(data_dir, **kwargs) -> str:
     out = io.StringIO()
-    assert describe_data(*args, out=out, **kwargs) == 0
+    assert describe_data(data_dir, out=out, **kwargs) == 0
     return out.getvalue()
 
 

@@ -226,6 +226,17 @@ def test_cache_key_of_dicom_lists_follows_the_installed_decoders(tmp_path, monke
     assert before[0] != after[0] and before[1] == after[1]
 
 
+def test_the_signature_lists_the_decoders_pydicom_has():
+    # pydicom's own RLE decoder is always there; a wrong import name made the signature
+    # "no-pydicom" on every machine, so an installed decoder never refreshed the cache.
+    from pydicom.uid import RLELossless
+
+    from mpitrain.data import dicom
+
+    decoders = dict(p.split("=", 1) for p in dicom.signature().split(";")[1:])
+    assert "pydicom" in decoders[str(RLELossless)].split(",")
+
+
 def test_cached_dicom_equals_decoded_and_keeps_the_note(tmp_path, capsys):
     from mpitrain.data import decode
     from mpitrain.data.cache import load_images_native

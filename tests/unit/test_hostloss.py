@@ -9,8 +9,8 @@ import pytest
 from test_launch_network import LOST_DAEMON_BOX
 
 from mpitrain.cli import main
+from mpitrain.engine import checkpoint
 from mpitrain.launcher import hostloss
-from mpitrain.train import checkpoint
 
 
 def _run(tmp_path, strategy="allreduce", epoch=1, step=0, status="running", ranks=4):

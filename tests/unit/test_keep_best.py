@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mpitrain.config import KEEP_BEST_METRICS, TrainConfig
+from mpitrain.engine import checkpoint as ck
+from mpitrain.engine.epochs import best_epoch
 from mpitrain.errors import UserError
-from mpitrain.train import checkpoint as ck
-from mpitrain.train.epochlog import best_epoch
 
 
 def _rows(**series):
@@ -29,8 +29,8 @@ def test_best_epoch_minimises_loss_maximises_the_rest_and_keeps_the_earliest_tie
 
 
 def test_every_keep_best_metric_is_a_column_of_the_epoch_row():
+    from mpitrain.engine.epochs import epoch_metrics
     from mpitrain.parallel.comm import world
-    from mpitrain.train.epochlog import epoch_metrics
 
     m, _, _ = epoch_metrics(
         world(),
@@ -90,8 +90,8 @@ def test_batch_norm_model_skips_an_empty_batch():
     """A rank whose shard ran out takes an empty last batch; batch norm must not break."""
     import keras
 
+    from mpitrain.engine.steps import make_train_step
     from mpitrain.train.models import build_model
-    from mpitrain.train.steps import make_train_step
 
     model = build_model("xray", 16, 2)
     opt = keras.optimizers.Adam(1e-3)

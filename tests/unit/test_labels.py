@@ -172,7 +172,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, synth_data, capsys):
 
 
 def test_data_reports_rows_without_images_as_skipped(tmp_path, synth_data, capsys):
-    from mpitrain.data.describe import REPORT_NAME, describe_data
+    from mpitrain.data.describe import describe_data
+    from mpitrain.runfiles import SKIPPED
 
     table = table_of_folder(synth_data, tmp_path / "t.csv", relative=False)
     with open(table, "a") as f:
@@ -186,7 +187,7 @@ def test_data_reports_rows_without_images_as_skipped(tmp_path, synth_data, capsy
     out = capsys.readouterr().out
     assert f"data:           {table}" in out
     assert "skipped:        2 file(s), 80 usable" in out
-    listed = (cache / REPORT_NAME).read_text().splitlines()
+    listed = (cache / SKIPPED).read_text().splitlines()
     assert listed == [
         f"{tmp_path / 'gone.png'}\tt.csv row 82: no such file",
         f"{tmp_path / 'broken.png'}\ttruncated PNG (no IEND chunk)",

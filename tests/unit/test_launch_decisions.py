@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import build_parser
+from mpitrain.engine import checkpoint
+from mpitrain.engine.callbacks.progress import Progress
 from mpitrain.launcher.elastic import launch_options
 from mpitrain.launcher.mpiexec import mpiexec_command
 from mpitrain.launcher.relay import StdoutRelay
 from mpitrain.launcher.reports import NoStartBox, StderrFilter, lost_rank_message
 from mpitrain.parallel.wire import parse_progress, progress_line
-from mpitrain.train import checkpoint
 from mpitrain.train.command import interrupted_message
-from mpitrain.train.progress import Progress
 
 
 def _saved_run(tmp_path, elastic: bool, epoch=0, step=10):
@@ -196,7 +196,7 @@ def test_the_interrupt_report_is_never_behind_the_checkpoint_on_disk(tmp_path):
 
 
 def test_under_a_plain_mpiexec_without_a_terminal_the_bar_becomes_plain_lines(monkeypatch):
-    from mpitrain.train import progress
+    from mpitrain.engine.callbacks import progress
 
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # as if started by mpiexec
     monkeypatch.delenv("MPITRAIN_LAUNCHER", raising=False)

@@ -11,10 +11,10 @@ import pytest
 
 from mpitrain import cli
 from mpitrain.config import TrainConfig
+from mpitrain.engine import checkpoint
 from mpitrain.launcher.commands import rank_options
 from mpitrain.parallel.strategies import resolve
 from mpitrain.parallel.wire import OPTIONS_ENV, options_json
-from mpitrain.train import checkpoint
 
 LAUNCHER = ("np", "hostfile", "iface", "fixed_order")
 

@@ -1,4 +1,4 @@
-"""Tests for mpitrain.evaluate.metrics against hand-computed values and brute-force definitions."""
+"""Tests for mpitrain.engine.metrics against hand-computed values and brute-force definitions."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mpitrain.evaluate.metrics import (
+from mpitrain.engine.metrics import (
     classification_metrics,
     confusion_matrix,
     pr_auc,

@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from mpitrain.engine.metrics import classification_metrics
 from mpitrain.evaluate import plots
-from mpitrain.evaluate.metrics import classification_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -77,7 +77,7 @@ def test_the_fused_gradient_buffer_is_float32_under_mixed_bfloat16(policy):
     import keras
     from keras import layers
 
-    from mpitrain.train.steps import make_train_step
+    from mpitrain.engine.steps import make_train_step
 
     policy("bf16")
     model = keras.Sequential(
@@ -158,8 +158,8 @@ def _float32_copy(model):
 def _lso_step(overflow_on_another_rank: bool):
     import keras
 
+    from mpitrain.engine.steps import make_train_step
     from mpitrain.train.models import build_model
-    from mpitrain.train.steps import make_train_step
 
     keras.utils.set_random_seed(0)
     model = build_model("tiny", 16, 2)

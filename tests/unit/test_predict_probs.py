@@ -41,8 +41,8 @@ def test_a_row_does_not_depend_on_the_rows_predicted_with_it():
 
 def test_the_trainer_validates_with_it():
     # One loop: the old per-caller loop in train/steps.py is gone, the trainer imports this one.
-    import mpitrain.train.steps as steps
-    import mpitrain.train.trainer as trainer
+    import mpitrain.engine.loop as trainer
+    import mpitrain.engine.steps as steps
 
     assert trainer.predict_probs is predict_probs
     assert not hasattr(steps, "predict_all")

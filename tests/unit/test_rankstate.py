@@ -10,11 +10,11 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
+from mpitrain.engine.checkpoint import Checkpoint  # noqa: E402
 from mpitrain.errors import AgreedError  # noqa: E402
 from mpitrain.parallel.comm import SingleComm  # noqa: E402
 from mpitrain.parallel.rankstate import RankState, _pack, _unpack  # noqa: E402
 from mpitrain.parallel.strategies import make_sync  # noqa: E402
-from mpitrain.train.checkpoint import Checkpoint  # noqa: E402
 
 
 def test_pack_unpack_round_trip_over_dtypes_and_shapes():

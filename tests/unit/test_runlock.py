@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mpitrain import outdir
+from mpitrain import outdir, runfiles
 from mpitrain.errors import UserError
 from mpitrain.train import runfolder, runlock
 
@@ -149,7 +149,7 @@ def test_a_lock_left_by_a_killed_but_unreaped_process_is_taken_over(tmp_path):
             if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
                 break
             time.sleep(0.05)
-        (tmp_path / runlock.LOCK_NAME).write_text(
+        (tmp_path / runfiles.LOCK).write_text(
             json.dumps({"host": socket.gethostname(), "pid": child.pid, "start_ticks": runlock._start_ticks(child.pid)})
         )
         notes = []

@@ -1,6 +1,6 @@
 import numpy as np
 
-from mpitrain.data.shards import batch_slices, epoch_order, shard, steps_per_epoch
+from mpitrain.shards import batch_slices, epoch_order, shard, steps_per_epoch
 
 
 def test_shards_are_disjoint_cover_everything_and_balanced():

@@ -23,7 +23,7 @@ CHECK = textwrap.dedent("""
     import numpy as np
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
-    from mpitrain.train.steps import make_train_step
+    from mpitrain.engine.steps import make_train_step
 
     configure_runtime(0, 1, 1)
     rng = np.random.default_rng(0)
@@ -71,9 +71,9 @@ def test_an_empty_local_batch_joins_the_step_with_nothing():
 def _model_and_step(reduce=None, input_dtype=np.float32, max_value=1.0, size=12):
     import keras
 
+    from mpitrain.engine.steps import make_train_step
     from mpitrain.runtime import configure_runtime
     from mpitrain.train.models import build_model
-    from mpitrain.train.steps import make_train_step
 
     configure_runtime(0, 1, 1)
     model = build_model("tiny", size, 2)
@@ -87,8 +87,8 @@ def test_integer_images_are_scaled_in_the_graph_to_the_bits_numpy_computes():
     # by the reciprocal, which is one bit off for about half of the uint8 values.
     import tensorflow as tf
 
-    from mpitrain.data.decode import to_float
-    from mpitrain.train.steps import to_float_input
+    from mpitrain.engine.steps import to_float_input
+    from mpitrain.pixels import to_float
 
     for dtype, full in ((np.uint8, 255.0), (np.uint16, 65535.0), (np.uint16, 4095.0)):
         rows = np.arange(int(full) + 1).astype(dtype).reshape(-1, 1, 1)
@@ -103,7 +103,7 @@ def test_integer_images_are_scaled_in_the_graph_to_the_bits_numpy_computes():
 
 
 def test_a_step_on_uint8_rows_trains_exactly_as_on_their_float_conversion():
-    from mpitrain.data.dataset import as_float
+    from mpitrain.pixels import as_float
 
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 256, (3, 8, 12, 12), dtype=np.uint8)
@@ -160,7 +160,7 @@ def test_the_running_sums_are_the_reduced_global_ones():
 def test_the_progress_bar_fetches_its_numbers_only_when_it_draws(monkeypatch):
     import io
 
-    from mpitrain.train.progress import Progress
+    from mpitrain.engine.callbacks.progress import Progress
 
     calls = []
 

@@ -27,7 +27,7 @@ def _tiny_job(n=24, size=12):
 def test_fit_stops_its_watchdog_when_it_raises():
     # A library caller that catches the error must not keep a watchdog thread that aborts
     # the process --timeout seconds later.
-    from mpitrain.train.trainer import Trainer
+    from mpitrain.train.fitting import engine_for
 
     cfg, plan, data, model = _tiny_job()
 
@@ -36,7 +36,7 @@ def test_fit_stops_its_watchdog_when_it_raises():
             raise RuntimeError("the caller's callback failed")
 
     before = set(threading.enumerate())
-    trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=echo)
+    trainer = engine_for(cfg, SingleComm(), plan, data, model, echo=echo)
     with pytest.raises(RuntimeError, match="callback failed"):
         trainer.fit()
     started = [t for t in threading.enumerate() if t.name == "mpitrain-watchdog" and t not in before]
@@ -52,10 +52,10 @@ def test_a_stop_request_during_validation_stops_after_that_epochs_checkpoint(tmp
     import os
     import signal
 
+    from mpitrain.engine import checkpoint
     from mpitrain.errors import StopRequested
     from mpitrain.parallel import preempt
-    from mpitrain.train import checkpoint
-    from mpitrain.train.trainer import Trainer
+    from mpitrain.train.fitting import engine_for
 
     cfg, plan, data, model = _tiny_job()
 
@@ -65,7 +65,7 @@ def test_a_stop_request_during_validation_stops_after_that_epochs_checkpoint(tmp
 
     restore = preempt.install()
     try:
-        trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=echo, checkpoints=True, run_dir=tmp_path)
+        trainer = engine_for(cfg, SingleComm(), plan, data, model, echo=echo, checkpoints=True, run_dir=tmp_path)
         if stops_at is None:
             assert trainer.fit().epochs_run == 3
             return
@@ -82,12 +82,12 @@ def test_a_mid_epoch_checkpoint_goes_on_at_the_same_fraction_of_the_epoch(ranks,
     # Written by another number of ranks (an elastic job that lost a host): 4 of 6 steps
     # done is 2 of this job's 3, not step 4 (past the end: the epoch would be skipped). By
     # the same number of ranks the position is kept as it is (and so are the epoch's sums).
-    from mpitrain.train.checkpoint import Checkpoint
-    from mpitrain.train.trainer import Trainer
+    from mpitrain.engine.checkpoint import Checkpoint
+    from mpitrain.train.fitting import engine_for
 
     cfg, plan, data, model = _tiny_job()
     lines = []
-    trainer = Trainer(cfg, SingleComm(), plan, data, model, echo=lines.append)
+    trainer = engine_for(cfg, SingleComm(), plan, data, model, echo=lines.append)
     assert trainer.steps == 3
     ckpt = Checkpoint(
         epoch=1,

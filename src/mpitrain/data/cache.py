@@ -49,8 +49,9 @@ import cv2
 import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX, atomic_path
-from mpitrain.data.decode import decode_native, to_float, warn_notes
+from mpitrain.data.decode import decode_native, warn_notes
 from mpitrain.data.scan import OPENCV_EXTENSIONS
+from mpitrain.pixels import to_float
 
 FORMAT_VERSION = 1
 MAX_AGE_DAYS = 30
@@ -93,7 +94,11 @@ def _warn(message: str) -> None:
         print(f"warning: {message}; continuing without the image cache", file=sys.stderr)
 
 
-def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None):
+# (images, full-scale value, readable mask, errors, notes): errors and notes are (path, reason).
+Entry = tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]
+
+
+def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None) -> Entry | None:
     """(array, max value, ok, errors, notes) from an entry file, or None if absent or invalid.
 
     With ``rows``, only those rows (positions in the entry's list) are read, through a
@@ -233,7 +238,7 @@ def load_images_native(
         if found is not None:
             return (*found, True)
 
-    notes: list[tuple[str, str]] = []
+    notes = []
     arr, max_value, ok, errors = decode_native(paths, image_size, threads, notes)
     warn_notes(notes)
     try:

@@ -11,13 +11,21 @@ object it is handed; this module never imports MPI itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpitrain.data.shards import shard
 from mpitrain.errors import UserError
+from mpitrain.shards import shard
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
+
+# A rank's (training part, validation part), each as (part, parts): see `shards.shard`.
+PartsOf = Callable[[int], tuple[tuple[int, int], tuple[int, int]]]
 
 
 @dataclass
@@ -134,8 +142,11 @@ def make_plan(
     columns = columns or Columns()
     index = index_of(data_dir, labels, columns)
     data_dir = labels if labels is not None else data_dir  # as the user wrote it, for messages
+    if data_dir is None:
+        raise ValueError("make_plan needs a folder or a label file")
     paths = np.array(index.paths, dtype=object)
-    if val_data is not None or val_labels is not None:
+    val_from = val_labels if val_labels is not None else val_data
+    if val_from is not None:
         val = index_of(val_data, val_labels, columns, class_names=index.classes)
         return Plan(
             data_dir,
@@ -144,7 +155,7 @@ def make_plan(
             index.labels,
             list(val.paths),
             val.labels,
-            val_labels if val_labels is not None else val_data,
+            val_from,
             train_source=list(index.paths),
             val_source=list(val.paths),
             skipped=index.skipped + val.skipped,
@@ -175,15 +186,6 @@ def make_plan(
         skipped=list(index.skipped),
         is_table=labels is not None,
     )
-
-
-def as_float(x: np.ndarray, max_value: float) -> np.ndarray:
-    """A batch as the model's input: float32 [n, s, s, 1] in [0, 1], exactly as decoded."""
-    if x.dtype.kind == "f":
-        return x
-    from mpitrain.data.decode import to_float
-
-    return to_float(x, max_value)
 
 
 def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None):
@@ -225,6 +227,18 @@ def load_shard(
     return out
 
 
+def _parts_of_ranks(
+    full: Shard, split: str, size: int, parts_of: PartsOf, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
+    """Rank 0: each rank's rows of `split` (images, labels, val_index) from the whole set."""
+    x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
+    which = [parts_of(r)[split == "val"] for r in range(size)]
+    idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
+    # val_index belongs to the validation rows only (the training rows have none).
+    rows = full.val_index if split == "val" else None
+    return [x[i] for i in idx], [y[i] for i in idx], None if rows is None else [rows[i] for i in idx]
+
+
 def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
     """Per-class loss weights; "balanced" is n / (k * n_c), as in scikit-learn."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -235,7 +249,7 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
 
 
 def scatter_from_root(
-    comm, plan: Plan | None, image_size: int, seed: int, parts_of, cache_dir: str | None = None
+    comm: Comm, plan: Plan | None, image_size: int, seed: int, parts_of: PartsOf, cache_dir: str | None = None
 ) -> tuple[Plan, Shard]:
     """--data-on-root: rank 0 decodes everything and sends each rank its shards.
 
@@ -246,6 +260,8 @@ def scatter_from_root(
     """
     full = None
     if comm.rank == 0:
+        if plan is None:
+            raise ValueError("scatter_from_root: rank 0 holds the plan")
         full = load_shard(plan, image_size, seed, (0, 1), (0, 1), cache_dir)
     # Collective order: plan metadata, then the training rows, then the validation rows.
     meta = comm.bcast_obj(
@@ -256,22 +272,12 @@ def scatter_from_root(
         plan = Plan(data_dir, classes, [], train_labels, [], val_labels, val_from)
     out = Shard(*(np.zeros(0),) * 4)
     for split in ("train", "val"):
-        parts = None
-        if comm.rank == 0:
-            x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
-            which = [parts_of(r)[split == "val"] for r in range(comm.size)]
-            idx = [shard(np.arange(len(x)), p, n, seed) for p, n in which]
-            # val_index belongs to the validation rows only (the training rows have none).
-            parts = (
-                [x[i] for i in idx],
-                [y[i] for i in idx],
-                ([full.val_index[i] for i in idx] if split == "val" else None),
-            )
+        parts = None if full is None else _parts_of_ranks(full, split, comm.size, parts_of, seed)
         setattr(out, f"{split}_x", comm.scatter_rows(None if parts is None else parts[0]))
         setattr(out, f"{split}_y", comm.scatter_rows(None if parts is None else parts[1]))
         if split == "val":  # where each row is in the plan: for the saved validation predictions
             out.val_index = comm.scatter_rows(None if parts is None else parts[2])
-    out.train_max, out.val_max = comm.bcast_obj((full.train_max, full.val_max) if comm.rank == 0 else None)
-    if comm.rank == 0:
+    out.train_max, out.val_max = comm.bcast_obj(None if full is None else (full.train_max, full.val_max))
+    if full is not None:
         out.errors, out.cache_hits, out.loads, out.seconds = full.errors, full.cache_hits, full.loads, full.seconds
     return plan, out

@@ -48,6 +48,7 @@ import numpy as np
 
 from mpitrain.data.dicom import has_marker_bytes, is_dicom_name
 from mpitrain.errors import UserError
+from mpitrain.pixels import to_float
 from mpitrain.runtime import available_cores
 
 _GRAY = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
@@ -283,11 +284,6 @@ def decode_native(
     else:
         notes.extend(found)
     return arr, (255.0 if arr.dtype == np.uint8 else 65535.0), ok, errors
-
-
-def to_float(arr: np.ndarray, max_value: float) -> np.ndarray:
-    """Integer rows [n, s, s] -> float32 [n, s, s, 1] in [0, 1] (correctly rounded)."""
-    return np.divide(arr, np.float32(max_value), dtype=np.float32)[..., np.newaxis]
 
 
 def decode_images(

@@ -31,9 +31,9 @@ from mpitrain.atomic import write_atomic
 from mpitrain.data.cache import default_cache_dir, load_images_cached
 from mpitrain.data.labels import Columns, index_of
 from mpitrain.data.scan import FileIndex
+from mpitrain.runfiles import SKIPPED
 from mpitrain.runtime import available_cores
 
-REPORT_NAME = "skipped_files.txt"
 DUPLICATES_NAME = "duplicate_files.txt"
 
 
@@ -45,7 +45,7 @@ def write_skip_report(errors: list[tuple[str, str]], dest_dir: Path) -> Path:
     """Write ``path<TAB>reason`` lines to ``dest_dir/skipped_files.txt``; return its path."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    report = dest / REPORT_NAME
+    report = dest / SKIPPED
     lines = [f"{_one_line(path)}\t{_one_line(reason)}\n" for path, reason in errors]
     return write_atomic(report, "".join(lines), errors="surrogateescape")
 
@@ -154,6 +154,8 @@ def _groups_report(
         keys = name_keys(index.paths, str(index.root), FILENAME_PATIENT)
         named = sum(k is not None for k in keys) >= max(1, len(keys) // 2)
         found = group_ids(index.paths, str(index.root), "filename-patient" if named else "duplicates")
+    if found is None:  # grouping off (never so here: it was asked for or looked for)
+        return
     line("groups", found.describe())
     if not 0 < val_split < 1:
         return

@@ -76,11 +76,11 @@ def signature() -> str:
     try:
         import pydicom
         from pydicom.pixels import get_decoder
-        from pydicom.uid import ALL_TRANSFER_SYNTAXES
+        from pydicom.uid import AllTransferSyntaxes
     except ImportError:
         return "no-pydicom"
     parts = [pydicom.__version__]
-    for uid in sorted(str(u) for u in ALL_TRANSFER_SYNTAXES):
+    for uid in sorted(str(u) for u in AllTransferSyntaxes):
         try:
             parts.append(f"{uid}={','.join(sorted(get_decoder(uid).available_plugins))}")
         except (NotImplementedError, ValueError):

@@ -83,7 +83,7 @@ def relative(path: str, root: str) -> str:
 def name_keys(paths: list[str], root: str, pattern: str) -> list[str | None]:
     """The group name of each file (None where the pattern does not match)."""
     rx = compile_pattern(pattern)
-    out = []
+    out: list[str | None] = []
     for p in paths:
         m = rx.search(relative(p, root))
         if m is None:
@@ -139,7 +139,7 @@ def _union_find_ids(n: int, links: list[list[int]]) -> np.ndarray:
                 root = min(r, root)
     roots = [find(i) for i in range(n)]
     # Number groups by their first image, so the numbering depends on the file order only.
-    first = {}
+    first: dict[int, int] = {}
     return np.array([first.setdefault(r, len(first)) for r in roots], dtype=np.int64)
 
 
@@ -161,9 +161,9 @@ def group_ids(
         for i, key in enumerate(patients):
             if key:
                 by_patient[key].append(i)
-        links = [v for v in by_patient.values() if len(v) > 1]
+        same_patient = [v for v in by_patient.values() if len(v) > 1]
         dups = duplicate_sets(paths)
-        ids = _union_find_ids(len(paths), links + dups)
+        ids = _union_find_ids(len(paths), same_patient + dups)
         return Groups(
             ids=ids,
             n_groups=int(ids.max()) + 1 if len(paths) else 0,

@@ -105,7 +105,7 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     y = (-math.sin(angle) * u + math.cos(angle) * v) / sy
     edge = 2.0 / n
 
-    img = np.full((n, n), rng.uniform(0.02, 0.08), dtype=np.float32)
+    img: np.ndarray = np.full((n, n), rng.uniform(0.02, 0.08), dtype=np.float32)
     torso = np.maximum(
         _smooth_inside(_ellipse(x, y, 0, 0.3, 0.92, 1.05, 3.0), edge * 3),
         _smooth_inside(_ellipse(x, y, 0, -0.85, 0.22, 0.4, 4.0), edge * 3),

@@ -75,7 +75,7 @@ def prepare(
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
     """File indices this rank predicts: whole chunks of BATCH files, dealt by `shards.shard`."""
-    from mpitrain.data.shards import shard
+    from mpitrain.shards import shard
 
     chunks = shard(np.arange(math.ceil(n / BATCH)), rank, size, seed=0)  # sorted chunk ids
     parts = [np.arange(c * BATCH, min(n, (c + 1) * BATCH)) for c in chunks]
@@ -120,6 +120,7 @@ def evaluate_main(
     except UserError as e:
         err = str(e)
     agree(comm, err)  # collective: a set-up error stops every rank, rank 0 says it once
+    assert setup is not None  # (agree raised otherwise)
 
     from mpitrain.runtime import configure_rank, resolve_precision
 
@@ -160,16 +161,16 @@ def evaluate_main(
     all_errors = setup.skipped + all_errors  # label-file rows without an image first
     if counts[1] == 0:
         agree(comm, f"no readable images in {setup.data_dir}")  # collective: all ranks know counts
-    if comm.rank != 0:
-        return 0
+    if all_idx is None or all_probs is None or all_ok is None:
+        return 0  # not the root: rank 0 reports
 
     order = np.argsort(all_idx, kind="stable")
     if not np.array_equal(all_idx[order], np.arange(n)) or int(counts[0]) != n:
         raise RuntimeError("evaluation shards do not cover every file exactly once")
     probs, ok = all_probs[order], all_ok[order].astype(bool)
-    labels = setup.labels[ok]
+    truth = setup.labels[ok]
     probs = probs[ok]
-    result = _metrics(setup, labels, probs, counts)
+    result = _metrics(setup, truth, probs, counts)
     result.update(
         model=info.label,
         members=[str(m.path) for m in info.members],
@@ -197,13 +198,13 @@ def evaluate_main(
     if plots is not None:
         from mpitrain.evaluate import plots as figures
 
-        made = figures.write_all(Path(plots), labels, probs, result, title=Path(setup.data_dir).name)
+        made = figures.write_all(Path(plots), truth, probs, result, title=Path(setup.data_dir).name)
         echo(f"wrote {', '.join(made.values())} to {plots}")
     return 0
 
 
 def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:
-    from mpitrain.evaluate.metrics import classification_metrics
+    from mpitrain.engine.metrics import classification_metrics
 
     info = setup.info
     pos = info.positive if info.positive is not None else 1

@@ -97,14 +97,16 @@ def _threshold(infos: list[ModelInfo]) -> tuple[float | None, str, dict]:
 
 def _common_validation(infos: list[ModelInfo]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, averaged probabilities) of the members' shared validation images."""
+    from mpitrain import runfiles
     from mpitrain.evaluate import valpreds
 
-    runs = [valpreds.read(i.path.parent, i.classes) for i in infos]
-    missing = [str(i.path.parent) for i, r in zip(infos, runs) if r is None]
+    read = [valpreds.read(i.path.parent, i.classes) for i in infos]
+    missing = [str(i.path.parent) for i, r in zip(infos, read) if r is None]
     if missing:
         raise UserError(
-            f"{missing[0]} has no {valpreds.NAME} (trained by an older mpitrain): give --threshold T for the ensemble"
+            f"{missing[0]} has no {runfiles.VAL_PREDICTIONS} (trained by an older mpitrain): give --threshold T for the ensemble"
         )
+    runs = [r for r in read if r is not None]  # every one of them
     if any(r.paths != runs[0].paths for r in runs[1:]):
         raise UserError(
             "the models were validated on different images (another --seed moves the "

@@ -38,6 +38,11 @@ X-ray run (`xray` model, 64 px, trained in bf16): max |difference| 8.0e-7 (Saved
 and inputs, and still fail on anything wrong: the same weights computing in bf16 moved a
 probability by 1.8e-2 there, an input left unscaled by up to 1.0.
 
+**Stale exports.** ``export.json`` records the path and SHA-256 of the ``model.keras`` it was
+made from. ``mpitrain train --out RUN --overwrite`` removes ``RUN/export-*`` with the rest of
+the old run, but an export written elsewhere (``--out``) outlives it: `source_model` (used by
+``evaluate``/``predict --model EXPORT``) refuses an export whose model.keras has changed since.
+
 Trained models may have computed in bfloat16; ``model.keras`` holds float32 weights and
 computes in float32 (`modelio.set_model_precision`), and the export is traced from it, so
 it computes in float32 too.
@@ -53,10 +58,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain import runfiles
 from mpitrain.errors import UserError
 
 FORMAT = 1  # the export.json format this version writes
-FORMATS = ("savedmodel", "tflite")
+FORMATS = tuple(runfiles.EXPORTS)
 NAME = "export.json"
 TFLITE_FILE = "model.tflite"
 SIGNATURE, INPUT, OUTPUT = "serving_default", "pixels", "probabilities"
@@ -80,7 +86,46 @@ INPUT_CONTRACT = (
 
 
 def default_out(info, fmt: str) -> Path:
-    return info.path.parent / f"export-{fmt}"
+    return info.path.parent / runfiles.export_name(fmt)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an export (its export.json)."""
+    return Path(folder).is_dir() and (Path(folder) / NAME).is_file()
+
+
+def source_model(folder: Path) -> Path:
+    """The model.keras export `folder` was made from, as long as it is the very file it was
+    made from (the SHA-256 in export.json); a stale export (model.keras retrained or
+    replaced since) is refused in one line naming both."""
+    import json
+
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / NAME).read_text())
+        source = doc.get("source") or {}
+        recorded, fmt = source.get("model_sha256"), doc.get("model_format", "|".join(FORMATS))
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"export {folder}: cannot read its {NAME}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(recorded, str):
+        raise UserError(
+            f"export {folder}: its {NAME} does not record which model.keras it was made from (exported by an "
+            "older mpitrain); export again"
+        )
+    # Where it was then, or beside the export (its default place, in a run folder moved since).
+    given = [Path(source["model"])] if isinstance(source.get("model"), str) else []
+    model = next((p for p in given + [folder.parent / runfiles.MODEL] if p.is_file()), None)
+    if model is None:
+        raise UserError(
+            f"export {folder} was made from {(given or [folder.parent / runfiles.MODEL])[0]}, which is gone"
+        )
+    now = runfiles.file_sha256(model)
+    if now != recorded:
+        raise UserError(
+            f"export {folder} is stale: {model} has changed since it was exported (sha256 {recorded[:12]}... then, "
+            f"{now[:12]}... now); export again: mpitrain export {model.parent} --format {fmt} --out {folder} --overwrite"
+        )
+    return model
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -123,15 +168,15 @@ def check_sample(
     try:
         val = valpreds.read(info.path.parent, info.classes)
         reason = (
-            f"the run has no {valpreds.NAME}"
+            f"the run has no {runfiles.VAL_PREDICTIONS}"
             if val is None
-            else f"{valpreds.NAME} lists no images"
+            else f"{runfiles.VAL_PREDICTIONS} lists no images"
             if not val.paths
             else None
         )
     except UserError as e:
         val, reason = None, str(e)
-    if reason is None:
+    if reason is None and val is not None:
         pick = np.sort(rng.choice(len(val.paths), min(n, len(val.paths)), replace=False))
         paths = [val.paths[i] for i in pick]
         arr, max_value, ok, errors = decode_native(paths, s, threads)
@@ -208,8 +253,9 @@ def exported_predictor(fmt: str, folder: Path):
     return (lambda x: runner(**{INPUT: x})[OUTPUT]), name
 
 
-def describe(info, fmt: str, check: dict) -> dict:
-    """export.json: what using the exported model needs, and how it was checked."""
+def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
+    """export.json: what using the exported model needs, how it was checked, and which
+    model.keras it was made from (its path and SHA-256: `source_model` tells a stale export)."""
     from mpitrain import __version__
     from mpitrain.evaluate.predict import decision_rule
 
@@ -233,7 +279,7 @@ def describe(info, fmt: str, check: dict) -> dict:
             "meaning": "class probabilities (softmax) in the order of classes",
         },
         "compute_precision": "fp32",
-        "source": {"model": str(info.path.resolve()), "mpitrain_version": __version__},
+        "source": {"model": str(info.path.resolve()), "model_sha256": model_sha256, "mpitrain_version": __version__},
         "check": check,
     }
 
@@ -243,9 +289,9 @@ def export_main(
 ) -> int:
     from mpitrain import outdir
     from mpitrain.atomic import atomic_dir, write_json
-    from mpitrain.data.decode import to_float
     from mpitrain.evaluate import modelio
     from mpitrain.parallel.comm import launched_by_mpi, world
+    from mpitrain.pixels import to_float
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more would write the same folder
@@ -253,7 +299,7 @@ def export_main(
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     path = modelio.model_path(run)
-    if not path.with_name("model.json").is_file():  # older runs: no threshold, no positive class to carry
+    if not path.with_name(runfiles.MODEL_INFO).is_file():  # older runs: no threshold, no positive class to carry
         raise UserError(
             f"no model.json beside {path}: export needs a run folder written by an mpitrain "
             "that saves model.json (classes, threshold, positive class)"
@@ -265,6 +311,7 @@ def export_main(
     from mpitrain.runtime import configure_runtime, quiet_fd2
 
     configure_runtime(0, threads, 1, "fp32")
+    source_sha256 = runfiles.file_sha256(info.path)  # checked again below: nothing holds the file meanwhile
     model = modelio.load_model(info, "fp32")
     pixels, what, fallback = check_sample(info, threads)
     if fallback:
@@ -312,7 +359,9 @@ def export_main(
                 "tolerance": tol,
                 "decisions_changed": flips,
             }
-            write_json(tmp / NAME, describe(info, fmt, check))
+            if runfiles.file_sha256(info.path) != source_sha256:
+                raise UserError(f"{path} changed while it was being exported (a training writing it?); nothing written")
+            write_json(tmp / NAME, describe(info, fmt, check, source_sha256))
     except BaseException:
         outdir.remove_empty(created)
         raise

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain import runfiles
+from mpitrain.engine.predict import BATCH, predict_probs  # noqa: F401 - the loop modelio's users call
 from mpitrain.errors import UserError
 
 FORMAT = 1  # the model.json format this version writes and reads
 CONFIG_FORMAT = 1  # the newest config.json format this version reads
-BATCH = 32  # fixed batch shape of every prediction call
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ModelInfo:
     positive_class: str | None = None
     extra: dict = field(default_factory=dict)
     members: list[ModelInfo] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
+    export: Path | None = None  # the export folder given for this model (`model_path`)
 
     @property
     def positive(self) -> int | None:
@@ -58,7 +60,7 @@ class ModelInfo:
     def label(self) -> str:
         """How messages name the model: its file, or the ensemble's."""
         if not self.members:
-            return str(self.path)
+            return f"export {self.export} of {self.path}" if self.export else str(self.path)
         return f"ensemble of {len(self.members)} ({', '.join(str(m.path) for m in self.members)})"
 
 
@@ -81,19 +83,31 @@ def _check_format(doc: dict, path: Path, newest: int) -> None:
 
 
 def model_path(given: str | Path) -> Path:
-    """``RUNDIR/model.keras`` or ``RUNDIR`` -> the .keras file (must exist)."""
+    """``RUNDIR/model.keras``, ``RUNDIR`` or an export folder -> the .keras file (must exist).
+
+    An export folder (``mpitrain export``'s, with its export.json) stands for the model.keras
+    it was made from, and only while that file is unchanged: a stale export is refused
+    (`export.source_model`). Its exported files reproduce that model (export's check), so
+    evaluating or predicting with the model is evaluating or predicting with the export."""
+    from mpitrain.evaluate import export
+
     p = Path(given)
+    if export.is_export(p):
+        return export.source_model(p)
     if p.is_dir():
-        p = p / "model.keras"
+        p = p / runfiles.MODEL
     if not p.is_file():
-        raise UserError(f"model {p} does not exist (give RUNDIR/model.keras or RUNDIR)")
+        raise UserError(f"model {p} does not exist (give RUNDIR/{runfiles.MODEL}, RUNDIR or an export folder)")
     return p
 
 
 def read_info(given: str | Path) -> ModelInfo:
     """The model's metadata, with every format check; does not import Keras."""
     path = model_path(given)
-    meta, cfg = path.with_name("model.json"), path.with_name("config.json")
+    from mpitrain.evaluate import export
+
+    exported = Path(given) if export.is_export(Path(given)) else None
+    meta, cfg = path.with_name(runfiles.MODEL_INFO), path.with_name(runfiles.CONFIG)
     if cfg.is_file():
         _check_format(_read_json(cfg), cfg, CONFIG_FORMAT)
     if meta.is_file():
@@ -112,9 +126,9 @@ def read_info(given: str | Path) -> ModelInfo:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{meta} is incomplete or damaged ({type(e).__name__}: {e})") from None
-    elif cfg.is_file() and path.with_name("classes.json").is_file():  # before model.json existed
+    elif cfg.is_file() and path.with_name(runfiles.CLASSES).is_file():  # before model.json existed
         try:
-            classes = [str(c) for c in _read_json(path.with_name("classes.json"))]
+            classes = [str(c) for c in _read_json(path.with_name(runfiles.CLASSES))]
             size = int(_read_json(cfg)["config"]["image_size"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{cfg} or classes.json is incomplete ({type(e).__name__}: {e})") from None
@@ -123,15 +137,17 @@ def read_info(given: str | Path) -> ModelInfo:
         raise UserError(f"no model.json beside {path}: give the model of an mpitrain run folder")
     if len(info.classes) < 2 or len(set(info.classes)) != len(info.classes):
         raise UserError(f"model {path}: needs two or more distinct class names, got {info.classes}")
-    if info.positive_class is None and len(info.classes) == 2:
+    if info.positive_class is None:
         from mpitrain.evaluate.threshold import positive_index
 
-        info.positive_class = info.classes[positive_index(info.classes)]
+        k = positive_index(info.classes)  # None with more than two classes
+        info.positive_class = None if k is None else info.classes[k]
     if info.positive_class is not None and info.positive_class not in info.classes:
         raise UserError(f"{meta}: positive class {info.positive_class!r} is not one of the classes")
     t = info.threshold
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
         raise UserError(f"{meta}: threshold {t!r} is not a probability")
+    info.export = exported
     return info
 
 
@@ -221,32 +237,6 @@ def load_model(info: ModelInfo, precision: str = "fp32"):
     return model
 
 
-def predict_probs(
-    predict, x: np.ndarray, n_classes: int, convert=None, batch: int = BATCH, on_batch=None
-) -> np.ndarray:
-    """Class probabilities, float32 [n, n_classes], for the rows of `x`: the package's one
-    prediction loop (evaluate, predict, and validation during training).
-
-    `predict` maps a float32 batch to probabilities: the Keras model, or the trainer's
-    compiled predict step. `convert` turns a chunk of stored rows into model input (training
-    keeps images as uint8/uint16). Chunks of `batch` rows, the last one padded with zeros to
-    `batch`: every call has the same shape, so the same kernels and the same bits, and a
-    row's probabilities do not depend on which or how many other rows are predicted with it
-    (nor, under MPI, on how the rows were shared out among the ranks). `on_batch(i)` is
-    called after batch i (1-based): the trainer's heartbeat.
-    """
-    out = [np.zeros((0, n_classes), np.float32)]
-    for a in range(0, len(x), batch):
-        chunk = x[a : a + batch] if convert is None else convert(x[a : a + batch])
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(predict(chunk), dtype=np.float32)[:n])
-        if on_batch is not None:
-            on_batch(len(out) - 1)
-    return np.concatenate(out)
-
-
 def exact(p) -> str:
     """A probability as text: the exact float32 value, the shortest decimal that reads back to it
     (predict's CSV and val_predictions.csv, so metrics recomputed from them are the same)."""
@@ -272,5 +262,5 @@ def write_info(out: Path, classes: list[str], image_size: int, choice, positive:
         "positive_class": None if positive is None else classes[positive],
         **extra,
     }
-    write_json(Path(out) / "model.json", doc)
+    write_json(Path(out) / runfiles.MODEL_INFO, doc)
     return doc

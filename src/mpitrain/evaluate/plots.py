@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain import runfiles
 from mpitrain.atomic import atomic_path
-from mpitrain.evaluate.metrics import roc_auc, roc_curve
+from mpitrain.engine.metrics import roc_auc, roc_curve
 
 FIGURES = {
-    "training_curves": "training_curves.png",
-    "confusion_matrix": "confusion_matrix.png",
-    "roc_curve": "roc_curve.png",
+    "training_curves": runfiles.TRAINING_CURVES,
+    "confusion_matrix": runfiles.CONFUSION_MATRIX,
+    "roc_curve": runfiles.ROC_CURVE,
 }
 _TRAIN, _VAL = "#1f77b4", "#d62728"
 

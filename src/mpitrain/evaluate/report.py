@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mpitrain import runfiles
+
 
 def _v(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
@@ -256,7 +258,7 @@ def write_report(
             ],
         ],
     ) + [""]
-    events_file = Path(out) / "events.jsonl"
+    events_file = Path(out) / runfiles.EVENTS
     if events_file.is_file():  # --elastic: ranks or hosts lost during training
         import json
 
@@ -269,6 +271,6 @@ def write_report(
     lines += _md_table(
         ["option", "value"], [[k, "" if v is None else f"`{v}`"] for k, v in cfg.items() if k != "extra" or v]
     ) + [""]
-    path = Path(out) / "report.md"
+    path = Path(out) / runfiles.REPORT
     write_atomic(path, "\n".join(lines))
     return path

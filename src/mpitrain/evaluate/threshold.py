@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpitrain.config import THRESHOLD_POLICIES as POLICIES  # --threshold-policy: one list, in config.py
-from mpitrain.evaluate.metrics import roc_curve
+from mpitrain.engine.metrics import roc_curve
 
 _NO_FINDING = frozenset(
     {

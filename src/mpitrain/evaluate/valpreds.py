@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.errors import UserError
-
-NAME = "val_predictions.csv"
+from mpitrain.runfiles import VAL_PREDICTIONS
 
 
 @dataclass
@@ -41,12 +40,12 @@ def write(out: Path, paths: list[str], labels, probs, classes: list[str]) -> Pat
     w.writerow(["path", "label"] + [f"p_{c}" for c in classes])
     for path, y, row in zip(paths, np.asarray(labels).tolist(), np.asarray(probs, np.float32)):
         w.writerow([path, classes[int(y)]] + [exact(p) for p in row])
-    return write_atomic(Path(out) / NAME, buf.getvalue(), errors="surrogateescape")
+    return write_atomic(Path(out) / VAL_PREDICTIONS, buf.getvalue(), errors="surrogateescape")
 
 
 def read(run_dir: Path, classes: list[str]) -> ValPredictions | None:
     """The run's validation predictions, or None when the run has none (older runs)."""
-    path = Path(run_dir) / NAME
+    path = Path(run_dir) / VAL_PREDICTIONS
     if not path.is_file():
         return None
     try:

@@ -38,7 +38,7 @@ def launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, boo
     A resumed run trains with its saved options, so whether it is elastic (and needs
     Open MPI's ULFM) is read from its newest checkpoint, not from this command line."""
     if args.resume and out is not None:
-        from mpitrain.train.checkpoint import saved_config
+        from mpitrain.engine.checkpoint import saved_config
 
         elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
     fixed = bool(getattr(args, "fixed_order", False))
@@ -86,9 +86,10 @@ def run_training(args, job: Job, out, elastic: bool, extra: list[str], fresh=())
                     contact=True,
                 )
             except HostLost as lost:  # --elastic: go on without that host
-                job = heal(args, out, job, lost, tag)
-                if job is None:
+                healed = heal(args, out, job, lost, tag)
+                if healed is None:
                     return 1
+                job = healed
     finally:
         if out is not None:
             runlock.clear_job(out, tag)

@@ -31,7 +31,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-HOSTFILE_NAME = "hostfile"  # in the run folder: the hosts an elastic run goes on with
+from mpitrain import runfiles
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +80,9 @@ def plan(
     newest checkpoint's. `placed`: the host of every rank, as the
     ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
     as Open MPI fills them; a host without `slots=` then counts as 1)."""
+    from mpitrain.engine.checkpoint import describe_position, latest_meta
     from mpitrain.launcher.hosts import local_names, placement, read_hostfile
     from mpitrain.parallel.strategies import strategy_class
-    from mpitrain.train.checkpoint import describe_position, latest_meta
 
     if hostfile is None:
         raise CannotHeal("only a job started with --hostfile can go on without one of its hosts")
@@ -109,7 +109,7 @@ def plan(
     problem = strategy_class(meta["strategy"]).too_few_ranks(ranks) if ranks > 0 else "no host is left"
     if problem:
         raise CannotHeal(f"only {max(ranks, 0)} rank(s) are left and {problem}")
-    path = Path(out) / HOSTFILE_NAME
+    path = Path(out) / runfiles.HOSTFILE  # the hosts the elastic run goes on with
     path.write_text(
         "# written by mpitrain after losing host "
         + lost

@@ -70,7 +70,7 @@ def local_networks() -> dict:
     import socket
     import struct
 
-    out = {}
+    out: dict = {}  # interface name -> ipaddress.IPv4Interface
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     except OSError:

@@ -156,7 +156,7 @@ class NoStartBox:
 
     def _flush(self) -> None:
         held, self._held = self._held, None
-        for line in held:
+        for line in held or ():
             self.passon(line)
 
 
@@ -208,10 +208,10 @@ class StderrFilter:
                 if gone and not self.debug:
                     self.lost, self.explained = gone, True  # said at the end, with the resume command
                     return
-                line = no_connect_message(box)
-                if line and not self.explained and not self.debug:
-                    self.no_connect, self.explained = line, True
-                    self._write(line)
+                said = no_connect_message(box)
+                if said and not self.explained and not self.debug:
+                    self.no_connect, self.explained = said, True
+                    self._write(said)
                     return
                 self._emit(box, noise=True)
             return

@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Protocol
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mpitrain import slurm
 from mpitrain.errors import QuietExit, UserError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from mpi4py import MPI
+
+# A nonblocking operation's handle, for `Comm.test` only: an mpi4py request under MPI, None
+# alone (complete at once). Opaque to callers.
+Request = Any
+# `combine(a, b)` of `allreduce_op_`: stores a (+) b into b.
+Combine = Callable[[np.ndarray, np.ndarray], object]
 
 # Variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
@@ -35,7 +47,7 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _LAUNCHER_VARS)
 
 
-def _mpi():
+def _mpi() -> ModuleType:
     """mpi4py's MPI module (importing it initialises MPI): the package's one mpi4py import."""
     _yield_if_oversubscribed(os.environ)
     from mpi4py import MPI
@@ -43,7 +55,7 @@ def _mpi():
     return MPI
 
 
-def _yield_if_oversubscribed(env) -> None:
+def _yield_if_oversubscribed(env: MutableMapping[str, str]) -> None:
     """Before MPI starts: when this node runs more ranks than it has cores, waiting ranks
     yield (Open MPI reads `mpi_yield_when_idle` at MPI_Init). Open MPI tells each rank how
     many ranks share its node; the launcher applies the same rule to its own host, but only
@@ -81,14 +93,14 @@ class Comm(Protocol):
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         """Elementwise sum over all ranks, in place."""
 
-    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
+    def allreduce_op_(self, buf: np.ndarray, combine: Combine) -> np.ndarray:
         """Elementwise reduction over all ranks with `combine(a, b)`, in place: a commutative
         numpy function that stores a (+) b into `b` (e.g. a sum in a format MPI lacks)."""
 
     def allreduce_max(self, value: float) -> float:
         """The largest `value` of all ranks."""
 
-    def iallreduce_sum_(self, buf: np.ndarray):
+    def iallreduce_sum_(self, buf: np.ndarray) -> Request:
         """Nonblocking elementwise sum over all ranks into `buf`: a request for `test`;
         `buf` holds the sum once the request has completed (keep it alive until then)."""
 
@@ -101,30 +113,33 @@ class Comm(Protocol):
     def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Concatenate arrays of different lengths (same row shape) on root, in rank order."""
 
-    def allgather_obj(self, obj) -> list:
+    def allgather_obj(self, obj: Any) -> list[Any]:
         """Every rank's small object, in rank order, on every rank (control messages only)."""
 
-    def bcast_obj(self, obj, root: int = 0):
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         """Root's small object on every rank (metadata made by our own code)."""
 
-    def node_allgather_obj(self, obj) -> list:
+    def node_allgather_obj(self, obj: Any) -> list[Any]:
         """Collective over every rank: the small objects of the ranks on this rank's node,
         in their local-rank order (start-up only: not renewed when an elastic job shrinks)."""
 
-    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+    def scatter_rows(self, parts: list[np.ndarray] | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
 
     def barrier(self) -> None:
         """Wait until every rank has arrived."""
 
-    def ibarrier(self):
+    def ibarrier(self) -> Request:
         """Nonblocking barrier: a request to poll with `test` (progress pulses)."""
 
-    def test(self, request) -> bool:
+    def test(self, request: Request) -> bool:
         """Whether a nonblocking request has completed (never waits)."""
 
     def abort(self, code: int = 1) -> None:
         """End this process, and under MPI the whole job, with `code`; does not return."""
+
+
+_NO_PARTS = "scatter_rows: the root rank passed no parts"
 
 
 class SingleComm:
@@ -151,13 +166,13 @@ class SingleComm:
     def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
-    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
+    def allreduce_op_(self, buf: np.ndarray, combine: Combine) -> np.ndarray:
         return buf
 
     def allreduce_max(self, value: float) -> float:
         return value
 
-    def iallreduce_sum_(self, buf: np.ndarray):
+    def iallreduce_sum_(self, buf: np.ndarray) -> Request:
         return None  # complete at once: `test` says so
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
@@ -169,26 +184,28 @@ class SingleComm:
     def gather_rows(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         return arr
 
-    def allgather_obj(self, obj) -> list:
+    def allgather_obj(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def bcast_obj(self, obj, root: int = 0):
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         return obj
 
-    def node_allgather_obj(self, obj) -> list:
+    def node_allgather_obj(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+    def scatter_rows(self, parts: list[np.ndarray] | None, root: int = 0) -> np.ndarray:
+        if parts is None:
+            raise ValueError(_NO_PARTS)
         return parts[0]
 
     def barrier(self) -> None:
         pass
 
-    def ibarrier(self):
+    def ibarrier(self) -> Request:
         """Nonblocking barrier: returns a request for `test` (alone: already complete)."""
         return None
 
-    def test(self, request) -> bool:
+    def test(self, request: Request) -> bool:
         """Whether a nonblocking request has completed (never waits)."""
         return True
 
@@ -209,17 +226,17 @@ class _FailureGuard:
     a different collective (or not yet in one) get an error too instead of waiting forever.
     """
 
-    def __init__(self, raw, owner):
+    def __init__(self, raw: MPI.Comm, owner: MPIComm) -> None:
         self._raw = raw
         self._owner = owner
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         attr = getattr(self._raw, name)
         if not callable(attr):
             return attr
         return lambda *args, **kwargs: self.run(name, attr, *args, **kwargs)
 
-    def run(self, name, fn, *args, **kwargs):
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call `fn` (an MPI call on this communicator or one of its requests)."""
         owner, raw = self._owner, self._raw
         try:
@@ -235,7 +252,7 @@ class _FailureGuard:
             raise RankLost(f"a peer was lost during {name}") from None
 
 
-def _peer_failed(raw) -> bool:
+def _peer_failed(raw: MPI.Comm) -> bool:
     """Whether ULFM knows of a failed process in `raw`, or `raw` was revoked.
 
     A dead peer does not always come back as a fault class: Open MPI 5's nonblocking
@@ -265,14 +282,15 @@ class MPIComm:
     failed: bool = False
     lost_any: bool = False
     world_ranks: list[int]
+    _comm: MPI.Comm | _FailureGuard  # guarded once elastic
 
-    def __init__(self, comm):
+    def __init__(self, raw: MPI.Comm) -> None:
         MPI = self._MPI = _mpi()
-        self._comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
+        self._comm = raw
+        self.rank = raw.Get_rank()
+        self.size = raw.Get_size()
         # Ranks sharing this node (shared memory): they share its cores and its GPUs.
-        self._node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self._node = raw.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = self._node.Get_size()
         self.local_rank = local_rank_from(os.environ, self._node.Get_rank(), self.size)
         self.world_ranks = list(range(self.size))
@@ -293,6 +311,8 @@ class MPIComm:
     def shrink(self) -> list[int]:
         """Collective among the survivors: drop the dead ranks; returns their start ranks."""
         MPI = self._MPI
+        if not isinstance(self._comm, _FailureGuard):
+            raise RuntimeError("shrink() needs make_elastic() first")
         raw = self._comm._raw
         new = raw.Shrink()
         new.Set_errhandler(MPI.ERRORS_RETURN)
@@ -309,7 +329,7 @@ class MPIComm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
-    def allreduce_op_(self, buf: np.ndarray, combine) -> np.ndarray:
+    def allreduce_op_(self, buf: np.ndarray, combine: Combine) -> np.ndarray:
         # One user-defined MPI operation per (combine, dtype), made once: MPI applies it to
         # pieces of the buffer in whatever order its algorithm chooses, so it must commute.
         # The order is fixed for a given size and rank count, so runs repeat bit for bit.
@@ -318,7 +338,7 @@ class MPIComm:
         if key not in ops:
             dtype = buf.dtype
 
-            def apply(inbuf, inoutbuf, datatype):
+            def apply(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
                 combine(np.frombuffer(inbuf, dtype=dtype), np.frombuffer(inoutbuf, dtype=dtype))
 
             ops[key] = self._MPI.Op.Create(apply, commute=True)
@@ -330,7 +350,7 @@ class MPIComm:
         self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
         return float(buf[0])
 
-    def iallreduce_sum_(self, buf: np.ndarray):
+    def iallreduce_sum_(self, buf: np.ndarray) -> Request:
         return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
@@ -355,29 +375,31 @@ class MPIComm:
         self._comm.Gatherv(arr.reshape(-1), None, root=root)
         return None
 
-    def allgather_obj(self, obj):
+    def allgather_obj(self, obj: Any) -> list[Any]:
         # Small control messages only (error strings, hashes); never model data.
         return self._comm.allgather(obj)
 
-    def bcast_obj(self, obj, root: int = 0):
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         # Small metadata only (class names, labels), produced by our own code on root.
         return self._comm.bcast(obj, root=root)
 
-    def node_allgather_obj(self, obj) -> list:
+    def node_allgather_obj(self, obj: Any) -> list[Any]:
         # Small facts about each process of this node (its CPU set), on the node's own
         # communicator: every rank calls it, and each node's ranks exchange among themselves.
         return self._node.allgather(obj)
 
-    def scatter_rows(self, parts: list | None, root: int = 0) -> np.ndarray:
+    def scatter_rows(self, parts: list[np.ndarray] | None, root: int = 0) -> np.ndarray:
         """Root holds one array per rank (same row shape and dtype); each rank gets its own."""
         meta = self.bcast_obj(
             None if parts is None else ([len(p) for p in parts], parts[0].shape[1:], parts[0].dtype.str), root
         )
+        if meta is None:  # on every rank alike, so none is left waiting
+            raise ValueError(_NO_PARTS)
         counts, row_shape, dtype = meta
         row = int(np.prod(row_shape, dtype=np.int64))
         out = np.empty((counts[self.rank],) + tuple(row_shape), dtype=np.dtype(dtype))
         send = None
-        if self.rank == root:
+        if self.rank == root and parts is not None:
             flat = np.concatenate([np.ascontiguousarray(p).reshape(-1) for p in parts])
             send = [flat, np.asarray(counts, dtype=np.int64) * row]
         self._comm.Scatterv(send, out.reshape(-1), root=root)
@@ -386,10 +408,10 @@ class MPIComm:
     def barrier(self) -> None:
         self._comm.Barrier()
 
-    def ibarrier(self):
+    def ibarrier(self) -> Request:
         return self._comm.Ibarrier()
 
-    def test(self, request) -> bool:
+    def test(self, request: Request) -> bool:
         # A request's Test is an MPI call on our communicator too: under --elastic a peer
         # lost meanwhile must become RankLost here as in any collective.
         if isinstance(self._comm, _FailureGuard):
@@ -402,7 +424,7 @@ class MPIComm:
         self._comm.Abort(code)
 
 
-def local_rank_from(env, split_rank: int, size: int) -> int:
+def local_rank_from(env: Mapping[str, str], split_rank: int, size: int) -> int:
     """This process's index among the ranks on its node: the launcher's own variable when
     it says so for this world (Open MPI's mpiexec: OMPI_COMM_WORLD_LOCAL_RANK; srun:
     SLURM_LOCALID, trusted only when the srun step's tasks are this world's ranks, since the
@@ -451,3 +473,14 @@ def check_world() -> None:
 def current() -> Comm | None:
     """The communicator if `world()` has made one, without starting MPI."""
     return _WORLD
+
+
+def abort_started(code: int = 1) -> None:
+    """MPI_Abort the whole job if this process has started MPI (through `world()` or the
+    caller's own mpi4py), without starting it otherwise: a process that never joined MPI
+    ends by its exit code, which the launcher reports."""
+    if _WORLD is not None and _WORLD.size > 1:
+        _WORLD.abort(code)
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized():
+        mpi4py.COMM_WORLD.Abort(code)

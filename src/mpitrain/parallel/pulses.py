@@ -16,13 +16,18 @@ completes no more pulses, so the others' watchdogs still fire.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm, Request
 
 
 class Pulses:
-    def __init__(self, comm, progress):
+    def __init__(self, comm: Comm, progress: Callable[[str], None]) -> None:
         self.comm = comm
         self.progress = progress
-        self._pending: list[tuple[str, object]] = []  # (label, request), oldest first
+        self._pending: list[tuple[str, Request]] = []  # (label, request), oldest first
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -12,9 +12,14 @@ back on resume, so only rank 0 ever touches the run folder.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mpitrain.errors import agree
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 def _pack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -48,7 +53,7 @@ class RankState:
         self.sync.load_extra_state(arrays[-1])
         return arrays[-2].copy()
 
-    def gather(self, comm, stats: np.ndarray):
+    def gather(self, comm: Comm, stats: np.ndarray) -> tuple[list[list[np.ndarray]], bool] | None:
         """Collective. Rank 0: (list of every rank's arrays, all identical?); others: None."""
         mine = self.arrays(stats)
         rows = comm.gather_flat(_pack(mine))
@@ -58,7 +63,7 @@ class RankState:
         states = [_unpack(rows[0], mine)] if identical else [_unpack(r, mine) for r in rows]
         return states, identical
 
-    def scatter(self, comm, ckpt) -> np.ndarray:
+    def scatter(self, comm: Comm, ckpt) -> np.ndarray:
         """Collective. Rank 0 holds `ckpt`; every rank loads its own state from it."""
         parts, error = None, None
         if comm.rank == 0:
@@ -83,7 +88,7 @@ class RankState:
         buf = comm.scatter_rows(parts)
         return self.load(_unpack(buf, self.arrays(np.zeros(3))))
 
-    def broadcast(self, comm) -> np.ndarray:
+    def broadcast(self, comm: Comm) -> np.ndarray:
         """Collective. Every rank adopts rank 0's complete state (after a rank was lost)."""
         buf = _pack(self.arrays(np.zeros(3)))
         comm.bcast_(buf, 0)

@@ -24,13 +24,14 @@ class Watchdog:
         self.what = "starting"
         self._last = time.monotonic()
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Watchdog:
         if self.timeout and self.timeout > 0:
             self._last = time.monotonic()
-            self._thread = threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, args=(self.timeout,), name="mpitrain-watchdog", daemon=True)
+            self._thread = thread
+            thread.start()
         return self
 
     def beat(self, what: str = "") -> None:
@@ -44,15 +45,15 @@ class Watchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
 
-    def _run(self) -> None:
-        period = min(5.0, self.timeout / 4)
+    def _run(self, timeout: float) -> None:
+        period = min(5.0, timeout / 4)
         while not self._stop.wait(period):
             idle = time.monotonic() - self._last
-            if idle > self.timeout:
+            if idle > timeout:
                 print(
                     f"mpitrain: error on rank {self.rank}: no progress for {idle:.0f} s "
                     f"(last: {self.what}); a rank or the network is stuck, stopping the job "
-                    f"(--timeout {self.timeout:g})",
+                    f"(--timeout {timeout:g})",
                     file=sys.stderr,
                     flush=True,
                 )

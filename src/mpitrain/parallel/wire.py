@@ -21,6 +21,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only: nothing of mpitrain is imported at run time
+    from mpitrain.parallel.comm import Comm
 
 LAUNCHER_ENV = "MPITRAIN_LAUNCHER"
 OPTIONS_ENV = "MPITRAIN_OPTIONS"
@@ -67,7 +71,7 @@ def parse_state(line: str) -> str | None:
     return line[len(STATE) :].rstrip("\r\n").rstrip(_BEL)
 
 
-def first_contact(comm) -> None:
+def first_contact(comm: Comm) -> None:
     """Under our launcher, rank 0 reports that the job started and, once the ranks have
     reached each other, the host of every rank and "contact" (the launcher stops a job that
     does not make contact within its deadline; the hosts tell it how many ranks a lost host

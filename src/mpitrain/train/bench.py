@@ -2,7 +2,7 @@
 
 Each rank trains the chosen model on random uint8 images held in memory (no decoding, no
 disk; uint8 because that is how `mpitrain train` holds images) with the real trainer loop
-(`Trainer.run_steps`: the same train step, strategy, shuffling, learning rates and running
+(`Engine.run_steps`: the same train step, strategy, shuffling, learning rates and running
 sums as training, without the progress bar), at `--precision` (auto: as training resolves it).
 
 What it reports, from the slowest rank's time of the best of `--repeats` runs:
@@ -32,8 +32,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 MATMUL_N = 1024  # side of the square matmul that measures the machine's rate
 
@@ -64,7 +68,7 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
     return best, m.dtype_policy.name
 
 
-def matmul_gflops(comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> float:
+def matmul_gflops(comm: Comm, precision: str, n: int = MATMUL_N, repeats: int = 5) -> float:
     """Collective. GFLOP/s of an n x n x n matmul in the compute dtype of `precision`, on
     this rank's threads while every rank runs its own (they share the machine as in
     training); the best of `repeats`, summed over ranks."""
@@ -90,18 +94,19 @@ class _TimedStep:
     """The trainer's step with a clock: time inside the compiled step, and how much of it
     was MPI (the per-step gradient allreduce runs inside it)."""
 
-    def __init__(self, step, sync):
-        self.step, self.sync = step, sync
+    def __init__(self, step, sync_of):
+        self.step, self.sync_of = step, sync_of  # sync_of(): the strategy, once the engine has one
         self.seconds = self.comm_seconds = 0.0
 
     def __getattr__(self, name):
         return getattr(self.step, name)
 
     def __call__(self, *args):
-        c, t = self.sync.comm_seconds, time.perf_counter()
+        sync = self.sync_of()
+        c, t = sync.comm_seconds, time.perf_counter()
         out = self.step(*args)
         self.seconds += time.perf_counter() - t
-        self.comm_seconds += self.sync.comm_seconds - c
+        self.comm_seconds += sync.comm_seconds - c
         return out
 
 
@@ -130,12 +135,12 @@ def bench_main(
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
     strategy_class(strategy).check_compress(compress)
 
-    from mpitrain.config import TrainConfig
-    from mpitrain.data.dataset import Plan, Shard, as_float
+    from mpitrain.engine.loop import Engine, InMemory
+    from mpitrain.engine.options import Options
+    from mpitrain.pixels import as_float
     from mpitrain.runtime import configure_rank, resolve_precision
     from mpitrain.train.flops import count_flops
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import Trainer
 
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
@@ -155,27 +160,27 @@ def bench_main(
         )
     model = build_model(model_name, image_size, 2)
     flops = count_flops(model)
-    cfg = TrainConfig(
-        model=model_name,
-        image_size=image_size,
+    options = Options(
         batch_size=batch,
         strategy=strategy,
         precision=precision,
-        threads=n_threads,
         epochs=1,
         timeout=0,
-        class_weight="none",
         lr=1e-3,
         lr_scaling="none",
         lr_schedule="constant",
         compress=compress,
     )
-    plan = Plan("generated", ["0", "1"], [""] * len(y), y, [], np.zeros(0, np.int32), "split")
-    data = Shard(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
-    trainer = Trainer(cfg, comm, plan, data, model, echo=lambda line: None)  # collective: rank 0's weights
-    trainer.show_progress = False
-    sync = trainer.sync
-    trainer.step = timed = _TimedStep(trainer.step, sync)
+    data = InMemory(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
+    steps_made: list[_TimedStep] = []
+
+    def wrap(step):  # the engine's hook: every train step it makes is timed
+        steps_made.append(_TimedStep(step, lambda: trainer.sync))
+        return steps_made[-1]
+
+    # Collective: rank 0's weights. No bar, no epoch lines.
+    trainer = Engine(model, data, options, comm, progress=False, wrap_step=wrap)
+    sync, timed = trainer.sync, steps_made[-1]
     epoch, left = 0, warmup
     while left > 0:  # warm-up: the last `warmup` steps of an epoch (more epochs if needed)
         k = min(left, trainer.steps)
@@ -195,6 +200,7 @@ def bench_main(
         comm.allreduce_sum_(shares)  # collective: mean over ranks (below)
         if best is None or seconds < best[0]:
             best = (seconds, shares / comm.size)
+    assert best is not None  # repeats >= 1
     seconds, (compute_frac, comm_frac, host_frac) = best
     peak = matmul_gflops(comm, precision)
     images = batch * trainer.steps * sync.train_ranks

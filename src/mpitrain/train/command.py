@@ -14,31 +14,36 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import world
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 from mpitrain.parallel.strategies import resolve, strategy_class
 
 
 def _open_resume(cfg: TrainConfig):
     """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
-    from pathlib import Path
 
-    from mpitrain.train import checkpoint, runfolder
+    from mpitrain import runfiles
+    from mpitrain.engine import checkpoint
+    from mpitrain.train import runfolder
 
-    runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
+    out = runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
     try:
-        ckpt = checkpoint.load_latest(Path(cfg.out), warn=lambda m: print(m, file=sys.stderr))
+        ckpt = checkpoint.load_latest(out, warn=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise UserError(f"cannot resume {cfg.out}: newest checkpoint {e}") from None
     if ckpt is None:
-        raise UserError(f"no usable checkpoint in {cfg.out}/checkpoints; nothing to resume")
+        raise UserError(f"no usable checkpoint in {out / runfiles.CHECKPOINTS}; nothing to resume")
     # An older mpitrain marked the last checkpoint finished before saving the model: without
     # model.keras such a run is resumed (validated and saved) like a "trained" one.
-    if ckpt.status == "finished" and (Path(cfg.out) / "model.keras").exists():
+    if ckpt.status == "finished" and (out / runfiles.MODEL).exists():
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
     # Runs from before --precision existed trained in fp32; "auto" would re-resolve here.
     saved = TrainConfig.from_dict({"precision": "fp32", **ckpt.config, "out": cfg.out, "overwrite": False})
@@ -132,7 +137,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
     try:
         return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
     except KeyboardInterrupt:
-        from mpitrain.train import progress
+        from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
@@ -140,7 +145,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
             print(interrupted_message(where, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
         return 130
     except StopRequested as stop:
-        from mpitrain.train import progress
+        from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
@@ -148,7 +153,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
         return 0  # asked for: a batch system's stop or preemption, not a failure
 
 
-def _resume_hint(comm, out, cfg) -> str:
+def _resume_hint(comm: Comm, out, cfg) -> str:
     """The command that continues this run: the launcher's (it knows its --hostfile), srun's
     when srun started the ranks, else one for this many processes."""
     import os
@@ -193,7 +198,7 @@ def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) 
     """What rank 0 says after every rank agreed to stop on a signal and checkpointed."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint
+    from mpitrain.engine import checkpoint
 
     at = checkpoint.describe_position(stop.epoch, stop.step)
     lines = [
@@ -212,7 +217,7 @@ def interrupted_message(where: str | None, run_dir, resume_cmd: str | None) -> s
     (found by reading the run folder, so the launcher can tell it too), how to go on."""
     from pathlib import Path
 
-    from mpitrain.train import checkpoint
+    from mpitrain.engine import checkpoint
 
     found = checkpoint.latest_meta(Path(run_dir)) if run_dir is not None else None
     if found is not None:
@@ -247,13 +252,13 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
     return where
 
 
-def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
+def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
     """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
     why `cfg.precision` is the one used (config.json's runtime facts)."""
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_rank
+    from mpitrain.train.fitting import fit
     from mpitrain.train.models import build_model
-    from mpitrain.train.trainer import fit
 
     threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision)  # collective
     # Which shards this rank owns (the trainer builds the strategy itself).
@@ -320,7 +325,7 @@ def _train(cfg, comm, plan, out, ckpt, resume, say, *, requested: str, why: str)
             cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]), precision_facts
         ):
             say(line)
-        from mpitrain.train import checkpoint
+        from mpitrain.engine import checkpoint
 
         checkpoint.mark_finished(out)  # only now: a kill before this point can still --resume
         say(f"run folder: {out}")
@@ -352,9 +357,10 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     Order matters: the model and its metadata first (the valuable part), then the numbers,
     then the figures and report.md, whose failure is only a warning.
     """
+    from mpitrain import runfiles
     from mpitrain.atomic import write_json
+    from mpitrain.engine.metrics import classification_metrics
     from mpitrain.evaluate import modelio
-    from mpitrain.evaluate.metrics import classification_metrics
     from mpitrain.evaluate.threshold import choose_for_classes, describe, positive_index
     from mpitrain.train import runfolder
 
@@ -392,7 +398,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         "stopped_early": result.stopped_early,
     }
     metrics.update(kept)
-    runfolder.save_model(out / "model.keras", model)
+    runfolder.save_model(out / runfiles.MODEL, model)
     modelio.write_info(
         out,
         plan.classes,
@@ -415,7 +421,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     }
     save_config(
         cfg,
-        out / "config.json",
+        out / runfiles.CONFIG,
         ranks=ranks,
         threads_per_rank=threads,
         precision=precision,
@@ -429,7 +435,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         grouping=plan.grouping,
         **kept,
     )
-    runfolder.write_history(out / "history.csv", result.history)
+    runfolder.write_history(out / runfiles.HISTORY, result.history)
     idx = result.val_index
     if idx is not None and len(idx) and (idx >= 0).all():  # plan order; an ensemble's threshold reads it
         from mpitrain.evaluate import valpreds
@@ -442,8 +448,8 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             result.val_probs[order],
             plan.classes,
         )
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "classes.json", plan.classes)
+    write_json(out / runfiles.METRICS, metrics)
+    write_json(out / runfiles.CLASSES, plan.classes)
     lines.append(describe(choice, None if positive is None else plan.classes[positive]))
     if choice.threshold is not None:
         lines.append("metrics.json and report.md use this threshold; acc and val_acc in the epoch lines are at argmax")
@@ -462,11 +468,11 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             f"`{plan.data_dir}` ({counts} training images)",
             plan.protocol(),
         )
-        lines.append(f"report: {out / 'report.md'} ({', '.join(figures.values())})")
+        lines.append(f"report: {out / runfiles.REPORT} ({', '.join(figures.values())})")
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it
         print(f"warning: could not write the figures or report.md: {type(e).__name__}: {e}", file=sys.stderr)
     if cfg.tensorboard:
-        from mpitrain.train import tensorboard as tb
+        from mpitrain.engine.callbacks import tensorboard as tb
 
-        lines.append(f"tensorboard: {tb.write_history(out / 'tb', result.history)}")
+        lines.append(f"tensorboard: {tb.write_history(out / runfiles.TENSORBOARD, result.history)}")
     return lines

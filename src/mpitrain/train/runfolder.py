@@ -1,42 +1,22 @@
-"""The run folder: what a finished training leaves behind (written by rank 0 only).
+"""Writing the run folder (rank 0 only): checking, locking and clearing it before training,
+and the files whose writers live here (the model, the history, elastic events).
 
-    model.keras    the trained model (Keras 3 format)
-    config.json    the full config, runtime facts (ranks, threads) and package versions
-    history.csv    one row per epoch
-    metrics.json   final validation metrics
-    classes.json   class names in label order
-    .lock          while a job writes the folder: its host and PID (see runlock.py)
-
-Every file is written to a temporary name and renamed, so an interrupted save never
-leaves a half-written file under a real name.
+Which names a run folder holds, and who writes each, is `mpitrain.runfiles`: the one list
+that ``--overwrite`` clears (`prepare`). Every file is written to a temporary name and
+renamed, so an interrupted save never leaves a half-written file under a real name.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import shutil
 import time
 from pathlib import Path
 
+from mpitrain import runfiles
 from mpitrain.atomic import atomic_path, write_atomic
+from mpitrain.engine.loop import event  # noqa: F401 - events.jsonl lines have one maker
 from mpitrain.errors import UserError
-
-RUN_FILES = (
-    "model.keras",
-    "model.json",
-    "config.json",
-    "history.csv",
-    "metrics.json",
-    "classes.json",
-    "skipped_files.txt",
-    "report.md",
-    "training_curves.png",
-    "confusion_matrix.png",
-    "roc_curve.png",
-    "events.jsonl",
-    "hostfile",
-)
 
 
 def default_run_dir() -> Path:
@@ -50,6 +30,8 @@ def prepare(out: str | None, overwrite: bool, resume: bool = False, check_only: 
     folder again if this call created it and nothing was written into it. `check_only`:
     the same checks (`mpitrain train -n N` before it starts mpiexec), then let go and leave
     nothing behind, so the checks change nothing on disk (`--overwrite` deletes nothing yet).
+    `overwrite` (not resuming): every name of `runfiles` in the folder is removed, and
+    nothing else (`runfiles.remove_all`).
     """
     from mpitrain import outdir
     from mpitrain.train import runlock
@@ -66,25 +48,23 @@ def prepare(out: str | None, overwrite: bool, resume: bool = False, check_only: 
     try:
         if not overwrite:
             outdir.check_new_or_empty(
-                path, "--out", "pass --overwrite or choose another folder", ignore=(runlock.LOCK_NAME,)
+                path, "--out", "pass --overwrite or choose another folder", ignore=(runfiles.LOCK,)
             )
         try:
-            probe = path / ".mpitrain-write-test"
+            probe = path / runfiles.WRITE_PROBE
             probe.write_text("")
             probe.unlink()
         except OSError as e:
             raise UserError(f"--out {path} is not writable: {e.strerror or e}") from None
+        if overwrite and not resume and not check_only:
+            # All of the old run: an export, tb/ or val_predictions.csv left beside the new
+            # model.keras would pass for this run's (old checkpoints for a later --resume's).
+            runfiles.remove_all(path)
     except BaseException:
         lock.release()
         raise
     if check_only:
         lock.release()
-        return path
-    if overwrite and not resume:
-        for name in RUN_FILES:
-            (path / name).unlink(missing_ok=True)
-        # Old checkpoints would otherwise be taken for this run's by a later --resume.
-        shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return path
 
 
@@ -105,18 +85,11 @@ def resume_folder(out: str | None, check_only: bool = False) -> Path:
     return path
 
 
-EVENTS_NAME = "events.jsonl"  # --elastic: one JSON line per lost rank (the ranks) or host (the launcher)
-
-
-def event(kind: str, **fields) -> dict:
-    """An events.jsonl line: the time, what happened (`kind`), then `fields` in order."""
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **fields}
-
-
 def append_event(run_dir: Path, line: dict) -> None:
+    """--elastic: one JSON line per lost rank (the ranks) or host (the launcher)."""
     import json
 
-    with open(Path(run_dir) / EVENTS_NAME, "a") as f:
+    with open(Path(run_dir) / runfiles.EVENTS, "a") as f:
         f.write(json.dumps(line) + "\n")
 
 

@@ -30,16 +30,17 @@ import time
 from pathlib import Path
 
 from mpitrain.errors import UserError
+from mpitrain.runfiles import LOCK
 
-LOCK_NAME = ".lock"
 JOB_ENV = "MPITRAIN_JOB"  # set by `mpitrain train -n N` for its ranks: which launch a lock belongs to
 _held: dict[Path, RunLock] = {}
 
 
 class RunLock:
     def __init__(self, run_dir: Path, fd: int, created: list[Path]):
-        self.run_dir, self.fd, self.created = run_dir, fd, created
-        self.path = run_dir / LOCK_NAME
+        self.run_dir, self.created = run_dir, created
+        self.fd: int | None = fd  # None once released
+        self.path = run_dir / LOCK
         self._ino = os.fstat(fd).st_ino
 
     def release(self, remove_created: bool = True) -> None:
@@ -132,7 +133,7 @@ def _judge(run_dir: Path, holder: dict | None, note) -> None:
     if holder.get("host") != socket.gethostname():
         raise UserError(
             f"run folder {run_dir} is locked by {_who(holder)}, which cannot be checked from "
-            f"this host; if no training runs there any more, remove {run_dir / LOCK_NAME}"
+            f"this host; if no training runs there any more, remove {run_dir / LOCK}"
         )
     if holder["pid"] == os.getpid():
         return
@@ -190,12 +191,12 @@ def acquire(run_dir: Path, created: list[Path] | None = None, note=None) -> RunL
     run_dir = Path(run_dir)
     if _key(run_dir) in _held:
         return _held[_key(run_dir)]
-    path = run_dir / LOCK_NAME
+    path = run_dir / LOCK
     for _ in range(10):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
-            raise UserError(f"--out {run_dir}: cannot create {LOCK_NAME}: {e.strerror or e}") from None
+            raise UserError(f"--out {run_dir}: cannot create {LOCK}: {e.strerror or e}") from None
         try:
             _flock_soon(fd)
         except BlockingIOError:
@@ -206,7 +207,7 @@ def acquire(run_dir: Path, created: list[Path] | None = None, note=None) -> RunL
             os.close(fd)
             if _no_flock(e):
                 return _acquire_exclusive(run_dir, created or [], note)
-            raise UserError(f"--out {run_dir}: cannot lock {LOCK_NAME}: {e.strerror or e}") from None
+            raise UserError(f"--out {run_dir}: cannot lock {LOCK}: {e.strerror or e}") from None
         try:  # the holder we waited for may have removed the file: lock the one at the path
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -227,7 +228,7 @@ def acquire(run_dir: Path, created: list[Path] | None = None, note=None) -> RunL
 
 def _acquire_exclusive(run_dir: Path, created: list[Path], note) -> RunLock:
     """Without flock: whoever creates the lock file has the folder."""
-    path = run_dir / LOCK_NAME
+    path = run_dir / LOCK
     for _ in range(10):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -243,7 +244,7 @@ def _acquire_exclusive(run_dir: Path, created: list[Path], note) -> RunLock:
             path.unlink(missing_ok=True)
             continue
         except OSError as e:
-            raise UserError(f"--out {run_dir}: cannot create {LOCK_NAME}: {e.strerror or e}") from None
+            raise UserError(f"--out {run_dir}: cannot create {LOCK}: {e.strerror or e}") from None
         _write(fd)
         lock = _held[_key(run_dir)] = RunLock(run_dir, fd, created)
         return lock
@@ -255,7 +256,7 @@ def clear_job(run_dir: Path, job: str) -> None:
     before letting go (Ctrl-C and lost ranks end the ranks with a signal)."""
     import fcntl
 
-    path = Path(run_dir) / LOCK_NAME
+    path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:

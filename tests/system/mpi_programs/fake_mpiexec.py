@@ -9,7 +9,7 @@ import time
 
 if "--version" in sys.argv:
     sys.exit(0)  # not Open MPI: the launcher adds no Open MPI options
-got = []
+got: list[int] = []
 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
     signal.signal(sig, lambda s, _f: got.append(s))
 print("fake mpiexec started", flush=True)

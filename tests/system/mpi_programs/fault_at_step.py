@@ -21,8 +21,8 @@ import signal
 import sys
 import time
 
-import mpitrain.train.checkpoint as checkpoint
-import mpitrain.train.trainer as trainer
+import mpitrain.engine.checkpoint as checkpoint
+import mpitrain.engine.loop as trainer
 from mpitrain.cli import main
 from mpitrain.parallel.comm import world
 

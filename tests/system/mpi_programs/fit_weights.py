@@ -1,4 +1,4 @@
-"""Train on deterministic in-memory data with `trainer.fit` and save each rank's weights.
+"""Train on deterministic in-memory data with `train.fitting.fit` (the engine) and save each rank's weights.
 
 Run under mpiexec (any strategy; each rank also writes rank{R}.steps: the train steps it
 took and its shard's size), or with --reference N in one process: then it replays
@@ -16,12 +16,12 @@ import numpy as np
 
 from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, Shard
-from mpitrain.data.shards import batch_slices, epoch_order, shard, steps_per_epoch
 from mpitrain.parallel.comm import world
 from mpitrain.parallel.strategies import make_sync
 from mpitrain.runtime import configure_runtime
+from mpitrain.shards import batch_slices, epoch_order, shard, steps_per_epoch
+from mpitrain.train.fitting import fit
 from mpitrain.train.models import build_model
-from mpitrain.train.trainer import fit
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -64,7 +64,7 @@ plan = Plan("mem", ["a", "b"], [""] * a.samples, y_all, [""] * len(val), y_all[v
 if a.reference:
     import keras
 
-    from mpitrain.train.steps import make_train_step
+    from mpitrain.engine.steps import make_train_step
 
     shards = [shard(np.arange(a.samples), r, a.reference, SEED) for r in range(a.reference)]
     opt = keras.optimizers.SGD(learning_rate=a.lr)
@@ -78,7 +78,7 @@ if a.reference:
             step(x_all[idx], y_all[idx], np.ones(len(idx), np.float32), np.float32(a.lr))
     rank = 0
 else:
-    import mpitrain.train.trainer as trainer
+    import mpitrain.engine.loop as trainer
 
     real_make, steps_taken = trainer.make_train_step, [0]
 

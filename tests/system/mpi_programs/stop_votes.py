@@ -13,6 +13,7 @@ line: {strategy: {"stopped": [step per rank], "vote": [epoch-end answer per rank
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +40,12 @@ class Model:
 
 
 class Optimizer:
-    variables = []
+    variables: list[Var] = []
+
+
+def asked_from(now: list[int]) -> Callable[[], bool]:
+    """Whether this rank is asked to stop, at the step held in `now`."""
+    return lambda: comm.rank == ASKED and now[0] >= AT
 
 
 comm = world()
@@ -47,12 +53,7 @@ ASKED, AT, STEPS = (int(a) for a in sys.argv[1:4])
 result = {}
 for name in names():
     now = [0]
-    sync = make_sync(
-        name,
-        comm,
-        4 if name == "local-sgd" else None,
-        stop_requested=lambda now=now: comm.rank == ASKED and now[0] >= AT,
-    )
+    sync = make_sync(name, comm, 4 if name == "local-sgd" else None, stop_requested=asked_from(now))
     sync.start(Model(), Optimizer())
     stopped = None
     for step in range(1, STEPS + 1):

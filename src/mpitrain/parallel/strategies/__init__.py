@@ -16,9 +16,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mpitrain.errors import UserError
 from mpitrain.parallel.strategies.base import REGISTRY, Sync, lr_at, scaled_lr
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -59,7 +64,12 @@ def resolve(cfg):
 
 
 def make_sync(
-    name: str, comm, sync_every: int | None = None, progress=None, stop_requested=None, compress: str = "none"
+    name: str,
+    comm: Comm,
+    sync_every: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    compress: str = "none",
 ) -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
     strategy cannot apply `compress`)."""

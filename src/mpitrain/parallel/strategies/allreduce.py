@@ -10,10 +10,16 @@ feedback), so checkpoints and --resume are exact as without compression.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mpitrain.parallel.flat import float_vars
 from mpitrain.parallel.strategies.base import Sync
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 _BF16_NAN = np.uint16(0x7FC0)
 
@@ -56,7 +62,14 @@ class AllreduceSync(Sync):
     name = "allreduce"
     compressions = ("none", "bf16")
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+    def __init__(
+        self,
+        comm: Comm,
+        sync_every: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        compress: str = "none",
+    ) -> None:
         super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.per_step_reduce = comm.size > 1
         self._stop = False  # the stop vote of the last step's allreduce

@@ -34,11 +34,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpitrain.errors import UserError
 from mpitrain.parallel.flat import FlatVars, float_vars
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm, Request
 
 REGISTRY: dict[str, type[Sync]] = {}
 
@@ -99,13 +104,20 @@ class Sync:
         return f"{size} training rank{'s' * (size > 1)}"
 
     @staticmethod
-    def data_parts(rank: int, size: int):
+    def data_parts(rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(training part, validation part) of `rank`, each as (part, parts)."""
         return (rank, size), (rank, size)
 
     # ---- one rank's instance ----
 
-    def __init__(self, comm, sync_every: int | None = None, progress=None, stop_requested=None, compress: str = "none"):
+    def __init__(
+        self,
+        comm: Comm,
+        sync_every: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        compress: str = "none",
+    ) -> None:
         """`progress(what)` is called while this rank waits for peers that are still
         working (the trainer passes its watchdog's beat); `stop_requested()` says whether
         this rank was asked to stop (the trainer passes `preempt.requested`)."""
@@ -116,7 +128,7 @@ class Sync:
         self.sync_every = sync_every
         self.progress = progress or (lambda what: None)
         self.stop_requested = stop_requested or (lambda: False)
-        self._vote = None  # the pending nonblocking stop vote: (buffer, request)
+        self._vote: tuple[np.ndarray, Request] | None = None  # the pending nonblocking stop vote
         self.comm_seconds = 0.0  # time spent inside collectives, for `bench`
         self.trains = True
         self.train_ranks = self.train_ranks_of(comm.size)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from mpitrain.parallel.strategies.base import Sync
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 class LocalSGDSync(Sync):
@@ -19,7 +25,14 @@ class LocalSGDSync(Sync):
     # scaling with a cosine decay (measured best there).
     default_sync_every = 4
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+    def __init__(
+        self,
+        comm: Comm,
+        sync_every: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        compress: str = "none",
+    ) -> None:
         super().__init__(comm, sync_every, progress, stop_requested, compress)
         self._stop = False  # the stop vote of the last average
 

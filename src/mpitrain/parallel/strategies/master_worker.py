@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mpitrain.parallel.pulses import Pulses
 from mpitrain.parallel.strategies.base import Sync
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
 
 class MasterWorkerSync(Sync):
@@ -30,7 +36,14 @@ class MasterWorkerSync(Sync):
     # single-rank rate held constant.
     auto_lr = ("none", "constant")
 
-    def __init__(self, comm, sync_every=None, progress=None, stop_requested=None, compress="none"):
+    def __init__(
+        self,
+        comm: Comm,
+        sync_every: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        compress: str = "none",
+    ) -> None:
         super().__init__(comm, sync_every, progress, stop_requested, compress)
         self.trains = comm.rank != 0
         self.round_samples = 0
@@ -50,7 +63,7 @@ class MasterWorkerSync(Sync):
         return super().tag + " + master"
 
     @staticmethod
-    def data_parts(rank: int, size: int):
+    def data_parts(rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
         # Workers share the training data; the master validates the global model on the
         # whole validation set.
         return (rank - 1, size - 1), ((0, 1) if rank == 0 else (0, 0))

@@ -21,6 +21,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
+
+from mpitrain.engine.callbacks.base import Callback
 
 LINES_EVERY = 5.0  # seconds between plain progress lines (no terminal to redraw on)
 
@@ -97,6 +100,8 @@ class Progress:
     def __init__(self, total: int, prefix: str = "", enabled: bool = True, stream=None, width: int = 24):
         self.total = max(1, total)
         self.prefix = prefix
+        self.mode: str | None
+        self.stream: Any
         self.mode, self.stream = _choose(stream) if enabled else (None, stream or sys.stdout)
         self.enabled = self.mode is not None
         self.width = width
@@ -152,3 +157,34 @@ class Progress:
         elif self.mode == "redraw":
             self.stream.write("\r\x1b[K")
         self.stream.flush()
+
+
+class ProgressBar(Callback):
+    """The engine's output on rank 0, as a callback: the bar during an epoch's steps, then
+    the epoch's summary line through `echo` (`engine.epochs.epoch_line`)."""
+
+    def __init__(self, echo=print, bar: bool = True):
+        self.echo, self.show_bar = echo, bar
+        self.bar = Progress(0, enabled=False)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        e = self.engine
+        self.bar.close()
+        self.bar = Progress(
+            e.steps,
+            f"epoch {epoch + 1}/{e.options.epochs} ",
+            enabled=self.show_bar and e.comm.rank == 0 and e.sync.trains,
+        )
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.bar.update(batch + 1, values=self.engine.running)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.bar.close()
+        if self.engine.comm.rank == 0 and logs is not None:
+            from mpitrain.engine.epochs import epoch_line
+
+            self.echo(epoch_line(logs, self.engine.options.epochs, self.engine.tag))
+
+    def on_interrupt(self) -> None:
+        self.bar.close()

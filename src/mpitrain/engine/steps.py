@@ -48,7 +48,7 @@ import numpy as np
 
 def to_float_input(x, divisor):
     """In the graph: integer images -> float32 in [0, 1], bit for bit what
-    `data.decode.to_float` computes in NumPy (exact cast, then one IEEE division).
+    `mpitrain.pixels.to_float` computes in NumPy (exact cast, then one IEEE division).
 
     `divisor` must be a variable holding the full-scale value, not a constant: TensorFlow's
     graph optimiser turns a division by a constant into a multiplication by its reciprocal,
@@ -100,13 +100,43 @@ class TrainStep:
         return self._fn(x, y, w, lr)
 
 
+def per_sample_loss(model):
+    """The loss the model was compiled with, as a function (y, probs) -> one value per row;
+    sparse categorical cross-entropy for a model compiled without one (or not compiled).
+    The engine sums it with the class weights itself, so the step's gradient is that of the
+    mean over the global batch whatever the rank count."""
+    import keras
+
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        return keras.losses.sparse_categorical_crossentropy
+    if isinstance(loss, (dict, list, tuple)):
+        raise ValueError("mpitrain trains models with one output and one loss; got several losses")
+    if isinstance(loss, str):
+        return keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call  # unreduced: one value per row
+    return loss  # a function of (y_true, y_pred)
+
+
 def make_train_step(
-    model, optimizer, reduce=None, input_dtype=np.float32, max_value: float = 1.0, sums: RunningSums | None = None
+    model,
+    optimizer,
+    reduce=None,
+    input_dtype=np.float32,
+    max_value: float = 1.0,
+    sums: RunningSums | None = None,
+    loss_fn=None,
+    set_lr: bool = True,
 ) -> TrainStep:
+    """`loss_fn(y, probs)`: per-row losses (default: the model's, `per_sample_loss`).
+    `set_lr`: the step sets the optimizer's learning rate to its `lr` argument (off for an
+    optimizer of the caller's whose rate is its own schedule)."""
     import keras
     import tensorflow as tf
 
     variables = model.trainable_variables
+    loss_fn = per_sample_loss(model) if loss_fn is None else loss_fn
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
@@ -127,7 +157,7 @@ def make_train_step(
     def forward(x, y, w):
         with tf.GradientTape() as tape:
             probs = tf.cast(model(x, training=True), tf.float32)
-            loss_sum = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs) * w)
+            loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float32) * w)
             target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
         return [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)], loss_sum, probs
 
@@ -141,7 +171,8 @@ def make_train_step(
     def compiled(x, y, w, lr):
         if integer:
             x = to_float_input(x, divisor)
-        optimizer.learning_rate.assign(lr)
+        if set_lr:
+            optimizer.learning_rate.assign(lr)
         if guard:
             grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, y, w), empty)
         else:

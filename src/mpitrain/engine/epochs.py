@@ -7,12 +7,17 @@ classes at argmax) from the predictions gathered on rank 0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
 
-def epoch_metrics(comm, stats, probs, labels, n_classes):
+
+def epoch_metrics(comm: Comm, stats, probs, labels, n_classes):
     """Collective (gathers on rank 0). Rank 0: (metrics, all probs, all labels); others Nones."""
-    from mpitrain.evaluate.metrics import classification_metrics
+    from mpitrain.engine.metrics import classification_metrics
 
     all_probs = comm.gather_rows(probs.astype(np.float32))
     all_labels = comm.gather_rows(labels.astype(np.int32))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain import runfiles
 from mpitrain.atomic import atomic_path
 
 FORMAT = 1
@@ -62,7 +63,7 @@ class Checkpoint:
 
 
 def folder_of(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / runfiles.CHECKPOINTS
 
 
 def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
@@ -90,7 +91,7 @@ def save(run_dir: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
             arrays[f"r{r}_{i}"] = np.asarray(a)
     final = folder / f"ckpt-e{ckpt.epoch:05d}-s{ckpt.step:07d}.npz"
     with atomic_path(final) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a key might be allow_pickle
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mpitrain.engine.callbacks.base import Callback
+
 _PAIRS = ("loss", "accuracy", "auc")  # each as <name>/train and <name>/validation
 _SINGLE = ("lr", "images_per_second", "seconds")
 
@@ -105,3 +107,14 @@ def write_history(logdir: Path, history: list[dict]) -> Path:
     finally:
         log.close()
     return logdir
+
+
+class TensorBoard(Callback):
+    """Live TensorBoard scalars, one point per epoch, written by rank 0 to `logdir`."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = Path(logdir)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.engine.comm.rank == 0 and logs is not None:
+            log_epoch(self.logdir, logs)

@@ -1,11 +1,16 @@
-"""The training loop: the same code on every rank, one strategy object for the distribution.
+"""The engine: a Keras model, arrays and options in, the model trained in place on every rank.
+
+It knows nothing of folders, data sources or the chest X-rays: the caller hands it the
+rows this rank owns (`Arrays`), the options (`Options`) and callbacks (keep-best, early
+stopping, TensorBoard, its own progress bar: `engine/callbacks/`); `mpitrain train` is
+one such caller (`train/fitting.py`).
 
 Every rank runs the same epochs and steps; the strategy (`parallel/strategies/`) decides what is
 exchanged and when. Metrics come from sums and predictions over the whole data set
-(`epochlog.py`), with two exceptions: after an elastic recovery the epoch's data was
+(`epochs.py`), with two exceptions: after an elastic recovery the epoch's data was
 re-sharded mid-way, and after a mid-epoch resume the training AUC covers only the steps
 after the checkpoint (loss and accuracy are exact: their sums are checkpointed). Only rank 0
-prints and writes. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
+prints and writes; every callback runs on every rank with the global epoch row. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
 steps), and a run can continue from a checkpoint bit for bit.
 
 Elastic mode (ULFM): when a peer dies, every survivor's next collective raises RankLost
@@ -31,115 +36,199 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from mpitrain.config import TrainConfig
-from mpitrain.data.dataset import Plan, Shard, as_float, class_weights
-from mpitrain.data.shards import batch_slices, epoch_order, steps_per_epoch
+from mpitrain.engine.callbacks.base import CallbackList
+from mpitrain.engine.callbacks.keep_best import KeepBest
+from mpitrain.engine.callbacks.progress import ProgressBar
+from mpitrain.engine.epochs import epoch_metrics, loss_sum
+from mpitrain.engine.options import Options
+from mpitrain.engine.predict import predict_probs
+from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step, per_sample_loss
 from mpitrain.errors import AgreedError, QuietExit, StopRequested
-from mpitrain.evaluate.modelio import predict_probs
 from mpitrain.parallel import preempt
 from mpitrain.parallel.comm import RankLost
 from mpitrain.parallel.pulses import Pulses
 from mpitrain.parallel.rankstate import RankState
-from mpitrain.parallel.strategies import lr_at, make_sync, resolve, scaled_lr, strategy_class
+from mpitrain.parallel.strategies import lr_at, make_sync, scaled_lr, strategy_class
 from mpitrain.parallel.watchdog import Watchdog
-from mpitrain.train import runfolder
-from mpitrain.train.epochlog import best_epoch, epoch_line, epoch_metrics, loss_sum
-from mpitrain.train.progress import Progress
-from mpitrain.train.steps import RunningSums, make_predict_step, make_train_step
+from mpitrain.pixels import as_float
+from mpitrain.shards import batch_slices, epoch_order, steps_per_epoch
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
+
+
+class Arrays(Protocol):
+    """This rank's rows: images [n, H, W] (integers, with their full-scale value) or
+    [n, H, W, C] (integers, or float32 in [0, 1] with max value 1.0), labels int32 [n]."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    train_max: float
+    val_max: float
+    val_index: np.ndarray | None  # each validation row's index in the caller's list (None: unknown)
+
+
+@dataclass
+class InMemory:
+    """`Arrays` held in memory (what a library caller passes)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    train_max: float = 1.0
+    val_max: float = 1.0
+    val_index: np.ndarray | None = None
 
 
 @dataclass
 class Result:
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # every rank: the epoch rows
     val_probs: np.ndarray | None = None  # rank 0 only
     val_labels: np.ndarray | None = None  # rank 0 only
-    val_index: np.ndarray | None = None  # rank 0 only: each row's index in Plan.val_paths (-1: unknown)
+    val_index: np.ndarray | None = None  # rank 0 only: each row's index in Arrays.val_index terms (-1: unknown)
     seconds: float = 0.0
     images_per_second: float = 0.0
     comm_seconds: float = 0.0
     checksum: str = ""
     events: list[dict] = field(default_factory=list)  # ranks lost (elastic)
     epochs_run: int = 0
-    kept_epoch: int | None = None  # --keep-best: the epoch whose weights the model has
-    stopped_early: bool = False  # --early-stop ended the run before --epochs
+    kept_epoch: int | None = None  # KeepBest: the epoch whose weights the model has
+    stopped_early: bool = False  # a callback ended the run before the last epoch
 
     def keep_validation(self, probs, labels, index) -> None:
-        """Rank 0: the gathered validation probabilities, labels and plan indices of the model kept."""
+        """Rank 0: the gathered validation probabilities, labels and indices of the model kept."""
         self.val_probs, self.val_labels, self.val_index = probs, labels, index
 
 
-def _make_optimizer(cfg: TrainConfig, lr: float):
+def event(kind: str, **fields) -> dict:
+    """An events.jsonl line: the time, what happened (`kind`), then `fields` in order."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **fields}
+
+
+def _make_optimizer(opts: Options, lr: float):
     import keras
 
-    if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
+    if opts.optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=opts.momentum)
     else:
         opt = keras.optimizers.Adam(learning_rate=lr)
-    if cfg.precision == "fp16":  # dynamic loss scaling: see train/steps.py
+    if opts.precision == "fp16":  # dynamic loss scaling: see engine/steps.py
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
 
 
-class Trainer:
+DEFAULT_LR = 1e-3
+
+
+def _optimizer_for(model, opts: Options):
+    """(optimizer, whether the engine sets its rate each step): the model's own when it was
+    compiled with one (its rate untouched unless `lr` is given), else one made from `opts`."""
+    import keras
+
+    own = getattr(model, "optimizer", None)
+    if own is None:
+        return _make_optimizer(opts, DEFAULT_LR if opts.lr is None else opts.lr), True
+    if opts.precision == "fp16" and not isinstance(own, keras.optimizers.LossScaleOptimizer):
+        own = keras.optimizers.LossScaleOptimizer(own)
+    return own, opts.lr is not None
+
+
+def _class_weights(given, n_classes: int) -> np.ndarray:
+    """Per-class loss weights as float32 [n_classes]: an array, a {class: weight} dict as
+    Keras' `fit(class_weight=...)` takes, or None (all 1)."""
+    if given is None:
+        return np.ones(n_classes, np.float32)
+    if isinstance(given, dict):
+        return np.array([given.get(c, 1.0) for c in range(n_classes)], np.float32)
+    return np.asarray(given, np.float32)
+
+
+Augment = Callable[[np.ndarray, float, int, int, int], np.ndarray]  # (rows, max, epoch, rank, step) -> float32
+
+
+class Engine:
     def __init__(
         self,
-        cfg: TrainConfig,
-        comm,
-        plan: Plan,
-        data: Shard,
         model,
-        echo=print,
+        data: Arrays,
+        options: Options,
+        comm: Comm | None = None,
+        *,
+        class_weight=None,
+        augment: Augment | None = None,
+        callbacks: list[Any] = (),  # type: ignore[assignment]
+        echo: Callable[[str], Any] = print,
+        progress: bool = True,
         checkpoints: bool = False,
-        run_dir=None,
-        reshard=None,
+        checkpoint_dir=None,
+        checkpoint_config: dict | None = None,
+        reshard: Callable[[tuple, tuple], Arrays] | None = None,
+        wrap_step: Callable[[Any], Any] | None = None,
     ):
-        """`checkpoints` must be the same on every rank; rank 0 writes them to `run_dir`.
-        `reshard(train_part, val_part)` loads a rank's data for a new layout (elastic)."""
-        self.cfg = resolve(cfg)
-        self.comm, self.plan, self.data, self.model, self.echo = comm, plan, data, model, echo
-        self.checkpoints, self.run_dir, self.reshard = checkpoints, run_dir, reshard
-        self.n_classes = len(plan.classes)
-        self.class_w = class_weights(plan.class_counts(), self.cfg.class_weight)
-        self.optimizer = _make_optimizer(self.cfg, self.cfg.lr)
+        """`comm`: the ranks (default: the MPI world, or one process). `checkpoints` must be the
+        same on every rank; rank 0 writes them under `checkpoint_dir` with `checkpoint_config`
+        (what a resumed run is rebuilt from). `reshard(train_part, val_part)` loads a rank's
+        rows for a new layout (elastic). `wrap_step(step)` wraps every train step made
+        (`mpitrain bench` times it). `progress`: rank 0's bar and epoch lines through `echo`."""
+        from mpitrain.parallel.comm import world
+
+        self.options = opts = options.resolved()
+        self.comm = comm = world() if comm is None else comm
+        # Rank 0 speaks for the job: callbacks and the engine's own messages use `self.echo`.
+        self.data, self.model = data, model
+        self.echo = echo if comm.rank == 0 else _silent
+        self.checkpoints, self.checkpoint_dir, self.reshard = checkpoints, checkpoint_dir, reshard
+        self.checkpoint_config = checkpoint_config if checkpoint_config is not None else _as_dict(opts)
+        self.augment, self.wrap_step = augment, wrap_step
+        self.n_classes = int(model.output_shape[-1])
+        self.class_w = _class_weights(class_weight, self.n_classes)
+        self.optimizer, self.set_lr = _optimizer_for(model, opts)
         self.optimizer.build(model.trainable_variables)
+        self.loss_fn = per_sample_loss(model)
+        self.own_loss = getattr(model, "loss", None) is not None
         self.predict = make_predict_step(model)
         self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
-        self.show_progress = True  # bench turns the bar off
         self.result = Result()
+        self.history = self.result.history
         self.done = 0  # steps of the current epoch done on this rank
-        self.bar = Progress(0, enabled=False)
         self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
-        self.best, self.best_epoch = None, None  # --keep-best: rank 0's copy of the best weights
-        self.stopping = False
+        self.stop_training = False  # set by a callback (EarlyStopping) at an epoch's end
+        self.callbacks = CallbackList(([ProgressBar(self.echo)] if progress else []) + list(callbacks), self)
         self._layout(first_time=True)
 
     def _layout(self, first_time: bool) -> None:
         """Everything that depends on the number of ranks (again after a rank is lost)."""
-        cfg, comm = self.cfg, self.comm
+        opts, comm = self.options, self.comm
         # The strategy refuses too few ranks itself; while it waits for peers that are still
         # working it reports their progress to the watchdog.
         self.sync = make_sync(
-            cfg.strategy,
+            opts.strategy,
             comm,
-            cfg.sync_every,
+            opts.sync_every,
             progress=self._beat,
             stop_requested=lambda: preempt.requested() is not None,
-            compress=cfg.compress,
+            compress=opts.compress,
         )
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
         else:
             self.sync.attach(self.model, self.optimizer)
+            assert self.reshard is not None, "an elastic re-layout needs reshard()"
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
         # Integer images enter the step as they are held and are scaled in the graph (the
         # same bits as `as_float`); augmented batches come out of OpenCV as float32.
         rows = self.data.train_x
-        self.integer_input = cfg.augment == "none" and rows.dtype.kind in "ui"
+        self.integer_input = self.augment is None and rows.dtype.kind in "ui"
         self.step = make_train_step(
             self.model,
             self.optimizer,
@@ -147,64 +236,58 @@ class Trainer:
             input_dtype=rows.dtype if self.integer_input else np.float32,
             max_value=self.data.train_max if self.integer_input else 1.0,
             sums=self.sums,
+            loss_fn=self.loss_fn,
+            set_lr=self.set_lr,
         )
+        if self.wrap_step is not None:
+            self.step = self.wrap_step(self.step)
         # Collective: every rank must agree on the step count before the first step.
-        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), cfg.batch_size)
-        self.warmup = int(round(cfg.warmup_epochs * self.steps))
-        self.total = cfg.epochs * self.steps
-        self.target_lr = scaled_lr(cfg.lr, cfg.lr_scaling, self.sync.train_ranks)
+        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), opts.batch_size)
+        self.warmup = int(round(opts.warmup_epochs * self.steps))
+        self.total = opts.epochs * self.steps
+        self.base_lr = DEFAULT_LR if opts.lr is None else opts.lr
+        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks)
         self.tag = self.sync.tag
 
     def _beat(self, what: str) -> None:
         self.dog.beat(what)
 
     def _lr(self, global_step: int) -> float:
-        return lr_at(self.cfg.lr, self.target_lr, self.warmup, global_step, self.total, self.cfg.lr_schedule)
+        o = self.options
+        if not self.set_lr:  # the caller's optimizer: its own rate, as it stands now
+            return float(np.asarray(self.optimizer.learning_rate))
+        return lr_at(self.base_lr, self.target_lr, self.warmup, global_step, self.total, o.lr_schedule)
+
+    def running(self) -> dict:
+        """This rank's loss and accuracy so far in the epoch (reads the device: call rarely)."""
+        n, loss, hits = self.sums.read()
+        return {"loss": loss / max(n, 1), "acc": hits / max(n, 1)}
 
     def fit(self, resume=None, resuming: bool = False) -> Result:
-        """`resuming` must be the same on every rank; rank 0 passes the checkpoint `resume`."""
-        comm, cfg = self.comm, self.cfg
+        """Train. `resuming` must be the same on every rank; rank 0 passes the checkpoint `resume`."""
+        try:
+            return self._fit(resume, resuming)
+        except BaseException:
+            self.callbacks.on_interrupt()
+            raise
+
+    def _fit(self, resume, resuming: bool) -> Result:
+        comm, opts = self.comm, self.options
         epoch, first, stats, trained = 0, 0, None, False
         if resuming:
-            # Collective, in this order: where to continue (bcast), then each rank's state (scatter).
-            epoch, first, history, trained, ranks, steps = comm.bcast_obj(
-                (
-                    resume.epoch,
-                    resume.step,
-                    resume.history,
-                    resume.status != "running",
-                    resume.ranks,
-                    resume.steps or self.steps,
-                )
-                if comm.rank == 0
-                else None
-            )
-            saved = self.state.scatter(comm, resume)
-            if comm.rank == 0:
-                self.best, self.best_epoch = resume.best, resume.best_epoch
-            stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
-            if first and (ranks != comm.size or steps != self.steps):
-                # Written by another number of ranks (an elastic job that lost a host, or -n
-                # changed): the epoch's steps are laid out anew; go on at the same fraction of
-                # the epoch, and its training metrics cover the steps from here (as after a lost rank).
-                first, stats = _same_fraction(first, steps, self.steps), None
-            self.result.history = list(history) if comm.rank == 0 else []
-            self.echo(
-                "resuming after the last epoch: validating and saving the model"
-                if trained
-                else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}"
-            )
-        self.dog = Watchdog(cfg.timeout, lambda: comm.abort(3), comm.rank).start()
+            epoch, first, stats, trained = self._resume(resume)
+        self.dog = Watchdog(opts.timeout, lambda: comm.abort(3), comm.rank).start()
         t_start = time.perf_counter()
         seen = 0.0
         try:
+            self.callbacks.on_train_begin()
             if trained:
-                epoch = cfg.epochs  # every epoch was done; the model was not saved yet
-            while epoch < cfg.epochs:
+                epoch = opts.epochs  # every epoch was done; the model was not saved yet
+            while epoch < opts.epochs:
                 try:
                     seen += self._epoch(epoch, first, stats)
                     epoch, first, stats = epoch + 1, 0, None
-                    if self.stopping:
+                    if self.stop_training:
                         break
                 except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
                     if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
@@ -213,11 +296,10 @@ class Trainer:
             if trained:
                 # Resumed from the final checkpoint (the model was not saved yet): the threshold
                 # and the saved metrics need the validation predictions of the final weights.
-                epoch = len(self.result.history) if comm.rank == 0 else epoch
-                epoch = comm.bcast_obj(epoch)  # collective: the epochs run (fewer if stopped early)
-                self.result.keep_validation(*self._validate(epoch - 1)[1:])
-            self.result.epochs_run, self.result.stopped_early = epoch, self.stopping
-            self._restore_best()
+                epoch = comm.bcast_obj(len(self.history) if comm.rank == 0 else None)  # epochs run
+                self.revalidate(epoch - 1)
+            self.result.epochs_run, self.result.stopped_early = epoch, self.stop_training
+            self.callbacks.on_train_end()  # KeepBest restores its weights here
         finally:
             # Also when fit raises: a library caller that handles the error must not be
             # left with a thread that aborts the process --timeout seconds later.
@@ -229,13 +311,46 @@ class Trainer:
         r.checksum = _check_identical(comm, self.sync)
         return r
 
+    def _resume(self, resume) -> tuple[int, int, Any, bool]:
+        """Collective, in this order: where to continue (bcast), then each rank's state
+        (scatter). Returns (epoch, first step, the epoch's saved sums, trained)."""
+        comm = self.comm
+        epoch, first, history, trained, ranks, steps = comm.bcast_obj(
+            (
+                resume.epoch,
+                resume.step,
+                resume.history,
+                resume.status != "running",
+                resume.ranks,
+                resume.steps or self.steps,
+            )
+            if comm.rank == 0
+            else None
+        )
+        saved = self.state.scatter(comm, resume)
+        keep = self.callbacks.find(KeepBest)
+        if comm.rank == 0 and keep is not None:
+            keep.best, keep.best_epoch = resume.best, resume.best_epoch
+        stats = saved if first else None  # a mid-epoch checkpoint carries the epoch's sums
+        if first and (ranks != comm.size or steps != self.steps):
+            # Written by another number of ranks (an elastic job that lost a host, or -n
+            # changed): the epoch's steps are laid out anew; go on at the same fraction of
+            # the epoch, and its training metrics cover the steps from here (as after a lost rank).
+            first, stats = same_fraction(first, steps, self.steps), None
+        self.history[:] = list(history)
+        self.echo(
+            "resuming after the last epoch: validating and saving the model"
+            if trained
+            else f"resuming at epoch {epoch + 1}, step {first} of {self.steps}"
+        )
+        return epoch, first, stats, trained
+
     def _epoch(self, epoch: int, first: int, stats) -> float:
         """One epoch from step `first` on; returns the samples trained (all ranks)."""
-        cfg, comm, sync = self.cfg, self.comm, self.sync
+        opts, comm, sync = self.options, self.comm, self.sync
         t0 = time.perf_counter()
         stats, probs, labels = self.run_steps(epoch, first, stats)
         train_time = time.perf_counter() - t0
-        self.bar.close()
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
         # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
@@ -245,6 +360,7 @@ class Trainer:
         train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes)
         val_m, *validated = self._validate(epoch)
         self.dog.beat(f"validation after epoch {epoch + 1}")
+        row = None
         if comm.rank == 0:
             row = {
                 "epoch": epoch + 1,
@@ -254,23 +370,18 @@ class Trainer:
                 "seconds": round(train_time, 3),
                 "images_per_second": round(stats[0] / max(train_time, 1e-9), 1),
             }
-            self.result.history.append(row)
-            if cfg.tensorboard and self.run_dir is not None:
-                from mpitrain.train import tensorboard as tb
-
-                tb.log_epoch(self.run_dir / "tb", row)  # rank 0: live TensorBoard scalars
             self.result.keep_validation(*validated)
-            self.echo(epoch_line(row, cfg.epochs, self.tag))
-        self.stopping = self._watch(epoch)
-        # The last one is "trained", not "finished": the run is finished only once rank 0 has
-        # saved the model (train/command.py marks it then), so a kill in between can resume.
-        self._checkpoint(
-            epoch + 1, 0, np.zeros(3), "trained" if epoch + 1 == cfg.epochs or self.stopping else "running"
-        )
+        row = comm.bcast_obj(row)  # collective: every rank's callbacks see the global row
+        self.history.append(row)
+        self.callbacks.on_epoch_end(epoch, row)
+        last = epoch + 1 == opts.epochs or self.stop_training
+        # The last one is "trained", not "finished": the run is finished only once the caller
+        # has saved the model (train/command.py marks it then), so a kill in between can resume.
+        self._checkpoint(epoch + 1, 0, np.zeros(3), "trained" if last else "running")
         self.dog.beat(f"checkpoint after epoch {epoch + 1}")
         # A stop asked for during validation: collective, once per epoch. After the last
         # epoch the run finishes instead (validated; saving the model takes seconds).
-        if self.checkpoints and epoch + 1 < cfg.epochs and not self.stopping and sync.stop_vote():
+        if self.checkpoints and not last and sync.stop_vote():
             raise StopRequested(epoch + 1, 0)
         return float(stats[0])
 
@@ -279,26 +390,17 @@ class Trainer:
         running sums, its probabilities, its labels) as arrays. Collective, as the strategy is.
         `mpitrain bench` times this loop, and `benchmarks/step_profile.py` times it against
         the compiled step alone."""
-        cfg, comm, data, sync = self.cfg, self.comm, self.data, self.sync
-        order = epoch_order(len(data.train_x), cfg.seed, epoch, comm.rank)
-        step, sums = self.step, self.sums
+        opts, comm, data, sync = self.options, self.comm, self.data, self.sync
+        order = epoch_order(len(data.train_x), opts.seed, epoch, comm.rank)
+        step, sums, callbacks = self.step, self.sums, self.callbacks
         # The running sums (samples, loss sum, hits) are added up by the step, on the device, and
         # read only when needed; after a mid-epoch resume they start at the sums saved with the state.
         sums.reset(stats)
         probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
         self.done = first
-        self.bar = bar = Progress(
-            self.steps,
-            f"epoch {epoch + 1}/{cfg.epochs} ",
-            enabled=self.show_progress and comm.rank == 0 and sync.trains,
-        )
-
-        def running() -> dict:  # called only when the bar redraws
-            n, loss, hits = sums.read()
-            return {"loss": loss / max(n, 1), "acc": hits / max(n, 1)}
-
+        callbacks.on_epoch_begin(epoch)
         lrs = self._lrs(epoch)
-        for s, idx in enumerate(batch_slices(order, self.steps, cfg.batch_size)):
+        for s, idx in enumerate(batch_slices(order, self.steps, opts.batch_size)):
             if s < first:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
@@ -306,16 +408,15 @@ class Trainer:
                 _, p = step(self._train_input(data.train_x[idx], epoch, s), y, self.class_w[y], lrs[s])
                 probs.append(p)
                 labels.append(y)
-                bar.update(s + 1, values=running)
+                callbacks.on_train_batch_end(s)
             sync.after_step(s + 1, self.steps, len(idx))
             self.done = s + 1
             self.dog.beat(f"epoch {epoch + 1} step {s + 1}")
             # Every rank asks at every step (the vote is collective); all get the same answer.
             if sync.stop_agreed(s + 1, self.steps) and self.checkpoints and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, sums.read())
-                bar.close()
                 raise StopRequested(epoch, s + 1)
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < self.steps:
+            if opts.checkpoint_every and (s + 1) % opts.checkpoint_every == 0 and s + 1 < self.steps:
                 self._checkpoint(epoch, s + 1, sums.read())
         sync.end_epoch()
         return (
@@ -330,7 +431,7 @@ class Trainer:
 
     def _validate(self, epoch: int):
         """Collective. Validation metrics and (rank 0) the gathered probabilities, labels and
-        each row's index in the plan's validation list.
+        each row's index in the caller's validation list.
 
         Shares can be unequal (a master-worker master validates everything alone), so the
         ranks done early wait on progress pulses, one per batch of the largest share,
@@ -339,7 +440,7 @@ class Trainer:
         --timeout that fits a step fits a validation batch (the last one is padded to the
         same shape, so the bits do not depend on how the rows were shared out).
         """
-        data, comm, size = self.data, self.comm, self.cfg.batch_size
+        data, comm, size = self.data, self.comm, self.options.batch_size
         mine = -(-len(data.val_x) // size)
         batches = int(comm.allreduce_max(mine))  # collective: the largest share, in batches
         pulses = Pulses(comm, self._beat)
@@ -353,97 +454,61 @@ class Trainer:
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()
-        vstats = np.array([len(vp), loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        vstats = np.array([len(vp), self._loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
         m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
         index = data.val_index if data.val_index is not None else np.full(len(vp), -1, np.int64)
         all_vi = comm.gather_rows(index.astype(np.int64))  # collective: same order as the probabilities
         return m, all_vp, all_vy, all_vi
 
-    def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
-        """A training batch as the step takes it, augmented (--augment) from its position alone."""
-        if self.integer_input:
-            return rows[..., np.newaxis]  # a view: the step scales it in the graph
-        if self.cfg.augment == "none":
-            return as_float(rows, self.data.train_max)
-        from mpitrain.data.augment import augment_batch
+    def _loss_sum(self, y: np.ndarray, probs: np.ndarray) -> float:
+        """Summed validation loss: the model's own loss, or cross-entropy (in NumPy, as Keras clips)."""
+        if not self.own_loss:
+            return loss_sum(y, probs)
+        return float(np.sum(np.asarray(self.loss_fn(y, probs), np.float64))) if len(y) else 0.0
 
-        return augment_batch(rows, self.data.train_max, self.cfg.augment, self.cfg.seed, epoch, self.comm.rank, step)
-
-    def _watch(self, epoch: int) -> bool:
-        """--keep-best / --early-stop after `epoch`: rank 0 decides from the history, every
-        rank follows (collective). Returns whether to stop now."""
-        cfg, comm = self.cfg, self.comm
-        metric = cfg.watch_metric
-        if metric is None:
-            return False
-        decision = None
-        if comm.rank == 0:
-            best = best_epoch(self.result.history, metric)
-            improved = best == epoch + 1
-            stop = bool(
-                cfg.early_stop and best is not None and epoch + 1 < cfg.epochs and epoch + 1 - best >= cfg.early_stop
-            )
-            decision = (improved, stop, best)
-        improved, stop, best = comm.bcast_obj(decision)  # collective: one decision for all
-        if cfg.keep_best and improved and comm.rank == 0:
-            from mpitrain.parallel.flat import FlatVars, float_vars
-
-            self.best = FlatVars(float_vars(self.model.weights)).pack().copy()
-            self.best_epoch = epoch + 1
-        if stop:
-            self.echo(f"early stop: no better {metric} for {cfg.early_stop} epoch(s) since epoch {best}")
-        return stop
-
-    def _restore_best(self) -> None:
-        """--keep-best: every rank takes rank 0's best weights; validation is predicted again
-        with them, so the threshold and metrics saved are those of the kept model."""
-        if not self.cfg.keep_best:
-            return
-        comm = self.comm
-        last = self.result.epochs_run
-        kept = comm.bcast_obj(self.best_epoch if comm.rank == 0 else None)  # collective
-        self.result.kept_epoch = kept if kept is not None else last
-        if kept is None or kept == last:
-            return  # the current weights are the best ones
-        from mpitrain.parallel.flat import FlatVars, float_vars
-
-        flat = FlatVars(float_vars(self.model.weights))
-        if comm.rank == 0:
-            flat.buffer[:] = self.best
-        comm.bcast_(flat.buffer, 0)  # collective
-        flat.unpack()
-        _, *validated = self._validate(kept - 1)
-        if comm.rank == 0:
+    def revalidate(self, epoch: int) -> None:
+        """Collective: predict validation again with the current weights (rank 0 keeps the
+        predictions for the caller: the threshold and metrics saved belong to them)."""
+        _, *validated = self._validate(epoch)
+        if self.comm.rank == 0:
             self.result.keep_validation(*validated)
-            self.echo(f"kept the weights of epoch {kept} (best {self.cfg.keep_best})")
+
+    def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
+        """A training batch as the step takes it, augmented (`augment`) from its position alone."""
+        if self.integer_input:
+            return rows if rows.ndim == len(self.model.input_shape) else rows[..., np.newaxis]  # a view
+        if self.augment is None:
+            return as_float(rows, self.data.train_max)
+        return self.augment(rows, self.data.train_max, epoch, self.comm.rank, step)
 
     def _checkpoint(self, epoch: int, done: int, stats: np.ndarray, status: str = "running") -> None:
         if not self.checkpoints:
             return
         self.sync.settle()  # until every rank has done its steps so far (a polled wait)
         gathered = self.state.gather(self.comm, stats)  # collective: every rank's state to rank 0
-        if self.comm.rank == 0:
-            from mpitrain.train import checkpoint as ckpt
+        if gathered is not None:  # rank 0
+            from mpitrain.engine import checkpoint as ckpt
 
+            keep = self.callbacks.find(KeepBest)
             states, shared = gathered
             ckpt.save(
-                self.run_dir,
+                self.checkpoint_dir,
                 ckpt.Checkpoint(
                     epoch=epoch,
                     step=done,
                     ranks=self.comm.size,
-                    strategy=self.cfg.strategy,
+                    strategy=self.options.strategy,
                     states=states,
                     shared=shared,
                     status=status,
-                    config=self.cfg.to_dict(),
-                    history=self.result.history,
-                    best=self.best,
-                    best_epoch=self.best_epoch,
+                    config=self.checkpoint_config,
+                    history=self.history,
+                    best=None if keep is None else keep.best,
+                    best_epoch=None if keep is None else keep.best_epoch,
                     steps=self.steps,
                 ),
-                keep=self.cfg.keep_checkpoints,
+                keep=self.options.keep_checkpoints,
             )
 
     def _recover(self, epoch: int) -> int:
@@ -451,7 +516,7 @@ class Trainer:
         the step of `epoch` to go on from (in the new layout)."""
         comm = self.comm
         before = comm.size
-        self.bar.close()
+        self.callbacks.on_interrupt()
         # Shrinking is an agreement among the survivors; if it cannot finish, stopping beats
         # waiting: the newest checkpoint is on disk for --resume.
         deadline = threading.Timer(RECOVERY_SECONDS, _recovery_failed, args=(comm.rank,))
@@ -459,7 +524,7 @@ class Trainer:
         deadline.start()
         lost = comm.shrink()  # collective among the survivors
         self.dog.beat("recovering from a lost rank")
-        too_few = strategy_class(self.cfg.strategy).too_few_ranks(comm.size)
+        too_few = strategy_class(self.options.strategy).too_few_ranks(comm.size)
         if 0 in lost or too_few:
             deadline.cancel()
             why = (
@@ -480,8 +545,8 @@ class Trainer:
         deadline.cancel()
         old_steps = self.steps
         self._layout(first_time=False)
-        first = _same_fraction(resume_at, old_steps, self.steps)
-        event = runfolder.event(
+        first = same_fraction(resume_at, old_steps, self.steps)
+        lost_event = event(
             "rank_lost",
             lost_ranks=lost,
             ranks_before=before,
@@ -492,21 +557,24 @@ class Trainer:
             continue_at_step=first,
             of_new_steps=self.steps,
         )
-        self.result.events.append(event)
+        self.result.events.append(lost_event)
         if comm.rank == 0:
             self.echo(
                 f"lost rank(s) {lost}: continuing on {comm.size} ranks from epoch {epoch + 1}, "
                 f"step {first} of {self.steps} (lr {self.target_lr:.3g})"
             )
-            if self.run_dir is not None:
-                runfolder.append_event(self.run_dir, event)
+        self.callbacks.on_event(lost_event)
         return first
 
 
 RECOVERY_SECONDS = 60.0
 
 
-def _same_fraction(step: int, of_steps: int, steps: int) -> int:
+def _silent(*args, **kwargs) -> None:
+    """The echo of ranks other than 0."""
+
+
+def same_fraction(step: int, of_steps: int, steps: int) -> int:
     """Step `step` of an epoch of `of_steps` steps, in a layout of `steps` steps per epoch
     (another number of ranks): the same fraction of the epoch, rounded down."""
     return min(steps, step * steps // of_steps)
@@ -523,25 +591,13 @@ def _recovery_failed(rank: int) -> None:
     os._exit(5)
 
 
-def fit(
-    cfg: TrainConfig,
-    comm,
-    plan: Plan,
-    data: Shard,
-    model,
-    echo=print,
-    checkpoints: bool = False,
-    run_dir=None,
-    resume=None,
-    resuming: bool = False,
-    reshard=None,
-) -> Result:
-    """Train `model` in place on every rank; returns the history (complete on rank 0)."""
-    trainer = Trainer(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard)
-    return trainer.fit(resume, resuming)
+def _as_dict(opts: Options) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(opts)
 
 
-def _check_identical(comm, sync) -> str:
+def _check_identical(comm: Comm, sync) -> str:
     """All ranks must end with bit-identical weights; a mismatch is a bug, never silent."""
     mine = sync.checksum()
     sums = comm.allgather_obj(mine)  # collective

@@ -1,0 +1,52 @@
+"""The engine's options: how to train, not what on (no folders, no data sources).
+
+Each field has the meaning of the `mpitrain train` option of the same name (config.py's
+TrainConfig holds those and more; `Options.of(cfg)` takes the ones the engine needs).
+"auto" values are the strategy's own rules (`parallel/strategies/`), resolved here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    epochs: int = 1
+    batch_size: int = 32  # per rank
+    # Of one rank, scaled by lr_scaling, then warm-up and schedule. None: 1e-3 for the
+    # engine's own optimizer; a model compiled with an optimizer keeps that one's rate
+    # (its schedule too), untouched.
+    lr: float | None = None
+    optimizer: str = "adam"  # adam or sgd, when the model brings no optimizer of its own
+    momentum: float = 0.0
+    strategy: str = "allreduce"
+    sync_every: int | None = None
+    lr_scaling: str = "auto"
+    warmup_epochs: float = 0.0
+    lr_schedule: str = "auto"
+    compress: str = "none"
+    precision: str = "fp32"  # the engine's part of it: fp16 trains with dynamic loss scaling
+    seed: int = 0
+    timeout: float = 0.0  # seconds without progress before the job is aborted; 0: never
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+
+    @classmethod
+    def of(cls, config) -> Options:
+        """The engine's options from any object with these attributes (a TrainConfig)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def resolved(self) -> Options:
+        """A copy with every "auto"/None default replaced by the strategy's own value."""
+        from mpitrain.parallel.strategies import strategy_class
+
+        rules = strategy_class(self.strategy)
+        scaling, schedule = rules.auto_lr
+        return dataclasses.replace(
+            self,
+            lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
+            lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
+            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every,
+        )

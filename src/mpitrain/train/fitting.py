@@ -1,0 +1,107 @@
+"""`mpitrain train`'s use of the engine: a TrainConfig and a Plan become the engine's
+options, class weights, augmentation and callbacks.
+
+The engine (`mpitrain.engine`) knows no folders, plans or recipes; this is the one place
+where the command line's options meet it, so `mpitrain train` and a library caller train
+with the same loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mpitrain import runfiles
+from mpitrain.config import TrainConfig
+from mpitrain.data.dataset import Plan, class_weights
+from mpitrain.engine.callbacks.base import Callback
+from mpitrain.engine.callbacks.early_stopping import EarlyStopping
+from mpitrain.engine.callbacks.keep_best import KeepBest
+from mpitrain.engine.callbacks.tensorboard import TensorBoard
+from mpitrain.engine.loop import Engine, Result
+from mpitrain.engine.options import Options
+from mpitrain.parallel.strategies import resolve
+
+if TYPE_CHECKING:
+    from mpitrain.parallel.comm import Comm
+
+
+class EventLog(Callback):
+    """Rank 0 appends what the job lives through (a lost rank) to the run folder's events.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def on_event(self, event: dict) -> None:
+        if self.engine.comm.rank == 0:
+            from mpitrain.train import runfolder
+
+            runfolder.append_event(self.run_dir, event)
+
+
+def callbacks_for(cfg: TrainConfig, run_dir) -> list:
+    """The callbacks --tensorboard, --keep-best and --early-stop ask for, in the order their
+    lines and files are written (run_dir: rank 0's run folder, None elsewhere)."""
+    out: list = []
+    if run_dir is not None:
+        out.append(EventLog(run_dir))
+        if cfg.tensorboard:
+            out.append(TensorBoard(Path(run_dir) / runfiles.TENSORBOARD))
+    if cfg.keep_best:
+        out.append(KeepBest(cfg.keep_best))
+    if cfg.early_stop:
+        out.append(EarlyStopping(cfg.watch_metric or "val_loss", cfg.early_stop))
+    return out
+
+
+def augment_for(cfg: TrainConfig):
+    """--augment as the engine's augment callable (None for none)."""
+    if cfg.augment == "none":
+        return None
+    from mpitrain.data.augment import augment_batch
+
+    policy, seed = cfg.augment, cfg.seed
+
+    def augment(rows, max_value, epoch, rank, step):
+        return augment_batch(rows, max_value, policy, seed, epoch, rank, step)
+
+    return augment
+
+
+def engine_for(
+    cfg: TrainConfig, comm: Comm, plan: Plan, data, model, echo=print, checkpoints: bool = False, run_dir=None, **kw
+) -> Engine:
+    """The engine for `cfg` on this rank's `data` (a Shard) of `plan`."""
+    cfg = resolve(cfg)
+    return Engine(
+        model,
+        data,
+        Options.of(cfg),
+        comm,
+        class_weight=class_weights(plan.class_counts(), cfg.class_weight),
+        augment=augment_for(cfg),
+        callbacks=callbacks_for(cfg, run_dir),
+        echo=echo,
+        checkpoints=checkpoints,
+        checkpoint_dir=run_dir,
+        checkpoint_config=cfg.to_dict(),
+        **kw,
+    )
+
+
+def fit(
+    cfg: TrainConfig,
+    comm: Comm,
+    plan: Plan,
+    data,
+    model,
+    echo=print,
+    checkpoints: bool = False,
+    run_dir=None,
+    resume=None,
+    resuming: bool = False,
+    reshard=None,
+) -> Result:
+    """Train `model` in place on every rank; returns the result (history on every rank)."""
+    engine = engine_for(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard=reshard)
+    return engine.fit(resume, resuming)

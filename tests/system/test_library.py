@@ -1,0 +1,81 @@
+"""A script written against the public API, in one process and under a real mpiexec."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mpirun import mpirun, script
+
+
+def _results(stdout: str) -> list[dict]:
+    rows = [json.loads(line[len("RESULT ") :]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+@pytest.mark.parametrize("mode", ["", "--dataset", "--loop"], ids=["fit", "fit-tf-data", "gradient-tape"])
+def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_every_rank(mode):
+    args, loop = [mode] if mode else [], mode == "--loop"
+    alone = subprocess.run(script("library_script.py", *args), capture_output=True, text=True, timeout=180)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (one,) = _results(alone.stdout)
+    assert (one["rank"], one["size"], one["rank_mean"]) == (0, 1, 0.0)
+    proc, _ = mpirun(2, script("library_script.py", *args), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _results(proc.stdout)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # broadcast at the start, reduced steps after
+    assert ranks[0]["rank_mean"] == ranks[1]["rank_mean"] == 0.5
+    assert ranks[0]["history"] == ranks[1]["history"]  # the global numbers on every rank
+    if loop:
+        assert ranks[0]["history"][-1] < ranks[0]["history"][0]  # it learnt
+    else:
+        assert ranks[0]["history"][-1]["val_accuracy"] > 0.5
+        assert proc.stdout.count("epoch 3/3") == 1  # rank 0 alone prints
+
+
+def _runnable_examples():
+    """The Python blocks of docs/library.md and of the README's "In Python" section."""
+    import importlib.util
+    from pathlib import Path
+
+    # test_docs.py owns the reading of fenced blocks; load it by path (tests/ is no package).
+    spec = importlib.util.spec_from_file_location("docs_blocks", Path(__file__).parents[1] / "unit" / "test_docs.py")
+    docs = sys.modules.setdefault("docs_blocks", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(docs)
+    ROOT, blocks = docs.ROOT, docs.blocks
+
+    readme = [b for b in blocks(ROOT / "README.md") if b.lang == "python"]
+    library = [b for b in blocks(ROOT / "docs" / "library.md") if b.lang == "python"]
+    return readme + library
+
+
+@pytest.mark.parametrize("block", _runnable_examples(), ids=lambda b: b.where())
+def test_every_python_example_of_the_library_page_runs(block, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", block.text], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, f"{block.where()}:\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{block.where()} printed nothing"
+
+
+def test_the_library_page_has_its_examples():
+    assert len(_runnable_examples()) >= 5  # README's, the convnet, callbacks, custom loop, engine
+
+
+def test_digits_under_two_ranks_match_plain_keras_fit_within_two_points():
+    # Issue 19's bar: real data that ships with a package (scikit-learn's digits), the same
+    # model and epochs; two ranks end with identical weights, and validation accuracy is
+    # within 2 points of plain model.fit in one process.
+    pytest.importorskip("sklearn")
+    from pathlib import Path
+
+    bench = str(Path(__file__).parents[2] / "benchmarks" / "library.py")
+    plain = subprocess.run([sys.executable, bench, "keras"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    keras_acc = json.loads(plain.stdout.strip().splitlines()[-1])["val_accuracy"]
+    proc, _ = mpirun(2, [sys.executable, bench, "mpitrain"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["ranks"] == 2 for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert abs(ranks[0]["val_accuracy"] - keras_acc) <= 0.02, (ranks[0]["val_accuracy"], keras_acc)
