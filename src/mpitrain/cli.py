@@ -166,11 +166,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_data, _add_synth, _add_bench, _add_evaluate, _add_predict, _add_export):
+    for add in (_add_train, _add_data, _add_synth, _add_bench, _add_evaluate, _add_predict, _add_export, _add_run):
         add(sub)
     for command in sub.choices.values():
         _add_debug(command)
     return parser
+
+
+def _add_run(sub) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a Python script as N processes (your own mpitrain.fit or training loop)",
+        description="Start N ranks of a Python script under mpiexec, with what `train -n N` has: a crashed "
+        "or killed rank ends the job naming the rank, Ctrl-C ends every rank (exit 130), a Slurm allocation "
+        "is respected, and an uncaught error on any rank aborts the job. Only rank 0's output is shown unless "
+        "--all-output. The same script runs unchanged under mpiexec -n N python SCRIPT.",
+    )
+    r.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N", required=True, help="processes to start")
+    r.add_argument("--hostfile", metavar="FILE", help="MPI hostfile (ranks on several machines)")
+    r.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
+    r.add_argument("--all-output", action="store_true", help="show every rank's output, each line tagged [rank R]")
+    r.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the script's mpitrain.fit aborts the job after this many seconds without progress (default: its "
+        "own timeout option, else never)",
+    )
+    r.add_argument("script", metavar="SCRIPT.py", help="the Python script each rank runs")
+    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    r.set_defaults(func=_cmd_run)
 
 
 INFER_PRECISION = (
@@ -514,6 +539,24 @@ def _cmd_export(args) -> int:
     from mpitrain.evaluate.export import export_main
 
     return export_main(args.run, args.format, out=args.out, overwrite=args.overwrite, threads=args.threads)
+
+
+def _cmd_run(args) -> int:
+    from mpitrain.launcher.script import run_script
+
+    _check_launch(args)
+    if args.timeout is not None and args.timeout < 0:
+        raise UserError(f"--timeout must be >= 0 (0: never), got {args.timeout}")
+    return run_script(
+        args.np,
+        args.script,
+        list(args.args),
+        hostfile=args.hostfile,
+        iface=args.iface,
+        all_output=args.all_output,
+        timeout=args.timeout,
+        debug=args.debug,
+    )
 
 
 def _cmd_bench(args) -> int:

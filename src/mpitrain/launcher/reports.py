@@ -62,13 +62,15 @@ def lost_host(box: str) -> str | None:
     return m.group(1) if m else None
 
 
-def lost_host_message(host: str, resume_hint: str | None = None, why: str | None = None) -> str:
+def lost_host_message(host: str, resume_hint: str | None = None, why: str | None = None, training: bool = True) -> str:
     """`why`: the reason an --elastic job could not go on without the host (launcher/hostloss.py);
-    None for a job that was not elastic."""
+    None for a job that was not elastic. `training`: the job is `mpitrain train`'s (which
+    --elastic can heal), not a script's."""
     if why is None:
         msg = (
             f"mpitrain: error: host {host} was lost (Open MPI's daemon there stopped answering) and Open MPI "
-            "stopped the whole job (with --elastic and a --hostfile it goes on without the host)"
+            "stopped the whole job"
+            + (" (with --elastic and a --hostfile it goes on without the host)" if training else "")
         )
     else:
         msg = f"mpitrain: error: host {host} was lost and the job cannot go on without it: {why}"

@@ -73,6 +73,7 @@ def supervise(
     iface: str | None = None,
     heal: bool = False,
     contact: bool = False,
+    training: bool = True,
 ) -> int:
     """Run `program` as N ranks under mpiexec and return the job's exit code (130 after
     Ctrl-C, 2 after a usage error said in one line: the hostfile, the network).
@@ -86,7 +87,7 @@ def supervise(
     program's rank 0 reports the job's start and the ranks' first contact over
     parallel/wire.py (mpitrain's own ranks do, in comm.world): then a job that has not got
     that far within $MPITRAIN_START_TIMEOUT seconds is stopped (any other program may take
-    its time)."""
+    its time). `training`: the program is `mpitrain train` (messages may name its options)."""
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")
     deadline = start_timeout() if n > 1 and contact else 0.0
@@ -99,7 +100,7 @@ def supervise(
     job = _Job(cmd, env, debug, via)
     job.watch_start(deadline, [h for h, _ in read_hostfile(hostfile)] if hostfile else [], local_names(networks))
     code = job.wait(stoppable)
-    return _outcome(job, code, on_interrupt, resume_hint, heal)
+    return _outcome(job, code, on_interrupt, resume_hint, heal, training)
 
 
 def _network(iface: str | None, hostfile: str | None, networks: dict) -> tuple[str | None, str | None]:
@@ -115,7 +116,7 @@ def _network(iface: str | None, hostfile: str | None, networks: dict) -> tuple[s
     return None, networks_said(networks)
 
 
-def _outcome(job: _Job, code: int, on_interrupt, resume_hint: str | None, heal: bool) -> int:
+def _outcome(job: _Job, code: int, on_interrupt, resume_hint: str | None, heal: bool, training: bool) -> int:
     """The exit code to return, after saying in one line what ended the job."""
     if job.interrupted and code != 0:
         if on_interrupt is not None:
@@ -129,7 +130,7 @@ def _outcome(job: _Job, code: int, on_interrupt, resume_hint: str | None, heal: 
     if gone and heal:
         raise HostLost(gone, job.relay.hosts)
     if gone:
-        print(lost_host_message(gone, resume_hint), file=sys.stderr)
+        print(lost_host_message(gone, resume_hint, training=training), file=sys.stderr)
         return code or 1  # mpiexec may say 0 although it stopped the job
     if code != 0:
         lost = lost_rank_message("".join(job.seen), resume_hint)

@@ -37,6 +37,10 @@ PROGRESS = "\x1b]mpitrain-progress;"
 STATE = "\x1b]mpitrain-state;"
 HOSTS_STATE = "hosts="  # then the host of every rank, in rank order, comma-separated
 _BEL = "\x07"
+# `mpitrain run`: every rank's output, tagged by rank (else rank 0's stdout alone), and the
+# --timeout its scripts' `mpitrain.fit` takes as the default of its `timeout` option.
+ALL_OUTPUT_ENV = "MPITRAIN_ALL_OUTPUT"
+TIMEOUT_ENV = "MPITRAIN_TIMEOUT"
 
 
 def under_launcher() -> bool:
