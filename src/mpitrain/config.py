@@ -125,7 +125,7 @@ class TrainConfig:
     model: str = _opt(
         "seed",
         "a keras.applications name (resnet50, mobilenet_v3_small, ...), MODULE:FUNCTION, a .keras file, "
-        "a run folder, or from the registry",
+        "a run folder, or a model from the registry",
         metavar="NAME",
     )
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
