@@ -128,6 +128,12 @@ class TrainConfig:
         "a run folder, or a model from the registry",
         metavar="NAME",
     )
+    init: str | None = _opt(
+        None,
+        "start from these weights (fine-tuning): a run folder, FILE.keras or FILE.weights.h5; "
+        "layers matched by name and shape, the others listed",
+        metavar="RUN",
+    )
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
     seed: int = _opt(0, "same seed + same data = same result")
     split_seed: int | None = _opt(

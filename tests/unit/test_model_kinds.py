@@ -115,3 +115,29 @@ def test_registry_weights_unchanged_by_channels_parameter():
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert models.build_model("xray", 32, 2, channels=3).input_shape == (None, 32, 32, 3)
+
+
+def test_init_matches_layers_by_name_and_shape(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    donor = models.build_model("tiny", 16, 2)
+    donor.save(tmp_path / "donor.keras")
+    donor.save_weights(tmp_path / "donor.weights.h5")
+    keras.utils.set_random_seed(2)
+    three = models.build_model("tiny", 16, 3)  # same layer names, the head has 3 outputs
+    line = models.init_from(three, str(tmp_path / "donor.keras"))
+    head = three.layers[-1].name
+    assert line.startswith("init: 2 layer(s)") and f"not matched: {head} (shape)" in line, line
+    for a, b in zip(three.layers[0].get_weights(), donor.layers[0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    keras.utils.set_random_seed(3)
+    same = models.build_model("tiny", 16, 2)
+    assert (
+        models.init_from(same, str(tmp_path / "donor.weights.h5"))
+        == f"init: 3 layer(s) from {tmp_path}/donor.weights.h5"
+    )
+    for a, b in zip(same.get_weights(), donor.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="no such weights file"):
+        models.init_from(same, str(tmp_path / "x.weights.h5"))

@@ -39,3 +39,9 @@ def test_unknown_model_is_one_line_before_data(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "nowhere"), "--model", "resnet51", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown model 'resnet51'" in err[0], err
+
+
+def test_init_from_run(tiny_run, synth_data, tmp_path, capsys):
+    args = ["train", "--data", str(synth_data), "--model", "tiny", "--image-size", "16", "--epochs", "1"]
+    assert main([*args, "--init", str(tiny_run), "--out", str(tmp_path / "run")]) == 0
+    assert f"init: 3 layer(s) from {tiny_run}" in capsys.readouterr().out

@@ -307,3 +307,64 @@ def _check_shapes(name: str, model, image_size: int, n_classes: int, channels: i
         raise UserError(
             f"--model {name}: expected output shape ({n_classes},) (the classes), the model gives {got_out}"
         )
+
+
+def init_from(model, source: str) -> str:
+    """Fine-tuning: copy the weights of RUN / FILE.keras / FILE.weights.h5 into `model`, layer
+    by layer, matched by name and shape. Returns the one line saying what matched."""
+    import keras
+
+    path = Path(source)
+    if source.endswith(".weights.h5"):
+        if not path.is_file():
+            raise UserError(f"--init {source}: no such weights file")
+        donor = keras.models.clone_model(model)
+        try:
+            donor.load_weights(path, skip_mismatch=True)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--init {source}: cannot read it as Keras weights ({e})") from None
+    else:
+        donor = _load(source)
+    # By name; else the k-th layer of its class (Keras' automatic names, conv2d_7, depend on
+    # how many models the process built before).
+    donors = {layer.name: layer for layer in _leaves(donor)}
+    by_kind = _by_kind(_leaves(donor))
+    copied, missing = 0, []
+    for layer, kind_key in zip(_leaves(model), _kind_keys(_leaves(model)), strict=True):
+        other = donors.get(layer.name, by_kind.get(kind_key))
+        if other is None:
+            missing.append(f"{layer.name} (absent)")
+        elif [w.shape for w in other.get_weights()] != [w.shape for w in layer.get_weights()]:
+            missing.append(f"{layer.name} (shape)")
+        else:
+            layer.set_weights(other.get_weights())
+            copied += 1
+    line = f"init: {copied} layer(s) from {source}"
+    return line + (f"; not matched: {', '.join(missing)}" if missing else "")
+
+
+def _leaves(model) -> list:
+    """The layers holding weights, nested models opened (a keras.applications backbone)."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out += _leaves(layer)
+        elif layer.weights:
+            out.append(layer)
+    return out
+
+
+def _kind_keys(layers: list) -> list[tuple[str, int]]:
+    seen: dict[str, int] = {}
+    keys = []
+    for layer in layers:
+        kind = type(layer).__name__
+        keys.append((kind, seen.get(kind, 0)))
+        seen[kind] = seen.get(kind, 0) + 1
+    return keys
+
+
+def _by_kind(layers: list) -> dict:
+    return dict(zip(_kind_keys(layers), layers, strict=True))
