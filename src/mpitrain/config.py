@@ -126,7 +126,18 @@ class TrainConfig:
     lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
-    model: str = _opt("seed", "model from the registry", metavar="NAME")
+    model: str = _opt(
+        "seed",
+        "a keras.applications name (resnet50, mobilenet_v3_small, ...), MODULE:FUNCTION, a .keras file, "
+        "a run folder, or a model from the registry",
+        metavar="NAME",
+    )
+    init: str | None = _opt(
+        None,
+        "start from these weights (fine-tuning): a run folder, FILE.keras or FILE.weights.h5; "
+        "layers matched by name and shape, the others listed",
+        metavar="RUN",
+    )
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
     seed: int = _opt(0, "same seed + same data = same result")
     split_seed: int | None = _opt(

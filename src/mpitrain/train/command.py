@@ -300,6 +300,10 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
     model = build_model(cfg.model, cfg.image_size, len(plan.classes))
+    if cfg.init:
+        from mpitrain.train.models import init_from
+
+        say(init_from(model, cfg.init))
     if cfg.elastic:
         comm.make_elastic()  # collective: from here on a dead peer raises RankLost
 
