@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from cluster import Cluster, unavailable  # noqa: E402
-from mpitrain.parallel.launch import mpiexec_command  # noqa: E402
+from mpitrain.launcher.mpiexec import mpiexec_command  # noqa: E402
 
 RATES = {"1gbit": 1e9, "10gbit": 10e9}
 

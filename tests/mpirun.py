@@ -11,7 +11,7 @@ PROGRAMS = Path(__file__).parent / "system" / "mpi_programs"
 
 def mpirun(n: int, program: list[str], timeout: float = 240, env: dict | None = None, extra: list[str] | None = None):
     """Returns (CompletedProcess, seconds). A hang fails the test via TimeoutExpired."""
-    from mpitrain.parallel.launch import mpiexec_command
+    from mpitrain.launcher.mpiexec import mpiexec_command
 
     cmd, full_env = mpiexec_command(n, program, extra=extra)
     full_env.update(env or {})

@@ -62,6 +62,8 @@ def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
     import typing
 
     from mpitrain.config import RECIPES, TrainConfig
+    from mpitrain.parallel.strategies import compressions
+    from mpitrain.parallel.strategies import names as strategy_names
     from mpitrain.train.models import MODELS
 
     types = typing.get_type_hints(TrainConfig)
@@ -75,7 +77,9 @@ def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
             p.add_argument(flag, action=_Flag, help=meta["help"])
             continue
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-        text = meta["help"]
+        text, choices = meta["help"], meta["choices"]
+        if f.name in ("strategy", "compress"):  # the strategies' registry holds these lists
+            choices = strategy_names() if f.name == "strategy" else compressions()
         if f.name == "model":
             text += ": " + ", ".join(sorted(MODELS))
         if f.name == "recipe":
@@ -91,10 +95,39 @@ def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
             action=_Store,
             type=kind,
             default=f.default,
-            choices=meta["choices"],
+            choices=choices,
             metavar=meta["metavar"],
             help=text,
         )
+
+
+def _add_launch_args(p: argparse.ArgumentParser, fixed_order: bool = False) -> None:
+    """-n and the other options of the launcher, which starts mpiexec for this command. Their
+    names are recorded (`launcher_options`): the launcher keeps them from the ranks' options
+    (launcher/commands.py)."""
+    added = [
+        p.add_argument(
+            "-n",
+            "--np",
+            type=_positive_int,
+            dest="np",
+            metavar="N",
+            help="start N processes with mpiexec (omit when already under mpiexec)",
+        ),
+        p.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)"),
+        p.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP),
+    ]
+    if fixed_order:
+        added.append(
+            p.add_argument(
+                "--fixed-order",
+                action="store_true",
+                help="for -n: sum the gradients in an order set by the number of ranks alone, not by how "
+                "they sit on hosts, so one host or several give bit-identical weights (turns off Open "
+                "MPI's hierarchical collectives, coll/han, which may be faster on many hosts)",
+            )
+        )
+    p.set_defaults(launcher_options=tuple(a.dest for a in added))
 
 
 def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -127,42 +160,55 @@ def _data_or_labels(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mpitrain.config import GROUPINGS, TrainConfig
-    from mpitrain.runtime import PRECISIONS
-
-    infer_precision = (
-        "compute precision of the model; fp32 (the default) gives the same numbers "
-        "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
-        "weights and the softmax stay float32"
-    )
     from mpitrain import __version__
-    from mpitrain.train.models import MODELS
 
     parser = _Parser(prog="mpitrain", description="Train image classifiers across processes and machines over MPI.")
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    from mpitrain.parallel.strategies import compressions as strategy_compressions
-    from mpitrain.parallel.strategies import names as strategy_names
+    for add in (_add_train, _add_data, _add_synth, _add_bench, _add_evaluate, _add_predict, _add_export, _add_run):
+        add(sub)
+    for command in sub.choices.values():
+        _add_debug(command)
+    return parser
+
+
+def _add_run(sub) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a Python script as N processes (your own mpitrain.fit or training loop)",
+        description="Start N ranks of a Python script under mpiexec, with what `train -n N` has: a crashed "
+        "or killed rank ends the job naming the rank, Ctrl-C ends every rank (exit 130), a Slurm allocation "
+        "is respected, and an uncaught error on any rank aborts the job. Only rank 0's output is shown unless "
+        "--all-output. The same script runs unchanged under mpiexec -n N python SCRIPT.",
+    )
+    r.add_argument("-n", "--np", type=_positive_int, dest="np", metavar="N", required=True, help="processes to start")
+    r.add_argument("--hostfile", metavar="FILE", help="MPI hostfile (ranks on several machines)")
+    r.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
+    r.add_argument("--all-output", action="store_true", help="show every rank's output, each line tagged [rank R]")
+    r.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the script's mpitrain.fit aborts the job after this many seconds without progress (default: its "
+        "own timeout option, else never)",
+    )
+    r.add_argument("script", metavar="SCRIPT.py", help="the Python script each rank runs")
+    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    r.set_defaults(func=_cmd_run)
+
+
+INFER_PRECISION = (
+    "compute precision of the model; fp32 (the default) gives the same numbers "
+    "on every machine, bf16 is faster where the CPU/GPU supports it (auto: there); "
+    "weights and the softmax stay float32"
+)
+
+
+def _add_train(sub) -> None:
 
     t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
-    t.add_argument(
-        "-n",
-        "--np",
-        type=_positive_int,
-        dest="np",
-        metavar="N",
-        help="start N processes with mpiexec (omit when already under mpiexec)",
-    )
-    t.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
-    t.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
-    t.add_argument(
-        "--fixed-order",
-        action="store_true",
-        help="for -n: sum the gradients in an order set by the number of ranks alone, not by how "
-        "they sit on hosts, so one host or several give bit-identical weights (turns off Open "
-        "MPI's hierarchical collectives, coll/han, which may be faster on many hosts)",
-    )
+    _add_launch_args(t, fixed_order=True)
     _add_train_args(t)
     t.add_argument(
         "--resume",
@@ -170,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its newest good checkpoint (with its saved options)",
     )
     t.set_defaults(func=_cmd_train)
+
+
+def _add_data(sub) -> None:
+    from mpitrain.config import GROUPINGS, TrainConfig
 
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
@@ -200,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=TrainConfig.seed, help="the split's seed (default: %(default)s)")
     d.set_defaults(func=_cmd_data)
 
+
+def _add_synth(sub) -> None:
+    from mpitrain.config import TrainConfig
+
     s = sub.add_parser("synth", help="write the synthetic chest-X-ray-like demo data set")
     s.add_argument(
         "--out", required=True, metavar="DIR", help="new or empty folder to write (one sub-folder per class)"
@@ -217,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed = same images, byte for byte (default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
 
+
+def _add_bench(sub) -> None:
+    from mpitrain.config import TrainConfig
+    from mpitrain.parallel.strategies import compressions as strategy_compressions
+    from mpitrain.parallel.strategies import names as strategy_names
+    from mpitrain.runtime import PRECISIONS
+    from mpitrain.train.models import MODELS
+
     b = sub.add_parser(
         "bench",
         help="training throughput on generated data (add -n N for N processes)",
@@ -226,16 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "FLOPs per image (counted from its layers), the GFLOP/s achieved against the "
         "machine's matmul rate, and the shares of compute, communication and host work.",
     )
-    b.add_argument(
-        "-n",
-        "--np",
-        type=_positive_int,
-        dest="np",
-        metavar="N",
-        help="start N processes with mpiexec (omit when already under mpiexec)",
-    )
-    b.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
-    b.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
+    _add_launch_args(b)
     b.add_argument(
         "--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} (default: %(default)s)"
     )
@@ -285,17 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_cmd_bench)
 
+
+def _add_evaluate(sub) -> None:
+    from mpitrain.runtime import PRECISIONS
+
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
-    e.add_argument(
-        "-n",
-        "--np",
-        type=_positive_int,
-        dest="np",
-        metavar="N",
-        help="start N processes with mpiexec (omit when already under mpiexec)",
-    )
-    e.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)")
-    e.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
+    _add_launch_args(e)
     e.add_argument(
         "--model",
         required=True,
@@ -317,9 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
     e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
-    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     e.add_argument("--cache-dir", help="where decoded images are cached")
     e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_predict(sub) -> None:
+    from mpitrain.runtime import PRECISIONS
 
     pr = sub.add_parser("predict", help="class probabilities for image files and folders, as CSV")
     pr.add_argument(
@@ -339,12 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
-    pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=infer_precision)
+    pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     # predict runs in one process: -n is taken only to say so (not in --help)
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
     pr.add_argument("--iface", help=argparse.SUPPRESS)
     pr.set_defaults(func=_cmd_predict)
+
+
+def _add_export(sub) -> None:
 
     from mpitrain.evaluate.export import FORMATS
 
@@ -372,9 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     x.set_defaults(func=_cmd_export)
-    for command in sub.choices.values():
-        _add_debug(command)
-    return parser
 
 
 def _check_launch(args) -> None:
@@ -409,7 +461,7 @@ def _check_launch(args) -> None:
 
 def _check_hostfile(args) -> None:
     """--hostfile, --iface and --fixed-order: options of the launcher (-n), checked before it starts."""
-    from mpitrain.parallel.launch import check_hostfile, check_iface
+    from mpitrain.launcher.hosts import check_hostfile, check_iface
 
     if args.hostfile is not None:
         if args.np is None:
@@ -426,12 +478,13 @@ def _check_hostfile(args) -> None:
         raise UserError("--fixed-order needs -n N (under your own mpiexec, give it Open MPI's --mca coll ^han)")
 
 
-def _cmd_evaluate(args, argv) -> int:
+def _cmd_evaluate(args) -> int:
     _check_launch(args)
     _check_hostfile(args)
     _data_or_labels(args)
     if args.np is not None:
         from mpitrain.evaluate.command import prepare
+        from mpitrain.launcher.commands import launch_evaluate
 
         # Validate once here (no Keras needed), so a mistake is reported before any rank starts.
         prepare(
@@ -444,9 +497,7 @@ def _cmd_evaluate(args, argv) -> int:
             labels=args.labels,
             columns=_columns(args),
         )
-        return _launch_timed(
-            args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug, iface=args.iface
-        )
+        return launch_evaluate(args)
     from mpitrain.evaluate.command import evaluate_main
 
     return evaluate_main(
@@ -464,23 +515,7 @@ def _cmd_evaluate(args, argv) -> int:
     )
 
 
-def _launch_timed(n: int, child: list[str], **kwargs) -> int:
-    """launch.run, telling the ranks when this command started (their "total" time counts from it)."""
-    from mpitrain.parallel import launch
-    from mpitrain.runtime import STARTED_ENV, started_at
-
-    old = os.environ.get(STARTED_ENV)
-    os.environ[STARTED_ENV] = repr(started_at(False))  # the ranks inherit our environment
-    try:
-        return launch.run(n, child, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop(STARTED_ENV, None)
-        else:
-            os.environ[STARTED_ENV] = old
-
-
-def _cmd_predict(args, argv) -> int:
+def _cmd_predict(args) -> int:
     from mpitrain.evaluate.predict import predict_main
 
     if args.np is not None or args.hostfile is not None or args.iface is not None:
@@ -500,15 +535,32 @@ def _cmd_predict(args, argv) -> int:
     )
 
 
-def _cmd_export(args, argv) -> int:
+def _cmd_export(args) -> int:
     from mpitrain.evaluate.export import export_main
 
     return export_main(args.run, args.format, out=args.out, overwrite=args.overwrite, threads=args.threads)
 
 
-def _cmd_bench(args, argv) -> int:
+def _cmd_run(args) -> int:
+    from mpitrain.launcher.script import run_script
+
+    _check_launch(args)
+    if args.timeout is not None and args.timeout < 0:
+        raise UserError(f"--timeout must be >= 0 (0: never), got {args.timeout}")
+    return run_script(
+        args.np,
+        args.script,
+        list(args.args),
+        hostfile=args.hostfile,
+        iface=args.iface,
+        all_output=args.all_output,
+        timeout=args.timeout,
+        debug=args.debug,
+    )
+
+
+def _cmd_bench(args) -> int:
     from mpitrain.config import check_image_size
-    from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train.models import check_model
 
     _check_launch(args)
@@ -516,11 +568,9 @@ def _cmd_bench(args, argv) -> int:
     check_model(args.model, args.image_size)
     _check_hostfile(args)
     if args.np is not None:
-        from mpitrain.parallel import launch
+        from mpitrain.launcher.commands import launch_bench
 
-        strategy_class(args.strategy).check_ranks(args.np)  # before starting any process
-        strategy_class(args.strategy).check_compress(args.compress)
-        return launch.run(args.np, _strip_launch_args(argv), hostfile=args.hostfile, debug=args.debug, iface=args.iface)
+        return launch_bench(args)
     from mpitrain.train.bench import bench_main
 
     return bench_main(
@@ -540,165 +590,33 @@ def _cmd_bench(args, argv) -> int:
 
 
 def _config_from_args(args):
+    """The TrainConfig of the options given, the rest from the --recipe; under our launcher
+    the one it resolved and sent (launcher/commands.py)."""
     import dataclasses
 
     from mpitrain.config import TrainConfig
 
+    if getattr(args, "config", None) is not None:
+        return TrainConfig.from_dict(args.config)
     given = getattr(args, "given_options", set())
     return TrainConfig.with_recipe(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name in given}
     )
 
 
-def _strip_launch_args(argv: list[str]) -> list[str]:
-    """The child command line: ours without -n/--np/--hostfile/--iface/--fixed-order (they are for
-    the launcher)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("-n", "--np", "--hostfile", "--iface"):
-            skip = True
-            continue
-        if a == "--fixed-order":
-            continue
-        if a.startswith(("--np=", "--hostfile=", "--iface=")) or (a.startswith("-n") and a[2:].isdigit()):
-            continue
-        out.append(a)
-    return out
-
-
-def _cmd_train(args, argv) -> int:
+def _cmd_train(args) -> int:
     _check_launch(args)
     _check_hostfile(args)
     if args.np is None:
         from mpitrain.train.command import train_main
 
         return train_main(lambda: _config_from_args(args), resume=args.resume)
-    # Everything that can be checked without the data, then the data folder's listing and the
-    # run folder: each mistake is reported here, once, before mpiexec starts. The run folder is
-    # only checked (and locked for a moment): rank 0 creates and locks it for the run.
-    from mpitrain.parallel.strategies import strategy_class
-    from mpitrain.train import runfolder
-    from mpitrain.train.models import check_model
+    from mpitrain.launcher.commands import launch_train
 
-    cfg = _config_from_args(args)
-    if args.resume:  # the ranks read the checkpoints and its saved options (an agreed error)
-        runfolder.resume_folder(args.out, check_only=True)
-        return _launch_train(args, _strip_launch_args(argv), args.out, args.elastic)
-    check_model(cfg.model, cfg.image_size)
-    strategy_class(cfg.strategy).check_ranks(args.np)
-    from mpitrain.data.dataset import plan_for
-    from mpitrain.outdir import missing_dirs
-
-    plan_for(cfg)
-    out = runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
-    child = _strip_launch_args(argv)
-    if cfg.out is None:  # every rank must use the folder name the launcher chose
-        child += ["--out", str(out)]
-    return _launch_train(args, child, out, cfg.elastic, fresh=missing_dirs(out))
+    return launch_train(args, _config_from_args(args))
 
 
-def _launch_options(args, out, elastic: bool) -> tuple[list[str], str | None, bool]:
-    """mpiexec's extra flags, the resume command for `mpitrain train -n N` of `out`, and
-    whether the job is elastic.
-
-    A resumed run trains with its saved options, so whether it is elastic (and needs
-    Open MPI's ULFM) is read from its newest checkpoint, not from this command line."""
-    from mpitrain.parallel import launch
-
-    if args.resume and out is not None:
-        from pathlib import Path
-
-        from mpitrain.engine.checkpoint import saved_config
-
-        elastic = elastic or bool((saved_config(Path(out)) or {}).get("elastic"))
-    fixed = bool(getattr(args, "fixed_order", False))
-    hint = (
-        None
-        if out is None
-        else launch.resume_command(args.np, out, args.hostfile, elastic, args.iface, fixed_order=fixed)
-    )
-    extra = (launch.elastic_flags() if elastic else []) + (launch.FIXED_ORDER_FLAGS if fixed else [])
-    return extra, hint, elastic
-
-
-def _launch_train(args, child: list[str], out, elastic: bool, fresh=()) -> int:
-    """Run the job; then tidy up after ranks that ended by a signal (Ctrl-C, a lost rank):
-    the lock file rank 0 could not remove, and the folders `fresh` (made for this run) if
-    nothing was written into them."""
-    import socket
-
-    from mpitrain.outdir import remove_empty
-    from mpitrain.parallel import launch
-    from mpitrain.train import runlock
-
-    extra, hint, elastic = _launch_options(args, out, elastic)
-    job = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
-
-    def report(where):  # after Ctrl-C: where it stopped, what is on disk, how to go on
-        from mpitrain.train.command import interrupted_message
-
-        print(interrupted_message(where, out, hint), file=sys.stderr)
-
-    old = os.environ.get(runlock.JOB_ENV)
-    os.environ[runlock.JOB_ENV] = job  # the ranks inherit it; rank 0 writes it into the lock
-    n, hostfile = args.np, args.hostfile
-    try:
-        while True:
-            try:
-                return launch.run(
-                    n,
-                    child,
-                    hostfile=hostfile,
-                    resume_hint=hint,
-                    extra=extra,
-                    debug=args.debug,
-                    on_interrupt=report,
-                    stoppable=True,
-                    iface=args.iface,
-                    heal=elastic and out is not None,
-                )
-            except launch.HostLost as lost:  # --elastic: go on without that host (train/hostloss.py)
-                n, hostfile, child, hint = _heal(args, out, n, hostfile, lost, hint, job)
-                if n is None:
-                    return 1
-    finally:
-        if old is None:
-            os.environ.pop(runlock.JOB_ENV, None)
-        else:
-            os.environ[runlock.JOB_ENV] = old
-        if out is not None:
-            runlock.clear_job(out, job)
-            remove_empty(list(fresh))
-
-
-def _heal(args, out, n: int, hostfile: str | None, loss, hint: str | None, job: str):
-    """After losing a host (`loss`: launch.HostLost): (ranks, hostfile, child command, resume hint) to go on with,
-    said in one line; (None, ...) after saying in one line why the job cannot go on."""
-    from pathlib import Path
-
-    from mpitrain.parallel import launch
-    from mpitrain.train import hostloss, runlock
-
-    lost = loss.host
-    try:
-        plan = hostloss.plan(Path(out), n, hostfile, lost, placed=loss.placed)
-    except hostloss.CannotHeal as why:
-        print(launch.lost_host_message(lost, hint, why=str(why)), file=sys.stderr)
-        return None, hostfile, None, hint
-    print(hostloss.message(lost, plan), file=sys.stderr, flush=True)
-    hostloss.note(Path(out), lost, n, plan)
-    runlock.clear_job(out, job)  # rank 0 was stopped with the job: its lock file stayed behind
-    child = ["train", "--resume", "--out", str(out)] + (["--debug"] if args.debug else [])
-    hint = launch.resume_command(
-        plan.ranks, out, str(plan.hostfile), True, args.iface, fixed_order=bool(getattr(args, "fixed_order", False))
-    )
-    return plan.ranks, str(plan.hostfile), child, hint
-
-
-def _cmd_data(args, argv) -> int:
+def _cmd_data(args) -> int:
     from mpitrain.config import check_image_size, check_sources
     from mpitrain.data.describe import describe_data
 
@@ -732,7 +650,7 @@ def _cmd_data(args, argv) -> int:
     )
 
 
-def _cmd_synth(args, argv) -> int:
+def _cmd_synth(args) -> int:
     from mpitrain.config import check_image_size
     from mpitrain.data.synth import generate
 
@@ -750,8 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     mark_started(process_start_time() if argv is None else time.time())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    code = _main(args, argv)
+    args = _parse(argv)
+    code = _main(args)
     _exit_if_a_rank_was_lost(code)
     return code
 
@@ -765,15 +683,32 @@ def _exit_if_a_rank_was_lost(code: int) -> None:
     """
     from mpitrain.parallel import comm
 
-    if comm.current() is not None and comm.current().lost_any:
+    world = comm.current()
+    if world is not None and world.lost_any:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
 
-def _main(args, argv) -> int:
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command's options: from the command line, or as the launcher parsed them for its
+    ranks (parallel/wire.py): then argv is just the command, and nothing is parsed again."""
+    from mpitrain.parallel.wire import received_options
+
+    parser = build_parser()
+    options = received_options(argv)
+    if options is None:
+        return parser.parse_args(argv)
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    args = argparse.Namespace(command=argv[0], func=command.get_default("func"), **options)
+    if "given_options" in options:
+        args.given_options = set(options["given_options"])
+    return args
+
+
+def _main(args) -> int:
     try:
-        return args.func(args, argv)
+        return args.func(args)
     except UserError as e:
         print(f"mpitrain: error: {e}", file=sys.stderr)
         _abort_if_alone(e, 2)

@@ -16,21 +16,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mpitrain.parallel.strategies as strategies
 from mpitrain.errors import UserError
 from mpitrain.runtime import PRECISIONS
 
-# The strategies' names come from their registry, and what "auto" means for a strategy
-# (--sync-every, --lr-scaling, --lr-schedule) is a rule of the strategy's own class.
+# This module imports no layer (tests/unit/test_layers.py): it sits below all of them, so the
+# choice lists of the options are kept here, each once, and the layers that apply them
+# import them from here (data/augment.py, data/groups.py, evaluate/threshold.py). The
+# strategies are the one exception: their names, their --compress values and what "auto"
+# means for each (--sync-every, --lr-scaling, --lr-schedule) are rules of the strategies'
+# own registry, applied where a config is used (`parallel.strategies.resolve`).
 LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
-AUGMENTS = ("none", "xray", "xray-strong")  # data/augment.py POLICIES
-GROUPINGS = ("none", "filename-patient", "duplicates")  # data/groups.py GROUPINGS
+AUGMENTS = ("none", "xray", "xray-strong")  # --augment: data/augment.py applies them
+GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.py
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
-THRESHOLD_POLICIES = ("prior", "youden")  # evaluate/threshold.py POLICIES
+# --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
+THRESHOLD_POLICIES = ("prior", "youden")
 # --recipe: settings measured together (docs/accuracy.md). An option given explicitly wins
 # over its recipe value. The defaults stay those of the seed project (and of any images):
 # the xray augmentation never flips (hearts are on the left) and filename-patient reads the
@@ -122,7 +126,18 @@ class TrainConfig:
     lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
-    model: str = _opt("seed", "model from the registry", metavar="NAME")
+    model: str = _opt(
+        "seed",
+        "a keras.applications name (resnet50, mobilenet_v3_small, ...), MODULE:FUNCTION, a .keras file, "
+        "a run folder, or a model from the registry",
+        metavar="NAME",
+    )
+    init: str | None = _opt(
+        None,
+        "start from these weights (fine-tuning): a run folder, FILE.keras or FILE.weights.h5; "
+        "layers matched by name and shape, the others listed",
+        metavar="RUN",
+    )
     image_size: int = _opt(50, "input side in pixels", metavar="PX")
     channels: int | None = _opt(
         None,
@@ -140,7 +155,8 @@ class TrainConfig:
     )
     out: str | None = _opt(None, "run folder (default: runs/<timestamp>)", metavar="RUNDIR")
     overwrite: bool = _opt(False, "write into a non-empty run folder")
-    strategy: str = _opt("allreduce", "how ranks stay in step", choices=tuple(strategies.names()))
+    # Choices of --strategy and --compress: the strategies' registry (cli.py asks it).
+    strategy: str = _opt("allreduce", "how ranks stay in step")
     sync_every: int | None = _opt(
         None, "steps between weight syncs (default: the strategy's own; see README, Strategies)", metavar="K"
     )
@@ -178,7 +194,6 @@ class TrainConfig:
         "none",
         "allreduce: sum the fused gradient buffer in bfloat16 (half the bytes; "
         "statistics and metrics stay exact in float32)",
-        choices=strategies.compressions(),
     )
     threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)", metavar="T")
     precision: str = _opt(
@@ -253,8 +268,7 @@ class TrainConfig:
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         check_image_size(self.image_size)
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")
-        need(self.strategy in strategies.names(), f"--strategy must be one of {', '.join(strategies.names())}")
-        strategies.strategy_class(self.strategy).check_compress(self.compress)
+        # --strategy and --compress: checked by the strategies' registry (`parallel.strategies.resolve`).
         need(self.sync_every is None or self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
@@ -323,17 +337,6 @@ class TrainConfig:
         ):
             preset.pop("groups", None)
         return cls(**{**preset, **given})
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every "auto"/None default replaced by the value it stands for."""
-        rules = strategies.strategy_class(self.strategy)
-        scaling, schedule = rules.auto_lr
-        return dataclasses.replace(
-            self,
-            lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
-            lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
-            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every,
-        )
 
     @property
     def split_seed_used(self) -> int:

@@ -23,7 +23,7 @@ A top-level module, so that every layer can use it (``data/`` writes the skip re
     skipped_files.txt     some images could not be read             data/describe.py
     tb/                   --tensorboard: TensorBoard scalars        train/command.py
     events.jsonl          --elastic: a rank or host was lost        train/runfolder.py
-    hostfile              --elastic: the hosts left after a loss    train/hostloss.py
+    hostfile              --elastic: the hosts left after a loss    launcher/hostloss.py
     export-savedmodel/    mpitrain export --format savedmodel       evaluate/export.py
     export-tflite/        mpitrain export --format tflite           evaluate/export.py
     .lock                 while a job writes the folder             train/runlock.py

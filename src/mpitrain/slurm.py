@@ -5,7 +5,7 @@ Two situations matter, and Slurm marks them with different variables:
 * **Inside an allocation** (the shell of `sbatch` or `salloc`): SLURM_JOB_ID, the hosts in
   SLURM_JOB_NODELIST and, with --ntasks, SLURM_NTASKS. `mpitrain train -n N` runs Open
   MPI's mpiexec there, which reads the allocation by itself (hosts and slots) and starts
-  its daemons with srun: the launcher must not override it (`parallel/launch.py`).
+  its daemons with srun: the launcher must not override it (`launcher/mpiexec.py`).
 * **A task of an srun step**: srun sets SLURM_STEP_ID and SLURM_STEP_NUM_TASKS (and
   SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS for the step). The batch script itself has
   SLURM_PROCID=0 and SLURM_NTASKS too, but no SLURM_STEP_* variables, so those tell an

@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from mpitrain.cli import _strip_launch_args
-
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -65,14 +63,6 @@ def test_bench_refuses_master_worker_on_one_process_like_train(cli_error, synth_
     train = cli_error(["train", *launch, "--data", synth_data, *small, "--out", tmp_path / "r"], "master-worker", "2")
     bench = cli_error(["bench", *launch, *small, "--steps", 2, "--warmup", 1], "master-worker", "2")
     assert bench == train
-
-
-def test_launch_arguments_are_removed_for_the_ranks():
-    assert _strip_launch_args(["train", "-n", "3", "--data", "d", "--hostfile", "h", "--np=2", "-n4"]) == [
-        "train",
-        "--data",
-        "d",
-    ]
 
 
 def test_short_training_writes_a_complete_run_folder(tmp_path, synth_data):

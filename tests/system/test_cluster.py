@@ -128,7 +128,7 @@ def test_open_mpi_takes_its_slots_from_the_allocation_without_oversubscribe(monk
     for key, value in env.items():
         if key.startswith("SLURM_"):
             monkeypatch.setenv(key, value)
-    from mpitrain.parallel.launch import mpiexec_command
+    from mpitrain.launcher.mpiexec import mpiexec_command
 
     cmd, _ = mpiexec_command(3, ["true"])
     assert "--oversubscribe" not in cmd
@@ -185,7 +185,7 @@ def test_open_mpi_forwards_sigusr1_to_every_rank():
     )
     import tempfile
 
-    from mpitrain.parallel.launch import mpiexec_command
+    from mpitrain.launcher.mpiexec import mpiexec_command
 
     ready = tempfile.mkdtemp() + "/ready-"
     cmd, env = mpiexec_command(2, [sys.executable, "-c", program])

@@ -23,7 +23,19 @@ def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_
     assert (one["rank"], one["size"], one["rank_mean"]) == (0, 1, 0.0)
     proc, _ = mpirun(2, script("library_script.py", *args), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = _results(proc.stdout)
+    _same_weights_on_both_ranks(_results(proc.stdout), loop, proc.stdout)
+
+
+def test_the_same_script_runs_under_mpitrain_run():
+    cmd = [sys.executable, "-m", "mpitrain", "run", "-n", "2", "--all-output", script("library_script.py")[1]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[rank ")]
+    assert proc.stdout.count("epoch 3/3") == 1  # rank 0's lines only, though every rank's are shown
+    _same_weights_on_both_ranks(_results("\n".join(lines)), False, proc.stdout)
+
+
+def _same_weights_on_both_ranks(ranks, loop, stdout):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # broadcast at the start, reduced steps after
     assert ranks[0]["rank_mean"] == ranks[1]["rank_mean"] == 0.5
@@ -32,7 +44,7 @@ def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_
         assert ranks[0]["history"][-1] < ranks[0]["history"][0]  # it learnt
     else:
         assert ranks[0]["history"][-1]["val_accuracy"] > 0.5
-        assert proc.stdout.count("epoch 3/3") == 1  # rank 0 alone prints
+        assert stdout.count("epoch 3/3") == 1  # rank 0 alone prints
 
 
 def _runnable_examples():

@@ -202,7 +202,7 @@ def test_a_setup_error_under_mpiexec_is_reported_once_and_no_rank_hangs(tmp_path
 
 
 def test_ranks_started_with_different_options_are_refused_by_name(tmp_path, synth_data):
-    from mpitrain.parallel.launch import mpiexec_command
+    from mpitrain.launcher.mpiexec import mpiexec_command
 
     base = cli(
         "train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--epochs", 1, "--out", tmp_path / "run"

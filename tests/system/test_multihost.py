@@ -214,7 +214,7 @@ def test_idle_ranks_yield_where_a_host_has_more_ranks_than_cores(cluster, tmp_pa
     # Host 1 (the launcher's) runs 1 rank, host 2 one more than its cores: only host 2's
     # ranks yield, each deciding for its own node before MPI starts. (With host 1 over its
     # cores the launcher adds Open MPI's option instead: tests/unit/test_launch_network.py.)
-    from mpitrain.parallel.launch import mpiexec_command
+    from mpitrain.launcher.mpiexec import mpiexec_command
     from mpitrain.runtime import available_cores
 
     cores = available_cores()

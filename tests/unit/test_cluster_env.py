@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import mpitrain.parallel.launch as launch
 from mpitrain import runtime, slurm
 from mpitrain.errors import UserError
+from mpitrain.launcher.mpiexec import in_allocation, mpiexec_command
 from mpitrain.parallel.comm import local_rank_from
 from mpitrain.parallel.strategies import make_sync
 
@@ -138,14 +138,15 @@ def fake_allocation(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     for var, value in BATCH.items():
         monkeypatch.setenv(var, value)
-    monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: True)
-    monkeypatch.setattr(launch, "available_cores", lambda: 2)
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.is_open_mpi", lambda mpiexec: True)
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.available_cores", lambda: 2)
+    monkeypatch.setattr("mpitrain.launcher.hosts.available_cores", lambda: 2)
 
 
 def test_inside_an_allocation_mpiexec_gets_no_oversubscribe(fake_allocation):
-    cmd, _ = launch.mpiexec_command(4, ["python"], mpiexec="/opt/mpi/bin/mpiexec")
+    cmd, _ = mpiexec_command(4, ["python"], mpiexec="/opt/mpi/bin/mpiexec")
     assert "--oversubscribe" not in cmd and "--hostfile" not in cmd and "--host" not in cmd
-    assert launch.in_allocation(4, None) == (
+    assert in_allocation(4, None) == (
         "mpitrain: 4 rank(s) on the hosts of Slurm job 123 "
         "(hosts node[01-02], 4 task(s)), placed by mpiexec from the allocation"
     )
@@ -153,18 +154,19 @@ def test_inside_an_allocation_mpiexec_gets_no_oversubscribe(fake_allocation):
 
 def test_inside_an_allocation_slurm_decides_hosts_and_slots(fake_allocation):
     with pytest.raises(UserError, match=r"-n 5 is more than the 4 task\(s\) of Slurm job 123.*use -n 4"):
-        launch.in_allocation(5, None)
+        in_allocation(5, None)
     with pytest.raises(UserError, match="--hostfile inside Slurm job 123"):
-        launch.in_allocation(2, "hosts")
+        in_allocation(2, "hosts")
 
 
 def test_outside_an_allocation_nothing_changes(monkeypatch):
     for var in ("SLURM_JOB_ID", "SLURM_JOBID"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: True)
-    monkeypatch.setattr(launch, "available_cores", lambda: 2)
-    assert launch.in_allocation(4, None) is None
-    assert "--oversubscribe" in launch.mpiexec_command(4, ["python"], mpiexec="/opt/mpi/bin/mpiexec")[0]
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.is_open_mpi", lambda mpiexec: True)
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.available_cores", lambda: 2)
+    monkeypatch.setattr("mpitrain.launcher.hosts.available_cores", lambda: 2)
+    assert in_allocation(4, None) is None
+    assert "--oversubscribe" in mpiexec_command(4, ["python"], mpiexec="/opt/mpi/bin/mpiexec")[0]
 
 
 class One:

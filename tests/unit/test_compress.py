@@ -6,7 +6,7 @@ import pytest
 
 from mpitrain.config import TrainConfig
 from mpitrain.errors import UserError
-from mpitrain.parallel.strategies import compressions, make_sync
+from mpitrain.parallel.strategies import compressions, make_sync, resolve
 from mpitrain.parallel.strategies.allreduce import bf16_add, from_bf16, to_bf16
 
 
@@ -95,14 +95,14 @@ def test_the_gradient_travels_in_bfloat16_and_the_statistics_exactly(compress):
 
 def test_compress_is_a_rule_of_the_allreduce_strategy():
     assert compressions() == ("none", "bf16")
-    assert TrainConfig(compress="bf16").compress == "bf16"
+    assert resolve(TrainConfig(compress="bf16")).compress == "bf16"
     for strategy in ("local-sgd", "master-worker"):
         with pytest.raises(UserError) as e:
-            TrainConfig(strategy=strategy, compress="bf16")
+            resolve(TrainConfig(strategy=strategy, compress="bf16"))
         assert str(e.value) == (
             f"--compress bf16 compresses the gradients of allreduce; --strategy {strategy} takes --compress none"
         )
-        TrainConfig(strategy=strategy, compress="none")
+        resolve(TrainConfig(strategy=strategy, compress="none"))
 
 
 def test_one_line_error_from_the_command_line(capsys):

@@ -4,6 +4,7 @@ import pytest
 
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import UserError
+from mpitrain.parallel.strategies import resolve
 
 
 @pytest.mark.parametrize(
@@ -25,7 +26,7 @@ from mpitrain.errors import UserError
 )
 def test_bad_values_are_one_line_user_errors(kwargs, words):
     with pytest.raises(UserError) as e:
-        TrainConfig(**kwargs)
+        resolve(TrainConfig(**kwargs))  # the strategy's rules: where the config is used
     assert words in str(e.value)
     assert "\n" not in str(e.value)
 

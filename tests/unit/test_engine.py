@@ -266,3 +266,13 @@ def test_fit_wants_labels_with_arrays():
     x, _ = _blobs(16)
     with pytest.raises(TypeError, match="labels"):
         mpitrain.fit(_model(), x, validation_data=None)
+
+
+def test_the_timeout_defaults_to_what_mpitrain_run_says(monkeypatch):
+    from mpitrain.engine import Options
+
+    monkeypatch.delenv("MPITRAIN_TIMEOUT", raising=False)
+    assert Options().resolved().timeout == 0.0  # a library call alone: no watchdog
+    monkeypatch.setenv("MPITRAIN_TIMEOUT", "90")
+    assert Options().resolved().timeout == 90.0
+    assert Options(timeout=5).resolved().timeout == 5.0  # the caller's own value wins

@@ -1,4 +1,4 @@
-"""An --elastic job that lost a host (train/hostloss.py): what is left, when it cannot go
+"""An --elastic job that lost a host (launcher/hostloss.py): what is left, when it cannot go
 on, and the launcher starting mpiexec again on the remaining hosts (a fake mpiexec)."""
 
 import json
@@ -10,7 +10,7 @@ from test_launch_network import LOST_DAEMON_BOX
 
 from mpitrain.cli import main
 from mpitrain.engine import checkpoint
-from mpitrain.train import hostloss
+from mpitrain.launcher import hostloss
 
 
 def _run(tmp_path, strategy="allreduce", epoch=1, step=0, status="running", ranks=4):
@@ -90,7 +90,7 @@ def test_when_the_job_cannot_go_on(tmp_path, case, why):
 
 
 def _fake_mpiexec(tmp_path, lost_times=1):
-    """Logs its arguments; its first `lost_times` jobs lose host node2 (Open MPI's box on
+    """Logs its arguments (and the options the ranks would run with, in `calls.options`); its first `lost_times` jobs lose host node2 (Open MPI's box on
     stderr, exit code 0, as measured), the next one finishes."""
     log = tmp_path / "calls"
     box = "".join(LOST_DAEMON_BOX).replace("\n", "\\n")
@@ -98,6 +98,7 @@ def _fake_mpiexec(tmp_path, lost_times=1):
     script.write_text(f"""#!/bin/sh
 [ "$1" = "--version" ] && {{ echo "mpiexec (Open MPI) 5.0.11"; exit 0; }}
 printf '%s\\n' "$*" >> {log}
+printf '%s\\n' "$MPITRAIN_OPTIONS" >> {log}.options
 printf '\\033]mpitrain-state;started\\007\\n\\033]mpitrain-state;hosts=node1,node2,node2\\007\\n\\033]mpitrain-state;contact\\007\\n'
 if [ $(wc -l < {log}) -le {lost_times} ]; then printf 'epoch 2/5\\n'; printf '%b' '{box}' >&2; exit 0; fi
 echo finished
@@ -122,7 +123,11 @@ def test_the_launcher_goes_on_without_the_lost_host(tmp_path, monkeypatch, capsy
     first, second = log.read_text().splitlines()
     assert "-n 3" in first and f"--hostfile {hosts}" in first and "--with-ft ulfm" in first
     assert "-n 1" in second and f"--hostfile {run / 'hostfile'}" in second and "--with-ft ulfm" in second
-    assert second.endswith(f"-m mpitrain train --resume --out {run}")
+    assert second.endswith("-m mpitrain train") and "-x MPITRAIN_OPTIONS" in second
+    # The ranks of both jobs resume the run in `run`, with the options the launcher parsed.
+    before, after = [json.loads(line) for line in log.with_suffix(".options").read_text().splitlines()]
+    assert before["options"]["resume"] is True and before["options"]["config"]["out"] == str(run)
+    assert after == before and after["command"] == "train"
     (event,) = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "host_lost" and event["host"] == "node2"
     assert (event["ranks_before"], event["ranks_after"], event["lost_ranks"]) == (3, 1, 2)

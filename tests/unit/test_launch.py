@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import mpitrain.parallel.launch as launch
 from mpitrain.errors import UserError
-from mpitrain.parallel.launch import lost_rank_message, mpiexec_command
+from mpitrain.launcher.mpiexec import mpiexec_command
+from mpitrain.launcher.reports import lost_rank_message
 
 MPIEXEC = "/opt/mpi/bin/mpiexec"  # never run: is_open_mpi is faked
 PROGRAM = ["python", "-m", "mpitrain", "train"]
@@ -28,10 +28,11 @@ def fake_mpi(monkeypatch):
     ):
         monkeypatch.delenv(var, raising=False)
     state = {"cores": 4, "uid": 1000, "open_mpi": True}
-    monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: state["open_mpi"])
-    # launch.py imported available_cores by name: patch it where it is looked up
-    monkeypatch.setattr(launch, "available_cores", lambda: state["cores"])
-    monkeypatch.setattr(launch.os, "geteuid", lambda: state["uid"])
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.is_open_mpi", lambda mpiexec: state["open_mpi"])
+    # imported by name: patch it where it is looked up
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.available_cores", lambda: state["cores"])
+    monkeypatch.setattr("mpitrain.launcher.hosts.available_cores", lambda: state["cores"])
+    monkeypatch.setattr("os.geteuid", lambda: state["uid"])
     return state
 
 

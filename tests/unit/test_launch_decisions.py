@@ -6,10 +6,14 @@ import io
 import numpy as np
 import pytest
 
-from mpitrain.cli import _launch_options, build_parser
+from mpitrain.cli import build_parser
 from mpitrain.engine import checkpoint
 from mpitrain.engine.callbacks.progress import Progress
-from mpitrain.parallel import launch
+from mpitrain.launcher.elastic import launch_options
+from mpitrain.launcher.mpiexec import mpiexec_command
+from mpitrain.launcher.relay import StdoutRelay
+from mpitrain.launcher.reports import NoStartBox, StderrFilter, lost_rank_message
+from mpitrain.parallel.wire import parse_progress, progress_line
 from mpitrain.train.command import interrupted_message
 
 
@@ -37,14 +41,14 @@ def _args(*argv):
 def test_resuming_an_elastic_run_keeps_it_elastic(tmp_path):
     # --elastic is not on the command line: it comes from the run's newest checkpoint.
     run = _saved_run(tmp_path, elastic=True)
-    extra, hint, _ = _launch_options(_args("-n", 3, "--resume", "--out", run), run, elastic=False)
+    extra, hint, _ = launch_options(_args("-n", 3, "--resume", "--out", run), run, elastic=False)
     assert extra == ["--with-ft", "ulfm"]
     assert hint == f"mpitrain train -n 3 --resume --out {run} --elastic"
 
 
 def test_resuming_a_plain_run_adds_no_ulfm_flags(tmp_path):
     run = _saved_run(tmp_path / "plain", elastic=False)
-    extra, hint, _ = _launch_options(_args("-n", 2, "--resume", "--out", run), run, elastic=False)
+    extra, hint, _ = launch_options(_args("-n", 2, "--resume", "--out", run), run, elastic=False)
     assert not extra
     assert hint == f"mpitrain train -n 2 --resume --out {run}"
 
@@ -59,26 +63,27 @@ def test_the_config_is_read_from_the_meta_alone(tmp_path):
 
 def test_the_resume_hint_of_a_new_run_is_complete(tmp_path):
     hosts = tmp_path / "my hosts"
-    extra, hint, _ = _launch_options(
+    extra, hint, _ = launch_options(
         _args("-n", 4, "--hostfile", hosts, "--elastic", "--out", tmp_path / "r"), tmp_path / "r", elastic=True
     )
     assert extra == ["--with-ft", "ulfm"]
     assert hint == f"mpitrain train -n 4 --hostfile '{hosts}' --resume --out {tmp_path / 'r'} --elastic"
-    msg = launch.lost_rank_message(
+    msg = lost_rank_message(
         "prterun noticed that process rank 1 with PID 7 on node vm exited on\n signal 9 (Killed).", hint
     )
     assert msg.endswith("continue it with: " + hint)
 
 
 def test_fixed_order_turns_off_hierarchical_sums_and_is_kept_by_the_resume_hint(tmp_path):
-    from mpitrain.cli import _strip_launch_args
+    from mpitrain.launcher.commands import rank_options
 
     argv = ["train", "-n", "4", "--fixed-order", "--elastic", "--out", str(tmp_path / "r")]
-    extra, hint, elastic = _launch_options(build_parser().parse_args(argv), tmp_path / "r", elastic=True)
+    extra, hint, elastic = launch_options(build_parser().parse_args(argv), tmp_path / "r", elastic=True)
     assert elastic and extra == ["--with-ft", "ulfm", "--mca", "coll", "^han"]
     assert hint == f"mpitrain train -n 4 --fixed-order --resume --out {tmp_path / 'r'} --elastic"
-    assert _strip_launch_args(argv) == ["train", "--elastic", "--out", str(tmp_path / "r")]  # not for the ranks
-    cmd, _ = launch.mpiexec_command(4, ["prog"], extra=extra)
+    options = rank_options(build_parser().parse_args(argv))  # not for the ranks
+    assert options["fixed_order"] is None and options["np"] is None and options["elastic"] is True
+    cmd, _ = mpiexec_command(4, ["prog"], extra=extra)
     assert cmd[-6:] == ["--with-ft", "ulfm", "--mca", "coll", "^han", "prog"]
 
 
@@ -104,7 +109,7 @@ BOX = [
 
 def _filtered(lines, debug=False):
     out = io.StringIO()
-    f = launch.StderrFilter(out, debug=debug)
+    f = StderrFilter(out, debug=debug)
     for line in lines:
         f.feed(line)
     f.close()
@@ -131,18 +136,18 @@ def test_rank_0_writes_progress_as_marker_lines_under_the_launcher(monkeypatch):
     bar.close()
     lines = out.getvalue().splitlines(keepends=True)
     assert len(lines) == 2 and all(line.endswith("\n") and "\r" not in line for line in lines)
-    where, text = launch.parse_progress(lines[0])
+    where, text = parse_progress(lines[0])
     assert where == "epoch 1/5, step 12/45" and text.startswith("epoch 1/5 12/45 [") and "loss 0.5000" in text
-    assert launch.parse_progress(lines[1]) == ("epoch 1/5, step 12/45", "")
+    assert parse_progress(lines[1]) == ("epoch 1/5, step 12/45", "")
 
 
 def test_the_launcher_redraws_marker_lines_as_a_bar_on_a_terminal():
-    line = launch.progress_line("epoch 1/5, step 3/45", "epoch 1/5 3/45 [>   ] loss 0.7")
+    line = progress_line("epoch 1/5, step 3/45", "epoch 1/5 3/45 [>   ] loss 0.7")
     out = io.StringIO()
-    relay = launch.StdoutRelay(out, draw=True, width=80)
+    relay = StdoutRelay(out, draw=True, width=80)
     relay.feed("data: d\n")
     relay.feed(line)
-    relay.feed(launch.progress_line("epoch 1/5, step 45/45", ""))
+    relay.feed(progress_line("epoch 1/5, step 45/45", ""))
     relay.feed("epoch 1/5 [allreduce x2] loss 0.6\n")
     assert out.getvalue() == (
         "data: d\n\repoch 1/5 3/45 [>   ] loss 0.7\x1b[K\r\x1b[Kepoch 1/5 [allreduce x2] loss 0.6\n"
@@ -150,7 +155,7 @@ def test_the_launcher_redraws_marker_lines_as_a_bar_on_a_terminal():
     assert relay.where == "epoch 1/5, step 45/45"
     # Not a terminal: the markers vanish, every other line passes unchanged.
     quiet = io.StringIO()
-    relay = launch.StdoutRelay(quiet, draw=False)
+    relay = StdoutRelay(quiet, draw=False)
     relay.feed("a\n")
     relay.feed(line)
     relay.feed("b\n")
@@ -159,8 +164,8 @@ def test_the_launcher_redraws_marker_lines_as_a_bar_on_a_terminal():
 
 def test_a_bar_longer_than_the_terminal_is_cut():
     out = io.StringIO()
-    relay = launch.StdoutRelay(out, draw=True, width=20)
-    relay.feed(launch.progress_line("w", "x" * 50))
+    relay = StdoutRelay(out, draw=True, width=20)
+    relay.feed(progress_line("w", "x" * 50))
     assert out.getvalue() == "\r" + "x" * 19 + "\x1b[K"
 
 
@@ -223,7 +228,7 @@ NO_DAEMON_BOX = [
 
 def test_a_job_that_could_not_start_on_a_host_is_one_line():
     passed, said = [], []
-    f = launch.NoStartBox(passed.append, said.append)
+    f = NoStartBox(passed.append, said.append)
     for line in ["data: d\n", "-" * 40 + "\n", "not a box\n", *NO_DAEMON_BOX, "after\n"]:
         f.feed(line)
     f.close()
@@ -231,7 +236,7 @@ def test_a_job_that_could_not_start_on_a_host_is_one_line():
     assert f.host == "node7" and len(said) == 1
     assert said[0].startswith("mpitrain: error: mpiexec could not start the job on host node7: check the --hostfile")
     shown = []
-    debug = launch.NoStartBox(shown.append, said.append, debug=True)  # --debug: Open MPI's own report
+    debug = NoStartBox(shown.append, said.append, debug=True)  # --debug: Open MPI's own report
     for line in NO_DAEMON_BOX:
         debug.feed(line)
     assert "".join(shown) == "".join(NO_DAEMON_BOX) and debug.host is None

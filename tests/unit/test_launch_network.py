@@ -7,9 +7,22 @@ import ipaddress
 
 import pytest
 
-import mpitrain.parallel.launch as launch
-from mpitrain.cli import _launch_options, _strip_launch_args, build_parser
+from mpitrain.cli import build_parser
 from mpitrain.errors import UserError
+from mpitrain.launcher.commands import rank_options
+from mpitrain.launcher.elastic import launch_options
+from mpitrain.launcher.hosts import (
+    check_iface,
+    local_networks,
+    network_of,
+    networks_said,
+    ranks_here,
+    read_hostfile,
+    several_networks_warning,
+)
+from mpitrain.launcher.mpiexec import mpiexec_command
+from mpitrain.launcher.reports import NoStartBox, StderrFilter, no_start_message
+from mpitrain.launcher.supervise import start_timeout, supervise
 from mpitrain.parallel import comm
 
 NETS = {
@@ -25,15 +38,21 @@ def fake_mpi(monkeypatch):
     """An Open MPI mpiexec on a 4-core host, not root."""
     monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
     state = {"cores": 4}
-    monkeypatch.setattr(launch, "is_open_mpi", lambda mpiexec: True)
-    monkeypatch.setattr(launch, "available_cores", lambda: state["cores"])
-    monkeypatch.setattr(launch.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(launch, "local_names", lambda networks=None: {"head", "localhost", "192.168.1.5"})
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.is_open_mpi", lambda mpiexec: True)
+    monkeypatch.setattr("mpitrain.launcher.mpiexec.available_cores", lambda: state["cores"])
+    monkeypatch.setattr("mpitrain.launcher.hosts.available_cores", lambda: state["cores"])
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr(
+        "mpitrain.launcher.hosts.local_names", lambda networks=None: {"head", "localhost", "192.168.1.5"}
+    )
+    monkeypatch.setattr(
+        "mpitrain.launcher.supervise.local_names", lambda networks=None: {"head", "localhost", "192.168.1.5"}
+    )
     return state
 
 
 def _cmd(n, **kw):
-    return launch.mpiexec_command(n, PROGRAM, mpiexec="/opt/mpi/bin/mpiexec", **kw)[0]
+    return mpiexec_command(n, PROGRAM, mpiexec="/opt/mpi/bin/mpiexec", **kw)[0]
 
 
 def _pairs(cmd):
@@ -52,7 +71,7 @@ def test_iface_sets_the_tcp_interfaces_of_mpi_and_of_the_runtime(fake_mpi):
     "value, kept", [("ib0", "ib0"), ("10.10.0.0/16", "10.10.0.0/16"), ("eth0, 10.10.3.0/16", "eth0,10.10.3.0/16")]
 )
 def test_iface_takes_names_and_networks_of_this_host(value, kept):
-    assert launch.check_iface(value, NETS) == kept
+    assert check_iface(value, NETS) == kept
 
 
 @pytest.mark.parametrize(
@@ -67,7 +86,7 @@ def test_iface_takes_names_and_networks_of_this_host(value, kept):
 )
 def test_a_wrong_iface_is_one_line_naming_what_this_host_has(value, words):
     with pytest.raises(UserError) as e:
-        launch.check_iface(value, NETS)
+        check_iface(value, NETS)
     assert "\n" not in str(e.value)
     for w in words:
         assert w in str(e.value), str(e.value)
@@ -76,13 +95,14 @@ def test_a_wrong_iface_is_one_line_naming_what_this_host_has(value, words):
 
 def test_iface_is_for_the_launcher_and_stays_in_the_resume_hint(tmp_path):
     argv = ["train", "-n", "4", "--hostfile", "hosts", "--iface", "ib0", "--epochs", "1", "--iface=eth0"]
-    assert _strip_launch_args(argv) == ["train", "--epochs", "1"]
+    options = rank_options(build_parser().parse_args(argv))
+    assert (options["iface"], options["hostfile"], options["np"], options["epochs"]) == (None, None, None, 1)
     hosts = tmp_path / "hosts"
     hosts.write_text("a\nb\n")
     args = build_parser().parse_args(
         ["train", "-n", "4", "--hostfile", str(hosts), "--iface", "ib0", "--out", str(tmp_path / "r")]
     )
-    _, hint, _ = _launch_options(args, tmp_path / "r", elastic=False)
+    _, hint, _ = launch_options(args, tmp_path / "r", elastic=False)
     assert hint == f"mpitrain train -n 4 --hostfile {hosts} --iface ib0 --resume --out {tmp_path / 'r'}"
 
 
@@ -101,22 +121,22 @@ def test_several_networks_are_warned_about_only_when_the_job_spans_hosts():
     two_nets = {k: NETS[k] for k in ("lo", "eth0", "ib0")}
     one_net = {k: NETS[k] for k in ("lo", "eth0")}
     spans = [("head", 2), ("node2", 2)]
-    w = launch.several_networks_warning(spans, here, two_nets)
+    w = several_networks_warning(spans, here, two_nets)
     assert w.startswith("mpitrain: warning: the job spans hosts (node2 and this one)")
     assert "eth0 (192.168.1.5/24), ib0 (10.10.0.5/16)" in w and "--iface" in w and "lo" not in w
-    assert launch.several_networks_warning(spans, here, one_net) is None  # one network: no choice
-    assert launch.several_networks_warning([("head", 4)], here, two_nets) is None  # one host: no network used
-    assert launch.several_networks_warning(None, here, two_nets) is None  # no hostfile: this host
+    assert several_networks_warning(spans, here, one_net) is None  # one network: no choice
+    assert several_networks_warning([("head", 4)], here, two_nets) is None  # one host: no network used
+    assert several_networks_warning(None, here, two_nets) is None  # no hostfile: this host
 
 
 def test_ranks_on_this_host_follow_open_mpis_mapping_by_slot():
     here = {"head"}
-    assert launch.ranks_here(6, None, here, cores=2) == 6  # no hostfile: all here
-    assert launch.ranks_here(6, [("head", 2), ("n2", 4)], here, cores=2) == 2
-    assert launch.ranks_here(6, [("n2", 4), ("head", 4)], here, cores=2) == 2  # filled in hostfile order
-    assert launch.ranks_here(4, [("n2", 4), ("head", 4)], here, cores=2) == 0
-    assert launch.ranks_here(9, [("head", 2), ("n2", 2)], here, cores=2) == 5  # more than the slots: again
-    assert launch.ranks_here(3, [("head", None), ("n2", None)], here, cores=2) == 2  # no slots=: our cores
+    assert ranks_here(6, None, here, cores=2) == 6  # no hostfile: all here
+    assert ranks_here(6, [("head", 2), ("n2", 4)], here, cores=2) == 2
+    assert ranks_here(6, [("n2", 4), ("head", 4)], here, cores=2) == 2  # filled in hostfile order
+    assert ranks_here(4, [("n2", 4), ("head", 4)], here, cores=2) == 0
+    assert ranks_here(9, [("head", 2), ("n2", 2)], here, cores=2) == 5  # more than the slots: again
+    assert ranks_here(3, [("head", None), ("n2", None)], here, cores=2) == 2  # no slots=: our cores
 
 
 def test_the_launcher_yields_when_its_host_has_more_ranks_than_cores(fake_mpi, tmp_path):
@@ -126,7 +146,7 @@ def test_the_launcher_yields_when_its_host_has_more_ranks_than_cores(fake_mpi, t
     assert yield_flag in _pairs(_cmd(3))
     hosts = tmp_path / "hosts"
     hosts.write_text("# two nodes\nhead slots=4\nnode2 slots=4  # the other\n")
-    assert launch.read_hostfile(str(hosts)) == [("head", 4), ("node2", 4)]
+    assert read_hostfile(str(hosts)) == [("head", 4), ("node2", 4)]
     assert yield_flag in _pairs(_cmd(8, hostfile=str(hosts)))  # 4 ranks here on 2 cores
     hosts.write_text("head slots=2\nnode2 slots=6\n")
     assert yield_flag not in _pairs(_cmd(8, hostfile=str(hosts)))  # 2 here; node2 decides for itself
@@ -174,9 +194,10 @@ AFTER = [
 def test_hosts_that_cannot_reach_each_other_are_one_line_naming_host_and_interface(monkeypatch):
     import io
 
-    monkeypatch.setattr(launch, "local_networks", lambda: NETS)
+    monkeypatch.setattr("mpitrain.launcher.hosts.local_networks", lambda: NETS)
+    monkeypatch.setattr("mpitrain.launcher.supervise.local_networks", lambda: NETS)
     out = io.StringIO()
-    f = launch.StderrFilter(out)
+    f = StderrFilter(out)
     for line in AFTER[:1] + NO_CONNECT_BOX + AFTER[1:]:  # the setpgid race may come before the box
         f.feed(line)
     f.close()
@@ -188,23 +209,23 @@ def test_hosts_that_cannot_reach_each_other_are_one_line_naming_host_and_interfa
     )
     assert "--iface" in out.getvalue()
     debug = io.StringIO()
-    f = launch.StderrFilter(debug, debug=True)
+    f = StderrFilter(debug, debug=True)
     for line in NO_CONNECT_BOX:
         f.feed(line)
     assert debug.getvalue() == "".join(NO_CONNECT_BOX)  # --debug: Open MPI's own report
 
 
 def test_a_host_that_did_not_connect_back_is_named_with_the_network():
-    msg = launch.no_start_message("node7", "interface ib0 (--iface)")
+    msg = no_start_message("node7", "interface ib0 (--iface)")
     assert msg.startswith("mpitrain: error: mpiexec could not start the job on host node7: check the --hostfile")
     assert "reaches this host over interface ib0 (--iface)" in msg
-    assert launch.networks_said(NETS) == "one of its interfaces eth0 (192.168.1.5/24), ib0 (10.10.0.5/16)"
-    assert launch.network_of("192.168.1.77", NETS) == "interface eth0 (192.168.1.0/24)"
-    assert launch.network_of("8.8.8.8", NETS) == "the network of 8.8.8.8"
+    assert networks_said(NETS) == "one of its interfaces eth0 (192.168.1.5/24), ib0 (10.10.0.5/16)"
+    assert network_of("192.168.1.77", NETS) == "interface eth0 (192.168.1.0/24)"
+    assert network_of("8.8.8.8", NETS) == "the network of 8.8.8.8"
 
 
 def test_this_hosts_networks_are_read(monkeypatch):
-    nets = launch.local_networks()
+    nets = local_networks()
     assert nets.get("lo") == ipaddress.IPv4Interface("127.0.0.1/8")
 
 
@@ -233,11 +254,13 @@ def _fake_mpiexec(tmp_path, states, then="sleep 30", code=0):
 def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, monkeypatch, capsys, states, words):
     monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, states, then="exec sleep 30"))
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
-    monkeypatch.setattr(launch, "local_networks", lambda: NETS)
-    monkeypatch.setattr(launch, "local_names", lambda networks=None: {"head", "localhost"})
+    monkeypatch.setattr("mpitrain.launcher.hosts.local_networks", lambda: NETS)
+    monkeypatch.setattr("mpitrain.launcher.supervise.local_networks", lambda: NETS)
+    monkeypatch.setattr("mpitrain.launcher.hosts.local_names", lambda networks=None: {"head", "localhost"})
+    monkeypatch.setattr("mpitrain.launcher.supervise.local_names", lambda networks=None: {"head", "localhost"})
     hosts = tmp_path / "hosts"
     hosts.write_text("head slots=1\nnode2 slots=1\n")
-    code = launch.run(2, ["train"], hostfile=str(hosts), iface="ib0")
+    code = supervise(2, ["train"], hostfile=str(hosts), iface="ib0", contact=True)
     out = capsys.readouterr()
     lines = [line for line in out.err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, out.err
@@ -249,12 +272,12 @@ def test_a_job_that_does_not_start_or_connect_is_stopped_in_one_line(tmp_path, m
 def test_a_job_whose_ranks_met_is_not_stopped_by_the_deadline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MPITRAIN_MPIEXEC", _fake_mpiexec(tmp_path, ["started", "contact"], then="sleep 2; echo done"))
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "1")
-    assert launch.run(2, ["train"]) == 0
+    assert supervise(2, ["train"], contact=True) == 0
     out = capsys.readouterr()
     assert out.out == "done\n" and out.err == ""
     monkeypatch.setenv("MPITRAIN_START_TIMEOUT", "soon")
     with pytest.raises(UserError):
-        launch.start_timeout()
+        start_timeout()
 
 
 LOST_DAEMON_BOX = [
@@ -295,7 +318,7 @@ def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys,
     )
     script.chmod(0o755)
     monkeypatch.setenv("MPITRAIN_MPIEXEC", str(script))
-    code = launch.run(3, ["train"], resume_hint="mpitrain train -n 3 --resume --out r")
+    code = supervise(3, ["train"], resume_hint="mpitrain train -n 3 --resume --out r")
     out = capsys.readouterr()
     assert code == 1 and out.out == "epoch 1/40\n"
     assert out.err == (
@@ -304,7 +327,7 @@ def test_a_lost_host_is_named_and_never_a_success(tmp_path, monkeypatch, capsys,
         "continue it with: mpitrain train -n 3 --resume --out r\n"
     )
     shown = []
-    f = launch.NoStartBox(shown.append, shown.append, started=lambda: True)  # the same box on stdout
+    f = NoStartBox(shown.append, shown.append, started=lambda: True)  # the same box on stdout
     for line in lost_box:
         f.feed(line)
     assert f.lost == "node2" and shown == []

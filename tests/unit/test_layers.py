@@ -1,16 +1,27 @@
 """The package's layers, enforced: imports point downwards only, one module imports mpi4py.
 
-    cli, config, errors, runtime, atomic, pixels, shards   (top level: used by every layer)
+    cli                                    (argparse and dispatch: may import everything)
+    launcher/  -> train/, engine/, evaluate/, parallel/, data/   (the parent side of `-n N`)
     train/     -> engine/, evaluate/, parallel/, data/
     evaluate/  -> engine/, parallel/, data/    (never train/)
     engine/    -> parallel/                    (never data/, evaluate/, train/)
     parallel/, data/                           (neither each other nor the layers above)
+    config, errors, runtime, slurm, atomic, outdir, pixels, shards, runfiles
+                                           (top level: below every layer, import none)
+    __init__.py                            (the public face: re-exports the engine, lazily)
 
-One exception: config imports parallel/strategies. A strategy owns its rules (its name, what
-"auto" means for its --sync-every and learning rate), and the config validates and
-resolves options by asking the strategies' registry instead of keeping a second copy of
-those rules. parallel/strategies imports only numpy, parallel/flat, parallel/pulses and errors, never
-config.
+The ranks never import launcher/: everything a rank and the launcher tell each other is in
+parallel/wire.py, which imports no other mpitrain module. Inside launcher/ the supervisor
+and what it stands on (hosts, mpiexec, relay, reports, supervise) start and watch any
+program: they import only the top-level errors, runtime and slurm, parallel/wire and each
+other, never a command (so `mpitrain run script.py` needs nothing of training). The rest of
+launcher/ (commands, elastic, hostloss) is mpitrain's own use of it: the parent's checks
+before a job (data folder, run folder, strategy, model) and the restart from a checkpoint
+after a lost host, so it may import the layers below it.
+
+config imports no layer: the strategies' names and "auto" rules stay in their registry
+(parallel/strategies), applied where a config is used (`strategies.resolve`); the other
+choice lists live in config, and data/ and evaluate/ import them from there.
 
 Type-only imports of the `Comm` protocol (`if TYPE_CHECKING: from mpitrain.parallel.comm
 import Comm`) are no dependency: they never run, and every layer is handed a communicator.
@@ -23,14 +34,16 @@ import mpitrain
 
 PKG = Path(mpitrain.__file__).parent
 FORBIDDEN = {
-    "data": {"train", "evaluate", "parallel", "engine", "cli"},
-    "parallel": {"train", "evaluate", "data", "engine", "cli"},
+    "data": {"train", "evaluate", "parallel", "engine", "cli", "launcher"},
+    "parallel": {"train", "evaluate", "data", "engine", "cli", "launcher"},
     # The engine takes a Keras model and arrays: no folders, plans, reports or the X-ray app.
-    "engine": {"train", "evaluate", "data", "cli"},
-    "evaluate": {"train", "cli"},
-    "train": {"cli"},
+    "engine": {"train", "evaluate", "data", "cli", "launcher"},
+    "evaluate": {"train", "cli", "launcher"},
+    "train": {"cli", "launcher"},
+    "launcher": {"cli"},
     None: set(),
 }
+LAYERS = ("data", "parallel", "engine", "train", "evaluate", "launcher", "cli")
 
 
 def _imports(path: Path):
@@ -81,31 +94,55 @@ def test_layers_import_only_downwards():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
-ALLOWED_TOP_LEVEL = {"config.py": "mpitrain.parallel.strategies"}  # see the module docstring
-
-
 def test_top_level_modules_import_no_layer():
-    # config, errors, runtime and atomic are used by every layer; they must not pull one in.
-    # __init__.py is the public face: it re-exports the engine (lazily).
+    # The top-level modules are used by every layer; they must not pull one in (config least
+    # of all: every layer reads it). __init__.py is the public face: it re-exports the engine.
     bad = [
         f"{p.name} imports {n}"
         for p in PKG.glob("*.py")
         if p.name not in ("cli.py", "__main__.py", "__init__.py")
         for n in _layer_imports(p)
-        if n.split(".")[:2][-1] in ("data", "parallel", "engine", "train", "evaluate", "cli")
-        and n.startswith("mpitrain.")
-        and not _allowed(p.name, n)
+        if n.startswith("mpitrain.") and n.split(".")[1] in LAYERS
     ]
     assert not bad, bad
 
 
-def _allowed(module: str, name: str) -> bool:
-    prefix = ALLOWED_TOP_LEVEL.get(module)
-    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+def test_the_ranks_never_import_the_launcher():
+    # Every module but cli and launcher/ itself may run in a rank.
+    bad = [
+        f"{p.relative_to(PKG)} imports {n}"
+        for p in sorted(PKG.rglob("*.py"))
+        if _layer(p) != "launcher" and p.name != "cli.py"
+        for n in _imports(p)
+        if n == "mpitrain.launcher" or n.startswith("mpitrain.launcher.")
+    ]
+    assert not bad, bad
+
+
+SUPERVISOR = ("hosts", "mpiexec", "relay", "reports", "supervise")  # see the module docstring
+SUPERVISOR_MAY_IMPORT = ("mpitrain.errors", "mpitrain.runtime", "mpitrain.slurm", "mpitrain.parallel.wire") + tuple(
+    f"mpitrain.launcher.{m}" for m in SUPERVISOR
+)
+
+
+def test_the_supervisor_knows_no_command():
+    bad = [
+        f"launcher/{m}.py imports {n}"
+        for m in SUPERVISOR
+        for n in _imports(PKG / "launcher" / f"{m}.py")
+        if n.startswith("mpitrain.") and n != "mpitrain.launcher" and not n.startswith(SUPERVISOR_MAY_IMPORT)
+    ]
+    assert not bad, bad
+
+
+def test_the_wire_protocol_imports_nothing_of_mpitrain():
+    # Both sides import it: it must not drag either side's modules into the other.
+    # (The Comm protocol for annotations, under TYPE_CHECKING, is no import: see the docstring.)
+    assert [n for n in _layer_imports(PKG / "parallel" / "wire.py") if n.startswith("mpitrain")] == []
 
 
 def test_strategies_import_neither_config_nor_other_layers():
-    # The one exception above must not become a cycle.
+    # The registry is the home of the strategies' rules: the config asks it, never the reverse.
     bad = [
         f"{p.relative_to(PKG)} imports {n}"
         for p in (PKG / "parallel" / "strategies").glob("*.py")

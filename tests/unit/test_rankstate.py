@@ -138,7 +138,7 @@ class _SecondOfTwo(SingleComm):
 
 
 def test_an_elastic_run_resumed_by_other_ranks_gives_every_rank_rank_0s_state():
-    # An --elastic job that lost a host goes on with fewer ranks (train/hostloss.py): every
+    # An --elastic job that lost a host goes on with fewer ranks (launcher/hostloss.py): every
     # rank starts from rank 0's state (for master-worker the master's), as after a lost rank.
     first, *_ = _state(3)
     (state0,), _ = first.gather(SingleComm(), np.zeros(3))

@@ -40,7 +40,7 @@ def test_a_new_strategy_is_one_subclass_and_everyone_asks_it(registry):
         auto_lr = ("linear", "constant")
 
     assert "ring" in strategies.names()
-    cfg = TrainConfig(strategy="ring").resolved()
+    cfg = strategies.resolve(TrainConfig(strategy="ring"))
     assert (cfg.lr_scaling, cfg.lr_schedule, cfg.sync_every) == ("linear", "constant", 2)
     with pytest.raises(UserError, match="--strategy ring needs at least 3 processes: use -n 3 or more"):
         make_sync("ring", FakeComm(0, 2), None)
@@ -51,7 +51,7 @@ def test_a_new_strategy_is_one_subclass_and_everyone_asks_it(registry):
 
 def test_unknown_strategy_is_a_one_line_error_listing_the_registry():
     with pytest.raises(UserError) as e:
-        TrainConfig(strategy="ring")
+        strategies.resolve(TrainConfig(strategy="ring"))
     assert str(e.value) == "--strategy must be one of allreduce, local-sgd, master-worker"
 
 
@@ -95,10 +95,10 @@ def test_master_worker_needs_a_master_and_a_worker():
     ],
 )
 def test_auto_defaults_each_strategy_resolves_to(name, scaling, schedule, sync_every):
-    cfg = TrainConfig(strategy=name).resolved()
+    cfg = strategies.resolve(TrainConfig(strategy=name))
     assert (cfg.lr_scaling, cfg.lr_schedule, cfg.sync_every) == (scaling, schedule, sync_every)
     # Explicit choices are kept.
-    mine = TrainConfig(strategy=name, lr_scaling="linear", lr_schedule="cosine", sync_every=7).resolved()
+    mine = strategies.resolve(TrainConfig(strategy=name, lr_scaling="linear", lr_schedule="cosine", sync_every=7))
     assert (mine.lr_scaling, mine.lr_schedule, mine.sync_every) == ("linear", "cosine", 7)
 
 

@@ -11,14 +11,8 @@ import mpitrain
 
 PKG = Path(mpitrain.__file__).parent
 
-# TEMPORARY: modules being restructured while the annotations arrived (the engine, the
-# launcher, the configuration). The lead removes this list once they annotate `comm` too.
-BEING_RESTRUCTURED = {
-    "cli.py",
-    "config.py",
-    "parallel/launch.py",
-    "train/hostloss.py",
-}
+# Files exempt from the rule (none now; a name here must be a file that exists).
+BEING_RESTRUCTURED: set[str] = set()
 COMM_TYPES = {"Comm", "Comm | None"}
 
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpitrain.config import AUGMENTS as POLICIES  # the --augment names: one list, in config.py
 from mpitrain.pixels import as_float
 
-POLICIES = ("none", "xray", "xray-strong")
 _TAG = 0xA06  # keeps these draws apart from the shuffle (shards.epoch_order) of the same numbers
 
 
@@ -74,6 +74,8 @@ POLICY = {
         rotate_degrees=15.0, scale=(0.85, 1.2), shift=0.10, gamma=(0.6, 1.6), contrast=(0.7, 1.4), brightness=0.12
     ),
 }
+if tuple(POLICY) != POLICIES:  # a policy is added in both places, or the option would not offer it
+    raise ImportError(f"data/augment.py POLICY {tuple(POLICY)} differs from config.AUGMENTS {POLICIES}")
 
 
 def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpitrain.config import GROUPINGS  # the --groups choices: one list, in config.py
 from mpitrain.errors import UserError
 
-GROUPINGS = ("none", "filename-patient", "duplicates")
 FILENAME_PATIENT = r"(?:^|/)(person\d+)_|(?:^|/)((?:NORMAL2-)?IM-\d+)-"
 
 

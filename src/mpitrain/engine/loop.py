@@ -21,7 +21,7 @@ the current epoch (master-worker: the start of the master's round, `Sync.recover
 Rank 0 writes the run folder; if it is the one lost, the survivors stop
 cleanly and the run continues with --resume from its newest checkpoint. A lost *host* ends
 the whole job (Open MPI's runtime does not survive it): the launcher starts it again on the
-hosts left, from the newest checkpoint (`train/hostloss.py`).
+hosts left, from the newest checkpoint (`launcher/hostloss.py`).
 
 Stop requests (SIGTERM/SIGUSR1 to any rank, `parallel/preempt.py`): after every step the ranks
 ask their strategy whether they have agreed to stop (a vote carried by the strategy's own

@@ -29,7 +29,9 @@ class Options:
     compress: str = "none"
     precision: str = "fp32"  # the engine's part of it: fp16 trains with dynamic loss scaling
     seed: int = 0
-    timeout: float = 0.0  # seconds without progress before the job is aborted; 0: never
+    # Seconds without progress before the job is aborted; 0: never. None: $MPITRAIN_TIMEOUT
+    # (what `mpitrain run --timeout` sets for its script), else never.
+    timeout: float | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
 
@@ -46,7 +48,19 @@ class Options:
         scaling, schedule = rules.auto_lr
         return dataclasses.replace(
             self,
+            timeout=_default_timeout() if self.timeout is None else self.timeout,
             lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
             lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
             sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every,
         )
+
+
+def _default_timeout() -> float:
+    import os
+
+    from mpitrain.parallel.wire import TIMEOUT_ENV
+
+    try:
+        return max(0.0, float(os.environ.get(TIMEOUT_ENV, "0") or 0))
+    except ValueError:
+        return 0.0

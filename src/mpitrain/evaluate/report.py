@@ -148,7 +148,7 @@ def _duration(seconds: float) -> str:
 def _loss(e: dict) -> list[str]:
     """An events.jsonl line: what was lost, the ranks before and after, where the run went on."""
     ranks = f"{e['ranks_before']} -> {e['ranks_after']}"
-    if e.get("event") == "host_lost":  # the launcher started the job again (train/hostloss.py)
+    if e.get("event") == "host_lost":  # the launcher started the job again (launcher/hostloss.py)
         return [f"host {e['host']} ({e['lost_ranks']} rank(s))", ranks, f"checkpoint: {e['continue_from']}"]
     return [
         f"rank(s) {', '.join(map(str, e['lost_ranks']))}",

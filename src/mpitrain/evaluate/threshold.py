@@ -37,9 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpitrain.config import THRESHOLD_POLICIES as POLICIES  # --threshold-policy: one list, in config.py
 from mpitrain.engine.metrics import roc_curve
-
-POLICIES = ("prior", "youden")  # --threshold-policy; --target-sensitivity S is the third rule
 
 _NO_FINDING = frozenset(
     {

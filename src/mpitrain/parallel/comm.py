@@ -449,7 +449,7 @@ def world() -> Comm:
         if launched_by_mpi():
             whole = _mpi().COMM_WORLD
             _WORLD = MPIComm(whole) if whole.Get_size() > 1 else SingleComm()
-            from mpitrain.parallel.launch import first_contact
+            from mpitrain.parallel.wire import first_contact
 
             first_contact(_WORLD)  # collective: the ranks' first message, watched by our launcher
         else:

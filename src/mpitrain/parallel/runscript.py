@@ -20,7 +20,10 @@ import runpy
 import sys
 from typing import TextIO
 
-ALL_OUTPUT_ENV = "MPITRAIN_ALL_OUTPUT"
+from mpitrain.parallel.wire import ALL_OUTPUT_ENV, PROGRESS, STATE
+
+WIRE_PREFIX = (PROGRESS, STATE)  # mpitrain's marker lines to the launcher (parallel/wire.py)
+
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
@@ -41,7 +44,9 @@ class Tagged:
     def write(self, text: str) -> int:
         out = []
         for piece in text.splitlines(keepends=True):
-            out.append((self.tag if self.fresh else "") + piece)
+            # The launcher reads the marker lines: they stay as they are.
+            tag = self.tag if self.fresh and not piece.startswith(WIRE_PREFIX) else ""
+            out.append(tag + piece)
             self.fresh = piece.endswith("\n")
         self.stream.write("".join(out))
         return len(text)
@@ -95,9 +100,12 @@ def _said(message: object) -> int:
 
 def _abort_job() -> None:
     """End every rank now: the others may be inside a collective waiting for this one."""
+    import time
+
     from mpitrain.parallel.comm import abort_started
 
     sys.stderr.flush()
+    time.sleep(0.5)  # our line reaches the launcher before Open MPI's report of the abort
     abort_started(1)
 
 

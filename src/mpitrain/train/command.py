@@ -24,7 +24,7 @@ from mpitrain.parallel.comm import world
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
-from mpitrain.parallel.strategies import strategy_class
+from mpitrain.parallel.strategies import resolve, strategy_class
 
 
 def _open_resume(cfg: TrainConfig):
@@ -57,8 +57,9 @@ def channels_for(cfg: TrainConfig) -> int:
         return cfg.channels
     from mpitrain.train import models
 
-    needs = getattr(models, "needs_channels", None)  # HOOK: the keras.applications models' rule
-    return 3 if needs is not None and needs(cfg.model) == 3 else 1
+    needs = getattr(models, "needs_channels", None)  # the model registry's rule (3 for pretrained colour models)
+    got = None if needs is None else needs(cfg.model)
+    return got if got in (1, 3) else 1
 
 
 def _fingerprint(cfg: TrainConfig, plan) -> str:
@@ -106,7 +107,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
     plan = out = ckpt = None
     err = None
     try:
-        cfg: TrainConfig = make_config().resolved()
+        cfg: TrainConfig = resolve(make_config())
         if resume and comm.rank == 0:
             ckpt, cfg = _open_resume(cfg)
         from mpitrain.train.models import check_model
@@ -170,13 +171,39 @@ def _resume_hint(comm: Comm, out, cfg) -> str:
     import os
 
     from mpitrain import slurm
-    from mpitrain.parallel.launch import RESUME_HINT_ENV, resume_command
+    from mpitrain.parallel.wire import RESUME_HINT_ENV
 
     if os.environ.get(RESUME_HINT_ENV):
         return os.environ[RESUME_HINT_ENV]
     if comm.size > 1 and slurm.step_tasks() == comm.size and "OMPI_COMM_WORLD_SIZE" not in os.environ:
         return f"srun --mpi=pmix {resume_command(None, out, elastic=cfg.elastic)}"
     return resume_command(comm.size if comm.size > 1 else None, out, elastic=cfg.elastic)
+
+
+def resume_command(
+    n: int | None,
+    out,
+    hostfile: str | None = None,
+    elastic: bool = False,
+    iface: str | None = None,
+    fixed_order: bool = False,
+) -> str:
+    """The command that continues the run in `out` (`n` None: one process)."""
+    import shlex
+
+    words = ["mpitrain", "train"]
+    if n is not None:
+        words += ["-n", str(n)]
+    if hostfile is not None:
+        words += ["--hostfile", shlex.quote(str(hostfile))]
+    if iface is not None:
+        words += ["--iface", shlex.quote(iface)]
+    if fixed_order:
+        words.append("--fixed-order")
+    words += ["--resume", "--out", shlex.quote(str(out))]
+    if elastic:
+        words.append("--elastic")
+    return " ".join(words)
 
 
 def stopped_message(stop: StopRequested, epochs: int, run_dir, resume_cmd: str) -> str:
@@ -289,6 +316,10 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
     model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels)
+    if cfg.init:
+        from mpitrain.train.models import init_from
+
+        say(init_from(model, cfg.init))
     if cfg.elastic:
         comm.make_elastic()  # collective: from here on a dead peer raises RankLost
 

@@ -20,6 +20,7 @@ from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.tensorboard import TensorBoard
 from mpitrain.engine.loop import Engine, Result
 from mpitrain.engine.options import Options
+from mpitrain.parallel.strategies import resolve
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
@@ -71,7 +72,7 @@ def engine_for(
     cfg: TrainConfig, comm: Comm, plan: Plan, data, model, echo=print, checkpoints: bool = False, run_dir=None, **kw
 ) -> Engine:
     """The engine for `cfg` on this rank's `data` (a Shard) of `plan`."""
-    cfg = cfg.resolved()
+    cfg = resolve(cfg)
     return Engine(
         model,
         data,

@@ -12,19 +12,25 @@ tests/unit/test_models.py checks it for every registry model.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import re
 from collections.abc import Callable
+from pathlib import Path
 
+from mpitrain import runfiles
 from mpitrain.errors import UserError
 
 
-def _seed(image_size: int, n_classes: int, channels: int = 1):
+def _seed(image_size: int, n_classes: int):
     """The seed project's CNN: three conv/pool blocks, one hidden dense layer, softmax."""
     import keras
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, channels)),
+            keras.Input((image_size, image_size, 1)),
             layers.Conv2D(32, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(),
             layers.Conv2D(64, 3, padding="same", activation="relu"),
@@ -40,14 +46,14 @@ def _seed(image_size: int, n_classes: int, channels: int = 1):
     )
 
 
-def _tiny(image_size: int, n_classes: int, channels: int = 1):
+def _tiny(image_size: int, n_classes: int):
     """A small deterministic model (no dropout, no batch norm): tests and quick checks."""
     import keras
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, channels)),
+            keras.Input((image_size, image_size, 1)),
             layers.Conv2D(8, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(4),
             layers.Flatten(),
@@ -58,7 +64,7 @@ def _tiny(image_size: int, n_classes: int, channels: int = 1):
     )
 
 
-def _xray(image_size: int, n_classes: int, channels: int = 1):
+def _xray(image_size: int, n_classes: int):
     """A batch-norm CNN for grayscale X-rays: a 16-filter stem, then blocks of two 3x3
     convolutions (conv, batch norm, ReLU) with 32, 64, 128 (and 256 from 128 px on)
     filters, each followed by 2x2 max pooling, then global average pooling, dropout and
@@ -77,7 +83,7 @@ def _xray(image_size: int, n_classes: int, channels: int = 1):
         return layers.ReLU()(x)
 
     widths = [32, 64, 128] + ([256] if image_size >= 128 else [])
-    inputs = keras.Input((image_size, image_size, channels))
+    inputs = keras.Input((image_size, image_size, 1))
     x = layers.MaxPooling2D()(conv(inputs, 16))
     for filters in widths:
         x = layers.MaxPooling2D()(conv(conv(x, filters), filters))
@@ -95,17 +101,270 @@ MODELS: dict[str, tuple[Callable, int]] = {
 }
 
 
-def check_model(name: str, image_size: int) -> None:
-    """A UserError unless `name` is a model that can take `image_size` pixels (no Keras needed)."""
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    if image_size < MODELS[name][1]:
-        raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {MODELS[name][1]})")
+KINDS_HELP = (
+    "a registry name, a keras.applications name (resnet50, mobilenet_v3_small, efficientnet_b0, ...), "
+    "MODULE:FUNCTION (function(input_shape, num_classes) -> Keras model) or a .keras file / run folder"
+)
+
+
+def check_model(name: str, image_size: int, n_classes: int | None = None, channels: int = 1) -> None:
+    """A UserError unless `name` is a model that can take `image_size` pixels. Registry names
+    need no Keras; the other kinds import it (and, given `n_classes`, are built and checked)."""
+    if name in MODELS:
+        if image_size < MODELS[name][1]:
+            raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {MODELS[name][1]})")
+        return
+    kind = _kind(name)
+    if kind == "application":
+        _, module = applications()[name]
+        low = _MIN_SIDE.get(module, 32)
+        if image_size < low:
+            raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {low})")
+    elif kind == "function":
+        _function(name)
+    elif kind == "file":
+        _saved_path(name)
+    if n_classes is not None and kind != "application":
+        build_model(name, image_size, n_classes, channels)
+
+
+def needs_channels(spec: str, weights: str | None = None) -> int | None:
+    """The channels a model needs (3 for --weights imagenet; a saved model's own); None: no preference."""
+    if weights == "imagenet":
+        return 3
+    if spec not in MODELS and _kind(spec) == "file":
+        return int(_load(spec).input_shape[-1])
+    return None
 
 
 def build_model(name: str, image_size: int, n_classes: int, channels: int = 1):
-    check_model(name, image_size)
-    builder, _ = MODELS[name]
     if n_classes < 2:
         raise UserError(f"need at least 2 classes, got {n_classes}")
-    return builder(image_size, n_classes, channels)
+    check_model(name, image_size)
+    if name in MODELS:
+        builder, _ = MODELS[name]
+        if channels == 1:  # the registry's recipes stay bit for bit what they were
+            return builder(image_size, n_classes)
+        return _with_channels(builder, image_size, n_classes, channels)
+    kind = _kind(name)
+    if kind == "application":
+        model = _application(name, image_size, n_classes, channels)
+    elif kind == "function":
+        model = _function(name)((image_size, image_size, channels), n_classes)
+    else:
+        model = _load(name)
+    _check_shapes(name, model, image_size, n_classes, channels)
+    return model
+
+
+def _with_channels(builder, image_size: int, n_classes: int, channels: int):
+    """A registry model taking `channels` channels: the same layers on a wider input."""
+    import keras
+
+    grey = builder(image_size, n_classes)
+    inputs = keras.Input((image_size, image_size, channels))
+    x = inputs
+    layers = grey.layers if isinstance(grey, keras.Sequential) else grey.layers[1:]
+    fresh = [type(layer).from_config(layer.get_config()) for layer in layers]
+    if isinstance(grey, keras.Sequential):
+        return keras.Sequential([inputs, *fresh], name=grey.name)
+    for layer in fresh:  # the functional registry models are chains
+        x = layer(x)
+    return keras.Model(inputs, x, name=grey.name)
+
+
+def _kind(name: str) -> str:
+    if name.endswith(".keras") or "/" in name or Path(name).is_dir():
+        return "file"
+    if ":" in name:
+        return "function"
+    if name in applications():
+        return "application"
+    raise UserError(f"unknown model {name!r}; expected {KINDS_HELP} (registry: {', '.join(sorted(MODELS))})")
+
+
+def _snake(camel: str) -> str:
+    """keras.applications' class-like names in snake case: MobileNetV3Small -> mobilenet_v3_small."""
+    words: list[str] = []
+    for w in re.findall(r"[A-Z]\d+|[A-Z]+(?![a-z])|[A-Z][a-z]+|\d+", camel.replace("NeXt", "Next")):
+        if words and (w in ("Net", "Next") or w.isdigit()):
+            words[-1] += w  # ResNet, ConvNeXt, VGG16: one word
+        else:
+            words.append(w)
+    return "_".join(words).lower()
+
+
+@functools.cache
+def applications() -> dict[str, tuple[Callable, str]]:
+    """snake_case name -> (keras.applications constructor, its module's last part: the family)."""
+    import keras
+
+    out = {}
+    for attr in dir(keras.applications):
+        fn = getattr(keras.applications, attr)
+        if attr[:1].isupper() and callable(fn):
+            out[_snake(attr)] = (fn, getattr(fn, "__module__", "").rsplit(".", 1)[-1])
+    return out
+
+
+# Smallest side keras.applications accepts without a top (imagenet_utils.obtain_input_shape).
+_MIN_SIDE = {"inception_v3": 75, "inception_resnet_v2": 75, "xception": 71}
+# Families whose model starts with its own normalisation and expects pixels in [0, 255].
+_OWN_PREPROCESSING = ("efficientnet", "efficientnet_v2", "convnext", "mobilenet_v3")
+# Families trained on caffe-style input: BGR [0, 255] minus the ImageNet mean (resnet.preprocess_input).
+_CAFFE = ("resnet", "vgg16", "vgg19")
+# Families trained on torch-style input: [0, 1], then ImageNet mean and standard deviation.
+_TORCH = ("densenet",)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _preprocessing(module: str, channels: int):
+    """Keras layers turning mpitrain's float32 [0, 1] pixels into what the family expects
+    (serialisable layers only, so that model.keras reloads without code)."""
+    from keras import layers
+
+    def per_channel(values):
+        return list(values) if channels == 3 else [sum(values) / len(values)] * channels
+
+    if module in _OWN_PREPROCESSING:
+        return [layers.Rescaling(255.0, name="to_255")]
+    if module in _CAFFE:
+        # Channel order stays RGB: with random weights it does not matter; the BGR flip
+        # needed by caffe-style imagenet weights is not done (yet).
+        mean = per_channel(_CAFFE_MEAN_BGR[::-1])
+        return [layers.Rescaling(255.0, name="to_255"), layers.Normalization(mean=mean, variance=[1.0] * channels)]
+    if module in _TORCH:
+        return [layers.Normalization(mean=per_channel(_TORCH_MEAN), variance=[s * s for s in per_channel(_TORCH_STD)])]
+    return [layers.Rescaling(2.0, offset=-1.0, name="to_pm1")]  # "tf" mode: [-1, 1]
+
+
+def _application(name: str, image_size: int, n_classes: int, channels: int, weights: str | None = None):
+    """A keras.applications backbone with its preprocessing, average pooling and a fresh softmax head."""
+    import keras
+
+    ctor, module = applications()[name]
+    shape = (image_size, image_size, channels)
+    try:
+        backbone = ctor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+    except ValueError as e:
+        raise UserError(f"model {name!r} cannot take {image_size}x{image_size}x{channels} input: {e}") from None
+    inputs = keras.Input(shape)
+    x = inputs
+    for layer in _preprocessing(module, channels):
+        x = layer(x)
+    x = backbone(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _function(spec: str) -> Callable:
+    """MODULE:FUNCTION imported from PYTHONPATH, checked to take (input_shape, num_classes)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise UserError(f"--model {spec}: cannot import {module_name!r} from PYTHONPATH ({e})") from None
+    except AttributeError:
+        raise UserError(f"--model {spec}: module {module_name!r} has no {attr!r}") from None
+    try:
+        inspect.signature(fn).bind((32, 32, 1), 2)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"--model {spec}: expected a function(input_shape, num_classes) returning a Keras model"
+        ) from None
+    return fn
+
+
+def _saved_path(spec: str) -> Path:
+    path = Path(spec)
+    if path.is_dir():
+        path = path / runfiles.MODEL
+    if not path.is_file():
+        raise UserError(f"--model {spec}: no such model file {path} (expected a .keras file or a run folder)")
+    return path
+
+
+def _load(spec: str):
+    import keras
+
+    try:
+        return keras.saving.load_model(_saved_path(spec), compile=False)
+    except (ValueError, OSError, TypeError) as e:
+        raise UserError(f"--model {spec}: cannot load it as a Keras model ({e})") from None
+
+
+def _check_shapes(name: str, model, image_size: int, n_classes: int, channels: int) -> None:
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UserError(f"--model {name}: expected a Keras model, got {type(model).__name__}")
+    want_in, got_in = (image_size, image_size, channels), tuple(model.input_shape[1:])
+    if got_in != want_in:
+        raise UserError(f"--model {name}: expected input shape {want_in} (the images), the model takes {got_in}")
+    got_out = tuple(model.output_shape[1:])
+    if got_out != (n_classes,):
+        raise UserError(
+            f"--model {name}: expected output shape ({n_classes},) (the classes), the model gives {got_out}"
+        )
+
+
+def init_from(model, source: str) -> str:
+    """Fine-tuning: copy the weights of RUN / FILE.keras / FILE.weights.h5 into `model`, layer
+    by layer, matched by name and shape. Returns the one line saying what matched."""
+    import keras
+
+    path = Path(source)
+    if source.endswith(".weights.h5"):
+        if not path.is_file():
+            raise UserError(f"--init {source}: no such weights file")
+        donor = keras.models.clone_model(model)
+        try:
+            donor.load_weights(path, skip_mismatch=True)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--init {source}: cannot read it as Keras weights ({e})") from None
+    else:
+        donor = _load(source)
+    # By name; else the k-th layer of its class (Keras' automatic names, conv2d_7, depend on
+    # how many models the process built before).
+    donors = {layer.name: layer for layer in _leaves(donor)}
+    by_kind = _by_kind(_leaves(donor))
+    copied, missing = 0, []
+    for layer, kind_key in zip(_leaves(model), _kind_keys(_leaves(model)), strict=True):
+        other = donors.get(layer.name, by_kind.get(kind_key))
+        if other is None:
+            missing.append(f"{layer.name} (absent)")
+        elif [w.shape for w in other.get_weights()] != [w.shape for w in layer.get_weights()]:
+            missing.append(f"{layer.name} (shape)")
+        else:
+            layer.set_weights(other.get_weights())
+            copied += 1
+    line = f"init: {copied} layer(s) from {source}"
+    return line + (f"; not matched: {', '.join(missing)}" if missing else "")
+
+
+def _leaves(model) -> list:
+    """The layers holding weights, nested models opened (a keras.applications backbone)."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out += _leaves(layer)
+        elif layer.weights:
+            out.append(layer)
+    return out
+
+
+def _kind_keys(layers: list) -> list[tuple[str, int]]:
+    seen: dict[str, int] = {}
+    keys = []
+    for layer in layers:
+        kind = type(layer).__name__
+        keys.append((kind, seen.get(kind, 0)))
+        seen[kind] = seen.get(kind, 0) + 1
+    return keys
+
+
+def _by_kind(layers: list) -> dict:
+    return dict(zip(_kind_keys(layers), layers, strict=True))

@@ -76,7 +76,9 @@ def _choose(stream=None):
     tty = os.environ.get("MPITRAIN_TTY")
     if tty == "0":
         return None, stream
-    if os.environ.get("MPITRAIN_LAUNCHER") == "1":
+    from mpitrain.parallel.wire import under_launcher
+
+    if under_launcher():
         return "marker", stream
     from mpitrain.parallel.comm import launched_by_mpi
 
@@ -129,7 +131,7 @@ class Progress:
         stats = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = f"{self.prefix}{done}/{self.total} [{bar:<{self.width}}] {elapsed:.0f}s eta {eta:.0f}s {stats}"
         if self.mode == "marker":
-            from mpitrain.parallel.launch import progress_line
+            from mpitrain.parallel.wire import progress_line
 
             self.stream.write(progress_line(_where(self.prefix, done, self.total), line.rstrip()))
         elif self.mode == "lines":
@@ -149,7 +151,7 @@ class Progress:
             return
         self._shown = False
         if self.mode == "marker":
-            from mpitrain.parallel.launch import progress_line
+            from mpitrain.parallel.wire import progress_line
 
             self.stream.write(progress_line(_where(self.prefix, self._done, self.total), ""))
         elif self.mode == "redraw":

@@ -13,11 +13,13 @@ and defining the subclass registers it, so the CLI's choices, the config's valid
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mpitrain.errors import UserError
 from mpitrain.parallel.strategies.base import REGISTRY, Sync, lr_at, scaled_lr
 
 if TYPE_CHECKING:
@@ -43,6 +45,24 @@ def compressions() -> tuple[str, ...]:
     return ("none",) + tuple(sorted(found - {"none"}))
 
 
+def resolve(cfg):
+    """A copy of the TrainConfig `cfg` with its strategy's rules applied: every "auto"/None
+    default replaced by the value it stands for. A one-line UserError for an unknown
+    --strategy or a --compress the strategy cannot apply. (The config does not import the
+    strategies: its module sits below every layer.)"""
+    if cfg.strategy not in REGISTRY:
+        raise UserError(f"--strategy must be one of {', '.join(names())}")
+    rules = REGISTRY[cfg.strategy]
+    rules.check_compress(cfg.compress)
+    scaling, schedule = rules.auto_lr
+    return dataclasses.replace(
+        cfg,
+        lr_scaling=scaling if cfg.lr_scaling == "auto" else cfg.lr_scaling,
+        lr_schedule=schedule if cfg.lr_schedule == "auto" else cfg.lr_schedule,
+        sync_every=cfg.sync_every if cfg.sync_every is not None else rules.default_sync_every,
+    )
+
+
 def make_sync(
     name: str,
     comm: Comm,
@@ -56,4 +76,4 @@ def make_sync(
     return REGISTRY[name](comm, sync_every, progress, stop_requested=stop_requested, compress=compress)
 
 
-__all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "scaled_lr", "strategy_class"]
+__all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "resolve", "scaled_lr", "strategy_class"]

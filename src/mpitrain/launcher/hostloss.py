@@ -6,14 +6,14 @@ PRRTE ends the whole job, `--with-ft ulfm` or not (its error manager treats a lo
 as the end of the virtual machine). So the healing of a lost host happens one level up, in
 `mpitrain train -n N --hostfile F --elastic`, the process that started mpiexec:
 
-1. mpiexec ends; its report names the host whose daemon was lost (`launch.lost_host`);
+1. mpiexec ends; its report names the host whose daemon was lost (`reports.lost_host`);
 2. `plan` works out what is left: the hostfile without that host (written into the run
    folder as `hostfile`, so the printed `--resume` command still works later), the ranks
-   that ran there (as the ranks reported their hosts at start, `launch.first_contact`;
-   else by slot, `launch.placement`), the strategy's minimum, and the
+   that ran there (as the ranks reported their hosts at start, `wire.first_contact`;
+   else by slot, `hosts.placement`), the strategy's minimum, and the
    newest checkpoint to continue from;
 3. the launcher says so in one line, notes the event in `events.jsonl` and starts mpiexec
-   again with `train --resume` on the remaining hosts. The ranks read the saved options;
+   again (launcher/elastic.py) with `train --resume` on the remaining hosts. The ranks read the saved options;
    with fewer ranks than the checkpoint was written by, an elastic run's ranks all start
    from rank 0's state, as the survivors of a lost rank do (parallel/rankstate.py), and a
    mid-epoch position is carried over in proportion (train/trainer.py).
@@ -81,7 +81,7 @@ def plan(
     ranks reported it (else the ranks on `lost` are worked out from the hostfile's slots,
     as Open MPI fills them; a host without `slots=` then counts as 1)."""
     from mpitrain.engine.checkpoint import describe_position, latest_meta
-    from mpitrain.parallel.launch import local_names, placement, read_hostfile
+    from mpitrain.launcher.hosts import local_names, placement, read_hostfile
     from mpitrain.parallel.strategies import strategy_class
 
     if hostfile is None:

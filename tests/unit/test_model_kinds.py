@@ -1,0 +1,143 @@
+"""--model's other kinds: keras.applications names, MODULE:FUNCTION, a .keras file or run folder."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from mpitrain.errors import UserError
+from mpitrain.train import models
+
+
+def test_application_names_are_derived_snake_case():
+    names = models.applications()
+    for want in ("resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "convnext_tiny", "vgg16"):
+        assert want in names
+    assert "efficientnet_v2_b0" in names and "inception_resnet_v2" in names and "resnet50_v2" in names
+    assert names["mobilenet_v3_small"][0].__name__ == "MobileNetV3Small"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_application_builds_with_head_and_preprocessing(channels):
+    model = models.build_model("mobilenet_v3_small", 32, 3, channels=channels)
+    assert model.input_shape == (None, 32, 32, channels)
+    assert model.output_shape == (None, 3)
+    assert model.layers[1].name == "to_255"  # MobileNetV3 normalises [0, 255] itself
+    probs = model.predict(np.random.default_rng(0).random((2, 32, 32, channels), np.float32), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_family_preprocessing_maps_unit_range():
+    import keras
+
+    x = np.full((1, 1, 1, 3), 0.5, np.float32)
+    tf_mode = keras.Sequential(models._preprocessing("mobilenet_v2", 3))
+    assert np.allclose(tf_mode(x), 0.0)  # [0, 1] -> [-1, 1]
+    caffe = keras.Sequential(models._preprocessing("resnet", 3))
+    np.testing.assert_allclose(np.asarray(caffe(x))[0, 0, 0], 127.5 - np.array([123.68, 116.779, 103.939]), rtol=1e-5)
+
+
+def test_application_too_small_and_unknown_are_one_line():
+    with pytest.raises(UserError, match=r"too small for model 'resnet50' \(needs >= 32\)"):
+        models.check_model("resnet50", 16)
+    with pytest.raises(UserError, match="unknown model 'resnet51'.*keras.applications"):
+        models.check_model("resnet51", 64)
+
+
+def test_registry_check_needs_no_keras():
+    import subprocess
+
+    code = "import sys; from mpitrain.train.models import check_model; check_model('xray', 64); print('keras' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "usermodels_t.py").write_text(
+        "import keras\n"
+        "def build(input_shape, num_classes):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
+        "                             keras.layers.Dense(num_classes, activation='softmax')])\n"
+        "def wrong_out(input_shape, num_classes):\n"
+        "    return build(input_shape, num_classes + 1)\n"
+        "def no_args():\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "usermodels_t"
+    sys.modules.pop("usermodels_t", None)
+
+
+def test_module_function_is_called_with_shape_and_classes(user_module):
+    model = models.build_model(f"{user_module}:build", 16, 4, channels=3)
+    assert model.input_shape == (None, 16, 16, 3) and model.output_shape == (None, 4)
+
+
+def test_module_function_errors(user_module):
+    with pytest.raises(UserError, match=r"expected a function\(input_shape, num_classes\)"):
+        models.check_model(f"{user_module}:no_args", 16)
+    with pytest.raises(UserError, match=r"expected output shape \(4,\) \(the classes\), the model gives \(5,\)"):
+        models.check_model(f"{user_module}:wrong_out", 16, n_classes=4)
+    with pytest.raises(UserError, match="has no 'nothing'"):
+        models.check_model(f"{user_module}:nothing", 16)
+    with pytest.raises(UserError, match="cannot import 'no_such_mod_x'"):
+        models.check_model("no_such_mod_x:build", 16)
+
+
+def test_saved_model_file_and_run_folder(tmp_path):
+    saved = models.build_model("tiny", 16, 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved.save(run / "model.keras")
+    for spec in (str(run), str(run / "model.keras")):
+        loaded = models.build_model(spec, 16, 2)
+        for a, b in zip(loaded.get_weights(), saved.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert models.needs_channels(str(run)) == 1
+    with pytest.raises(UserError, match=r"expected input shape \(32, 32, 1\)"):
+        models.build_model(str(run), 32, 2)
+    with pytest.raises(UserError, match="no such model file"):
+        models.check_model(str(tmp_path / "missing.keras"), 16)
+
+
+def test_needs_channels():
+    assert models.needs_channels("resnet50", weights="imagenet") == 3
+    assert models.needs_channels("resnet50") is None and models.needs_channels("xray") is None
+
+
+def test_registry_weights_unchanged_by_channels_parameter():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    a = models.build_model("xray", 32, 2).get_weights()
+    keras.utils.set_random_seed(3)
+    b = models.build_model("xray", 32, 2, channels=1).get_weights()
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert models.build_model("xray", 32, 2, channels=3).input_shape == (None, 32, 32, 3)
+
+
+def test_init_matches_layers_by_name_and_shape(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    donor = models.build_model("tiny", 16, 2)
+    donor.save(tmp_path / "donor.keras")
+    donor.save_weights(tmp_path / "donor.weights.h5")
+    keras.utils.set_random_seed(2)
+    three = models.build_model("tiny", 16, 3)  # same layer names, the head has 3 outputs
+    line = models.init_from(three, str(tmp_path / "donor.keras"))
+    head = three.layers[-1].name
+    assert line.startswith("init: 2 layer(s)") and f"not matched: {head} (shape)" in line, line
+    for a, b in zip(three.layers[0].get_weights(), donor.layers[0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    keras.utils.set_random_seed(3)
+    same = models.build_model("tiny", 16, 2)
+    assert (
+        models.init_from(same, str(tmp_path / "donor.weights.h5"))
+        == f"init: 3 layer(s) from {tmp_path}/donor.weights.h5"
+    )
+    for a, b in zip(same.get_weights(), donor.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="no such weights file"):
+        models.init_from(same, str(tmp_path / "x.weights.h5"))
