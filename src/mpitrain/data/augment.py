@@ -116,23 +116,8 @@ def augment_batch(
     floats = x.dtype.kind == "f"
     if n == 0 or not (p.geometric or p.photometric):
         return _to_float(x, max_value, floats)
-    import cv2
 
-    rng = batch_rng(seed, epoch, rank, step)
-    # Draw every parameter in a fixed order, whether or not a part is enabled.
-    mats = affine_matrices(rng, n, x.shape[-1], p)
-    gamma = _log_uniform(rng, p.gamma, n)
-    contrast = rng.uniform(p.contrast[0], p.contrast[1], n)
-    bright = rng.uniform(-p.brightness, p.brightness, n)
-    if p.geometric:
-        src = np.ascontiguousarray(x, dtype=np.float32 if floats else x.dtype)
-        warped = np.empty_like(src)
-        size = (x.shape[2], x.shape[1])
-        for i in range(n):
-            cv2.warpAffine(
-                src[i], mats[i], size, dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
-            )
-        x = warped
+    x, gamma, contrast, bright = _draw_and_warp(x, p, batch_rng(seed, epoch, rank, step), x.shape[-1])
     if not p.photometric:
         return _to_float(x, max_value, floats)
     if x.dtype == np.uint8:
@@ -146,14 +131,14 @@ def augment_batch(
     return np.ascontiguousarray(f, dtype=np.float32)[..., np.newaxis]
 
 
-def _augment_colour(x: np.ndarray, max_value: float, p: Policy, rng: np.random.Generator) -> np.ndarray:
-    """Colour rows [n, s, s, 3] -> float32 [n, s, s, 3]: `augment_batch`'s draws, in its order."""
-    n, floats = len(x), x.dtype.kind == "f"
-    if n == 0 or not (p.geometric or p.photometric):
-        return np.asarray(x, np.float32) if floats else as_float(x, max_value)
+def _draw_and_warp(x: np.ndarray, p: Policy, rng: np.random.Generator, side: int):
+    """Grey and colour alike: every parameter drawn in a fixed order, whether or not a part
+    is enabled, then the geometric warp (one matrix per image, the same for its channels).
+    Returns (rows, gamma, contrast, brightness)."""
     import cv2
 
-    mats = affine_matrices(rng, n, x.shape[2], p)
+    n, floats = len(x), x.dtype.kind == "f"
+    mats = affine_matrices(rng, n, side, p)
     gamma = _log_uniform(rng, p.gamma, n)
     contrast = rng.uniform(p.contrast[0], p.contrast[1], n)
     bright = rng.uniform(-p.brightness, p.brightness, n)
@@ -166,6 +151,15 @@ def _augment_colour(x: np.ndarray, max_value: float, p: Policy, rng: np.random.G
                 src[i], mats[i], size, dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
             )
         x = warped
+    return x, gamma, contrast, bright
+
+
+def _augment_colour(x: np.ndarray, max_value: float, p: Policy, rng: np.random.Generator) -> np.ndarray:
+    """Colour rows [n, s, s, 3] -> float32 [n, s, s, 3]: `augment_batch`'s draws, in its order."""
+    n, floats = len(x), x.dtype.kind == "f"
+    if n == 0 or not (p.geometric or p.photometric):
+        return np.asarray(x, np.float32) if floats else as_float(x, max_value)
+    x, gamma, contrast, bright = _draw_and_warp(x, p, rng, x.shape[2])
     f = np.asarray(x, np.float32) if floats else as_float(x, max_value)
     if not p.photometric:
         return f
