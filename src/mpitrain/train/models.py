@@ -25,7 +25,7 @@ from mpitrain.errors import UserError
 
 def _seed(image_size: int, n_classes: int):
     """The seed project's CNN: three conv/pool blocks, one hidden dense layer, softmax."""
-    import keras
+    keras = _keras()
     from keras import layers
 
     return keras.Sequential(
@@ -48,7 +48,7 @@ def _seed(image_size: int, n_classes: int):
 
 def _tiny(image_size: int, n_classes: int):
     """A small deterministic model (no dropout, no batch norm): tests and quick checks."""
-    import keras
+    keras = _keras()
     from keras import layers
 
     return keras.Sequential(
@@ -74,7 +74,7 @@ def _xray(image_size: int, n_classes: int):
     moving statistics then follow the weights within an epoch, so that the weights kept
     by --keep-best from an early epoch come with matching statistics.
     """
-    import keras
+    keras = _keras()
     from keras import layers
 
     def conv(x, filters):
@@ -159,7 +159,7 @@ def build_model(name: str, image_size: int, n_classes: int, channels: int = 1):
 
 def _with_channels(builder, image_size: int, n_classes: int, channels: int):
     """A registry model taking `channels` channels: the same layers on a wider input."""
-    import keras
+    keras = _keras()
 
     grey = builder(image_size, n_classes)
     inputs = keras.Input((image_size, image_size, channels))
@@ -197,7 +197,7 @@ def _snake(camel: str) -> str:
 @functools.cache
 def applications() -> dict[str, tuple[Callable, str]]:
     """snake_case name -> (keras.applications constructor, its module's last part: the family)."""
-    import keras
+    keras = _keras()
 
     out = {}
     for attr in dir(keras.applications):
@@ -241,7 +241,7 @@ def _preprocessing(module: str, channels: int):
 
 def _application(name: str, image_size: int, n_classes: int, channels: int, weights: str | None = None):
     """A keras.applications backbone with its preprocessing, average pooling and a fresh softmax head."""
-    import keras
+    keras = _keras()
 
     ctor, module = applications()[name]
     shape = (image_size, image_size, channels)
@@ -286,7 +286,7 @@ def _saved_path(spec: str) -> Path:
 
 
 def _load(spec: str):
-    import keras
+    keras = _keras()
 
     try:
         return keras.saving.load_model(_saved_path(spec), compile=False)
@@ -295,7 +295,7 @@ def _load(spec: str):
 
 
 def _check_shapes(name: str, model, image_size: int, n_classes: int, channels: int) -> None:
-    import keras
+    keras = _keras()
 
     if not isinstance(model, keras.Model):
         raise UserError(f"--model {name}: expected a Keras model, got {type(model).__name__}")
@@ -312,7 +312,7 @@ def _check_shapes(name: str, model, image_size: int, n_classes: int, channels: i
 def init_from(model, source: str) -> str:
     """Fine-tuning: copy the weights of RUN / FILE.keras / FILE.weights.h5 into `model`, layer
     by layer, matched by name and shape. Returns the one line saying what matched."""
-    import keras
+    keras = _keras()
 
     path = Path(source)
     if source.endswith(".weights.h5"):
@@ -345,7 +345,7 @@ def init_from(model, source: str) -> str:
 
 def _leaves(model) -> list:
     """The layers holding weights, nested models opened (a keras.applications backbone)."""
-    import keras
+    keras = _keras()
 
     out = []
     for layer in model.layers:
@@ -368,3 +368,14 @@ def _kind_keys(layers: list) -> list[tuple[str, int]]:
 
 def _by_kind(layers: list) -> dict:
     return dict(zip(_kind_keys(layers), layers, strict=True))
+
+
+def _keras():
+    """Keras, imported without TensorFlow's start-up banner (runtime.import_tensorflow): the
+    parent checks --model before any rank starts, and its error must stay one line."""
+    from mpitrain.runtime import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    return keras
