@@ -122,14 +122,16 @@ def test_resume_refuses_a_finished_run_and_an_empty_folder(tmp_path, synth_data)
 
 
 def _pid_of_rank(rank, marker):
-    """PID of the mpitrain process with OMPI_COMM_WORLD_RANK=rank whose command line has `marker`."""
+    """PID of the mpitrain process with OMPI_COMM_WORLD_RANK=rank whose command line or
+    environment has `marker` (ranks started by `-n N` take their options from the environment)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if marker in cmd and "-m mpitrain" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+        mine = marker in cmd or any(marker.encode() in v for v in env)
+        if mine and "-m mpitrain" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
             return int(pid)
     return None
 

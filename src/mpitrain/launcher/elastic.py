@@ -117,7 +117,8 @@ def heal(args, out, job: Job, loss: HostLost, tag: str) -> Job | None:
         return None
     print(hostloss.message(loss.host, plan), file=sys.stderr, flush=True)
     hostloss.note(Path(out), loss.host, job.n, plan)
-    runlock.clear_job(out, tag)  # rank 0 was stopped with the job: its lock file stayed behind
+    # Rank 0 was stopped with the job: its lock file stayed behind (it may take a moment to end).
+    runlock.clear_job(out, tag, wait=15.0)
     hostfile = str(plan.hostfile)
     hint = _resume(args, plan.ranks, out, hostfile, True)
     # The ranks go on from the newest checkpoint with its saved options, as `--resume` does.

@@ -251,24 +251,35 @@ def _acquire_exclusive(run_dir: Path, created: list[Path], note) -> RunLock:
     raise _busy(run_dir, None)
 
 
-def clear_job(run_dir: Path, job: str) -> None:
+def clear_job(run_dir: Path, job: str, wait: float = 0.0) -> None:
     """After a `-n N` job has ended: remove the lock file its rank 0 left if it was killed
-    before letting go (Ctrl-C and lost ranks end the ranks with a signal)."""
+    before letting go (Ctrl-C and lost ranks end the ranks with a signal). `wait`: seconds
+    to wait for a rank 0 of that job that still holds it (mpiexec may return while its
+    daemons are still ending the ranks: on a loaded machine rank 0 outlives it briefly)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while _clear_once(run_dir, job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _clear_once(run_dir: Path, job: str) -> bool:
+    """One try of `clear_job`; True when the job's rank 0 still holds the lock."""
     import fcntl
 
     path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return
+        return False
     try:
         holder = _holder(_read(fd))
         if holder is None or holder.get("job") != job:
-            return
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return  # held after all
+            return True  # held after all
         except OSError:
             pass  # no flock here: the job has ended, so nobody holds it
         if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -277,6 +288,7 @@ def clear_job(run_dir: Path, job: str) -> None:
         pass
     finally:
         os.close(fd)
+    return False
 
 
 def release_all() -> None:
