@@ -69,7 +69,8 @@ def run_keras() -> dict:
     m = model()
 
     class Timer(keras.callbacks.Callback):
-        seconds: list = []
+        def on_train_begin(self, logs=None):
+            self.seconds = []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t = time.perf_counter()

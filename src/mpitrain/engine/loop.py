@@ -427,6 +427,8 @@ class Engine:
 
     def _lrs(self, epoch: int) -> np.ndarray:
         """The learning rate of every step of `epoch` (float32), worked out once per epoch."""
+        if not self.set_lr:  # the caller's optimizer keeps its own rate: the steps ignore these
+            return np.full(self.steps, self._lr(epoch * self.steps), np.float32)
         return np.array([self._lr(epoch * self.steps + s) for s in range(self.steps)], np.float32)
 
     def _validate(self, epoch: int):

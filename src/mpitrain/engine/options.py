@@ -41,18 +41,12 @@ class Options:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def resolved(self) -> Options:
-        """A copy with every "auto"/None default replaced by the strategy's own value."""
-        from mpitrain.parallel.strategies import strategy_class
+        """A copy with every "auto"/None default replaced by the value it stands for: the
+        strategy's own rules (`parallel.strategies.resolve`, as for a TrainConfig) and the
+        timeout `mpitrain run` set."""
+        from mpitrain.parallel.strategies import resolve
 
-        rules = strategy_class(self.strategy)
-        scaling, schedule = rules.auto_lr
-        return dataclasses.replace(
-            self,
-            timeout=_default_timeout() if self.timeout is None else self.timeout,
-            lr_scaling=scaling if self.lr_scaling == "auto" else self.lr_scaling,
-            lr_schedule=schedule if self.lr_schedule == "auto" else self.lr_schedule,
-            sync_every=self.sync_every if self.sync_every is not None else rules.default_sync_every,
-        )
+        return dataclasses.replace(resolve(self), timeout=_default_timeout() if self.timeout is None else self.timeout)
 
 
 def _default_timeout() -> float:
