@@ -42,6 +42,12 @@ if TYPE_CHECKING:
 MATMUL_N = 1024  # side of the square matmul that measures the machine's rate
 
 
+def _figures(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures: a tiny model's rates are small numbers, and
+    rounding them to fixed decimals would lose their ratios (0.00336 read as 0.0034)."""
+    return float(f"{x:.{digits}g}")
+
+
 def _data(n: int, image_size: int, n_classes: int, seed: int):
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, 256, (n, image_size, image_size), dtype=np.uint8)
@@ -217,15 +223,15 @@ def bench_main(
         "training_ranks": sync.train_ranks,
         "threads_per_rank": n_threads,
         "seconds": round(seconds, 3),
-        "images_per_second": round(ips, 1),
-        "images_per_second_per_rank": round(ips / max(sync.train_ranks, 1), 1),
+        "images_per_second": _figures(ips, 6),
+        "images_per_second_per_rank": _figures(ips / max(sync.train_ranks, 1), 6),
         "flops_per_image_forward": flops.forward,
         "flops_per_image_train": flops.train,
         "flops_method": "counted from the layers; a training step = 3 x forward (approximation)",
         "uncounted_layers": flops.uncounted,
-        "gflops_per_second": round(gflops, 2),
-        "matmul_gflops_per_second": round(peak, 2),
-        "fraction_of_matmul": round(gflops / peak, 4) if peak > 0 else None,
+        "gflops_per_second": _figures(gflops),
+        "matmul_gflops_per_second": _figures(peak),
+        "fraction_of_matmul": _figures(gflops / peak) if peak > 0 else None,
         "compute_fraction": round(float(compute_frac), 4),
         "comm_fraction": round(float(comm_frac), 4),
         "host_fraction": round(float(host_frac), 4),
