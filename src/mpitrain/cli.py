@@ -277,7 +277,7 @@ def _add_bench(sub) -> None:
     from mpitrain.parallel.strategies import compressions as strategy_compressions
     from mpitrain.parallel.strategies import names as strategy_names
     from mpitrain.runtime import PRECISIONS
-    from mpitrain.train.models import MODELS
+    from mpitrain.train.models import KINDS_HELP, MODELS
 
     b = sub.add_parser(
         "bench",
@@ -290,7 +290,16 @@ def _add_bench(sub) -> None:
     )
     _add_launch_args(b)
     b.add_argument(
-        "--model", default="seed", help=f"model from the registry: {', '.join(sorted(MODELS))} (default: %(default)s)"
+        "--model",
+        default="seed",
+        metavar="NAME",
+        help=f"as for train: {KINDS_HELP} (registry: {', '.join(sorted(MODELS))}; default: %(default)s)",
+    )
+    b.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="1: grey, 3: colour (default: 1, or what the model needs, as for train)",
     )
     b.add_argument(
         "--batch-size",
@@ -565,7 +574,7 @@ def _cmd_bench(args) -> int:
 
     _check_launch(args)
     check_image_size(args.image_size)
-    check_model(args.model, args.image_size)
+    check_model(args.model, args.image_size, channels=args.channels or 1)
     _check_hostfile(args)
     if args.np is not None:
         from mpitrain.launcher.commands import launch_bench
@@ -586,6 +595,7 @@ def _cmd_bench(args) -> int:
         repeats=args.repeats,
         precision=args.precision,
         compress=args.compress,
+        channels=args.channels,
     )
 
 

@@ -92,3 +92,44 @@ def test_every_registry_model_is_counted_whole(name, size):
 
     c = count_flops(build_model(name, size, 2))
     assert c.uncounted == [] and c.forward > 0
+
+
+def test_depthwise_separable_merges_scaling_and_a_nested_backbone_by_hand():
+    import keras
+    from keras import layers
+
+    from mpitrain.train.flops import count_flops
+
+    inner_in = keras.Input((6, 6, 2))
+    a = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(inner_in)  # 6x6x2
+    b = layers.SeparableConv2D(4, 3, padding="same", name="sep")(inner_in)  # 6x6x4
+    b = layers.Conv2D(2, 1, use_bias=False, name="pw")(b)  # back to 6x6x2
+    merged = layers.Add(name="add")([a, b])
+    backbone = keras.Model(inner_in, layers.ZeroPadding2D(1, name="pad")(merged), name="backbone")
+    inputs = keras.Input((6, 6, 2))
+    x = layers.Rescaling(255.0, name="scale")(inputs)
+    x = backbone(x)
+    x = layers.Concatenate(name="cat")([x, x])  # 8x8x4
+    x = layers.LayerNormalization(name="ln")(x)
+    outputs = layers.Dense(2, name="d")(layers.GlobalAveragePooling2D(name="gap")(x))
+    c = count_flops(keras.Model(inputs, outputs))
+    assert c.uncounted == []
+    assert c.per_layer["scale"] == 2 * 72
+    assert c.per_layer["backbone/dw"] == 2 * 9 * 72  # one 3x3 window per output value
+    assert c.per_layer["backbone/sep"] == 2 * 9 * 2 * 36 + 2 * 2 * 4 * 36 + 4 * 36  # depthwise, pointwise, bias
+    assert c.per_layer["backbone/pw"] == 2 * 4 * 2 * 36
+    assert c.per_layer["backbone/add"] == 72 and c.per_layer["backbone/pad"] == 0
+    assert c.per_layer["cat"] == 0 and c.per_layer["ln"] == 5 * 256 and c.per_layer["gap"] == 256
+    assert c.forward == sum(c.per_layer.values())
+    assert "backbone" not in c.per_layer  # the nested model counted by its layers, not as one
+
+
+def test_a_keras_applications_backbone_is_counted_through():
+    from mpitrain.train.flops import count_flops
+    from mpitrain.train.models import build_model
+
+    c = count_flops(build_model("mobilenet_v3_small", 96, 2, 3))
+    assert c.uncounted == []
+    # MobileNetV3Small is ~56 M multiply-adds at 224 px (Howard et al. 2019): at 96 px,
+    # (96/224)^2 of it, x2 FLOPs per multiply-add, within the head's and the activations' extra.
+    assert 0.9 * 2 * 56e6 * (96 / 224) ** 2 < c.forward < 1.25 * 2 * 56e6 * (96 / 224) ** 2

@@ -48,14 +48,15 @@ def _figures(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def _data(n: int, image_size: int, n_classes: int, seed: int):
+def _data(n: int, image_size: int, n_classes: int, seed: int, channels: int = 1):
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, 256, (n, image_size, image_size), dtype=np.uint8)
+    shape = (n, image_size, image_size) + ((channels,) if channels > 1 else ())
+    rows = rng.integers(0, 256, shape, dtype=np.uint8)
     y = rng.integers(0, n_classes, n).astype(np.int32)
     return rows, y
 
 
-def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
+def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats, channels=1):
     """(best seconds per step, dtype policy) of plain `model.fit` over `repeats` epochs
     after a warm-up, on float32 images (what a plain Keras user feeds), in the global
     dtype policy (Keras wraps the optimizer for loss scaling itself under fp16)."""
@@ -63,7 +64,7 @@ def _time_fit(model_name, image_size, batch, steps, warmup, x, y, repeats):
 
     from mpitrain.train.models import build_model
 
-    m = build_model(model_name, image_size, 2)
+    m = build_model(model_name, image_size, 2, channels)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     m.fit(x[: batch * warmup], y[: batch * warmup], batch_size=batch, epochs=1, verbose=0, shuffle=False)
     best = float("inf")
@@ -129,6 +130,7 @@ def bench_main(
     repeats=1,
     precision="auto",
     compress="none",
+    channels=None,
 ) -> int:
     from mpitrain.runtime import import_tensorflow
 
@@ -151,7 +153,10 @@ def bench_main(
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
     n_threads = configure_rank(comm, 0, threads, precision)
-    rows, y = _data(batch * steps, image_size, 2, seed=comm.rank)
+    from mpitrain.train.models import needs_channels
+
+    channels = channels or needs_channels(model_name) or 1  # train's default (train/command.py)
+    rows, y = _data(batch * steps, image_size, 2, seed=comm.rank, channels=channels)
     fit = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other
         fit = _time_fit(
@@ -163,8 +168,9 @@ def bench_main(
             np.concatenate([as_float(rows, 255.0)] * (1 + warmup // steps)),
             np.concatenate([y] * (1 + warmup // steps)),
             repeats,
+            channels,
         )
-    model = build_model(model_name, image_size, 2)
+    model = build_model(model_name, image_size, 2, channels)
     flops = count_flops(model)
     options = Options(
         batch_size=batch,
@@ -214,6 +220,7 @@ def bench_main(
     gflops = flops.train * ips / 1e9
     result = {
         "model": model_name,
+        "channels": channels,
         "precision": precision,
         "compress": compress,
         "batch_size_per_rank": batch,

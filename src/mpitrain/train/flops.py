@@ -13,6 +13,10 @@ The convention, per image:
   sum), ReLU / Activation 1, Dropout 1 (the mask multiply), max or average pooling one per
   input value in a window (pool_h x pool_w per output value), global pooling one per input
   value; Flatten, Reshape and the input layer 0;
+* DepthwiseConv2D 2 x kh x kw per output value; SeparableConv2D its depthwise and pointwise
+  parts; Add / Multiply / Subtract / Average / Maximum / Minimum (inputs - 1) per output
+  value; Rescaling and Normalization 2 per value (scale, shift), LayerNormalization 5;
+  padding, cropping, Concatenate and Permute 0; a nested model (a keras.applications backbone) the sum of its own layers;
 * a training step is counted as 3 x the forward pass (forward, then the gradients with
   respect to the activations and to the weights, each about as costly as the forward
   pass): the usual approximation (e.g. Kaplan et al. 2020), not a count of the backward
@@ -66,7 +70,16 @@ def layer_flops(layer) -> int | None:
     """Forward FLOPs of one image through `layer` (a built Keras layer in a built model),
     or None for a layer type this module does not know."""
     kind = type(layer).__name__
-    if kind in ("InputLayer", "Flatten", "Reshape"):
+    if kind in (
+        "InputLayer",
+        "Flatten",
+        "Reshape",
+        "Permute",
+        "Identity",
+        "ZeroPadding2D",
+        "Cropping2D",
+        "Concatenate",
+    ):
         return 0
     out_shape = _shape(layer.output)
     in_shape = _shape(layer.input)
@@ -78,6 +91,24 @@ def layer_flops(layer) -> int | None:
         positions = out_values // c_out
         macs = kh * kw * (c_in // layer.groups) * c_out * positions
         return 2 * macs + (out_values if layer.use_bias else 0) + _activation_flops(layer, out_values)
+    if kind == "DepthwiseConv2D":
+        kh, kw = layer.kernel_size
+        return 2 * kh * kw * out_values + (out_values if layer.use_bias else 0) + _activation_flops(layer, out_values)
+    if kind == "SeparableConv2D":
+        kh, kw = layer.kernel_size
+        c_in = in_shape[-1] if layer.data_format == "channels_last" else in_shape[1]
+        positions = out_values // layer.filters
+        depthwise = 2 * kh * kw * c_in * layer.depth_multiplier * positions
+        pointwise = 2 * c_in * layer.depth_multiplier * layer.filters * positions
+        bias = out_values if layer.use_bias else 0
+        return depthwise + pointwise + bias + _activation_flops(layer, out_values)
+    if kind in ("Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum"):
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        return max(len(inputs) - 1, 1) * out_values
+    if kind in ("Rescaling", "Normalization"):
+        return 2 * out_values
+    if kind == "LayerNormalization":
+        return 5 * out_values  # mean, variance, normalise, scale, shift
     if kind == "Dense":
         n_in = in_shape[-1]
         rows = out_values // layer.units  # a Dense on a sequence applies per position
@@ -101,9 +132,16 @@ def layer_flops(layer) -> int | None:
 
 
 def count_flops(model) -> FlopCount:
-    """Forward FLOPs per image of every layer of `model` (Sequential or functional, built)."""
+    """Forward FLOPs per image of every layer of `model` (Sequential or functional, built;
+    a nested model's layers named `outer/inner`)."""
     count = FlopCount()
     for layer in model.layers:
+        if hasattr(layer, "layers") and hasattr(layer, "inputs"):  # a nested model
+            inner = count_flops(layer)
+            count.uncounted += [f"{layer.name}/{name}" for name in inner.uncounted]
+            count.per_layer.update({f"{layer.name}/{k}": v for k, v in inner.per_layer.items()})
+            count.forward += inner.forward
+            continue
         n = layer_flops(layer)
         if n is None:
             count.uncounted.append(layer.name)
