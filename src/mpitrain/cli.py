@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _image_size(text: str) -> int | str:
+    """--image-size PX or WxH (config.parse_image_size); its range is checked with the other options."""
+    from mpitrain.config import parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--image-size ")) from None
+
+
 def _given(namespace) -> set:
     """The TrainConfig fields set on the command line (a --recipe fills in the others)."""
     if "given_options" not in vars(namespace):
@@ -77,6 +87,8 @@ def _add_train_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
             p.add_argument(flag, action=_Flag, help=meta["help"])
             continue
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+        if f.name == "image_size":  # int | str: PX or WxH
+            kind = _image_size
         text, choices = meta["help"], meta["choices"]
         if f.name in ("strategy", "compress"):  # the strategies' registry holds these lists
             choices = strategy_names() if f.name == "strategy" else compressions()
@@ -227,10 +239,18 @@ def _add_data(sub) -> None:
     _add_train_args(d, only=LABEL_OPTIONS)
     d.add_argument(
         "--image-size",
-        type=int,
+        type=_image_size,
         default=TrainConfig.image_size,
-        metavar="PX",
-        help="decode at this size, as training would (default: %(default)s)",
+        metavar="PX|WxH",
+        help="decode at this size (WxH: width x height), as training would (default: %(default)s)",
+    )
+    d.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="decode as training would: 1 grey (colour images converted to luma), 3 colour "
+        "(RGB; grey images replicated) (default: %(default)s)",
     )
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
     d.add_argument(
@@ -263,10 +283,10 @@ def _add_synth(sub) -> None:
     )
     s.add_argument(
         "--image-size",
-        type=int,
+        type=_image_size,
         default=TrainConfig.image_size,
-        metavar="PX",
-        help="side of the square images in pixels (default: %(default)s)",
+        metavar="PX|WxH",
+        help="side of the square images in pixels, or WxH (width x height) (default: %(default)s)",
     )
     s.add_argument("--seed", type=int, default=0, help="same seed = same images, byte for byte (default: %(default)s)")
     s.set_defaults(func=_cmd_synth)
@@ -316,10 +336,10 @@ def _add_bench(sub) -> None:
     )
     b.add_argument(
         "--image-size",
-        type=_positive_int,
+        type=_image_size,
         default=TrainConfig.image_size,
-        metavar="PX",
-        help="input side in pixels (default: %(default)s)",
+        metavar="PX|WxH",
+        help="input side in pixels, or WxH (width x height) (default: %(default)s)",
     )
     b.add_argument(
         "--strategy",
@@ -372,7 +392,12 @@ def _add_evaluate(sub) -> None:
         help="decision threshold on P(positive class) (default: the one saved with the model)",
     )
     e.add_argument("--plots", metavar="DIR", help="write confusion_matrix.png and roc_curve.png here")
-    e.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
+    e.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="PX|WxH",
+        help="refuse to run unless the model was trained at this size",
+    )
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     e.add_argument("--cache-dir", help="where decoded images are cached")
@@ -398,7 +423,12 @@ def _add_predict(sub) -> None:
         type=float,
         help="decision threshold on P(positive class) (default: the one saved with the model)",
     )
-    pr.add_argument("--image-size", type=int, help="refuse to run unless the model was trained at this size")
+    pr.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="PX|WxH",
+        help="refuse to run unless the model was trained at this size",
+    )
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     # predict runs in one process: -n is taken only to say so (not in --help)
@@ -415,8 +445,8 @@ def _add_export(sub) -> None:
     x = sub.add_parser(
         "export",
         help="write a run's model as a TensorFlow SavedModel or a TFLite file, checked against model.keras",
-        description="Write RUN's model as a SavedModel or TFLite file taking uint8 grayscale pixels "
-        "[n, S, S, 1] (0-255, resized to the training size S by the caller) and giving "
+        description="Write RUN's model as a SavedModel or TFLite file taking uint8 pixels "
+        "[n, H, W, C] (0-255, resized to the training size W x H by the caller; C: 1 grey or 3 RGB) and giving "
         "class probabilities, with export.json (classes, threshold, input contract). "
         "The export is checked against model.keras on validation images before it "
         "is written.",
@@ -648,6 +678,7 @@ def _cmd_data(args) -> int:
     return describe_data(
         args.data,
         image_size=args.image_size,
+        channels=args.channels,
         val_data=args.val_data,
         cache_dir=args.cache_dir,
         groups=args.groups,
@@ -661,12 +692,13 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from mpitrain.config import check_image_size
+    from mpitrain.config import check_image_size, image_shape
     from mpitrain.data.synth import generate
 
     check_image_size(args.image_size)
 
-    out = generate(args.out, per_class=args.per_class, image_size=args.image_size, seed=args.seed)
+    size = args.image_size if isinstance(args.image_size, int) else image_shape(args.image_size)
+    out = generate(args.out, per_class=args.per_class, image_size=size, seed=args.seed)
     print(f"wrote synthetic data set to {out}")
     return 0
 

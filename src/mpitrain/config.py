@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import platform
 import re
 from dataclasses import dataclass, field
@@ -46,13 +47,58 @@ RECIPES = {
 
 
 IMAGE_SIZES = (8, 1024)  # smallest and largest --image-size: train, data, synth and bench alike
+# An image size as the layers take it: a square's side, "WxH" text, or (height, width).
+ImageSize = int | str | tuple[int, int]
 
 
-def check_image_size(px: int) -> None:
-    """The one --image-size rule (a model may ask for more: models.check_model)."""
+def check_image_size(px: ImageSize) -> None:
+    """The one --image-size rule, for each side (a model may ask for more: models.check_model)."""
     low, high = IMAGE_SIZES
-    if not low <= px <= high:
-        raise UserError(f"--image-size must be from {low} to {high} pixels, got {px}")
+    h, w = image_shape(px)
+    if not (low <= h <= high and low <= w <= high):
+        sides = "" if h == w else " on each side"
+        raise UserError(f"--image-size must be from {low} to {high} pixels{sides}, got {image_size_text(px, True)}")
+
+
+# --image-size is PX (a square) or WxH: width first, as image sizes are written (1920x1080).
+_SIZE_TEXT = re.compile(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?")
+
+
+def parse_image_size(text: str) -> int | str:
+    """An --image-size as written -> its config value: an int for a square (what config.json
+    always held), else the string "WxH"; syntax only, the range is `check_image_size`'s."""
+    return image_size_value(_parse_size(text))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = _SIZE_TEXT.fullmatch(str(text))
+    if m is None:
+        raise UserError(f"--image-size expects PX (a square) or WxH (width x height, e.g. 96x64), got {text!r}")
+    w = int(m.group(1))
+    return (w if m.group(2) is None else int(m.group(2))), w
+
+
+def image_shape(size: ImageSize) -> tuple[int, int]:
+    """(height, width) of an image size: an int (a square), "WxH" text (width first, as
+    --image-size is written) or a (height, width) pair (numpy's order, the arrays' shape)."""
+    if isinstance(size, str):
+        return _parse_size(size)
+    h, w = size if isinstance(size, (tuple, list)) and len(size) == 2 else (size, size)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (h, w)):
+        raise UserError(f"an image size is PX or WxH (whole numbers), got {size!r}")
+    return int(h), int(w)
+
+
+def image_size_value(size: ImageSize) -> int | str:
+    """The config.json / model.json value of an image size: the int for a square (as ever), "WxH" otherwise."""
+    h, w = image_shape(size)
+    return h if h == w else f"{w}x{h}"
+
+
+def image_size_text(size: ImageSize, short: bool = False) -> str:
+    """An image size in messages: "WxH" ("50x50" for a square; `short`: "50")."""
+    h, w = image_shape(size)
+    return str(h) if short and h == w else f"{w}x{h}"
 
 
 def check_sources(
@@ -138,7 +184,9 @@ class TrainConfig:
         "layers matched by name and shape, the others listed",
         metavar="RUN",
     )
-    image_size: int = _opt(50, "input side in pixels", metavar="PX")
+    image_size: int | str = _opt(
+        50, "input side in pixels, or WIDTHxHEIGHT (e.g. 96x64) for other than square images", metavar="PX|WxH"
+    )
     channels: int | None = _opt(
         None,
         "1: grey (colour images converted to luma), 3: colour (RGB; grey images replicated); "
@@ -267,6 +315,7 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         check_image_size(self.image_size)
+        self.image_size = image_size_value(self.image_size)  # a square stays the int it always was
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")
         # --strategy and --compress: checked by the strategies' registry (`parallel.strategies.resolve`).
         need(self.sync_every is None or self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}")

@@ -8,6 +8,9 @@ resumed run draws exactly what the uninterrupted one drew, and there is no gener
 to save. The trainer calls it on training batches only; validation, `evaluate` and
 `predict` never see it.
 
+Rows need not be square ([n, h, w], a WxH ``--image-size``): shifts are fractions of the
+width (x) and the height (y), and rotation is about the centre.
+
 Colour rows ([n, s, s, 3], ``--channels 3``) take the same draws in the same order: one
 warp per image for all three channels, and gamma, contrast (around the mean of all three)
 and brightness applied alike to each channel, so hue is kept. They go through their own
@@ -88,17 +91,19 @@ def _log_uniform(rng, lo_hi, n):
     return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
 
 
-def affine_matrices(rng: np.random.Generator, n: int, side: int, policy: Policy) -> np.ndarray:
-    """[n, 2, 3] forward maps (source -> output pixel) about the image centre."""
+def affine_matrices(rng: np.random.Generator, n: int, side: int | tuple[int, int], policy: Policy) -> np.ndarray:
+    """[n, 2, 3] forward maps (source -> output pixel) about the image centre. ``side``: a
+    square's side, or (height, width): x shifts by a fraction of the width, y of the height."""
+    h, w = (side, side) if isinstance(side, int) else side
     angle = np.deg2rad(rng.uniform(-policy.rotate_degrees, policy.rotate_degrees, n))
     scale = _log_uniform(rng, policy.scale, n)
-    shift = rng.uniform(-policy.shift, policy.shift, (n, 2)) * side
+    shift = rng.uniform(-policy.shift, policy.shift, (n, 2)) * np.array([w, h])
     c, s = np.cos(angle) * scale, np.sin(angle) * scale
-    centre = (side - 1) / 2.0
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     m = np.empty((n, 2, 3))
     m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = c, s, -s, c
-    m[:, 0, 2] = (1 - c) * centre - s * centre + shift[:, 0]
-    m[:, 1, 2] = s * centre + (1 - c) * centre + shift[:, 1]
+    m[:, 0, 2] = (1 - c) * cx - s * cy + shift[:, 0]
+    m[:, 1, 2] = s * cx + (1 - c) * cy + shift[:, 1]
     return m
 
 
@@ -117,7 +122,7 @@ def augment_batch(
     if n == 0 or not (p.geometric or p.photometric):
         return _to_float(x, max_value, floats)
 
-    x, gamma, contrast, bright = _draw_and_warp(x, p, batch_rng(seed, epoch, rank, step), x.shape[-1])
+    x, gamma, contrast, bright = _draw_and_warp(x, p, batch_rng(seed, epoch, rank, step), x.shape[1:3])
     if not p.photometric:
         return _to_float(x, max_value, floats)
     if x.dtype == np.uint8:
@@ -131,7 +136,7 @@ def augment_batch(
     return np.ascontiguousarray(f, dtype=np.float32)[..., np.newaxis]
 
 
-def _draw_and_warp(x: np.ndarray, p: Policy, rng: np.random.Generator, side: int):
+def _draw_and_warp(x: np.ndarray, p: Policy, rng: np.random.Generator, side: tuple[int, int]):
     """Grey and colour alike: every parameter drawn in a fixed order, whether or not a part
     is enabled, then the geometric warp (one matrix per image, the same for its channels).
     Returns (rows, gamma, contrast, brightness)."""
@@ -159,7 +164,7 @@ def _augment_colour(x: np.ndarray, max_value: float, p: Policy, rng: np.random.G
     n, floats = len(x), x.dtype.kind == "f"
     if n == 0 or not (p.geometric or p.photometric):
         return np.asarray(x, np.float32) if floats else as_float(x, max_value)
-    x, gamma, contrast, bright = _draw_and_warp(x, p, rng, x.shape[2])
+    x, gamma, contrast, bright = _draw_and_warp(x, p, rng, x.shape[1:3])
     f = np.asarray(x, np.float32) if floats else as_float(x, max_value)
     if not p.photometric:
         return f

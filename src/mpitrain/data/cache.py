@@ -1,13 +1,14 @@
 """An on-disk cache of decoded images, keyed by the exact files and their stat data.
 
 Layout: ``<cache dir>/decoded/<key>.entry``, one file per entry, never beside the data.
-An entry is, back to back, ``np.save`` of the decoded integer array ([n, s, s] uint8 or
+An entry is, back to back, ``np.save`` of the decoded integer array ([n, h, w] uint8 or
 uint16, see `mpitrain.data.decode.decode_native`), ``np.save`` of the ok mask, and a small UTF-8
 JSON document (format version, size, count and the per-file errors). Arrays are loaded
 with ``allow_pickle=False``. Storing integers keeps entries 4x smaller than float32 and
 gives bit-identical float32 values on a hit.
 
-The key is a SHA-256 of: the format version, the OpenCV version, ``image_size`` and, for
+The key is a SHA-256 of: the format version, the OpenCV version, the size (a square's
+side ``s`` as it always was, ``HxW`` for a WxH ``--image-size``) and, for
 every path in order, the path string and its (followed) stat: size, mtime_ns, inode and
 mode; with ``channels`` other than 1 (``--channels 3``: rows [n, s, s, 3], RGB) also the
 channel count, so grey entries keep the keys (and bytes) they always had and a colour
@@ -51,6 +52,7 @@ import cv2
 import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX, atomic_path
+from mpitrain.config import image_shape
 from mpitrain.data.decode import decode_native, warn_notes
 from mpitrain.data.scan import OPENCV_EXTENSIONS
 from mpitrain.pixels import as_float
@@ -71,9 +73,16 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "mpitrain"
 
 
-def cache_key(paths: list[str], image_size: int, channels: int = 1) -> str:
+def _size_token(image_size) -> str:
+    """The size in keys and entries: "s" for a square (the keys it always had), "HxW" otherwise."""
+    h, w = image_shape(image_size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def cache_key(paths: list[str], image_size, channels: int = 1) -> str:
     """Hex key for decoding ``paths`` at ``image_size`` (and ``channels``) given their current stat data."""
-    h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0{image_size}\0{len(paths)}\0".encode())
+    size = _size_token(image_size)
+    h = hashlib.sha256(f"mpitrain-decoded\0{FORMAT_VERSION}\0{cv2.__version__}\0{size}\0{len(paths)}\0".encode())
     if channels != 1:  # grey keys stay what they were
         h.update(f"channels\0{channels}\0".encode())
     if any(os.path.splitext(p)[1].lower() not in OPENCV_EXTENSIONS for p in paths):
@@ -102,7 +111,7 @@ def _warn(message: str) -> None:
 Entry = tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]
 
 
-def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = None, channels: int = 1) -> Entry | None:
+def _read_entry(path: Path, n: int, image_size, rows: np.ndarray | None = None, channels: int = 1) -> Entry | None:
     """(array, max value, ok, errors, notes) from an entry file, or None if absent or invalid.
 
     With ``rows``, only those rows (positions in the entry's list) are read, through a
@@ -130,9 +139,9 @@ def _read_entry(path: Path, n: int, image_size: int, rows: np.ndarray | None = N
         valid = (
             meta.get("version") == FORMAT_VERSION
             and meta.get("n") == n
-            and meta.get("image_size") == image_size
+            and str(meta.get("image_size")) == _size_token(image_size)
             and meta.get("channels", 1) == channels
-            and tuple(shape) == (n, image_size, image_size) + (() if channels == 1 else (channels,))
+            and tuple(shape) == (n, *image_shape(image_size)) + (() if channels == 1 else (channels,))
             and ok.shape == (n,)
             and ok.dtype == np.bool_
             and meta.get("n_failed") == n - int(ok.sum())
@@ -156,7 +165,8 @@ def _write_entry(path: Path, arr: np.ndarray, ok: np.ndarray, errors, notes=()) 
     meta = {
         "version": FORMAT_VERSION,
         "n": len(ok),
-        "image_size": int(arr.shape[1]),
+        # A square's side (as ever), else "HxW".
+        "image_size": int(arr.shape[1]) if arr.shape[1] == arr.shape[2] else _size_token(arr.shape[1:3]),
         "n_failed": int(len(ok) - ok.sum()),
         "errors": [list(e) for e in errors],
         "notes": [list(e) for e in notes],
@@ -195,7 +205,7 @@ def prune(folder: Path, keep: Path | None = None, now: float | None = None) -> N
         total -= size
 
 
-def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: int, channels: int = 1):
+def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size, channels: int = 1):
     """``paths``' rows from the entry of the list ``whole`` (see the module docstring), or None."""
     where = {p: i for i, p in enumerate(whole)}
     if len(where) != len(whole) or any(p not in where for p in paths):
@@ -216,13 +226,13 @@ def _from_whole(folder: Path, paths: list[str], whole: list[str], image_size: in
 
 def load_images_native(
     paths: list[str],
-    image_size: int,
+    image_size,
     cache_dir: Path | None = None,
     threads: int | None = None,
     whole: list[str] | None = None,
     channels: int = 1,
 ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]], bool]:
-    """Through the cache, as compact integers: (arr [n, s, s] or [n, s, s, 3], max value, ok, errors, hit).
+    """Through the cache, as compact integers: (arr [n, h, w] or [n, h, w, 3], max value, ok, errors, hit).
 
     `decode.to_float(arr, max_value)` gives exactly `decode_images`' floats. Training keeps
     the integers (4x less memory than float32) and converts one batch at a time. ``whole``:
@@ -264,7 +274,7 @@ def load_images_native(
 
 def load_images_cached(
     paths: list[str],
-    image_size: int,
+    image_size,
     cache_dir: Path | None = None,
     threads: int | None = None,
     whole: list[str] | None = None,

@@ -188,12 +188,14 @@ def make_plan(
     )
 
 
-def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out: Shard, whole=None, channels=1):
+def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shard, whole=None, channels=1):
     """(rows, labels, full-scale value, readable mask) of `paths`; unreadable files are left out."""
     from mpitrain.data.cache import load_images_native
 
     if not paths:
-        shape = (0, image_size, image_size) + (() if channels == 1 else (channels,))
+        from mpitrain.config import image_shape
+
+        shape = (0, *image_shape(image_size)) + (() if channels == 1 else (channels,))
         return np.zeros(shape, np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
     x, max_value, ok, errors, hit = load_images_native(
         paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole, channels=channels
@@ -206,15 +208,15 @@ def _load(paths: list[str], labels: np.ndarray, image_size: int, cache_dir, out:
 
 def load_shard(
     plan: Plan,
-    image_size: int,
+    image_size: int | str,
     seed: int,
     train_part: tuple[int, int],
     val_part: tuple[int, int],
     cache_dir: str | None = None,
     channels: int = 1,
 ) -> Shard:
-    """Decode the training and validation images that belong to this rank (rows [n, s, s],
-    or [n, s, s, 3] with ``channels=3``)."""
+    """Decode the training and validation images that belong to this rank (rows [n, h, w],
+    or [n, h, w, 3] with ``channels=3``; ``image_size`` as `config.image_shape` reads it)."""
     t0 = time.perf_counter()
     out = Shard(*(np.zeros(0),) * 4)
     tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
@@ -260,7 +262,7 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
 def scatter_from_root(
     comm: Comm,
     plan: Plan | None,
-    image_size: int,
+    image_size: int | str,
     seed: int,
     parts_of: PartsOf,
     cache_dir: str | None = None,

@@ -10,8 +10,9 @@ What `decode_images` does with each file:
   (``cv2.IMREAD_COLOR``, the ``IMREAD_REDUCED_COLOR_*`` JPEG reductions): rows are RGB
   ``[s, s, 3]``, grey sources (and DICOM) have their one channel replicated, alpha is
   dropped. The default, one channel, is decoded exactly as it always was.
-* The image is resized to ``image_size x image_size`` (aspect ratio not kept) with
-  ``cv2.INTER_AREA``, in the source's integer type, then scaled to float32.
+* The image is resized to ``image_size x image_size``, or to (height, width) for a WxH
+  ``--image-size`` (aspect ratio not kept), with ``cv2.INTER_AREA``, in the source's
+  integer type, then scaled to float32.
 * DICOM (a ``.dcm``/``.dicom`` name or the ``DICM`` marker at byte 128) is read by
   `mpitrain.data.dicom` instead: its grey-level pipeline (rescale, VOI window or LUT,
   MONOCHROME1, Bits Stored) gives uint8 or uint16 rows like a PNG's, which then take the
@@ -29,7 +30,7 @@ Speed: files are decoded by a pool of ``threads`` workers (OpenCV and file reads
 the GIL; OpenCV's own thread pool is set to 1 while we decode, as nesting only thrashes).
 For JPEGs we parse the markers up to the first scan for the source size and decode in
 the DCT domain at 1/2, 1/4 or 1/8 scale (``cv2.IMREAD_REDUCED_GRAYSCALE_*``): the largest
-reduction that still leaves *2x* ``image_size`` on both sides, then INTER_AREA to the
+reduction that still leaves *2x* the target size on both sides, then INTER_AREA to the
 target. The 2x margin (rather than 1x) keeps the result close to a full-size INTER_AREA
 resize; see `_MARGIN`. If the header cannot be parsed, or the reduced image comes out
 smaller than expected, the file is decoded at full size: correctness first.
@@ -122,10 +123,10 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, int] | None:
 
 
 def _decode_one(
-    data: bytes, image_size: int, named_dicom: bool = False, channels: int = 1
+    data: bytes, size: tuple[int, int], named_dicom: bool = False, channels: int = 1
 ) -> tuple[np.ndarray | str, str | None]:
-    """Decode and resize one file's bytes: (a uint8/uint16 array [s, s] (one channel) or
-    [s, s, 3] (three, RGB), or a failure reason; note)."""
+    """Decode and resize one file's bytes to ``size`` (height, width): (a uint8/uint16 array
+    [h, w] (one channel) or [h, w, 3] (three, RGB), or a failure reason; note)."""
     if not data:
         return "empty file (0 bytes)", None
     if named_dicom or has_marker_bytes(data):
@@ -135,14 +136,14 @@ def _decode_one(
         if isinstance(got, str):
             return got, None
         img, note = got
-        if img.shape != (image_size, image_size):
-            img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+        if img.shape != size:
+            img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)  # OpenCV: (width, height)
         return (img if channels == 1 else np.repeat(img[..., np.newaxis], channels, axis=2)), note
-    return _decode_opencv(data, image_size, channels), None
+    return _decode_opencv(data, size, channels), None
 
 
-def _decode_opencv(data: bytes, image_size: int, channels: int = 1) -> np.ndarray | str:
-    """Every format but DICOM: a uint8/uint16 array ([s, s] or [s, s, 3]), or a failure reason."""
+def _decode_opencv(data: bytes, size: tuple[int, int], channels: int = 1) -> np.ndarray | str:
+    """Every format but DICOM: a uint8/uint16 array ([h, w] or [h, w, 3]), or a failure reason."""
     full, reductions = (_GRAY, _REDUCED) if channels == 1 else (_COLOUR, _REDUCED_COLOUR)
     flag = full
     if data[:3] == b"\xff\xd8\xff":
@@ -152,14 +153,14 @@ def _decode_opencv(data: bytes, image_size: int, channels: int = 1) -> np.ndarra
             if data.find(b"\xff\xd9", scan) < 0:
                 return "truncated JPEG (no end-of-image marker)"
             for factor, reduced in reductions:
-                if min(h, w) // factor >= image_size * _MARGIN:
+                if h // factor >= size[0] * _MARGIN and w // factor >= size[1] * _MARGIN:
                     flag = reduced
                     break
     elif data[:8] == b"\x89PNG\r\n\x1a\n" and data.rfind(b"IEND", 8) < 0:
         return "truncated PNG (no IEND chunk)"
     buf = np.frombuffer(data, np.uint8)
     img = cv2.imdecode(buf, flag)
-    if img is not None and flag != full and min(img.shape[:2]) < image_size:
+    if img is not None and flag != full and (img.shape[0] < size[0] or img.shape[1] < size[1]):
         img = cv2.imdecode(buf, full)  # header lied or rotation: decode at full size
     if img is None or img.size == 0:
         kind = "JPEG" if flag != full or data[:3] == b"\xff\xd8\xff" else "PNG" if data[:4] == b"\x89PNG" else None
@@ -170,8 +171,8 @@ def _decode_opencv(data: bytes, image_size: int, channels: int = 1) -> np.ndarra
         img = _rgb(img)
     if img.dtype not in (np.uint8, np.uint16):
         return f"unsupported pixel type {img.dtype} (need 8- or 16-bit)"
-    if img.shape[:2] != (image_size, image_size):
-        img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] != size:
+        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)  # OpenCV: (width, height)
     return img
 
 
@@ -249,16 +250,30 @@ def warn_notes(notes: list[tuple[str, str]]) -> None:
         print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
 
 
+def _size(image_size) -> tuple[int, int]:
+    """(height, width) of ``image_size``, both positive."""
+    from mpitrain.config import image_shape
+
+    try:
+        size = image_shape(image_size)
+    except UserError:
+        size = (0, 0)
+    if min(size) < 1:
+        raise UserError(f"image size must be a positive integer or (height, width), got {image_size!r}")
+    return size
+
+
 def check_channels(channels: int) -> None:
     if isinstance(channels, bool) or channels not in CHANNELS:
         raise UserError(f"--channels must be 1 (grey) or 3 (colour), got {channels!r}")
 
 
 def decode_native(
-    paths: list[str], image_size: int, threads: int | None = None, notes: list | None = None, channels: int = 1
+    paths: list[str], image_size, threads: int | None = None, notes: list | None = None, channels: int = 1
 ) -> tuple[np.ndarray, float, np.ndarray, list[tuple[str, str]]]:
-    """Decode to integers: (uint8 or uint16 array [n, s, s], or [n, s, s, 3] with
-    ``channels=3``, max value, ok, errors).
+    """Decode to integers: (uint8 or uint16 array [n, h, w], or [n, h, w, 3] with
+    ``channels=3``, max value, ok, errors). ``image_size``: an int (a square, s x s) or
+    (height, width) (`config.image_shape`).
 
     ``notes``: a list to receive ``(path, note)`` for files decoded with a caveat (the
     first frame of a multi-frame DICOM), in path order; without it they are shown at once
@@ -269,12 +284,11 @@ def decode_native(
     ``x / max`` gives exactly the same float32 values either way. Used by the cache,
     which stores these compact integers instead of float32.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"image size must be a positive integer, got {image_size!r}")
+    size = _size(image_size)
     check_channels(channels)
     n = len(paths)
     threads = available_cores() if threads is None else max(1, int(threads))
-    shape = (n, image_size, image_size) + (() if channels == 1 else (channels,))
+    shape = (n, *size) + (() if channels == 1 else (channels,))
     state = {"arr": np.zeros(shape, np.uint8)}
     ok = np.zeros(n, bool)
     reasons: list[str | None] = [None] * n
@@ -294,9 +308,7 @@ def decode_native(
         for i in range(start, n, step):
             data = _read(paths[i])
             out, caveats[i] = (
-                (data, None)
-                if isinstance(data, str)
-                else _decode_one(data, image_size, is_dicom_name(paths[i]), channels)
+                (data, None) if isinstance(data, str) else _decode_one(data, size, is_dicom_name(paths[i]), channels)
             )
             if isinstance(out, str):
                 reasons[i] = out
@@ -326,9 +338,9 @@ def decode_native(
 
 
 def decode_images(
-    paths: list[str], image_size: int, threads: int | None = None, channels: int = 1
+    paths: list[str], image_size, threads: int | None = None, channels: int = 1
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Decode ``paths`` to (x float32 [n, s, s, channels] in [0, 1], ok bool [n], errors).
+    """Decode ``paths`` to (x float32 [n, h, w, channels] in [0, 1], ok bool [n], errors).
 
     ``errors`` lists ``(path, reason)`` for every file that failed; its row in ``x`` is
     zeros and ``ok`` is False. ``threads`` defaults to the CPUs this process may use.

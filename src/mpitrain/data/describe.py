@@ -67,9 +67,9 @@ def _table(rows: list[tuple[str, str, str]], indent: str = "  ") -> list[str]:
     return [f"{indent}{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
 
 
-def _load(label: str, index: FileIndex, image_size: int, cache_dir: Path, line) -> list:
+def _load(label: str, index: FileIndex, image_size, cache_dir: Path, line, channels: int = 1) -> list:
     t0 = time.perf_counter()
-    _, ok, errors, hit = load_images_cached(index.paths, image_size, cache_dir)
+    _, ok, errors, hit = load_images_cached(index.paths, image_size, cache_dir, channels=channels)
     seconds = time.perf_counter() - t0
     rate = len(index.paths) / seconds if seconds > 0 else float("inf")
     line(
@@ -80,11 +80,22 @@ def _load(label: str, index: FileIndex, image_size: int, cache_dir: Path, line) 
     )
     if not hit:  # show what the next run will pay, too: the cached load
         t0 = time.perf_counter()
-        load_images_cached(index.paths, image_size, cache_dir)
+        load_images_cached(index.paths, image_size, cache_dir, channels=channels)
         seconds = time.perf_counter() - t0
         rate = len(index.paths) / seconds if seconds > 0 else float("inf")
         line(f"{label}reload", f"{seconds:.2f} s, {rate:,.0f} images/s (from the cache)")
     return errors
+
+
+def image_line(image_size, channels: int) -> str:
+    """How images are decoded at this size and channel count (said once, not per file)."""
+    from mpitrain.config import image_shape
+
+    h, w = image_shape(image_size)
+    size = f"{w} x {h}" + ("" if h == w else " (width x height)")
+    if channels == 1:
+        return f"{size}, grayscale (colour images converted to luma)"
+    return f"{size}, colour: 3 channels (RGB; grey images replicated)"
 
 
 def find_duplicates(paths: list[str]) -> list[list[str]]:
@@ -184,7 +195,7 @@ def _groups_report(
 
 def describe_data(
     data_dir,
-    image_size: int = 50,
+    image_size: int | str = 50,
     val_data=None,
     cache_dir=None,
     out=None,
@@ -195,6 +206,7 @@ def describe_data(
     labels=None,
     val_labels=None,
     columns: Columns = Columns(),  # noqa: B008 - frozen, never changed
+    channels: int = 1,
 ) -> int:
     """Print the report for ``data_dir`` or ``labels`` (and ``val_data`` or ``val_labels``)
     to ``out``; return 0.
@@ -226,11 +238,11 @@ def describe_data(
             print(row, file=out)
     if val is None:
         _groups_report(index, groups, group_pattern, val_split, seed, line, out, columns)
-    line("image size", f"{image_size} x {image_size}, grayscale")
+    line("image size", image_line(image_size, channels))
     line("cache", f"{cache} (shared: `train` and `evaluate` on these folders at this size reuse it)")
-    errors = index.skipped + _load("", index, image_size, cache, line)
+    errors = index.skipped + _load("", index, image_size, cache, line, channels)
     if val is not None:
-        errors += val.skipped + _load("val ", val, image_size, cache, line)
+        errors += val.skipped + _load("val ", val, image_size, cache, line, channels)
 
     if errors:
         try:

@@ -18,7 +18,8 @@ has its own ``numpy.random.Generator(PCG64([seed, class index, index]))``, so th
 gives the same bytes and a larger ``per_class`` only appends images.
 
 ``image_size`` may be 8 to 1024 (sizes up to 128 are drawn at twice the size and shrunk,
-for smooth edges). The first class *in the given order* is the healthy one.
+for smooth edges), or a (height, width) pair of such sides: drawn square at the longer
+side and resized to width x height, aspect ratio not kept, as training resizes. The first class *in the given order* is the healthy one.
 
 ``out`` must not exist or be an empty folder. If it already holds a complete ``generate()``
 output with the same parameters it is reused as it is; anything else is refused. The data
@@ -39,7 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mpitrain.config import IMAGE_SIZES
+from mpitrain.config import IMAGE_SIZES, image_size_value
 from mpitrain.errors import UserError
 from mpitrain.outdir import check_new_or_empty
 
@@ -93,9 +94,12 @@ def _opacities(rng, x, y, style: int, n: int) -> np.ndarray:
     return np.clip(haze, 0.0, 1.0) * rng.uniform(0.6, 1.0)
 
 
-def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray:
-    """One picture as uint8 [image_size, image_size]; ``style`` 0 means healthy."""
-    n = image_size * (_SUPERSAMPLE if image_size <= 128 else 1)  # anti-aliasing for small sizes
+def _render(rng: np.random.Generator, image_size: int | tuple[int, int], style: int) -> np.ndarray:
+    """One picture as uint8 [image_size, image_size], or [height, width] for a pair (drawn
+    square at the longer side, then resized, aspect ratio not kept); ``style`` 0 means healthy."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    longest = max(h, w)
+    n = longest * (_SUPERSAMPLE if longest <= 128 else 1)  # anti-aliasing for small sizes
     v, u = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n * 2.0 - 1.0
     # Random pose: move the patient instead of the camera (inverse transform of the grid).
     angle = math.radians(rng.uniform(-7.0, 7.0))
@@ -158,7 +162,7 @@ def _render(rng: np.random.Generator, image_size: int, style: int) -> np.ndarray
     # Exposure, noise, detector blur.
     img = (img - 0.4) * rng.uniform(0.8, 1.2) + 0.4 + rng.uniform(-0.08, 0.08)
     img += rng.uniform(-0.08, 0.08) * v
-    img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     img = _blur(img, rng.uniform(0.3, 0.8))
     img += rng.normal(0.0, rng.uniform(0.01, 0.035), size=img.shape).astype(np.float32)
     return np.clip(np.rint(np.clip(img, 0.0, 1.0) ** 0.9 * 255.0), 0, 255).astype(np.uint8)
@@ -179,7 +183,8 @@ def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
 def _check_args(per_class, image_size, seed, classes) -> list[str]:
     """Validate the arguments of generate(); return the class names as a list."""
     _check_whole("per_class", per_class, 1)
-    _check_whole("image_size", image_size, *IMAGE_SIZES)
+    for side in image_size if isinstance(image_size, tuple) and len(image_size) == 2 else (image_size,):
+        _check_whole("image_size", side, *IMAGE_SIZES)
     _check_whole("seed", seed, 0)
     names = [classes] if isinstance(classes, str) else list(classes)
     if not 2 <= len(names) <= 4:
@@ -207,7 +212,11 @@ def _read_marker(folder: Path) -> dict | None:
 
 
 def generate(
-    out: Path | str, per_class: int = 300, image_size: int = 50, seed: int = 0, classes=("NORMAL", "PNEUMONIA")
+    out: Path | str,
+    per_class: int = 300,
+    image_size: int | tuple[int, int] = 50,
+    seed: int = 0,
+    classes=("NORMAL", "PNEUMONIA"),
 ) -> Path:
     """Write the data set to ``out`` (see module doc) and return ``out`` as a Path.
 
@@ -220,7 +229,7 @@ def generate(
         "generator": "mpitrain.data.synth",
         "version": GENERATOR_VERSION,
         "per_class": int(per_class),
-        "image_size": int(image_size),
+        "image_size": image_size_value(image_size),  # a square's side (as ever), else "WxH"
         "seed": int(seed),
         "classes": names,
     }
@@ -251,7 +260,7 @@ def generate(
             (tmp / name).mkdir(parents=True)
             for i in range(per_class):
                 rng = np.random.Generator(np.random.PCG64([int(seed), ci, i]))
-                img = _render(rng, int(image_size), style=ci)
+                img = _render(rng, image_size if isinstance(image_size, tuple) else int(image_size), style=ci)
                 if not cv2.imwrite(str(tmp / name / f"{name}-{i:05d}.png"), img):
                     raise OSError(f"could not write {tmp / name}")
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")

@@ -50,7 +50,7 @@ def prepare(
     model: str | list[str],
     data: str,
     threshold: float | None = None,
-    image_size: int | None = None,
+    image_size: int | str | None = None,
     json_path: str | None = None,
     plots: str | None = None,
     check_outputs: bool = True,
@@ -88,7 +88,7 @@ def evaluate_main(
     json_path: str | None = None,
     threshold: float | None = None,
     plots: str | None = None,
-    image_size: int | None = None,
+    image_size: int | str | None = None,
     cache_dir: str | None = None,
     threads: int | None = None,
     precision: str = "fp32",
@@ -230,7 +230,8 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
         f"{c} {v:,}" for c, v in result["per_class_counts"].items() if c not in result["absent_classes"]
     )  # those are named in the table
     echo(
-        f"model: {info.label} | classes: {', '.join(info.classes)} | {info.image_size}x{info.image_size}"
+        f"model: {info.label} | classes: {', '.join(info.classes)} | {info.size_text}"
+        + ("" if len(set(info.shape)) == 1 else " (width x height)")
         + ("" if info.channels == 1 else f" | {info.channels} channels (RGB)")
     )
     echo(

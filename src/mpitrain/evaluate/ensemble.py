@@ -14,7 +14,8 @@ probabilities image by image, then decide with one threshold:
   no clean validation set exists for their average: refused, with the way out.
 * Members without a threshold (more than two classes): argmax.
 
-Members must agree on the classes (same names, same order) and the image size. Averaging is
+Members must agree on the classes (same names, same order), the image size (height and
+width) and the channels. Averaging is
 done in float64 and rounded once to float32.
 """
 
@@ -45,10 +46,10 @@ def read_info(models: list[str] | str, need_threshold: bool = True) -> ModelInfo
                 f"models {first.path} and {other.path} have different classes "
                 f"({', '.join(first.classes)} vs {', '.join(other.classes)}): they cannot be averaged"
             )
-        if other.image_size != first.image_size:
+        if other.shape != first.shape:
             raise UserError(
                 f"models {first.path} and {other.path} take different image sizes "
-                f"({first.image_size} vs {other.image_size}): they cannot be averaged"
+                f"({first.size_text} vs {other.size_text}): they cannot be averaged"
             )
         if other.channels != first.channels:
             raise UserError(

@@ -8,11 +8,12 @@ What is written into ``--out`` (default ``RUN/export-<format>``):
 * ``export.json``: classes, positive class, decision threshold and rule (copied from
   ``model.json``), image size, the input contract, and the check below.
 
-**Input contract.** ``pixels`` is uint8 ``[n, S, S, C]`` (S = the training image size, C
-its channels, 1 or 3 (RGB) as in model.json, n free): pixel values 0-255 of images the caller has already decoded and resized
-to S x S. The graph casts to float32 and divides by 255, which is what training did to its
-decoded pixels, so the caller never scales. Decoding and resizing stay outside the graph:
-training resized each whole image to S x S with OpenCV's ``cv2.INTER_AREA`` (aspect ratio
+**Input contract.** ``pixels`` is uint8 ``[n, H, W, C]`` (H rows of W pixels: the training
+image size, S x S for ``--image-size S``, W x H for ``--image-size WxH``; C its channels, 1
+or 3 (RGB) as in model.json; n free): pixel values 0-255 of images the caller has already
+decoded and resized to W x H. The graph casts to float32 and divides by 255, which is what
+training did to its decoded pixels, so the caller never scales. Decoding and resizing stay outside the graph:
+training resized each whole image to W x H with OpenCV's ``cv2.INTER_AREA`` (aspect ratio
 not kept), and no TensorFlow or TFLite resize op computes the same pixels (nor could a
 graph with a fixed input take images of any size in one batch). uint8 rather than float
 input makes the contract hard to get wrong: a float array scaled to [0, 1] (or not) is
@@ -71,35 +72,48 @@ SEED = 0  # which of them: same run, same images
 TOLERANCE = {"savedmodel": 1e-5, "tflite": 1e-4}  # max |p_export - p_model.keras|, see above
 
 INPUT_CONTRACT = (
-    "uint8 [n, {s}, {s}, 1]: grayscale pixel values 0-255, one channel, of images already "
-    "resized to {s}x{s}; the model casts to float32 and divides by 255 itself. Training decoded "
+    "uint8 [n, {h}, {w}, 1]: grayscale pixel values 0-255, one channel, of images already "
+    "resized to {size}; the model casts to float32 and divides by 255 itself. Training decoded "
     "each file with OpenCV as grayscale (cv2.imdecode(..., cv2.IMREAD_GRAYSCALE): colour to luma "
-    "by OpenCV) and resized the whole image to {s}x{s}, aspect ratio not kept, with "
-    "cv2.resize(img, ({s}, {s}), interpolation=cv2.INTER_AREA); do the same, since other "
+    "by OpenCV) and resized the whole image to {size}, aspect ratio not kept, with "
+    "cv2.resize(img, ({w}, {h}), interpolation=cv2.INTER_AREA); do the same, since other "
     "resizers (PIL, tf.image) give other pixels. 16-bit images: training divided by 65535; pass "
-    "round(v / 257) (at most 1/510 off per pixel). JPEGs larger than 2x{s} on both sides were "
+    "round(v / 257) (at most 1/510 off per pixel). JPEGs larger than {twice} were "
     "decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_GRAYSCALE_*). DICOM files were "
     "mapped to 16-bit grey levels first (rescale, VOI window or LUT, else the Bits Stored range; "
     "MONOCHROME1 inverted; mpitrain.data.dicom), then resized the same way; "
-    "mpitrain.data.decode.decode_native(paths, {s}) gives training's pixels exactly."
+    "mpitrain.data.decode.decode_native(paths, {arg}) gives training's pixels exactly."
 )
 # --channels 3: the same rules in colour.
 INPUT_CONTRACT_RGB = (
-    "uint8 [n, {s}, {s}, 3]: RGB pixel values 0-255 (red first, not OpenCV's BGR) of images "
-    "already resized to {s}x{s}; the model casts to float32 and divides by 255 itself. Training "
+    "uint8 [n, {h}, {w}, 3]: RGB pixel values 0-255 (red first, not OpenCV's BGR) of images "
+    "already resized to {size}; the model casts to float32 and divides by 255 itself. Training "
     "decoded each file with OpenCV in colour (cv2.imdecode(..., cv2.IMREAD_COLOR), then BGR to "
     "RGB; grey images with their one channel replicated, alpha dropped) and resized the whole "
-    "image to {s}x{s}, aspect ratio not kept, with cv2.resize(img, ({s}, {s}), "
+    "image to {size}, aspect ratio not kept, with cv2.resize(img, ({w}, {h}), "
     "interpolation=cv2.INTER_AREA); do the same, since other resizers (PIL, tf.image) give other "
     "pixels. 16-bit images: training divided by 65535; pass round(v / 257). JPEGs larger than "
-    "2x{s} on both sides were decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_COLOR_*); "
-    "mpitrain.data.decode.decode_native(paths, {s}, channels=3) gives training's pixels exactly."
+    "{twice} were decoded at 1/2, 1/4 or 1/8 scale first (cv2.IMREAD_REDUCED_COLOR_*); "
+    "mpitrain.data.decode.decode_native(paths, {arg}, channels=3) gives training's pixels exactly."
 )
 
 
+def contract(info) -> str:
+    """The input contract in words for this model's size and channels (a square's as ever)."""
+    h, w = info.shape
+    square = h == w
+    return (INPUT_CONTRACT if info.channels == 1 else INPUT_CONTRACT_RGB).format(
+        h=h,
+        w=w,
+        size=f"{w}x{h}" if square else f"{w}x{h} (width x height)",
+        twice=f"2x{w} on both sides" if square else f"2x{w} wide and 2x{h} high",
+        arg=w if square else f"({h}, {w})",
+    )
+
+
 def input_shape(info) -> list:
-    """The export's input shape: [None, S, S, C]."""
-    return [None, info.image_size, info.image_size, info.channels]
+    """The export's input shape: [None, H, W, C]."""
+    return [None, *info.shape, info.channels]
 
 
 def default_out(info, fmt: str) -> Path:
@@ -173,7 +187,7 @@ def to_pixels(arr: np.ndarray, max_value: float) -> np.ndarray:
 def check_sample(
     info, threads: int | None = None, n: int = SAMPLE, seed: int = SEED
 ) -> tuple[np.ndarray, str, str | None]:
-    """(uint8 pixels [m, S, S, C], what they are, why not validation images or None).
+    """(uint8 pixels [m, H, W, C], what they are, why not validation images or None).
 
     A seeded sample of the run's validation images (``val_predictions.csv``) decoded as
     training decoded them; seeded random pixels when none of them can be read."""
@@ -181,7 +195,6 @@ def check_sample(
     from mpitrain.evaluate import valpreds
 
     rng = np.random.default_rng(seed)
-    s = info.image_size
     try:
         val = valpreds.read(info.path.parent, info.classes)
         reason = (
@@ -196,7 +209,7 @@ def check_sample(
     if reason is None and val is not None:
         pick = np.sort(rng.choice(len(val.paths), min(n, len(val.paths)), replace=False))
         paths = [val.paths[i] for i in pick]
-        arr, max_value, ok, errors = decode_native(paths, s, threads, channels=info.channels)
+        arr, max_value, ok, errors = decode_native(paths, info.shape, threads, channels=info.channels)
         if arr.ndim == 3:
             arr = arr[..., np.newaxis]
         if ok.any():
@@ -205,9 +218,9 @@ def check_sample(
                 what += f" ({len(errors)} of the {len(paths)} sampled could not be read)"
             return to_pixels(arr[ok], max_value), what, None
         reason = f"none of the {len(paths)} sampled validation images can be read ({errors[0][0]}: {errors[0][1]})"
-    random = rng.integers(0, 256, (n, s, s), dtype=np.uint8)  # the grey draws as they always were
+    random = rng.integers(0, 256, (n, *info.shape), dtype=np.uint8)  # the grey draws as they always were
     if info.channels != 1:
-        random = rng.integers(0, 256, (n, s, s, info.channels), dtype=np.uint8)
+        random = rng.integers(0, 256, (n, *info.shape, info.channels), dtype=np.uint8)
     return random[..., np.newaxis] if random.ndim == 3 else random, f"{n} seeded random images (seed {seed})", reason
 
 
@@ -281,7 +294,7 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
     from mpitrain import __version__
     from mpitrain.evaluate.predict import decision_rule
 
-    s, k = info.image_size, len(info.classes)
+    k = len(info.classes)
     return {
         "format": FORMAT,
         "model_format": fmt,
@@ -292,13 +305,13 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
         "threshold": info.threshold,
         "threshold_method": info.threshold_method,
         "decision": decision_rule(info.classes, info.threshold, info.positive),
-        "image_size": s,
+        "image_size": info.image_size,  # a square's side, or "WxH" (width x height)
         "channels": info.channels,
         "input": {
             "name": INPUT,
             "dtype": "uint8",
             "shape": input_shape(info),
-            "contract": (INPUT_CONTRACT if info.channels == 1 else INPUT_CONTRACT_RGB).format(s=s),
+            "contract": contract(info),
         },
         "output": {
             "name": OUTPUT,
@@ -393,10 +406,10 @@ def export_main(
     except BaseException:
         outdir.remove_empty(created)
         raise
-    s = info.image_size
+    h, w = info.shape
     echo(
         f"exported {path} as {'a SavedModel' if fmt == 'savedmodel' else 'TFLite ' + TFLITE_FILE} to {target} "
-        f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {s}, {s}, {info.channels}] (0-255, resized to {s}x{s} by the "
+        f"in {time.perf_counter() - t0:.1f}s: uint8 pixels [n, {h}, {w}, {info.channels}] (0-255, resized to {w}x{h} by the "
         f"caller) -> {OUTPUT} of {', '.join(info.classes)}; checked on {what}: max |p - {path.name}| = "
         f"{diff:.2g} <= {tol:g}"
     )

@@ -2,11 +2,13 @@
 
 ``model.json`` beside ``model.keras`` (written at the end of training) says::
 
-    {"format": 1, "classes": [...], "image_size": 50, "threshold": 0.42 | null,
+    {"format": 1, "classes": [...], "image_size": 50 | "96x64", "threshold": 0.42 | null,
      "threshold_method": "youden" | "target_sensitivity" | "argmax",
      "positive_class": "PNEUMONIA" | null, "channels": 1 | 3, ...}
 
 A model.json without ``channels`` (written before --channels existed) is one channel.
+``image_size`` is a square's side (an int, as it always was) or "WxH" (width x height, a
+``--image-size 96x64`` run), as in config.json.
 
 Safety rules, all `UserError`s with one line:
 
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain import runfiles
+from mpitrain.config import image_shape, image_size_text, image_size_value
 from mpitrain.engine.predict import BATCH, predict_probs  # noqa: F401 - the loop modelio's users call
 from mpitrain.errors import UserError
 
@@ -46,13 +49,23 @@ class ModelInfo:
 
     path: Path  # the .keras file
     classes: list[str]
-    image_size: int
+    image_size: int | str  # as in config.json: a square's side, or "WxH"
     threshold: float | None = None
     threshold_method: str = "argmax"
     positive_class: str | None = None
     extra: dict = field(default_factory=dict)
     members: list[ModelInfo] = field(default_factory=list)  # an ensemble's models (evaluate/ensemble.py)
     export: Path | None = None  # the export folder given for this model (`model_path`)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the model's images."""
+        return image_shape(self.image_size)
+
+    @property
+    def size_text(self) -> str:
+        """The images' size in messages: "50x50", "96x64" (width x height)."""
+        return image_size_text(self.image_size)
 
     @property
     def channels(self) -> int:
@@ -125,19 +138,19 @@ def read_info(given: str | Path) -> ModelInfo:
             info = ModelInfo(
                 path,
                 classes,
-                int(doc["image_size"]),
+                _size_of(doc["image_size"]),
                 doc.get("threshold"),
                 doc.get("threshold_method") or "argmax",
                 doc.get("positive_class"),
                 {k: v for k, v in doc.items() if k not in ("format", "classes", "image_size")},
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, UserError) as e:
             raise UserError(f"{meta} is incomplete or damaged ({type(e).__name__}: {e})") from None
     elif cfg.is_file() and path.with_name(runfiles.CLASSES).is_file():  # before model.json existed
         try:
             classes = [str(c) for c in _read_json(path.with_name(runfiles.CLASSES))]
-            size = int(_read_json(cfg)["config"]["image_size"])
-        except (KeyError, TypeError, ValueError) as e:
+            size = _size_of(_read_json(cfg)["config"]["image_size"])
+        except (KeyError, TypeError, ValueError, UserError) as e:
             raise UserError(f"{cfg} or classes.json is incomplete ({type(e).__name__}: {e})") from None
         info = ModelInfo(path, classes, size)  # no threshold was chosen then: argmax
     else:
@@ -158,11 +171,20 @@ def read_info(given: str | Path) -> ModelInfo:
     return info
 
 
-def check_image_size(info: ModelInfo, image_size: int | None) -> None:
-    if image_size is not None and image_size != info.image_size:
+def _size_of(value) -> int | str:
+    """model.json's / config.json's image size: an int (a square; older files say 50 or "50") or "WxH"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return image_size_value(value)
+
+
+def check_image_size(info: ModelInfo, image_size: int | str | None) -> None:
+    """--image-size PX or WxH given to evaluate/predict: the model's own size, or refused."""
+    if image_size is not None and image_shape(image_size) != info.shape:
         raise UserError(
-            f"model {info.path} was trained on {info.image_size}x{info.image_size} images; "
-            f"--image-size {image_size} does not match (omit it to use the model's size)"
+            f"model {info.path} was trained on {info.size_text} images"
+            + ("" if len(set(info.shape)) == 1 else " (width x height)")
+            + f"; --image-size {image_size_text(image_size, True)} does not match (omit it to use the model's size)"
         )
 
 
@@ -229,12 +251,12 @@ def load_model(info: ModelInfo, precision: str = "fp32"):
                 "layer), which safe mode does not run"
             ) from None
         raise UserError(f"cannot load model {info.path}: {type(e).__name__}: {text[:300]}") from None
-    want_in = (None, info.image_size, info.image_size, info.channels)
+    want_in = (None, *info.shape, info.channels)
     if tuple(model.input_shape) != want_in:
         kind = "grayscale" if info.channels == 1 else f"{info.channels}-channel"
         raise UserError(
             f"model {info.path} takes inputs {tuple(model.input_shape)[1:]}, but its "
-            f"model.json says {info.image_size}x{info.image_size} {kind}: files do not belong together"
+            f"model.json says {info.size_text} {kind}: files do not belong together"
         )
     if tuple(model.output_shape) != (None, len(info.classes)):
         raise UserError(
@@ -258,14 +280,14 @@ def decide(probs: np.ndarray, threshold: float | None, positive: int | None) -> 
     return np.where(probs[:, positive].astype(np.float64) >= threshold, positive, 1 - positive)
 
 
-def write_info(out: Path, classes: list[str], image_size: int, choice, positive: int | None, **extra) -> dict:
+def write_info(out: Path, classes: list[str], image_size: int | str, choice, positive: int | None, **extra) -> dict:
     """Write ``out/model.json`` (rank 0, at the end of training) and return it."""
     from mpitrain.atomic import write_json
 
     doc = {
         "format": FORMAT,
         "classes": list(classes),
-        "image_size": int(image_size),
+        "image_size": image_size_value(image_size),  # a square's side as ever, else "WxH"
         **choice.to_dict(),
         "positive_class": None if positive is None else classes[positive],
         **extra,

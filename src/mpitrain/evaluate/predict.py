@@ -73,7 +73,7 @@ def predict_main(
     paths: list[str],
     csv_path: str | None = None,
     threshold: float | None = None,
-    image_size: int | None = None,
+    image_size: int | str | None = None,
     threads: int | None = None,
     precision: str = "fp32",
 ) -> int:

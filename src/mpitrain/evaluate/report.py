@@ -165,6 +165,19 @@ def _comm_label(strategy) -> str:
     return "rank 0 in collectives (communication, and waiting for slower ranks)"
 
 
+def _images(image_size, channels) -> str:
+    """The run's images: "64x64 grayscale" as ever, "96 wide x 64 high, colour"."""
+    from mpitrain.config import image_shape
+    from mpitrain.errors import UserError
+
+    kind = "colour" if channels == 3 else "grayscale"
+    try:
+        h, w = image_shape(image_size)
+    except UserError:  # a config without one (a caller's own dict): said as it is
+        return f"size {image_size}, {kind}"
+    return f"{w}x{h} {kind}" if h == w else f"{w} wide x {h} high, {kind}"
+
+
 def write_report(
     out: Path,
     cfg: dict,
@@ -173,15 +186,17 @@ def write_report(
     timings: dict,
     data_line: str,
     protocol: str | None = None,
+    channels: int | None = None,
 ) -> Path:
-    """``out/report.md``: figures, validation metrics, timings and the config (rank 0)."""
+    """``out/report.md``: figures, validation metrics, timings and the config (rank 0).
+    ``channels``: those the run decoded (default: the config's --channels)."""
     from mpitrain.atomic import write_atomic
 
     names = metrics["class_names"]
     lines = [
         f"# mpitrain run `{Path(out).name}`",
         "",
-        f"Model `{cfg.get('model')}` ({cfg.get('image_size')}x{cfg.get('image_size')} {'colour' if cfg.get('channels') == 3 else 'grayscale'}), "
+        f"Model `{cfg.get('model')}` ({_images(cfg.get('image_size'), channels or cfg.get('channels'))}), "
         f"trained for {cfg.get('epochs')} epochs on {data_line}.",
         "",
     ]

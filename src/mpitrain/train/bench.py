@@ -48,9 +48,11 @@ def _figures(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def _data(n: int, image_size: int, n_classes: int, seed: int, channels: int = 1):
+def _data(n: int, image_size, n_classes: int, seed: int, channels: int = 1):
+    from mpitrain.config import image_shape
+
     rng = np.random.default_rng(seed)
-    shape = (n, image_size, image_size) + ((channels,) if channels > 1 else ())
+    shape = (n, *image_shape(image_size)) + ((channels,) if channels > 1 else ())
     rows = rng.integers(0, 256, shape, dtype=np.uint8)
     y = rng.integers(0, n_classes, n).astype(np.int32)
     return rows, y
@@ -143,6 +145,7 @@ def bench_main(
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
     strategy_class(strategy).check_compress(compress)
 
+    from mpitrain.config import image_size_value
     from mpitrain.engine.loop import Engine, InMemory
     from mpitrain.engine.options import Options
     from mpitrain.pixels import as_float
@@ -220,6 +223,7 @@ def bench_main(
     gflops = flops.train * ips / 1e9
     result = {
         "model": model_name,
+        "image_size": image_size_value(image_size),  # a square's side, or "WxH"
         "channels": channels,
         "precision": precision,
         "compress": compress,

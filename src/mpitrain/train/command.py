@@ -62,6 +62,20 @@ def channels_for(cfg: TrainConfig) -> int:
     return got if got in (1, 3) else 1
 
 
+def images_line(image_size: int | str, channels: int) -> str:
+    """The data line's words on how images are decoded: as ever for grey squares; the shape
+    and "colour" or "grey" said for colour or WxH runs."""
+    from mpitrain.config import image_shape
+
+    h, w = image_shape(image_size)
+    if channels == 1 and h == w:
+        return "1 channel (colour images converted to luma)"
+    if channels == 1:
+        return f"grey {w}x{h} (width x height), 1 channel (colour images converted to luma)"
+    shape = f"{w}x{h}" + ("" if h == w else " (width x height)")
+    return f"colour {shape}, 3 channels (RGB), grey images replicated"
+
+
 def _fingerprint(cfg: TrainConfig, plan) -> str:
     """What every rank must agree on before the first collective: config, code, data."""
     import hashlib
@@ -267,6 +281,7 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
 def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
     """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
     why `cfg.precision` is the one used (config.json's runtime facts)."""
+    from mpitrain.config import image_size_text
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_rank
     from mpitrain.train.fitting import fit
@@ -282,12 +297,13 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
             + (f" | grouped: {plan.grouping}" if plan.grouping else "")
-            + (" | 1 channel (colour images converted to luma)" if channels == 1 else " | 3 channels (RGB)")
+            + " | "
+            + images_line(cfg.image_size, channels)
         )
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(
         f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
-        f"batch {cfg.batch_size} per rank | model {cfg.model} {cfg.image_size}x{cfg.image_size}x{channels} | "
+        f"batch {cfg.batch_size} per rank | model {cfg.model} {image_size_text(cfg.image_size)}x{channels} | "
         f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
     )
     if cfg.data_on_root:
@@ -488,6 +504,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
             timings,
             f"`{plan.data_dir}` ({counts} training images)",
             plan.protocol(),
+            channels=channels_for(cfg),
         )
         lines.append(f"report: {out / runfiles.REPORT} ({', '.join(figures.values())})")
     except Exception as e:  # noqa: BLE001 - the trained model is saved; a figure must not lose it

@@ -1,5 +1,8 @@
 """Model registry: `build_model(name, image_size, n_classes)`.
 
+`image_size` is an int (a square) or a (height, width) pair / "WxH" text (`config.image_shape`):
+every kind of model is built for input (height, width, channels).
+
 Models are plain Keras 3 models ending in a softmax over the classes. They know nothing
 about MPI: distribution is applied around them by the trainer.
 
@@ -20,17 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpitrain import runfiles
+from mpitrain.config import ImageSize, image_shape, image_size_text
 from mpitrain.errors import UserError
 
 
-def _seed(image_size: int, n_classes: int):
+def _seed(image_size: ImageSize, n_classes: int):
     """The seed project's CNN: three conv/pool blocks, one hidden dense layer, softmax."""
     keras = _keras()
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, 1)),
+            keras.Input((*image_shape(image_size), 1)),
             layers.Conv2D(32, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(),
             layers.Conv2D(64, 3, padding="same", activation="relu"),
@@ -46,14 +50,14 @@ def _seed(image_size: int, n_classes: int):
     )
 
 
-def _tiny(image_size: int, n_classes: int):
+def _tiny(image_size: ImageSize, n_classes: int):
     """A small deterministic model (no dropout, no batch norm): tests and quick checks."""
     keras = _keras()
     from keras import layers
 
     return keras.Sequential(
         [
-            keras.Input((image_size, image_size, 1)),
+            keras.Input((*image_shape(image_size), 1)),
             layers.Conv2D(8, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(4),
             layers.Flatten(),
@@ -64,7 +68,7 @@ def _tiny(image_size: int, n_classes: int):
     )
 
 
-def _xray(image_size: int, n_classes: int):
+def _xray(image_size: ImageSize, n_classes: int):
     """A batch-norm CNN for grayscale X-rays: a 16-filter stem, then blocks of two 3x3
     convolutions (conv, batch norm, ReLU) with 32, 64, 128 (and 256 from 128 px on)
     filters, each followed by 2x2 max pooling, then global average pooling, dropout and
@@ -82,8 +86,8 @@ def _xray(image_size: int, n_classes: int):
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.ReLU()(x)
 
-    widths = [32, 64, 128] + ([256] if image_size >= 128 else [])
-    inputs = keras.Input((image_size, image_size, 1))
+    widths = [32, 64, 128] + ([256] if min(image_shape(image_size)) >= 128 else [])
+    inputs = keras.Input((*image_shape(image_size), 1))
     x = layers.MaxPooling2D()(conv(inputs, 16))
     for filters in widths:
         x = layers.MaxPooling2D()(conv(conv(x, filters), filters))
@@ -107,25 +111,31 @@ KINDS_HELP = (
 )
 
 
-def check_model(name: str, image_size: int, n_classes: int | None = None, channels: int = 1) -> None:
+def check_model(name: str, image_size: ImageSize, n_classes: int | None = None, channels: int = 1) -> None:
     """A UserError unless `name` is a model that can take `image_size` pixels. Registry names
     need no Keras; the other kinds import it (and, given `n_classes`, are built and checked)."""
     if name in MODELS:
-        if image_size < MODELS[name][1]:
-            raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {MODELS[name][1]})")
+        _check_side(name, image_size, MODELS[name][1])
         return
     kind = _kind(name)
     if kind == "application":
         _, module = applications()[name]
-        low = _MIN_SIDE.get(module, 32)
-        if image_size < low:
-            raise UserError(f"--image-size {image_size} is too small for model {name!r} (needs >= {low})")
+        _check_side(name, image_size, _MIN_SIDE.get(module, 32))
     elif kind == "function":
         _function(name)
     elif kind == "file":
         _saved_path(name)
     if n_classes is not None and kind != "application":
         build_model(name, image_size, n_classes, channels)
+
+
+def _check_side(name: str, image_size: ImageSize, low: int) -> None:
+    """The model's smallest side, for each side of a WxH size."""
+    if min(image_shape(image_size)) < low:
+        each = "" if len(set(image_shape(image_size))) == 1 else " on each side"
+        raise UserError(
+            f"--image-size {image_size_text(image_size, True)} is too small for model {name!r} (needs >= {low}{each})"
+        )
 
 
 def needs_channels(spec: str, weights: str | None = None) -> int | None:
@@ -137,7 +147,7 @@ def needs_channels(spec: str, weights: str | None = None) -> int | None:
     return None
 
 
-def build_model(name: str, image_size: int, n_classes: int, channels: int = 1):
+def build_model(name: str, image_size: ImageSize, n_classes: int, channels: int = 1):
     if n_classes < 2:
         raise UserError(f"need at least 2 classes, got {n_classes}")
     check_model(name, image_size)
@@ -150,19 +160,19 @@ def build_model(name: str, image_size: int, n_classes: int, channels: int = 1):
     if kind == "application":
         model = _application(name, image_size, n_classes, channels)
     elif kind == "function":
-        model = _function(name)((image_size, image_size, channels), n_classes)
+        model = _function(name)((*image_shape(image_size), channels), n_classes)
     else:
         model = _load(name)
     _check_shapes(name, model, image_size, n_classes, channels)
     return model
 
 
-def _with_channels(builder, image_size: int, n_classes: int, channels: int):
+def _with_channels(builder, image_size: ImageSize, n_classes: int, channels: int):
     """A registry model taking `channels` channels: the same layers on a wider input."""
     keras = _keras()
 
     grey = builder(image_size, n_classes)
-    inputs = keras.Input((image_size, image_size, channels))
+    inputs = keras.Input((*image_shape(image_size), channels))
     x = inputs
     layers = grey.layers if isinstance(grey, keras.Sequential) else grey.layers[1:]
     fresh = [type(layer).from_config(layer.get_config()) for layer in layers]
@@ -239,16 +249,16 @@ def _preprocessing(module: str, channels: int):
     return [layers.Rescaling(2.0, offset=-1.0, name="to_pm1")]  # "tf" mode: [-1, 1]
 
 
-def _application(name: str, image_size: int, n_classes: int, channels: int, weights: str | None = None):
+def _application(name: str, image_size: ImageSize, n_classes: int, channels: int, weights: str | None = None):
     """A keras.applications backbone with its preprocessing, average pooling and a fresh softmax head."""
     keras = _keras()
 
     ctor, module = applications()[name]
-    shape = (image_size, image_size, channels)
+    shape = (*image_shape(image_size), channels)
     try:
         backbone = ctor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
     except ValueError as e:
-        raise UserError(f"model {name!r} cannot take {image_size}x{image_size}x{channels} input: {e}") from None
+        raise UserError(f"model {name!r} cannot take {image_size_text(image_size)}x{channels} input: {e}") from None
     inputs = keras.Input(shape)
     x = inputs
     for layer in _preprocessing(module, channels):
@@ -294,12 +304,12 @@ def _load(spec: str):
         raise UserError(f"--model {spec}: cannot load it as a Keras model ({e})") from None
 
 
-def _check_shapes(name: str, model, image_size: int, n_classes: int, channels: int) -> None:
+def _check_shapes(name: str, model, image_size: ImageSize, n_classes: int, channels: int) -> None:
     keras = _keras()
 
     if not isinstance(model, keras.Model):
         raise UserError(f"--model {name}: expected a Keras model, got {type(model).__name__}")
-    want_in, got_in = (image_size, image_size, channels), tuple(model.input_shape[1:])
+    want_in, got_in = (*image_shape(image_size), channels), tuple(model.input_shape[1:])
     if got_in != want_in:
         raise UserError(f"--model {name}: expected input shape {want_in} (the images), the model takes {got_in}")
     got_out = tuple(model.output_shape[1:])
