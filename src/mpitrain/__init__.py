@@ -3,8 +3,8 @@
 The public face: `mpitrain.fit(model, x, y, validation_data=..., epochs=..., ...)` trains a
 Keras model in place on every rank of the job (`mpiexec -n N python script.py`, or one
 process), `mpitrain.Engine` is the loop behind it and behind `mpitrain train`, and the
-callbacks (`KeepBest`, `EarlyStopping`, `TensorBoard`, `ProgressBar`, or your own
-`Callback`) run on every rank with the global epoch numbers. `rank()` and `size()` say
+callbacks (`KeepBest`, `EarlyStopping`, `FreezeBackbone`, `TensorBoard`, `ProgressBar`, or
+your own `Callback`) run on every rank with the global epoch numbers. `rank()` and `size()` say
 where this process stands; `allreduce` and `broadcast` serve a loop of your own
 (`tf.GradientTape`). Names load on first use, so `import mpitrain` (and the command
 line) does not import TensorFlow.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_ENGINE = ("Callback", "EarlyStopping", "Engine", "InMemory", "KeepBest", "Options", "ProgressBar", "Result",
-           "TensorBoard", "allreduce", "broadcast", "fit")  # fmt: skip
+_ENGINE = ("Callback", "EarlyStopping", "Engine", "FreezeBackbone", "InMemory", "KeepBest", "Options", "ProgressBar",
+           "Result", "TensorBoard", "allreduce", "broadcast", "fit")  # fmt: skip
 __all__ = ["__version__", "rank", "size", *_ENGINE]
 
 

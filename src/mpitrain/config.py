@@ -36,6 +36,7 @@ GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
 # --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
 THRESHOLD_POLICIES = ("prior", "youden")
+WEIGHTS = ("none", "imagenet")  # --weights: train/models.py and train/pretrained.py apply them
 # --recipe: settings measured together (docs/accuracy.md). An option given explicitly wins
 # over its recipe value. The defaults stay those of the seed project (and of any images):
 # the xray augmentation never flips (hearts are on the left) and filename-patient reads the
@@ -184,6 +185,24 @@ class TrainConfig:
         "layers matched by name and shape, the others listed",
         metavar="RUN",
     )
+    weights: str = _opt(
+        "none",
+        "imagenet: a keras.applications model starts from Keras' ImageNet weights (in colour), "
+        "fetched once into $KERAS_HOME/models (~/.keras/models); offline, put the file there",
+        choices=WEIGHTS,
+    )
+    freeze_backbone: int = _opt(
+        0,
+        "fine-tuning: for the first EPOCHS epochs only the head trains (the backbone frozen, its "
+        "batch norm in inference mode), then every layer at --unfreeze-lr-factor times the rate; "
+        "with --weights imagenet or --init. 0: off",
+        metavar="EPOCHS",
+    )
+    unfreeze_lr_factor: float = _opt(
+        0.1,
+        "after --freeze-backbone's epochs: the learning rate times this (the schedule goes on; the optimizer starts afresh)",
+        metavar="F",
+    )
     image_size: int | str = _opt(
         50, "input side in pixels, or WIDTHxHEIGHT (e.g. 96x64) for other than square images", metavar="PX|WxH"
     )
@@ -317,6 +336,16 @@ class TrainConfig:
         check_image_size(self.image_size)
         self.image_size = image_size_value(self.image_size)  # a square stays the int it always was
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")
+        need(self.weights in WEIGHTS, f"--weights must be one of {', '.join(WEIGHTS)}")
+        need(
+            not (self.weights == "imagenet" and self.channels == 1),
+            "--weights imagenet is for colour images: drop --channels 1 (or give --channels 3)",
+        )
+        need(self.freeze_backbone >= 0, f"--freeze-backbone must be >= 0 epochs (0: off), got {self.freeze_backbone}")
+        need(
+            0.0 < self.unfreeze_lr_factor <= 1.0,
+            f"--unfreeze-lr-factor must be in (0, 1], got {self.unfreeze_lr_factor}",
+        )
         # --strategy and --compress: checked by the strategies' registry (`parallel.strategies.resolve`).
         need(self.sync_every is None or self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}")
         need(self.lr_scaling in LR_SCALINGS, f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}")

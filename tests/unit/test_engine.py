@@ -41,6 +41,7 @@ def test_the_public_face_is_pinned():
         "Callback",
         "EarlyStopping",
         "Engine",
+        "FreezeBackbone",
         "InMemory",
         "KeepBest",
         "Options",

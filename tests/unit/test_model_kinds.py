@@ -33,8 +33,41 @@ def test_family_preprocessing_maps_unit_range():
     x = np.full((1, 1, 1, 3), 0.5, np.float32)
     tf_mode = keras.Sequential(models._preprocessing("mobilenet_v2", 3))
     assert np.allclose(tf_mode(x), 0.0)  # [0, 1] -> [-1, 1]
-    caffe = keras.Sequential(models._preprocessing("resnet", 3))
-    np.testing.assert_allclose(np.asarray(caffe(x))[0, 0, 0], 127.5 - np.array([123.68, 116.779, 103.939]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["resnet", "vgg16", "vgg19"])
+def test_caffe_families_flip_rgb_to_bgr_as_keras_preprocess_input(family):
+    # The weights of these families were trained on BGR minus the BGR mean: mpitrain's RGB
+    # [0, 1] pixel must come out exactly as Keras' own preprocess_input of it x 255.
+    import keras
+    from keras.applications.resnet import preprocess_input
+
+    pixel = np.array([[[[0.9, 0.5, 0.1]]]], np.float32)  # red-ish: the order shows
+    layers = models._preprocessing(family, 3)
+    assert "rgb_to_bgr" in [layer.name for layer in layers]
+    ours = np.asarray(keras.Sequential([keras.Input((1, 1, 3)), *layers])(pixel))[0, 0, 0]
+    np.testing.assert_allclose(ours, preprocess_input(pixel * 255.0)[0, 0, 0], rtol=1e-6, atol=1e-4)
+    grey = keras.Sequential([keras.Input((1, 1, 1)), *models._preprocessing(family, 1)])
+    assert np.asarray(grey(np.full((1, 1, 1, 1), 0.5, np.float32)))[0, 0, 0, 0] == pytest.approx(
+        127.5 - 114.799, abs=1e-3
+    )
+
+
+def test_a_caffe_family_model_reloads_without_mpitrain_and_keeps_the_flip(tmp_path):
+    import subprocess
+
+    model = models.build_model("resnet50", 32, 2, channels=3)
+    flip = model.get_layer("rgb_to_bgr")
+    assert not flip.trainable and not flip.trainable_weights
+    model.save(tmp_path / "m.keras")
+    saved = str(tmp_path / "m.keras")
+    code = (
+        f"import keras, numpy as np; m = keras.saving.load_model({saved!r}, safe_mode=True); "
+        "print(*np.asarray(m.get_layer('rgb_to_bgr').kernel).reshape(3, 3).argmax(0))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["2", "1", "0"]  # output channel c reads input channel 2 - c
 
 
 def test_application_too_small_and_unknown_are_one_line():

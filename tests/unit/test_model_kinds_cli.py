@@ -45,3 +45,33 @@ def test_init_from_run(tiny_run, synth_data, tmp_path, capsys):
     args = ["train", "--data", str(synth_data), "--model", "tiny", "--image-size", "16", "--epochs", "1"]
     assert main([*args, "--init", str(tiny_run), "--out", str(tmp_path / "run")]) == 0
     assert f"init: 3 layer(s) from {tiny_run}" in capsys.readouterr().out
+
+
+def test_a_model_that_does_not_fit_the_classes_or_channels_is_one_line_before_decoding(
+    cli_error, synth_data, tmp_path, monkeypatch
+):
+    # The class list is known once the folder is listed; nothing is decoded before the model
+    # of a MODULE:FUNCTION or a saved file has been checked against it.
+    import keras
+
+    from mpitrain.data import dataset
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded")
+
+    monkeypatch.setattr(dataset, "load_shard", no_decoding)
+    (tmp_path / "mymodule_out.py").write_text(
+        "import keras\n"
+        "def build(input_shape, num_classes):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
+        "                             keras.layers.Dense(num_classes + 1, activation='softmax')])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    three = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    three.save(tmp_path / "three.keras")
+    base = ["train", "--data", synth_data, "--image-size", 16, "--out", tmp_path / "run"]
+    cli_error([*base, "--model", "mymodule_out:build"], "expected output shape (2,) (the classes)", "(3,)")
+    cli_error([*base, "--model", tmp_path / "three.keras", "--channels", 3], "expected output shape (2,)")
+    cli_error([*base, "--model", tmp_path / "three.keras", "--channels", 1], "expected input shape (16, 16, 1)")
+    assert not (tmp_path / "run").exists()
+    sys.modules.pop("mymodule_out", None)

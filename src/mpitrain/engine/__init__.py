@@ -4,7 +4,7 @@ Imports neither `data/`, `evaluate/` nor `train/` (tests/unit/test_layers.py): i
 nothing of folders, plans or the chest X-rays.
 """
 
-from mpitrain.engine.callbacks import Callback, EarlyStopping, KeepBest, ProgressBar, TensorBoard
+from mpitrain.engine.callbacks import Callback, EarlyStopping, FreezeBackbone, KeepBest, ProgressBar, TensorBoard
 from mpitrain.engine.collectives import allreduce, broadcast
 from mpitrain.engine.fit import fit
 from mpitrain.engine.loop import Arrays, Engine, InMemory, Result
@@ -15,6 +15,7 @@ __all__ = [
     "Callback",
     "EarlyStopping",
     "Engine",
+    "FreezeBackbone",
     "InMemory",
     "KeepBest",
     "Options",

@@ -202,6 +202,8 @@ class Engine:
         self.done = 0  # steps of the current epoch done on this rank
         self.dog = Watchdog(0, None, comm.rank)  # beaten but not running until fit()
         self.stop_training = False  # set by a callback (EarlyStopping) at an epoch's end
+        self.lr_factor = 1.0  # times the scheduled rate (FreezeBackbone lowers it after its epochs)
+        self.rebuild_seconds = 0.0  # spent making the train step again (rebuild_step)
         self.callbacks = CallbackList(([ProgressBar(self.echo)] if progress else []) + list(callbacks), self)
         self._layout(first_time=True)
 
@@ -225,6 +227,16 @@ class Engine:
             assert self.reshard is not None, "an elastic re-layout needs reshard()"
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
+        self._make_step()
+        # Collective: every rank must agree on the step count before the first step.
+        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), opts.batch_size)
+        self.warmup = int(round(opts.warmup_epochs * self.steps))
+        self.total = opts.epochs * self.steps
+        self.base_lr = DEFAULT_LR if opts.lr is None else opts.lr
+        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks)
+        self.tag = self.sync.tag
+
+    def _make_step(self) -> None:
         # Integer images enter the step as they are held and are scaled in the graph (the
         # same bits as `as_float`); augmented batches come out of OpenCV as float32.
         rows = self.data.train_x
@@ -241,13 +253,17 @@ class Engine:
         )
         if self.wrap_step is not None:
             self.step = self.wrap_step(self.step)
-        # Collective: every rank must agree on the step count before the first step.
-        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), opts.batch_size)
-        self.warmup = int(round(opts.warmup_epochs * self.steps))
-        self.total = opts.epochs * self.steps
-        self.base_lr = DEFAULT_LR if opts.lr is None else opts.lr
-        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks)
-        self.tag = self.sync.tag
+
+    def rebuild_step(self) -> None:
+        """Make the train step again for the model's trainable variables as they are now.
+        A callback that changed `layer.trainable` calls it, on every rank at the same point
+        (FreezeBackbone, at an epoch's begin): the step's gradients and their fused buffer
+        are laid out from those variables, and the strategy learns anew which weights it
+        averages. The optimizer was built for every variable, so it needs no change."""
+        t = time.perf_counter()
+        self.sync.attach(self.model, self.optimizer)
+        self._make_step()
+        self.rebuild_seconds += time.perf_counter() - t  # tracing, not training: kept out of the epoch's time
 
     def _beat(self, what: str) -> None:
         self.dog.beat(what)
@@ -256,7 +272,7 @@ class Engine:
         o = self.options
         if not self.set_lr:  # the caller's optimizer: its own rate, as it stands now
             return float(np.asarray(self.optimizer.learning_rate))
-        return lr_at(self.base_lr, self.target_lr, self.warmup, global_step, self.total, o.lr_schedule)
+        return self.lr_factor * lr_at(self.base_lr, self.target_lr, self.warmup, global_step, self.total, o.lr_schedule)
 
     def running(self) -> dict:
         """This rank's loss and accuracy so far in the epoch (reads the device: call rarely)."""
@@ -348,9 +364,9 @@ class Engine:
     def _epoch(self, epoch: int, first: int, stats) -> float:
         """One epoch from step `first` on; returns the samples trained (all ranks)."""
         opts, comm, sync = self.options, self.comm, self.sync
-        t0 = time.perf_counter()
+        t0, rebuilt = time.perf_counter(), self.rebuild_seconds
         stats, probs, labels = self.run_steps(epoch, first, stats)
-        train_time = time.perf_counter() - t0
+        train_time = time.perf_counter() - t0 - (self.rebuild_seconds - rebuilt)
         if not sync.per_step_reduce:
             comm.allreduce_sum_(stats)  # collective: per-rank sums -> global sums
         # Collective: the epoch lasted as long as its slowest rank. Rank 0's own clock is not
@@ -392,13 +408,14 @@ class Engine:
         the compiled step alone."""
         opts, comm, data, sync = self.options, self.comm, self.data, self.sync
         order = epoch_order(len(data.train_x), opts.seed, epoch, comm.rank)
-        step, sums, callbacks = self.step, self.sums, self.callbacks
+        sums, callbacks = self.sums, self.callbacks
         # The running sums (samples, loss sum, hits) are added up by the step, on the device, and
         # read only when needed; after a mid-epoch resume they start at the sums saved with the state.
         sums.reset(stats)
         probs, labels = [], []  # probabilities as the step's tensors: no per-step fetch
         self.done = first
         callbacks.on_epoch_begin(epoch)
+        step = self.step  # after the epoch's begin: a callback may have made it again (rebuild_step)
         lrs = self._lrs(epoch)
         for s, idx in enumerate(batch_slices(order, self.steps, opts.batch_size)):
             if s < first:

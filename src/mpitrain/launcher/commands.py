@@ -95,9 +95,11 @@ def _check_fresh_run(args, cfg):
     from mpitrain.data.dataset import plan_for
     from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train import runfolder
-    from mpitrain.train.models import check_model
+    from mpitrain.train.models import check_freeze, check_model, check_weights
 
     check_model(cfg.model, cfg.image_size)
+    check_weights(cfg.model, cfg.weights)
+    check_freeze(cfg.model, cfg.weights, cfg.init, cfg.freeze_backbone)
     strategy_class(cfg.strategy).check_ranks(args.np)
     plan_for(cfg)
     return runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)

@@ -47,3 +47,15 @@ class FlatVars:
 def float_vars(variables):
     """Only float variables take part in averaging (counters such as `iterations` do not)."""
     return [v for v in variables if "float" in str(v.dtype)]
+
+
+def frozen_weights(model) -> set[int]:
+    """The ids of the weights of the layers set not to train (`layer.trainable = False`: a
+    frozen backbone, FreezeBackbone's or the caller's). Keras lists them with the
+    non-trainable weights, like batch-norm statistics, but no rank changes them, so the
+    strategies leave them out of what they average: traffic for nothing, and over three or
+    more ranks a mean of equal float32 values can round off the value itself."""
+    walk = getattr(model, "_flatten_layers", None)  # Keras' own walk over a model's layers
+    if walk is None:
+        return set()
+    return {id(v) for layer in walk(include_self=True, recursive=True) if not layer.trainable for v in layer.weights}

@@ -58,7 +58,7 @@ def channels_for(cfg: TrainConfig) -> int:
     from mpitrain.train import models
 
     needs = getattr(models, "needs_channels", None)  # the model registry's rule (3 for pretrained colour models)
-    got = None if needs is None else needs(cfg.model)
+    got = None if needs is None else needs(cfg.model, cfg.weights)
     return got if got in (1, 3) else 1
 
 
@@ -118,15 +118,17 @@ def _train_main(make_config, echo, resume: bool) -> int:
 
     comm = world()
     say = echo if comm.rank == 0 else (lambda *a, **k: None)
-    plan = out = ckpt = None
+    plan = out = ckpt = weights_file = None
     err = None
     try:
         cfg: TrainConfig = resolve(make_config())
         if resume and comm.rank == 0:
             ckpt, cfg = _open_resume(cfg)
-        from mpitrain.train.models import check_model
+        from mpitrain.train.models import check_freeze, check_model, check_weights
 
         check_model(cfg.model, cfg.image_size)  # on every rank: one agreed error, not one per rank
+        check_weights(cfg.model, cfg.weights)
+        check_freeze(cfg.model, cfg.weights, cfg.init, cfg.freeze_backbone)
     except UserError as e:
         err = str(e)
     agree(comm, err)
@@ -146,10 +148,13 @@ def _train_main(make_config, echo, resume: bool) -> int:
         if comm.rank == 0 or not cfg.data_on_root:
             plan = dataset.plan_for(cfg)
         if comm.rank == 0:
+            weights_file = _check_model_for(cfg, plan, say)
             out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
         err = str(e)
     agree(comm, err)
+    if cfg.weights == "imagenet":
+        _share_weights(comm, comm.bcast_obj(weights_file if comm.rank == 0 else None))  # collective
     # Collective: a rank started with other options, another mpitrain or other files would
     # silently train something else (or deadlock on different step counts): refuse it.
     prints = comm.allgather_obj(_fingerprint(cfg, plan))
@@ -177,6 +182,34 @@ def _train_main(make_config, echo, resume: bool) -> int:
         if comm.rank == 0:
             print(stopped_message(stop, cfg.epochs, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
         return 0  # asked for: a batch system's stop or preemption, not a failure
+
+
+def _check_model_for(cfg: TrainConfig, plan, say) -> str | None:
+    """Rank 0, once the classes are known and before any image is decoded: the model must
+    fit the images and the classes (a MODULE:FUNCTION or saved model is built for that),
+    and --weights imagenet's file must be on disk (downloaded here if it is not: by this one
+    process). Returns that file's name (None without --weights)."""
+    from mpitrain.train.models import check_built, fetch_weights
+
+    check_built(cfg.model, cfg.image_size, len(plan.classes), channels_for(cfg), cfg.freeze_backbone)
+    if cfg.weights != "imagenet":
+        return None
+    name, lines = fetch_weights(cfg.model, cfg.image_size)
+    for line in lines:
+        say(line)
+    return name
+
+
+def _share_weights(comm: Comm, name: str) -> None:
+    """Collective: every rank has rank 0's weights file (a rank that does not see it gets its bytes)."""
+    from mpitrain.train import pretrained
+
+    err = None
+    try:
+        pretrained.share(comm, name)
+    except UserError as e:
+        err = str(e)
+    agree(comm, err)
 
 
 def _resume_hint(comm: Comm, out, cfg) -> str:
@@ -331,7 +364,7 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
 
         print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
 
-    model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels)
+    model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels, weights=cfg.weights)
     if cfg.init:
         from mpitrain.train.models import init_from
 

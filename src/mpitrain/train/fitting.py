@@ -16,6 +16,7 @@ from mpitrain.config import TrainConfig
 from mpitrain.data.dataset import Plan, class_weights
 from mpitrain.engine.callbacks.base import Callback
 from mpitrain.engine.callbacks.early_stopping import EarlyStopping
+from mpitrain.engine.callbacks.freeze_backbone import FreezeBackbone
 from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.tensorboard import TensorBoard
 from mpitrain.engine.loop import Engine, Result
@@ -40,9 +41,13 @@ class EventLog(Callback):
 
 
 def callbacks_for(cfg: TrainConfig, run_dir) -> list:
-    """The callbacks --tensorboard, --keep-best and --early-stop ask for, in the order their
-    lines and files are written (run_dir: rank 0's run folder, None elsewhere)."""
+    """The callbacks --freeze-backbone, --tensorboard, --keep-best and --early-stop ask for,
+    in the order their lines and files are written (run_dir: rank 0's run folder, None
+    elsewhere). The backbone --freeze-backbone freezes is FreezeBackbone's default: a
+    keras.applications model's nested backbone, else every layer before the head."""
     out: list = []
+    if cfg.freeze_backbone:
+        out.append(FreezeBackbone(cfg.freeze_backbone, lr_factor=cfg.unfreeze_lr_factor))
     if run_dir is not None:
         out.append(EventLog(run_dir))
         if cfg.tensorboard:

@@ -15,15 +15,17 @@ tests/unit/test_models.py checks it for every registry model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from mpitrain import runfiles
-from mpitrain.config import ImageSize, image_shape, image_size_text
+from mpitrain.config import WEIGHTS, ImageSize, image_shape, image_size_text
 from mpitrain.errors import UserError
 
 
@@ -138,6 +140,52 @@ def _check_side(name: str, image_size: ImageSize, low: int) -> None:
         )
 
 
+def check_weights(name: str, weights: str) -> None:
+    """One line unless --weights `weights` can apply to --model `name` (no Keras for registry names)."""
+    if weights in (None, "none"):
+        return
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    kind = "registry" if name in MODELS else _kind(name)
+    if kind != "application":
+        what = {"registry": "a registry model", "function": "MODULE:FUNCTION", "file": "a saved model"}[kind]
+        raise UserError(
+            f"--weights imagenet is for keras.applications models (resnet50, mobilenet_v3_small, ...); "
+            f"--model {name} is {what} (--init RUN starts any model from a run's weights)"
+        )
+
+
+def check_freeze(name: str, weights: str | None, init: str | None, freeze_backbone: int) -> None:
+    """--freeze-backbone trains the head alone over features learnt elsewhere: refused for a
+    model whose backbone would be random (a registry or keras.applications model without
+    --weights imagenet or --init). A MODULE:FUNCTION or saved model may bring its own."""
+    if not freeze_backbone or init or weights == "imagenet":
+        return
+    kind = "registry" if name in MODELS else _kind(name)
+    if kind in ("registry", "application"):
+        raise UserError(
+            f"--freeze-backbone {freeze_backbone} would freeze random weights: give --model {name} "
+            f"--weights imagenet{' (keras.applications models)' if kind == 'registry' else ''} or --init RUN"
+        )
+
+
+def check_built(name: str, image_size: ImageSize, n_classes: int, channels: int, freeze_backbone: int = 0) -> None:
+    """Before any image is decoded, once the classes are known: a MODULE:FUNCTION or saved
+    model is built and must take the images' shape and give one output per class (and, for
+    --freeze-backbone, have a backbone to freeze). Registry and keras.applications models
+    get their head from `n_classes`, so they are not built here."""
+    if name in MODELS or _kind(name) == "application":
+        return
+    model = build_model(name, image_size, n_classes, channels)
+    if freeze_backbone:
+        from mpitrain.engine.callbacks.freeze_backbone import backbone_layers
+
+        try:
+            backbone_layers(model)
+        except ValueError as e:
+            raise UserError(f"--freeze-backbone with --model {name}: {e}") from None
+
+
 def needs_channels(spec: str, weights: str | None = None) -> int | None:
     """The channels a model needs (3 for --weights imagenet; a saved model's own); None: no preference."""
     if weights == "imagenet":
@@ -147,10 +195,15 @@ def needs_channels(spec: str, weights: str | None = None) -> int | None:
     return None
 
 
-def build_model(name: str, image_size: ImageSize, n_classes: int, channels: int = 1):
+def build_model(name: str, image_size: ImageSize, n_classes: int, channels: int = 1, weights: str | None = None):
+    """`weights="imagenet"`: a keras.applications model starts from Keras' ImageNet weights,
+    read from KERAS_HOME/models (`pretrained.fetch` put the file there first)."""
     if n_classes < 2:
         raise UserError(f"need at least 2 classes, got {n_classes}")
     check_model(name, image_size)
+    weights = None if weights in (None, "none") else weights
+    if weights is not None:
+        check_weights(name, weights)
     if name in MODELS:
         builder, _ = MODELS[name]
         if channels == 1:  # the registry's recipes stay bit for bit what they were
@@ -158,7 +211,7 @@ def build_model(name: str, image_size: ImageSize, n_classes: int, channels: int 
         return _with_channels(builder, image_size, n_classes, channels)
     kind = _kind(name)
     if kind == "application":
-        model = _application(name, image_size, n_classes, channels)
+        model = _application(name, image_size, n_classes, channels, weights)
     elif kind == "function":
         model = _function(name)((*image_shape(image_size), channels), n_classes)
     else:
@@ -232,6 +285,7 @@ _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _preprocessing(module: str, channels: int):
     """Keras layers turning mpitrain's float32 [0, 1] pixels into what the family expects
     (serialisable layers only, so that model.keras reloads without code)."""
+    import keras
     from keras import layers
 
     def per_channel(values):
@@ -240,10 +294,23 @@ def _preprocessing(module: str, channels: int):
     if module in _OWN_PREPROCESSING:
         return [layers.Rescaling(255.0, name="to_255")]
     if module in _CAFFE:
-        # Channel order stays RGB: with random weights it does not matter; the BGR flip
-        # needed by caffe-style imagenet weights is not done (yet).
-        mean = per_channel(_CAFFE_MEAN_BGR[::-1])
-        return [layers.Rescaling(255.0, name="to_255"), layers.Normalization(mean=mean, variance=[1.0] * channels)]
+        if channels != 3:  # grey: one mean (summed in the order it always was: the same bits)
+            mean = per_channel(_CAFFE_MEAN_BGR[::-1])
+            return [layers.Rescaling(255.0, name="to_255"), layers.Normalization(mean=mean, variance=[1.0] * channels)]
+        # Colour: RGB -> BGR (a fixed 1x1 permutation), then the BGR mean, as resnet's
+        # preprocess_input. Done with random weights too, so that a family has one
+        # architecture: `--init` from a run trained on ImageNet weights keeps the order the
+        # backbone learnt, whatever --weights the new run has.
+        flip = layers.Conv2D(
+            3,
+            1,
+            use_bias=False,
+            trainable=False,
+            kernel_initializer=keras.initializers.Constant([[0, 0, 1], [0, 1, 0], [1, 0, 0]]),
+            name="rgb_to_bgr",
+        )
+        mean = list(_CAFFE_MEAN_BGR)
+        return [layers.Rescaling(255.0, name="to_255"), flip, layers.Normalization(mean=mean, variance=[1.0] * 3)]
     if module in _TORCH:
         return [layers.Normalization(mean=per_channel(_TORCH_MEAN), variance=[s * s for s in per_channel(_TORCH_STD)])]
     return [layers.Rescaling(2.0, offset=-1.0, name="to_pm1")]  # "tf" mode: [-1, 1]
@@ -255,10 +322,20 @@ def _application(name: str, image_size: ImageSize, n_classes: int, channels: int
 
     ctor, module = applications()[name]
     shape = (*image_shape(image_size), channels)
-    try:
-        backbone = ctor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
-    except ValueError as e:
-        raise UserError(f"model {name!r} cannot take {image_size_text(image_size)}x{channels} input: {e}") from None
+    with _weights_source(weights) as used, warnings.catch_warnings():
+        # Said once, in one line, by rank 0 (`fetch_weights`), not by every rank in Keras' words.
+        warnings.filterwarnings("ignore", message=r".*Weights for input shape")
+        try:
+            backbone = ctor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+        except (ValueError, OSError) as e:
+            if used:  # the constructor had its file: reading it failed
+                raise UserError(
+                    f"--model {name} --weights {weights}: cannot read {used[0]} ({' '.join(str(e).split())}); "
+                    "delete it to download it again"
+                ) from None
+            if isinstance(e, OSError):
+                raise
+            raise UserError(f"model {name!r} cannot take {image_size_text(image_size)}x{channels} input: {e}") from None
     inputs = keras.Input(shape)
     x = inputs
     for layer in _preprocessing(module, channels):
@@ -266,6 +343,30 @@ def _application(name: str, image_size: ImageSize, n_classes: int, channels: int
     x = backbone(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _weights_source(weights: str | None):
+    """Where a constructor's weights come from: the file `pretrained.fetch` left on disk.
+    Yields the list `pretrained.from_disk` fills (empty without weights)."""
+    if weights != "imagenet":
+        return contextlib.nullcontext([])
+    from mpitrain.train import pretrained
+
+    return pretrained.from_disk()
+
+
+def fetch_weights(name: str, image_size: ImageSize) -> tuple[str, list[str]]:
+    """The one process that fetches (rank 0): --model `name`'s ImageNet weights file is in
+    KERAS_HOME/models afterwards. Returns (its file name, lines to show)."""
+    from mpitrain.train import pretrained
+
+    ctor, _ = applications()[name]
+    try:
+        return pretrained.fetch(name, ctor, (*image_shape(image_size), 3))
+    except ValueError as e:
+        raise UserError(
+            f"--model {name} --weights imagenet cannot take {image_size}x{image_size}x3 input: {e}"
+        ) from None
 
 
 def _function(spec: str) -> Callable:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpitrain.parallel.flat import float_vars
 from mpitrain.parallel.strategies.base import Sync
 
 if TYPE_CHECKING:
@@ -107,5 +106,6 @@ class AllreduceSync(Sync):
     def end_epoch(self) -> None:
         # Trainable weights are identical by construction (same summed gradients, same
         # optimizer). Non-trainable float state (e.g. batch-norm statistics) is computed
-        # from local batches and drifts, so it is averaged once per epoch.
-        self._average_weights(float_vars(self.model.non_trainable_weights))
+        # from local batches and drifts, so it is averaged once per epoch (that of the layers
+        # that train: a frozen layer's is the same everywhere, see `Sync.attach`).
+        self._average_weights(self.statistics)

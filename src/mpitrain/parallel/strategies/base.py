@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpitrain.errors import UserError
-from mpitrain.parallel.flat import FlatVars, float_vars
+from mpitrain.parallel.flat import FlatVars, float_vars, frozen_weights
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm, Request
@@ -144,6 +144,12 @@ class Sync:
         self.model = model
         self.weights = FlatVars(float_vars(model.weights))
         self.state = FlatVars(float_vars(optimizer.variables))
+        # What training moves, for the strategies that average it: the weights of the layers
+        # that train, and their non-trainable state (batch-norm statistics). The engine attaches
+        # again when a callback changes what trains (Engine.rebuild_step).
+        frozen = frozen_weights(model)
+        self.trained = [v for v in self.weights.variables if id(v) not in frozen]
+        self.statistics = [v for v in float_vars(model.non_trainable_weights) if id(v) not in frozen]
 
     def start(self, model, optimizer) -> None:
         """Same initial weights and optimizer state everywhere: broadcast from rank 0.

@@ -39,7 +39,7 @@ class LocalSGDSync(Sync):
     def after_step(self, step: int, steps: int, samples: int) -> None:
         if self.sync_every and step % self.sync_every == 0 and step != steps:
             # The stop vote rides in the average's buffer: decided every K steps, for free.
-            self._stop = self._average_weights(self.weights.variables, vote=True)
+            self._stop = self._average_weights(self.trained, vote=True)
 
     def stop_agreed(self, step: int, steps: int) -> bool:
         if self.comm.size == 1 or not self.sync_every:
@@ -48,4 +48,4 @@ class LocalSGDSync(Sync):
         return stop
 
     def end_epoch(self) -> None:
-        self._average_weights(self.weights.variables)
+        self._average_weights(self.trained)
