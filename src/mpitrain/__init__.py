@@ -2,7 +2,9 @@
 
 The public face: `mpitrain.fit(model, x, y, validation_data=..., epochs=..., ...)` trains a
 Keras model in place on every rank of the job (`mpiexec -n N python script.py`, or one
-process), `mpitrain.Engine` is the loop behind it and behind `mpitrain train`, and the
+process) on arrays, a dataset, or a folder or label CSV (`mpitrain.fit(model, "data/",
+out="runs/a")` writes the run folder `mpitrain train` writes: `api.py`),
+`mpitrain.Engine` is the loop behind it and behind `mpitrain train`, and the
 callbacks (`KeepBest`, `EarlyStopping`, `FreezeBackbone`, `TensorBoard`, `ProgressBar`, or
 your own `Callback`) run on every rank with the global epoch numbers. `rank()` and `size()` say
 where this process stands; `allreduce` and `broadcast` serve a loop of your own
@@ -15,8 +17,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _ENGINE = ("Callback", "EarlyStopping", "Engine", "FreezeBackbone", "InMemory", "KeepBest", "Options", "ProgressBar",
-           "Result", "TensorBoard", "allreduce", "broadcast", "fit")  # fmt: skip
-__all__ = ["__version__", "rank", "size", *_ENGINE]
+           "Result", "TensorBoard", "allreduce", "broadcast")  # fmt: skip
+_ERRORS = ("StopRequested", "UserError")  # what fit raises on purpose: a stop request, a wrong value
+__all__ = ["__version__", "rank", "size", *_ENGINE, "fit", *_ERRORS]
 
 
 def rank() -> int:
@@ -38,6 +41,14 @@ def __getattr__(name: str):
         import mpitrain.engine as engine
 
         return getattr(engine, name)
+    if name == "fit":
+        from mpitrain.api import fit
+
+        return fit
+    if name in _ERRORS:
+        import mpitrain.errors as errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'mpitrain' has no attribute {name!r}")
 
 

@@ -199,6 +199,11 @@ def _add_run(sub) -> None:
     r.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP)
     r.add_argument("--all-output", action="store_true", help="show every rank's output, each line tagged [rank R]")
     r.add_argument(
+        "--elastic",
+        action="store_true",
+        help="let the job outlive a lost rank (Open MPI ULFM), for the script's mpitrain.fit(..., elastic=True)",
+    )
+    r.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
@@ -594,6 +599,7 @@ def _cmd_run(args) -> int:
         iface=args.iface,
         all_output=args.all_output,
         timeout=args.timeout,
+        elastic=args.elastic,
         debug=args.debug,
     )
 
@@ -712,24 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     code = _main(args)
-    _exit_if_a_rank_was_lost(code)
+    from mpitrain.parallel.comm import exit_if_a_rank_was_lost
+
+    exit_if_a_rank_was_lost(code)  # after an elastic loss: now, without MPI_Finalize
     return code
-
-
-def _exit_if_a_rank_was_lost(code: int) -> None:
-    """After an elastic loss, leave without MPI_Finalize.
-
-    Finalize synchronises with every process the job started, dead ones included, and under
-    ULFM it has been seen to wait forever after a lost rank. Everything is written and
-    flushed by now, and Open MPI's ULFM mode accepts the exit code as it is.
-    """
-    from mpitrain.parallel import comm
-
-    world = comm.current()
-    if world is not None and world.lost_any:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

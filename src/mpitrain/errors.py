@@ -33,11 +33,12 @@ class StopRequested(Exception):
 
 
 class QuietExit(Exception):
-    """Stop this rank with a code; another rank reports the reason."""
+    """Stop this rank with a code; another rank reports the reason (`message`, when this
+    rank knows it too: a library caller gets it on every rank, see mpitrain/api.py)."""
 
-    def __init__(self, code: int):
+    def __init__(self, code: int, message: str | None = None):
         super().__init__(code)
-        self.code = code
+        self.code, self.message = code, message
 
 
 def agree(comm: Comm, error: str | None) -> None:
@@ -46,7 +47,8 @@ def agree(comm: Comm, error: str | None) -> None:
     first = next(((r, e) for r, e in enumerate(errors) if e), None)
     if first is None:
         return
+    rank, msg = first
+    said = msg if rank == 0 or comm.size == 1 else f"(rank {rank}) {msg}"
     if comm.rank == 0:
-        rank, msg = first
-        raise AgreedError(msg if rank == 0 or comm.size == 1 else f"(rank {rank}) {msg}")
-    raise QuietExit(2)
+        raise AgreedError(said)
+    raise QuietExit(2, said)

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -74,3 +76,40 @@ def test_when_rank_0_is_lost_the_survivors_stop_cleanly(tmp_path, elastic_data):
     assert stopped or deadline, proc.stderr[-2000:]
     assert "--resume" in proc.stderr
     assert list((tmp_path / "run" / "checkpoints").glob("ckpt-*.npz"))  # epoch 1's is there to resume
+
+
+@pytest.mark.parametrize("source", ["arrays", "folder"])
+def test_a_script_using_fit_with_elastic_survives_a_killed_rank(tmp_path, elastic_data, source):
+    # mpitrain.fit(..., elastic=True): arrays on the engine's road (the survivors re-shard the
+    # arrays) started as a user would, `mpitrain run -n 3 --elastic`; a folder with out= on
+    # mpitrain train's pipeline under a plain mpiexec. Rank 1 dies in epoch 2 (step 12 of 8
+    # or 9 per epoch on 3 ranks); the script ends normally on the other two, and its process
+    # exits (without MPI_Finalize, which waits for the dead rank forever).
+    kill = {"KILL_RANK": "1", "KILL_AT": "12"}
+    if source == "arrays":
+        program = script("library_folder.py", "--arrays", "--elastic")[1:]
+        proc = subprocess.run(
+            cli("run", "-n", 3, "--elastic", "--all-output", *program),
+            env={**os.environ, **kill},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        stdout = "\n".join(line.split("] ", 1)[-1] for line in proc.stdout.splitlines())
+    else:
+        program = script("library_folder.py", elastic_data, tmp_path / "run", "--elastic")
+        proc, _ = mpirun(3, program, env=kill, extra=["--with-ft", "ulfm"], timeout=300)
+        stdout = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lost rank(s) [1]: continuing on 2 ranks" in stdout
+    ranks = sorted(
+        (json.loads(line[len("RESULT ") :]) for line in stdout.splitlines() if line.startswith("RESULT ")),
+        key=lambda r: r["rank"],
+    )
+    assert [(r["rank"], r["size"]) for r in ranks] == [(0, 2), (1, 2)]  # the survivors, renumbered
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["history"] == ranks[1]["history"]
+    assert [row["epoch"] for row in ranks[0]["history"]] == [1, 2, 3]
+    if source == "folder":
+        events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+        assert [(e["lost_ranks"], e["ranks_after"], e["epoch"]) for e in events] == [([1], 2, 2)]
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]["ranks"] == 2

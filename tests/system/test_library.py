@@ -35,6 +35,33 @@ def test_the_same_script_runs_under_mpitrain_run():
     _same_weights_on_both_ranks(_results("\n".join(lines)), False, proc.stdout)
 
 
+def test_fit_on_a_folder_under_mpiexec_writes_its_run_folder_once(tmp_path_factory, tmp_path):
+    # `mpitrain.fit(model, "data/", out=RUN)` on 2 ranks: mpitrain train's pipeline with the
+    # script's model. Both ranks end alike, and rank 0 alone writes the run folder.
+    import zlib
+
+    import keras
+    import numpy as np
+
+    from mpitrain import runfiles
+    from mpitrain.data.synth import generate
+
+    data = generate(tmp_path_factory.mktemp("lib") / "data", per_class=32, image_size=16, seed=2)
+    run = tmp_path / "run"
+    proc, _ = mpirun(2, script("library_folder.py", data, run), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _results(proc.stdout)
+    assert [(r["rank"], r["size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["history"] == ranks[1]["history"]
+    assert [row["epoch"] for row in ranks[0]["history"]] == [1, 2, 3]
+    assert proc.stdout.count("run folder: ") == 1 and proc.stdout.count("epoch 3/3") == 1
+    assert {p.name for p in run.iterdir()} <= set(runfiles.NAMES)  # nothing stray, the lock let go
+    doc = json.loads((run / runfiles.CONFIG).read_text())
+    assert doc["runtime"]["ranks"] == 2 and doc["config"]["model"].startswith("mpitrain.fit:")
+    saved = keras.saving.load_model(run / runfiles.MODEL, compile=False).get_weights()
+    assert f"{zlib.crc32(np.concatenate([w.reshape(-1) for w in saved]).tobytes()):08x}" == ranks[0]["checksum"]
+
+
 def _same_weights_on_both_ranks(ranks, loop, stdout):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # broadcast at the start, reduced steps after

@@ -51,6 +51,8 @@ def test_the_public_face_is_pinned():
         "allreduce",
         "broadcast",
         "fit",
+        "StopRequested",
+        "UserError",
     ]
     for name in mpitrain.__all__:
         assert getattr(mpitrain, name) is not None

@@ -1,6 +1,7 @@
 """The package's layers, enforced: imports point downwards only, one module imports mpi4py.
 
     cli                                    (argparse and dispatch: may import everything)
+    api        -> train/, engine/, evaluate/, parallel/, data/   (`mpitrain.fit`: runs in a rank)
     launcher/  -> train/, engine/, evaluate/, parallel/, data/   (the parent side of `-n N`)
     train/     -> engine/, evaluate/, parallel/, data/
     evaluate/  -> engine/, parallel/, data/    (never train/)
@@ -8,7 +9,10 @@
     parallel/, data/                           (neither each other nor the layers above)
     config, errors, runtime, slurm, atomic, outdir, pixels, shards, runfiles
                                            (top level: below every layer, import none)
-    __init__.py                            (the public face: re-exports the engine, lazily)
+    __init__.py                            (the public face: re-exports the engine and api.fit, lazily)
+
+Only the public face imports api: the layers below it never do (`mpitrain train` and
+`mpitrain.fit` share train/, not each other).
 
 The ranks never import launcher/: everything a rank and the launcher tell each other is in
 parallel/wire.py, which imports no other mpitrain module. Inside launcher/ the supervisor
@@ -96,15 +100,28 @@ def test_layers_import_only_downwards():
 
 def test_top_level_modules_import_no_layer():
     # The top-level modules are used by every layer; they must not pull one in (config least
-    # of all: every layer reads it). __init__.py is the public face: it re-exports the engine.
+    # of all: every layer reads it). __init__.py is the public face: it re-exports the engine
+    # and api.py's fit, which stands above the layers as cli.py does.
     bad = [
         f"{p.name} imports {n}"
         for p in PKG.glob("*.py")
-        if p.name not in ("cli.py", "__main__.py", "__init__.py")
+        if p.name not in ("cli.py", "__main__.py", "__init__.py", "api.py")
         for n in _layer_imports(p)
         if n.startswith("mpitrain.") and n.split(".")[1] in LAYERS
     ]
     assert not bad, bad
+
+
+def test_the_library_entry_stands_above_the_layers():
+    # api.py runs in every rank of a user's script: never the launcher or the command line.
+    # Nothing but the public face imports it, so the command line cannot lean on it.
+    assert not [n for n in _imports(PKG / "api.py") if n.startswith(("mpitrain.cli", "mpitrain.launcher"))]
+    users = sorted(
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        if p.name != "api.py" and any(n == "mpitrain.api" or n.startswith("mpitrain.api.") for n in _imports(p))
+    )
+    assert users == ["__init__.py"]
 
 
 def test_the_ranks_never_import_the_launcher():

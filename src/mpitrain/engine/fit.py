@@ -10,6 +10,11 @@ rank's rows are then held in memory (a dataset's per-epoch randomness is read on
 every rank takes the same number of steps however unequal the shares (the engine agrees on
 the longest). The strategy decides which ranks hold training or validation rows (a
 master-worker master holds none). Every option of `Options` is a keyword.
+
+`elastic=True` (under Open MPI's ULFM, `mpiexec --with-ft ulfm`): a lost rank's rows are
+shared out again among the survivors, read from the arrays or the dataset as at the start
+(`mpitrain/api.py` is the public `mpitrain.fit`: folders and run folders go through
+`mpitrain train`'s pipeline instead).
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def fit(
     comm: Comm | None = None,
     callbacks=(),
     class_weight=None,
+    augment=None,
+    elastic: bool = False,
     echo=print,
     progress: bool = True,
     **options,
@@ -90,7 +97,11 @@ def fit(
     scaled by their dtype's full range) with integer labels `y`, or on a PyDataset /
     tf.data.Dataset of (images, labels) as `x` (and as `validation_data`); returns the
     result, whose `history` (a list of epoch rows, the same on every rank) has Keras' keys:
-    loss, accuracy, val_loss, val_accuracy, ..."""
+    loss, accuracy, val_loss, val_accuracy, ...
+
+    `augment(rows, max_value, epoch, rank, step)`: a training batch's augmentation (the
+    Engine's). `elastic`: survive a lost rank, re-sharding the rows over the ranks left."""
+    from mpitrain.errors import UserError
     from mpitrain.parallel.comm import world
     from mpitrain.parallel.strategies import strategy_class
 
@@ -109,11 +120,28 @@ def fit(
         vx, vy = validation_data, None
     else:
         vx, vy = validation_data
-    tx, ty, _ = _rows(x, y, train_part, opts.seed, presharded, shape)
-    sx, sy, index = _rows(vx, vy, val_part, opts.seed, presharded, shape)
-    data = InMemory(tx, ty, sx, sy, _full_scale(tx), _full_scale(sx), index)
+    if elastic and presharded:
+        raise UserError("elastic=True shares a lost rank's rows out again: the data cannot be presharded=True")
+
+    def load(train_part: tuple[int, int], val_part: tuple[int, int]) -> InMemory:  # this rank's rows in a layout
+        tx, ty, _ = _rows(x, y, train_part, opts.seed, presharded, shape)
+        sx, sy, index = _rows(vx, vy, val_part, opts.seed, presharded, shape)
+        return InMemory(tx, ty, sx, sy, _full_scale(tx), _full_scale(sx), index)
+
+    data = load(train_part, val_part)
+    if elastic:
+        comm.make_elastic()  # collective: from here on a dead peer raises RankLost
     engine = Engine(
-        model, data, opts, comm, class_weight=class_weight, callbacks=list(callbacks), echo=echo, progress=progress
+        model,
+        data,
+        opts,
+        comm,
+        class_weight=class_weight,
+        augment=augment,
+        callbacks=list(callbacks),
+        echo=echo,
+        progress=progress,
+        reshard=load if elastic else None,
     )
     return engine.fit()
 

@@ -9,6 +9,8 @@ rank runs `python -m mpitrain.parallel.runscript script.py ARGS` (any uncaught e
 rank aborts the job; only rank 0's standard output unless --all-output, which tags every
 rank's lines). `--timeout S` reaches the script's `mpitrain.fit` (MPITRAIN_TIMEOUT): a job
 whose training makes no progress for S seconds is aborted, naming the rank that stalled.
+`--elastic` starts the job under Open MPI's ULFM, so a script's `mpitrain.fit(...,
+elastic=True)` can go on without a lost rank.
 
 The same script runs unchanged under a plain `mpiexec -n N python script.py` or `srun`.
 """
@@ -19,6 +21,7 @@ import os
 import sys
 
 from mpitrain.errors import UserError
+from mpitrain.launcher.mpiexec import elastic_flags
 from mpitrain.launcher.supervise import supervise
 from mpitrain.parallel.wire import ALL_OUTPUT_ENV, TIMEOUT_ENV
 
@@ -44,9 +47,12 @@ def run_script(
     iface: str | None = None,
     all_output: bool = False,
     timeout: float | None = None,
+    elastic: bool = False,
     debug: bool = False,
 ) -> int:
-    """Run `script ARGS` as `n` ranks; returns the job's exit code."""
+    """Run `script ARGS` as `n` ranks; returns the job's exit code. `elastic`: under ULFM, so
+    that a lost rank does not end the job (the script's `mpitrain.fit(..., elastic=True)`
+    goes on without it)."""
     check_script(script)
     variables = {ALL_OUTPUT_ENV: "1"} if all_output else {}
     if timeout is not None:
@@ -57,6 +63,7 @@ def run_script(
         hostfile=hostfile,
         iface=iface,
         variables=variables,
+        extra=elastic_flags() if elastic else None,
         debug=debug,
         training=False,
     )

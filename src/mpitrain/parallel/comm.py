@@ -321,6 +321,10 @@ class MPIComm:
         self.world_ranks = [self.world_ranks[r] for r in kept]
         self._comm = _FailureGuard(new, self)
         self.rank, self.size, self.failed = new.Get_rank(), new.Get_size(), False
+        if not self.lost_any:
+            import atexit
+
+            atexit.register(_leave_without_finalize)  # a library script's exit (the CLI leaves earlier)
         self.lost_any = True
         return lost
 
@@ -468,6 +472,26 @@ def check_world() -> None:
     if slurm.task_id() == 0:
         raise UserError(problem)
     raise QuietExit(2)
+
+
+def exit_if_a_rank_was_lost(code: int) -> None:
+    """After an elastic loss, leave now, with `code`, without MPI_Finalize.
+
+    Finalize synchronises with every process the job started, dead ones included, and under
+    ULFM it has been seen to wait forever after a lost rank. Everything is written and
+    flushed by now, and Open MPI's ULFM mode accepts the exit code as it is.
+    """
+    if _WORLD is not None and _WORLD.lost_any:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _leave_without_finalize() -> None:
+    """At the exit of a script whose job lost a rank (`mpitrain.fit(..., elastic=True)`):
+    `exit_if_a_rank_was_lost` with 0, or 1 after an uncaught exception (its traceback is
+    printed by then). A `sys.exit(code)`'s code is not known here: it becomes 0."""
+    exit_if_a_rank_was_lost(1 if getattr(sys, "last_value", None) is not None else 0)
 
 
 def current() -> Comm | None:

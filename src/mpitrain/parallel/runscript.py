@@ -4,7 +4,8 @@ What `python -m mpi4py script.py` does for its users, with mpitrain's output rul
 
 * any uncaught exception on any rank prints its traceback and one line naming the rank,
   then aborts the whole job (MPI_Abort), so no other rank is left waiting in a collective;
-  `sys.exit(code)` and Ctrl-C (130) end this rank with that code as they would alone;
+  `sys.exit(code)` and Ctrl-C (130) end this rank with that code as they would alone, and
+  so does a stop request (SIGTERM/SIGUSR1) that `mpitrain.fit` checkpointed (0);
 * only rank 0's standard output is shown, unless the launcher was given --all-output
   (MPITRAIN_ALL_OUTPUT=1): then every rank's stdout and stderr lines are tagged
   `[rank R] `; standard error is never hidden (errors must be seen from every rank).
@@ -20,6 +21,7 @@ import runpy
 import sys
 from typing import TextIO
 
+from mpitrain.errors import StopRequested
 from mpitrain.parallel.wire import ALL_OUTPUT_ENV, PROGRESS, STATE
 
 WIRE_PREFIX = (PROGRESS, STATE)  # mpitrain's marker lines to the launcher (parallel/wire.py)
@@ -81,6 +83,8 @@ def run(argv: list[str]) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else _said(e.code))
     except KeyboardInterrupt:
         return 130
+    except StopRequested:  # mpitrain.fit after SIGTERM/SIGUSR1: checkpointed, said by rank 0
+        return 0
     except BaseException as e:  # noqa: BLE001 - mpi4py's run.py rule: any uncaught error ends the job
         import traceback
 
@@ -109,5 +113,13 @@ def _abort_job() -> None:
     abort_started(1)
 
 
+def _exit(code: int) -> None:
+    """Exit with the script's code; after an elastic loss without MPI_Finalize, which may wait forever."""
+    from mpitrain.parallel.comm import exit_if_a_rank_was_lost
+
+    exit_if_a_rank_was_lost(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    _exit(run(sys.argv[1:]))

@@ -7,6 +7,9 @@ Failure handling follows two rules:
   stop together with exit code 2 and rank 0 prints the message once.
 * Anything that goes wrong after that is unexpected; the cli layer prints it with the rank
   and aborts the whole MPI job, so no rank is left waiting in a collective.
+
+`mpitrain.fit(model, "data/", ...)` runs this same pipeline with the caller's model
+(`train_given`, with a `train/given.py` Given): one training loop for both.
 """
 
 from __future__ import annotations
@@ -23,16 +26,20 @@ from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import world
 
 if TYPE_CHECKING:
+    from mpitrain.engine.loop import Result
     from mpitrain.parallel.comm import Comm
+    from mpitrain.train.given import Given
 from mpitrain.parallel.strategies import resolve, strategy_class
 
 
-def _open_resume(cfg: TrainConfig):
-    """Rank 0: the newest good checkpoint of --out and the config it was trained with."""
+def _open_resume(cfg: TrainConfig, library: bool = False):
+    """Rank 0: the newest good checkpoint of --out and the config it was trained with
+    (`library`: mpitrain.fit resumes it, with the caller's model)."""
 
     from mpitrain import runfiles
     from mpitrain.engine import checkpoint
     from mpitrain.train import runfolder
+    from mpitrain.train.given import refuse_cli_resume
 
     out = runfolder.resume_folder(cfg.out)  # locked from here on: no other job writes it while we read
     try:
@@ -47,6 +54,8 @@ def _open_resume(cfg: TrainConfig):
         raise UserError(f"the run in {cfg.out} has already finished; nothing to resume")
     # Runs from before --precision existed trained in fp32; "auto" would re-resolve here.
     saved = TrainConfig.from_dict({"precision": "fp32", **ckpt.config, "out": cfg.out, "overwrite": False})
+    if not library:
+        refuse_cli_resume(saved, cfg.out)
     return ckpt, saved
 
 
@@ -76,8 +85,9 @@ def images_line(image_size: int | str, channels: int) -> str:
     return f"colour {shape}, 3 channels (RGB), grey images replicated"
 
 
-def _fingerprint(cfg: TrainConfig, plan) -> str:
-    """What every rank must agree on before the first collective: config, code, data."""
+def _fingerprint(cfg: TrainConfig, plan, given: Given | None = None) -> str:
+    """What every rank must agree on before the first collective: config, code, data (and a
+    library caller's model and arrays)."""
     import hashlib
     import json
 
@@ -85,6 +95,8 @@ def _fingerprint(cfg: TrainConfig, plan) -> str:
 
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     h.update(__version__.encode())
+    if given is not None:
+        h.update(given.fingerprint().encode())
     if plan is not None and not cfg.data_on_root:
         h.update("\n".join(plan.train_paths + ["--val--"] + plan.val_paths).encode())
     return h.hexdigest()[:16]
@@ -95,6 +107,19 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
 
     Rank 0 locks the run folder (`runfolder.prepare`) and lets go when this returns or
     raises, Ctrl-C included; a folder it created is removed again if nothing was written."""
+    return _guarded(make_config, echo, resume, None)[0]
+
+
+def train_given(make_config, given: Given, echo=print, resume: bool = False) -> Result:
+    """`train_main` with the caller's model (`mpitrain.fit`): returns the engine's result.
+    Without `cfg.out` nothing is written. Ctrl-C and a stop request are said as
+    `mpitrain train` says them, then raised (KeyboardInterrupt, StopRequested)."""
+    result = _guarded(make_config, echo, resume, given)[1]
+    assert result is not None
+    return result
+
+
+def _guarded(make_config, echo, resume: bool, given: Given | None) -> tuple[int, Result | None]:
     from mpitrain.parallel import preempt
     from mpitrain.parallel.comm import launched_by_mpi
     from mpitrain.train import runlock
@@ -105,14 +130,14 @@ def train_main(make_config, echo=print, resume: bool = False) -> int:
     # An in-process caller (a library, the tests) gets its own handlers back.
     restore = preempt.install()
     try:
-        return _train_main(make_config, echo, resume)
+        return _train_main(make_config, echo, resume, given)
     finally:
         runlock.release_all()
         if not launched_by_mpi():
             restore()
 
 
-def _train_main(make_config, echo, resume: bool) -> int:
+def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[int, Result | None]:
     from mpitrain.data import dataset
     from mpitrain.train import runfolder
 
@@ -123,12 +148,8 @@ def _train_main(make_config, echo, resume: bool) -> int:
     try:
         cfg: TrainConfig = resolve(make_config())
         if resume and comm.rank == 0:
-            ckpt, cfg = _open_resume(cfg)
-        from mpitrain.train.models import check_freeze, check_model, check_weights
-
-        check_model(cfg.model, cfg.image_size)  # on every rank: one agreed error, not one per rank
-        check_weights(cfg.model, cfg.weights)
-        check_freeze(cfg.model, cfg.weights, cfg.init, cfg.freeze_backbone)
+            ckpt, cfg = _open_resume(cfg, library=given is not None)
+        _check_model(cfg, given)  # on every rank: one agreed error, not one per rank
     except UserError as e:
         err = str(e)
     agree(comm, err)
@@ -143,13 +164,18 @@ def _train_main(make_config, echo, resume: bool) -> int:
     if resume:
         why = "the precision the resumed run was trained with"
     err = None
+    writes = given is None or cfg.out is not None  # a library call without out= writes nothing
     try:
         strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
-            plan = dataset.plan_for(cfg)
+            plan = dataset.plan_for(cfg) if given is None else given.plan(cfg)
+            if given is not None:
+                given.check_classes(plan.classes)
         if comm.rank == 0:
-            weights_file = _check_model_for(cfg, plan, say)
-            out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
+            if given is None:
+                weights_file = _check_model_for(cfg, plan, say)
+            if writes:
+                out = runfolder.prepare(cfg.out, cfg.overwrite or resume, resume)
     except UserError as e:
         err = str(e)
     agree(comm, err)
@@ -157,7 +183,7 @@ def _train_main(make_config, echo, resume: bool) -> int:
         _share_weights(comm, comm.bcast_obj(weights_file if comm.rank == 0 else None))  # collective
     # Collective: a rank started with other options, another mpitrain or other files would
     # silently train something else (or deadlock on different step counts): refuse it.
-    prints = comm.allgather_obj(_fingerprint(cfg, plan))
+    prints = comm.allgather_obj(_fingerprint(cfg, plan, given))
     differ = [r for r, f in enumerate(prints) if f != prints[0]]
     if differ:
         agree(
@@ -166,22 +192,41 @@ def _train_main(make_config, echo, resume: bool) -> int:
         )
 
     try:
-        return _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why)
+        return 0, _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why, given=given)
     except KeyboardInterrupt:
         from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
             where = progress.last_position() or "set-up, before the first training step"
-            print(interrupted_message(where, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
-        return 130
+            hint = _resume_hint(comm, out, cfg, given) if writes else None
+            print(interrupted_message(where, out, hint), file=sys.stderr, flush=True)
+        if given is not None:
+            raise
+        return 130, None
     except StopRequested as stop:
         from mpitrain.engine.callbacks import progress
 
         progress.clear_active()
         if comm.rank == 0:
-            print(stopped_message(stop, cfg.epochs, out, _resume_hint(comm, out, cfg)), file=sys.stderr, flush=True)
-        return 0  # asked for: a batch system's stop or preemption, not a failure
+            hint = _resume_hint(comm, out, cfg, given)
+            print(stopped_message(stop, cfg.epochs, out, hint), file=sys.stderr, flush=True)
+        if given is not None:
+            raise
+        return 0, None  # asked for: a batch system's stop or preemption, not a failure
+
+
+def _check_model(cfg: TrainConfig, given: Given | None) -> None:
+    """--model names a model that takes --image-size (and --weights, --freeze-backbone go
+    with it), or the caller's model takes the run's images."""
+    if given is not None:
+        given.check_images(cfg, channels_for(cfg))
+        return
+    from mpitrain.train.models import check_freeze, check_model, check_weights
+
+    check_model(cfg.model, cfg.image_size)
+    check_weights(cfg.model, cfg.weights)
+    check_freeze(cfg.model, cfg.weights, cfg.init, cfg.freeze_backbone)
 
 
 def _check_model_for(cfg: TrainConfig, plan, say) -> str | None:
@@ -212,14 +257,16 @@ def _share_weights(comm: Comm, name: str) -> None:
     agree(comm, err)
 
 
-def _resume_hint(comm: Comm, out, cfg) -> str:
+def _resume_hint(comm: Comm, out, cfg, given: Given | None = None) -> str:
     """The command that continues this run: the launcher's (it knows its --hostfile), srun's
-    when srun started the ranks, else one for this many processes."""
+    when srun started the ranks, else one for this many processes (a library call: its script)."""
     import os
 
     from mpitrain import slurm
     from mpitrain.parallel.wire import RESUME_HINT_ENV
 
+    if given is not None:
+        return given.resume_hint(out)
     if os.environ.get(RESUME_HINT_ENV):
         return os.environ[RESUME_HINT_ENV]
     if comm.size > 1 and slurm.step_tasks() == comm.size and "OMPI_COMM_WORLD_SIZE" not in os.environ:
@@ -311,9 +358,10 @@ def _not_behind(where: str | None, meta: dict) -> str | None:
     return where
 
 
-def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why: str) -> int:
+def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why: str, given=None) -> Result:
     """The run after the agreed set-up; `requested` and `why`: the --precision asked for and
-    why `cfg.precision` is the one used (config.json's runtime facts)."""
+    why `cfg.precision` is the one used (config.json's runtime facts). `given`: the caller's
+    model and what came with it (`mpitrain.fit`); then without `cfg.out` nothing is written."""
     from mpitrain.config import image_size_text
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_rank
@@ -339,14 +387,19 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         f"batch {cfg.batch_size} per rank | model {cfg.model} {image_size_text(cfg.image_size)}x{channels} | "
         f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
     )
+    writes = given is None or cfg.out is not None
+
+    def load(train_part, val_part):  # this rank's rows (again in a new layout after a lost rank: elastic)
+        if given is not None and given.arrays is not None:
+            return given.arrays.load(plan, cfg.seed, train_part, val_part)
+        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
+
     if cfg.data_on_root:
         plan, data = dataset.scatter_from_root(
             comm, plan, cfg.image_size, cfg.seed, lambda r: data_parts(r, comm.size), cfg.cache_dir, channels
         )
     else:
-        data = dataset.load_shard(
-            plan, cfg.image_size, cfg.seed, *data_parts(comm.rank, comm.size), cfg.cache_dir, channels
-        )
+        data = load(*data_parts(comm.rank, comm.size))
     counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads], dtype=np.float64)
     comm.allreduce_sum_(counts)  # collective: global usable counts, load time, cache use
     all_errors = [e for part in comm.allgather_obj(data.errors) for e in part]
@@ -362,18 +415,19 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     if all_errors and comm.rank == 0:
         from mpitrain.data.describe import skip_warning, write_skip_report
 
-        print(skip_warning(all_errors, write_skip_report(all_errors, out)), file=sys.stderr)
+        listed = write_skip_report(all_errors, out) if out is not None else "no run folder: give out= for it"
+        print(skip_warning(all_errors, listed), file=sys.stderr)
 
-    model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels, weights=cfg.weights)
+    if given is None:
+        model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels, weights=cfg.weights)
+    else:
+        model = given.prepared(cfg)
     if cfg.init:
         from mpitrain.train.models import init_from
 
         say(init_from(model, cfg.init))
     if cfg.elastic:
         comm.make_elastic()  # collective: from here on a dead peer raises RankLost
-
-    def reshard(train_part, val_part):  # elastic: this rank's data in the new layout
-        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
 
     result = fit(
         cfg,
@@ -382,23 +436,25 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         data,
         model,
         echo=say,
-        checkpoints=True,
+        checkpoints=writes,
         run_dir=out,
         resume=ckpt,
         resuming=resume,
-        reshard=reshard,
+        reshard=load,
+        given=given,
     )
-    if comm.rank == 0:
+    if comm.rank == 0 and writes:
         precision_facts = {"requested": requested, "used": cfg.precision, "why": why}
+        library = {} if given is None else {"library": given.facts()}
         for line in _save(
-            cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]), precision_facts
+            cfg, out, plan, model, result, comm.size, threads, int(counts[0]), int(counts[1]), precision_facts, library
         ):
             say(line)
         from mpitrain.engine import checkpoint
 
         checkpoint.mark_finished(out)  # only now: a kill before this point can still --resume
         say(f"run folder: {out}")
-    return 0
+    return result
 
 
 def _resolve_precision(requested: str) -> tuple[str, str]:
@@ -420,7 +476,7 @@ def _has_gpu() -> bool:
     return bool(gpu_capabilities())
 
 
-def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precision: dict) -> list[str]:
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precision: dict, facts=None) -> list[str]:
     """Rank 0 only: the run folder. Returns lines to show the user.
 
     Order matters: the model and its metadata first (the valuable part), then the numbers,
@@ -504,6 +560,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         grouping=plan.grouping,
         **kept,
+        **(facts or {}),
     )
     runfolder.write_history(out / runfiles.HISTORY, result.history)
     idx = result.val_index

@@ -8,6 +8,7 @@ with the same loop.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from mpitrain.parallel.strategies import resolve
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
+    from mpitrain.train.given import Given
 
 
 class EventLog(Callback):
@@ -61,11 +63,14 @@ def callbacks_for(cfg: TrainConfig, run_dir) -> list:
 
 def augment_for(cfg: TrainConfig):
     """--augment as the engine's augment callable (None for none)."""
-    if cfg.augment == "none":
+    return policy_augment(cfg.augment, cfg.seed)
+
+
+def policy_augment(policy: str, seed: int):
+    """An --augment policy (data/augment.py) as the engine's augment callable (None for none)."""
+    if policy == "none":
         return None
     from mpitrain.data.augment import augment_batch
-
-    policy, seed = cfg.augment, cfg.seed
 
     def augment(rows, max_value, epoch, rank, step):
         return augment_batch(rows, max_value, policy, seed, epoch, rank, step)
@@ -74,18 +79,35 @@ def augment_for(cfg: TrainConfig):
 
 
 def engine_for(
-    cfg: TrainConfig, comm: Comm, plan: Plan, data, model, echo=print, checkpoints: bool = False, run_dir=None, **kw
+    cfg: TrainConfig,
+    comm: Comm,
+    plan: Plan,
+    data,
+    model,
+    echo=print,
+    checkpoints: bool = False,
+    run_dir=None,
+    given: Given | None = None,
+    **kw,
 ) -> Engine:
-    """The engine for `cfg` on this rank's `data` (a Shard) of `plan`."""
+    """The engine for `cfg` on this rank's `data` (a Shard) of `plan`; `given`: what a
+    library caller brought besides the model (`mpitrain.fit`: callbacks, augmentation...)."""
     cfg = resolve(cfg)
+    options, augment, callbacks = Options.of(cfg), augment_for(cfg), callbacks_for(cfg, run_dir)
+    if given is not None:
+        if given.own_lr:  # as engine.fit: a compiled optimizer keeps its rate, else Adam at 1e-3
+            options = dataclasses.replace(options, lr=None)
+        augment = given.augment or augment
+        callbacks += given.callbacks
+        kw["progress"] = given.progress
     return Engine(
         model,
         data,
-        Options.of(cfg),
+        options,
         comm,
         class_weight=class_weights(plan.class_counts(), cfg.class_weight),
-        augment=augment_for(cfg),
-        callbacks=callbacks_for(cfg, run_dir),
+        augment=augment,
+        callbacks=callbacks,
         echo=echo,
         checkpoints=checkpoints,
         checkpoint_dir=run_dir,
@@ -106,7 +128,8 @@ def fit(
     resume=None,
     resuming: bool = False,
     reshard=None,
+    given: Given | None = None,
 ) -> Result:
     """Train `model` in place on every rank; returns the result (history on every rank)."""
-    engine = engine_for(cfg, comm, plan, data, model, echo, checkpoints, run_dir, reshard=reshard)
+    engine = engine_for(cfg, comm, plan, data, model, echo, checkpoints, run_dir, given, reshard=reshard)
     return engine.fit(resume, resuming)
