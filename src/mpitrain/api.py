@@ -37,7 +37,7 @@ _ENGINE = frozenset(f.name for f in dataclasses.fields(Options))  # either road
 # Only `mpitrain train`'s pipeline does these: with arrays they take that road too.
 _RUN = frozenset(
     {"overwrite", "val_split", "split_seed", "threshold_policy", "target_sensitivity", "tensorboard"}
-    | {"keep_best", "early_stop", "threads", "init", "classes"}
+    | {"keep_best", "early_stop", "threads", "init", "classes", "freeze_backbone", "unfreeze_lr_factor"}
 )
 # A folder's or label file's own: arrays bring their images as they are.
 _FILES = frozenset(
@@ -48,7 +48,7 @@ KEYWORDS = _ENGINE | _RUN | _FILES  # besides fit's named parameters, of which t
 NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
 # TrainConfig fields that are no keyword: x and validation_data say where the images are,
 # the model is the caller's (tests/unit/test_fit_folders.py keeps this list complete).
-NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights", "freeze_backbone"})
+NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights"})
 _FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume"}  # --flag -> flag=True in messages
 
 

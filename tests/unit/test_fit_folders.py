@@ -69,6 +69,16 @@ def test_fit_on_a_folder_writes_the_run_folder_evaluate_and_predict_read(synth_d
     assert main(["predict", "--model", str(run), str(next(synth_data.rglob("*.png")))]) == 0
 
 
+def test_a_model_of_oblong_images_reads_the_folder_at_its_shape(synth_data, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16, 24, 1)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")]
+    )
+    mpitrain.fit(model, synth_data, out=tmp_path / "run", batch_size=16, progress=False)
+    assert json.loads((tmp_path / "run" / runfiles.MODEL_INFO).read_text())["image_size"] == "24x16"  # W x H
+    assert main(["predict", "--model", str(tmp_path / "run"), str(next(synth_data.rglob("*.png")))]) == 0
+
+
 def test_fit_on_a_label_csv_takes_its_classes_and_writes_nothing_without_out(synth_data, tmp_path):
     table = tmp_path / "labels.csv"
     files = sorted(synth_data.rglob("*.png"))

@@ -138,12 +138,20 @@ class Given:
     arrays: ArraysSource | None = None  # instead of cfg.data / cfg.labels
 
     def check_images(self, cfg, channels: int) -> None:
-        """The model must take the run's images (a resumed run's included)."""
+        """The model must take the run's images (a resumed run's included), and have a
+        backbone for --freeze-backbone."""
         from mpitrain.config import image_shape
 
         want, got = (*image_shape(cfg.image_size), channels), input_shape(self.model)
         if any(g is not None and g != w for g, w in zip(got, want)):
             raise UserError(f"the model takes images of {_shape(got)}, the run's are {_shape(want)}")
+        if cfg.freeze_backbone:
+            from mpitrain.engine.callbacks.freeze_backbone import backbone_layers
+
+            try:
+                backbone_layers(self.model)
+            except ValueError as e:
+                raise UserError(f"--freeze-backbone: {e}") from None
 
     def check_classes(self, classes: list[str]) -> None:
         out = tuple(self.model.output_shape[1:])
