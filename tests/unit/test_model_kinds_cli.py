@@ -11,12 +11,24 @@ def _train(data, out, model, size):
     return out
 
 
-def test_train_application_then_evaluate_predict(synth_data, tmp_path, capsys):
+def _evaluate_predict_export(run, data, tmp_path):
+    """What a trained run of any model kind must do: evaluate, predict and export."""
+    import json
+
+    report = tmp_path / f"{run.name}-eval.json"
+    assert main(["evaluate", "--model", str(run), "--data", str(data), "--json", str(report)]) == 0
+    assert 0.0 <= json.loads(report.read_text())["accuracy"] <= 1.0
+    csv = tmp_path / f"{run.name}-predictions.csv"
+    assert main(["predict", "--model", str(run), str(next(data.rglob("*.png"))), "--csv", str(csv)]) == 0
+    assert len(csv.read_text().splitlines()) == 2  # header and the one image
+    assert main(["export", str(run), "--format", "savedmodel"]) == 0  # checked against model.keras by export
+
+
+def test_train_application_then_evaluate_predict_export(synth_data, tmp_path, capsys):
     run = _train(synth_data, tmp_path / "run", "mobilenet_v3_small", 32)
     assert (run / "model.keras").is_file()
-    assert main(["evaluate", "--model", str(run), "--data", str(synth_data)]) == 0
-    assert main(["predict", "--model", str(run), str(next(synth_data.rglob("*.png")))]) == 0
     assert "mobilenet_v3_small" in (run / "config.json").read_text()
+    _evaluate_predict_export(run, synth_data, tmp_path)
 
 
 def test_train_module_function(synth_data, tmp_path, monkeypatch):
@@ -31,7 +43,7 @@ def test_train_module_function(synth_data, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     run = _train(synth_data, tmp_path / "run", "mymodule_cli:build", 16)
     assert sys.modules["mymodule_cli"].CALLS[-1] == ((16, 16, 1), 2)
-    assert main(["export", str(run), "--format", "savedmodel"]) == 0  # checked against model.keras by export
+    _evaluate_predict_export(run, synth_data, tmp_path)  # model.keras reloads without the module's code
     sys.modules.pop("mymodule_cli", None)
 
 
@@ -45,6 +57,7 @@ def test_init_from_run(tiny_run, synth_data, tmp_path, capsys):
     args = ["train", "--data", str(synth_data), "--model", "tiny", "--image-size", "16", "--epochs", "1"]
     assert main([*args, "--init", str(tiny_run), "--out", str(tmp_path / "run")]) == 0
     assert f"init: 3 layer(s) from {tiny_run}" in capsys.readouterr().out
+    _evaluate_predict_export(tmp_path / "run", synth_data, tmp_path)
 
 
 def test_a_model_that_does_not_fit_the_classes_or_channels_is_one_line_before_decoding(
