@@ -168,6 +168,11 @@ class TrainConfig:
         metavar="NAME",
     )
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
+    allow_nested_classes: bool = _opt(
+        False,
+        "train although every class folder of --data holds the same sub-folders (by default "
+        "refused: --data is then mostly the parent of train/ and test/)",
+    )
     epochs: int = _opt(5, "passes over the training data", metavar="N")
     batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
     lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")

@@ -253,3 +253,50 @@ def test_version():
 
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"mpitrain {__version__}"
+
+
+# 3. Data that would train on the wrong thing (issue 20, items 1 and 4).
+
+
+def _split_parent(root: Path) -> Path:
+    """``root/{test,train}/{NORMAL,PNEUMONIA}``: a data set's parent folder, 4 images per class."""
+    import cv2
+    import numpy as np
+
+    for split in ("test", "train"):
+        for value, cls in ((40, "NORMAL"), (200, "PNEUMONIA")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), np.full((16, 16), value + i, np.uint8))
+    return root
+
+
+@pytest.mark.mpi
+def test_training_on_the_parent_of_train_and_test_is_refused_before_ranks_start(tmp_path):
+    parent = _split_parent(tmp_path / "chest")
+    out = tmp_path / "runs" / "x"
+    proc = run("train", "-n", 2, "--data", parent, *TINY, "--epochs", 1, "--out", out, timeout=120)
+    line = one_line(proc, "NORMAL, PNEUMONIA", f"--data {parent / 'train'}", "--allow-nested-classes")
+    assert "rank" not in line  # the launcher's check, not an agreed error of the ranks
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest"]  # nothing left beside the data either
+
+
+def test_nested_classes_are_trained_when_asked_and_validation_of_training_files_is_refused(tmp_path, cli_error):
+    parent = _split_parent(tmp_path / "chest")
+    out = tmp_path / "runs" / "x"
+    cli_error(["train", "--data", parent, *TINY, "--out", out], "holds the same sub-folders", "--data")
+    cli_error(
+        ["train", "-n", 2, "--data", parent / "train", "--val-data", parent / "train", *TINY, "--out", out],
+        "all 8 validation images are training images",
+    )
+    single = tmp_path / "single"
+    for cls in ("a", "b"):
+        (single / cls).mkdir(parents=True)
+        (single / cls / "0.png").write_bytes((parent / "train" / "NORMAL" / "0.png").read_bytes())
+    for n in ([], ["-n", 2]):
+        cli_error(["train", *n, "--data", single, *TINY, "--out", out], "no validation images", "--val-data")
+    assert not (tmp_path / "runs").exists()
+    proc = run("train", "--data", parent, "--allow-nested-classes", *TINY, "--epochs", 1, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "classes: test, train" in proc.stdout

@@ -109,3 +109,27 @@ def test_train_refuses_other_channel_counts(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--channels", "2"])
     assert e.value.code == 2 and "--channels" in capsys.readouterr().err
+
+
+def test_the_colour_sniff_counts_files_whose_channels_differ_not_three_channel_grey(tmp_path, write_image):
+    from mpitrain.data.decode import sniff_colour
+    from mpitrain.data.scan import scan
+    from mpitrain.train.command import images_line
+
+    root = tmp_path / "data"
+    grey3 = np.repeat(np.linspace(0, 255, 64 * 64).reshape(64, 64, 1).astype(np.uint8), 3, axis=2)
+    for i in range(3):
+        write_image(root / "grey" / f"{i}.jpg", img=grey3)  # grey content in a 3-channel JPEG (the X-rays)
+        write_image(root / "one" / f"{i}.png", value=40 * i)
+    index = scan(root)
+    assert sniff_colour(index.paths, index.labels) == (0, 6)
+    assert images_line(64, 1, (0, 6)) == "1 channel"  # nothing is lost: nothing said
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 2] = 200  # BGR: red
+    write_image(root / "red" / "0.png", img=red)
+    write_image(root / "red" / "1.jpg", img=red)
+    index = scan(root)
+    assert sniff_colour(index.paths, index.labels) == (2, 8)
+    assert sniff_colour(index.paths, index.labels, per_class=1) == (1, 3)
+    line = images_line(64, 1, (2, 8))
+    assert "2 of 8 sampled images are colour" in line and "--channels 3" in line

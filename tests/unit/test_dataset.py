@@ -13,6 +13,7 @@ from mpitrain.data.dataset import (
     load_shard,
     make_plan,
 )
+from mpitrain.errors import UserError
 from mpitrain.pixels import as_float
 
 
@@ -195,3 +196,38 @@ def test_the_validation_protocol_says_how_the_split_was_made(dark_and_bright, tm
     assert "split by group" in grouped and "image by image" not in grouped
     other = make_plan(str(dark_and_bright), str(dark_and_bright), 0.1, 0).protocol()
     assert other.startswith("a separate folder")
+
+
+def _folder(root, values: dict[str, list[int]], write_image):
+    for cls, vs in values.items():
+        for v in vs:
+            write_image(root / cls / f"{v}.png", value=v)
+    return root
+
+
+def test_validation_folders_made_of_training_files_are_refused_or_warned(tmp_path, write_image):
+    from mpitrain.data.dataset import check_validation, make_plan
+
+    train = _folder(tmp_path / "train", {"a": [1, 2, 3], "b": [100, 101, 102]}, write_image)
+    assert "all 6 validation images" in str(
+        pytest.raises(UserError, check_validation, make_plan(str(train), str(train), 0.1, 0)).value
+    )
+    copy = _folder(tmp_path / "copy", {"a": [1, 2, 3], "b": [100, 101, 102]}, write_image)  # same bytes
+    with pytest.raises(UserError, match="identical copies"):
+        check_validation(make_plan(str(train), str(copy), 0.1, 0))
+    some = _folder(tmp_path / "some", {"a": [1, 50], "b": [100, 150, 160]}, write_image)
+    warning = check_validation(make_plan(str(train), str(some), 0.1, 0))
+    assert warning is not None and "2 of 5 validation images" in warning
+    other = _folder(tmp_path / "other", {"a": [60, 61], "b": [200, 201]}, write_image)
+    assert check_validation(make_plan(str(train), str(other), 0.1, 0)) is None
+    assert check_validation(make_plan(str(train), None, 0.5, 0)) is None  # a split: disjoint
+
+
+def test_a_split_that_leaves_no_validation_image_is_refused_at_planning(tmp_path, write_image):
+    from mpitrain.data.dataset import make_plan
+
+    single = _folder(tmp_path / "single", {"a": [1], "b": [2]}, write_image)
+    with pytest.raises(UserError, match=r"no validation images in .*single \(a 1, b 1\): give --val-data"):
+        make_plan(str(single), None, 0.1, 0)
+    two = _folder(tmp_path / "two", {"a": [1, 2], "b": [3, 4]}, write_image)
+    assert len(make_plan(str(two), None, 0.1, 0).val_paths) == 2

@@ -235,7 +235,7 @@ def test_data_decodes_as_training_would_and_says_so(image_tree, tmp_path, capsys
     assert hit
     assert main([*args, "--image-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert "8 x 8, grayscale (colour images converted to luma)" in out and out.count("luma") == 1
+    assert "8 x 8, grayscale\n" in out and "luma" not in out  # grey sources: no conversion to say
 
 
 def test_synth_writes_width_by_height_images_and_squares_as_before(tmp_path, capsys):
@@ -255,7 +255,7 @@ def test_synth_writes_width_by_height_images_and_squares_as_before(tmp_path, cap
 def test_the_training_data_line_says_shape_and_colour_unless_grey_and_square():
     from mpitrain.train.command import images_line
 
-    assert images_line(64, 1) == "1 channel (colour images converted to luma)"  # as every run said it
+    assert images_line(64, 1) == "1 channel"  # no colour source found: nothing converted
     assert images_line("96x64", 1).startswith("grey 96x64 (width x height), 1 channel")
     assert images_line(64, 3) == "colour 64x64, 3 channels (RGB), grey images replicated"
     assert images_line("96x64", 3).startswith("colour 96x64 (width x height), 3 channels (RGB)")

@@ -134,3 +134,36 @@ def test_class_names_must_match(tmp_path, image_tree, write_image):
     with pytest.raises(UserError, match="unexpected bird") as e:
         scan(val, class_names=["cat", "dog", "fox"])
     assert "missing fox" in str(e.value) and str(val) in str(e.value)
+
+
+def _tree(root, layout: dict[str, list[str]], write_image) -> None:
+    for cls, subs in layout.items():
+        for sub in subs:
+            write_image(root / cls / sub / "0.png", value=len(sub))
+
+
+def test_the_parent_of_split_folders_is_refused_naming_the_inner_classes(tmp_path, write_image):
+    from mpitrain.data.dataset import make_plan
+
+    root = tmp_path / "chest"
+    _tree(root, {"test": ["NORMAL", "PNEUMONIA"], "train": ["NORMAL", "PNEUMONIA"]}, write_image)
+    for n in range(3):  # a --val-split needs a few images per class
+        write_image(root / "train" / "NORMAL" / f"{n}.png", value=n)
+        write_image(root / "test" / "PNEUMONIA" / f"{n}.png", value=n)
+    with pytest.raises(UserError, match=r"\(NORMAL, PNEUMONIA\).*--data .*chest/train .*--allow-nested-classes"):
+        make_plan(str(root), None, 0.5, 0, nested_ok=False)
+    assert make_plan(str(root), None, 0.5, 0, nested_ok=True).classes == ["test", "train"]
+
+
+def test_patient_or_one_level_folders_are_not_taken_for_nested_classes(tmp_path, write_image):
+    from mpitrain.data.scan import nested_classes
+
+    patients = tmp_path / "patients"  # each class its own sub-folders: ordinary data
+    _tree(patients, {"NORMAL": ["p1", "p2"], "PNEUMONIA": ["p3", "p4"]}, write_image)
+    assert nested_classes(scan(patients)) is None
+    one = tmp_path / "one"  # one shared sub-folder name (e.g. "images") is no split
+    _tree(one, {"NORMAL": ["images"], "PNEUMONIA": ["images"]}, write_image)
+    assert nested_classes(scan(one)) is None
+    split = tmp_path / "split"
+    _tree(split, {"a": ["x", "y"], "b": ["x", "y"], "c": ["x", "y"]}, write_image)
+    assert nested_classes(scan(split)) == ["x", "y"]

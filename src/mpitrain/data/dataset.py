@@ -117,6 +117,7 @@ def plan_for(cfg, cache_dir: str | None = None) -> Plan:
         labels=labels,
         val_labels=getattr(cfg, "val_labels", None),
         columns=Columns(cfg.path_column, cfg.label_column, cfg.patient_column),
+        nested_ok=getattr(cfg, "allow_nested_classes", False) or cfg.data is None,
     )
 
 
@@ -131,16 +132,23 @@ def make_plan(
     labels: str | None = None,
     val_labels: str | None = None,
     columns=None,
+    nested_ok: bool = True,
 ) -> Plan:
     """`groups` / `group_pattern` (or a label file's patient column): keep patients (and
     identical files) on one side of the split (`data/groups.py`); only with a split, not
     with `val_data` / `val_labels`. `labels` / `val_labels`: label files instead of the
-    folders (`data/labels.py`, with `columns`)."""
+    folders (`data/labels.py`, with `columns`). `nested_ok` False: refuse a folder whose
+    classes all hold the same sub-folders (`scan.check_not_nested`: the parent of the
+    splits); the embedded demo data (no --data) is never refused."""
     from mpitrain.data.labels import Columns, index_of
     from mpitrain.data.split import grouped_split, stratified_split
 
     columns = columns or Columns()
     index = index_of(data_dir, labels, columns)
+    if not nested_ok and labels is None and data_dir is not None:
+        from mpitrain.data.scan import check_not_nested
+
+        check_not_nested(index, data_dir)
     data_dir = labels if labels is not None else data_dir  # as the user wrote it, for messages
     if data_dir is None:
         raise ValueError("make_plan needs a folder or a label file")
@@ -171,6 +179,12 @@ def make_plan(
         tr, va = grouped_split(index.labels, found.ids, val_split, seed)
     if len(tr) == 0:
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
+    if len(va) == 0:  # every class too small to give one (a class of one image stays in training)
+        per_class = ", ".join(f"{c} {n}" for c, n in index.counts().items())
+        raise UserError(
+            f"--val-split {val_split} leaves no validation images in {data_dir} ({per_class}): "
+            f"give --val-data DIR, or at least 2 images per class"
+        )
     whole = list(index.paths)
     return Plan(
         data_dir,
@@ -186,6 +200,30 @@ def make_plan(
         skipped=list(index.skipped),
         is_table=labels is not None,
     )
+
+
+def check_validation(plan: Plan) -> str | None:
+    """A --val-data / --val-labels whose files are the training files (the same folder, or
+    byte-identical copies: `groups.shared_files`) measures memory, not learning: `UserError`
+    when every validation file is one, else a warning line saying how many are (None: none).
+    A --val-split's two sides are disjoint by construction: nothing to check."""
+    if plan.val_from == "split" or not plan.val_paths:
+        return None
+    from mpitrain.data.groups import shared_files
+
+    same, n = shared_files(plan.train_paths, plan.val_paths), len(plan.val_paths)
+    where = f"--val-{'labels' if plan.val_is_table else 'data'} {plan.val_from}"
+    if same == n:
+        raise UserError(
+            f"{where}: all {n:,} validation images are training images of {plan.data_dir} (the same "
+            f"files or identical copies): give a folder of other images, or --val-split F"
+        )
+    if same:
+        return (
+            f"warning: {same:,} of {n:,} validation images of {where} are also training images "
+            f"(identical files): validation will look better than it is"
+        )
+    return None
 
 
 def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shard, whole=None, channels=1):

@@ -347,3 +347,46 @@ def decode_images(
     """
     arr, max_value, ok, errors = decode_native(paths, image_size, threads, channels=channels)
     return as_float(arr, max_value), ok, errors
+
+
+# A source is colour when its channels really differ: more than _COLOUR_SHARE of its pixels
+# spread over more than _COLOUR_SPREAD grey levels (of 255) between R, G and B. Grey content
+# saved as a 3-channel file (the chest X-ray JPEGs) has a spread of 0: no colour to lose.
+_COLOUR_SPREAD = 8
+_COLOUR_SHARE = 0.01
+SNIFF_PER_CLASS = 32
+
+
+def is_colour(data: bytes) -> bool:
+    """Whether one file's bytes hold colour (channels that differ), decoded small and cheap
+    (a JPEG at 1/8 scale in the DCT domain: about 0.2-0.3 ms for a chest X-ray); DICOM,
+    one-channel and undecodable files are not colour."""
+    if not data or has_marker_bytes(data):
+        return False
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_REDUCED_COLOR_8 if data[:3] == b"\xff\xd8\xff" else cv2.IMREAD_COLOR)
+    if img is None or img.ndim != 3 or img.shape[2] < 3:
+        return False
+    img = img[:, :, :3]
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    spread = img.max(axis=2).astype(np.int16) - img.min(axis=2)
+    return bool((spread > _COLOUR_SPREAD).mean() > _COLOUR_SHARE)
+
+
+def sniff_colour(paths: list[str], labels, per_class: int = SNIFF_PER_CLASS) -> tuple[int, int]:
+    """(colour files, files looked at) among up to ``per_class`` files of each class, evenly
+    spaced in path order (the same files every run): what --channels 1 would turn grey.
+    Reads only; the data and its order are untouched."""
+    labels = np.asarray(labels)
+    picked: list[str] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        step = max(1, len(members) // per_class)
+        picked.extend(paths[i] for i in members[::step][:per_class])
+    colour = 0
+    with _quiet_stderr():
+        for p in picked:
+            data = _read(p)
+            colour += isinstance(data, bytes) and not is_dicom_name(p) and is_colour(data)
+    return colour, len(picked)

@@ -87,14 +87,20 @@ def _load(label: str, index: FileIndex, image_size, cache_dir: Path, line, chann
     return errors
 
 
-def image_line(image_size, channels: int) -> str:
-    """How images are decoded at this size and channel count (said once, not per file)."""
+def image_line(image_size, channels: int, colour: tuple[int, int] = (0, 0)) -> str:
+    """How images are decoded at this size and channel count (said once, not per file);
+    `colour`: (colour files, files sniffed) for grey, the conversion said only if any."""
     from mpitrain.config import image_shape
 
     h, w = image_shape(image_size)
     size = f"{w} x {h}" + ("" if h == w else " (width x height)")
+    if channels == 1 and colour[0]:
+        return (
+            f"{size}, grayscale ({colour[0]} of {colour[1]} sampled images are colour, "
+            f"converted to luma: --channels 3 keeps colour)"
+        )
     if channels == 1:
-        return f"{size}, grayscale (colour images converted to luma)"
+        return f"{size}, grayscale"
     return f"{size}, colour: 3 channels (RGB; grey images replicated)"
 
 
@@ -238,7 +244,12 @@ def describe_data(
             print(row, file=out)
     if val is None:
         _groups_report(index, groups, group_pattern, val_split, seed, line, out, columns)
-    line("image size", image_line(image_size, channels))
+    colour = (0, 0)
+    if channels == 1:  # what grey would lose: said only when colour is there
+        from mpitrain.data.decode import sniff_colour
+
+        colour = sniff_colour(index.paths, index.labels)
+    line("image size", image_line(image_size, channels, colour))
     line("cache", f"{cache} (shared: `train` and `evaluate` on these folders at this size reuse it)")
     errors = index.skipped + _load("", index, image_size, cache, line, channels)
     if val is not None:

@@ -121,6 +121,51 @@ def duplicate_sets(paths: list[str]) -> list[list[int]]:
     return sorted((sorted(v) for v in by_hash.values() if len(v) > 1), key=lambda v: v[0])
 
 
+def _digest(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            if hasattr(hashlib, "file_digest"):
+                return hashlib.file_digest(f, "sha256").digest()
+            return hashlib.sha256(f.read()).digest()
+    except OSError:
+        return None
+
+
+def shared_files(train: list[str], val: list[str]) -> int:
+    """How many of the `val` files are also training files: the same file (one inode, e.g.
+    --val-data naming the training folder: not read) or a byte-identical copy. Only files
+    whose size occurs on both sides are hashed, so two unrelated folders cost one stat each."""
+
+    def stats(paths):
+        out = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                out.append((st.st_dev, st.st_ino, st.st_size))
+            except OSError:
+                out.append(None)  # unreadable: the decoder reports it
+        return out
+
+    tr_stat, va_stat = stats(train), stats(val)
+    inodes = {(s[0], s[1]) for s in tr_stat if s}
+    sizes = defaultdict(list)
+    for p, s in zip(train, tr_stat):
+        if s:
+            sizes[s[2]].append(p)
+    hashes: dict[int, set] = {}
+    same = 0
+    for p, s in zip(val, va_stat):
+        if s is None:
+            continue
+        if (s[0], s[1]) in inodes:
+            same += 1
+        elif s[2] in sizes:
+            if s[2] not in hashes:
+                hashes[s[2]] = {_digest(q) for q in sizes[s[2]]} - {None}
+            same += _digest(p) in hashes[s[2]]
+    return same
+
+
 def _union_find_ids(n: int, links: list[list[int]]) -> np.ndarray:
     parent = list(range(n))
 

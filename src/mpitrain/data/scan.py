@@ -174,3 +174,35 @@ def scan(root, class_names: list[str] | None = None) -> FileIndex:
         )
     check_classes(root_str, classes, class_names)
     return FileIndex(Path(root_str), classes, paths, np.asarray(labels, dtype=np.int64))
+
+
+def nested_classes(index: FileIndex) -> list[str] | None:
+    """The sub-folder names shared by every class folder, when each class holds the same 2 or
+    more sub-folders with images (``chest_xray/{train,test}/{NORMAL,PNEUMONIA}`` scanned at
+    ``chest_xray``: the "classes" are splits, the real classes one level down); else None.
+    Patient or date folders differ from class to class, so they never look like this."""
+    root = str(index.root) + os.sep
+    subs: list[set[str]] = [set() for _ in index.classes]
+    for path, label in zip(index.paths, index.labels):
+        parts = path[len(root) :].split(os.sep) if path.startswith(root) else []
+        if len(parts) > 2:  # <class>/<sub-folder>/.../<image>
+            subs[int(label)].add(parts[1])
+    first = subs[0]
+    if len(first) < 2 or any(s != first for s in subs[1:]):
+        return None
+    return sorted(first)
+
+
+def check_not_nested(index: FileIndex, data_arg: str, option: str = "--allow-nested-classes") -> None:
+    """`UserError` when ``index`` looks like the parent of split folders (`nested_classes`):
+    training on it would learn which folder an image came from. ``data_arg``: --data as given."""
+    inner = nested_classes(index)
+    if inner is None:
+        return
+    pick = next((c for c in index.classes if c.lower() in ("train", "training")), index.classes[0])
+    suggest = os.path.join(data_arg.rstrip("/" + os.sep) or data_arg, pick)
+    raise UserError(
+        f"every class folder of {data_arg} ({', '.join(index.classes)}) holds the same sub-folders "
+        f"({', '.join(inner)}): is it the parent of the splits? Use --data {suggest} "
+        f"(or {option} if these really are the classes)"
+    )

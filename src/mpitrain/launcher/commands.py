@@ -92,7 +92,7 @@ def launch_train(args, cfg) -> int:
 
 def _check_fresh_run(args, cfg):
     """The run folder a new run will write (checked, not created)."""
-    from mpitrain.data.dataset import plan_for
+    from mpitrain.data.dataset import check_validation, plan_for
     from mpitrain.parallel.strategies import strategy_class
     from mpitrain.train import runfolder
     from mpitrain.train.models import check_freeze, check_model, check_weights
@@ -101,7 +101,7 @@ def _check_fresh_run(args, cfg):
     check_weights(cfg.model, cfg.weights)
     check_freeze(cfg.model, cfg.weights, cfg.init, cfg.freeze_backbone)
     strategy_class(cfg.strategy).check_ranks(args.np)
-    plan_for(cfg)
+    check_validation(plan_for(cfg))  # refusals only: rank 0 says the warning, once
     return runfolder.prepare(cfg.out, cfg.overwrite, check_only=True)
 
 

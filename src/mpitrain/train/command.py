@@ -71,18 +71,35 @@ def channels_for(cfg: TrainConfig) -> int:
     return got if got in (1, 3) else 1
 
 
-def images_line(image_size: int | str, channels: int) -> str:
-    """The data line's words on how images are decoded: as ever for grey squares; the shape
-    and "colour" or "grey" said for colour or WxH runs."""
+def images_line(image_size: int | str, channels: int, colour: tuple[int, int] = (0, 0)) -> str:
+    """The data line's words on how images are decoded: the shape and "colour" or "grey"
+    said for colour or WxH runs. `colour`: (colour files, files sniffed) of a grey run
+    (`decode.sniff_colour`); the conversion to luma is said only when colour was found."""
     from mpitrain.config import image_shape
 
     h, w = image_shape(image_size)
+    lost = (
+        f" ({colour[0]} of {colour[1]} sampled images are colour, converted to luma: "
+        f"--channels 3 keeps colour)"
+        if colour[0]
+        else ""
+    )
     if channels == 1 and h == w:
-        return "1 channel (colour images converted to luma)"
+        return "1 channel" + lost
     if channels == 1:
-        return f"grey {w}x{h} (width x height), 1 channel (colour images converted to luma)"
+        return f"grey {w}x{h} (width x height), 1 channel" + lost
     shape = f"{w}x{h}" + ("" if h == w else " (width x height)")
     return f"colour {shape}, 3 channels (RGB), grey images replicated"
+
+
+def _sniff(plan, channels: int, given: Given | None) -> tuple[int, int]:
+    """Rank 0, grey runs on files: (colour files, files looked at) of the training images
+    (`decode.sniff_colour`, a few dozen small decodes; arrays have no files)."""
+    if channels != 1 or (given is not None and given.arrays is not None) or not plan.train_paths:
+        return 0, 0
+    from mpitrain.data.decode import sniff_colour
+
+    return sniff_colour(plan.train_paths, plan.train_labels)
 
 
 def _fingerprint(cfg: TrainConfig, plan, given: Given | None = None) -> str:
@@ -172,6 +189,10 @@ def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[i
             if given is not None:
                 given.check_classes(plan.classes)
         if comm.rank == 0:
+            if given is None or given.arrays is None:  # files on disk: not the same as training?
+                overlap = dataset.check_validation(plan)
+                if overlap:
+                    print(overlap, file=sys.stderr)
             if given is None:
                 weights_file = _check_model_for(cfg, plan, say)
             if writes:
@@ -373,13 +394,14 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
+        colour = _sniff(plan, channels, given)
         say(
             f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
             f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
             f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
             + (f" | grouped: {plan.grouping}" if plan.grouping else "")
             + " | "
-            + images_line(cfg.image_size, channels)
+            + images_line(cfg.image_size, channels, colour)
         )
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(
