@@ -222,9 +222,12 @@ def test_plan_for_a_config_reads_the_label_files_and_never_the_demo_data(synth_d
     cfg = TrainConfig(labels=str(table), val_labels=str(table), path_column="path", label_column="label")
     plan = plan_for(cfg)
     assert plan.data_dir == str(table) and plan.val_is_table and plan.val_paths == plan.train_paths
-    grouped = plan_for(TrainConfig(labels=str(table), patient_column="label", val_split=0.25))
-    # one "patient" per class: a class cannot give a group to validation and keep one for training
-    assert grouped.grouping.startswith("2 groups (--patient-column label)") and not grouped.val_paths
+    # one "patient" per class: a class cannot give a group to validation and keep one for
+    # training, so nothing would validate: refused at planning, before any image is read
+    with pytest.raises(
+        UserError, match=r"no validation images .* at least 2 groups \(2 groups \(--patient-column label"
+    ):
+        plan_for(TrainConfig(labels=str(table), patient_column="label", val_split=0.25))
     assert (
         dataset.make_plan(str(synth_data), None, 0.25, 0).train_paths
         == plan_for(TrainConfig(data=str(synth_data), val_split=0.25)).train_paths

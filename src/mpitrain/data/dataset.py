@@ -181,9 +181,10 @@ def make_plan(
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
     if len(va) == 0:  # every class too small to give one (a class of one image stays in training)
         per_class = ", ".join(f"{c} {n}" for c, n in index.counts().items())
+        need = "images" if found is None else f"groups ({found.describe()})"
         raise UserError(
             f"--val-split {val_split} leaves no validation images in {data_dir} ({per_class}): "
-            f"give --val-data DIR, or at least 2 images per class"
+            f"give --val-data DIR, or at least 2 {need} per class"
         )
     whole = list(index.paths)
     return Plan(

@@ -369,7 +369,7 @@ def is_colour(data: bytes) -> bool:
         return False
     img = img[:, :, :3]
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        img = (img // 256).astype(np.uint8)
     spread = img.max(axis=2).astype(np.int16) - img.min(axis=2)
     return bool((spread > _COLOUR_SPREAD).mean() > _COLOUR_SHARE)
 

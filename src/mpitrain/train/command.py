@@ -79,8 +79,7 @@ def images_line(image_size: int | str, channels: int, colour: tuple[int, int] = 
 
     h, w = image_shape(image_size)
     lost = (
-        f" ({colour[0]} of {colour[1]} sampled images are colour, converted to luma: "
-        f"--channels 3 keeps colour)"
+        f" ({colour[0]} of {colour[1]} sampled images are colour, converted to luma: --channels 3 keeps colour)"
         if colour[0]
         else ""
     )
@@ -189,7 +188,7 @@ def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[i
             if given is not None:
                 given.check_classes(plan.classes)
         if comm.rank == 0:
-            if given is None or given.arrays is None:  # files on disk: not the same as training?
+            if plan is not None and (given is None or given.arrays is None):  # files: not training's?
                 overlap = dataset.check_validation(plan)
                 if overlap:
                     print(overlap, file=sys.stderr)
