@@ -41,7 +41,7 @@ _RUN = frozenset(
 )
 # A folder's or label file's own: arrays bring their images as they are.
 _FILES = frozenset(
-    {"image_size", "channels", "cache_dir", "groups", "group_pattern", "data_on_root"}
+    {"image_size", "channels", "cache_dir", "groups", "group_pattern", "data_on_root", "allow_nested_classes"}
     | {"path_column", "label_column", "patient_column"}
 )
 KEYWORDS = _ENGINE | _RUN | _FILES  # besides fit's named parameters, of which these are options of train:
