@@ -14,11 +14,66 @@ import time
 
 from mpitrain.errors import UserError
 
+_SEEN = "_options_seen"  # the namespace's set of single-valued options given so far (while parsing)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
         # "mpitrain: error: ..." like every other error; the subcommand is in the hint.
         self.exit(2, f"mpitrain: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args, **kwargs):
+        # An option that takes one value, given twice, is surely a mistake (argparse keeps the
+        # last silently): refuse it. "append" options (--model for ensembles) stay repeatable.
+        if args and args[0].startswith("-") and kwargs.get("action") in (None, "store"):
+            kwargs["action"] = _Once
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_SEEN, None)  # bookkeeping of _Once, not an option
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse's subcommand leaves the unknown ones to the top parser, which would
+            # point at `mpitrain --help`: the subcommand says it, with the closest option.
+            command = getattr(namespace, "command", None)
+            parser = _subparsers(self).choices.get(command, self) if command else self
+            parser.error(_unrecognized(parser, extras))
+        return namespace
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """ "unrecognized arguments: ...", with `did you mean --x?` for a mistyped option (as git does)."""
+    import difflib
+
+    typed = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+    if typed is None:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    options = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.6)
+    return f"unknown option {typed}" + (f": did you mean {close[0]}?" if close else "")
+
+
+def _refuse_repeat(namespace, action: argparse.Action, option_string) -> None:
+    seen = vars(namespace).setdefault(_SEEN, set())
+    if action.dest in seen:
+        raise argparse.ArgumentError(action, "given twice: it takes one value, give it once")
+    seen.add(action.dest)
+
+
+class _Once(argparse.Action):
+    """store, refusing a second value (see _Parser.add_argument)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _refuse_repeat(namespace, self, option_string)
+        setattr(namespace, self.dest, values)
 
 
 def _positive_int(text: str) -> int:
@@ -50,6 +105,7 @@ def _given(namespace) -> set:
 
 class _Store(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
+        _refuse_repeat(namespace, self, option_string)
         setattr(namespace, self.dest, values)
         _given(namespace).add(self.dest)
 
@@ -733,7 +789,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     options = received_options(argv)
     if options is None:
         return parser.parse_args(argv)
-    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    command = _subparsers(parser).choices[argv[0]]
     args = argparse.Namespace(command=argv[0], func=command.get_default("func"), **options)
     if "given_options" in options:
         args.given_options = set(options["given_options"])
