@@ -297,9 +297,10 @@ def _add_data(sub) -> None:
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
     d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
-    _add_train_args(d, only=LABEL_OPTIONS)
+    _add_train_args(d, only=(*LABEL_OPTIONS, "recipe"))
     d.add_argument(
         "--image-size",
+        action=_Store,  # recorded as given: a --recipe fills in only what was not
         type=_image_size,
         default=TrainConfig.image_size,
         metavar="PX|WxH",
@@ -316,6 +317,7 @@ def _add_data(sub) -> None:
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
     d.add_argument(
         "--groups",
+        action=_Store,
         choices=GROUPINGS,
         default="none",
         help="groups to keep whole in a split (default: look for patient ids and copies)",
@@ -718,10 +720,28 @@ def _cmd_train(args) -> int:
     return launch_train(args, _config_from_args(args))
 
 
+def _data_recipe(args) -> None:
+    """`data --recipe R`: the image size and groups that `train --recipe R` would use, for
+    those not given (so that `data` warms the cache entry the training reads)."""
+    from mpitrain.config import TrainConfig
+
+    given = _given(args)
+    named = {k: getattr(args, k) for k in ("group_pattern", "val_data", "val_labels", "patient_column")}
+    cfg = TrainConfig.with_recipe(
+        recipe=args.recipe,
+        **{k: v for k, v in named.items() if v is not None},  # these turn off the recipe's groups, as in train
+        **{k: getattr(args, k) for k in ("image_size", "groups") if k in given},
+    )
+    for name in ("image_size", "groups"):
+        if name not in given:
+            setattr(args, name, getattr(cfg, name))
+
+
 def _cmd_data(args) -> int:
     from mpitrain.config import check_image_size, check_sources
     from mpitrain.data.describe import describe_data
 
+    _data_recipe(args)
     check_image_size(args.image_size)  # train's rule: `data` shows what training would load
     if args.groups != "none" and args.group_pattern:
         raise UserError("give --groups or --group-pattern, not both")
