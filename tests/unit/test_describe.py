@@ -112,3 +112,24 @@ def test_data_recipe_keeps_the_options_given(patient_tree, tmp_path, capsys):
     assert "24 x 24" in text and "(duplicates)" in text and "filename-patient" not in text
     assert main([*argv, "--group-pattern", r"(person\d)"]) == 0  # the recipe's groups give way, as in train
     assert "--group-pattern" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("groups", ["none", "duplicates"])
+def test_each_file_is_hashed_once(image_tree, tmp_path, monkeypatch, groups):
+    # The groups line and the duplicates report need the same hashes: reading every file
+    # twice cost `mpitrain data` its cold speed on the chest X-rays.
+    import collections
+    import hashlib
+
+    (image_tree / "dog" / "copy-of-cat-a.png").write_bytes((image_tree / "cat" / "a.png").read_bytes())
+    hashed: collections.Counter = collections.Counter()
+    real = hashlib.file_digest
+
+    def counting(f, digest):
+        hashed[f.name] += 1
+        return real(f, digest)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    text = _report(image_tree, image_size=8, cache_dir=tmp_path / "c", groups=groups)
+    assert "1 set(s) of identical files" in text and "1 group(s) of byte-identical files" in text
+    assert hashed and max(hashed.values()) == 1, hashed
