@@ -34,23 +34,10 @@ def train_run(tmp_path_factory, data, *extra) -> Path:
     env = dict(
         os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPITRAIN_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "mpitrain-cache")
     )
+    defaults = {"--data": data, "--model": "tiny", "--image-size": 16, "--epochs": 1, "--batch-size": 8, "--out": out}
+    given = {str(e) for e in extra}  # an option given twice is refused: `extra` replaces a default
     proc = subprocess.run(
-        cli(
-            "train",
-            "--data",
-            data,
-            "--model",
-            "tiny",
-            "--image-size",
-            16,
-            "--epochs",
-            1,
-            "--batch-size",
-            8,
-            "--out",
-            out,
-            *extra,
-        ),
+        cli("train", *(x for k, v in defaults.items() if k not in given for x in (k, v)), *extra),
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,11 +14,66 @@ import time
 
 from mpitrain.errors import UserError
 
+_SEEN = "_options_seen"  # the namespace's set of single-valued options given so far (while parsing)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
         # "mpitrain: error: ..." like every other error; the subcommand is in the hint.
         self.exit(2, f"mpitrain: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args, **kwargs):
+        # An option that takes one value, given twice, is surely a mistake (argparse keeps the
+        # last silently): refuse it. "append" options (--model for ensembles) stay repeatable.
+        if args and args[0].startswith("-") and kwargs.get("action") in (None, "store"):
+            kwargs["action"] = _Once
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_SEEN, None)  # bookkeeping of _Once, not an option
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse's subcommand leaves the unknown ones to the top parser, which would
+            # point at `mpitrain --help`: the subcommand says it, with the closest option.
+            command = getattr(namespace, "command", None)
+            parser = _subparsers(self).choices.get(command, self) if command else self
+            parser.error(_unrecognized(parser, extras))
+        return namespace
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """ "unrecognized arguments: ...", with `did you mean --x?` for a mistyped option (as git does)."""
+    import difflib
+
+    typed = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+    if typed is None:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    options = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.6)
+    return f"unknown option {typed}" + (f": did you mean {close[0]}?" if close else "")
+
+
+def _refuse_repeat(namespace, action: argparse.Action, option_string) -> None:
+    seen = vars(namespace).setdefault(_SEEN, set())
+    if action.dest in seen:
+        raise argparse.ArgumentError(action, "given twice: it takes one value, give it once")
+    seen.add(action.dest)
+
+
+class _Once(argparse.Action):
+    """store, refusing a second value (see _Parser.add_argument)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _refuse_repeat(namespace, self, option_string)
+        setattr(namespace, self.dest, values)
 
 
 def _positive_int(text: str) -> int:
@@ -50,6 +105,7 @@ def _given(namespace) -> set:
 
 class _Store(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
+        _refuse_repeat(namespace, self, option_string)
         setattr(namespace, self.dest, values)
         _given(namespace).add(self.dest)
 
@@ -241,9 +297,10 @@ def _add_data(sub) -> None:
     d = sub.add_parser("data", help="inspect an image folder: classes, counts, load speed, cache")
     d.add_argument("--data", metavar="DIR", help="folder with one sub-folder per class (or --labels)")
     d.add_argument("--val-data", metavar="DIR", help="separate validation folder with the same class folders")
-    _add_train_args(d, only=LABEL_OPTIONS)
+    _add_train_args(d, only=(*LABEL_OPTIONS, "recipe"))
     d.add_argument(
         "--image-size",
+        action=_Store,  # recorded as given: a --recipe fills in only what was not
         type=_image_size,
         default=TrainConfig.image_size,
         metavar="PX|WxH",
@@ -260,6 +317,7 @@ def _add_data(sub) -> None:
     d.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached")
     d.add_argument(
         "--groups",
+        action=_Store,
         choices=GROUPINGS,
         default="none",
         help="groups to keep whole in a split (default: look for patient ids and copies)",
@@ -662,10 +720,28 @@ def _cmd_train(args) -> int:
     return launch_train(args, _config_from_args(args))
 
 
+def _data_recipe(args) -> None:
+    """`data --recipe R`: the image size and groups that `train --recipe R` would use, for
+    those not given (so that `data` warms the cache entry the training reads)."""
+    from mpitrain.config import TrainConfig
+
+    given = _given(args)
+    named = {k: getattr(args, k) for k in ("group_pattern", "val_data", "val_labels", "patient_column")}
+    cfg = TrainConfig.with_recipe(
+        recipe=args.recipe,
+        **{k: v for k, v in named.items() if v is not None},  # these turn off the recipe's groups, as in train
+        **{k: getattr(args, k) for k in ("image_size", "groups") if k in given},
+    )
+    for name in ("image_size", "groups"):
+        if name not in given:
+            setattr(args, name, getattr(cfg, name))
+
+
 def _cmd_data(args) -> int:
     from mpitrain.config import check_image_size, check_sources
     from mpitrain.data.describe import describe_data
 
+    _data_recipe(args)
     check_image_size(args.image_size)  # train's rule: `data` shows what training would load
     if args.groups != "none" and args.group_pattern:
         raise UserError("give --groups or --group-pattern, not both")
@@ -733,7 +809,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     options = received_options(argv)
     if options is None:
         return parser.parse_args(argv)
-    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    command = _subparsers(parser).choices[argv[0]]
     args = argparse.Namespace(command=argv[0], func=command.get_default("func"), **options)
     if "given_options" in options:
         args.given_options = set(options["given_options"])

@@ -139,3 +139,56 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         parse("--version")
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mpitrain {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--epocs", "3"], ["unknown option --epocs: did you mean --epochs?", "see mpitrain train --help"]),
+        (["data", "--dta", "x"], ["did you mean --data?", "see mpitrain data --help"]),
+        (
+            ["predict", "--model", "m", "--cvs", "o.csv", "x.png"],
+            ["did you mean --csv?", "see mpitrain predict --help"],
+        ),
+        (
+            ["evaluate", "--model", "m", "--labls=x.csv"],
+            ["unknown option --labls: did you mean --labels?", "evaluate --help"],
+        ),
+    ],
+)
+def test_a_mistyped_option_names_the_closest_and_the_subcommands_help(cli_error, argv, words):
+    cli_error(argv, *words)
+
+
+def test_an_unknown_option_with_nothing_close_names_no_option(cli_error):
+    line = cli_error(["train", "--zzzzzz"], "unknown option --zzzzzz", "see mpitrain train --help")
+    assert "did you mean" not in line
+
+
+def test_abbreviations_still_work():
+    args = parse("train", "--epo", "3", "--label-col", "y")
+    assert (args.epochs, args.label_column) == (3, "y")
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["data", "--label-column", "a", "--label-column", "b", "--labels", "x.csv"], "--label-column"),
+        (["data", "--data", "a", "--data=b"], "--data"),
+        (["train", "--path-column", "a", "--path-col", "b"], "--path-column"),
+        (["train", "--epochs", "2", "--epochs", "3"], "--epochs"),
+        (["predict", "--model", "m", "--csv", "a", "--csv", "b", "x.png"], "--csv"),
+        (["evaluate", "--model", "m", "--data", "d", "--threshold", "0.3", "--threshold", "0.4"], "--threshold"),
+    ],
+)
+def test_a_single_valued_option_given_twice_is_refused(cli_error, argv, option):
+    cli_error(argv, f"argument {option}: given twice", "give it once")
+
+
+def test_model_stays_repeatable_for_ensembles():
+    assert parse("predict", "--model", "a", "--model", "b", "x.png").model == ["a", "b"]
+    assert parse("evaluate", "--model", "a", "--model", "b", "--data", "d").model == ["a", "b"]
+
+
+def test_the_repeat_bookkeeping_is_no_option():
+    assert "_options_seen" not in vars(parse("train", "--epochs", "2"))

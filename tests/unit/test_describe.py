@@ -74,3 +74,62 @@ def test_byte_identical_duplicates_are_reported(image_tree, tmp_path):
     assert listed == [f"{image_tree}/cat/a.png\t{image_tree}/dog/copy-of-cat-a.png"]
     paths = [str(p) for p in sorted(image_tree.rglob("*.*"))]
     assert find_duplicates(paths) == [[f"{image_tree}/cat/a.png", f"{image_tree}/dog/copy-of-cat-a.png"]]
+
+
+@pytest.fixture
+def patient_tree(tmp_path, write_image):
+    """Two classes of chest-X-ray-named files (personN_...): 10 patients each, 2 images per patient."""
+    root = tmp_path / "xray"
+    for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        for p in range(10):
+            for k in range(2):
+                write_image(root / cls / f"person{100 * c + p}_virus_{k}.jpeg", value=10 * p + k + 100 * c)
+    return root
+
+
+def test_data_recipe_warms_the_cache_entry_the_recipes_training_reads(patient_tree, tmp_path, capsys):
+    from mpitrain.cli import main
+    from mpitrain.config import TrainConfig
+    from mpitrain.data import dataset
+
+    cache = tmp_path / "cache"
+    assert main(["data", "--data", str(patient_tree), "--cache-dir", str(cache), "--recipe", "xray"]) == 0
+    text = capsys.readouterr().out
+    size = TrainConfig.with_recipe(recipe="xray").image_size
+    assert f"{size} x {size}" in text and "(filename-patient)" in text
+    cfg = TrainConfig.with_recipe(recipe="xray", data=str(patient_tree), cache_dir=str(cache))
+    plan = dataset.plan_for(cfg)
+    loaded = dataset.load_shard(plan, cfg.image_size, cfg.seed, (0, 1), (0, 1), cfg.cache_dir)
+    assert loaded.cache_hits == loaded.loads > 0  # nothing decoded again
+
+
+def test_data_recipe_keeps_the_options_given(patient_tree, tmp_path, capsys):
+    from mpitrain.cli import main
+
+    argv = ["data", "--data", str(patient_tree), "--cache-dir", str(tmp_path / "c"), "--recipe", "xray"]
+    assert main([*argv, "--image-size", "24", "--groups", "duplicates"]) == 0
+    text = capsys.readouterr().out
+    assert "24 x 24" in text and "(duplicates)" in text and "filename-patient" not in text
+    assert main([*argv, "--group-pattern", r"(person\d)"]) == 0  # the recipe's groups give way, as in train
+    assert "--group-pattern" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("groups", ["none", "duplicates"])
+def test_each_file_is_hashed_once(image_tree, tmp_path, monkeypatch, groups):
+    # The groups line and the duplicates report need the same hashes: reading every file
+    # twice cost `mpitrain data` its cold speed on the chest X-rays.
+    import collections
+    import hashlib
+
+    (image_tree / "dog" / "copy-of-cat-a.png").write_bytes((image_tree / "cat" / "a.png").read_bytes())
+    hashed: collections.Counter = collections.Counter()
+    real = hashlib.file_digest
+
+    def counting(f, digest):
+        hashed[f.name] += 1
+        return real(f, digest)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    text = _report(image_tree, image_size=8, cache_dir=tmp_path / "c", groups=groups)
+    assert "1 set(s) of identical files" in text and "1 group(s) of byte-identical files" in text
+    assert hashed and max(hashed.values()) == 1, hashed

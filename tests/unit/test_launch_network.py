@@ -94,7 +94,7 @@ def test_a_wrong_iface_is_one_line_naming_what_this_host_has(value, words):
 
 
 def test_iface_is_for_the_launcher_and_stays_in_the_resume_hint(tmp_path):
-    argv = ["train", "-n", "4", "--hostfile", "hosts", "--iface", "ib0", "--epochs", "1", "--iface=eth0"]
+    argv = ["train", "-n", "4", "--hostfile", "hosts", "--epochs", "1", "--iface=eth0"]  # (given twice: refused)
     options = rank_options(build_parser().parse_args(argv))
     assert (options["iface"], options["hostfile"], options["np"], options["epochs"]) == (None, None, None, 1)
     hosts = tmp_path / "hosts"

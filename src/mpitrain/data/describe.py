@@ -29,6 +29,7 @@ import numpy as np
 
 from mpitrain.atomic import write_atomic
 from mpitrain.data.cache import default_cache_dir, load_images_cached
+from mpitrain.data.groups import duplicate_sets
 from mpitrain.data.labels import Columns, index_of
 from mpitrain.data.scan import FileIndex
 from mpitrain.runfiles import SKIPPED
@@ -107,8 +108,6 @@ def image_line(image_size, channels: int, colour: tuple[int, int] = (0, 0)) -> s
 def find_duplicates(paths: list[str]) -> list[list[str]]:
     """Groups (2 or more, in ``paths`` order) of byte-identical files (`groups.duplicate_sets`:
     only files that share their size with another are read and hashed)."""
-    from mpitrain.data.groups import duplicate_sets
-
     return [[paths[i] for i in s] for s in duplicate_sets(paths)]
 
 
@@ -154,7 +153,7 @@ def _duplicate_lines(
 
 
 def _groups_report(
-    index: FileIndex, groups: str, group_pattern, val_split: float, seed: int, line, out, columns: Columns
+    index: FileIndex, groups: str, group_pattern, val_split: float, seed: int, line, out, columns: Columns, dups
 ) -> None:
     from mpitrain.data.groups import (
         FILENAME_PATIENT,
@@ -166,11 +165,13 @@ def _groups_report(
 
     asked = groups != "none" or bool(group_pattern) or index.patients is not None
     if asked:
-        found = group_ids(index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient)
+        found = group_ids(
+            index.paths, str(index.root), groups, group_pattern, index.patients, columns.patient, dups=dups
+        )
     else:  # look: patient ids in the names (most of them), else identical files only
         keys = name_keys(index.paths, str(index.root), FILENAME_PATIENT)
         named = sum(k is not None for k in keys) >= max(1, len(keys) // 2)
-        found = group_ids(index.paths, str(index.root), "filename-patient" if named else "duplicates")
+        found = group_ids(index.paths, str(index.root), "filename-patient" if named else "duplicates", dups=dups)
     if found is None:  # grouping off (never so here: it was asked for or looked for)
         return
     line("groups", found.describe())
@@ -242,8 +243,13 @@ def describe_data(
         line("validation", f"{val.where} ({len(val):,} images)")
         for row in _table(_rows(val)):
             print(row, file=out)
+    # The byte-identical files, hashed once: the groups below and the duplicates report share them.
+    t0 = time.perf_counter()
+    everything = list(index.paths) + (list(val.paths) if val is not None else [])
+    dups = duplicate_sets(everything)
+    hashed = time.perf_counter() - t0
     if val is None:
-        _groups_report(index, groups, group_pattern, val_split, seed, line, out, columns)
+        _groups_report(index, groups, group_pattern, val_split, seed, line, out, columns, dups)
     colour = (0, 0)
     if channels == 1:  # what grey would lose: said only when colour is there
         from mpitrain.data.decode import sniff_colour
@@ -269,13 +275,10 @@ def describe_data(
             print(f"  ... and {len(errors) - 3:,} more", file=out)
     else:
         line("skipped", "0 files")
-    t0 = time.perf_counter()
-    everything = list(index.paths) + (list(val.paths) if val is not None else [])
-    copies = find_duplicates(everything)
     _duplicate_lines(
-        copies,
+        [[everything[i] for i in s] for s in dups],
         [index.root] + ([val.root] if val is not None else []),
-        time.perf_counter() - t0,
+        hashed,
         cache,
         line,
         out,

@@ -195,9 +195,11 @@ def group_ids(
     group_pattern: str | None = None,
     patients: list[str | None] | None = None,
     patient_column: str | None = None,
+    dups: list[list[int]] | None = None,
 ) -> Groups | None:
     """Groups of `paths` (None when grouping is off). ``patients``: each path's patient id
-    from the label file's ``patient_column`` (None or empty: unknown)."""
+    from the label file's ``patient_column`` (None or empty: unknown). ``dups``:
+    `duplicate_sets(paths)` when the caller has it already (hashing is the slow part)."""
     pattern = pattern_of(groups, group_pattern)
     if patients is not None:
         if len(patients) != len(paths):
@@ -207,7 +209,7 @@ def group_ids(
             if key:
                 by_patient[key].append(i)
         same_patient = [v for v in by_patient.values() if len(v) > 1]
-        dups = duplicate_sets(paths)
+        dups = duplicate_sets(paths) if dups is None else dups
         ids = _union_find_ids(len(paths), same_patient + dups)
         return Groups(
             ids=ids,
@@ -243,7 +245,7 @@ def group_ids(
                 f"(searched in paths relative to the data folder, e.g. {example!r})"
             )
         links.extend(v for v in by_name.values() if len(v) > 1)
-    dups = duplicate_sets(paths)
+    dups = duplicate_sets(paths) if dups is None else dups
     links.extend(dups)
     ids = _union_find_ids(n, links)
     source = group_pattern and f"--group-pattern '{group_pattern}'" or (groups if groups != "none" else "")

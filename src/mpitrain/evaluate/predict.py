@@ -1,7 +1,9 @@
 """`mpitrain predict`: class probabilities for images and folders, one CSV row per image.
 
 Arguments are image files or folders (searched recursively for the image extensions of
-`mpitrain.data.scan`, hidden files skipped, sorted). Rows come in argument order:
+`mpitrain.data.scan`, hidden files skipped, sorted). Rows come in argument order, one per
+file: a file given again (named and inside a folder given too, or under two names; the same
+file by its resolved path) keeps its first row, and one note on stderr says so:
 
     path, predicted, p_<class 1>, ..., p_<class k>, decision, error
 
@@ -37,6 +39,29 @@ from mpitrain.atomic import atomic_path
 from mpitrain.errors import UserError
 
 BLOCK = 32 * 32  # files decoded and predicted at a time (a multiple of modelio.BATCH)
+
+
+def unique(items: list[tuple[str, str | None]]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The items less the files met before (by resolved path: a file named and found in a
+    folder given too would get two identical rows), and the paths left out."""
+    seen: set[str] = set()
+    kept, again = [], []
+    for path, why in items:
+        real = os.path.realpath(path)
+        if why is None and real in seen:
+            again.append(path)
+            continue
+        seen.add(real)
+        kept.append((path, why))
+    return kept, again
+
+
+def repeat_note(again: list[str]) -> str:
+    n = len(again)
+    return (
+        f"note: {n:,} file(s) given more than once (named and in a folder given, or under two names) "
+        f"get one row each, the first: e.g. {again[0]}"
+    )
 
 
 def collect(paths: list[str]) -> list[tuple[str, str | None]]:
@@ -87,7 +112,9 @@ def predict_main(
     t, source = modelio.resolve_threshold(info, threshold)
     if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
         raise UserError(f"--csv {csv_path}: need a file in an existing folder")
-    items = collect(paths)
+    items, again = unique(collect(paths))
+    if again:
+        print(repeat_note(again), file=sys.stderr)
     from mpitrain.runtime import configure_runtime, resolve_precision
 
     precision = resolve_precision(precision)[0]

@@ -23,7 +23,8 @@ import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
 from mpitrain.errors import StopRequested, UserError, agree
-from mpitrain.parallel.comm import world
+from mpitrain.parallel.comm import launched_by_mpi, world
+from mpitrain.runtime import started_at
 
 if TYPE_CHECKING:
     from mpitrain.engine.loop import Result
@@ -394,14 +395,8 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     data_parts = strategy_class(cfg.strategy).data_parts
     if comm.rank == 0:
         colour = _sniff(plan, channels, given)
-        say(
-            f"data: {plan.data_dir} | classes: {', '.join(plan.classes)} | "
-            f"{len(plan.train_paths)} train / {len(plan.val_paths)} val images "
-            f"({'split ' + str(cfg.val_split) if plan.val_from == 'split' else plan.val_from})"
-            + (f" | grouped: {plan.grouping}" if plan.grouping else "")
-            + " | "
-            + images_line(cfg.image_size, channels, colour)
-        )
+        for text in data_lines(cfg, plan, channels, colour):
+            say(text)
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(
         f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
@@ -475,7 +470,29 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
 
         checkpoint.mark_finished(out)  # only now: a kill before this point can still --resume
         say(f"run folder: {out}")
+    say(time_line(time.time() - started_at(launched_by_mpi()), counts[2] / comm.size, result.seconds, comm.size))
     return result
+
+
+def data_lines(cfg: TrainConfig, plan, channels: int, colour: tuple[int, int] = (0, 0)) -> list[str]:
+    """The start-up lines on the data: the folder and classes, the images, and the groups the
+    split kept whole (on one line, the X-ray recipe's passed 150 columns)."""
+    split = "split " + str(cfg.val_split) if plan.val_from == "split" else plan.val_from
+    return [
+        f"data: {plan.data_dir} | classes: {', '.join(plan.classes)}",
+        f"images: {len(plan.train_paths)} train / {len(plan.val_paths)} val ({split}) | "
+        + images_line(cfg.image_size, channels, colour),
+        *([f"grouped: {plan.grouping}"] if plan.grouping else []),
+    ]
+
+
+def time_line(total: float, loading: float, training: float, ranks: int) -> str:
+    """The last line of a run: its wall time from the command's start, as `evaluate` says it."""
+    start_up = "starting the ranks" if ranks > 1 else "Python start-up"
+    return (
+        f"time: {total:.1f}s since the command started ({start_up}, TensorFlow and model building "
+        f"included), of which {loading:.1f}s loading images and {training:.1f}s training"
+    )
 
 
 def _resolve_precision(requested: str) -> tuple[str, str]:
