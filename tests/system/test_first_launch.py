@@ -7,7 +7,6 @@ message, exit 130 or 143, every rank gone, no lock file and no empty run folder 
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
