@@ -85,7 +85,7 @@ def supervise(
     training: bool = True,
 ) -> int:
     """Run `program` as N ranks under mpiexec and return the job's exit code (130 after
-    Ctrl-C, 2 after a usage error said in one line: the hostfile, the network).
+    Ctrl-C, 143 after a SIGTERM before rank 0's first step, 2 after a usage error said in one line: the hostfile, the network).
 
     `extra`: more mpiexec flags; `variables`: more environment for the ranks (forwarded to
     other hosts). `resume_hint`: the command that continues the job, said with a lost rank
