@@ -184,6 +184,7 @@ def _add_launch_args(p: argparse.ArgumentParser, fixed_order: bool = False) -> N
         ),
         p.add_argument("--hostfile", metavar="FILE", help="MPI hostfile for -n (ranks on several machines)"),
         p.add_argument("--iface", metavar="NAME|CIDR", help=IFACE_HELP),
+        p.add_argument("--force-ranks", action="store_true", help=FORCE_RANKS_HELP),
     ]
     if fixed_order:
         added.append(
@@ -202,6 +203,11 @@ def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
     # After a subcommand: SUPPRESS leaves the value given before it (or False) alone.
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help="show tracebacks")
 
+
+FORCE_RANKS_HELP = (
+    "for -n: start the ranks even when this host's available memory looks too small for them "
+    "(by default refused: they would swap or be killed)"
+)
 
 IFACE_HELP = (
     "network for all of the job's TCP traffic (MPI messages and Open MPI's runtime), for -n: "

@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +31,36 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def available_memory(meminfo: str = "/proc/meminfo", cgroup: str | None = None) -> int | None:
+    """Bytes this process can still allocate without swapping: /proc/meminfo's MemAvailable,
+    or less where the limit of our cgroup (v2: memory.max less memory.current) leaves less;
+    None where neither is known (not Linux)."""
+    cgroup = _own_cgroup() if cgroup is None else cgroup
+    figures = []
+    try:
+        with open(meminfo) as f:
+            figures += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            figures.append(max(0, int(limit) - int(Path(cgroup, "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return min(figures) if figures else None
+
+
+def _own_cgroup() -> str:
+    """This process's cgroup v2 folder (/proc/self/cgroup's "0::/path")."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.strip()[3:] for line in f if line.startswith("0::")), "/")
+    except OSError:
+        path = "/"
+    return "/sys/fs/cgroup" + path.rstrip("/")
 
 
 def oversubscribed(ranks_on_node: int, cores: int) -> bool:

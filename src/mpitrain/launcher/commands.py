@@ -37,8 +37,16 @@ def rank_options(args, drop=()) -> dict:
     return {**options, **dict.fromkeys(mine)}
 
 
+def check_host(args) -> None:
+    """The cores warning and the memory refusal for the ranks on this host (capacity.py)."""
+    from mpitrain.launcher.capacity import RANK_MEMORY, check_capacity
+
+    check_capacity(args.np, args.hostfile, per_rank=RANK_MEMORY, force=bool(getattr(args, "force_ranks", False)))
+
+
 def launch(command: str, args, variables: dict | None = None) -> int:
     """Start the job of an `evaluate` or `bench` whose options were checked."""
+    check_host(args)
     env = {OPTIONS_ENV: options_json(command, rank_options(args)), **(variables or {})}
     return supervise(
         args.np,
@@ -83,6 +91,7 @@ def launch_train(args, cfg) -> int:
         out = _check_fresh_run(args, cfg)
         fresh = _missing(out)
         cfg = dataclasses.replace(cfg, out=str(out))  # every rank must use the folder the launcher chose
+    check_host(args)
     extra, hint, elastic = launch_options(args, cfg.out, cfg.elastic)
     given = ["given_options", *(f.name for f in dataclasses.fields(cfg))]  # all in the config now
     options = {**rank_options(args, drop=given), "config": cfg.to_dict()}

@@ -21,6 +21,7 @@ import os
 import sys
 
 from mpitrain.errors import UserError
+from mpitrain.launcher.capacity import check_capacity
 from mpitrain.launcher.mpiexec import elastic_flags
 from mpitrain.launcher.supervise import supervise
 from mpitrain.parallel.wire import ALL_OUTPUT_ENV, TIMEOUT_ENV
@@ -54,6 +55,7 @@ def run_script(
     that a lost rank does not end the job (the script's `mpitrain.fit(..., elastic=True)`
     goes on without it)."""
     check_script(script)
+    check_capacity(n, hostfile, per_rank=None)  # a script's memory is unknown: the cores warning only
     variables = {ALL_OUTPUT_ENV: "1"} if all_output else {}
     if timeout is not None:
         variables[TIMEOUT_ENV] = repr(float(timeout))

@@ -11,9 +11,15 @@ train -n N` passes `python -m mpitrain train`, a script launcher would pass the 
   $MPITRAIN_START_TIMEOUT seconds is stopped with one line (for programs that report
   their start over parallel/wire.py, as mpitrain's ranks do);
 * mpiexec runs in its own process group, so Ctrl-C reaches only us: we pass it on once,
-  wait for the job to end and let the caller report where the run stopped (exit 130);
+  wait for the job to end and let the caller report where the run stopped (exit 130). A
+  SIGINT sent to us alone counts the same, even when we were started with SIGINT ignored
+  (a background job of a script, some supervisors). Ranks that are still alive
+  `STOP_GRACE` seconds later (a machine so loaded that they hardly run) are killed, so
+  that none of them writes into the run folder after we tidied it up;
 * SIGTERM or SIGUSR1 (a batch system's stop request) reaches the ranks as SIGUSR1 when they
-  can stop on it (`stoppable`), and we wait for them;
+  can stop on it (`stoppable`) and have begun to train, and we wait for them; before rank 0
+  reported its first step there is nothing to save, so it ends the job as Ctrl-C does
+  (exit 143 for SIGTERM);
 * at the end a rank lost to a signal, or a lost host, is named in one line.
 """
 
@@ -39,6 +45,9 @@ from mpitrain.launcher.mpiexec import in_allocation, mpiexec_command
 from mpitrain.launcher.relay import StdoutRelay, want_bar
 from mpitrain.launcher.reports import NoStartBox, StderrFilter, lost_host_message, lost_rank_message, stalled_message
 from mpitrain.parallel.wire import START_TIMEOUT, START_TIMEOUT_ENV
+
+# Seconds the ranks get to end after our Ctrl-C is passed on, before they are killed.
+STOP_GRACE = 15.0
 
 
 class HostLost(Exception):
@@ -76,7 +85,7 @@ def supervise(
     training: bool = True,
 ) -> int:
     """Run `program` as N ranks under mpiexec and return the job's exit code (130 after
-    Ctrl-C, 2 after a usage error said in one line: the hostfile, the network).
+    Ctrl-C, 143 after a SIGTERM before rank 0's first step, 2 after a usage error said in one line: the hostfile, the network).
 
     `extra`: more mpiexec flags; `variables`: more environment for the ranks (forwarded to
     other hosts). `resume_hint`: the command that continues the job, said with a lost rank
@@ -118,12 +127,12 @@ def _network(iface: str | None, hostfile: str | None, networks: dict) -> tuple[s
 
 def _outcome(job: _Job, code: int, on_interrupt, resume_hint: str | None, heal: bool, training: bool) -> int:
     """The exit code to return, after saying in one line what ended the job."""
-    if job.interrupted and code != 0:
+    if job.interrupted and (code != 0 or job.interrupted != signal.SIGINT):
         if on_interrupt is not None:
             on_interrupt(job.relay.where)
         else:
             print("mpitrain: interrupted", file=sys.stderr)
-        return 130
+        return 128 + job.interrupted
     if code != 0 and (job.errors.no_start or job.stdout.host or job.errors.no_connect or job.stalled):
         return 2  # a usage error (the hostfile, the network), said in one line
     gone = job.errors.lost or job.stdout.lost
@@ -154,7 +163,7 @@ class _Job:
         self.stdout = NoStartBox(self.relay.feed, self._no_start, debug, via=via, started=started)
         self.seen: collections.deque[str] = collections.deque(maxlen=200)  # stderr's end, for lost_rank_message
         self.done = threading.Event()
-        self.interrupted = False
+        self.interrupted = 0  # the signal that ended the job as Ctrl-C does (SIGINT, SIGTERM)
         self.stalled: list[str] = []
         self.pumps = [
             threading.Thread(target=self._pump, args=(self.proc.stderr, self._feed_stderr, self.errors), daemon=True),
@@ -229,12 +238,32 @@ class _Job:
             try:
                 return self.proc.wait()
             except KeyboardInterrupt:
-                if self.interrupted:
-                    self.proc.kill()  # a second Ctrl-C: no more waiting
-                else:
-                    self.interrupted = True
-                    self.errors.explained = True  # Open MPI's report of the stop says nothing new
-                    self.proc.send_signal(signal.SIGINT)
+                self.interrupt(signal.SIGINT)
+
+    def interrupt(self, sig: int) -> None:
+        """End the job as Ctrl-C does: pass SIGINT on to mpiexec once (its ranks stop), kill
+        the job if it has not ended `STOP_GRACE` seconds later, or at once on a second signal."""
+        if self.interrupted:
+            self._kill()  # a second Ctrl-C: no more waiting
+            return
+        self.interrupted = sig
+        self.errors.explained = True  # Open MPI's report of the stop says nothing new
+        self.proc.send_signal(signal.SIGINT)
+
+        def deadline():
+            if not self.done.wait(STOP_GRACE):
+                self._kill()
+
+        threading.Thread(target=deadline, daemon=True, name="mpitrain-stop-grace").start()
+
+    def _kill(self) -> None:
+        """SIGKILL mpiexec and everything it started (the ranks: killing mpiexec alone would
+        leave them running, and rank 0 writing its lock file after we removed it)."""
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _forward_signals(self, stoppable: bool) -> dict:
         """A stop request for us (SIGTERM or SIGUSR1: Slurm's time limit, a preemption, its
@@ -244,9 +273,16 @@ class _Job:
         closed terminal (SIGHUP) still ends the job. Returns the handlers to put back."""
 
         def stop_request(sig, _frame):
-            self.proc.send_signal(signal.SIGUSR1 if stoppable else sig)
+            if self.interrupted or (sig == signal.SIGTERM and self.relay.where is None):
+                self.interrupt(sig)  # nothing trained yet, nothing to save: as Ctrl-C
+            else:
+                self.proc.send_signal(signal.SIGUSR1 if stoppable else sig)
+
+        def ctrl_c(_sig, _frame):  # also when we were started with SIGINT ignored
+            raise KeyboardInterrupt
 
         return {
+            signal.SIGINT: signal.signal(signal.SIGINT, ctrl_c),
             signal.SIGTERM: signal.signal(signal.SIGTERM, stop_request),
             signal.SIGUSR1: signal.signal(signal.SIGUSR1, stop_request),
             signal.SIGHUP: signal.signal(signal.SIGHUP, lambda s, _f: self.proc.send_signal(s)),
