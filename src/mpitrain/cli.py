@@ -240,7 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_data, _add_synth, _add_bench, _add_evaluate, _add_predict, _add_export, _add_run):
+    for add in (
+        _add_train,
+        _add_data,
+        _add_labels,
+        _add_synth,
+        _add_bench,
+        _add_evaluate,
+        _add_predict,
+        _add_export,
+        _add_run,
+    ):
         add(sub)
     for command in sub.choices.values():
         _add_debug(command)
@@ -338,6 +348,36 @@ def _add_data(sub) -> None:
     )
     d.add_argument("--seed", type=int, default=TrainConfig.seed, help="the split's seed (default: %(default)s)")
     d.set_defaults(func=_cmd_data)
+
+
+def _add_labels(sub) -> None:
+    from mpitrain.config import GROUPINGS
+
+    lb = sub.add_parser(
+        "labels",
+        help="write a label table (CSV) of a class-folder layout, classes optionally read from file names",
+        description="Write FILE with columns path, label (and patient): every image of the class folders of "
+        "--data, its class from --class-pattern where that matches its path, else its folder. Give the table "
+        "to train and evaluate with --labels FILE (--patient-column patient).",
+    )
+    lb.add_argument("--data", required=True, metavar="DIR", help="folder with one sub-folder per class")
+    lb.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
+    lb.add_argument(
+        "--class-pattern",
+        metavar="REGEX",
+        help="searched in each path relative to --data; its first group (or the match) is the class, "
+        "e.g. '_(bacteria|virus)_'",
+    )
+    lb.add_argument("--groups", choices=GROUPINGS, help="fill a patient column from the file names (filename-patient)")
+    lb.add_argument("--group-pattern", metavar="REGEX", help="fill a patient column from this pattern's first group")
+    lb.set_defaults(func=_cmd_labels)
+
+
+def _cmd_labels(args) -> int:
+    from mpitrain.data.table import make_table, summary
+
+    print(summary(args.out, make_table(args.data, args.out, args.class_pattern, args.groups, args.group_pattern)))
+    return 0
 
 
 def _add_synth(sub) -> None:
@@ -438,6 +478,7 @@ def _add_bench(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
+    from mpitrain.config import AUGMENTS
     from mpitrain.runtime import PRECISIONS
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a labelled folder (add -n N for N processes)")
@@ -470,7 +511,47 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--threads", type=_positive_int, help="TensorFlow threads per rank")
     e.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
     e.add_argument("--cache-dir", help="where decoded images are cached")
+    _add_tta_args(e)
+    e.add_argument(
+        "--shift",
+        choices=AUGMENTS,
+        metavar="POLICY",
+        help="show every image through one seeded draw of this --augment policy (a simulated change of "
+        "machine and positioning: e.g. the validation images, --labels RUN/val_predictions.csv)",
+    )
+    e.add_argument(
+        "--adjust-prior",
+        action="store_true",
+        help="estimate these images' class mix from the predictions (Saerens EM, no labels used) and decide "
+        "by argmax of the probabilities corrected for it",
+    )
+    e.add_argument(
+        "--merge-classes",
+        action="append",
+        metavar="NAME=A,B",
+        help="also report the model with classes A, B, ... merged into NAME (probabilities summed) and the "
+        "accuracy among A, B, ... images; repeatable",
+    )
     e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_tta_args(p) -> None:
+    from mpitrain.config import AUGMENTS
+
+    p.add_argument(
+        "--tta",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="test-time augmentation: mean probabilities of N views, the image and N-1 seeded draws (default 1: off)",
+    )
+    p.add_argument(
+        "--tta-augment",
+        choices=AUGMENTS,
+        metavar="POLICY",
+        help="the --augment policy of the views (default: the model's training policy, else xray)",
+    )
+    p.add_argument("--tta-seed", type=int, default=0, metavar="S", help="seed of the views' draws (default 0)")
 
 
 def _add_predict(sub) -> None:
@@ -500,6 +581,7 @@ def _add_predict(sub) -> None:
     )
     pr.add_argument("--threads", type=_positive_int, help="TensorFlow threads")
     pr.add_argument("--precision", choices=PRECISIONS, default="fp32", help=INFER_PRECISION)
+    _add_tta_args(pr)
     # predict runs in one process: -n is taken only to say so (not in --help)
     pr.add_argument("-n", "--np", dest="np", metavar="N", help=argparse.SUPPRESS)
     pr.add_argument("--hostfile", help=argparse.SUPPRESS)
@@ -604,6 +686,7 @@ def _cmd_evaluate(args) -> int:
             args.plots,
             labels=args.labels,
             columns=_columns(args),
+            views=_views(args),
         )
         return launch_evaluate(args)
     from mpitrain.evaluate.command import evaluate_main
@@ -620,6 +703,20 @@ def _cmd_evaluate(args) -> int:
         precision=args.precision,
         labels=args.labels,
         columns=_columns(args),
+        views=_views(args),
+    )
+
+
+def _views(args):
+    from mpitrain.evaluate.command import Views
+
+    return Views(
+        tta=args.tta,
+        tta_augment=args.tta_augment,
+        tta_seed=args.tta_seed,
+        shift=args.shift,
+        adjust_prior=args.adjust_prior,
+        merge_classes=tuple(args.merge_classes or ()),
     )
 
 
@@ -640,6 +737,7 @@ def _cmd_predict(args) -> int:
         image_size=args.image_size,
         threads=args.threads,
         precision=args.precision,
+        tta=(args.tta, args.tta_augment, args.tta_seed),
     )
 
 

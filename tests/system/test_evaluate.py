@@ -122,12 +122,23 @@ def test_evaluate_agrees_with_metrics_recomputed_from_predict_csv(one_rank, run,
 
 @pytest.mark.mpi
 @pytest.mark.timeout(240)
-def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval_data, tmp_path):
+def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval_data, tmp_path, capsys):
     _, _, ref, _ = one_rank
-    # 2 ranks under a plain mpiexec, 3 ranks through `mpitrain evaluate -n 3`.
+    # Test-time augmentation and --shift draw per image: 2 ranks must give one rank's numbers too.
+    views = ["--tta", "3", "--shift", "xray-strong", "--tta-seed", "7"]
+    assert (
+        main(["evaluate", "--model", str(run), "--data", str(eval_data), "--json", str(tmp_path / "tta1.json")] + views)
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "mean of 3 views (the image and 2 draws of xray, seed 7)" in out
+    tta1 = json.loads((tmp_path / "tta1.json").read_text())
+    assert tta1["tta"] == {"views": 3, "augment": "xray", "seed": 7} and tta1["shift"]["augment"] == "xray-strong"
+    assert tta1["per_class_counts"] == ref["per_class_counts"] and tta1["roc_auc"] != ref["roc_auc"]
+    # 2 ranks under a plain mpiexec (with the views), 3 ranks through `mpitrain evaluate -n 3`.
     two, _ = mpirun(
         2,
-        cli("evaluate", "--model", run / "model.keras", "--data", eval_data, "--json", tmp_path / "two.json"),
+        cli("evaluate", "--model", run / "model.keras", "--data", eval_data, "--json", tmp_path / "two.json", *views),
         timeout=180,
     )
     assert two.returncode == 0, two.stderr
@@ -144,10 +155,10 @@ def test_sharded_evaluation_on_2_and_3_ranks_equals_one_rank(one_rank, run, eval
     total = json.loads((tmp_path / "three.json").read_text())["total_seconds"]
     assert 0.5 * wall < total <= wall, (total, wall)
     assert f"time: {total:.1f}s since the command started (starting the ranks" in three.stdout
-    for proc, name, n in ((two, "two.json", 2), (three, "three.json", 3)):
+    for proc, name, n, want in ((two, "two.json", 2, tta1), (three, "three.json", 3, ref)):
         doc = json.loads((tmp_path / name).read_text())
         assert doc["ranks"] == n
-        assert _untimed(doc) == _untimed(ref)  # bit-identical numbers
+        assert _untimed(doc) == _untimed(want)  # bit-identical numbers
         assert proc.stdout.count("confusion matrix") == 1  # rank 0 alone prints
         assert proc.stderr.count("skipped 1 unreadable file") == 1
 
@@ -182,6 +193,39 @@ def test_threshold_override_changes_the_decision(run, synth_data, tmp_path, caps
     assert doc["threshold"] == 0.0 and doc["threshold_source"] == "--threshold"
     assert doc["confusion_matrix"] == [[0, 40], [0, 40]]  # everything called PNEUMONIA
     assert doc["sensitivity"] == 1.0 and doc["specificity"] == 0.0
+
+
+def test_adjust_prior_estimates_the_mix_of_the_images_evaluated(run, synth_data, tmp_path, capsys):
+    # Three NORMAL images to each PNEUMONIA one: the estimate must lean to NORMAL.
+    data = tmp_path / "mix"
+    shutil.copytree(synth_data / "NORMAL", data / "NORMAL")
+    (data / "PNEUMONIA").mkdir()
+    for f in sorted((synth_data / "PNEUMONIA").iterdir())[:13]:
+        shutil.copy(f, data / "PNEUMONIA" / f.name)
+    args = ["evaluate", "--model", str(run), "--data", str(data), "--json", str(tmp_path / "a.json"), "--adjust-prior"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "a.json").read_text())
+    a = doc["prior_adjustment"]
+    assert a["trained_for"] == {"NORMAL": 0.5, "PNEUMONIA": 0.5} and a["trained_for_from"] == "recorded with the model"
+    assert a["estimated"]["NORMAL"] > 0.6 and a["converged"]
+    assert doc["threshold"] is None and "argmax of the adjusted probabilities" in out
+    assert "these images estimated at NORMAL" in out
+
+
+def test_predict_with_tta_is_the_same_in_any_order(run, synth_data, tmp_path, capsys):
+    rows = {}
+    for name, folders in (("a", ["NORMAL", "PNEUMONIA"]), ("b", ["PNEUMONIA", "NORMAL"])):
+        args = ["predict", "--model", str(run), *(str(synth_data / f) for f in folders), "--tta", "3"]
+        assert main(args + ["--csv", str(tmp_path / f"{name}.csv")]) == 0
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            rows[name] = {r["path"]: r["p_PNEUMONIA"] for r in csv.DictReader(f)}
+    assert rows["a"] == rows["b"] and len(rows["a"]) == 80
+    assert main(["predict", "--model", str(run), str(synth_data), "--csv", str(tmp_path / "plain.csv")]) == 0
+    with open(tmp_path / "plain.csv", newline="") as f:
+        plain = {r["path"]: r["p_PNEUMONIA"] for r in csv.DictReader(f)}
+    assert plain != rows["a"]  # the views changed the probabilities
+    assert "test-time augmentation: 3 views" in capsys.readouterr().out
 
 
 def _copy_run(run, dest, **changes):
@@ -251,3 +295,16 @@ def test_a_model_with_python_code_is_refused_in_safe_mode(tmp_path, synth_data, 
     capsys.readouterr()
     code = main(["evaluate", "--model", str(tmp_path), "--data", str(synth_data)])
     one_line_error(code, capsys.readouterr().err, "refusing to load", "safe mode")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--merge-classes", "ANY=NORMAL,PNEUMONIA"], ["leaves a single class"]),
+        (["--merge-classes", "X=NORMAL,COVID"], ["no class 'COVID'", "NORMAL, PNEUMONIA"]),
+        (["--tta", "0"], ["--tta"]),
+        (["--shift", "wobble"], ["--shift", "xray-strong"]),
+    ],
+)
+def test_view_and_merge_mistakes_are_one_line(extra, words, run, synth_data, cli_error):
+    cli_error(["evaluate", "--model", run, "--data", synth_data, *extra], *words)

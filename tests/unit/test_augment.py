@@ -118,15 +118,16 @@ def _imports(path: Path):
             yield from (a.name for a in node.names)
 
 
-def test_only_the_training_loop_uses_augmentation():
-    """evaluate/predict and the validation pass never touch it: one caller in the package."""
+def test_only_the_training_loop_and_explicit_views_use_augmentation():
+    """The validation pass never touches it: training, and evaluate/predict's --tta and
+    --shift (evaluate/tta.py, off unless asked for) are the only callers."""
     pkg = Path(mpitrain.__file__).parent
     users = sorted(
         str(p.relative_to(pkg))
         for p in pkg.rglob("*.py")
         if p.name != "augment.py" and any(m == "mpitrain.data.augment" for m in _imports(p))
     )
-    assert users == ["train/fitting.py"]
+    assert users == ["evaluate/tta.py", "train/fitting.py"]
 
 
 @pytest.mark.timeout(300)

@@ -95,6 +95,7 @@ def test_choice_lists_are_the_configs():
 MINIMAL = {
     "train": [],
     "data": ["--data", "d"],
+    "labels": ["--data", "d", "--out", "t.csv"],
     "synth": ["--out", "o"],
     "bench": [],
     "evaluate": ["--model", "m", "--data", "d"],

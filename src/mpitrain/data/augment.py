@@ -111,10 +111,16 @@ def augment_batch(
     x: np.ndarray, max_value: float, policy: str | Policy, seed: int, epoch: int, rank: int, step: int
 ) -> np.ndarray:
     """One training batch as augmented model input: float32 [n, s, s, 1] in [0, 1]."""
+    return augment_with(x, max_value, policy, batch_rng(seed, epoch, rank, step))
+
+
+def augment_with(x: np.ndarray, max_value: float, policy: str | Policy, rng: np.random.Generator) -> np.ndarray:
+    """`augment_batch` with the caller's generator (test-time augmentation seeds each image
+    by itself, `evaluate/tta.py`): the same draws, in the same order, from ``rng``."""
     p = POLICY[policy] if isinstance(policy, str) else policy
     x = np.asarray(x)
     if x.ndim == 4 and x.shape[-1] == 3:
-        return _augment_colour(x, max_value, p, batch_rng(seed, epoch, rank, step))
+        return _augment_colour(x, max_value, p, rng)
     if x.ndim == 4:
         x = x[..., 0]
     n = len(x)
@@ -122,7 +128,7 @@ def augment_batch(
     if n == 0 or not (p.geometric or p.photometric):
         return _to_float(x, max_value, floats)
 
-    x, gamma, contrast, bright = _draw_and_warp(x, p, batch_rng(seed, epoch, rank, step), x.shape[1:3])
+    x, gamma, contrast, bright = _draw_and_warp(x, p, rng, x.shape[1:3])
     if not p.photometric:
         return _to_float(x, max_value, floats)
     if x.dtype == np.uint8:

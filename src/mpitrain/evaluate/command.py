@@ -14,13 +14,36 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mpitrain.errors import UserError
 from mpitrain.evaluate.modelio import BATCH, ModelInfo
+
+
+@dataclass(frozen=True)
+class Views:
+    """How images are shown to the model and read out: ``--tta``, ``--tta-augment``,
+    ``--tta-seed``, ``--shift`` (`tta.py`), ``--adjust-prior`` (`prior.py`) and
+    ``--merge-classes`` (`merged.py`)."""
+
+    tta: int = 1
+    tta_augment: str | None = None  # None: the model's training policy (`tta.default_policy`)
+    tta_seed: int = 0
+    shift: str | None = None
+    adjust_prior: bool = False
+    merge_classes: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        from mpitrain.config import AUGMENTS
+
+        if self.tta < 1:
+            raise UserError(f"--tta must be 1 (off) or more views, got {self.tta}")
+        for flag, policy in (("--tta-augment", self.tta_augment), ("--shift", self.shift)):
+            if policy is not None and policy not in AUGMENTS:
+                raise UserError(f"{flag} must be one of {', '.join(AUGMENTS)}, got {policy!r}")
 
 
 @dataclass
@@ -32,6 +55,8 @@ class Setup:
     threshold: float | None
     source: str  # "model", "--threshold" or "argmax"
     skipped: list  # label-file rows left out (no such file, empty cells): (path, reason)
+    views: Views = Views()
+    merges: list = field(default_factory=list)  # `merged.parse` of --merge-classes
 
 
 def _check_outputs(json_path: str | None, plots: str | None) -> None:
@@ -56,13 +81,21 @@ def prepare(
     check_outputs: bool = True,
     labels: str | None = None,
     columns=None,
+    views: Views | None = None,
 ) -> Setup:
     """Everything that can be checked without Keras; raises UserError (all ranks alike).
     ``labels``: a label file instead of the class folders of ``data`` (`data/labels.py`)."""
     from mpitrain.data.labels import Columns, index_of
-    from mpitrain.evaluate import ensemble, modelio
+    from mpitrain.evaluate import ensemble, merged, modelio
 
+    views = views or Views()
+    views.check()
     info = ensemble.read_info(model, need_threshold=threshold is None)
+    merges = merged.parse(list(views.merge_classes), info.classes)
+    if views.adjust_prior:
+        from mpitrain.evaluate.prior import model_prior
+
+        model_prior(info)  # the error, if any, before any image is read
     modelio.check_image_size(info, image_size)
     t, source = modelio.resolve_threshold(info, threshold)
     index = index_of(data, labels, columns or Columns())
@@ -70,7 +103,9 @@ def prepare(
     mapped = modelio.label_map(info, index.classes, where)[index.labels]
     if check_outputs:  # rank 0 writes, so rank 0 checks (the paths may not exist elsewhere)
         _check_outputs(json_path, plots)
-    return Setup(info, index.where, list(index.paths), mapped, t, source, list(index.skipped))
+    if views.adjust_prior and threshold is None:
+        t, source = None, "argmax"  # the adjusted probabilities decide for the estimated mix
+    return Setup(info, index.where, list(index.paths), mapped, t, source, list(index.skipped), views, merges)
 
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
@@ -95,10 +130,10 @@ def evaluate_main(
     echo=print,
     labels: str | None = None,
     columns=None,
+    views: Views | None = None,
 ) -> int:
     from mpitrain.data.cache import load_images_cached
     from mpitrain.errors import agree
-    from mpitrain.evaluate import modelio
     from mpitrain.parallel.comm import launched_by_mpi, world
     from mpitrain.runtime import started_at
 
@@ -116,6 +151,7 @@ def evaluate_main(
             check_outputs=comm.rank == 0,
             labels=labels,
             columns=columns,
+            views=views,
         )
     except UserError as e:
         err = str(e)
@@ -150,7 +186,7 @@ def evaluate_main(
         )  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
-        probs = modelio.predict_probs(net, x, k)
+        probs = _predict(net, x, [setup.paths[i] for i in idx], setup)
     else:
         ok, errors, probs = np.zeros(0, bool), [], np.zeros((0, k), np.float32)
 
@@ -173,8 +209,13 @@ def evaluate_main(
         raise RuntimeError("evaluation shards do not cover every file exactly once")
     probs, ok = all_probs[order], all_ok[order].astype(bool)
     truth = setup.labels[ok]
-    probs = probs[ok]
+    probs, adjusted = _adjusted(setup, probs[ok])
     result = _metrics(setup, truth, probs, counts)
+    result.update(_view_facts(setup, adjusted))
+    if setup.merges:
+        from mpitrain.evaluate.merged import merge_metrics
+
+        result["merged_classes"] = merge_metrics(probs, truth, list(info.classes), setup.merges)
     result.update(
         model=info.label,
         members=[str(m.path) for m in info.members],
@@ -205,6 +246,59 @@ def evaluate_main(
         made = figures.write_all(Path(plots), truth, probs, result, title=Path(setup.data_dir).name)
         echo(f"wrote {', '.join(made.values())} to {plots}")
     return 0
+
+
+def _predict(net, x: np.ndarray, paths: list[str], setup: Setup) -> np.ndarray:
+    """This rank's probabilities: through ``--shift`` and ``--tta`` when asked (`tta.py`)."""
+    from mpitrain.evaluate import tta
+
+    v = setup.views
+    if v.tta == 1 and v.shift is None:
+        from mpitrain.evaluate.modelio import predict_probs
+
+        return predict_probs(net, x, len(setup.info.classes))
+    keys = tta.image_keys(paths)
+    if v.shift is not None:
+        x = tta.shifted(x, keys, v.shift, v.tta_seed)
+    policy = v.tta_augment or tta.default_policy(setup.info)
+    return tta.predict_views(net, x, keys, len(setup.info.classes), v.tta, policy, v.tta_seed)
+
+
+def _adjusted(setup: Setup, probs: np.ndarray):
+    """(the probabilities to score, the `prior.Adjusted` of --adjust-prior or None)."""
+    if not setup.views.adjust_prior or not len(probs):
+        return probs, None
+    from mpitrain.evaluate.prior import adjust, model_prior
+
+    train_prior, _ = model_prior(setup.info)
+    got = adjust(probs, train_prior)
+    return got.probs, got
+
+
+def _view_facts(setup: Setup, adjusted) -> dict:
+    """The JSON's record of --tta / --shift / --adjust-prior (null when not used)."""
+    from mpitrain.evaluate import tta
+
+    v, classes = setup.views, list(setup.info.classes)
+    facts: dict = {
+        "tta": {"views": v.tta, "augment": v.tta_augment or tta.default_policy(setup.info), "seed": v.tta_seed}
+        if v.tta > 1
+        else None,
+        "shift": {"augment": v.shift, "seed": v.tta_seed} if v.shift else None,
+        "prior_adjustment": None,
+    }
+    if adjusted is not None:
+        from mpitrain.evaluate.prior import model_prior
+
+        train_prior, where = model_prior(setup.info)
+        facts["prior_adjustment"] = {
+            "trained_for": dict(zip(classes, map(float, train_prior))),
+            "trained_for_from": where,
+            "estimated": dict(zip(classes, map(float, adjusted.prior))),
+            "iterations": adjusted.iterations,
+            "converged": adjusted.converged,
+        }
+    return facts
 
 
 def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:
@@ -246,8 +340,39 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     )
     source = {"model": info.threshold_method, "--threshold": "--threshold"}.get(setup.source)
     echo(text_table(result, source))
+    for line in _view_lines(result):
+        echo(line)
+    if result.get("merged_classes"):
+        from mpitrain.evaluate.merged import text_lines
+
+        for line in text_lines(result["merged_classes"]):
+            echo(line)
     for line in context_lines(info, result):
         echo(line)
+
+
+def _view_lines(result: dict) -> list[str]:
+    """What --tta, --shift and --adjust-prior did, under the table."""
+    lines = []
+    if result.get("shift"):
+        s = result["shift"]
+        lines.append(f"shift: every image through one seeded draw of --augment {s['augment']} (seed {s['seed']})")
+    if result.get("tta"):
+        t = result["tta"]
+        lines.append(
+            f"test-time augmentation: mean of {t['views']} views (the image and {t['views'] - 1} draws of "
+            f"{t['augment']}, seed {t['seed']})"
+        )
+    a = result.get("prior_adjustment")
+    if a:
+        mix = lambda d: ", ".join(f"{c} {v:.1%}" for c, v in d.items())  # noqa: E731
+        lines.append(
+            f"prior adjustment (Saerens EM, {a['iterations']} iterations"
+            + ("" if a["converged"] else ", not converged")
+            + f"): trained for {mix(a['trained_for'])} ({a['trained_for_from']}); these images estimated at "
+            f"{mix(a['estimated'])}; decisions by argmax of the adjusted probabilities"
+        )
+    return lines
 
 
 def context_lines(info, result: dict) -> list[str]:

@@ -101,7 +101,9 @@ def predict_main(
     image_size: int | str | None = None,
     threads: int | None = None,
     precision: str = "fp32",
+    tta: tuple[int, str | None, int] = (1, None, 0),
 ) -> int:
+    """``tta``: (views, policy or None for the model's, seed) of ``--tta`` (`tta.py`)."""
     from mpitrain.evaluate import ensemble, modelio
     from mpitrain.parallel.comm import launched_by_mpi, world
 
@@ -112,6 +114,8 @@ def predict_main(
     t, source = modelio.resolve_threshold(info, threshold)
     if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
         raise UserError(f"--csv {csv_path}: need a file in an existing folder")
+    if tta[0] < 1:
+        raise UserError(f"--tta must be 1 (off) or more views, got {tta[0]}")
     items, again = unique(collect(paths))
     if again:
         print(repeat_note(again), file=sys.stderr)
@@ -133,7 +137,7 @@ def predict_main(
         writer.writerow(["path", "predicted"] + [f"p_{c}" for c in info.classes] + ["decision", "error"])
         for a in range(0, len(items), BLOCK):
             block = items[a : a + BLOCK]
-            probs, ok, reasons = _predict_block(net, info, [p for p, why in block if why is None])
+            probs, ok, reasons = _predict_block(net, info, [p for p, why in block if why is None], tta)
             j = 0
             for path, why in block:
                 if why is None:
@@ -157,18 +161,24 @@ def predict_main(
         + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
         + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
         + (f"; wrote {csv_path}" if csv_path else "")
+        + (f"; test-time augmentation: {tta[0]} views" if tta[0] > 1 else "")
     )
     return 1 if failed else 0
 
 
-def _predict_block(net, info, files: list[str]):
+def _predict_block(net, info, files: list[str], tta=(1, None, 0)):
     """(probs [n, k] float32, ok [n], reason per file or None) for one block of files."""
     from mpitrain.data.decode import decode_images
     from mpitrain.evaluate import modelio
+    from mpitrain.evaluate import tta as views
 
     if not files:
         return np.zeros((0, len(info.classes)), np.float32), np.zeros(0, bool), []
     x, ok, errors = decode_images(files, info.image_size, channels=info.channels)
     why = dict(errors)
-    probs = modelio.predict_probs(net, x, len(info.classes))
+    if tta[0] > 1:
+        policy = tta[1] or views.default_policy(info)
+        probs = views.predict_views(net, x, views.image_keys(files), len(info.classes), tta[0], policy, tta[2])
+    else:
+        probs = modelio.predict_probs(net, x, len(info.classes))
     return probs, ok, [why.get(f) for f in files]

@@ -524,6 +524,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     from mpitrain.atomic import write_json
     from mpitrain.engine.metrics import classification_metrics
     from mpitrain.evaluate import modelio
+    from mpitrain.evaluate.prior import loss_prior
     from mpitrain.evaluate.threshold import choose_for_classes, describe, positive_index
     from mpitrain.train import runfolder
 
@@ -533,6 +534,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     from mpitrain.data.dataset import class_weights
 
     counts = plan.class_counts()
+    weights = class_weights(counts, cfg.class_weight)
     choice = choose_for_classes(
         result.val_labels,
         result.val_probs,
@@ -540,7 +542,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         cfg.target_sensitivity,
         cfg.threshold_policy,
         counts,
-        class_weights(counts, cfg.class_weight),
+        weights,
     )
     if cfg.target_sensitivity is not None and positive is None:
         lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
@@ -572,6 +574,10 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         channels=channels_for(cfg),
         validation=plan.protocol(),
         train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)},
+        # The class mix the loss saw (counts x class weights): the prior that
+        # `evaluate --adjust-prior` replaces, and the policy `--tta` draws from by default.
+        train_prior=dict(zip(plan.classes, loss_prior(counts, weights))),
+        augment=cfg.augment,
     )
     timings = {
         "ranks": ranks,
