@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,9 @@ class Setup:
     threshold: float | None
     source: str  # "model", "--threshold" or "argmax"
     skipped: list  # label-file rows left out (no such file, empty cells): (path, reason)
-    views: Views = Views()
+    views: Views = Views()  # --tta-augment resolved (`tta.default_policy`)
     merges: list = field(default_factory=list)  # `merged.parse` of --merge-classes
+    train_prior: tuple | None = None  # --adjust-prior: `prior.model_prior` (the mix, where it came from)
 
 
 def _check_outputs(json_path: str | None, plots: str | None) -> None:
@@ -86,16 +87,18 @@ def prepare(
     """Everything that can be checked without Keras; raises UserError (all ranks alike).
     ``labels``: a label file instead of the class folders of ``data`` (`data/labels.py`)."""
     from mpitrain.data.labels import Columns, index_of
-    from mpitrain.evaluate import ensemble, merged, modelio
+    from mpitrain.evaluate import ensemble, merged, modelio, tta
 
     views = views or Views()
     views.check()
     info = ensemble.read_info(model, need_threshold=threshold is None)
+    views = replace(views, tta_augment=views.tta_augment or tta.default_policy(info))
     merges = merged.parse(list(views.merge_classes), info.classes)
-    if views.adjust_prior:
+    train_prior = None
+    if views.adjust_prior:  # its error, if any, before any image is read
         from mpitrain.evaluate.prior import model_prior
 
-        model_prior(info)  # the error, if any, before any image is read
+        train_prior = model_prior(info)
     modelio.check_image_size(info, image_size)
     t, source = modelio.resolve_threshold(info, threshold)
     index = index_of(data, labels, columns or Columns())
@@ -105,7 +108,9 @@ def prepare(
         _check_outputs(json_path, plots)
     if views.adjust_prior and threshold is None:
         t, source = None, "argmax"  # the adjusted probabilities decide for the estimated mix
-    return Setup(info, index.where, list(index.paths), mapped, t, source, list(index.skipped), views, merges)
+    return Setup(
+        info, index.where, list(index.paths), mapped, t, source, list(index.skipped), views, merges, train_prior
+    )
 
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
@@ -186,7 +191,10 @@ def evaluate_main(
         )  # `mpitrain data` caches the whole folder
         # idx is whole chunks in order (only the last chunk of all may be short), so the
         # BATCH-row slices of predict_probs are exactly the global chunks.
-        probs = _predict(net, x, [setup.paths[i] for i in idx], setup)
+        from mpitrain.evaluate import tta
+
+        v = setup.views
+        probs = tta.predict(net, x, [setup.paths[i] for i in idx], k, v.tta, str(v.tta_augment), v.tta_seed, v.shift)
     else:
         ok, errors, probs = np.zeros(0, bool), [], np.zeros((0, k), np.float32)
 
@@ -209,9 +217,9 @@ def evaluate_main(
         raise RuntimeError("evaluation shards do not cover every file exactly once")
     probs, ok = all_probs[order], all_ok[order].astype(bool)
     truth = setup.labels[ok]
-    probs, adjusted = _adjusted(setup, probs[ok])
+    probs, adjustment = _adjusted(setup, probs[ok])
     result = _metrics(setup, truth, probs, counts)
-    result.update(_view_facts(setup, adjusted))
+    result.update(_view_facts(setup), prior_adjustment=adjustment)
     if setup.merges:
         from mpitrain.evaluate.merged import merge_metrics
 
@@ -248,57 +256,30 @@ def evaluate_main(
     return 0
 
 
-def _predict(net, x: np.ndarray, paths: list[str], setup: Setup) -> np.ndarray:
-    """This rank's probabilities: through ``--shift`` and ``--tta`` when asked (`tta.py`)."""
-    from mpitrain.evaluate import tta
-
-    v = setup.views
-    if v.tta == 1 and v.shift is None:
-        from mpitrain.evaluate.modelio import predict_probs
-
-        return predict_probs(net, x, len(setup.info.classes))
-    keys = tta.image_keys(paths)
-    if v.shift is not None:
-        x = tta.shifted(x, keys, v.shift, v.tta_seed)
-    policy = v.tta_augment or tta.default_policy(setup.info)
-    return tta.predict_views(net, x, keys, len(setup.info.classes), v.tta, policy, v.tta_seed)
-
-
-def _adjusted(setup: Setup, probs: np.ndarray):
-    """(the probabilities to score, the `prior.Adjusted` of --adjust-prior or None)."""
-    if not setup.views.adjust_prior or not len(probs):
+def _adjusted(setup: Setup, probs: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    """(the probabilities to score, the JSON's record of --adjust-prior or None)."""
+    if setup.train_prior is None or not len(probs):
         return probs, None
-    from mpitrain.evaluate.prior import adjust, model_prior
+    from mpitrain.evaluate.prior import adjust
 
-    train_prior, _ = model_prior(setup.info)
+    (train_prior, where), classes = setup.train_prior, list(setup.info.classes)
     got = adjust(probs, train_prior)
-    return got.probs, got
-
-
-def _view_facts(setup: Setup, adjusted) -> dict:
-    """The JSON's record of --tta / --shift / --adjust-prior (null when not used)."""
-    from mpitrain.evaluate import tta
-
-    v, classes = setup.views, list(setup.info.classes)
-    facts: dict = {
-        "tta": {"views": v.tta, "augment": v.tta_augment or tta.default_policy(setup.info), "seed": v.tta_seed}
-        if v.tta > 1
-        else None,
-        "shift": {"augment": v.shift, "seed": v.tta_seed} if v.shift else None,
-        "prior_adjustment": None,
+    return got.probs, {
+        "trained_for": dict(zip(classes, map(float, train_prior))),
+        "trained_for_from": where,
+        "estimated": dict(zip(classes, map(float, got.prior))),
+        "iterations": got.iterations,
+        "converged": got.converged,
     }
-    if adjusted is not None:
-        from mpitrain.evaluate.prior import model_prior
 
-        train_prior, where = model_prior(setup.info)
-        facts["prior_adjustment"] = {
-            "trained_for": dict(zip(classes, map(float, train_prior))),
-            "trained_for_from": where,
-            "estimated": dict(zip(classes, map(float, adjusted.prior))),
-            "iterations": adjusted.iterations,
-            "converged": adjusted.converged,
-        }
-    return facts
+
+def _view_facts(setup: Setup) -> dict:
+    """The JSON's record of --tta and --shift (null when not used)."""
+    v = setup.views
+    return {
+        "tta": {"views": v.tta, "augment": v.tta_augment, "seed": v.tta_seed} if v.tta > 1 else None,
+        "shift": {"augment": v.shift, "seed": v.tta_seed} if v.shift else None,
+    }
 
 
 def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:

@@ -169,16 +169,12 @@ def predict_main(
 def _predict_block(net, info, files: list[str], tta=(1, None, 0)):
     """(probs [n, k] float32, ok [n], reason per file or None) for one block of files."""
     from mpitrain.data.decode import decode_images
-    from mpitrain.evaluate import modelio
     from mpitrain.evaluate import tta as views
 
     if not files:
         return np.zeros((0, len(info.classes)), np.float32), np.zeros(0, bool), []
     x, ok, errors = decode_images(files, info.image_size, channels=info.channels)
     why = dict(errors)
-    if tta[0] > 1:
-        policy = tta[1] or views.default_policy(info)
-        probs = views.predict_views(net, x, views.image_keys(files), len(info.classes), tta[0], policy, tta[2])
-    else:
-        probs = modelio.predict_probs(net, x, len(info.classes))
+    policy = tta[1] or views.default_policy(info)
+    probs = views.predict(net, x, files, len(info.classes), tta[0], policy, tta[2])
     return probs, ok, [why.get(f) for f in files]

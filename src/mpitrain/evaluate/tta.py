@@ -57,6 +57,21 @@ def predict_views(
     return (total / views).astype(np.float32)
 
 
+def predict(
+    net, x: np.ndarray, paths: list[str], n_classes: int, views: int, policy: str, seed: int, shift: str | None = None
+) -> np.ndarray:
+    """Evaluate's and predict's probabilities of ``x`` (decoded ``paths``): through ``--shift``
+    and ``--tta`` when asked, else the plain prediction loop (no keys, no copies)."""
+    if views == 1 and shift is None:
+        from mpitrain.engine.predict import predict_probs
+
+        return predict_probs(net, x, n_classes)
+    keys = image_keys(paths)
+    if shift is not None:
+        x = shifted(x, keys, shift, seed)
+    return predict_views(net, x, keys, n_classes, views, policy, seed)
+
+
 def default_policy(info) -> str:
     """The policy a model's TTA views are drawn from unless ``--tta-augment`` says."""
     trained = (info.members or [info])[0].extra.get("augment")
