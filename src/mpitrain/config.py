@@ -102,6 +102,18 @@ def image_size_text(size: ImageSize, short: bool = False) -> str:
     return str(h) if short and h == w else f"{w}x{h}"
 
 
+def check_ema(ema: float | None) -> None:
+    """The one --ema rule (TrainConfig and the engine's Options): off (None), or a momentum in (0, 1)."""
+    if ema is not None and not (isinstance(ema, numbers.Real) and 0.0 < ema < 1.0):
+        raise UserError(f"--ema must be in (0, 1), e.g. 0.999 (a weight average over ~1000 steps), got {ema}")
+
+
+def check_label_smoothing(eps: float) -> None:
+    """The one --label-smoothing rule (TrainConfig and the engine's Options): in [0, 1)."""
+    if not (isinstance(eps, numbers.Real) and 0.0 <= eps < 1.0):
+        raise UserError(f"--label-smoothing must be in [0, 1) (0: off), got {eps}")
+
+
 def check_sources(
     data, labels, val_data, val_labels, path_column: str, label_column: str, patient_column, groups: str, group_pattern
 ) -> None:
@@ -178,6 +190,19 @@ class TrainConfig:
     lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
+    ema: float | None = _opt(
+        None,
+        "keep an exponential moving average of the weights with this momentum (e.g. 0.999): "
+        "validation, --keep-best and the saved model use the average, training the raw weights "
+        "(allreduce, local-sgd; default: off)",
+        metavar="M",
+    )
+    label_smoothing: float = _opt(
+        0.0,
+        "train against smoothed labels: 1 - EPS on the true class plus EPS / classes on every class "
+        "(the training loss only: val_loss stays the plain cross-entropy)",
+        metavar="EPS",
+    )
     model: str = _opt(
         "seed",
         "a keras.applications name (resnet50, mobilenet_v3_small, ...), MODULE:FUNCTION, a .keras file, "
@@ -338,6 +363,8 @@ class TrainConfig:
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+        check_ema(self.ema)
+        check_label_smoothing(self.label_smoothing)
         check_image_size(self.image_size)
         self.image_size = image_size_value(self.image_size)  # a square stays the int it always was
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")

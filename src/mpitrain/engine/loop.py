@@ -9,7 +9,9 @@ Every rank runs the same epochs and steps; the strategy (`parallel/strategies/`)
 exchanged and when. Metrics come from sums and predictions over the whole data set
 (`epochs.py`), with two exceptions: after an elastic recovery the epoch's data was
 re-sharded mid-way, and after a mid-epoch resume the training AUC covers only the steps
-after the checkpoint (loss and accuracy are exact: their sums are checkpointed). Only rank 0
+after the checkpoint (loss and accuracy are exact: their sums are checkpointed). With
+--ema, validation, the callbacks at an epoch's end and the model at the end see the
+optimizer's average of the weights, training the raw ones (`engine/ema.py`). Only rank 0
 prints and writes; every callback runs on every rank with the global epoch row. Rank 0 checkpoints at every epoch end (and every --checkpoint-every
 steps), and a run can continue from a checkpoint bit for bit.
 
@@ -45,11 +47,12 @@ import numpy as np
 from mpitrain.engine.callbacks.base import CallbackList
 from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.progress import ProgressBar
+from mpitrain.engine.ema import WeightAverage
 from mpitrain.engine.epochs import epoch_metrics, loss_sum
 from mpitrain.engine.options import Options
 from mpitrain.engine.predict import predict_probs
-from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step, per_sample_loss
-from mpitrain.errors import AgreedError, QuietExit, StopRequested
+from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step, per_sample_loss, smoothed_loss
+from mpitrain.errors import AgreedError, QuietExit, StopRequested, UserError
 from mpitrain.parallel import preempt
 from mpitrain.parallel.comm import RankLost
 from mpitrain.parallel.pulses import Pulses
@@ -117,16 +120,34 @@ def event(kind: str, **fields) -> dict:
 def _make_optimizer(opts: Options, lr: float):
     import keras
 
+    # --ema: Keras' own moving average of the weights (engine/ema.py); not a keyword at all
+    # without it, so a default run builds the very optimizer it always did.
+    ema = {} if opts.ema is None else {"use_ema": True, "ema_momentum": opts.ema}
     if opts.optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=opts.momentum)
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=opts.momentum, **ema)
     else:
-        opt = keras.optimizers.Adam(learning_rate=lr)
+        opt = keras.optimizers.Adam(learning_rate=lr, **ema)
     if opts.precision == "fp16":  # dynamic loss scaling: see engine/steps.py
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
 
 
 DEFAULT_LR = 1e-3
+
+
+def check_own_parts(model, ema: float | None, label_smoothing: float) -> None:
+    """--ema and --label-smoothing change the engine's own optimizer and loss: a one-line
+    UserError for a model compiled with an optimizer or a loss of its own."""
+    if ema is not None and getattr(model, "optimizer", None) is not None:
+        raise UserError(
+            "--ema makes mpitrain's optimizer keep the weights' average, and the model was compiled with an "
+            "optimizer of its own: compile it without one (or give it use_ema=True yourself) and drop --ema"
+        )
+    if label_smoothing and getattr(model, "loss", None) is not None:
+        raise UserError(
+            "--label-smoothing smooths mpitrain's cross-entropy, and the model was compiled with a loss of its "
+            "own: compile it without one (or smooth in your loss) and drop --label-smoothing"
+        )
 
 
 def _optimizer_for(model, opts: Options):
@@ -189,12 +210,17 @@ class Engine:
         self.checkpoints, self.checkpoint_dir, self.reshard = checkpoints, checkpoint_dir, reshard
         self.checkpoint_config = checkpoint_config if checkpoint_config is not None else _as_dict(opts)
         self.augment, self.wrap_step = augment, wrap_step
+        check_own_parts(model, opts.ema, opts.label_smoothing)
         self.n_classes = int(model.output_shape[-1])
         self.class_w = _class_weights(class_weight, self.n_classes)
         self.optimizer, self.set_lr = _optimizer_for(model, opts)
         self.optimizer.build(model.trainable_variables)
+        self.ema = WeightAverage(self.optimizer)  # --ema's averages (none without it)
         self.loss_fn = per_sample_loss(model)
         self.own_loss = getattr(model, "loss", None) is not None
+        # --label-smoothing: the train step's loss alone; validation keeps the plain `loss_fn`.
+        eps = opts.label_smoothing
+        self.train_loss = smoothed_loss(self.n_classes, eps) if eps else self.loss_fn
         self.predict = make_predict_step(model)
         self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
         self.result = Result()
@@ -248,7 +274,7 @@ class Engine:
             input_dtype=rows.dtype if self.integer_input else np.float32,
             max_value=self.data.train_max if self.integer_input else 1.0,
             sums=self.sums,
-            loss_fn=self.loss_fn,
+            loss_fn=self.train_loss,
             set_lr=self.set_lr,
         )
         if self.wrap_step is not None:
@@ -309,6 +335,7 @@ class Engine:
                     if not (comm.elastic and (comm.failed or isinstance(e, RankLost))):
                         raise
                     first, stats = self._recover(epoch), None
+            self.ema.adopt()  # --ema: the model ends with the averaged weights (KeepBest may pick an earlier epoch's)
             if trained:
                 # Resumed from the final checkpoint (the model was not saved yet): the threshold
                 # and the saved metrics need the validation predictions of the final weights.
@@ -374,22 +401,12 @@ class Engine:
         # validating and writing the checkpoint) while the workers are already at work.
         train_time = comm.allreduce_max(train_time)
         train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes)
-        val_m, *validated = self._validate(epoch)
-        self.dog.beat(f"validation after epoch {epoch + 1}")
-        row = None
-        if comm.rank == 0:
-            row = {
-                "epoch": epoch + 1,
-                **train_m,
-                **{f"val_{k}": v for k, v in val_m.items()},
-                "lr": self._lr((epoch + 1) * self.steps - 1),
-                "seconds": round(train_time, 3),
-                "images_per_second": round(stats[0] / max(train_time, 1e-9), 1),
-            }
-            self.result.keep_validation(*validated)
-        row = comm.bcast_obj(row)  # collective: every rank's callbacks see the global row
-        self.history.append(row)
-        self.callbacks.on_epoch_end(epoch, row)
+        # --ema: validation and the callbacks (KeepBest's copy) see the averaged weights; the
+        # checkpoint below holds the raw ones again, which training goes on from.
+        with self.ema.swapped():
+            row = self._epoch_row(epoch, train_m, train_time, stats[0])
+            self.history.append(row)
+            self.callbacks.on_epoch_end(epoch, row)
         last = epoch + 1 == opts.epochs or self.stop_training
         # The last one is "trained", not "finished": the run is finished only once the caller
         # has saved the model (train/command.py marks it then), so a kill in between can resume.
@@ -400,6 +417,24 @@ class Engine:
         if self.checkpoints and not last and sync.stop_vote():
             raise StopRequested(epoch + 1, 0)
         return float(stats[0])
+
+    def _epoch_row(self, epoch: int, train_m: dict, train_time: float, samples: float) -> dict:
+        """Collective: validate, and the epoch's row of the history, the same on every rank."""
+        comm = self.comm
+        val_m, *validated = self._validate(epoch)
+        self.dog.beat(f"validation after epoch {epoch + 1}")
+        row = None
+        if comm.rank == 0:
+            row = {
+                "epoch": epoch + 1,
+                **train_m,
+                **{f"val_{k}": v for k, v in val_m.items()},
+                "lr": self._lr((epoch + 1) * self.steps - 1),
+                "seconds": round(train_time, 3),
+                "images_per_second": round(samples / max(train_time, 1e-9), 1),
+            }
+            self.result.keep_validation(*validated)
+        return comm.bcast_obj(row)  # collective: every rank's callbacks see the global row
 
     def run_steps(self, epoch: int, first: int = 0, stats=None):
         """The steps of `epoch` from `first` on, then the strategy's epoch end: (this rank's

@@ -21,6 +21,10 @@ class Options:
     lr: float | None = None
     optimizer: str = "adam"  # adam or sgd, when the model brings no optimizer of its own
     momentum: float = 0.0
+    # The weights' moving average the optimizer keeps (None: off); validation, KeepBest and
+    # the model at the end use it (`engine/ema.py`). Only for the engine's own optimizer.
+    ema: float | None = None
+    label_smoothing: float = 0.0  # of the training loss only (val_loss stays the plain loss)
     strategy: str = "allreduce"
     sync_every: int | None = None
     lr_scaling: str = "auto"
@@ -34,6 +38,12 @@ class Options:
     timeout: float | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        from mpitrain.config import check_ema, check_label_smoothing
+
+        check_ema(self.ema)
+        check_label_smoothing(self.label_smoothing)
 
     @classmethod
     def of(cls, config) -> Options:

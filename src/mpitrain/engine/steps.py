@@ -119,6 +119,19 @@ def per_sample_loss(model):
     return loss  # a function of (y_true, y_pred)
 
 
+def smoothed_loss(n_classes: int, smoothing: float):
+    """--label-smoothing: per-row cross-entropy (y, probs) against the one-hot labels of `y`
+    smoothed to (1 - smoothing) on the true class plus smoothing / n_classes on every class
+    (Keras' own `label_smoothing`, the same clipping as the plain loss)."""
+    import keras
+
+    def loss(y, probs):
+        target = keras.ops.one_hot(y, n_classes, dtype=probs.dtype)
+        return keras.losses.categorical_crossentropy(target, probs, label_smoothing=smoothing)
+
+    return loss
+
+
 def make_train_step(
     model,
     optimizer,

@@ -59,3 +59,15 @@ def frozen_weights(model) -> set[int]:
     if walk is None:
         return set()
     return {id(v) for layer in walk(include_self=True, recursive=True) if not layer.trainable for v in layer.weights}
+
+
+def moving_averages(optimizer) -> list[tuple]:
+    """(variable, its moving average) for every variable a Keras optimizer built with
+    `use_ema=True` averages, in the order it was built for ([] without EMA); with loss
+    scaling, the inner optimizer's. Keras keeps the averages in
+    `_model_variables_moving_average` (None for a variable it never averages)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(inner, "use_ema", False):
+        return []
+    pairs = zip(inner._trainable_variables, inner._model_variables_moving_average)
+    return [(v, a) for v, a in pairs if a is not None]

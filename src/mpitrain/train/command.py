@@ -486,6 +486,14 @@ def data_lines(cfg: TrainConfig, plan, channels: int, colour: tuple[int, int] = 
     ]
 
 
+def _train_loss_note(cfg: TrainConfig) -> str | None:
+    """What makes the training loss of the curves other than val_loss's plain cross-entropy."""
+    why = ["class-weighted (--class-weight balanced)"] if cfg.class_weight == "balanced" else []
+    if cfg.label_smoothing:
+        why.append(f"smoothed labels (--label-smoothing {cfg.label_smoothing:g})")
+    return "train: " + ", ".join(why) if why else None
+
+
 def time_line(total: float, loading: float, training: float, ranks: int) -> str:
     """The last line of a run: its wall time from the command's start, as `evaluate` says it."""
     start_up = "starting the ranks" if ranks > 1 else "Python start-up"
@@ -627,8 +635,9 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
     try:
         from mpitrain.evaluate import plots, report
 
-        note = "train: class-weighted (--class-weight balanced)" if cfg.class_weight == "balanced" else None
-        figures = plots.write_all(out, result.val_labels, result.val_probs, metrics, result.history, loss_note=note)
+        figures = plots.write_all(
+            out, result.val_labels, result.val_probs, metrics, result.history, loss_note=_train_loss_note(cfg)
+        )
         counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, counts))
         report.write_report(
             out,

@@ -48,12 +48,13 @@ def compressions() -> tuple[str, ...]:
 def resolve(cfg):
     """A copy of the TrainConfig `cfg` with its strategy's rules applied: every "auto"/None
     default replaced by the value it stands for. A one-line UserError for an unknown
-    --strategy or a --compress the strategy cannot apply. (The config does not import the
+    --strategy, or a --compress or --ema the strategy cannot apply. (The config does not import the
     strategies: its module sits below every layer.)"""
     if cfg.strategy not in REGISTRY:
         raise UserError(f"--strategy must be one of {', '.join(names())}")
     rules = REGISTRY[cfg.strategy]
     rules.check_compress(cfg.compress)
+    rules.check_ema(cfg.ema)
     scaling, schedule = rules.auto_lr
     return dataclasses.replace(
         cfg,

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpitrain.errors import UserError
-from mpitrain.parallel.flat import FlatVars, float_vars, frozen_weights
+from mpitrain.parallel.flat import FlatVars, float_vars, frozen_weights, moving_averages
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm, Request
@@ -57,6 +57,9 @@ class Sync:
     auto_lr: tuple[str, str] = ("sqrt", "cosine")  # (--lr-scaling, --lr-schedule) for "auto"
     compressions: tuple[str, ...] = ("none",)  # --compress values the strategy can apply
     vote_every = 8  # steps between nonblocking stop votes (strategies without a per-step collective)
+    # Whether --ema's moving average stays the same on every rank (allreduce: the same steps
+    # everywhere; local-sgd: averaged with the weights); why not, where it does not.
+    ema_why_not = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -93,6 +96,13 @@ class Sync:
                 f"--compress {compress} compresses the gradients of {' / '.join(users) or 'no strategy'}; "
                 f"--strategy {cls.name} takes --compress {' or '.join(cls.compressions)}"
             )
+
+    @classmethod
+    def check_ema(cls, ema: float | None) -> None:
+        """One-line UserError when this strategy cannot keep `--ema ema` (None: off)."""
+        if ema is not None and cls.ema_why_not:
+            users = sorted(name for name, c in REGISTRY.items() if not c.ema_why_not)
+            raise UserError(f"--ema with --strategy {cls.name}: {cls.ema_why_not}; use --strategy {' or '.join(users)}")
 
     @classmethod
     def train_ranks_of(cls, size: int) -> int:
@@ -149,6 +159,9 @@ class Sync:
         # again when a callback changes what trains (Engine.rebuild_step).
         frozen = frozen_weights(model)
         self.trained = [v for v in self.weights.variables if id(v) not in frozen]
+        # --ema: the optimizer's moving averages of the weights that train (none without it).
+        trained = {id(v) for v in self.trained}
+        self.averages = [a for v, a in moving_averages(optimizer) if id(v) in trained]
         self.statistics = [v for v in float_vars(model.non_trainable_weights) if id(v) not in frozen]
 
     def start(self, model, optimizer) -> None:

@@ -16,7 +16,9 @@ class LocalSGDSync(Sync):
 
     Optimizer state (Adam moments, momentum) stays local: averaging it would triple the
     traffic of each sync, and after a sync every rank's state still describes the same
-    recent gradient statistics of its own data, which is what it is used for.
+    recent gradient statistics of its own data, which is what it is used for. The one
+    exception is --ema's moving average of the weights: it is what is validated and saved,
+    so it is averaged with them, in the same buffer (every rank then holds the same).
     """
 
     name = "local-sgd"
@@ -39,7 +41,7 @@ class LocalSGDSync(Sync):
     def after_step(self, step: int, steps: int, samples: int) -> None:
         if self.sync_every and step % self.sync_every == 0 and step != steps:
             # The stop vote rides in the average's buffer: decided every K steps, for free.
-            self._stop = self._average_weights(self.trained, vote=True)
+            self._stop = self._average_weights(self.trained + self.averages, vote=True)
 
     def stop_agreed(self, step: int, steps: int) -> bool:
         if self.comm.size == 1 or not self.sync_every:
@@ -48,4 +50,4 @@ class LocalSGDSync(Sync):
         return stop
 
     def end_epoch(self) -> None:
-        self._average_weights(self.trained)
+        self._average_weights(self.trained + self.averages)

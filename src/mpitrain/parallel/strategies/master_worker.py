@@ -35,6 +35,9 @@ class MasterWorkerSync(Sync):
     # workers trained apart, progress more slowly per epoch, and do best with the plain
     # single-rank rate held constant.
     auto_lr = ("none", "constant")
+    # The master's model is the one validated and saved, and the master takes no optimizer
+    # step: its averaged weights have no moving average to swap in.
+    ema_why_not = "the master, whose model is validated and saved, takes no optimizer steps to average"
 
     def __init__(
         self,
