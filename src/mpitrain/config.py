@@ -30,7 +30,7 @@ LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
-AUGMENTS = ("none", "xray", "xray-strong")  # --augment: data/augment.py applies them
+AUGMENTS = ("none", "xray", "xray-strong", "xray-sharpness")  # --augment: data/augment.py applies them
 GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.py
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")

@@ -91,6 +91,37 @@ def test_uint8_uint16_and_float_rows_give_the_same_picture():
     assert np.abs(c - d).max() < 2.0 / 255
 
 
+def _laplacian(x):
+    import cv2
+
+    return np.array([np.abs(cv2.Laplacian(np.asarray(i, np.float32), cv2.CV_32F)).mean() for i in x])
+
+
+def test_sharpness_blurs_and_sharpens_and_keeps_the_rows_dtype():
+    from mpitrain.data.augment import _sharpness
+
+    for x in (_batch(n=3), _batch(n=3, dtype=np.uint16, top=4095), as_float(_batch(n=3), 255.0)[..., 0]):
+        s = np.array([0.6, -0.6, 1e-3])
+        y = _sharpness(x, s)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        before, after = _laplacian(x), _laplacian(y)
+        assert after[0] < 0.8 * before[0] and after[1] > 1.2 * before[1]  # blurred, sharpened
+        assert abs(after[2] - before[2]) < 0.01 * before[2]  # sigma ~0: the image as it was
+
+
+def test_the_sharpness_policy_is_the_strong_one_plus_a_spread_of_sharpness():
+    strong, sharp = POLICY["xray-strong"], POLICY["xray-sharpness"]
+    assert sharp == Policy(**{**strong.__dict__, "blur": sharp.blur, "sharpen": sharp.sharpen})
+    assert not strong.sharpness and sharp.blur > 0 and sharp.sharpen > 0
+    x = np.repeat(_batch(n=1, side=32), 64, axis=0)  # one image, 64 draws
+    plain = as_float(x, 255.0)[..., 0]
+    # Without the photometric and geometric parts, only the sharpness changes the image:
+    only = Policy(blur=sharp.blur, sharpen=sharp.sharpen)
+    lap = _laplacian(augment_batch(x, 255.0, only, 0, 0, 0, 0)[..., 0]) / _laplacian(plain[:1])[0]
+    assert lap.min() < 0.8 and lap.max() > 1.2  # some images blurred, some sharpened
+    assert (lap < 1).mean() > 0.25 and (lap > 1).mean() > 0.25
+
+
 def test_geometry_is_a_rotation_scale_and_shift_about_the_centre():
     """The drawn matrix is OpenCV's rotation about the image centre, then the shift."""
     import cv2
