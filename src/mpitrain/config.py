@@ -114,6 +114,12 @@ def check_label_smoothing(eps: float) -> None:
         raise UserError(f"--label-smoothing must be in [0, 1) (0: off), got {eps}")
 
 
+def check_mixup(alpha: float) -> None:
+    """The one --mixup rule (TrainConfig and the engine's Options): a finite ALPHA >= 0 (0: off)."""
+    if not (isinstance(alpha, numbers.Real) and 0.0 <= alpha < float("inf")):
+        raise UserError(f"--mixup must be a number >= 0, e.g. 0.2 (0: off), got {alpha}")
+
+
 def check_sources(
     data, labels, val_data, val_labels, path_column: str, label_column: str, patient_column, groups: str, group_pattern
 ) -> None:
@@ -202,6 +208,13 @@ class TrainConfig:
         "train against smoothed labels: 1 - EPS on the true class plus EPS / classes on every class "
         "(the training loss only: val_loss stays the plain cross-entropy)",
         metavar="EPS",
+    )
+    mixup: float = _opt(
+        0.0,
+        "mix each training batch with a shuffled copy of itself: image lambda x + (1 - lambda) x', "
+        "target lambda y + (1 - lambda) y', lambda ~ Beta(ALPHA, ALPHA) per image (e.g. 0.2; the "
+        "training loss only: validation is never mixed; default 0: off)",
+        metavar="ALPHA",
     )
     model: str = _opt(
         "seed",
@@ -365,6 +378,7 @@ class TrainConfig:
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         check_ema(self.ema)
         check_label_smoothing(self.label_smoothing)
+        check_mixup(self.mixup)
         check_image_size(self.image_size)
         self.image_size = image_size_value(self.image_size)  # a square stays the int it always was
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")

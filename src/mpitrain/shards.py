@@ -31,6 +31,13 @@ def epoch_order(n: int, seed: int, epoch: int, part: int) -> np.ndarray:
     return rng.permutation(n)
 
 
+def batch_rng(seed: int, epoch: int, rank: int, step: int, tag: int) -> np.random.Generator:
+    """The generator of one batch's draws: a function of its position in the run and of
+    `tag` (one per use: augmentation, mixup), nothing else. So a resumed run draws exactly
+    what the uninterrupted one drew, and no generator state needs saving."""
+    return np.random.default_rng([int(seed), int(epoch), int(rank), int(step), int(tag)])
+
+
 def steps_per_epoch(longest_shard: int, batch_size: int) -> int:
     return max(1, math.ceil(longest_shard / batch_size))
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpitrain import shards
 from mpitrain.config import AUGMENTS as POLICIES  # the --augment names: one list, in config.py
 from mpitrain.pixels import as_float
 
@@ -102,7 +103,7 @@ if tuple(POLICY) != POLICIES:  # a policy is added in both places, or the option
 
 def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:
     """The generator of one batch: a function of its position in the run, nothing else."""
-    return np.random.default_rng([int(seed), int(epoch), int(rank), int(step), _TAG])
+    return shards.batch_rng(seed, epoch, rank, step, _TAG)
 
 
 def _log_uniform(rng, lo_hi, n):

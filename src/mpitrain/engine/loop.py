@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from mpitrain.engine import mixup as mixing
 from mpitrain.engine.callbacks.base import CallbackList
 from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.progress import ProgressBar
@@ -51,7 +52,14 @@ from mpitrain.engine.ema import WeightAverage
 from mpitrain.engine.epochs import epoch_metrics, loss_sum
 from mpitrain.engine.options import Options
 from mpitrain.engine.predict import predict_probs
-from mpitrain.engine.steps import RunningSums, make_predict_step, make_train_step, per_sample_loss, smoothed_loss
+from mpitrain.engine.steps import (
+    RunningSums,
+    make_predict_step,
+    make_train_step,
+    per_sample_loss,
+    smoothed_loss,
+    soft_loss,
+)
 from mpitrain.errors import AgreedError, QuietExit, StopRequested, UserError
 from mpitrain.parallel import preempt
 from mpitrain.parallel.comm import RankLost
@@ -135,9 +143,9 @@ def _make_optimizer(opts: Options, lr: float):
 DEFAULT_LR = 1e-3
 
 
-def check_own_parts(model, ema: float | None, label_smoothing: float) -> None:
-    """--ema and --label-smoothing change the engine's own optimizer and loss: a one-line
-    UserError for a model compiled with an optimizer or a loss of its own."""
+def check_own_parts(model, ema: float | None, label_smoothing: float, mixup: float) -> None:
+    """--ema, --label-smoothing and --mixup change the engine's own optimizer and loss: a
+    one-line UserError for a model compiled with an optimizer or a loss of its own."""
     if ema is not None and getattr(model, "optimizer", None) is not None:
         raise UserError(
             "--ema makes mpitrain's optimizer keep the weights' average, and the model was compiled with an "
@@ -147,6 +155,11 @@ def check_own_parts(model, ema: float | None, label_smoothing: float) -> None:
         raise UserError(
             "--label-smoothing smooths mpitrain's cross-entropy, and the model was compiled with a loss of its "
             "own: compile it without one (or smooth in your loss) and drop --label-smoothing"
+        )
+    if mixup and getattr(model, "loss", None) is not None:
+        raise UserError(
+            "--mixup trains mpitrain's cross-entropy against mixed labels, and the model was compiled with a loss "
+            "of its own: compile it without one and drop --mixup"
         )
 
 
@@ -210,7 +223,7 @@ class Engine:
         self.checkpoints, self.checkpoint_dir, self.reshard = checkpoints, checkpoint_dir, reshard
         self.checkpoint_config = checkpoint_config if checkpoint_config is not None else _as_dict(opts)
         self.augment, self.wrap_step = augment, wrap_step
-        check_own_parts(model, opts.ema, opts.label_smoothing)
+        check_own_parts(model, opts.ema, opts.label_smoothing, opts.mixup)
         self.n_classes = int(model.output_shape[-1])
         self.class_w = _class_weights(class_weight, self.n_classes)
         self.optimizer, self.set_lr = _optimizer_for(model, opts)
@@ -219,8 +232,12 @@ class Engine:
         self.loss_fn = per_sample_loss(model)
         self.own_loss = getattr(model, "loss", None) is not None
         # --label-smoothing: the train step's loss alone; validation keeps the plain `loss_fn`.
+        # --mixup: against the mixed (and smoothed) one-hot targets the step is given.
         eps = opts.label_smoothing
-        self.train_loss = smoothed_loss(self.n_classes, eps) if eps else self.loss_fn
+        if opts.mixup:
+            self.train_loss = soft_loss(eps)
+        else:
+            self.train_loss = smoothed_loss(self.n_classes, eps) if eps else self.loss_fn
         self.predict = make_predict_step(model)
         self.sums = RunningSums()  # the epoch's samples, loss sum and hits, added up by the step
         self.result = Result()
@@ -264,9 +281,9 @@ class Engine:
 
     def _make_step(self) -> None:
         # Integer images enter the step as they are held and are scaled in the graph (the
-        # same bits as `as_float`); augmented batches come out of OpenCV as float32.
+        # same bits as `as_float`); augmented and mixed batches are float32 from the host.
         rows = self.data.train_x
-        self.integer_input = self.augment is None and rows.dtype.kind in "ui"
+        self.integer_input = self.augment is None and not self.options.mixup and rows.dtype.kind in "ui"
         self.step = make_train_step(
             self.model,
             self.optimizer,
@@ -276,6 +293,7 @@ class Engine:
             sums=self.sums,
             loss_fn=self.train_loss,
             set_lr=self.set_lr,
+            soft_targets=bool(self.options.mixup),
         )
         if self.wrap_step is not None:
             self.step = self.wrap_step(self.step)
@@ -456,8 +474,8 @@ class Engine:
             if s < first:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:
-                y = data.train_y[idx]
-                _, p = step(self._train_input(data.train_x[idx], epoch, s), y, self.class_w[y], lrs[s])
+                x, y, w, *soft = self._train_batch(idx, epoch, s)
+                _, p = step(x, y, w, lrs[s], *soft)
                 probs.append(p)
                 labels.append(y)
                 callbacks.on_train_batch_end(s)
@@ -527,6 +545,19 @@ class Engine:
         _, *validated = self._validate(epoch)
         if self.comm.rank == 0:
             self.result.keep_validation(*validated)
+
+    def _train_batch(self, idx: np.ndarray, epoch: int, step: int) -> tuple:
+        """(input, labels, loss weights) of one training batch, as the step takes them; with
+        --mixup, mixed (`engine/mixup.py`): the labels are the dominant ones, and the mixed
+        targets come last."""
+        x = self._train_input(self.data.train_x[idx], epoch, step)
+        y = self.data.train_y[idx]
+        alpha = self.options.mixup
+        if not alpha:
+            return x, y, self.class_w[y]
+        lam, perm = mixing.draws(alpha, len(y), self.options.seed, epoch, self.comm.rank, step)
+        m = mixing.mix(x, y, self.class_w, lam, perm)
+        return m.x, m.label, m.weight, m.target
 
     def _train_input(self, rows: np.ndarray, epoch: int, step: int) -> np.ndarray:
         """A training batch as the step takes it, augmented (`augment`) from its position alone."""

@@ -25,6 +25,7 @@ class Options:
     # the model at the end use it (`engine/ema.py`). Only for the engine's own optimizer.
     ema: float | None = None
     label_smoothing: float = 0.0  # of the training loss only (val_loss stays the plain loss)
+    mixup: float = 0.0  # Beta(mixup, mixup) mixing of training batches (`engine/mixup.py`); 0: off
     strategy: str = "allreduce"
     sync_every: int | None = None
     lr_scaling: str = "auto"
@@ -40,10 +41,11 @@ class Options:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        from mpitrain.config import check_ema, check_label_smoothing
+        from mpitrain.config import check_ema, check_label_smoothing, check_mixup
 
         check_ema(self.ema)
         check_label_smoothing(self.label_smoothing)
+        check_mixup(self.mixup)
 
     @classmethod
     def of(cls, config) -> Options:

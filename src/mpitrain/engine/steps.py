@@ -87,17 +87,18 @@ class TrainStep:
     [n, s, s, 1] of the `input_dtype` the step was made for (scaled in the graph).
     """
 
-    def __init__(self, concrete, sums, input_dtype, input_shape, guard):
+    def __init__(self, concrete, sums, input_dtype, input_shape, guard, soft_classes=0):
         self._fn, self.sums, self.input_dtype = concrete, sums, input_dtype
-        self._shape, self._guard = input_shape, guard
+        self._shape, self._guard, self._soft = input_shape, guard, soft_classes
 
-    def __call__(self, x, y, w, lr):
+    def __call__(self, x, y, w, lr, *target):
         if len(x) == 0 and not self._guard:
+            pad = (np.zeros((1, self._soft), np.float32),) if self._soft else ()
             stats, probs = self._fn(
-                np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32), np.zeros(1, np.float32), lr
+                np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32), np.zeros(1, np.float32), lr, *pad
             )
             return stats, probs[:0]
-        return self._fn(x, y, w, lr)
+        return self._fn(x, y, w, lr, *target)
 
 
 def per_sample_loss(model):
@@ -119,15 +120,27 @@ def per_sample_loss(model):
     return loss  # a function of (y_true, y_pred)
 
 
-def smoothed_loss(n_classes: int, smoothing: float):
-    """--label-smoothing: per-row cross-entropy (y, probs) against the one-hot labels of `y`
-    smoothed to (1 - smoothing) on the true class plus smoothing / n_classes on every class
-    (Keras' own `label_smoothing`, the same clipping as the plain loss)."""
+def soft_loss(smoothing: float = 0.0):
+    """Per-row cross-entropy (target, probs) against target distributions (--mixup's mixed
+    one-hot labels), smoothed to (1 - smoothing) x target + smoothing / classes (Keras' own
+    `label_smoothing`, the same clipping as the plain loss)."""
     import keras
 
-    def loss(y, probs):
-        target = keras.ops.one_hot(y, n_classes, dtype=probs.dtype)
+    def loss(target, probs):
         return keras.losses.categorical_crossentropy(target, probs, label_smoothing=smoothing)
+
+    return loss
+
+
+def smoothed_loss(n_classes: int, smoothing: float):
+    """--label-smoothing: per-row cross-entropy (y, probs) against the one-hot labels of `y`,
+    smoothed (`soft_loss`)."""
+    import keras
+
+    soft = soft_loss(smoothing)
+
+    def loss(y, probs):
+        return soft(keras.ops.one_hot(y, n_classes, dtype=probs.dtype), probs)
 
     return loss
 
@@ -141,10 +154,13 @@ def make_train_step(
     sums: RunningSums | None = None,
     loss_fn=None,
     set_lr: bool = True,
+    soft_targets: bool = False,
 ) -> TrainStep:
     """`loss_fn(y, probs)`: per-row losses (default: the model's, `per_sample_loss`).
     `set_lr`: the step sets the optimizer's learning rate to its `lr` argument (off for an
-    optimizer of the caller's whose rate is its own schedule)."""
+    optimizer of the caller's whose rate is its own schedule). `soft_targets` (--mixup): the
+    step takes a fifth argument, float32 [n, classes] targets, and the loss is
+    `loss_fn(targets, probs)`; `y` then only scores the hits."""
     import keras
     import tensorflow as tf
 
@@ -163,11 +179,13 @@ def make_train_step(
         tf.TensorSpec((), tf.float32),
     ]
     n_out = int(model.output_shape[-1])
+    if soft_targets:
+        spec.append(tf.TensorSpec((None, n_out), tf.float32))
     # A padding row would enter batch-norm statistics, so models with float non-trainable
     # state (batch norm) skip the forward pass on an empty batch instead, with zero gradients.
     guard = any("float" in str(v.dtype) for v in model.non_trainable_weights)
 
-    def forward(x, y, w):
+    def forward(x, y, w):  # y: the labels, or the soft targets (soft_targets)
         with tf.GradientTape() as tape:
             probs = tf.cast(model(x, training=True), tf.float32)
             loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float32) * w)
@@ -181,15 +199,16 @@ def make_train_step(
     divisor = tf.Variable(max_value, dtype=tf.float32, trainable=False, name="input_scale")  # see to_float_input
 
     @tf.function(input_signature=spec)
-    def compiled(x, y, w, lr):
+    def compiled(x, y, w, lr, *target):
         if integer:
             x = to_float_input(x, divisor)
         if set_lr:
             optimizer.learning_rate.assign(lr)
+        truth = target[0] if soft_targets else y  # what the loss is taken against
         if guard:
-            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, y, w), empty)
+            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, truth, w), empty)
         else:
-            grads, loss_sum, probs = forward(x, y, w)
+            grads, loss_sum, probs = forward(x, truth, w)
         hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
         counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
         stats = tf.stack([tf.reduce_sum(counted), loss_sum, tf.reduce_sum(tf.cast(hits, tf.float32) * counted)])
@@ -204,7 +223,8 @@ def make_train_step(
         sums.var.assign_add(tf.cast(stats, tf.float64))  # as `sums += stats` in NumPy: same bits
         return stats, probs
 
-    return TrainStep(compiled.get_concrete_function(), sums, input_dtype, tuple(model.input_shape[1:]), guard)
+    shape = tuple(model.input_shape[1:])
+    return TrainStep(compiled.get_concrete_function(), sums, input_dtype, shape, guard, n_out if soft_targets else 0)
 
 
 def make_predict_step(model):

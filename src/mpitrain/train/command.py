@@ -491,6 +491,8 @@ def _train_loss_note(cfg: TrainConfig) -> str | None:
     why = ["class-weighted (--class-weight balanced)"] if cfg.class_weight == "balanced" else []
     if cfg.label_smoothing:
         why.append(f"smoothed labels (--label-smoothing {cfg.label_smoothing:g})")
+    if cfg.mixup:
+        why.append(f"mixed images and labels (--mixup {cfg.mixup:g})")
     return "train: " + ", ".join(why) if why else None
 
 

@@ -139,12 +139,12 @@ class Given:
 
     def check_images(self, cfg, channels: int) -> None:
         """The model must take the run's images (a resumed run's included), have a
-        backbone for --freeze-backbone, and no optimizer or loss of its own for --ema or
-        --label-smoothing (before any run folder is made)."""
+        backbone for --freeze-backbone, and no optimizer or loss of its own for --ema,
+        --label-smoothing or --mixup (before any run folder is made)."""
         from mpitrain.config import image_shape
         from mpitrain.engine.loop import check_own_parts
 
-        check_own_parts(self.model, cfg.ema, cfg.label_smoothing)
+        check_own_parts(self.model, cfg.ema, cfg.label_smoothing, cfg.mixup)
 
         want, got = (*image_shape(cfg.image_size), channels), input_shape(self.model)
         if any(g is not None and g != w for g, w in zip(got, want)):
