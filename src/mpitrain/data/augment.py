@@ -47,7 +47,7 @@ compiled function (about 7,100 images/s) were slower.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Policy:
         return self.gamma != (1.0, 1.0) or self.contrast != (1.0, 1.0) or self.brightness > 0
 
 
-_STRONG = dict(
+_STRONG = Policy(
     rotate_degrees=15.0, scale=(0.85, 1.2), shift=0.10, gamma=(0.6, 1.6), contrast=(0.7, 1.4), brightness=0.12
 )
 
@@ -94,8 +94,8 @@ POLICY = {
     "xray": Policy(
         rotate_degrees=10.0, scale=(0.9, 1.1), shift=0.06, gamma=(0.8, 1.25), contrast=(0.8, 1.2), brightness=0.08
     ),
-    "xray-strong": Policy(**_STRONG),
-    "xray-sharpness": Policy(**_STRONG, blur=0.6, sharpen=0.6),
+    "xray-strong": _STRONG,
+    "xray-sharpness": replace(_STRONG, blur=0.6, sharpen=0.6),
 }
 if tuple(POLICY) != POLICIES:  # a policy is added in both places, or the option would not offer it
     raise ImportError(f"data/augment.py POLICY {tuple(POLICY)} differs from config.AUGMENTS {POLICIES}")
