@@ -30,7 +30,9 @@ def _max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("n", [2, 3])
+# 3 ranks (an odd count); 2 ranks against one process are compared, with an uneven last
+# batch, by test_mpi_sync.py::test_an_empty_last_batch_leaves_allreduce_equal_to_one_process.
+@pytest.mark.parametrize("n", [3])
 def test_allreduce_equals_one_process_with_n_times_the_batch(tmp_path, n):
     proc, _ = mpirun(n, script("fit_weights.py", "--out", tmp_path / "mpi", "--strategy", "allreduce"))
     _assert_ok(proc)
@@ -84,9 +86,10 @@ def test_local_sgd_every_step_with_plain_sgd_equals_allreduce(tmp_path):
 
 
 def test_master_combines_the_sample_weighted_mean_of_the_workers():
-    proc, _ = mpirun(5, script("mw_mean.py"))
+    # 2 workers with 13 and 23 samples: their weighted mean is not their plain mean.
+    proc, _ = mpirun(3, script("mw_mean.py"))
     _assert_ok(proc)
-    assert proc.stdout.count("max error") == 5
+    assert proc.stdout.count("max error") == 3
 
 
 def test_master_worker_trains_and_all_ranks_agree(tmp_path):
@@ -128,13 +131,13 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, synth_data):
     assert seconds < 60  # start-up of 3 TensorFlow processes included; the hang guard is the timeout
 
 
-def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_data):
+def test_cli_launcher_runs_master_worker_with_three_processes(tmp_path, synth_data):
     out = tmp_path / "run"
     proc = subprocess.run(
         cli(
             "train",
             "-n",
-            5,
+            3,
             "--strategy",
             "master-worker",
             "--data",
@@ -160,7 +163,7 @@ def test_cli_launcher_runs_master_worker_with_five_processes(tmp_path, synth_dat
     for name in ("model.keras", "config.json", "history.csv", "metrics.json", "classes.json"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["runtime"]["ranks"] == 5
+    assert cfg["runtime"]["ranks"] == 3
     assert (
         "| rank 0 (master) waiting in collectives, mostly for the workers' training |"
         in (out / "report.md").read_text()
