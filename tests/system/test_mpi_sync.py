@@ -17,11 +17,21 @@ def _assert_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("strategy", ["allreduce", "local-sgd", "master-worker"])
-def test_start_gives_every_rank_rank_0s_weights_and_optimizer_state(tmp_path, strategy):
-    proc, _ = mpirun(2, script("start_bcast.py", "--out", tmp_path, "--strategy", strategy), timeout=180)
+STRATEGIES = ["allreduce", "local-sgd", "master-worker"]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """One 2-rank job that starts each strategy in turn, from fresh per-rank weights each time."""
+    out = tmp_path_factory.mktemp("start")
+    proc, _ = mpirun(2, script("start_bcast.py", "--out", out, "--strategy", *STRATEGIES), timeout=180)
     _assert_ok(proc)
-    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_start_gives_every_rank_rank_0s_weights_and_optimizer_state(started, strategy):
+    ranks = [dict(np.load(started / strategy / f"rank{r}.npz")) for r in range(2)]
     r0, r1 = ranks
     # the ranks really started apart, in weights and in optimizer state
     assert r0["w_pre"].size and r0["s_pre"].size
