@@ -14,13 +14,20 @@ def _results(stdout: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
-@pytest.mark.parametrize("mode", ["", "--dataset", "--loop"], ids=["fit", "fit-tf-data", "gradient-tape"])
-def test_the_same_script_runs_alone_and_under_mpiexec_with_identical_weights_on_every_rank(mode):
-    args, loop = [mode] if mode else [], mode == "--loop"
-    alone = subprocess.run(script("library_script.py", *args), capture_output=True, text=True, timeout=180)
+def test_the_same_script_runs_alone_as_one_rank():
+    # mpitrain.fit alone, in a process of its own; fit on a tf.data Dataset and allreduce /
+    # broadcast in one process are proved by tests/unit/test_engine.py
+    # (test_fit_takes_a_pydataset_or_a_tf_data_dataset_as_the_arrays_it_holds,
+    # test_allreduce_and_broadcast_in_one_process_hand_back_the_same_kinds).
+    alone = subprocess.run(script("library_script.py"), capture_output=True, text=True, timeout=180)
     assert alone.returncode == 0, alone.stderr[-3000:]
     (one,) = _results(alone.stdout)
     assert (one["rank"], one["size"], one["rank_mean"]) == (0, 1, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["", "--dataset", "--loop"], ids=["fit", "fit-tf-data", "gradient-tape"])
+def test_the_same_script_runs_under_mpiexec_with_identical_weights_on_every_rank(mode):
+    args, loop = [mode] if mode else [], mode == "--loop"
     proc, _ = mpirun(2, script("library_script.py", *args), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_weights_on_both_ranks(_results(proc.stdout), loop, proc.stdout)
