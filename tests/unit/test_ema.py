@@ -16,6 +16,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import mpitrain  # noqa: E402
+from blobs import blobs, tiny_model  # noqa: E402
 from mpitrain import runfiles  # noqa: E402
 from mpitrain.config import TrainConfig  # noqa: E402
 from mpitrain.engine import Engine, InMemory, Options  # noqa: E402
@@ -27,23 +28,11 @@ from mpitrain.parallel.strategies import make_sync, resolve  # noqa: E402
 
 
 def _model(seed=0, compiled=None):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
-    )
-    if compiled:
-        model.compile(**compiled)
-    return model
+    return tiny_model(seed=seed, compiled=compiled)
 
 
 def _blobs(n=48, seed=0):
-    """Class c lights up band c of the rows (as tests/unit/test_engine.py's)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n).astype(np.int32)
-    x = rng.random((n, 8, 8, 1)).astype(np.float32) * 0.2
-    for c in range(3):
-        x[y == c, c * 2 : (c + 1) * 2] += 0.8
-    return x, y
+    return blobs(n, seed=seed)
 
 
 def _values(variables) -> list[np.ndarray]:

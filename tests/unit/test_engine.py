@@ -7,30 +7,8 @@ import numpy as np
 import pytest
 
 import mpitrain
-
-
-def _model(n_classes=3, side=8, seed=0):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((side, side, 1)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(n_classes, activation="softmax"),
-        ]
-    )
-
-
-def _blobs(n=96, n_classes=3, side=8, seed=0):
-    """Class c lights up band c of the rows: linearly separable, learnt in a few epochs."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, n_classes, n).astype(np.int32)
-    x = rng.random((n, side, side, 1)).astype(np.float32) * 0.2
-    band = side // n_classes
-    for c in range(n_classes):
-        x[y == c, c * band : (c + 1) * band] += 0.8
-    return x, y
+from blobs import blobs as _blobs
+from blobs import tiny_model as _model
 
 
 def test_the_public_face_is_pinned():
