@@ -156,6 +156,7 @@ def _guarded(make_config, echo, resume: bool, given: Given | None) -> tuple[int,
 
 def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[int, Result | None]:
     from mpitrain.data import dataset
+    from mpitrain.parallel import preempt
     from mpitrain.train import runfolder
 
     comm = world()
@@ -213,7 +214,12 @@ def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[i
         )
 
     try:
-        return 0, _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why, given=given)
+        try:
+            return 0, _train(cfg, comm, plan, out, ckpt, resume, say, requested=requested, why=why, given=given)
+        except Exception as e:
+            if preempt.interrupted():  # Ctrl-C inside TensorFlow's C++, which raised something else
+                raise KeyboardInterrupt from e
+            raise
     except KeyboardInterrupt:
         from mpitrain.engine.callbacks import progress
 
