@@ -47,8 +47,9 @@ _FILES = frozenset(
 KEYWORDS = _ENGINE | _RUN | _FILES  # besides fit's named parameters, of which these are options of train:
 NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
 # TrainConfig fields that are no keyword: x and validation_data say where the images are,
-# the model is the caller's (tests/unit/test_fit_folders.py keeps this list complete).
-NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights"})
+# the model is the caller's, --pretext is `mpitrain pretrain`'s (tests/unit/test_fit_folders.py
+# keeps this list complete).
+NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights", "pretext"})
 _FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume"}  # --flag -> flag=True in messages
 
 

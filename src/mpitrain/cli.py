@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (
         _add_train,
+        _add_pretrain,
         _add_data,
         _add_labels,
         _add_synth,
@@ -305,6 +306,40 @@ def _add_train(sub) -> None:
         help="continue the run in --out from its newest good checkpoint (with its saved options)",
     )
     t.set_defaults(func=_cmd_train)
+
+
+def _add_pretrain(sub) -> None:
+    import dataclasses
+
+    from mpitrain.config import PRETEXTS, TrainConfig
+
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pre-training on the images alone, labels unused: a run folder for train --init "
+        "(add -n N to start N processes)",
+    )
+    _add_launch_args(p, fixed_order=True)
+    _add_train_args(p, only=tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "pretext"))
+    p.add_argument(
+        "--pretext",
+        action=_Store,
+        default="rotation",
+        choices=[t for t in PRETEXTS if t != "none"],
+        help="the task: rotation: every image in four turns (0, 90, 180, 270 degrees), the model learns which "
+        "(default: rotation)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest good checkpoint (with its saved options)",
+    )
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    """`mpitrain train --pretext rotation`, under the name the task has."""
+    _given(args).add("pretext")
+    return _cmd_train(args)
 
 
 def _add_data(sub) -> None:

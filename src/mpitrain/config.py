@@ -32,6 +32,7 @@ LR_SCHEDULES = ("auto", "cosine", "constant")
 CLASS_WEIGHTS = ("balanced", "none")
 AUGMENTS = ("none", "xray", "xray-strong", "xray-sharpness")  # --augment: data/augment.py applies them
 GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.py
+PRETEXTS = ("none", "rotation")  # --pretext: train/pretext.py
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
 # --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
@@ -222,6 +223,13 @@ class TrainConfig:
         "a run folder, or a model from the registry",
         metavar="NAME",
     )
+    pretext: str = _opt(
+        "none",
+        "self-supervised pre-training instead of the labels (what `mpitrain pretrain` sets): rotation: "
+        "every image in four turns (0, 90, 180, 270 degrees), the model learns which; then train on the "
+        "labels with --init RUN",
+        choices=PRETEXTS,
+    )
     init: str | None = _opt(
         None,
         "start from these weights (fine-tuning): a run folder, FILE.keras or FILE.weights.h5; "
@@ -383,6 +391,11 @@ class TrainConfig:
         self.image_size = image_size_value(self.image_size)  # a square stays the int it always was
         need(self.channels in (None, 1, 3), f"--channels must be 1 (grey) or 3 (colour), got {self.channels}")
         need(self.weights in WEIGHTS, f"--weights must be one of {', '.join(WEIGHTS)}")
+        need(self.pretext in PRETEXTS, f"--pretext must be one of {', '.join(PRETEXTS)}")
+        need(
+            self.pretext != "rotation" or len(set(image_shape(self.image_size))) == 1,
+            f"rotation pre-training turns images by 90 degrees: --image-size must be square, got {self.image_size}",
+        )
         need(
             not (self.weights == "imagenet" and self.channels == 1),
             "--weights imagenet is for colour images: drop --channels 1 (or give --channels 3)",

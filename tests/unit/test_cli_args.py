@@ -94,6 +94,7 @@ def test_choice_lists_are_the_configs():
 # The fewest arguments each subcommand accepts.
 MINIMAL = {
     "train": [],
+    "pretrain": [],
     "data": ["--data", "d"],
     "labels": ["--data", "d", "--out", "t.csv"],
     "synth": ["--out", "o"],

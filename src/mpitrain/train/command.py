@@ -157,7 +157,7 @@ def _guarded(make_config, echo, resume: bool, given: Given | None) -> tuple[int,
 def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[int, Result | None]:
     from mpitrain.data import dataset
     from mpitrain.parallel import preempt
-    from mpitrain.train import runfolder
+    from mpitrain.train import pretext, runfolder
 
     comm = world()
     say = echo if comm.rank == 0 else (lambda *a, **k: None)
@@ -187,6 +187,8 @@ def _train_main(make_config, echo, resume: bool, given: Given | None) -> tuple[i
         strategy_class(cfg.strategy).check_ranks(comm.size)
         if comm.rank == 0 or not cfg.data_on_root:
             plan = dataset.plan_for(cfg) if given is None else given.plan(cfg)
+            if cfg.pretext != "none":
+                plan = pretext.planned(plan)
             if given is not None:
                 given.check_classes(plan.classes)
         if comm.rank == 0:
@@ -392,6 +394,7 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     from mpitrain.config import image_size_text
     from mpitrain.data import dataset
     from mpitrain.runtime import configure_rank
+    from mpitrain.train import pretext
     from mpitrain.train.fitting import fit
     from mpitrain.train.models import build_model
 
@@ -414,12 +417,15 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     def load(train_part, val_part):  # this rank's rows (again in a new layout after a lost rank: elastic)
         if given is not None and given.arrays is not None:
             return given.arrays.load(plan, cfg.seed, train_part, val_part)
-        return dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
+        shard = dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
+        return pretext.turned(shard) if cfg.pretext != "none" else shard
 
     if cfg.data_on_root:
         plan, data = dataset.scatter_from_root(
             comm, plan, cfg.image_size, cfg.seed, lambda r: data_parts(r, comm.size), cfg.cache_dir, channels
         )
+        if cfg.pretext != "none":
+            plan, data = pretext.planned(plan), pretext.turned(data)
     else:
         data = load(*data_parts(comm.rank, comm.size))
     counts = np.array([len(data.train_x), len(data.val_x), data.seconds, data.cache_hits, data.loads], dtype=np.float64)
@@ -430,6 +436,10 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     if counts[0] == 0 or counts[1] == 0:
         which = "training" if counts[0] == 0 else "validation"
         agree(comm, f"no usable {which} images in {plan.data_dir}")
+    if cfg.pretext != "none":
+        say(
+            f"pretext {cfg.pretext}: every image in {pretext.TURNS} turns ({', '.join(pretext.CLASSES)} degrees), labelled by its turn"
+        )
     say(
         f"loaded {int(counts[0])} train + {int(counts[1])} val images in "
         f"{counts[2] / comm.size:.1f}s per rank (cache: {int(counts[3])}/{int(counts[4])} hits)"
