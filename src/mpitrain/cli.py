@@ -295,16 +295,19 @@ INFER_PRECISION = (
 )
 
 
-def _add_train(sub) -> None:
-
-    t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
-    _add_launch_args(t, fixed_order=True)
-    _add_train_args(t)
-    t.add_argument(
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its newest good checkpoint (with its saved options)",
     )
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train a classifier (add -n N to start N processes)")
+    _add_launch_args(t, fixed_order=True)
+    _add_train_args(t)
+    _add_resume(t)
     t.set_defaults(func=_cmd_train)
 
 
@@ -328,11 +331,7 @@ def _add_pretrain(sub) -> None:
         help="the task: rotation: every image in four turns (0, 90, 180, 270 degrees), the model learns which "
         "(default: rotation)",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its newest good checkpoint (with its saved options)",
-    )
+    _add_resume(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
