@@ -21,10 +21,9 @@ import dataclasses
 
 import numpy as np
 
-from mpitrain.config import PRETEXTS
 from mpitrain.data.dataset import Plan
 
-__all__ = ["CLASSES", "PRETEXTS", "TurnedPlan", "planned", "turned"]
+__all__ = ["CLASSES", "TurnedPlan", "planned", "turned"]
 
 CLASSES = ["0", "90", "180", "270"]  # degrees counter-clockwise: the pretext's class names
 TURNS = len(CLASSES)
@@ -60,8 +59,7 @@ def turned(shard):
 
 
 def _turns(x: np.ndarray) -> np.ndarray:
-    """[n, H, W(, C)] -> [4n, H, W(, C)]: each image turned by 0, 90, 180, 270 degrees."""
-    if x.shape[1] != x.shape[2]:
-        raise ValueError("rotation pre-training needs square images")
+    """[n, H, W(, C)] -> [4n, H, W(, C)]: each image turned by 0, 90, 180, 270 degrees
+    (square: TrainConfig refuses --pretext rotation with other images)."""
     stacked = np.stack([np.rot90(x, k, axes=(1, 2)) for k in range(TURNS)], axis=1)
     return np.ascontiguousarray(stacked.reshape(len(x) * TURNS, *x.shape[1:]))
