@@ -15,15 +15,20 @@ if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
 
 
-def epoch_metrics(comm: Comm, stats, probs, labels, n_classes):
-    """Collective (gathers on rank 0). Rank 0: (metrics, all probs, all labels); others Nones."""
+def epoch_metrics(comm: Comm, stats, probs, labels, n_classes, multi_label: bool = False):
+    """Collective (gathers on rank 0). Rank 0: (metrics, all probs, all labels); others Nones.
+    Multi-label (labels [n, L] with NaN masked): accuracy is label accuracy, auc (and
+    mean_auc) the mean per-label ROC AUC, balanced accuracy the labels' mean of
+    (sensitivity + specificity) / 2 at 0.5 (`engine/multilabel.py`)."""
     from mpitrain.engine.metrics import classification_metrics
 
     all_probs = comm.gather_rows(probs.astype(np.float32))
-    all_labels = comm.gather_rows(labels.astype(np.int32))
+    all_labels = comm.gather_rows(labels.astype(np.float32 if multi_label else np.int32))
     if comm.rank != 0:
         return None, None, None
     n = max(stats[0], 1.0)
+    if multi_label:
+        return _multilabel_row(stats, n, all_probs, all_labels), all_probs, all_labels
     m = classification_metrics(all_labels, all_probs, [str(i) for i in range(n_classes)])
     return (
         {
@@ -35,6 +40,25 @@ def epoch_metrics(comm: Comm, stats, probs, labels, n_classes):
         all_probs,
         all_labels,
     )
+
+
+def _multilabel_row(stats, n: float, probs, labels) -> dict:
+    from mpitrain.engine.metrics import _mean
+    from mpitrain.engine.multilabel import multilabel_metrics
+
+    m = multilabel_metrics(labels, probs, [str(i) for i in range(labels.shape[1])])
+    balanced = [
+        (v["sensitivity"] + v["specificity"]) / 2
+        for v in m["per_label"].values()
+        if v["sensitivity"] is not None and v["specificity"] is not None
+    ]
+    return {
+        "loss": stats[1] / n,
+        "accuracy": stats[2] / n,
+        "auc": m["mean_roc_auc"],
+        "balanced_accuracy": _mean(balanced),
+        "mean_auc": m["mean_roc_auc"],
+    }
 
 
 def best_epoch(history: list[dict], metric: str) -> int | None:

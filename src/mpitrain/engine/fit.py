@@ -35,7 +35,16 @@ def _shard(x, y, part: tuple[int, int], seed: int):
     from mpitrain.shards import shard
 
     rows = shard(np.arange(len(x)), *part, seed)
-    return x[rows], np.asarray(y, np.int32)[rows], rows
+    return x[rows], as_labels(y)[rows], rows
+
+
+def as_labels(y) -> np.ndarray:
+    """Class indices as int32 [n] (a column [n, 1] too), or multi-label targets [n, L] with
+    L > 1 as float32 (1, 0, NaN for a masked entry: `engine/multilabel.py`)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return y.astype(np.float32)
+    return y.astype(np.int32).reshape(-1)
 
 
 def _is_dataset(source) -> bool:
@@ -66,7 +75,7 @@ def _read(source, part: tuple[int, int], presharded: bool, input_shape) -> tuple
     xs, ys = zip(*[(np.asarray(b[0]), np.asarray(b[1])) for b in batches])
     batched = xs[0].ndim == len(input_shape) + 1
     x, y = (np.concatenate(xs), np.concatenate(ys)) if batched else (np.stack(xs), np.stack(ys))
-    return x, y.astype(np.int32).reshape(-1)
+    return x, as_labels(y)
 
 
 def _rows(source, y, part, seed, presharded, input_shape):

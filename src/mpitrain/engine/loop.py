@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mpitrain.engine import mixup as mixing
+from mpitrain.engine import multilabel
 from mpitrain.engine.callbacks.base import CallbackList
 from mpitrain.engine.callbacks.keep_best import KeepBest
 from mpitrain.engine.callbacks.progress import ProgressBar
@@ -163,6 +164,20 @@ def check_own_parts(model, ema: float | None, label_smoothing: float, mixup: flo
         )
 
 
+def _check_multilabel(model, data: Arrays, opts: Options) -> None:
+    """Multi-label data needs one sigmoid output per label and mpitrain's own masked loss."""
+    n_out, n_labels = int(model.output_shape[-1]), int(data.train_y.shape[1])
+    if n_out != n_labels:
+        raise UserError(f"the model has {n_out} output(s) and the data {n_labels} label(s): one sigmoid unit per label")
+    if getattr(model, "loss", None) is not None:
+        raise UserError(
+            "multi-label training uses mpitrain's masked binary cross-entropy, and the model was compiled with a "
+            "loss of its own: compile it without one"
+        )
+    if opts.mixup or opts.label_smoothing:
+        raise UserError("--mixup and --label-smoothing are for one label per image; drop them for multi-label data")
+
+
 def _optimizer_for(model, opts: Options):
     """(optimizer, whether the engine sets its rate each step): the model's own when it was
     compiled with one (its rate untouched unless `lr` is given), else one made from `opts`."""
@@ -225,7 +240,14 @@ class Engine:
         self.augment, self.wrap_step = augment, wrap_step
         check_own_parts(model, opts.ema, opts.label_smoothing, opts.mixup)
         self.n_classes = int(model.output_shape[-1])
-        self.class_w = _class_weights(class_weight, self.n_classes)
+        # Labels [n, L]: sigmoid outputs. Collective: a rank without rows may hold labels [0].
+        self.multi = bool(comm.allreduce_max(float(multilabel.is_multi_label(data.train_y))))
+        if self.multi:
+            multilabel.widen_empty(data, self.n_classes)
+            _check_multilabel(model, data, opts)
+            self.class_w = multilabel.check_weights(class_weight, self.n_classes)
+        else:
+            self.class_w = _class_weights(class_weight, self.n_classes)
         self.optimizer, self.set_lr = _optimizer_for(model, opts)
         self.optimizer.build(model.trainable_variables)
         self.ema = WeightAverage(self.optimizer)  # --ema's averages (none without it)
@@ -294,6 +316,7 @@ class Engine:
             loss_fn=self.train_loss,
             set_lr=self.set_lr,
             soft_targets=bool(self.options.mixup),
+            multi_label=self.multi,
         )
         if self.wrap_step is not None:
             self.step = self.wrap_step(self.step)
@@ -418,7 +441,7 @@ class Engine:
         # enough: a master-worker master does not train, and it starts an epoch late (after
         # validating and writing the checkpoint) while the workers are already at work.
         train_time = comm.allreduce_max(train_time)
-        train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes)
+        train_m, _, _ = epoch_metrics(comm, stats, probs, labels, self.n_classes, self.multi)
         # --ema: validation and the callbacks (KeepBest's copy) see the averaged weights; the
         # checkpoint below holds the raw ones again, which training goes on from.
         with self.ema.swapped():
@@ -477,7 +500,7 @@ class Engine:
                 x, y, w, *soft = self._train_batch(idx, epoch, s)
                 _, p = step(x, y, w, lrs[s], *soft)
                 probs.append(p)
-                labels.append(y)
+                labels.append(self.data.train_y[idx] if self.multi else y)  # multi-label: NaN kept
                 callbacks.on_train_batch_end(s)
             sync.after_step(s + 1, self.steps, len(idx))
             self.done = s + 1
@@ -492,8 +515,11 @@ class Engine:
         return (
             sums.read(),
             np.concatenate([p.numpy() for p in probs]) if probs else np.zeros((0, self.n_classes), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int32),
+            np.concatenate(labels) if labels else self._no_labels(),
         )
+
+    def _no_labels(self) -> np.ndarray:
+        return np.zeros((0, self.n_classes), np.float32) if self.multi else np.zeros(0, np.int32)
 
     def _lrs(self, epoch: int) -> np.ndarray:
         """The learning rate of every step of `epoch` (float32), worked out once per epoch."""
@@ -526,9 +552,12 @@ class Engine:
         for i in range(mine + 1, batches + 1):
             pulse(i)
         pulses.wait()
-        vstats = np.array([len(vp), self._loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
+        if self.multi:
+            vstats = multilabel.sums(data.val_y, vp)
+        else:
+            vstats = np.array([len(vp), self._loss_sum(data.val_y, vp), float((vp.argmax(1) == data.val_y).sum())])
         comm.allreduce_sum_(vstats)  # collective: validation sums over the val shards
-        m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes)
+        m, all_vp, all_vy = epoch_metrics(comm, vstats, vp, data.val_y, self.n_classes, self.multi)
         index = data.val_index if data.val_index is not None else np.full(len(vp), -1, np.int64)
         all_vi = comm.gather_rows(index.astype(np.int64))  # collective: same order as the probabilities
         return m, all_vp, all_vy, all_vi
@@ -552,6 +581,8 @@ class Engine:
         targets come last."""
         x = self._train_input(self.data.train_x[idx], epoch, step)
         y = self.data.train_y[idx]
+        if self.multi:
+            return (x, *multilabel.targets(y, self.class_w))
         alpha = self.options.mixup
         if not alpha:
             return x, y, self.class_w[y]

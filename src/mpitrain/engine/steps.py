@@ -87,15 +87,18 @@ class TrainStep:
     [n, s, s, 1] of the `input_dtype` the step was made for (scaled in the graph).
     """
 
-    def __init__(self, concrete, sums, input_dtype, input_shape, guard, soft_classes=0):
+    def __init__(self, concrete, sums, input_dtype, input_shape, guard, soft_classes=0, labels=0):
         self._fn, self.sums, self.input_dtype = concrete, sums, input_dtype
-        self._shape, self._guard, self._soft = input_shape, guard, soft_classes
+        self._shape, self._guard, self._soft, self._labels = input_shape, guard, soft_classes, labels
 
     def __call__(self, x, y, w, lr, *target):
         if len(x) == 0 and not self._guard:
             pad = (np.zeros((1, self._soft), np.float32),) if self._soft else ()
+            # One zero row of weight 0: labels [1] (a class), or [1, L] targets when multi-label.
+            shape = (1, self._labels) if self._labels else (1,)
+            y0 = np.zeros(shape, np.float32 if self._labels else np.int32)
             stats, probs = self._fn(
-                np.zeros((1, *self._shape), self.input_dtype), np.zeros(1, np.int32), np.zeros(1, np.float32), lr, *pad
+                np.zeros((1, *self._shape), self.input_dtype), y0, np.zeros(shape, np.float32), lr, *pad
             )
             return stats, probs[:0]
         return self._fn(x, y, w, lr, *target)
@@ -155,14 +158,19 @@ def make_train_step(
     loss_fn=None,
     set_lr: bool = True,
     soft_targets: bool = False,
+    multi_label: bool = False,
 ) -> TrainStep:
     """`loss_fn(y, probs)`: per-row losses (default: the model's, `per_sample_loss`).
     `set_lr`: the step sets the optimizer's learning rate to its `lr` argument (off for an
     optimizer of the caller's whose rate is its own schedule). `soft_targets` (--mixup): the
     step takes a fifth argument, float32 [n, classes] targets, and the loss is
-    `loss_fn(targets, probs)`; `y` then only scores the hits."""
+    `loss_fn(targets, probs)`; `y` then only scores the hits. `multi_label`: `y` is float32
+    [n, L] targets and `w` their weights [n, L], the loss masked binary cross-entropy
+    (`engine/multilabel.py`; `loss_fn` is not used)."""
     import keras
     import tensorflow as tf
+
+    from mpitrain.engine import multilabel
 
     variables = model.trainable_variables
     loss_fn = per_sample_loss(model) if loss_fn is None else loss_fn
@@ -172,13 +180,14 @@ def make_train_step(
     total = sum(sizes) + 3
     input_dtype = np.dtype(input_dtype)
     integer = input_dtype.kind in "ui"
+    n_out = int(model.output_shape[-1])
+    per_row = (None, n_out) if multi_label else (None,)  # labels and weights
     spec = [
         tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.as_dtype(input_dtype)),
-        tf.TensorSpec((None,), tf.int32),
-        tf.TensorSpec((None,), tf.float32),
+        tf.TensorSpec(per_row, tf.float32 if multi_label else tf.int32),
+        tf.TensorSpec(per_row, tf.float32),
         tf.TensorSpec((), tf.float32),
     ]
-    n_out = int(model.output_shape[-1])
     if soft_targets:
         spec.append(tf.TensorSpec((None, n_out), tf.float32))
     # A padding row would enter batch-norm statistics, so models with float non-trainable
@@ -188,7 +197,10 @@ def make_train_step(
     def forward(x, y, w):  # y: the labels, or the soft targets (soft_targets)
         with tf.GradientTape() as tape:
             probs = tf.cast(model(x, training=True), tf.float32)
-            loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float32) * w)
+            if multi_label:
+                loss_sum = multilabel.step_loss(y, probs, w)
+            else:
+                loss_sum = tf.reduce_sum(tf.cast(loss_fn(y, probs), tf.float32) * w)
             target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
         return [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)], loss_sum, probs
 
@@ -209,9 +221,13 @@ def make_train_step(
             grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, truth, w), empty)
         else:
             grads, loss_sum, probs = forward(x, truth, w)
-        hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
-        counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
-        stats = tf.stack([tf.reduce_sum(counted), loss_sum, tf.reduce_sum(tf.cast(hits, tf.float32) * counted)])
+        if multi_label:
+            n_rows, n_hits = multilabel.step_counts(y, probs, w)
+        else:
+            hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
+            counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
+            n_rows, n_hits = tf.reduce_sum(counted), tf.reduce_sum(tf.cast(hits, tf.float32) * counted)
+        stats = tf.stack([n_rows, loss_sum, n_hits])
         if reduce is not None:
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [stats], axis=0)
             flat = tf.numpy_function(reduce, [flat], tf.float32, stateful=True)
@@ -224,7 +240,15 @@ def make_train_step(
         return stats, probs
 
     shape = tuple(model.input_shape[1:])
-    return TrainStep(compiled.get_concrete_function(), sums, input_dtype, shape, guard, n_out if soft_targets else 0)
+    return TrainStep(
+        compiled.get_concrete_function(),
+        sums,
+        input_dtype,
+        shape,
+        guard,
+        n_out if soft_targets else 0,
+        n_out if multi_label else 0,
+    )
 
 
 def make_predict_step(model):

@@ -206,6 +206,40 @@ def roc(
     return _save(fig, path)
 
 
+def roc_grid(labels, probs, metrics: dict, path: Path, title: str = "ROC") -> Path:
+    """Multi-label: one small ROC panel per label (its unmasked entries), each with the point
+    of its threshold; a label without both values says so in its panel."""
+    y_all, p_all = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    names = metrics["label_names"]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(3.0 * cols, 3.0 * rows + 0.4)
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    for i, ax in enumerate(axes):
+        if i >= len(names):
+            ax.set_axis_off()
+            continue
+        known = ~np.isnan(y_all[:, i])
+        y, s = y_all[known, i] > 0.5, p_all[known, i]
+        m = metrics["per_label"][names[i]]
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+        if y.all() or not y.any():
+            ax.text(0.5, 0.5, "no curve:\none value only", ha="center", color="grey", transform=ax.transAxes)
+        else:
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, linewidth=1.5, color=_TRAIN)
+            ax.plot([1 - m["specificity"]], [m["sensitivity"]], marker="o", color=_VAL, linestyle="none")
+        auc = "" if m["roc_auc"] is None else f" (AUC {m['roc_auc']:.3f})"
+        ax.set_title(f"{names[i]}{auc}", fontsize=9)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: false positive rate (x) against sensitivity (y); dot: the label's threshold", fontsize=9)
+    return _save(fig, path)
+
+
 def write_all(
     folder: Path,
     labels,
@@ -218,6 +252,12 @@ def write_all(
     """The figures for one set of predictions (+ curves if a history is given): {kind: file}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if metrics.get("multi_label"):
+        out = {}
+        if history:
+            out["training_curves"] = training_curves(history, folder / FIGURES["training_curves"], loss_note).name
+        out["roc_curve"] = roc_grid(labels, probs, metrics, folder / FIGURES["roc_curve"], f"ROC, {title}").name
+        return out
     names = metrics["class_names"]
     pos = None if metrics.get("positive_class") is None else names.index(metrics["positive_class"])
     out = {}

@@ -58,8 +58,58 @@ def mix_warning(train_counts: dict | None, counts: dict) -> str | None:
     )
 
 
+def multilabel_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of a multi-label result: the means over the labels."""
+    return [
+        ("images", f"{metrics['n_samples']:,}"),
+        ("labels", str(len(metrics["label_names"]))),
+        ("mean ROC AUC", _v(metrics["mean_roc_auc"])),
+        ("mean PR AUC", _v(metrics["mean_pr_auc"])),
+        ("mean sensitivity", _v(metrics["mean_sensitivity"])),
+        ("mean specificity", _v(metrics["mean_specificity"])),
+        ("label accuracy", _v(metrics["label_accuracy"])),
+        ("exact match (every label right)", _v(metrics["exact_match"])),
+        ("decision", "one threshold per label (below)"),
+    ]
+
+
+LABEL_HEADER = [
+    "label",
+    "positives",
+    "negatives",
+    "prevalence",
+    "ROC AUC",
+    "PR AUC",
+    "sensitivity",
+    "specificity",
+    "threshold",
+]
+
+
+def label_table(metrics: dict) -> list[list[str]]:
+    """The per-label rows of a multi-label result (masked entries are in neither count)."""
+    rows = []
+    for name, m in metrics["per_label"].items():
+        rows.append(
+            [
+                name,
+                f"{m['positives']:,}",
+                f"{m['negatives']:,}",
+                _v(m["prevalence"], 3),
+                _v(m["roc_auc"]),
+                _v(m["pr_auc"]),
+                _v(m["sensitivity"]),
+                _v(m["specificity"]),
+                _v(m["threshold"]),
+            ]
+        )
+    return rows
+
+
 def metric_rows(metrics: dict, source: str | None = None) -> list[tuple[str, str]]:
     """(label, value) rows: binary metrics of the positive class, or macro/micro averages."""
+    if metrics.get("multi_label"):
+        return multilabel_rows(metrics)
     rows = [
         ("images", f"{metrics['n_samples']:,}"),
         ("accuracy", _v(metrics["accuracy"])),
@@ -109,6 +159,8 @@ def text_table(metrics: dict, source: str | None = None) -> str:
     rows = metric_rows(metrics, source)
     width = max(len(k) for k, _ in rows)
     out = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if metrics.get("multi_label"):
+        return "\n".join(out + ["", "  per label"] + ["  " + s for s in _grid(LABEL_HEADER, label_table(metrics))])
     names = metrics["class_names"]
     out += ["", "  confusion matrix (rows: true class, columns: predicted class)"]
     cm = metrics["confusion_matrix"]
@@ -178,43 +230,9 @@ def _images(image_size, channels) -> str:
     return f"{w}x{h} {kind}" if h == w else f"{w} wide x {h} high, {kind}"
 
 
-def write_report(
-    out: Path,
-    cfg: dict,
-    metrics: dict,
-    figures: dict[str, str],
-    timings: dict,
-    data_line: str,
-    protocol: str | None = None,
-    channels: int | None = None,
-) -> Path:
-    """``out/report.md``: figures, validation metrics, timings and the config (rank 0).
-    ``channels``: those the run decoded (default: the config's --channels)."""
-    from mpitrain.atomic import write_atomic
-
-    names = metrics["class_names"]
-    lines = [
-        f"# mpitrain run `{Path(out).name}`",
-        "",
-        f"Model `{cfg.get('model')}` ({_images(cfg.get('image_size'), channels or cfg.get('channels'))}), "
-        f"trained for {cfg.get('epochs')} epochs on {data_line}.",
-        "",
-    ]
-    if protocol:
-        lines += [
-            f"Validation images: {protocol}. They come from the same source as the training images, "
-            "so the numbers below are an upper bound for images of new patients or another site; "
-            "`mpitrain evaluate` measures those.",
-            "",
-        ]
-    captions = {
-        "training_curves": "Training curves",
-        "confusion_matrix": "Confusion matrix (validation)",
-        "roc_curve": "ROC curve (validation) with the decision threshold",
-    }
-    lines += ["## Validation metrics", ""]
-    lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
-    lines += _md_table(
+def _single_label_section(metrics: dict, names: list[str]) -> list[str]:
+    """report.md: the confusion matrix and how the decision was made, for one label."""
+    lines = _md_table(
         ["true \\ predicted"] + names,
         [[n] + [f"{c:,}" for c in row] for n, row in zip(names, metrics["confusion_matrix"])],
     ) + [""]
@@ -245,6 +263,62 @@ def write_report(
             ),
             "",
         ]
+    return lines
+
+
+def _multilabel_section(metrics: dict) -> list[str]:
+    """report.md: the per-label table and how the thresholds were made."""
+    methods = sorted({m.get("threshold_method") or "0.5" for m in metrics["per_label"].values()})
+    return _md_table(LABEL_HEADER, label_table(metrics)) + [
+        "",
+        f"Sensitivity and specificity are at each label's threshold (`{'/'.join(methods)}`); entries masked "
+        "out (`--uncertain ignore`) are in no count and no metric. `mpitrain evaluate` and `mpitrain predict` "
+        "use these thresholds.",
+        "",
+    ]
+
+
+def write_report(
+    out: Path,
+    cfg: dict,
+    metrics: dict,
+    figures: dict[str, str],
+    timings: dict,
+    data_line: str,
+    protocol: str | None = None,
+    channels: int | None = None,
+) -> Path:
+    """``out/report.md``: figures, validation metrics, timings and the config (rank 0).
+    ``channels``: those the run decoded (default: the config's --channels)."""
+    from mpitrain.atomic import write_atomic
+
+    names = metrics.get("class_names") or metrics["label_names"]
+    lines = [
+        f"# mpitrain run `{Path(out).name}`",
+        "",
+        f"Model `{cfg.get('model')}` ({_images(cfg.get('image_size'), channels or cfg.get('channels'))}), "
+        f"trained for {cfg.get('epochs')} epochs on {data_line}.",
+        "",
+    ]
+    if protocol:
+        lines += [
+            f"Validation images: {protocol}. They come from the same source as the training images, "
+            "so the numbers below are an upper bound for images of new patients or another site; "
+            "`mpitrain evaluate` measures those.",
+            "",
+        ]
+    captions = {
+        "training_curves": "Training curves",
+        "confusion_matrix": "Confusion matrix (validation)",
+        "roc_curve": "ROC curve (validation) with the decision threshold",
+    }
+    lines += ["## Validation metrics", ""]
+    lines += _md_table(["metric", "value"], [list(r) for r in metric_rows(metrics)]) + [""]
+    if metrics.get("multi_label"):
+        captions["roc_curve"] = "ROC curves per label (validation), each with its threshold"
+        lines += _multilabel_section(metrics)
+    else:
+        lines += _single_label_section(metrics, names)
     lines += ["## Figures", ""]
     for kind, name in figures.items():
         lines += [f"### {captions.get(kind, kind)}", "", f"![{captions.get(kind, kind)}]({name})", ""]

@@ -186,3 +186,39 @@ def describe(choice: Choice, positive: str | None) -> str:
         )
     how = "Youden's J" if choice.method == "youden" else f"sensitivity >= {choice.target_sensitivity:g}"
     return f"threshold {choice.threshold:.4f} on P({positive}) chosen by {how} on the validation data: {on_val}"
+
+
+def choose_per_label(
+    labels,
+    probs,
+    target_sensitivity: float | None = None,
+    policy: str = "prior",
+    counts=None,
+    weights=None,
+) -> list[Choice]:
+    """Multi-label: one threshold per label (labels [n, L] with NaN masked, probs [n, L]),
+    each chosen as a two-class threshold on that label's unmasked entries, by the same
+    policies; `counts` and `weights` are [2, L] (negatives, positives). A label whose
+    validation entries lack a value gets the prior threshold (0.5 without `counts`)."""
+    y = np.asarray(labels, np.float64)
+    p = np.asarray(probs, np.float64)
+    out = []
+    for i in range(y.shape[1]):
+        known = ~np.isnan(y[:, i])
+        t, s = y[known, i] > 0.5, p[known, i]
+        prior = 0.5 if counts is None else prior_threshold(np.asarray(counts)[:, i], np.asarray(weights)[:, i], 1)
+        if target_sensitivity is None and policy == "prior":
+            out.append(Choice(prior, "prior", *at_threshold(t, s, prior)))
+            continue
+        choice = choose_threshold(t, s, target_sensitivity)
+        if choice.threshold is None:  # one value missing on validation: the prior, said so
+            choice = Choice(prior, "prior", *at_threshold(t, s, prior), target_sensitivity, choice.reason)
+        out.append(choice)
+    return out
+
+
+def describe_per_label(thresholds: dict[str, float]) -> str:
+    """One line: the labels' thresholds, their range."""
+    ts = list(thresholds.values())
+    span = f"{min(ts):.4f}" if min(ts) == max(ts) else f"{min(ts):.4f}-{max(ts):.4f}"
+    return f"decision: one threshold per label ({len(ts)} labels): {span} (model.json, report.md)"

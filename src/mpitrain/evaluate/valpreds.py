@@ -5,6 +5,9 @@ image in the plan's order::
 
     path, label, p_<class 1>, ..., p_<class k>
 
+or, for a multi-label run, ``path, <label 1>, ..., <label L>, p_<label 1>, ..., p_<label L>``
+with 1, 0, or an empty cell for an entry masked out of training and the metrics.
+
 Probabilities are written exactly (shortest round-trip decimal of the float32 value), so a
 threshold chosen again from the file equals the one in ``model.json``. An ensemble of runs
 validated on the same images (same data, ``--val-split`` and ``--split-seed``) chooses its
@@ -37,6 +40,11 @@ def write(out: Path, paths: list[str], labels, probs, classes: list[str]) -> Pat
 
     buf = io.StringIO()
     w = csv.writer(buf)
+    if np.ndim(labels) == 2:  # multi-label: a column per label (1, 0, empty: masked), then p_<label>
+        w.writerow(["path", *classes] + [f"p_{c}" for c in classes])
+        for path, y, row in zip(paths, np.asarray(labels, np.float32), np.asarray(probs, np.float32)):
+            w.writerow([path] + ["" if np.isnan(v) else str(int(v)) for v in y] + [exact(p) for p in row])
+        return write_atomic(Path(out) / VAL_PREDICTIONS, buf.getvalue(), errors="surrogateescape")
     w.writerow(["path", "label"] + [f"p_{c}" for c in classes])
     for path, y, row in zip(paths, np.asarray(labels).tolist(), np.asarray(probs, np.float32)):
         w.writerow([path, classes[int(y)]] + [exact(p) for p in row])

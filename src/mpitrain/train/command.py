@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
+from mpitrain.engine.multilabel import is_multi_label
 from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import launched_by_mpi, world
 from mpitrain.runtime import started_at
@@ -454,6 +455,10 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         model = build_model(cfg.model, cfg.image_size, len(plan.classes), channels, weights=cfg.weights)
     else:
         model = given.prepared(cfg)
+    if is_multi_label(plan.train_labels):
+        from mpitrain.train.models import as_multilabel
+
+        model = as_multilabel(model)
     if cfg.init:
         from mpitrain.train.models import init_from
 
@@ -540,35 +545,19 @@ def _has_gpu() -> bool:
     return bool(gpu_capabilities())
 
 
-def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precision: dict, facts=None) -> list[str]:
-    """Rank 0 only: the run folder. Returns lines to show the user.
-
-    Order matters: the model and its metadata first (the valuable part), then the numbers,
-    then the figures and report.md, whose failure is only a warning.
-    """
-    from mpitrain import runfiles
-    from mpitrain.atomic import write_json
+def _decide(cfg, plan, result, lines: list[str]):
+    """One label: (metrics, the threshold's Choice, the positive class, model.json's extra keys)."""
+    from mpitrain.data.dataset import class_weights
     from mpitrain.engine.metrics import classification_metrics
-    from mpitrain.evaluate import modelio
     from mpitrain.evaluate.prior import loss_prior
-    from mpitrain.evaluate.threshold import choose_for_classes, describe, positive_index
-    from mpitrain.train import runfolder
+    from mpitrain.evaluate.threshold import choose_for_classes, positive_index
 
-    lines = []
     positive = positive_index(plan.classes)
     # The decision threshold is chosen on the validation predictions (gathered on rank 0).
-    from mpitrain.data.dataset import class_weights
-
     counts = plan.class_counts()
     weights = class_weights(counts, cfg.class_weight)
     choice = choose_for_classes(
-        result.val_labels,
-        result.val_probs,
-        plan.classes,
-        cfg.target_sensitivity,
-        cfg.threshold_policy,
-        counts,
-        weights,
+        result.val_labels, result.val_probs, plan.classes, cfg.target_sensitivity, cfg.threshold_policy, counts, weights
     )
     if cfg.target_sensitivity is not None and positive is None:
         lines.append(f"note: --target-sensitivity needs two classes; {len(plan.classes)} classes use argmax")
@@ -580,6 +569,65 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         positive=1 if positive is None else positive,
     )
     metrics.update({k: v for k, v in choice.to_dict().items() if k != "threshold"})
+    info = {
+        "train_class_counts": {c: int(n) for c, n in zip(plan.classes, counts)},
+        # The class mix the loss saw (counts x class weights): the prior that
+        # `evaluate --adjust-prior` replaces, and the policy `--tta` draws from by default.
+        "train_prior": dict(zip(plan.classes, loss_prior(counts, weights))),
+    }
+    return metrics, choice, positive, info
+
+
+def _decide_per_label(cfg, plan, result):
+    """Several labels: a threshold per label (the same policies, label by label), the
+    per-label metrics at them, and model.json's `multi_label`, `thresholds` and counts."""
+    from mpitrain.data.dataset import class_weights
+    from mpitrain.engine.multilabel import multilabel_metrics
+    from mpitrain.evaluate.threshold import Choice, choose_per_label
+
+    counts = plan.class_counts()  # [2, L]: negatives, positives
+    weights = class_weights(counts, cfg.class_weight)
+    choices = choose_per_label(
+        result.val_labels, result.val_probs, cfg.target_sensitivity, cfg.threshold_policy, counts, weights
+    )
+    metrics = multilabel_metrics(result.val_labels, result.val_probs, plan.classes, [c.threshold for c in choices])
+    for m, c in zip(metrics["per_label"].values(), choices):
+        m["threshold_method"] = c.method
+    thresholds = {name: c.threshold for name, c in zip(plan.classes, choices)}
+    info = {
+        "multi_label": True,
+        "thresholds": thresholds,
+        "threshold_policy": cfg.threshold_policy,
+        "train_label_counts": {c: {"negatives": int(n), "positives": int(p)} for c, n, p in zip(plan.classes, *counts)},
+    }
+    return metrics, Choice(None, "per-label"), None, info
+
+
+def _counts_text(plan) -> str:
+    """The training images per class, or per label's positives (multi-label)."""
+    counts = plan.class_counts()
+    if np.ndim(counts) == 2:
+        return ", ".join(f"{c} {p:,} positive" for c, p in zip(plan.classes, counts[1]))
+    return ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, counts))
+
+
+def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precision: dict, facts=None) -> list[str]:
+    """Rank 0 only: the run folder. Returns lines to show the user.
+
+    Order matters: the model and its metadata first (the valuable part), then the numbers,
+    then the figures and report.md, whose failure is only a warning.
+    """
+    from mpitrain import runfiles
+    from mpitrain.atomic import write_json
+    from mpitrain.evaluate import modelio
+    from mpitrain.evaluate.threshold import describe, describe_per_label
+    from mpitrain.train import runfolder
+
+    lines: list[str] = []
+    if is_multi_label(result.val_labels):
+        metrics, choice, positive, info = _decide_per_label(cfg, plan, result)
+    else:
+        metrics, choice, positive, info = _decide(cfg, plan, result, lines)
     metrics["train_samples"], metrics["val_samples"] = n_train, n_val
     # Which weights these numbers (and model.keras) belong to.
     kept = {
@@ -599,10 +647,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         model=cfg.model,
         channels=channels_for(cfg),
         validation=plan.protocol(),
-        train_class_counts={c: int(n) for c, n in zip(plan.classes, counts)},
-        # The class mix the loss saw (counts x class weights): the prior that
-        # `evaluate --adjust-prior` replaces, and the policy `--tta` draws from by default.
-        train_prior=dict(zip(plan.classes, loss_prior(counts, weights))),
+        **info,
         augment=cfg.augment,
     )
     timings = {
@@ -647,7 +692,10 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         )
     write_json(out / runfiles.METRICS, metrics)
     write_json(out / runfiles.CLASSES, plan.classes)
-    lines.append(describe(choice, None if positive is None else plan.classes[positive]))
+    if "thresholds" in info:
+        lines.append(describe_per_label(info["thresholds"]))
+    else:
+        lines.append(describe(choice, None if positive is None else plan.classes[positive]))
     if choice.threshold is not None:
         lines.append("metrics.json and report.md use this threshold; acc and val_acc in the epoch lines are at argmax")
     try:
@@ -656,7 +704,7 @@ def _save(cfg, out, plan, model, result, ranks, threads, n_train, n_val, precisi
         figures = plots.write_all(
             out, result.val_labels, result.val_probs, metrics, result.history, loss_note=_train_loss_note(cfg)
         )
-        counts = ", ".join(f"{c} {n:,}" for c, n in zip(plan.classes, counts))
+        counts = _counts_text(plan)
         report.write_report(
             out,
             cfg.to_dict(),

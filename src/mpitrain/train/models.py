@@ -490,3 +490,22 @@ def _keras():
     import keras
 
     return keras
+
+
+def as_multilabel(model):
+    """Multi-label data: the model's last layer gives one sigmoid per label. A softmax head
+    (every registry model's, and a MODULE:FUNCTION's built for classes) becomes a sigmoid
+    one, the same weights; another activation is a one-line error."""
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", str(activation))
+    if name == "softmax":
+        last.activation = keras.activations.sigmoid
+    elif name != "sigmoid":
+        raise UserError(
+            f"multi-label data needs one sigmoid output per label; the model's last layer "
+            f"({last.name}) has activation {name!r}"
+        )
+    return model
