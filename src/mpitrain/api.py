@@ -43,6 +43,7 @@ _RUN = frozenset(
 _FILES = frozenset(
     {"image_size", "channels", "cache_dir", "groups", "group_pattern", "data_on_root", "allow_nested_classes"}
     | {"path_column", "label_column", "patient_column"}
+    | {"label_columns", "multi_label", "findings_column", "no_finding", "uncertain", "blank"}
 )
 KEYWORDS = _ENGINE | _RUN | _FILES  # besides fit's named parameters, of which these are options of train:
 NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
