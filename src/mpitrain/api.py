@@ -51,7 +51,8 @@ NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
 # the model is the caller's, --pretext is `mpitrain pretrain`'s (tests/unit/test_fit_folders.py
 # keeps this list complete).
 NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights", "pretext"})
-_FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume"}  # --flag -> flag=True in messages
+# --flag -> flag=True in messages
+_FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume", "multi_label"}
 
 
 @dataclasses.dataclass

@@ -355,3 +355,13 @@ def test_data_reports_positives_per_label_and_the_grouped_split(tmp_path, write_
     assert f"masked:         {int(np.isnan(index.labels).sum())} label entries" in out
     assert "grouped split:  9 validation images (positives: Atelectasis" in out
     assert "imbalance" not in out
+
+
+def test_patients_named_in_chexpert_paths_group_the_split(tmp_path, write_image):
+    # CheXpert has no patient column: its paths name the patient (train/patient00001/study1/...)
+    rows = [[f"train/patient{p:05d}/study1/view{v}.png", "1", "0", ""] for p in range(6) for v in range(2)]
+    table = write_table(tmp_path, ["Path", "Atelectasis", "Edema", "Effusion"], rows, write_image)
+    columns = Columns(path="Path", labels=("Atelectasis", "Edema"))
+    plan = make_plan(None, None, 0.34, 0, group_pattern=r"patient\d+", labels=str(table), columns=columns)
+    assert len(plan.val_paths) == 4 and len({Path(p).parent.parent for p in plan.val_paths}) == 2
+    assert not {Path(p).parent.parent for p in plan.val_paths} & {Path(p).parent.parent for p in plan.train_paths}
