@@ -36,6 +36,7 @@ PRETEXTS = ("none", "rotation")  # --pretext: train/pretext.py
 # Multi-label tables (data/multilabel.py): what an uncertain (-1) and a blank cell become.
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 BLANK_POLICIES = ("zeros", "ignore")
+NO_FINDING = "No Finding"  # --no-finding: ChestX-ray14's word for an image without findings
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
 # --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
@@ -180,10 +181,10 @@ def check_multi_label(opts) -> None:
     uncertain, blank = get("uncertain", "zeros"), get("blank", "zeros")
     need(uncertain in UNCERTAIN_POLICIES, f"--uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}")
     need(blank in BLANK_POLICIES, f"--blank must be one of {', '.join(BLANK_POLICIES)}")
-    no_finding = get("no_finding", "No Finding")
+    no_finding = get("no_finding", NO_FINDING)
     need(isinstance(no_finding, str) and bool(no_finding.strip()), "--no-finding must name a value, e.g. 'No Finding'")
     need(
-        no_finding == "No Finding" or get("findings_column") is not None,
+        no_finding == NO_FINDING or get("findings_column") is not None,
         "--no-finding needs --findings-column (the column of |-separated findings)",
     )
     need(
@@ -266,7 +267,7 @@ class TrainConfig:
         metavar="NAME",
     )
     no_finding: str = _opt(
-        "No Finding", "with --findings-column: the value that means no finding (every label 0)", metavar="VALUE"
+        NO_FINDING, "with --findings-column: the value that means no finding (every label 0)", metavar="VALUE"
     )
     uncertain: str = _opt(
         "zeros",

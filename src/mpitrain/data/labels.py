@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain.config import NO_FINDING
 from mpitrain.data import multilabel
 from mpitrain.data.scan import FileIndex, check_classes, scan
 from mpitrain.errors import UserError
@@ -55,7 +56,7 @@ class Columns:
     labels: tuple[str, ...] | None = None
     all_labels: bool = False
     findings: str | None = None
-    no_finding: str = "No Finding"
+    no_finding: str = NO_FINDING
     uncertain: str = "zeros"
     blank: str = "zeros"
 
@@ -80,7 +81,7 @@ class Columns:
             labels=None if names is None else tuple(label_column_names(names)),
             all_labels=bool(getattr(opts, "multi_label", False)),
             findings=getattr(opts, "findings_column", None),
-            no_finding=get("no_finding", "No Finding"),
+            no_finding=get("no_finding", NO_FINDING),
             uncertain=get("uncertain", "zeros"),
             blank=get("blank", "zeros"),
         )
