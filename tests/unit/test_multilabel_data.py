@@ -1,4 +1,4 @@
-"""Multi-label tables (--label-columns, --multi-label, --findings-column): CheXpert-style
+"""Multi-label tables, the data layer (--label-columns, --multi-label, --findings-column): CheXpert-style
 1/0/-1/blank columns and NIH-style |-separated findings load as float32 [n, L] (NaN:
 masked), split by patient as one class, count and weigh per label, and every bad table is
 a one-line error."""
