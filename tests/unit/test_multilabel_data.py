@@ -1,7 +1,7 @@
-"""Multi-label tables, the data layer (--label-columns, --multi-label, --findings-column): CheXpert-style
-1/0/-1/blank columns and NIH-style |-separated findings load as float32 [n, L] (NaN:
-masked), split by patient as one class, count and weigh per label, and every bad table is
-a one-line error."""
+"""Multi-label tables, the data layer (--label-columns, --multi-label, --findings-column):
+CheXpert-style 1/0/-1/blank columns and NIH-style |-separated findings load as float32
+[n, L] (NaN: masked), split by patient as one class, count and weigh per label, and every
+bad table is a one-line error."""
 
 from __future__ import annotations
 
