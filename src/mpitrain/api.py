@@ -43,6 +43,7 @@ _RUN = frozenset(
 _FILES = frozenset(
     {"image_size", "channels", "cache_dir", "groups", "group_pattern", "data_on_root", "allow_nested_classes"}
     | {"path_column", "label_column", "patient_column"}
+    | {"label_columns", "multi_label", "findings_column", "no_finding", "uncertain", "blank"}
 )
 KEYWORDS = _ENGINE | _RUN | _FILES  # besides fit's named parameters, of which these are options of train:
 NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
@@ -50,7 +51,8 @@ NAMED = frozenset({"augment", "class_weight", "elastic", "out"})
 # the model is the caller's, --pretext is `mpitrain pretrain`'s (tests/unit/test_fit_folders.py
 # keeps this list complete).
 NOT_KEYWORDS = frozenset({"data", "labels", "val_data", "val_labels", "model", "recipe", "weights", "pretext"})
-_FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume"}  # --flag -> flag=True in messages
+# --flag -> flag=True in messages
+_FLAGS = {"overwrite", "elastic", "tensorboard", "data_on_root", "resume", "multi_label"}
 
 
 @dataclasses.dataclass

@@ -215,13 +215,15 @@ IFACE_HELP = (
     "Open MPI's choice, with a warning when the job spans hosts and this host has several"
 )
 
-LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column")
+# Multi-label tables (`train` and `data`; `evaluate` reads single-label tables for now).
+MULTI_LABEL_OPTIONS = ("label_columns", "multi_label", "findings_column", "no_finding", "uncertain", "blank")
+LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column", *MULTI_LABEL_OPTIONS)
 
 
 def _columns(args):
     from mpitrain.data.labels import Columns
 
-    return Columns(args.path_column, args.label_column, getattr(args, "patient_column", None))
+    return Columns.of(args)
 
 
 def _data_or_labels(args) -> None:
@@ -528,7 +530,9 @@ def _add_evaluate(sub) -> None:
     e.add_argument(
         "--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; or --labels)"
     )
-    _add_train_args(e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column")))
+    _add_train_args(
+        e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column", *MULTI_LABEL_OPTIONS))
+    )
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     e.add_argument(
         "--threshold",
@@ -864,7 +868,8 @@ def _data_recipe(args) -> None:
     from mpitrain.config import TrainConfig
 
     given = _given(args)
-    named = {k: getattr(args, k) for k in ("group_pattern", "val_data", "val_labels", "patient_column")}
+    # --labels too: --patient-column needs it (TrainConfig's rule).
+    named = {k: getattr(args, k) for k in ("labels", "group_pattern", "val_data", "val_labels", "patient_column")}
     cfg = TrainConfig.with_recipe(
         recipe=args.recipe,
         **{k: v for k, v in named.items() if v is not None},  # these turn off the recipe's groups, as in train
@@ -876,7 +881,7 @@ def _data_recipe(args) -> None:
 
 
 def _cmd_data(args) -> int:
-    from mpitrain.config import check_image_size, check_sources
+    from mpitrain.config import check_image_size, check_multi_label, check_sources
     from mpitrain.data.describe import describe_data
 
     _data_recipe(args)
@@ -895,6 +900,7 @@ def _cmd_data(args) -> int:
         args.groups,
         args.group_pattern,
     )
+    check_multi_label(args)
     return describe_data(
         args.data,
         image_size=args.image_size,

@@ -33,6 +33,10 @@ CLASS_WEIGHTS = ("balanced", "none")
 AUGMENTS = ("none", "xray", "xray-strong", "xray-sharpness")  # --augment: data/augment.py applies them
 GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.py
 PRETEXTS = ("none", "rotation")  # --pretext: train/pretext.py
+# Multi-label tables (data/multilabel.py): what an uncertain (-1) and a blank cell become.
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
+BLANK_POLICIES = ("zeros", "ignore")
+NO_FINDING = "No Finding"  # --no-finding: ChestX-ray14's word for an image without findings
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy")
 # --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
@@ -146,6 +150,62 @@ def check_sources(
     )
 
 
+def label_column_names(text: str | None) -> list[str]:
+    """--label-columns "A,B,C" -> ["A", "B", "C"] (spaces around names dropped)."""
+    return [] if text is None else [name.strip() for name in text.split(",")]
+
+
+def check_multi_label(opts) -> None:
+    """The rules of the multi-label options (--label-columns, --multi-label, --findings-column
+    and their --no-finding, --uncertain, --blank), for train and data. ``opts``: a TrainConfig
+    or the parsed command line (any object with those fields; a missing one is its default).
+    A value equal to its default counts as not given: --label-column "label" is the default."""
+
+    def get(name: str, default=None):
+        return getattr(opts, name, default)
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    kinds = [
+        k
+        for k, on in (
+            ("--label-columns", get("label_columns") is not None),
+            ("--multi-label", get("multi_label")),
+            ("--findings-column", get("findings_column") is not None),
+        )
+        if on
+    ]
+    need(len(kinds) <= 1, f"give one of --label-columns, --multi-label, --findings-column, not {' and '.join(kinds)}")
+    uncertain, blank = get("uncertain", "zeros"), get("blank", "zeros")
+    need(uncertain in UNCERTAIN_POLICIES, f"--uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}")
+    need(blank in BLANK_POLICIES, f"--blank must be one of {', '.join(BLANK_POLICIES)}")
+    no_finding = get("no_finding", NO_FINDING)
+    need(isinstance(no_finding, str) and bool(no_finding.strip()), "--no-finding must name a value, e.g. 'No Finding'")
+    need(
+        no_finding == NO_FINDING or get("findings_column") is not None,
+        "--no-finding needs --findings-column (the column of |-separated findings)",
+    )
+    need(
+        (uncertain, blank) == ("zeros", "zeros") or get("label_columns") is not None or get("multi_label"),
+        "--uncertain / --blank need --label-columns or --multi-label (columns of 1, 0, -1 and blank)",
+    )
+    if not kinds:
+        return
+    need(get("labels") is not None, f"{kinds[0]} needs --labels FILE.csv (class folders hold one class per image)")
+    need(
+        get("label_column", "label") == "label",
+        f"--label-column names the one class column: drop it with {kinds[0]}",
+    )
+    names = label_column_names(get("label_columns")) + [c for c in [get("findings_column")] if c is not None]
+    need(all(names), f"{kinds[0]} has an empty column name: {get('label_columns') or get('findings_column')!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    need(not twice, f"--label-columns names {', '.join(twice)} twice")
+    for other, option in ((get("path_column", "path"), "--path-column"), (get("patient_column"), "--patient-column")):
+        need(other not in names, f"{other!r} is the {option}: it cannot be a label column too")
+
+
 def _opt(default, help: str, *, choices: tuple | None = None, metavar: str | None = None):
     """A TrainConfig field and its command-line option `--field-name` (see cli._add_train_args)."""
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
@@ -185,6 +245,41 @@ class TrainConfig:
         "the label file's column of patient ids: each patient's images "
         "stay on one side of --val-split (with identical files)",
         metavar="NAME",
+    )
+    # Multi-label tables (data/multilabel.py): several findings per image, a sigmoid each.
+    label_columns: str | None = _opt(
+        None,
+        "multi-label: the label file's columns of findings, comma-separated (e.g. Atelectasis,Edema), "
+        "each 1 (present), 0 (absent), -1 (uncertain: --uncertain) or blank (--blank); the labels "
+        "keep this order",
+        metavar="A,B,...",
+    )
+    multi_label: bool = _opt(
+        False,
+        "multi-label: every column of --labels but --path-column and --patient-column is a label "
+        "column, values as for --label-columns (a metadata column is refused by its values: then "
+        "name the labels with --label-columns)",
+    )
+    findings_column: str | None = _opt(
+        None,
+        "multi-label: the label file's column of |-separated findings (NIH ChestX-ray14's "
+        "'Finding Labels'); the labels are the distinct findings, sorted",
+        metavar="NAME",
+    )
+    no_finding: str = _opt(
+        NO_FINDING, "with --findings-column: the value that means no finding (every label 0)", metavar="VALUE"
+    )
+    uncertain: str = _opt(
+        "zeros",
+        "what an uncertain label (-1) is: zeros (absent, as a blank), ones (present), or ignore (left "
+        "out of the loss and the metrics for that label); Irvin et al. 2019 (CheXpert) compare these",
+        choices=UNCERTAIN_POLICIES,
+    )
+    blank: str = _opt(
+        "zeros",
+        "what a blank label cell is: zeros (absent: CheXpert's blank is 'not mentioned'), or ignore "
+        "(left out of the loss and the metrics for that label)",
+        choices=BLANK_POLICIES,
     )
     val_split: float = _opt(0.1, "stratified validation fraction", metavar="F")
     allow_nested_classes: bool = _opt(
@@ -375,6 +470,7 @@ class TrainConfig:
             self.groups,
             self.group_pattern,
         )
+        check_multi_label(self)
         need(
             self.val_data is not None or self.val_labels is not None or self.val_split > 0,
             "need validation data: --val-split > 0, --val-data DIR or --val-labels FILE.csv",

@@ -46,14 +46,22 @@ def test_no_options_give_the_dataclass_defaults():
     assert _config_from_args(parse("train")) == TrainConfig()
 
 
-# Options that are only valid together with another one: given with it.
-NEEDS = {"patient_column": {"labels": "table.csv"}}
+# Options that are only valid together with another one: given with it (NEEDS: and refused
+# alone, with any value; a flag or a choice cannot take "x", so these are in ALSO_NEEDS).
+TABLE = {"labels": "table.csv"}
+NEEDS = {k: TABLE for k in ("patient_column", "label_columns", "findings_column")}
+ALSO_NEEDS = {
+    "multi_label": TABLE,
+    "no_finding": {**TABLE, "findings_column": "Finding Labels"},
+    "uncertain": {**TABLE, "label_columns": "A,B"},
+    "blank": {**TABLE, "label_columns": "A,B"},
+}
 
 
 @pytest.mark.parametrize("f", FIELDS, ids=[f.name for f in FIELDS])
 def test_every_field_is_an_option_that_reaches_the_config(f):
     value, rest = _other_value(f)
-    needs = NEEDS.get(f.name, {})
+    needs = {**NEEDS, **ALSO_NEEDS}.get(f.name, {})
     also = [a for k, v in needs.items() for a in ("--" + k.replace("_", "-"), v)]
     cfg = _config_from_args(parse("train", *also, "--" + f.name.replace("_", "-"), *rest))
     assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(value)
@@ -168,8 +176,11 @@ def test_an_unknown_option_with_nothing_close_names_no_option(cli_error):
 
 
 def test_abbreviations_still_work():
-    args = parse("train", "--epo", "3", "--label-col", "y")
-    assert (args.epochs, args.label_column) == (3, "y")
+    args = parse("train", "--epo", "3", "--path-col", "y")
+    assert (args.epochs, args.path_column) == (3, "y")
+    # --label-column is a prefix of --label-columns: written out, it is still itself
+    args = parse("train", "--label-column", "y", "--label-columns", "A,B")
+    assert (args.label_column, args.label_columns) == ("y", "A,B")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mpitrain.data.multilabel import counts_2xl, is_multi_label
 from mpitrain.errors import UserError
 from mpitrain.shards import shard
 
@@ -30,7 +31,9 @@ PartsOf = Callable[[int], tuple[tuple[int, int], tuple[int, int]]]
 
 @dataclass
 class Plan:
-    """The global, rank-independent view of the data."""
+    """The global, rank-independent view of the data. Labels are class indices [n], or for a
+    multi-label table float32 [n, L] (`multilabel.py`: 0/1, NaN masked), ``classes`` then
+    being the label names."""
 
     data_dir: str
     classes: list[str]
@@ -51,6 +54,10 @@ class Plan:
     is_table: bool = False  # data_dir is a --labels file, not a folder
 
     def class_counts(self) -> np.ndarray:
+        """Training images per class; multi-label: int64 [2, L], negatives (row 0) and
+        positives (row 1) per label, a masked entry in neither."""
+        if is_multi_label(self.train_labels):
+            return counts_2xl(self.train_labels)
         return np.bincount(self.train_labels, minlength=len(self.classes))
 
     def protocol(self) -> str:
@@ -116,7 +123,7 @@ def plan_for(cfg, cache_dir: str | None = None) -> Plan:
         cfg.group_pattern,
         labels=labels,
         val_labels=getattr(cfg, "val_labels", None),
-        columns=Columns(cfg.path_column, cfg.label_column, cfg.patient_column),
+        columns=Columns.of(cfg),
         nested_ok=getattr(cfg, "allow_nested_classes", False) or cfg.data is None,
     )
 
@@ -180,8 +187,13 @@ def make_plan(
     if len(tr) == 0:
         raise UserError(f"--val-split {val_split} leaves no training images in {data_dir}")
     if len(va) == 0:  # every class too small to give one (a class of one image stays in training)
-        per_class = ", ".join(f"{c} {n}" for c, n in index.counts().items())
         need = "images" if found is None else f"groups ({found.describe()})"
+        if is_multi_label(index.labels):  # split as one class: the whole set is too small
+            raise UserError(
+                f"--val-split {val_split} leaves no validation images in {data_dir} ({len(index):,} images): "
+                f"give --val-labels FILE.csv, or at least 2 {need}"
+            )
+        per_class = ", ".join(f"{c} {n}" for c, n in index.counts().items())
         raise UserError(
             f"--val-split {val_split} leaves no validation images in {data_dir} ({per_class}): "
             f"give --val-data DIR, or at least 2 {need} per class"
@@ -235,14 +247,19 @@ def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shar
         from mpitrain.config import image_shape
 
         shape = (0, *image_shape(image_size)) + (() if channels == 1 else (channels,))
-        return np.zeros(shape, np.uint8), np.zeros(0, np.int32), 255.0, np.zeros(0, bool)
+        return np.zeros(shape, np.uint8), _label_rows(labels[:0]), 255.0, np.zeros(0, bool)
     x, max_value, ok, errors, hit = load_images_native(
         paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole, channels=channels
     )
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
-    return np.ascontiguousarray(x[ok]), labels[ok].astype(np.int32), float(max_value), ok
+    return np.ascontiguousarray(x[ok]), _label_rows(labels[ok]), float(max_value), ok
+
+
+def _label_rows(labels: np.ndarray) -> np.ndarray:
+    """A shard's labels: int32 class indices, or multi-label float32 [n, L] (NaN kept)."""
+    return labels.astype(np.float32 if is_multi_label(labels) else np.int32)
 
 
 def load_shard(
@@ -290,10 +307,15 @@ def _parts_of_ranks(
 
 
 def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
-    """Per-class loss weights; "balanced" is n / (k * n_c), as in scikit-learn."""
+    """Per-class loss weights; "balanced" is n / (k * n_c), as in scikit-learn. Multi-label
+    counts [2, L] (`Plan.class_counts`) give float32 [2, L], the weights of a negative (row
+    0) and a positive (row 1) of each label: balanced n_l / (2 * n_cl), n_l the label's
+    unmasked entries, scikit-learn's rule for each label as a two-class problem."""
     counts = np.asarray(counts, dtype=np.float64)
     if mode == "none":
-        return np.ones(len(counts), dtype=np.float32)
+        return np.ones(counts.shape if counts.ndim == 2 else len(counts), dtype=np.float32)
+    if counts.ndim == 2:
+        return (counts.sum(axis=0) / (2 * np.maximum(counts, 1.0))).astype(np.float32)
     w = counts.sum() / (len(counts) * np.maximum(counts, 1.0))
     return w.astype(np.float32)
 

@@ -377,8 +377,11 @@ def is_colour(data: bytes) -> bool:
 def sniff_colour(paths: list[str], labels, per_class: int = SNIFF_PER_CLASS) -> tuple[int, int]:
     """(colour files, files looked at) among up to ``per_class`` files of each class, evenly
     spaced in path order (the same files every run): what --channels 1 would turn grey.
-    Reads only; the data and its order are untouched."""
+    Reads only; the data and its order are untouched. Multi-label rows ([n, L]) have no one
+    class: they are sampled as one."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = np.zeros(len(labels), np.int64)
     picked: list[str] = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)

@@ -31,6 +31,7 @@ from mpitrain.atomic import write_atomic
 from mpitrain.data.cache import default_cache_dir, load_images_cached
 from mpitrain.data.groups import duplicate_sets
 from mpitrain.data.labels import Columns, index_of
+from mpitrain.data.multilabel import is_multi_label, positives
 from mpitrain.data.scan import FileIndex
 from mpitrain.runfiles import SKIPPED
 from mpitrain.runtime import available_cores
@@ -58,8 +59,10 @@ def skip_warning(errors, report_path) -> str:
 
 
 def _rows(index: FileIndex) -> list[tuple[str, str, str]]:
+    """Each class, its images and share; multi-label: each label, its positives and the share
+    of images that have it."""
     counts = index.counts()
-    total = sum(counts.values())
+    total = len(index) if is_multi_label(index.labels) else sum(counts.values())
     return [(name, f"{c:,}", f"{100.0 * c / total:5.1f}%") for name, c in counts.items()]
 
 
@@ -190,8 +193,13 @@ def _groups_report(
     else:
         line("split", f"an image-by-image {split} shares no group between training and validation")
     gtr, gva = grouped_split(index.labels, found.ids, val_split, seed)
-    per_class = ", ".join(
-        f"{c} {n:,}" for c, n in zip(index.classes, np.bincount(index.labels[gva], minlength=len(index.classes)))
+    in_val = (
+        positives(index.labels[gva])
+        if is_multi_label(index.labels)
+        else np.bincount(index.labels[gva], minlength=len(index.classes))
+    )
+    per_class = ("positives: " if is_multi_label(index.labels) else "") + ", ".join(
+        f"{c} {n:,}" for c, n in zip(index.classes, in_val)
     )
     line(
         "grouped split",
@@ -234,10 +242,18 @@ def describe_data(
 
     counts = list(index.counts().values())
     line("data", index.where)
-    line("classes", f"{len(index.classes)}")
-    for row in _table(_rows(index)):
-        print(row, file=out)
-    line("imbalance", f"{max(counts) / min(counts):.2f} : 1 (largest / smallest class)")
+    if is_multi_label(index.labels):
+        line("labels", f"{len(index.classes)} (multi-label: images with each finding)")
+        for row in _table(_rows(index)):
+            print(row, file=out)
+        masked = int(np.isnan(index.labels).sum())
+        if masked:
+            line("masked", f"{masked:,} label entries (left out of the loss and the metrics of their label)")
+    else:
+        line("classes", f"{len(index.classes)}")
+        for row in _table(_rows(index)):
+            print(row, file=out)
+        line("imbalance", f"{max(counts) / min(counts):.2f} : 1 (largest / smallest class)")
     line("images", f"{len(index):,}")
     if val is not None:
         line("validation", f"{val.where} ({len(val):,} images)")

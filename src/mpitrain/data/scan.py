@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.data.dicom import DICOM_EXTENSIONS, has_marker, may_be_dicom_name
+from mpitrain.data.multilabel import is_multi_label, positives
 from mpitrain.errors import UserError
 
 OPENCV_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # decode.py: OpenCV
@@ -41,12 +42,14 @@ class FileIndex:
 
     From a label file (`labels.read_labels`) ``root`` is the file's folder, ``source`` the
     file, ``patients`` the patient column (if asked for) and ``skipped`` the rows left out.
+    A multi-label table gives labels float32 [n, L] instead (`multilabel.py`: 0/1, NaN
+    masked), ``classes`` then being the L label names.
     """
 
     root: Path
     classes: list[str]
     paths: list[str]
-    labels: np.ndarray  # int64, index into classes
+    labels: np.ndarray  # int64, index into classes; multi-label: float32 [n, L]
     patients: list[str | None] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     source: str | None = None
@@ -57,7 +60,9 @@ class FileIndex:
         return self.source or str(self.root)
 
     def counts(self) -> dict[str, int]:
-        """Number of images per class, in class order."""
+        """Number of images per class, in class order (multi-label: positives per label)."""
+        if is_multi_label(self.labels):
+            return {name: int(c) for name, c in zip(self.classes, positives(self.labels))}
         per_class = np.bincount(self.labels, minlength=len(self.classes))
         return {name: int(c) for name, c in zip(self.classes, per_class)}
 
@@ -115,8 +120,9 @@ def _check_root(root: str) -> None:
         raise UserError(f"data folder {root} is not readable (check its permissions)")
 
 
-def check_classes(where: str, classes: list[str], class_names: list[str] | None) -> None:
-    """`UserError` unless ``classes`` (found in ``where``) equal ``class_names`` (if given)."""
+def check_classes(where: str, classes: list[str], class_names: list[str] | None, what: str = "classes") -> None:
+    """`UserError` unless ``classes`` (found in ``where``) equal ``class_names`` (if given).
+    ``what``: what they are, in the message (a multi-label table's "label columns")."""
     if class_names is not None and list(class_names) != classes:
         missing = [c for c in class_names if c not in classes]
         extra = [c for c in classes if c not in class_names]
@@ -131,7 +137,7 @@ def check_classes(where: str, classes: list[str], class_names: list[str] | None)
             )
             or "different order"
         )
-        raise UserError(f"classes in {where} do not match the training classes ({', '.join(class_names)}): {detail}")
+        raise UserError(f"{what} in {where} do not match the training {what} ({', '.join(class_names)}): {detail}")
 
 
 def scan(root, class_names: list[str] | None = None) -> FileIndex:

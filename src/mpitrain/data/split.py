@@ -6,6 +6,10 @@ a class with at least 2 images always gives at least 1 image to validation and a
 keeps at least 1 for training; a class with a single image stays in training. The result
 depends only on the labels, the fraction and the seed (NumPy's PCG64 generator), so
 every MPI rank computes the same split without communicating.
+
+Multi-label rows (labels [n, L], `multilabel.py`) have no one class to stratify by: the
+whole set is split as one class, by a seeded permutation of its rows (or of its groups),
+with the same `val_count` rule.
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ import math
 import numpy as np
 
 from mpitrain.errors import UserError
+
+
+def _as_classes(labels) -> np.ndarray:
+    """Class indices [n] to stratify by: multi-label rows [n, L] are all one class."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return np.zeros(len(labels), np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D (or [n, L] multi-label), got shape {labels.shape}")
+    return labels
 
 
 def val_count(n_c: int, val_fraction: float) -> int:
@@ -36,9 +50,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         raise UserError(f"validation fraction must be a number, got {val_fraction!r}") from None
     if not 0.0 <= fraction < 1.0:  # also rejects NaN
         raise UserError(f"validation fraction must be at least 0 and below 1, got {val_fraction}")
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    labels = _as_classes(labels)
     n = len(labels)
     if n == 0 or fraction == 0.0:
         return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
@@ -67,7 +79,7 @@ def grouped_split(
     least one group for training. With every group a single image this is exactly
     `stratified_split` (same seed, same indices).
     """
-    labels = np.asarray(labels)
+    labels = _as_classes(labels)
     groups = np.asarray(groups, dtype=np.int64)
     if groups.shape != labels.shape:
         raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ in shape")
