@@ -33,7 +33,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 AUGMENTS = ("none", "xray", "xray-strong", "xray-sharpness")  # --augment: data/augment.py applies them
 GROUPINGS = ("none", "filename-patient", "duplicates")  # --groups: data/groups.py
 PRETEXTS = ("none", "rotation")  # --pretext: train/pretext.py
-# Multi-label tables (data/multilabel.py): what an uncertain (-1) and a blank cell become.
+# Multi-label tables (data/findings.py): what an uncertain (-1) and a blank cell become.
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 BLANK_POLICIES = ("zeros", "ignore")
 NO_FINDING = "No Finding"  # --no-finding: ChestX-ray14's word for an image without findings
@@ -246,7 +246,7 @@ class TrainConfig:
         "stay on one side of --val-split (with identical files)",
         metavar="NAME",
     )
-    # Multi-label tables (data/multilabel.py): several findings per image, a sigmoid each.
+    # Multi-label tables (data/findings.py): several findings per image, a sigmoid each.
     label_columns: str | None = _opt(
         None,
         "multi-label: the label file's columns of findings, comma-separated (e.g. Atelectasis,Edema), "

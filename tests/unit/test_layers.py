@@ -7,7 +7,7 @@
     evaluate/  -> engine/, parallel/, data/    (never train/)
     engine/    -> parallel/                    (never data/, evaluate/, train/)
     parallel/, data/                           (neither each other nor the layers above)
-    config, errors, runtime, slurm, atomic, outdir, pixels, shards, runfiles
+    config, errors, runtime, slurm, atomic, outdir, pixels, shards, runfiles, targets
                                            (top level: below every layer, import none)
     __init__.py                            (the public face: re-exports the engine and api.fit, lazily)
 

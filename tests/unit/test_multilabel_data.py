@@ -14,9 +14,9 @@ import pytest
 from mpitrain.config import TrainConfig, check_multi_label
 from mpitrain.data.dataset import class_weights, load_shard, make_plan, plan_for
 from mpitrain.data.labels import Columns, read_labels
-from mpitrain.data.multilabel import is_multi_label
 from mpitrain.data.split import val_count
 from mpitrain.errors import UserError
+from mpitrain.targets import is_multi_label
 
 NAN = np.nan
 # CheXpert-style: a patient column and three findings, cells 1/0/-1/blank as pandas writes them.

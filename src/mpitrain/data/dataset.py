@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpitrain.data.multilabel import counts_2xl, is_multi_label
+from mpitrain.data.findings import counts_2xl
 from mpitrain.errors import UserError
 from mpitrain.shards import shard
+from mpitrain.targets import is_multi_label
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
@@ -32,7 +33,7 @@ PartsOf = Callable[[int], tuple[tuple[int, int], tuple[int, int]]]
 @dataclass
 class Plan:
     """The global, rank-independent view of the data. Labels are class indices [n], or for a
-    multi-label table float32 [n, L] (`multilabel.py`: 0/1, NaN masked), ``classes`` then
+    multi-label table float32 [n, L] (`findings.py`: 0/1, NaN masked), ``classes`` then
     being the label names."""
 
     data_dir: str

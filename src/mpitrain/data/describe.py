@@ -29,12 +29,13 @@ import numpy as np
 
 from mpitrain.atomic import write_atomic
 from mpitrain.data.cache import default_cache_dir, load_images_cached
+from mpitrain.data.findings import positives
 from mpitrain.data.groups import duplicate_sets
 from mpitrain.data.labels import Columns, index_of
-from mpitrain.data.multilabel import is_multi_label, positives
 from mpitrain.data.scan import FileIndex
 from mpitrain.runfiles import SKIPPED
 from mpitrain.runtime import available_cores
+from mpitrain.targets import is_multi_label
 
 DUPLICATES_NAME = "duplicate_files.txt"
 

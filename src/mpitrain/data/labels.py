@@ -20,7 +20,7 @@ the cache and everything after them work unchanged. Rules:
 * One-line `UserError`s: no such file, an unknown column (the columns are named), no rows,
   fewer than 2 classes, a path listed twice.
 * Multi-label tables (``--label-columns``, ``--multi-label``, ``--findings-column``; their
-  values and policies: `multilabel.py`) give labels float32 [n, L] (NaN: masked) and
+  values and policies: `findings.py`) give labels float32 [n, L] (NaN: masked) and
   ``classes`` the L label names: the --label-columns as given, the table's own column order
   for --multi-label, the sorted findings for --findings-column. Rows are ordered by path
   (an image has no one class), a row whose path is empty or whose image is missing is
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.config import NO_FINDING
-from mpitrain.data import multilabel
+from mpitrain.data import findings as table_values
 from mpitrain.data.scan import FileIndex, check_classes, scan
 from mpitrain.errors import UserError
 
@@ -48,7 +48,7 @@ from mpitrain.errors import UserError
 class Columns:
     """Which columns of a label file hold the path, the class and (optionally) the patient;
     for a multi-label table the label columns (``labels``, or ``all_labels``: every column
-    but path and patient) or the ``findings`` column, and the policies of `multilabel.py`."""
+    but path and patient) or the ``findings`` column, and the policies of `findings.py`."""
 
     path: str = "path"
     label: str = "label"
@@ -223,7 +223,7 @@ def _read_multi_label(
 
         def findings(row, number):
             cell = _cell(row, ifind)
-            return multilabel.findings_of(cell, columns.no_finding, f"{where} row {number}", columns.findings)
+            return table_values.findings_of(cell, columns.no_finding, f"{where} row {number}", columns.findings)
 
         kept, skipped = _kept_rows(csv_path, rows, ip, ipat, columns, findings)
         order = sorted(kept)
@@ -237,7 +237,7 @@ def _read_multi_label(
         names = list(class_names) if class_names is not None else sorted(seen)
         if order and not names:
             raise UserError(f"{where} has no finding besides {columns.no_finding!r} in {len(order):,} usable rows")
-        labels = multilabel.findings_matrix(found, names)
+        labels = table_values.findings_matrix(found, names)
     else:
         names = _label_names(header, columns, csv_path, class_names)
         option = "--label-columns" if columns.labels is not None else "--multi-label"
@@ -253,15 +253,15 @@ def _read_multi_label(
 
         def values(row, number):
             return [
-                multilabel.raw_value(_cell(row, i), f"{where} row {number}, column {n!r}", hint)
+                table_values.raw_value(_cell(row, i), f"{where} row {number}, column {n!r}", hint)
                 for i, n in zip(at, names)
             ]
 
         kept, skipped = _kept_rows(csv_path, rows, ip, ipat, columns, values)
         order = sorted(kept)
         raw = np.array([kept[p][0] for p in order], np.int8).reshape(len(order), len(names))
-        labels = multilabel.apply_policies(raw, columns.uncertain, columns.blank)
-        multilabel.check_columns_used(raw, labels, names, where)
+        labels = table_values.apply_policies(raw, columns.uncertain, columns.blank)
+        table_values.check_columns_used(raw, labels, names, where)
     if not order:
         usable = f" ({len(skipped):,} row(s) skipped, e.g. {skipped[0][1]})" if skipped else ""
         raise UserError(f"{where} has no usable rows{usable}")

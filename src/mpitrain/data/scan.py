@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.data.dicom import DICOM_EXTENSIONS, has_marker, may_be_dicom_name
-from mpitrain.data.multilabel import is_multi_label, positives
+from mpitrain.data.findings import positives
 from mpitrain.errors import UserError
+from mpitrain.targets import is_multi_label
 
 OPENCV_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # decode.py: OpenCV
 IMAGE_EXTENSIONS = OPENCV_EXTENSIONS | DICOM_EXTENSIONS
@@ -42,7 +43,7 @@ class FileIndex:
 
     From a label file (`labels.read_labels`) ``root`` is the file's folder, ``source`` the
     file, ``patients`` the patient column (if asked for) and ``skipped`` the rows left out.
-    A multi-label table gives labels float32 [n, L] instead (`multilabel.py`: 0/1, NaN
+    A multi-label table gives labels float32 [n, L] instead (`findings.py`: 0/1, NaN
     masked), ``classes`` then being the L label names.
     """
 

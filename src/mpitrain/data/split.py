@@ -7,7 +7,7 @@ keeps at least 1 for training; a class with a single image stays in training. Th
 depends only on the labels, the fraction and the seed (NumPy's PCG64 generator), so
 every MPI rank computes the same split without communicating.
 
-Multi-label rows (labels [n, L], `multilabel.py`) have no one class to stratify by: the
+Multi-label rows (labels [n, L], `findings.py`) have no one class to stratify by: the
 whole set is split as one class, by a seeded permutation of its rows (or of its groups),
 with the same `val_count` rule.
 """

@@ -70,6 +70,7 @@ from mpitrain.parallel.strategies import lr_at, make_sync, scaled_lr, strategy_c
 from mpitrain.parallel.watchdog import Watchdog
 from mpitrain.pixels import as_float
 from mpitrain.shards import batch_slices, epoch_order, steps_per_epoch
+from mpitrain.targets import is_multi_label
 
 if TYPE_CHECKING:
     from mpitrain.parallel.comm import Comm
@@ -241,7 +242,7 @@ class Engine:
         check_own_parts(model, opts.ema, opts.label_smoothing, opts.mixup)
         self.n_classes = int(model.output_shape[-1])
         # Labels [n, L]: sigmoid outputs. Collective: a rank without rows may hold labels [0].
-        self.multi = bool(comm.allreduce_max(float(multilabel.is_multi_label(data.train_y))))
+        self.multi = bool(comm.allreduce_max(float(is_multi_label(data.train_y))))
         if self.multi:
             multilabel.widen_empty(data, self.n_classes)
             _check_multilabel(model, data, opts)

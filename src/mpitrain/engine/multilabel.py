@@ -1,6 +1,6 @@
 """Several findings per image: labels float32 [n, L] of 1, 0 and NaN (masked), sigmoid outputs.
 
-The engine is multi-label when its labels are two-dimensional (`is_multi_label`); the model
+The engine is multi-label when its labels are two-dimensional (`mpitrain.targets`); the model
 then ends in L sigmoid units, one per label, and is trained with binary cross-entropy:
 
 * A masked entry (NaN: an uncertain finding under `--uncertain ignore`) has loss weight 0,
@@ -22,13 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from mpitrain.engine.metrics import _clean, _mean, _ratio, pr_auc, roc_auc
+from mpitrain.targets import is_multi_label
 
 EPSILON = 1e-7  # Keras' clipping of probabilities in its cross-entropies
-
-
-def is_multi_label(labels) -> bool:
-    """Multi-label data is labels [n, L] (single-label data: class indices [n])."""
-    return np.ndim(labels) == 2
 
 
 def widen_empty(data, n_labels: int) -> None:

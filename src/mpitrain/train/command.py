@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpitrain.config import TrainConfig, save_config
-from mpitrain.engine.multilabel import is_multi_label
 from mpitrain.errors import StopRequested, UserError, agree
 from mpitrain.parallel.comm import launched_by_mpi, world
 from mpitrain.runtime import started_at
+from mpitrain.targets import is_multi_label
 
 if TYPE_CHECKING:
     from mpitrain.engine.loop import Result

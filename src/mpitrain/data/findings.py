@@ -2,7 +2,7 @@
 
 Labels of multi-label data are float32 ``[n, L]``: 1.0 present, 0.0 absent, NaN masked
 out (left out of the loss and the metrics of that label). Single-label data keeps its
-integer ``[n]`` class indices, so ``labels.ndim == 2`` (`is_multi_label`) tells the two
+integer ``[n]`` class indices, so ``labels.ndim == 2`` (`mpitrain.targets.is_multi_label`) tells the two
 apart everywhere. `labels.read_labels` reads a table in one of two forms:
 
 * label columns (``--label-columns A,B,C``, or ``--multi-label``: every column but the
@@ -28,11 +28,6 @@ from mpitrain.errors import UserError
 
 BLANK = 2  # raw code of a blank cell beside 1, 0 and -1
 _RAW = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": BLANK}
-
-
-def is_multi_label(labels) -> bool:
-    """Multi-label data: labels [n, L] (0/1/NaN per label), not class indices [n]."""
-    return np.ndim(labels) == 2
 
 
 def raw_value(cell: str, where: str, hint: str = "") -> int:

@@ -1,0 +1,103 @@
+"""`mpitrain train` on multi-label tables, in one process: a CheXpert-style table (1 / 0 /
+-1 / blank, a patient column) with `--uncertain ignore` learns its independent findings,
+and the run folder speaks of labels: per-label metrics and thresholds, a report table,
+validation predictions with the masked entries left empty; an NIH-style findings column
+trains too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from mpitrain import runfiles
+from mpitrain.cli import main
+
+FINDINGS = ["Edema", "Effusion", "Nodule"]
+
+
+def _table(folder, n=120, seed=0):
+    """Images where finding l lights up band l of the rows; the rows of the table, CheXpert style:
+    a positive 1, a negative 0 (or blank), and some uncertain -1."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    rows = []
+    for i in range(n):
+        y = rng.random(3) < 0.4
+        img = (rng.random((16, 16)) * 60).astype(np.uint8)
+        for lab in range(3):
+            if y[lab]:
+                img[5 * lab : 5 * lab + 5] += 150
+        name = f"img{i:03d}.png"
+        cv2.imwrite(str(folder / name), img)
+        cells = ["1" if v else rng.choice(["0", ""]) for v in y]
+        if i % 7 == 0:
+            cells[i % 3] = "-1"  # uncertain
+        rows.append([name, f"p{i // 2}", *cells])
+    return rows
+
+
+def _write(path, header, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def _train(capsys, *options):
+    rc = main(["train", *options, "--model", "tiny", "--image-size", "16", "--epochs", "6", "--batch-size", "16"])
+    return rc, capsys.readouterr()
+
+
+def test_a_chexpert_style_table_trains_and_the_run_speaks_of_labels(tmp_path, capsys):
+    rows = _table(tmp_path / "img")
+    table = tmp_path / "img" / "labels.csv"
+    _write(table, ["path", "patient", *FINDINGS], rows)
+    run = tmp_path / "run"
+    args = ["--labels", str(table), "--label-columns", ",".join(FINDINGS), "--patient-column", "patient"]
+    rc, out = _train(capsys, *args, "--uncertain", "ignore", "--out", str(run), "--lr", "0.01")
+    assert rc == 0, out.err
+    metrics = json.loads((run / runfiles.METRICS).read_text())
+    assert metrics["multi_label"] and metrics["label_names"] == FINDINGS
+    assert set(metrics["per_label"]) == set(FINDINGS)
+    assert metrics["mean_roc_auc"] > 0.9, metrics["per_label"]
+    assert sum(m["masked"] for m in metrics["per_label"].values()) > 0  # the -1 cells of validation
+    info = json.loads((run / runfiles.MODEL_INFO).read_text())
+    assert info["multi_label"] and list(info["thresholds"]) == FINDINGS
+    assert all(t == 0.5 for t in info["thresholds"].values())  # prior: balanced weights per label
+    report = (run / runfiles.REPORT).read_text()
+    assert "| Edema |" in report and "mean ROC AUC" in report
+    with open(run / runfiles.VAL_PREDICTIONS, newline="") as f:
+        val = list(csv.reader(f))
+    assert val[0] == ["path", *FINDINGS] + [f"p_{c}" for c in FINDINGS]
+    assert any("" in r[1:4] for r in val[1:])  # a masked entry is an empty cell
+    with open(run / runfiles.HISTORY, newline="") as f:
+        history = list(csv.DictReader(f))
+    assert float(history[-1]["val_mean_auc"]) == pytest.approx(float(history[-1]["val_auc"]))
+
+
+def test_an_nih_style_findings_column_trains(tmp_path, capsys):
+    rows = _table(tmp_path / "img", n=80, seed=1)
+    table = tmp_path / "img" / "Data_Entry.csv"
+    findings = ["|".join(f for f, c in zip(FINDINGS, r[2:]) if c == "1") or "No Finding" for r in rows]
+    _write(table, ["Image Index", "Finding Labels", "Patient ID"], [[r[0], f, r[1]] for r, f in zip(rows, findings)])
+    run = tmp_path / "run"
+    rc, out = _train(
+        capsys,
+        "--labels",
+        str(table),
+        "--path-column",
+        "Image Index",
+        "--findings-column",
+        "Finding Labels",
+        "--patient-column",
+        "Patient ID",
+        "--out",
+        str(run),
+    )
+    assert rc == 0, out.err
+    metrics = json.loads((run / runfiles.METRICS).read_text())
+    assert metrics["label_names"] == sorted(FINDINGS)
+    assert all(m["roc_auc"] is not None for m in metrics["per_label"].values())
