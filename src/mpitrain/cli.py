@@ -215,7 +215,7 @@ IFACE_HELP = (
     "Open MPI's choice, with a warning when the job spans hosts and this host has several"
 )
 
-# Multi-label tables (`train` and `data`; `evaluate` reads single-label tables for now).
+# Multi-label tables (`train`, `data` and `evaluate`).
 MULTI_LABEL_OPTIONS = ("label_columns", "multi_label", "findings_column", "no_finding", "uncertain", "blank")
 LABEL_OPTIONS = ("labels", "val_labels", "path_column", "label_column", "patient_column", *MULTI_LABEL_OPTIONS)
 
@@ -530,9 +530,7 @@ def _add_evaluate(sub) -> None:
     e.add_argument(
         "--data", metavar="DIR", help="folder with one sub-folder per class (the model's classes; or --labels)"
     )
-    _add_train_args(
-        e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column", *MULTI_LABEL_OPTIONS))
-    )
+    _add_train_args(e, only=tuple(o for o in LABEL_OPTIONS if o not in ("val_labels", "patient_column")))
     e.add_argument("--json", metavar="FILE", help="also write every number to this JSON file")
     e.add_argument(
         "--threshold",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -76,6 +77,66 @@ def test_a_chexpert_style_table_trains_and_the_run_speaks_of_labels(tmp_path, ca
     with open(run / runfiles.HISTORY, newline="") as f:
         history = list(csv.DictReader(f))
     assert float(history[-1]["val_mean_auc"]) == pytest.approx(float(history[-1]["val_auc"]))
+    _evaluate(tmp_path, capsys, run, metrics)
+
+
+def _evaluate(tmp_path, capsys, run, trained):
+    """`evaluate` reads a table of new images by the model's label names (their columns in
+    another order, a -1 masked with --uncertain ignore), with the model's thresholds or one
+    --threshold for all; class folders are refused for a multi-label model."""
+    rows = _table(tmp_path / "new", n=60, seed=5)
+    table = tmp_path / "new" / "new.csv"
+    _write(table, ["Nodule", "path", "Edema", "Effusion"], [[r[4], r[0], r[2], r[3]] for r in rows])
+    out_json = tmp_path / "e.json"
+    assert (
+        main(
+            ["evaluate", "--model", str(run), "--labels", str(table), "--uncertain", "ignore", "--json", str(out_json)]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "mean ROC AUC" in text and "Effusion" in text
+    e = json.loads(out_json.read_text())
+    assert e["label_names"] == FINDINGS and e["n_samples"] == 60 and e["mean_roc_auc"] > 0.9
+    masked = sum(1 for r in rows for c in r[2:] if c == "-1")
+    assert sum(v["masked"] for v in e["per_label"].values()) == masked > 0
+    positives = [sum(r[2 + i] == "1" for r in rows) for i in range(3)]
+    assert [e["per_label"][c]["positives"] for c in FINDINGS] == positives
+    assert e["thresholds"] == json.loads((run / runfiles.MODEL_INFO).read_text())["thresholds"]
+    assert (
+        main(["evaluate", "--model", str(run), "--labels", str(table), "--threshold", "0.9", "--json", str(out_json)])
+        == 0
+    )
+    capsys.readouterr()
+    high = json.loads(out_json.read_text())
+    assert set(high["thresholds"].values()) == {0.9} and high["threshold_source"] == "--threshold"
+    assert high["mean_sensitivity"] <= e["mean_sensitivity"]
+    assert main(["evaluate", "--model", str(run), "--data", str(tmp_path / "new")]) == 2
+    assert "is multi-label" in capsys.readouterr().err
+    _predict(tmp_path, capsys, run, rows)
+
+
+def _predict(tmp_path, capsys, run, rows):
+    """`predict`: a p_<label> column each, the set at or above the thresholds, the rule."""
+    out_csv = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(run), str(tmp_path / "new"), "--csv", str(out_csv)]) == 0
+    capsys.readouterr()
+    with open(out_csv, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == len(rows) and list(got[0])[2:5] == [f"p_{c}" for c in FINDINGS]
+    ts = json.loads((run / runfiles.MODEL_INFO).read_text())["thresholds"]
+    for r in got:
+        expected = [c for c in FINDINGS if float(r[f"p_{c}"]) >= ts[c]]
+        assert r["predicted"] == "|".join(expected)
+        assert r["decision"] == "; ".join(f"p_{c} >= {ts[c]!r}" for c in FINDINGS)
+    truth = {r[0]: dict(zip(FINDINGS, r[2:])) for r in rows}
+    decided = [
+        (c in r["predicted"].split("|")) == (truth[Path(r["path"]).name][c] == "1")
+        for r in got
+        for c in FINDINGS
+        if truth[Path(r["path"]).name][c] != "-1"
+    ]
+    assert sum(decided) / len(decided) > 0.8  # the findings are easy: most decisions are right
 
 
 def test_an_nih_style_findings_column_trains(tmp_path, capsys):

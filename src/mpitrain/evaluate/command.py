@@ -51,13 +51,14 @@ class Setup:
     info: ModelInfo
     data_dir: str
     paths: list[str]
-    labels: np.ndarray  # model class index per file
+    labels: np.ndarray  # model class index per file; multi-label: [n, L] in the model's label order
     threshold: float | None
     source: str  # "model", "--threshold" or "argmax"
     skipped: list  # label-file rows left out (no such file, empty cells): (path, reason)
     views: Views = Views()  # --tta-augment resolved (`tta.default_policy`)
     merges: list = field(default_factory=list)  # `merged.parse` of --merge-classes
     train_prior: tuple | None = None  # --adjust-prior: `prior.model_prior` (the mix, where it came from)
+    thresholds: np.ndarray | None = None  # multi-label: one per label (`per_label.py`)
 
 
 def _check_outputs(json_path: str | None, plots: str | None) -> None:
@@ -87,11 +88,15 @@ def prepare(
     """Everything that can be checked without Keras; raises UserError (all ranks alike).
     ``labels``: a label file instead of the class folders of ``data`` (`data/labels.py`)."""
     from mpitrain.data.labels import Columns, index_of
-    from mpitrain.evaluate import ensemble, merged, modelio, tta
+    from mpitrain.evaluate import ensemble, merged, modelio, per_label, tta
 
     views = views or Views()
     views.check()
     info = ensemble.read_info(model, need_threshold=threshold is None)
+    if per_label.is_multi_label(info):
+        return _prepare_per_label(
+            info, image_size, threshold, labels, columns or Columns(), views, check_outputs, json_path, plots
+        )
     views = replace(views, tta_augment=views.tta_augment or tta.default_policy(info))
     merges = merged.parse(list(views.merge_classes), info.classes)
     train_prior = None
@@ -111,6 +116,19 @@ def prepare(
     return Setup(
         info, index.where, list(index.paths), mapped, t, source, list(index.skipped), views, merges, train_prior
     )
+
+
+def _prepare_per_label(info, image_size, threshold, labels, columns, views, check_outputs, json_path, plots) -> Setup:
+    """`prepare` for a multi-label model: a table's labels in its order, a threshold per label."""
+    from mpitrain.evaluate import modelio, per_label, tta
+
+    views = replace(views, tta_augment=views.tta_augment or tta.default_policy(info))
+    modelio.check_image_size(info, image_size)
+    ts, source = per_label.thresholds(info, threshold)
+    index, mapped = per_label.read(info, labels, columns, views)
+    if check_outputs:
+        _check_outputs(json_path, plots)
+    return Setup(info, index.where, list(index.paths), mapped, None, source, list(index.skipped), views, thresholds=ts)
 
 
 def my_indices(n: int, rank: int, size: int) -> np.ndarray:
@@ -198,7 +216,7 @@ def evaluate_main(
     else:
         ok, errors, probs = np.zeros(0, bool), [], np.zeros((0, k), np.float32)
 
-    counts = np.r_[len(idx), ok.sum(), np.bincount(setup.labels[idx][ok], minlength=k)].astype(np.float64)
+    counts = np.r_[len(idx), ok.sum(), _class_counts(setup, setup.labels[idx][ok], k)].astype(np.float64)
     comm.allreduce_sum_(counts)  # collective: exact file / readable / per-class counts
     all_idx = comm.gather_rows(idx)  # collective: file indices, rank order
     all_probs = comm.gather_rows(probs.astype(np.float32))  # collective: probabilities, same order
@@ -282,10 +300,23 @@ def _view_facts(setup: Setup) -> dict:
     }
 
 
+def _class_counts(setup: Setup, labels: np.ndarray, k: int) -> np.ndarray:
+    """Images per class, or per label's positives (multi-label): reduced over the ranks."""
+    if setup.thresholds is not None:
+        from mpitrain.evaluate.per_label import positives
+
+        return positives(labels.reshape(-1, k))
+    return np.bincount(labels, minlength=k)
+
+
 def _metrics(setup: Setup, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> dict:
     from mpitrain.engine.metrics import classification_metrics
 
     info = setup.info
+    if setup.thresholds is not None:
+        from mpitrain.evaluate import per_label
+
+        return per_label.metrics(info, labels, probs, setup.thresholds, setup.source, counts)
     pos = info.positive if info.positive is not None else 1
     m = classification_metrics(labels, probs, info.classes, threshold=setup.threshold, positive=pos)
     # The reduced per-class counts must equal the gathered labels: a broken shard is a bug.
@@ -301,11 +332,17 @@ def _report(setup: Setup, result: dict, ranks: int, echo) -> None:
     from mpitrain.evaluate.report import text_table
 
     info = setup.info
-    per_class = ", ".join(
-        f"{c} {v:,}" for c, v in result["per_class_counts"].items() if c not in result["absent_classes"]
-    )  # those are named in the table
+    if setup.thresholds is not None:
+        from mpitrain.evaluate.per_label import data_text
+
+        per_class = data_text(result)
+    else:
+        per_class = ", ".join(
+            f"{c} {v:,}" for c, v in result["per_class_counts"].items() if c not in result["absent_classes"]
+        )  # those are named in the table
     echo(
-        f"model: {info.label} | classes: {', '.join(info.classes)} | {info.size_text}"
+        f"model: {info.label} | {'labels' if setup.thresholds is not None else 'classes'}: {', '.join(info.classes)}"
+        f"{' (multi-label)' if setup.thresholds is not None else ''} | {info.size_text}"
         + ("" if len(set(info.shape)) == 1 else " (width x height)")
         + ("" if info.channels == 1 else f" | {info.channels} channels (RGB)")
     )
@@ -365,7 +402,7 @@ def context_lines(info, result: dict) -> list[str]:
     protocols = sorted({m.extra.get("validation") or "not recorded (an older run)" for m in members})
     lines.append("validated during training on: " + "; ".join(protocols))
     train = members[0].extra.get("train_class_counts")
-    warning = mix_warning(train, result["per_class_counts"])
+    warning = mix_warning(train, result["per_class_counts"]) if "per_class_counts" in result else None
     if warning:
         lines.append(warning)
     return lines

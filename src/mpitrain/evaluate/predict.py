@@ -11,7 +11,9 @@ file by its resolved path) keeps its first row, and one note on stderr says so:
 same on every row, e.g. ``p_PNEUMONIA >= 0.7322394251823425`` (the model's saved
 threshold or ``--threshold``, written exactly) or ``argmax`` (more than two classes, or a
 model saved without a threshold), so that a row such as ``predicted=NORMAL`` beside
-``p_PNEUMONIA=0.69`` explains itself.
+``p_PNEUMONIA=0.69`` explains itself. A multi-label model (`per_label.py`) writes
+``p_<label>`` per label, ``predicted`` = the labels at or above their thresholds joined by
+``|`` (empty: none), and the per-label comparisons as ``decision``.
 
 A file that cannot be read or decoded, a path that does not exist and a folder without
 images each get a row with an empty prediction and the reason in ``error``; the run goes
@@ -104,14 +106,19 @@ def predict_main(
     tta: tuple[int, str | None, int] = (1, None, 0),
 ) -> int:
     """``tta``: (views, policy or None for the model's, seed) of ``--tta`` (`tta.py`)."""
-    from mpitrain.evaluate import ensemble, modelio
+    from mpitrain.evaluate import ensemble, modelio, per_label
     from mpitrain.parallel.comm import launched_by_mpi, world
 
     if launched_by_mpi() and world().rank != 0:
         return 0  # one process does the work; more ranks would only write the same file
     info = ensemble.read_info(model, need_threshold=threshold is None)
     modelio.check_image_size(info, image_size)
-    t, source = modelio.resolve_threshold(info, threshold)
+    multi = per_label.is_multi_label(info)
+    if multi:  # a threshold per label; the decision below is the set of labels at or above theirs
+        ts, source = per_label.thresholds(info, threshold)
+        t = None
+    else:
+        t, source = modelio.resolve_threshold(info, threshold)
     if csv_path is not None and (Path(csv_path).is_dir() or not Path(csv_path).resolve().parent.is_dir()):
         raise UserError(f"--csv {csv_path}: need a file in an existing folder")
     if tta[0] < 1:
@@ -126,7 +133,7 @@ def predict_main(
     net = ensemble.load(info, precision)
 
     k, pos = len(info.classes), info.positive
-    rule = decision_rule(info.classes, t, pos)
+    rule = per_label.rule(info.classes, ts) if multi else decision_rule(info.classes, t, pos)
     counts, failed = np.zeros(k, np.int64), 0
     with contextlib.ExitStack() as files:
         stream = sys.stdout
@@ -148,16 +155,25 @@ def predict_main(
                     failed += 1
                     writer.writerow([path, ""] + [""] * k + ["", why])
                     continue
-                c = int(modelio.decide(row[None, :], t, pos)[0])
-                counts[c] += 1
-                writer.writerow([path, info.classes[c]] + [modelio.exact(p) for p in row] + [rule, ""])
+                if multi:
+                    called = row.astype(np.float64) >= ts
+                    counts += called
+                    predicted = "|".join(c for c, yes in zip(info.classes, called) if yes)
+                else:
+                    c = int(modelio.decide(row[None, :], t, pos)[0])
+                    counts[c] += 1
+                    predicted = info.classes[c]
+                writer.writerow([path, predicted] + [modelio.exact(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
     saved = "chosen for the ensemble" if info.members else "saved with the model"
     decision = (
         f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})" if t is not None else "argmax"
     )
+    if multi:
+        decision = f"a threshold per label ({saved if source == 'model' else source}); images with each label"
+    n_done = len(items) - failed
     say(
-        f"predicted {int(counts.sum()):,} image(s) with {info.label} (decision: {decision}): "
+        f"predicted {n_done:,} image(s) with {info.label} (decision: {decision}): "
         + ", ".join(f"{c} {n:,}" for c, n in zip(info.classes, counts))
         + (f"; {failed} row(s) with an error (see the error column)" if failed else "")
         + (f"; wrote {csv_path}" if csv_path else "")
