@@ -39,7 +39,17 @@ def test_every_keep_best_metric_is_a_column_of_the_epoch_row():
         np.array([0, 1, 1, 0]),
         2,
     )
-    assert {k[len("val_") :] for k in KEEP_BEST_METRICS} <= set(m)
+    multi, _, _ = epoch_metrics(
+        world(),
+        np.array([4.0, 2.0, 3.0]),
+        np.array([[0.9, 0.1], [0.2, 0.8]] * 2, np.float32),
+        np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32),
+        2,
+        multi_label=True,
+    )
+    # val_mean_auc is multi-label's (KeepBest refuses it for one label per image).
+    assert {k[len("val_") :] for k in KEEP_BEST_METRICS if k != "val_mean_auc"} <= set(m)
+    assert {k[len("val_") :] for k in KEEP_BEST_METRICS} <= set(multi)
 
 
 def test_checkpoint_carries_the_best_weights_exactly(tmp_path):

@@ -136,3 +136,34 @@ def test_refusals_are_one_line(model, options, message):
     x, y = _findings(16)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Engine(model(), InMemory(x, y, x, y), Options(epochs=1, batch_size=8, **options), SingleComm(), progress=False)
+
+
+def test_keep_best_val_mean_auc_keeps_the_best_epoch_and_needs_multi_label():
+    from blobs import blobs, tiny_model
+
+    from mpitrain.engine.callbacks.keep_best import KeepBest
+    from mpitrain.engine.epochs import best_epoch
+
+    x, y = _findings(64)
+    vx, vy = _findings(32, seed=2)
+    engine = Engine(
+        _model(),
+        InMemory(x, y, vx, vy),
+        Options(epochs=4, batch_size=16, lr=0.05),
+        SingleComm(),
+        callbacks=[KeepBest("val_mean_auc")],
+        progress=False,
+    )
+    result = engine.fit()
+    assert result.kept_epoch == best_epoch(result.history, "val_mean_auc")
+    bx, by = blobs(16)
+    single = Engine(
+        tiny_model(),
+        InMemory(bx, by, bx, by),
+        Options(epochs=1, batch_size=8),
+        SingleComm(),
+        callbacks=[KeepBest("val_mean_auc")],
+        progress=False,
+    )
+    with pytest.raises(UserError, match="is for multi-label data"):
+        single.fit()

@@ -14,6 +14,7 @@ import numpy as np
 
 from mpitrain.engine.callbacks.base import Callback
 from mpitrain.engine.epochs import best_epoch
+from mpitrain.errors import UserError
 
 
 class KeepBest(Callback):
@@ -21,6 +22,11 @@ class KeepBest(Callback):
         self.monitor = monitor
         self.best: np.ndarray | None = None  # rank 0 only: the flat weights of `best_epoch`
         self.best_epoch: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        # The rows have mean_auc (the mean per-label ROC AUC) only for multi-label data.
+        if self.monitor == "val_mean_auc" and not self.engine.multi:
+            raise UserError("--keep-best val_mean_auc is for multi-label data; use val_auc for one label per image")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         engine = self.engine
