@@ -140,7 +140,6 @@ def test_refusals_are_one_line(model, options, message):
 
 def test_keep_best_val_mean_auc_keeps_the_best_epoch_and_needs_multi_label():
     from blobs import blobs, tiny_model
-
     from mpitrain.engine.callbacks.keep_best import KeepBest
     from mpitrain.engine.epochs import best_epoch
 
