@@ -299,9 +299,9 @@ def _arrays_source(model, x, y, validation_data, classes, fields: dict):
     names = [str(i) for i in range(n)] if classes is None else [str(c) for c in classes]
     if len(names) != n or len(set(names)) != n:
         raise UserError(f"classes= needs {n} different names, one per output of the model, got {list(classes)}")
-    return ArraysSource(
-        x, y.astype(np.int32).reshape(-1), val_x, None if val_y is None else val_y.astype(np.int32), names
-    )
+    from mpitrain.engine.fit import as_labels
+
+    return ArraysSource(x, as_labels(y), val_x, None if val_y is None else as_labels(val_y), names)
 
 
 def _images(x) -> np.ndarray:
@@ -320,6 +320,11 @@ def _check_arrays(model, x: np.ndarray, y: np.ndarray, name: str) -> None:
     if len(y) != len(x):
         raise UserError(f"{name}: {len(x)} images but {len(y)} labels")
     n = int(model.output_shape[-1])
+    if y.ndim == 2 and y.shape[1] > 1:  # multi-label: [n, L] of 1, 0, NaN (masked)
+        values = y[~np.isnan(y)] if y.dtype.kind == "f" else y
+        if y.shape[1] != n or not np.isin(values, (0, 1)).all():
+            raise UserError(f"{name}: multi-label rows must be [n, {n}] of 1, 0 or NaN (the model has {n} outputs)")
+        return
     if y.dtype.kind not in "iub" or (len(y) and not (0 <= int(y.min()) and int(y.max()) < n)):
         raise UserError(f"{name}: labels must be class indices 0..{n - 1} (the model has {n} outputs)")
 

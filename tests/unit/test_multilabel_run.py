@@ -162,3 +162,27 @@ def test_an_nih_style_findings_column_trains(tmp_path, capsys):
     metrics = json.loads((run / runfiles.METRICS).read_text())
     assert metrics["label_names"] == sorted(FINDINGS)
     assert all(m["roc_auc"] is not None for m in metrics["per_label"].values())
+
+
+def test_mpitrain_fit_takes_multi_label_arrays_and_writes_the_run_folder(tmp_path):
+    import keras
+
+    import mpitrain
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((96, 3)) < 0.4).astype(np.float32)
+    x = rng.random((96, 8, 8, 1)).astype(np.float32) * 0.2
+    for lab in range(3):
+        x[y[:, lab] == 1, 2 * lab : 2 * lab + 2] += 0.8
+    y[::9, 1] = np.nan  # masked
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3, activation="sigmoid")]
+    )
+    run = tmp_path / "run"
+    result = mpitrain.fit(model, x, y, classes=FINDINGS, out=run, epochs=6, batch_size=16, lr=0.05, progress=False)
+    assert "val_mean_auc" in result.history[-1]
+    metrics = json.loads((run / runfiles.METRICS).read_text())
+    assert metrics["label_names"] == FINDINGS and metrics["mean_roc_auc"] > 0.9
+    with pytest.raises(Exception, match=r"multi-label rows must be \[n, 3\]"):
+        mpitrain.fit(model, x, np.full((96, 3), 2.0), out=tmp_path / "bad", epochs=1, progress=False)

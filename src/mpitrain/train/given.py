@@ -106,6 +106,8 @@ class ArraysSource:
 
     def load(self, plan: ArraysPlan, seed: int, train_part: tuple[int, int], val_part: tuple[int, int]) -> Shard:
         """This rank's rows of `plan`, sharded as `dataset.load_shard` shards a folder's files."""
+        from mpitrain.engine.fit import as_labels
+
         tr = shard(np.arange(len(plan.train_paths)), *train_part, seed)
         va = shard(np.arange(len(plan.val_paths)), *val_part, seed)
         tx = self.x[plan.train_rows[tr]]
@@ -113,9 +115,9 @@ class ArraysSource:
         vx = held[plan.val_rows[va]]
         return Shard(
             tx,
-            plan.train_labels[tr].astype(np.int32),
+            as_labels(plan.train_labels[tr]),
             vx,
-            plan.val_labels[va].astype(np.int32),
+            as_labels(plan.val_labels[va]),
             _full_scale(tx),
             _full_scale(vx),
             np.asarray(va, np.int64),
