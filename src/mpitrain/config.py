@@ -38,7 +38,13 @@ UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 BLANK_POLICIES = ("zeros", "ignore")
 NO_FINDING = "No Finding"  # --no-finding: ChestX-ray14's word for an image without findings
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
-KEEP_BEST_METRICS = ("val_loss", "val_accuracy", "val_auc", "val_balanced_accuracy", "val_mean_auc")  # the last: multi-label
+KEEP_BEST_METRICS = (
+    "val_loss",
+    "val_accuracy",
+    "val_auc",
+    "val_balanced_accuracy",
+    "val_mean_auc",
+)  # the last: multi-label
 # --threshold-policy (evaluate/threshold.py); --target-sensitivity S is the third rule.
 THRESHOLD_POLICIES = ("prior", "youden")
 WEIGHTS = ("none", "imagenet")  # --weights: train/models.py and train/pretrained.py apply them

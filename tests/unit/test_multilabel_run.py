@@ -114,6 +114,19 @@ def _evaluate(tmp_path, capsys, run, trained):
     assert main(["evaluate", "--model", str(run), "--data", str(tmp_path / "new")]) == 2
     assert "is multi-label" in capsys.readouterr().err
     _predict(tmp_path, capsys, run, rows)
+    _export(tmp_path, capsys, run)
+
+
+def _export(tmp_path, capsys, run):
+    """`export`: export.json names the labels and their thresholds; checked on validation images."""
+    target = tmp_path / "export"
+    assert main(["export", str(run), "--format", "savedmodel", "--out", str(target)]) == 0
+    capsys.readouterr()
+    doc = json.loads((target / "export.json").read_text())
+    info = json.loads((run / runfiles.MODEL_INFO).read_text())
+    assert doc["multi_label"] and doc["labels"] == FINDINGS and doc["thresholds"] == info["thresholds"]
+    assert "sigmoid" in doc["output"]["meaning"] and doc["check"]["decisions_changed"] == 0
+    assert "validation images" in doc["check"]["inputs"]
 
 
 def _predict(tmp_path, capsys, run, rows):

@@ -292,7 +292,6 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
     """export.json: what using the exported model needs, how it was checked, and which
     model.keras it was made from (its path and SHA-256: `source_model` tells a stale export)."""
     from mpitrain import __version__
-    from mpitrain.evaluate.predict import decision_rule
 
     k = len(info.classes)
     return {
@@ -301,10 +300,7 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
         "file": TFLITE_FILE if fmt == "tflite" else ".",
         "signature": SIGNATURE,
         "classes": list(info.classes),
-        "positive_class": info.positive_class,
-        "threshold": info.threshold,
-        "threshold_method": info.threshold_method,
-        "decision": decision_rule(info.classes, info.threshold, info.positive),
+        **_labels_doc(info),
         "image_size": info.image_size,  # a square's side, or "WxH" (width x height)
         "channels": info.channels,
         "input": {
@@ -317,11 +313,50 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
             "name": OUTPUT,
             "dtype": "float32",
             "shape": [None, k],
-            "meaning": "class probabilities (softmax) in the order of classes",
+            "meaning": "per-label probabilities (sigmoid) in the order of classes"
+            if info.extra.get("multi_label")
+            else "class probabilities (softmax) in the order of classes",
         },
         "compute_precision": "fp32",
         "source": {"model": str(info.path.resolve()), "model_sha256": model_sha256, "mpitrain_version": __version__},
         "check": check,
+    }
+
+
+def _flips(info, got: np.ndarray, reference: np.ndarray) -> int:
+    """Decisions (images; multi-label: label decisions) the export makes otherwise than the model."""
+    from mpitrain.evaluate import modelio, per_label
+
+    if per_label.is_multi_label(info):
+        ts, _ = per_label.thresholds(info, None)
+        return int(((got.astype(np.float64) >= ts) != (reference.astype(np.float64) >= ts)).sum())
+    return int(
+        (
+            modelio.decide(got, info.threshold, info.positive)
+            != modelio.decide(reference, info.threshold, info.positive)
+        ).sum()
+    )
+
+
+def _labels_doc(info) -> dict:
+    """export.json's decision keys: a class and its threshold, or (multi-label) a threshold per label."""
+    from mpitrain.evaluate import per_label
+    from mpitrain.evaluate.predict import decision_rule
+
+    if not per_label.is_multi_label(info):
+        return {
+            "positive_class": info.positive_class,
+            "threshold": info.threshold,
+            "threshold_method": info.threshold_method,
+            "decision": decision_rule(info.classes, info.threshold, info.positive),
+        }
+    ts, _ = per_label.thresholds(info, None)
+    return {
+        "multi_label": True,
+        "labels": list(info.classes),
+        "thresholds": dict(zip(info.classes, map(float, ts))),
+        "threshold_method": info.extra.get("threshold_policy"),
+        "decision": per_label.rule(info.classes, ts) + " (each label on its own)",
     }
 
 
@@ -384,12 +419,7 @@ def export_main(
                     f"the {fmt} export does not reproduce {path}: probabilities differ by up to "
                     f"{diff:.3g} on {what} (tolerance {tol:g}); nothing written"
                 )
-            flips = int(
-                (
-                    modelio.decide(got, info.threshold, info.positive)
-                    != modelio.decide(reference, info.threshold, info.positive)
-                ).sum()
-            )
+            flips = _flips(info, got, reference)
             check = {
                 "inputs": what,
                 "n": len(pixels),

@@ -30,7 +30,7 @@ from mpitrain.runfiles import VAL_PREDICTIONS
 @dataclass
 class ValPredictions:
     paths: list[str]
-    labels: np.ndarray  # class index per row
+    labels: np.ndarray  # class index per row; multi-label: [n, L] (NaN: masked)
     probs: np.ndarray  # float32 [n, k]
 
 
@@ -59,12 +59,21 @@ def read(run_dir: Path, classes: list[str]) -> ValPredictions | None:
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.reader(f))
+        body = rows[1:]
+        if rows[0] == ["path", *classes] + [f"p_{c}" for c in classes]:  # a multi-label run's
+            return _read_multilabel(body, len(classes))
         if rows[0] != ["path", "label"] + [f"p_{c}" for c in classes]:
             raise ValueError("its columns are not those of the model's classes")
-        body = rows[1:]
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[r[1]] for r in body], dtype=np.int64)
         probs = np.array([[float(v) for v in r[2:]] for r in body], dtype=np.float32).reshape(len(body), len(classes))
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     return ValPredictions([r[0] for r in body], labels, probs)
+
+
+def _read_multilabel(body: list[list[str]], k: int) -> ValPredictions:
+    """Rows of a multi-label run: labels [n, L] (an empty cell: NaN, masked), probabilities [n, L]."""
+    labels = np.array([[float(v) if v != "" else np.nan for v in r[1 : 1 + k]] for r in body], np.float32)
+    probs = np.array([[float(v) for v in r[1 + k :]] for r in body], dtype=np.float32)
+    return ValPredictions([r[0] for r in body], labels.reshape(len(body), k), probs.reshape(len(body), k))
