@@ -158,8 +158,7 @@ def test_an_nih_style_findings_column_trains(tmp_path, capsys):
     findings = ["|".join(f for f, c in zip(FINDINGS, r[2:]) if c == "1") or "No Finding" for r in rows]
     _write(table, ["Image Index", "Finding Labels", "Patient ID"], [[r[0], f, r[1]] for r, f in zip(rows, findings)])
     run = tmp_path / "run"
-    rc, out = _train(
-        capsys,
+    options = [
         "--labels",
         str(table),
         "--path-column",
@@ -168,13 +167,39 @@ def test_an_nih_style_findings_column_trains(tmp_path, capsys):
         "Finding Labels",
         "--patient-column",
         "Patient ID",
-        "--out",
-        str(run),
-    )
+    ]
+    rc, out = _train(capsys, *options, "--out", str(run))
     assert rc == 0, out.err
     metrics = json.loads((run / runfiles.METRICS).read_text())
     assert metrics["label_names"] == sorted(FINDINGS)
     assert all(m["roc_auc"] is not None for m in metrics["per_label"].values())
+    # An ensemble of two runs chosen with Youden's J label by label on their shared validation images.
+    runs = []
+    for seed in (0, 1):
+        runs.append(tmp_path / f"youden{seed}")
+        rc, out = _train(
+            capsys,
+            *options,
+            "--threshold-policy",
+            "youden",
+            "--seed",
+            str(seed),
+            "--split-seed",
+            "0",
+            "--out",
+            str(runs[-1]),
+        )
+        assert rc == 0, out.err
+    e_json = tmp_path / "ensemble.json"
+    args = ["evaluate", "--model", str(runs[0]), "--model", str(runs[1]), "--labels", str(table)]
+    assert (
+        main([*args, "--path-column", "Image Index", "--findings-column", "Finding Labels", "--json", str(e_json)]) == 0
+    )
+    capsys.readouterr()
+    e = json.loads(e_json.read_text())
+    members = [json.loads((r / runfiles.MODEL_INFO).read_text())["thresholds"] for r in runs]
+    assert set(e["thresholds"]) == set(FINDINGS) and e["thresholds"] != members[0]  # chosen again, on the mean
+    assert e["per_label"]["Edema"]["threshold_method"] == "youden"
 
 
 def test_mpitrain_fit_takes_multi_label_arrays_and_writes_the_run_folder(tmp_path):

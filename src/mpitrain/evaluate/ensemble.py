@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpitrain.errors import UserError
-from mpitrain.evaluate import modelio
+from mpitrain.evaluate import modelio, per_label
 from mpitrain.evaluate.modelio import ModelInfo
 
 
@@ -68,7 +68,14 @@ def read_info(models: list[str] | str, need_threshold: bool = True) -> ModelInfo
         {"channels": first.channels},
         infos,
     )
-    if need_threshold and len(first.classes) == 2:
+    multi = {per_label.is_multi_label(i) for i in infos}
+    if len(multi) > 1:
+        raise UserError("the models are not all multi-label (or all single-label): they cannot be averaged")
+    if multi == {True}:  # a threshold per label, from the members' (`per_label.ensemble_thresholds`)
+        info.extra = {"channels": first.channels, "multi_label": True}
+        if need_threshold:
+            info.extra.update(per_label.ensemble_thresholds(infos, _common_validation))
+    elif need_threshold and len(first.classes) == 2:
         info.threshold, info.threshold_method, extra = _threshold(infos)
         info.extra = {**extra, "channels": first.channels}
     return info

@@ -99,3 +99,27 @@ def metrics(info: ModelInfo, labels, probs, ts: np.ndarray, source: str, counts:
 def data_text(result: dict) -> str:
     """The data line's counts: positives per label."""
     return ", ".join(f"{c} {v['positives']:,}" for c, v in result["per_label"].items()) + " positive"
+
+
+def ensemble_thresholds(infos: list[ModelInfo], common_validation) -> dict:
+    """model.json's threshold keys for an ensemble of multi-label runs: with the members'
+    policy `prior`, each label's mean threshold; with thresholds chosen on validation, the
+    same policy again, label by label, on the members' averaged validation predictions
+    (`common_validation(infos)` -> (labels, probs): the same images for all)."""
+    from mpitrain.evaluate.threshold import choose_per_label
+
+    policies = {i.extra.get("threshold_policy") for i in infos}
+    targets = {i.extra.get("target_sensitivity") for i in infos}
+    if len(policies) > 1 or len(targets) > 1:
+        raise UserError(
+            "the models chose their thresholds differently (--threshold-policy / --target-sensitivity): "
+            "give --threshold T for the ensemble"
+        )
+    policy, target = policies.pop(), targets.pop()
+    names = infos[0].classes
+    if policy == "prior" and target is None:
+        ts = np.mean([thresholds(i, None)[0] for i in infos], axis=0)
+    else:
+        labels, probs = common_validation(infos)
+        ts = np.array([c.threshold for c in choose_per_label(labels, probs, target, policy or "youden")])
+    return {"thresholds": dict(zip(names, map(float, ts))), "threshold_policy": policy}

@@ -598,6 +598,7 @@ def _decide_per_label(cfg, plan, result):
         "multi_label": True,
         "thresholds": thresholds,
         "threshold_policy": cfg.threshold_policy,
+        "target_sensitivity": cfg.target_sensitivity,
         "train_label_counts": {c: {"negatives": int(n), "positives": int(p)} for c, n, p in zip(plan.classes, *counts)},
     }
     return metrics, Choice(None, "per-label"), None, info
