@@ -434,6 +434,22 @@ def _add_synth(sub) -> None:
         help="side of the square images in pixels, or WxH (width x height) (default: %(default)s)",
     )
     s.add_argument("--seed", type=int, default=0, help="same seed = same images, byte for byte (default: %(default)s)")
+    s.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="a multi-label set instead: --images N pictures in DIR/images and DIR/labels.csv (path, patient, "
+        "and a 1/0 column per finding: opacity, consolidation, interstitial, each drawn as its own pattern)",
+    )
+    s.add_argument(
+        "--images", type=_positive_int, default=600, metavar="N", help="--multi-label: pictures (default: %(default)s)"
+    )
+    s.add_argument(
+        "--prevalence",
+        type=float,
+        default=0.3,
+        metavar="P",
+        help="--multi-label: each finding's chance, independently (default: %(default)s)",
+    )
     s.set_defaults(func=_cmd_synth)
 
 
@@ -922,6 +938,15 @@ def _cmd_synth(args) -> int:
     check_image_size(args.image_size)
 
     size = args.image_size if isinstance(args.image_size, int) else image_shape(args.image_size)
+    if args.multi_label:
+        from mpitrain.data.synth import LABELS_FILE, generate_multilabel
+
+        out = generate_multilabel(args.out, args.images, size, args.seed, args.prevalence)
+        print(
+            f"wrote synthetic multi-label data set to {out} (train it with --labels {out / LABELS_FILE} --multi-label "
+            "--patient-column patient)"
+        )
+        return 0
     out = generate(args.out, per_class=args.per_class, image_size=size, seed=args.seed)
     print(f"wrote synthetic data set to {out}")
     return 0

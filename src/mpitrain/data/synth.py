@@ -94,9 +94,10 @@ def _opacities(rng, x, y, style: int, n: int) -> np.ndarray:
     return np.clip(haze, 0.0, 1.0) * rng.uniform(0.6, 1.0)
 
 
-def _render(rng: np.random.Generator, image_size: int | tuple[int, int], style: int) -> np.ndarray:
+def _render(rng: np.random.Generator, image_size: int | tuple[int, int], style: int | tuple[int, ...]) -> np.ndarray:
     """One picture as uint8 [image_size, image_size], or [height, width] for a pair (drawn
-    square at the longer side, then resized, aspect ratio not kept); ``style`` 0 means healthy."""
+    square at the longer side, then resized, aspect ratio not kept); ``style`` 0 means healthy,
+    a tuple of styles (multi-label) draws each of them, one after the other, () none."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     longest = max(h, w)
     n = longest * (_SUPERSAMPLE if longest <= 128 else 1)  # anti-aliasing for small sizes
@@ -145,9 +146,10 @@ def _render(rng: np.random.Generator, image_size: int | tuple[int, int], style: 
     for side in (-1.0, 1.0):
         dist = _segment_distance(x, y, side * 0.08, -0.6, side * 0.58, -0.74)
         img += 0.2 * _smooth_inside(dist - 0.035, edge)
-    if style:
-        # Consolidated lung is about as dense as soft tissue: fill the dark lung in.
-        img += (darkness + 0.15) * lungs * torso * _opacities(rng, x, y, style, n)
+    for one in (style,) if isinstance(style, int) else style:  # a multi-label image may have several
+        if one:
+            # Consolidated lung is about as dense as soft tissue: fill the dark lung in.
+            img += (darkness + 0.15) * lungs * torso * _opacities(rng, x, y, one, n)
     # Clutter: side marker, ECG wire, electrodes.
     if rng.random() < 0.7:
         mx, my = float(rng.choice([-0.82, 0.82])), rng.uniform(-0.85, -0.6)
@@ -234,6 +236,22 @@ def generate(
         "classes": names,
     }
 
+    def fill(tmp: Path) -> None:
+        for ci, name in enumerate(names):
+            (tmp / name).mkdir(parents=True)
+            for i in range(per_class):
+                rng = np.random.Generator(np.random.PCG64([int(seed), ci, i]))
+                img = _render(rng, image_size if isinstance(image_size, tuple) else int(image_size), style=ci)
+                if not cv2.imwrite(str(tmp / name / f"{name}-{i:05d}.png"), img):
+                    raise OSError(f"could not write {tmp / name}")
+
+    return _build(out, params, fill)
+
+
+def _build(out: Path, params: dict, fill) -> Path:
+    """``out`` as ``fill(folder)`` writes it, with the marker of ``params``: built in a hidden
+    sibling and renamed into place; an existing output of the same ``params`` is reused."""
+
     def reuse_or_refuse() -> Path | None:
         if not out.exists():
             return None
@@ -256,13 +274,8 @@ def generate(
         raise UserError(f"cannot create {out.parent}: {e.strerror or e}") from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        for ci, name in enumerate(names):
-            (tmp / name).mkdir(parents=True)
-            for i in range(per_class):
-                rng = np.random.Generator(np.random.PCG64([int(seed), ci, i]))
-                img = _render(rng, image_size if isinstance(image_size, tuple) else int(image_size), style=ci)
-                if not cv2.imwrite(str(tmp / name / f"{name}-{i:05d}.png"), img):
-                    raise OSError(f"could not write {tmp / name}")
+        tmp.mkdir()
+        fill(tmp)
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")
         try:
             if out.is_dir() and not any(out.iterdir()):
@@ -277,6 +290,50 @@ def generate(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+FINDINGS = ("opacity", "consolidation", "interstitial")  # styles 1, 2, 3 of `_opacities`
+LABELS_FILE = "labels.csv"
+_MULTI = 0x3A1  # apart from the classes' generator streams ([seed, class index, index])
+
+
+def generate_multilabel(
+    out: Path | str, images: int = 600, image_size: int | tuple[int, int] = 50, seed: int = 0, prevalence: float = 0.3
+) -> Path:
+    """A multi-label data set: ``out/images/IMG-NNNNN.png`` and ``out/labels.csv`` (path,
+    patient, then a 1/0 column per finding of `FINDINGS`). Each finding is present
+    independently with probability ``prevalence`` and drawn as its own pattern (several
+    may overlap; none: a healthy picture); two images per patient. A pure function of
+    (seed, index, image_size) as `generate` is, and built and reused the same way."""
+    _check_whole("images", images, 1)
+    _check_args(1, image_size, seed, ("NORMAL", "PNEUMONIA"))  # the size's and the seed's rules
+    if not 0.0 < float(prevalence) < 1.0:
+        raise UserError(f"--prevalence must be between 0 and 1, got {prevalence}")
+    out = Path(out).expanduser()
+    params = {
+        "generator": "mpitrain.data.synth",
+        "version": GENERATOR_VERSION,
+        "multi_label": list(FINDINGS),
+        "images": int(images),
+        "image_size": image_size_value(image_size),
+        "seed": int(seed),
+        "prevalence": float(prevalence),
+    }
+    size = image_size if isinstance(image_size, tuple) else int(image_size)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "images").mkdir()
+        rows = [["path", "patient", *FINDINGS]]
+        for i in range(int(images)):
+            rng = np.random.Generator(np.random.PCG64([int(seed), _MULTI, i]))
+            present = rng.random(len(FINDINGS)) < prevalence
+            name = f"images/IMG-{i:05d}.png"
+            if not cv2.imwrite(str(tmp / name), _render(rng, size, tuple(int(k) + 1 for k in np.flatnonzero(present)))):
+                raise OSError(f"could not write {tmp / name}")
+            rows.append([name, f"P{i // 2:05d}", *(str(int(v)) for v in present)])
+        (tmp / LABELS_FILE).write_text("\n".join(",".join(r) for r in rows) + "\n", encoding="utf-8")
+
+    return _build(out, params, fill)
 
 
 def demo_data_dir(cache_dir: Path | None = None) -> Path:

@@ -88,9 +88,11 @@ def _fmt(v) -> str:
 
 
 def epoch_line(row: dict, epochs: int, tag: str) -> str:
+    # Multi-label rows: accuracy is label accuracy and AUC the mean per-label AUC; the line says so.
+    acc, auc = ("label_acc", "mean_auc") if "mean_auc" in row else ("acc", "auc")
     return (
         f"epoch {row['epoch']}/{epochs} [{tag}] "
-        f"loss {_fmt(row['loss'])} acc {_fmt(row['accuracy'])} auc {_fmt(row['auc'])} | "
-        f"val_loss {_fmt(row['val_loss'])} val_acc {_fmt(row['val_accuracy'])} "
-        f"val_auc {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+        f"loss {_fmt(row['loss'])} {acc} {_fmt(row['accuracy'])} {auc} {_fmt(row['auc'])} | "
+        f"val_loss {_fmt(row['val_loss'])} val_{acc} {_fmt(row['val_accuracy'])} "
+        f"val_{auc} {_fmt(row['val_auc'])} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
     )
