@@ -166,3 +166,45 @@ def test_keep_best_val_mean_auc_keeps_the_best_epoch_and_needs_multi_label():
     )
     with pytest.raises(UserError, match="is for multi-label data"):
         single.fit()
+
+
+def test_a_resumed_multi_label_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path):
+    from mpitrain.engine.checkpoint import list_checkpoints, read
+
+    x, y = _findings(48, masked=0.2)
+
+    def engine(folder):
+        opts = Options(epochs=2, batch_size=16, lr=0.1, checkpoint_every=1, keep_checkpoints=20)
+        weights = np.array([[1.0, 0.5, 2.0], [3.0, 1.5, 0.25]], np.float32)
+        return Engine(
+            _model(seed=5),
+            InMemory(x, y, x[:16], y[:16]),
+            opts,
+            SingleComm(),
+            class_weight=weights,
+            checkpoints=True,
+            checkpoint_dir=folder,
+            progress=False,
+        )
+
+    whole = engine(tmp_path / "whole")
+    history = whole.fit().history
+    name = "ckpt-e00001-s0000001.npz"  # mid-epoch 2
+    assert name in [p.name for p in list_checkpoints(tmp_path / "whole")]
+    again = engine(tmp_path / "again")
+    result = again.fit(read(tmp_path / "whole" / "checkpoints" / name), resuming=True)
+    partial = {"auc", "balanced_accuracy", "mean_auc"}  # of epoch 2: over its steps after the checkpoint only
+
+    def untimed(rows):
+        return [
+            {
+                k: v
+                for k, v in r.items()
+                if k not in {"seconds", "images_per_second"} and not (r["epoch"] == 2 and k in partial)
+            }
+            for r in rows
+        ]
+
+    assert untimed(result.history) == untimed(history)
+    for a, b in zip(again.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
