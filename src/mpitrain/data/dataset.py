@@ -255,7 +255,12 @@ def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shar
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
-    return np.ascontiguousarray(x[ok]), _label_rows(labels[ok]), float(max_value), ok
+    return np.ascontiguousarray(x[ok]), kept_labels(labels, ok), float(max_value), ok
+
+
+def kept_labels(labels: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The labels of the readable rows, as `_label_rows` keeps them (memory and disk stores alike)."""
+    return _label_rows(labels[ok])
 
 
 def _label_rows(labels: np.ndarray) -> np.ndarray:
