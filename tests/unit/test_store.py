@@ -230,3 +230,18 @@ def test_an_unwritable_cache_folder_is_one_line_before_training(synth_data, tmp_
     args = ["train", "--data", synth_data, "--model", "tiny", "--image-size", 16, "--store", "disk"]
     cli_error([*args, "--cache-dir", cache, "--out", tmp_path / "run"], "cannot write the image store", "--cache-dir")
     assert not (tmp_path / "run").exists()
+
+
+def test_stale_temporary_files_and_unused_stores_are_pruned(tmp_path):
+    folder = tmp_path / "store"
+    folder.mkdir()
+    names = [".tmp-crashed-a.npy", ".tmp-writing-b.npy", "old.npy", "used.npy", "other.txt"]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    day, now = 86400, 1e9
+    ages = {".tmp-crashed-a.npy": 2 * day, ".tmp-writing-b.npy": 60, "old.npy": 31 * day, "used.npy": 29 * day}
+    for name in names:
+        t = now - ages.get(name, 400 * day)
+        os.utime(folder / name, (t, t))
+    store._prune(folder, now=now)
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-writing-b.npy", "other.txt", "used.npy"]

@@ -82,7 +82,8 @@ class Shard:
     Images are kept as the cache stores them, integers [n, s, s] (uint8, or uint16 when a
     16-bit file is among them) with their full-scale value, 4x smaller than float32; the
     trainer converts one batch at a time with `as_float`. Float arrays [n, s, s, 1] in
-    [0, 1] (max value 1.0) work too.
+    [0, 1] (max value 1.0) work too. With --store disk the images are `store.Rows`, this
+    rank's rows of the host's memory-mapped store, read one batch at a time.
     """
 
     train_x: np.ndarray
