@@ -43,15 +43,16 @@ class ThreadComm(SingleComm):
 
 
 def _as_ranks(hosts: list[int], work):
-    """`work(comm)` on one thread per rank; returns each rank's result (re-raises the first error)."""
+    """`work(comm)` on one thread per rank; returns each rank's result (re-raises the error of the lowest rank)."""
     shared = {"box": [None] * len(hosts), "barrier": threading.Barrier(len(hosts), timeout=60)}
-    results, errors = [None] * len(hosts), []
+    results: list = [None] * len(hosts)
+    errors: list = []
 
     def run(rank):
         try:
             results[rank] = work(ThreadComm(rank, hosts, shared))
         except BaseException as e:  # noqa: BLE001 - handed to the test below
-            errors.append(e)
+            errors.append((rank, e))
             shared["barrier"].abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(hosts))]
@@ -60,7 +61,7 @@ def _as_ranks(hosts: list[int], work):
     for t in threads:
         t.join()
     if errors:
-        raise errors[0]
+        raise min(errors, key=lambda re: re[0])[1]
     return results
 
 
@@ -245,3 +246,17 @@ def test_stale_temporary_files_and_unused_stores_are_pruned(tmp_path):
         os.utime(folder / name, (t, t))
     store._prune(folder, now=now)
     assert sorted(p.name for p in folder.iterdir()) == [".tmp-writing-b.npy", "other.txt", "used.npy"]
+
+
+def test_a_write_that_fails_half_way_stops_every_rank_and_leaves_nothing(data, tmp_path, monkeypatch):
+    from mpitrain.errors import AgreedError
+
+    plan = make_plan(str(data), None, 0.25, 1)
+
+    def full(fd, data, at):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_all", full)
+    with pytest.raises(AgreedError, match="cannot write the image store .*: No space left on device"):
+        _as_ranks([0, 0], lambda comm: store.open_stores(comm, plan, 16, 1, str(tmp_path / "c")))
+    assert not list((tmp_path / "c" / "store").iterdir())

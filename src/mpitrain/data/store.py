@@ -238,7 +238,7 @@ def _one(comm: Comm, mates: list[int], folder: Path, paths: list[str], image_siz
                 )
             except OSError as e:
                 err = f"cannot write the image store {tmp[0]}: {e.strerror or e}"
-        agree(comm, err)
+        _agree_or_drop(comm, err, Path(tmp[0]) if leader and tmp is not None else None)
         parts = comm.allgather_obj(part)
         ours = [parts[r] for r in mates]
         again = tmp is not None and dtype == np.uint8 and any(p is not None and p.wide for p in ours)
@@ -251,7 +251,7 @@ def _one(comm: Comm, mates: list[int], folder: Path, paths: list[str], image_siz
                     _commit(Path(tmp[0]), tmp[1], shape, dtype, image_size, channels, ours, path)
             except OSError as e:
                 err = f"cannot write the image store {path}: {e.strerror or e}"
-        agree(comm, err)
+        _agree_or_drop(comm, err, Path(tmp[0]) if leader and tmp is not None else None)
         if not any(comm.allgather_obj(again)):
             break
         dtype = np.dtype(np.uint16) if again else dtype
@@ -260,6 +260,16 @@ def _one(comm: Comm, mates: list[int], folder: Path, paths: list[str], image_siz
     assert found is not None
     found.built = built
     return found
+
+
+def _agree_or_drop(comm: Comm, err: str | None, tmp: Path | None) -> None:
+    """Collective `agree`; when it stops the job, the host's first rank deletes its temporary store."""
+    try:
+        agree(comm, err)
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _create(folder: Path, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[str, int]:
