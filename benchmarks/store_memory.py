@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,12 @@ def main() -> None:
     ap.add_argument("--epochs", default="1")
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--extra", default="", help="more train options, one string")
+    ap.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=None,
+        help="stop the job (Ctrl-C) this long after its 'loaded' line: memory only, no images/s",
+    )
     a = ap.parse_args()
     Path(a.cache_dir).mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="store-bench-", dir=a.cache_dir)) / "run"
@@ -65,6 +73,18 @@ def main() -> None:
     cmd += ["--store", a.store, "--cache-dir", a.cache_dir, "--out", str(out), *a.extra.split()]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said: list[str] = []
+    loaded: list[float] = []
+
+    def read() -> None:  # in a thread: a full pipe would stop the job
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith("loaded"):
+                loaded.append(time.time())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     peak: dict[int, dict[str, int]] = {}
     host_pss = host_anon = 0
     while proc.poll() is None:
@@ -81,15 +101,20 @@ def main() -> None:
                 seen[k] = max(seen[k], v)
             pss, anon = pss + now["Pss"], anon + now["RssAnon"]
         host_pss, host_anon = max(host_pss, pss), max(host_anon, anon)
+        if a.sample_seconds is not None and loaded and time.time() > loaded[0] + a.sample_seconds:
+            proc.send_signal(signal.SIGINT)  # the launcher stops its ranks, as Ctrl-C does
+            proc.wait()
+            break
         time.sleep(0.5)
-    log = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode != 0:
+    reader.join()
+    log = "".join(said)
+    if proc.returncode != 0 and a.sample_seconds is None:
         print(log, file=sys.stderr)
         raise SystemExit(f"training failed ({proc.returncode})")
     # This run's stores: the paths its "store:" line names (the folder may hold others).
     named = {w for line in log.splitlines() if line.startswith("store:") for w in line.split() if w.endswith(".npy")}
     size = sum(Path(p).stat().st_size for p in named)
-    runtime = json.loads((out / "config.json").read_text())["runtime"]
+    runtime = json.loads((out / "config.json").read_text())["runtime"] if (out / "config.json").exists() else {}
     gb = 2**20  # kB -> GB
     result = {
         "data": a.data,
