@@ -259,3 +259,31 @@ def test_a_write_that_fails_half_way_stops_every_rank_and_leaves_nothing(data, t
     with pytest.raises(AgreedError, match="cannot write the image store .*: No space left on device"):
         _as_ranks([0, 0], lambda comm: store.open_stores(comm, plan, 16, 1, str(tmp_path / "c")))
     assert not list((tmp_path / "c" / "store").iterdir())
+
+
+def test_multi_label_rows_keep_their_label_arrays(data, tmp_path):
+    from mpitrain.data.dataset import Plan
+
+    base = make_plan(str(data), None, 0.25, 1)
+    rng = np.random.default_rng(0)
+
+    def table(n):  # [n, 3] of 1, 0 and NaN (an ignored cell)
+        return rng.choice(np.array([0.0, 1.0, np.nan]), size=(n, 3))
+
+    plan = Plan(
+        base.data_dir,
+        ["a", "b", "c"],
+        base.train_paths,
+        table(len(base.train_paths)),
+        base.val_paths,
+        table(len(base.val_paths)),
+        "split",
+        train_source=base.train_source,
+        val_source=base.val_source,
+    )
+    got = store.open_stores(SingleComm(), plan, 16, 1, str(tmp_path / "c")).shard(plan, 3, (0, 1), (0, 1))
+    mine = load_shard(plan, 16, 3, (0, 1), (0, 1), str(tmp_path / "mem"))
+    for split in ("train", "val"):
+        y, want = getattr(got, f"{split}_y"), getattr(mine, f"{split}_y")
+        assert y.dtype == want.dtype == np.float32 and y.shape == want.shape and y.shape[1] == 3
+        assert np.array_equal(y, want, equal_nan=True)
