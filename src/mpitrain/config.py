@@ -37,6 +37,7 @@ PRETEXTS = ("none", "rotation")  # --pretext: train/pretext.py
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 BLANK_POLICIES = ("zeros", "ignore")
 NO_FINDING = "No Finding"  # --no-finding: ChestX-ray14's word for an image without findings
+STORES = ("auto", "memory", "disk")  # --store: data/store.py (disk) and data/dataset.py (memory)
 # Epoch-row metrics --keep-best / --early-stop may watch; loss is minimised, the rest maximised.
 KEEP_BEST_METRICS = (
     "val_loss",
@@ -426,6 +427,14 @@ class TrainConfig:
     cache_dir: str | None = _opt(
         None, "where decoded images are cached (default: $MPITRAIN_CACHE_DIR or ~/.cache/mpitrain)", metavar="DIR"
     )
+    store: str = _opt(
+        "auto",
+        "where the decoded images are held: memory (each rank its own rows), disk (one memory-mapped "
+        "file per data list and host in the cache folder, written once by the host's ranks and read "
+        "through the page cache: data larger than memory), auto: disk when the host's ranks would hold "
+        "more than half its available memory",
+        choices=STORES,
+    )
     checkpoint_every: int | None = _opt(None, "also checkpoint every S steps (always at epoch ends)", metavar="S")
     keep_checkpoints: int = _opt(2, "how many checkpoints to keep", metavar="N")
     elastic: bool = _opt(
@@ -531,6 +540,16 @@ class TrainConfig:
             not (self.elastic and self.data_on_root),
             "--elastic needs the data on a shared file system (not --data-on-root): "
             "survivors re-read the shards of a lost rank",
+        )
+        need(self.store in STORES, f"--store must be one of {', '.join(STORES)}")
+        need(
+            not (self.store == "disk" and self.data_on_root),
+            "--store disk reads the images on every host: --data-on-root sends them from rank 0 (memory only)",
+        )
+        need(
+            not (self.store == "disk" and self.pretext != "none"),
+            "--store disk is not yet for pre-training (its four turns of every image are held in memory): "
+            "--store memory",
         )
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")

@@ -87,10 +87,12 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
     # Rank 1 (or the only rank) dies by SIGKILL in step kill_at, after a --checkpoint-every
     # checkpoint of its epoch (n=1: 18 steps per epoch, step 12 is epoch 1's 12th; n=3: 6
-    # steps per epoch, step 12 is epoch 2's 6th, after its step-5 checkpoint).
+    # steps per epoch, step 12 is epoch 2's 6th, after its step-5 checkpoint). It reads its
+    # images from --store disk (the resumed run too: its saved config), the uninterrupted
+    # one from memory: the same weights, so the store proves itself here at no extra start.
     killed = _run(
         n,
-        script("fault_at_step.py", "train", "--data", synth_data, *train, "--out", broken),
+        script("fault_at_step.py", "train", "--data", synth_data, *train, "--store", "disk", "--out", broken),
         env={"FAULT": "kill", "FAULT_RANK": str(min(1, n - 1)), "FAULT_AT": str(kill_at)},
     )
     assert killed.returncode != 0
@@ -99,6 +101,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, synth_data, n
 
     resumed = _run(n, cli("train", "--resume", "--out", broken))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"^store: disk, .* \(found\)$", resumed.stdout, re.M), resumed.stdout[-2000:]
     at = re.search(r"resuming at epoch (\d+), step (\d+) of", resumed.stdout)
     assert at, resumed.stdout[-2000:]
     epoch, step = int(at[1]), int(at[2])

@@ -82,7 +82,8 @@ class Shard:
     Images are kept as the cache stores them, integers [n, s, s] (uint8, or uint16 when a
     16-bit file is among them) with their full-scale value, 4x smaller than float32; the
     trainer converts one batch at a time with `as_float`. Float arrays [n, s, s, 1] in
-    [0, 1] (max value 1.0) work too.
+    [0, 1] (max value 1.0) work too. With --store disk the images are `store.Rows`, this
+    rank's rows of the host's memory-mapped store, read one batch at a time.
     """
 
     train_x: np.ndarray
@@ -255,7 +256,12 @@ def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shar
     out.errors.extend(errors)
     out.cache_hits += int(hit)
     out.loads += 1
-    return np.ascontiguousarray(x[ok]), _label_rows(labels[ok]), float(max_value), ok
+    return np.ascontiguousarray(x[ok]), kept_labels(labels, ok), float(max_value), ok
+
+
+def kept_labels(labels: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The labels of the readable rows, as `_label_rows` keeps them (memory and disk stores alike)."""
+    return _label_rows(labels[ok])
 
 
 def _label_rows(labels: np.ndarray) -> np.ndarray:

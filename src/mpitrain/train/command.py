@@ -414,10 +414,18 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
     )
     writes = given is None or cfg.out is not None
+    stores = None
+    if _store_mode(cfg, comm, plan, channels, given) == "disk":  # collective
+        from mpitrain.data.store import open_stores
+
+        stores = open_stores(comm, plan, cfg.image_size, channels, cfg.cache_dir)  # collective: written once per host
+        say(stores.line())
 
     def load(train_part, val_part):  # this rank's rows (again in a new layout after a lost rank: elastic)
         if given is not None and given.arrays is not None:
             return given.arrays.load(plan, cfg.seed, train_part, val_part)
+        if stores is not None:
+            return stores.shard(plan, cfg.seed, train_part, val_part)
         shard = dataset.load_shard(plan, cfg.image_size, cfg.seed, train_part, val_part, cfg.cache_dir, channels)
         return pretext.turned(shard) if cfg.pretext != "none" else shard
 
@@ -493,6 +501,24 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         say(f"run folder: {out}")
     say(time_line(time.time() - started_at(launched_by_mpi()), counts[2] / comm.size, result.seconds, comm.size))
     return result
+
+
+def _store_mode(cfg: TrainConfig, comm: Comm, plan, channels: int, given: Given | None) -> str:
+    """Collective: "disk" or "memory" (--store), rank 0's answer for every rank. Arrays a
+    library caller passed are in memory already; --data-on-root and pre-training hold their
+    rows in memory (TrainConfig refuses them with --store disk)."""
+    if cfg.data_on_root or cfg.pretext != "none" or (given is not None and given.arrays is not None):
+        return "memory"
+    if cfg.store != "auto":
+        return cfg.store
+    from mpitrain.data.store import disk_wanted
+    from mpitrain.runtime import available_memory
+
+    wanted = None
+    if comm.rank == 0:  # the rows this host's ranks would hold in memory, against its memory
+        here = (len(plan.train_paths) + len(plan.val_paths)) * comm.local_size // comm.size
+        wanted = disk_wanted(here, cfg.image_size, channels, available_memory())
+    return "disk" if comm.bcast_obj(wanted) else "memory"
 
 
 def data_lines(cfg: TrainConfig, plan, channels: int, colour: tuple[int, int] = (0, 0)) -> list[str]:
