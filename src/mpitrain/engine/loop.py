@@ -78,7 +78,8 @@ if TYPE_CHECKING:
 
 class Arrays(Protocol):
     """This rank's rows: images [n, H, W] (integers, with their full-scale value) or
-    [n, H, W, C] (integers, or float32 in [0, 1] with max value 1.0), labels int32 [n].
+    [n, H, W, C] (integers, or float32 in [0, 1] with max value 1.0), labels int32 [n], or
+    multi-label float32 [n, L] of 1, 0 and NaN (masked: `engine/multilabel.py`).
     The images may also be any read-only stand-in for an array (`--store disk`'s memory-
     mapped rows): the engine only takes len, dtype, ndim and ``x[index array]`` / ``x[a:b]``."""
 
