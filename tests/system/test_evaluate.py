@@ -220,7 +220,12 @@ def test_predict_with_tta_is_the_same_in_any_order(run, synth_data, tmp_path, ca
         assert main(args + ["--csv", str(tmp_path / f"{name}.csv")]) == 0
         with open(tmp_path / f"{name}.csv", newline="") as f:
             rows[name] = {r["path"]: r["p_PNEUMONIA"] for r in csv.DictReader(f)}
-    assert rows["a"] == rows["b"] and len(rows["a"]) == 80
+    # The same views whatever the order: equal probabilities, to float32 rounding. Not to the
+    # bit: an image's place in the batch can change the last bit of the model's sums on some
+    # CPUs (AVX2 without AVX-512, measured: 4e-8), while another draw of views moves them by 1e-3.
+    assert rows["a"].keys() == rows["b"].keys() and len(rows["a"]) == 80
+    for path, p in rows["a"].items():
+        assert float(p) == pytest.approx(float(rows["b"][path]), abs=1e-6), path
     assert main(["predict", "--model", str(run), str(synth_data), "--csv", str(tmp_path / "plain.csv")]) == 0
     with open(tmp_path / "plain.csv", newline="") as f:
         plain = {r["path"]: r["p_PNEUMONIA"] for r in csv.DictReader(f)}
