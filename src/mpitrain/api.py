@@ -41,7 +41,7 @@ _RUN = frozenset(
 )
 # A folder's or label file's own: arrays bring their images as they are.
 _FILES = frozenset(
-    {"image_size", "channels", "cache_dir", "groups", "group_pattern", "data_on_root", "allow_nested_classes"}
+    {"image_size", "channels", "cache_dir", "store", "groups", "group_pattern", "data_on_root", "allow_nested_classes"}
     | {"path_column", "label_column", "patient_column"}
     | {"label_columns", "multi_label", "findings_column", "no_finding", "uncertain", "blank"}
 )
