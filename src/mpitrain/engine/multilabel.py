@@ -84,16 +84,15 @@ def sums(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """[rows counted, loss sum, label accuracy sum] of predictions in NumPy, unweighted (as
     validation loss is for one label): the same rules as `step_loss`."""
     y = np.asarray(labels, np.float64)
-    p = np.clip(np.asarray(probs, np.float64), EPSILON, 1.0 - EPSILON)
-    known = ~np.isnan(y)
     if not len(y):
         return np.zeros(3)
+    p = np.clip(np.asarray(probs, np.float64), EPSILON, 1.0 - EPSILON)
+    known = ~np.isnan(y)
     t = np.where(known, y, 0.0)
     per = -(t * np.log(p) + (1.0 - t) * np.log(1.0 - p)) * known
     rows = known.sum(axis=1)
     right = ((p >= 0.5) == (t > 0.5)) & known
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = np.where(rows > 0, right.sum(axis=1) / np.maximum(rows, 1), 0.0)
+    acc = right.sum(axis=1) / np.maximum(rows, 1)  # a row with every label masked: 0, not counted
     return np.array([float((rows > 0).sum()), float(per.sum() / y.shape[1]), float(acc.sum())])
 
 

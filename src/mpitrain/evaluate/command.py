@@ -305,7 +305,7 @@ def _class_counts(setup: Setup, labels: np.ndarray, k: int) -> np.ndarray:
     if setup.thresholds is not None:
         from mpitrain.evaluate.per_label import positives
 
-        return positives(labels.reshape(-1, k))
+        return positives(labels)
     return np.bincount(labels, minlength=k)
 
 

@@ -292,6 +292,7 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
     """export.json: what using the exported model needs, how it was checked, and which
     model.keras it was made from (its path and SHA-256: `source_model` tells a stale export)."""
     from mpitrain import __version__
+    from mpitrain.evaluate import per_label
 
     k = len(info.classes)
     return {
@@ -314,7 +315,7 @@ def describe(info, fmt: str, check: dict, model_sha256: str) -> dict:
             "dtype": "float32",
             "shape": [None, k],
             "meaning": "per-label probabilities (sigmoid) in the order of classes"
-            if info.extra.get("multi_label")
+            if per_label.is_multi_label(info)
             else "class probabilities (softmax) in the order of classes",
         },
         "compute_precision": "fp32",

@@ -78,7 +78,7 @@ def rule(names: list[str], ts: np.ndarray) -> str:
 
 def positives(labels: np.ndarray) -> np.ndarray:
     """Per label: the images where it is present (masked entries count as absent)."""
-    return np.nansum(np.asarray(labels, np.float64), axis=0) if len(labels) else np.zeros(labels.shape[1])
+    return np.nansum(np.asarray(labels, np.float64), axis=0)  # [0, L] rows: zeros
 
 
 def metrics(info: ModelInfo, labels, probs, ts: np.ndarray, source: str, counts: np.ndarray) -> dict:

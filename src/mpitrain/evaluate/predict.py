@@ -166,11 +166,11 @@ def predict_main(
                 writer.writerow([path, predicted] + [modelio.exact(p) for p in row] + [rule, ""])
     say = (lambda s: print(s)) if csv_path is not None else (lambda s: print(s, file=sys.stderr))
     saved = "chosen for the ensemble" if info.members else "saved with the model"
-    decision = (
-        f"P({info.positive_class}) >= {t:.4f} ({saved if source == 'model' else source})" if t is not None else "argmax"
-    )
+    given = saved if source == "model" else source
     if multi:
-        decision = f"a threshold per label ({saved if source == 'model' else source}); images with each label"
+        decision = f"a threshold per label ({given}); images with each label"
+    else:
+        decision = f"P({info.positive_class}) >= {t:.4f} ({given})" if t is not None else "argmax"
     n_done = len(items) - failed
     say(
         f"predicted {n_done:,} image(s) with {info.label} (decision: {decision}): "
