@@ -55,6 +55,7 @@ from mpitrain.data.dicom import has_marker_bytes, is_dicom_name
 from mpitrain.errors import UserError
 from mpitrain.pixels import as_float, to_float  # noqa: F401 - to_float: callers import it from here
 from mpitrain.runtime import available_cores
+from mpitrain.targets import strata
 
 _GRAY = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
 _REDUCED = (
@@ -379,9 +380,7 @@ def sniff_colour(paths: list[str], labels, per_class: int = SNIFF_PER_CLASS) -> 
     spaced in path order (the same files every run): what --channels 1 would turn grey.
     Reads only; the data and its order are untouched. Multi-label rows ([n, L]) have no one
     class: they are sampled as one."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = np.zeros(len(labels), np.int64)
+    labels = strata(labels)
     picked: list[str] = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)

@@ -19,16 +19,7 @@ import math
 import numpy as np
 
 from mpitrain.errors import UserError
-
-
-def _as_classes(labels) -> np.ndarray:
-    """Class indices [n] to stratify by: multi-label rows [n, L] are all one class."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        return np.zeros(len(labels), np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D (or [n, L] multi-label), got shape {labels.shape}")
-    return labels
+from mpitrain.targets import strata
 
 
 def val_count(n_c: int, val_fraction: float) -> int:
@@ -50,7 +41,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         raise UserError(f"validation fraction must be a number, got {val_fraction!r}") from None
     if not 0.0 <= fraction < 1.0:  # also rejects NaN
         raise UserError(f"validation fraction must be at least 0 and below 1, got {val_fraction}")
-    labels = _as_classes(labels)
+    labels = strata(labels)
     n = len(labels)
     if n == 0 or fraction == 0.0:
         return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
@@ -79,7 +70,7 @@ def grouped_split(
     least one group for training. With every group a single image this is exactly
     `stratified_split` (same seed, same indices).
     """
-    labels = _as_classes(labels)
+    labels = strata(labels)
     groups = np.asarray(groups, dtype=np.int64)
     if groups.shape != labels.shape:
         raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ in shape")

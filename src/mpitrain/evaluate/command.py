@@ -303,7 +303,7 @@ def _view_facts(setup: Setup) -> dict:
 def _class_counts(setup: Setup, labels: np.ndarray, k: int) -> np.ndarray:
     """Images per class, or per label's positives (multi-label): reduced over the ranks."""
     if setup.thresholds is not None:
-        from mpitrain.evaluate.per_label import positives
+        from mpitrain.data.findings import positives
 
         return positives(labels)
     return np.bincount(labels, minlength=k)

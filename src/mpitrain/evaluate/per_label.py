@@ -76,11 +76,6 @@ def rule(names: list[str], ts: np.ndarray) -> str:
     return "; ".join(f"p_{c} >= {float(t)!r}" for c, t in zip(names, ts))
 
 
-def positives(labels: np.ndarray) -> np.ndarray:
-    """Per label: the images where it is present (masked entries count as absent)."""
-    return np.nansum(np.asarray(labels, np.float64), axis=0)  # [0, L] rows: zeros
-
-
 def metrics(info: ModelInfo, labels, probs, ts: np.ndarray, source: str, counts: np.ndarray) -> dict:
     """The per-label metrics at the thresholds, checked against the reduced positive counts."""
     from mpitrain.engine.multilabel import multilabel_metrics
