@@ -53,7 +53,7 @@ import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX, atomic_path
 from mpitrain.config import image_shape
-from mpitrain.data.decode import decode_native, warn_notes
+from mpitrain.data.decode import decode_native, row_shape, warn_notes
 from mpitrain.data.scan import OPENCV_EXTENSIONS
 from mpitrain.pixels import as_float
 
@@ -141,7 +141,7 @@ def _read_entry(path: Path, n: int, image_size, rows: np.ndarray | None = None, 
             and meta.get("n") == n
             and str(meta.get("image_size")) == _size_token(image_size)
             and meta.get("channels", 1) == channels
-            and tuple(shape) == (n, *image_shape(image_size)) + (() if channels == 1 else (channels,))
+            and tuple(shape) == (n, *row_shape(image_size, channels))
             and ok.shape == (n,)
             and ok.dtype == np.bool_
             and meta.get("n_failed") == n - int(ok.sum())

@@ -246,10 +246,14 @@ def _load(paths: list[str], labels: np.ndarray, image_size, cache_dir, out: Shar
     from mpitrain.data.cache import load_images_native
 
     if not paths:
-        from mpitrain.config import image_shape
+        from mpitrain.data.decode import row_shape
 
-        shape = (0, *image_shape(image_size)) + (() if channels == 1 else (channels,))
-        return np.zeros(shape, np.uint8), _label_rows(labels[:0]), 255.0, np.zeros(0, bool)
+        return (
+            np.zeros((0, *row_shape(image_size, channels)), np.uint8),
+            _label_rows(labels[:0]),
+            255.0,
+            np.zeros(0, bool),
+        )
     x, max_value, ok, errors, hit = load_images_native(
         paths, image_size, Path(cache_dir) if cache_dir else None, whole=whole, channels=channels
     )

@@ -251,6 +251,14 @@ def warn_notes(notes: list[tuple[str, str]]) -> None:
         print(f"warning: {len(notes)} file(s) decoded with a caveat: {shown}", file=sys.stderr)
 
 
+def row_shape(image_size, channels: int = 1) -> tuple[int, ...]:
+    """One decoded image's shape: (height, width), and the channel axis for colour (the
+    rows of `decode_native`, the cache's entries, a shard and the disk store alike)."""
+    from mpitrain.config import image_shape
+
+    return (*image_shape(image_size), *(() if channels == 1 else (channels,)))
+
+
 def _size(image_size) -> tuple[int, int]:
     """(height, width) of ``image_size``, both positive."""
     from mpitrain.config import image_shape
@@ -289,7 +297,7 @@ def decode_native(
     check_channels(channels)
     n = len(paths)
     threads = available_cores() if threads is None else max(1, int(threads))
-    shape = (n, *size) + (() if channels == 1 else (channels,))
+    shape = (n, *row_shape(size, channels))
     state = {"arr": np.zeros(shape, np.uint8)}
     ok = np.zeros(n, bool)
     reasons: list[str | None] = [None] * n

@@ -49,10 +49,9 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from mpitrain.atomic import TMP_PREFIX
-from mpitrain.config import image_shape
 from mpitrain.data.cache import MAX_AGE_DAYS, _size_token, cache_key, default_cache_dir
 from mpitrain.data.dataset import Plan, Shard, kept_labels
-from mpitrain.data.decode import decode_native, warn_notes
+from mpitrain.data.decode import decode_native, row_shape, warn_notes
 from mpitrain.errors import UserError, agree
 from mpitrain.shards import shard
 
@@ -68,10 +67,6 @@ AUTO_SHARE = 0.5  # --store auto: disk when the host's ranks would hold more tha
 def free_bytes(folder: Path) -> int:
     """Free bytes on the disk of `folder` (tests replace this one function)."""
     return shutil.disk_usage(folder).free
-
-
-def row_shape(image_size, channels: int) -> tuple[int, ...]:
-    return (*image_shape(image_size), *(() if channels == 1 else (channels,)))
 
 
 def decoded_bytes(n: int, image_size, channels: int) -> int:
