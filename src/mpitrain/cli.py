@@ -519,6 +519,18 @@ def _add_bench(sub) -> None:
         help="gradient compression, as for train (default: %(default)s)",
     )
     b.add_argument(
+        "--accumulate",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="micro-batches of --batch-size per step, as for train (default: %(default)s)",
+    )
+    b.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="no exchange at all: each rank steps alone (the ceiling the strategies are measured against)",
+    )
+    b.add_argument(
         "--compare-fit", action="store_true", help="also time plain model.fit, in the same precision (one process)"
     )
     b.add_argument(
@@ -846,6 +858,8 @@ def _cmd_bench(args) -> int:
         precision=args.precision,
         compress=args.compress,
         channels=args.channels,
+        accumulate=args.accumulate,
+        no_sync=args.no_sync,
     )
 
 

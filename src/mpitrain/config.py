@@ -132,6 +132,23 @@ def check_mixup(alpha: float) -> None:
         raise UserError(f"--mixup must be a number >= 0, e.g. 0.2 (0: off), got {alpha}")
 
 
+OVERLAPS = ("auto", "on", "off")
+
+
+def check_overlap(overlap: str, bucket_mb: float) -> None:
+    """The one --overlap / --bucket-mb rule (TrainConfig and the engine's Options)."""
+    if overlap not in OVERLAPS:
+        raise UserError(f"--overlap must be one of {', '.join(OVERLAPS)}, got {overlap}")
+    if not (isinstance(bucket_mb, numbers.Real) and 0.0 < bucket_mb < float("inf")):
+        raise UserError(f"--bucket-mb must be a number > 0, got {bucket_mb}")
+
+
+def check_accumulate(k) -> None:
+    """The one --accumulate rule (TrainConfig and the engine's Options): an integer K >= 1."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise UserError(f"--accumulate must be an integer >= 1 (micro-batches per optimizer step), got {k}")
+
+
 def check_sources(
     data, labels, val_data, val_labels, path_column: str, label_column: str, patient_column, groups: str, group_pattern
 ) -> None:
@@ -295,7 +312,14 @@ class TrainConfig:
         "refused: --data is then mostly the parent of train/ and test/)",
     )
     epochs: int = _opt(5, "passes over the training data", metavar="N")
-    batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x this", metavar="B")
+    batch_size: int = _opt(32, "batch size PER RANK: one step sees training ranks x --accumulate x this", metavar="B")
+    accumulate: int = _opt(
+        1,
+        "micro-batches of --batch-size per optimizer step: their gradients are summed, then exchanged "
+        "and applied once (the effective batch is K x B x training ranks, and --lr-scaling scales by "
+        "K x training ranks); for a batch that does not fit in memory, or a slow network",
+        metavar="K",
+    )
     lr: float = _opt(1e-3, "learning rate of one rank, scaled by --lr-scaling")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.0, "SGD momentum, with --optimizer sgd", metavar="M")
@@ -415,6 +439,13 @@ class TrainConfig:
         "allreduce: sum the fused gradient buffer in bfloat16 (half the bytes; "
         "statistics and metrics stay exact in float32)",
     )
+    overlap: str = _opt(
+        "auto",
+        "allreduce: sum the gradients in buckets of --bucket-mb while backprop is still making the "
+        "earlier layers' (the same update); auto: on where a model's gradients make more than one bucket",
+        choices=OVERLAPS,
+    )
+    bucket_mb: float = _opt(25.0, "--overlap's bucket size in MB of float32 gradients", metavar="MB")
     threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)", metavar="T")
     precision: str = _opt(
         "auto",
@@ -492,6 +523,8 @@ class TrainConfig:
         )
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        check_accumulate(self.accumulate)
+        check_overlap(self.overlap, self.bucket_mb)
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")

@@ -41,6 +41,7 @@ def test_the_protocol_lists_what_the_package_uses():
         "allreduce_op_",
         "allreduce_max",
         "iallreduce_sum_",
+        "iallreduce_op_",
         "bcast_",
         "gather_flat",
         "gather_rows",

@@ -288,6 +288,7 @@ class Engine:
             progress=self._beat,
             stop_requested=lambda: preempt.requested() is not None,
             compress=opts.compress,
+            bucket_bytes=self._bucket_bytes(),
         )
         if first_time:
             self.sync.start(self.model, self.optimizer)  # collective: rank 0's initial state
@@ -298,12 +299,26 @@ class Engine:
         self.state = RankState(self.model, self.optimizer, self.sync)
         self._make_step()
         # Collective: every rank must agree on the step count before the first step.
-        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), opts.batch_size)
+        self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), self.step_rows)
         self.warmup = int(round(opts.warmup_epochs * self.steps))
         self.total = opts.epochs * self.steps
         self.base_lr = DEFAULT_LR if opts.lr is None else opts.lr
-        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks)
+        # The rate scales with the effective batch: --accumulate's micro-batches count as ranks.
+        self.target_lr = scaled_lr(self.base_lr, opts.lr_scaling, self.sync.train_ranks * opts.accumulate)
         self.tag = self.sync.tag
+
+    def _bucket_bytes(self) -> float:
+        """--overlap's bucket size in bytes for this layout (0: off; `parallel.overlap.bucket_bytes`)."""
+        from mpitrain.parallel.overlap import bucket_bytes
+
+        o = self.options
+        sizes = [int(np.prod(v.shape)) for v in self.model.trainable_variables]
+        return bucket_bytes(o.overlap, o.bucket_mb, sizes, self.comm.size, o.accumulate)
+
+    @property
+    def step_rows(self) -> int:
+        """Rows of one rank's optimizer step: --accumulate micro-batches of --batch-size."""
+        return self.options.batch_size * self.options.accumulate
 
     def _make_step(self) -> None:
         # Integer images enter the step as they are held and are scaled in the graph (the
@@ -314,6 +329,7 @@ class Engine:
             self.model,
             self.optimizer,
             self.sync.reduce_step if self.sync.per_step_reduce else None,
+            overlap=self.sync if self.sync.exchange is not None else None,
             input_dtype=rows.dtype if self.integer_input else np.float32,
             max_value=self.data.train_max if self.integer_input else 1.0,
             sums=self.sums,
@@ -321,6 +337,7 @@ class Engine:
             set_lr=self.set_lr,
             soft_targets=bool(self.options.mixup),
             multi_label=self.multi,
+            micro_batch=self.options.batch_size if self.options.accumulate > 1 else 0,
         )
         if self.wrap_step is not None:
             self.step = self.wrap_step(self.step)
@@ -497,7 +514,7 @@ class Engine:
         callbacks.on_epoch_begin(epoch)
         step = self.step  # after the epoch's begin: a callback may have made it again (rebuild_step)
         lrs = self._lrs(epoch)
-        for s, idx in enumerate(batch_slices(order, self.steps, opts.batch_size)):
+        for s, idx in enumerate(batch_slices(order, self.steps, self.step_rows)):
             if s < first:
                 continue  # done before the checkpoint we resumed from
             if sync.trains:

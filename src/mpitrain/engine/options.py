@@ -14,7 +14,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True, kw_only=True)
 class Options:
     epochs: int = 1
-    batch_size: int = 32  # per rank
+    batch_size: int = 32  # per rank: one micro-batch
+    # Micro-batches per optimizer step (`engine/steps.py`): a step takes accumulate x
+    # batch_size rows per rank, sums their gradients, exchanges and applies them once.
+    accumulate: int = 1
     # Of one rank, scaled by lr_scaling, then warm-up and schedule. None: 1e-3 for the
     # engine's own optimizer; a model compiled with an optimizer keeps that one's rate
     # (its schedule too), untouched.
@@ -32,6 +35,9 @@ class Options:
     warmup_epochs: float = 0.0
     lr_schedule: str = "auto"
     compress: str = "none"
+    # --overlap (`parallel/overlap.py`): auto, on or off; the buckets' size in MB.
+    overlap: str = "auto"
+    bucket_mb: float = 25.0
     precision: str = "fp32"  # the engine's part of it: fp16 trains with dynamic loss scaling
     seed: int = 0
     # Seconds without progress before the job is aborted; 0: never. None: $MPITRAIN_TIMEOUT
@@ -41,8 +47,10 @@ class Options:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        from mpitrain.config import check_ema, check_label_smoothing, check_mixup
+        from mpitrain.config import check_accumulate, check_ema, check_label_smoothing, check_mixup, check_overlap
 
+        check_accumulate(self.accumulate)
+        check_overlap(self.overlap, self.bucket_mb)
         check_ema(self.ema)
         check_label_smoothing(self.label_smoothing)
         check_mixup(self.mixup)

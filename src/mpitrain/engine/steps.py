@@ -43,6 +43,8 @@ batch 32 takes 10-40 ms, and everything Python does around it counts against tha
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -159,6 +161,8 @@ def make_train_step(
     set_lr: bool = True,
     soft_targets: bool = False,
     multi_label: bool = False,
+    micro_batch: int = 0,
+    overlap=None,
 ) -> TrainStep:
     """`loss_fn(y, probs)`: per-row losses (default: the model's, `per_sample_loss`).
     `set_lr`: the step sets the optimizer's learning rate to its `lr` argument (off for an
@@ -166,7 +170,12 @@ def make_train_step(
     step takes a fifth argument, float32 [n, classes] targets, and the loss is
     `loss_fn(targets, probs)`; `y` then only scores the hits. `multi_label`: `y` is float32
     [n, L] targets and `w` their weights [n, L], the loss masked binary cross-entropy
-    (`engine/multilabel.py`; `loss_fn` is not used)."""
+    (`engine/multilabel.py`; `loss_fn` is not used). `micro_batch` (--accumulate): the
+    step's rows are differentiated `micro_batch` at a time, one micro-batch after another,
+    and their gradients summed before the one exchange and update (0: all rows at once).
+    `overlap` (--overlap): the strategy whose `plan`, `start_bucket` and `finish_buckets`
+    sum the gradients in buckets while backprop goes on (`parallel/overlap.py`), instead
+    of `reduce` on one fused buffer."""
     import keras
     import tensorflow as tf
 
@@ -204,8 +213,52 @@ def make_train_step(
             target = optimizer.scale_loss(loss_sum) if scaled else loss_sum
         return [tf.cast(g, tf.float32) for g in tape.gradient(target, variables)], loss_sum, probs
 
+    def accumulated(x, y, w):
+        # --accumulate: micro-batches in sequence (parallel_iterations=1: one micro-batch's
+        # activations alive at a time, and batch-norm statistics updated in order), their
+        # gradients and loss sums added up. The sum is that of the whole batch: the step
+        # divides by the global sample count as without accumulation.
+        n = tf.shape(x)[0]
+        count = (n + micro_batch - 1) // micro_batch
+        out = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, n_out]))
+
+        def body(i, grads, loss_sum, out):
+            a = i * micro_batch
+            b = tf.minimum(a + micro_batch, n)
+            g, part, p = forward(x[a:b], y[a:b], w[a:b])
+            return i + 1, [s + d for s, d in zip(grads, g)], loss_sum + part, out.write(i, p)
+
+        zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
+        start = (tf.constant(0), zeros, tf.constant(0.0), out)
+        _, grads, loss_sum, out = tf.while_loop(lambda i, *_: i < count, body, start, parallel_iterations=1)
+        return grads, loss_sum, out.concat()
+
+    differentiate = accumulated if micro_batch else forward
+
     def empty():
         return [tf.zeros(v.shape, tf.float32) for v in variables], tf.constant(0.0), tf.zeros((0, n_out))
+
+    buckets = overlap.plan(sizes) if overlap is not None else []
+
+    def bucketed(grads, stats):
+        # --overlap: each bucket's start op runs as soon as its gradients exist (and the one
+        # before it has started: the same order on every rank); bucket 0 carries the stats.
+        token = tf.constant(0, tf.int32)
+        for j, bucket in enumerate(buckets):
+            flat = tf.concat([tf.reshape(grads[i], [-1]) for i in bucket] + ([stats] if j == 0 else []), axis=0)
+            start = functools.partial(overlap.start_bucket, j)
+            token = tf.ensure_shape(tf.numpy_function(start, [flat, token], tf.int32, stateful=True), ())
+        finish = functools.partial(overlap.finish_buckets, len(buckets))
+        summed = tf.numpy_function(finish, [token], [tf.float32] * len(buckets), stateful=True)
+        grads = list(grads)
+        for j, (bucket, flat) in enumerate(zip(buckets, summed)):
+            lengths = [sizes[i] for i in bucket]
+            flat = tf.ensure_shape(flat, (sum(lengths) + (3 if j == 0 else 0),))
+            if j == 0:
+                flat, stats = flat[:-3], flat[-3:]
+            for i, g in zip(bucket, tf.split(flat, lengths)):
+                grads[i] = tf.reshape(g, shapes[i])
+        return grads, stats
 
     sums = RunningSums() if sums is None else sums
     divisor = tf.Variable(max_value, dtype=tf.float32, trainable=False, name="input_scale")  # see to_float_input
@@ -218,9 +271,9 @@ def make_train_step(
             optimizer.learning_rate.assign(lr)
         truth = target[0] if soft_targets else y  # what the loss is taken against
         if guard:
-            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: forward(x, truth, w), empty)
+            grads, loss_sum, probs = tf.cond(tf.shape(x)[0] > 0, lambda: differentiate(x, truth, w), empty)
         else:
-            grads, loss_sum, probs = forward(x, truth, w)
+            grads, loss_sum, probs = differentiate(x, truth, w)
         if multi_label:
             n_rows, n_hits = multilabel.step_counts(y, probs, w)
         else:
@@ -228,7 +281,9 @@ def make_train_step(
             counted = tf.cast(w > 0, tf.float32)  # a row of weight 0 is padding (see above)
             n_rows, n_hits = tf.reduce_sum(counted), tf.reduce_sum(tf.cast(hits, tf.float32) * counted)
         stats = tf.stack([n_rows, loss_sum, n_hits])
-        if reduce is not None:
+        if overlap is not None:
+            grads, stats = bucketed(grads, stats)
+        elif reduce is not None:
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [stats], axis=0)
             flat = tf.numpy_function(reduce, [flat], tf.float32, stateful=True)
             flat = tf.ensure_shape(flat, (total,))

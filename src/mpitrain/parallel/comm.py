@@ -104,6 +104,9 @@ class Comm(Protocol):
         """Nonblocking elementwise sum over all ranks into `buf`: a request for `test`;
         `buf` holds the sum once the request has completed (keep it alive until then)."""
 
+    def iallreduce_op_(self, buf: np.ndarray, combine: Combine) -> Request:
+        """Nonblocking `allreduce_op_`: a request for `test`, as `iallreduce_sum_`."""
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         """Root's buffer into every rank's buffer (same shape and dtype), in place."""
 
@@ -174,6 +177,9 @@ class SingleComm:
 
     def iallreduce_sum_(self, buf: np.ndarray) -> Request:
         return None  # complete at once: `test` says so
+
+    def iallreduce_op_(self, buf: np.ndarray, combine: Combine) -> Request:
+        return None
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
@@ -334,20 +340,25 @@ class MPIComm:
         return buf
 
     def allreduce_op_(self, buf: np.ndarray, combine: Combine) -> np.ndarray:
+        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._op(combine, buf.dtype))
+        return buf
+
+    def iallreduce_op_(self, buf: np.ndarray, combine: Combine) -> Request:
+        return self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._op(combine, buf.dtype))
+
+    def _op(self, combine: Combine, dtype: np.dtype) -> Any:
         # One user-defined MPI operation per (combine, dtype), made once: MPI applies it to
         # pieces of the buffer in whatever order its algorithm chooses, so it must commute.
         # The order is fixed for a given size and rank count, so runs repeat bit for bit.
-        key = (combine, buf.dtype.str)
+        key = (combine, dtype.str)
         ops = self.__dict__.setdefault("_ops", {})
         if key not in ops:
-            dtype = buf.dtype
 
             def apply(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
                 combine(np.frombuffer(inbuf, dtype=dtype), np.frombuffer(inoutbuf, dtype=dtype))
 
             ops[key] = self._MPI.Op.Create(apply, commute=True)
-        self._comm.Allreduce(self._MPI.IN_PLACE, buf, op=ops[key])
-        return buf
+        return ops[key]
 
     def allreduce_max(self, value: float) -> float:
         buf = np.array([value], dtype=np.float64)

@@ -133,6 +133,8 @@ def bench_main(
     precision="auto",
     compress="none",
     channels=None,
+    accumulate=1,
+    no_sync=False,
 ) -> int:
     from mpitrain.runtime import import_tensorflow
 
@@ -142,6 +144,8 @@ def bench_main(
     from mpitrain.parallel.strategies import strategy_class
 
     comm = world()
+    if no_sync:  # the ceiling: independent steps (local-sgd that never averages within the epoch)
+        strategy, compress = "local-sgd", "none"
     strategy_class(strategy).check_ranks(comm.size)  # the same one-line error as `train`
     strategy_class(strategy).check_compress(compress)
 
@@ -159,7 +163,7 @@ def bench_main(
     from mpitrain.train.models import needs_channels
 
     channels = channels or needs_channels(model_name) or 1  # train's default (train/command.py)
-    rows, y = _data(batch * steps, image_size, 2, seed=comm.rank, channels=channels)
+    rows, y = _data(batch * accumulate * steps, image_size, 2, seed=comm.rank, channels=channels)
     fit = None
     if compare_fit and comm.size == 1:  # first, on a fresh process, so neither run warms the other
         fit = _time_fit(
@@ -185,6 +189,8 @@ def bench_main(
         lr_scaling="none",
         lr_schedule="constant",
         compress=compress,
+        accumulate=accumulate,
+        sync_every=0 if no_sync else None,
     )
     data = InMemory(rows, y, rows[:0], y[:0], train_max=255.0, val_max=255.0)
     steps_made: list[_TimedStep] = []
@@ -201,15 +207,19 @@ def bench_main(
         k = min(left, trainer.steps)
         trainer.run_steps(epoch, trainer.steps - k)
         epoch, left = epoch + 1, left - k
-    best = None
+    best, rounds = None, []
     for _ in range(repeats):
         sync.comm_seconds = timed.seconds = timed.comm_seconds = 0.0
         comm.barrier()  # collective: all ranks start timing together
         t = time.perf_counter()
         trainer.run_steps(epoch, 0)
         mine = time.perf_counter() - t
+        if no_sync:  # the steps alone: the epoch end's one weight average is not a step's
+            mine -= sync.comm_seconds
+            sync.comm_seconds = 0.0
         epoch += 1
         seconds = comm.allreduce_max(mine)  # collective: the slowest rank sets the pace
+        rounds.append(seconds)
         compute = timed.seconds - timed.comm_seconds
         shares = np.array([compute / mine, sync.comm_seconds / mine, 1.0 - (compute + sync.comm_seconds) / mine])
         comm.allreduce_sum_(shares)  # collective: mean over ranks (below)
@@ -218,8 +228,9 @@ def bench_main(
     assert best is not None  # repeats >= 1
     seconds, (compute_frac, comm_frac, host_frac) = best
     peak = matmul_gflops(comm, precision)
-    images = batch * trainer.steps * sync.train_ranks
+    images = batch * accumulate * trainer.steps * sync.train_ranks
     ips = images / seconds
+    per_round = images / np.array(rounds)  # images/s of each timed run, as Horovod's benchmark prints them
     gflops = flops.train * ips / 1e9
     result = {
         "model": model_name,
@@ -228,14 +239,18 @@ def bench_main(
         "precision": precision,
         "compress": compress,
         "batch_size_per_rank": batch,
+        "accumulate": accumulate,
         "steps": trainer.steps,
-        "strategy": strategy,
+        "strategy": "none (no exchange: the ceiling)" if no_sync else strategy,
         "ranks": comm.size,
         "training_ranks": sync.train_ranks,
         "threads_per_rank": n_threads,
         "seconds": round(seconds, 3),
         "images_per_second": _figures(ips, 6),
         "images_per_second_per_rank": _figures(ips / max(sync.train_ranks, 1), 6),
+        "images_per_second_mean": _figures(float(per_round.mean()), 6),
+        "images_per_second_spread": _figures(float(per_round.std()), 3),  # over the timed runs
+        "rounds": len(rounds),
         "flops_per_image_forward": flops.forward,
         "flops_per_image_train": flops.train,
         "flops_method": "counted from the layers; a training step = 3 x forward (approximation)",
@@ -254,12 +269,21 @@ def bench_main(
         result["vs_fit"] = round(result["images_per_second"] / result["fit_images_per_second"], 3)
     if comm.rank == 0:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print  # --json: stdout is JSON only
+        micro = f" x {accumulate} micro-batches" if accumulate > 1 else ""
+        how = (
+            "no exchange (the ceiling)" if no_sync else f"{strategy}" + (f", {compress}" if compress != "none" else "")
+        )
         say(
-            f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, batch {batch}/rank, "
-            f"{trainer.steps} steps: {result['images_per_second']:.0f} img/s total, "
+            f"bench: {result['ranks']} rank(s) x {n_threads} thread(s), {model_name}, {precision}, {how}, "
+            f"batch {batch}{micro}/rank, {trainer.steps} steps: {result['images_per_second']:.0f} img/s total, "
             f"{result['images_per_second_per_rank']:.0f} img/s per training rank, "
             f"communication {100 * comm_frac:.1f}% of step time"
         )
+        if len(rounds) > 1:  # Horovod's synthetic benchmark reports its rounds so
+            say(
+                f"bench: over {len(rounds)} timed runs: {per_round.mean():.1f} +- {per_round.std():.1f} img/s total "
+                f"(best {per_round.max():.1f})"
+            )
         gaps = f" (not counted: {', '.join(flops.uncounted)})" if flops.uncounted else ""
         say(
             f"bench: {flops.train / 1e6:.3g} MFLOP per training image (forward {flops.forward / 1e6:.3g} x3){gaps}: "

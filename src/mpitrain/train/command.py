@@ -410,7 +410,7 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     roles = strategy_class(cfg.strategy).describe_roles(comm.size)
     say(
         f"strategy: {cfg.strategy} | {roles} | {threads} thread(s) per rank | "
-        f"batch {cfg.batch_size} per rank | model {cfg.model} {image_size_text(cfg.image_size)}x{channels} | "
+        f"batch {_batch_text(cfg)} per rank | model {cfg.model} {image_size_text(cfg.image_size)}x{channels} | "
         f"{cfg.precision}" + (f" ({why})" if requested == "auto" else "")
     )
     writes = given is None or cfg.out is not None
@@ -501,6 +501,13 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
         say(f"run folder: {out}")
     say(time_line(time.time() - started_at(launched_by_mpi()), counts[2] / comm.size, result.seconds, comm.size))
     return result
+
+
+def _batch_text(cfg: TrainConfig) -> str:
+    """The start line's batch: B, or with --accumulate K "K x B (K micro-batches per step)"."""
+    if cfg.accumulate == 1:
+        return str(cfg.batch_size)
+    return f"{cfg.accumulate} x {cfg.batch_size} ({cfg.accumulate} micro-batches per step)"
 
 
 def _store_mode(cfg: TrainConfig, comm: Comm, plan, channels: int, given: Given | None) -> str:

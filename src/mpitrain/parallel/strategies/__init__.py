@@ -55,6 +55,7 @@ def resolve(cfg):
     rules = REGISTRY[cfg.strategy]
     rules.check_compress(cfg.compress)
     rules.check_ema(cfg.ema)
+    rules.check_overlap(cfg.overlap)
     scaling, schedule = rules.auto_lr
     return dataclasses.replace(
         cfg,
@@ -71,10 +72,14 @@ def make_sync(
     progress: Callable[[str], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
     compress: str = "none",
+    bucket_bytes: float = 0.0,
 ) -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
-    strategy cannot apply `compress`)."""
-    return REGISTRY[name](comm, sync_every, progress, stop_requested=stop_requested, compress=compress)
+    strategy cannot apply `compress`). `bucket_bytes`: --overlap's buckets (0: off; only
+    for a strategy that `overlaps`)."""
+    cls = REGISTRY[name]
+    overlap = {"bucket_bytes": bucket_bytes} if bucket_bytes and cls.overlaps else {}
+    return cls(comm, sync_every, progress, stop_requested=stop_requested, compress=compress, **overlap)
 
 
 __all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "resolve", "scaled_lr", "strategy_class"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +56,8 @@ class Sync:
     default_sync_every: int | None = None  # what --sync-every "auto" (None) means
     auto_lr: tuple[str, str] = ("sqrt", "cosine")  # (--lr-scaling, --lr-schedule) for "auto"
     compressions: tuple[str, ...] = ("none",)  # --compress values the strategy can apply
+    overlaps = False  # whether it can sum a step's gradients in buckets during backprop (--overlap)
+    exchange: Any = None  # --overlap's `parallel.overlap.Exchange` of this rank, when on
     vote_every = 8  # steps between nonblocking stop votes (strategies without a per-step collective)
     # Whether --ema's moving average stays the same on every rank (allreduce: the same steps
     # everywhere; local-sgd: averaged with the weights); why not, where it does not.
@@ -98,6 +100,16 @@ class Sync:
             )
 
     @classmethod
+    def check_overlap(cls, overlap: str) -> None:
+        """One-line UserError for `--overlap on` with a strategy that has no per-step sum."""
+        if overlap == "on" and not cls.overlaps:
+            users = sorted(name for name, c in REGISTRY.items() if c.overlaps)
+            raise UserError(
+                f"--overlap on overlaps the per-step gradient sum of --strategy {' / '.join(users)}; "
+                f"--strategy {cls.name} has none: drop --overlap (or give --overlap off)"
+            )
+
+    @classmethod
     def check_ema(cls, ema: float | None) -> None:
         """One-line UserError when this strategy cannot keep `--ema ema` (None: off)."""
         if ema is not None and cls.ema_why_not:
@@ -127,13 +139,16 @@ class Sync:
         progress: Callable[[str], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
         compress: str = "none",
+        bucket_bytes: float = 0.0,
     ) -> None:
         """`progress(what)` is called while this rank waits for peers that are still
         working (the trainer passes its watchdog's beat); `stop_requested()` says whether
-        this rank was asked to stop (the trainer passes `preempt.requested`)."""
+        this rank was asked to stop (the trainer passes `preempt.requested`).
+        `bucket_bytes`: --overlap's bucket size (0: no overlap)."""
         self.check_ranks(comm.size)
         self.check_compress(compress)
         self.compress = compress
+        self.bucket_bytes = bucket_bytes if self.overlaps else 0.0
         self.comm = comm
         self.sync_every = sync_every
         self.progress = progress or (lambda what: None)
