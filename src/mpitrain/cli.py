@@ -526,6 +526,19 @@ def _add_bench(sub) -> None:
         help="micro-batches of --batch-size per step, as for train (default: %(default)s)",
     )
     b.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="sum the gradients in buckets during backprop, as for train (default: %(default)s)",
+    )
+    b.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=TrainConfig.bucket_mb,
+        metavar="MB",
+        help="--overlap's bucket size, as for train (default: %(default)s)",
+    )
+    b.add_argument(
         "--no-sync",
         action="store_true",
         help="no exchange at all: each rank steps alone (the ceiling the strategies are measured against)",
@@ -860,6 +873,8 @@ def _cmd_bench(args) -> int:
         channels=args.channels,
         accumulate=args.accumulate,
         no_sync=args.no_sync,
+        overlap=args.overlap,
+        bucket_mb=args.bucket_mb,
     )
 
 

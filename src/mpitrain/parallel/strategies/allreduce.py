@@ -120,7 +120,6 @@ class AllreduceSync(Sync):
 
     @property
     def hidden_seconds(self) -> float:
-        """Seconds the exchange thread spent summing (overlapped with backprop, or waited for)."""
         return self.exchange.busy_seconds if self.exchange is not None else 0.0
 
     def _sum_bucket(self, j: int, out: np.ndarray) -> np.ndarray:

@@ -195,6 +195,11 @@ class Sync:
     def reduce_step(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
+    @property
+    def hidden_seconds(self) -> float:
+        """--overlap: seconds its exchange thread spent summing (0 for a strategy without)."""
+        return 0.0
+
     def after_step(self, step: int, steps: int, samples: int) -> None:
         pass
 

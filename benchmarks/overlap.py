@@ -1,0 +1,151 @@
+"""ResNet-50 as Horovod's synthetic benchmark measures it, across 2 fake hosts: overlap,
+compression and accumulation against the no-exchange ceiling (issue 23; as root, Linux):
+
+    sudo .venv/bin/python benchmarks/overlap.py [--image-size 64] [--rates 1gbit,10gbit] \\
+        [--out benchmarks/results/overlap.json]
+
+For each link rate (tests/cluster.py: one rank and one TensorFlow thread per fake host, the
+link limited with `tc tbf`) it runs `mpitrain bench -n 2 --model resnet50` (synthetic
+images, batch 32 per rank, colour) as:
+
+    none        no exchange at all (`--no-sync`): the ceiling
+    fused       the gradient sum after backprop (`--overlap off`)
+    overlap     the sum in buckets during backprop (`--overlap on`)
+    overlap+bf16  the same, compressed (`--compress bf16`)
+    accumulate4 --accumulate 4, one fused sum per 4 micro-batches
+    ...and `--buckets 4,25,64` tries several bucket sizes for `overlap`.
+
+and prints images/s (mean +- spread over --repeats timed runs) with the efficiency against
+the ceiling, then the same ranks on one host (`--one-host`: shared memory, where overlap must
+cost nothing). The load average is recorded before each run: the hosts share the machine's
+cores, so take the figures on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from cluster import Cluster, unavailable  # noqa: E402
+from mpitrain.launcher.mpiexec import mpiexec_command  # noqa: E402
+
+VARIANTS = {
+    "none": ["--no-sync"],
+    "fused": ["--overlap", "off"],
+    "overlap": ["--overlap", "on"],
+    "overlap+bf16": ["--overlap", "on", "--compress", "bf16"],
+    "accumulate4": ["--overlap", "off", "--accumulate", "4"],
+}
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_args(a, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mpitrain",
+        "bench",
+        "--model",
+        a.model,
+        "--image-size",
+        str(a.image_size),
+        "--batch-size",
+        str(a.batch),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        "2",
+        "--repeats",
+        str(a.repeats),
+        "--threads",
+        "1",
+        "--precision",
+        a.precision,
+        "--json",
+        *extra,
+    ]
+
+
+def run(c: Cluster | None, a, extra: list[str]) -> dict:
+    argv = bench_args(a, extra)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), MPITRAIN_TTY="0")
+    if c is None:  # both ranks on this host
+        cmd, full = mpiexec_command(2, argv)
+        proc = subprocess.run(cmd, env={**full, **env}, capture_output=True, text=True, timeout=3600)
+    else:
+        cmd, _ = mpiexec_command(2, argv, hostfile=str(c.hostfile(1, hosts=[1, 2])), iface="eth1")
+        proc = c.run(1, cmd, env=c.env(PYTHONPATH=str(ROOT / "src"), MPITRAIN_TTY="0"), timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench failed: {' '.join(extra)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row(name: str, r: dict, ceiling: float | None, before: float) -> str:
+    eff = f"{100 * r['images_per_second'] / ceiling:5.1f}%" if ceiling else "     -"
+    return (
+        f"{name:16s} {r['images_per_second']:8.2f} img/s (mean {r['images_per_second_mean']:.2f} "
+        f"+- {r['images_per_second_spread']:.2f}) {eff}  step {r['seconds'] / r['steps']:.2f} s, "
+        f"waited for the sum {100 * r['comm_fraction']:4.1f}%, summing {100 * r['summing_fraction']:4.1f}%, "
+        f"{r['gflops_per_second']:.1f} GFLOP/s  (load {before})"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--rates", default="1gbit")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--buckets", default="", help="also try these --bucket-mb for overlap, e.g. 4,64")
+    p.add_argument("--one-host", action="store_true", help="also fused and overlap with both ranks on this host")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overlap.json"))
+    a = p.parse_args()
+    why = unavailable()
+    if why:
+        raise SystemExit(f"overlap.py: {why}")
+    out: dict = {"args": vars(a), "cores": os.cpu_count(), "runs": []}
+    variants = {k: VARIANTS[k] for k in a.variants.split(",")}
+    for mb in filter(None, a.buckets.split(",")):
+        variants[f"overlap {mb} MB"] = ["--overlap", "on", "--bucket-mb", mb]
+    with Cluster(2) as c:
+        for rate in a.rates.split(","):
+            c.limit(rate)
+            ceiling = None
+            print(f"{a.model} {a.image_size} px, batch {a.batch}/rank, {a.precision}, 2 fake hosts at {rate}:")
+            for name, extra in variants.items():
+                before = load()
+                r = run(c, a, extra)
+                ceiling = r["images_per_second"] if name == "none" else ceiling
+                out["runs"].append({"rate": rate, "variant": name, "load": before, "result": r})
+                print("  " + row(name, r, ceiling, before), flush=True)
+            c.limit(None)
+    if a.one_host:
+        print(f"{a.model}: 2 ranks on one host (shared memory):")
+        for name in ("fused", "overlap"):
+            before = load()
+            r = run(None, a, VARIANTS[name])
+            out["runs"].append({"rate": "one host", "variant": name, "load": before, "result": r})
+            print("  " + row(name, r, None, before), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
