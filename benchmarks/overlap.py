@@ -91,6 +91,19 @@ def run(c: Cluster | None, a, extra: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def parameters(model: str, image_size: int) -> int:
+    """Trainable parameters of the model as bench builds it (colour, 2 classes)."""
+    from mpitrain.runtime import import_tensorflow
+
+    import_tensorflow()
+    from mpitrain.train.models import build_model, needs_channels
+
+    m = build_model(model, image_size, 2, needs_channels(model) or 1)
+    import math
+
+    return sum(math.prod(v.shape) for v in m.trainable_variables)
+
+
 def row(name: str, r: dict, ceiling: float | None, before: float) -> str:
     eff = f"{100 * r['images_per_second'] / ceiling:5.1f}%" if ceiling else "     -"
     return (
@@ -99,6 +112,52 @@ def row(name: str, r: dict, ceiling: float | None, before: float) -> str:
         f"waited for the sum {100 * r['comm_fraction']:4.1f}%, summing {100 * r['summing_fraction']:4.1f}%, "
         f"{r['gflops_per_second']:.1f} GFLOP/s  (load {before})"
     )
+
+
+def step_model(t_c: float, grad_bytes: float, n: int, gbit: float, compress: str, how: str, consts: dict) -> float:
+    """Seconds of one optimizer step of n ranks (docs/scaling.md's ring model, `scaling.predict`):
+    compute t_c (a third forward, two thirds backward: the 3x rule of `train/flops.py`) and
+    the allreduce T. fused: t_c + T. overlap: the sum can hide behind the backward pass but
+    its last bucket cannot start before backprop ends: t_c + max(T(last bucket), T - 2/3 t_c).
+    accumulate4: 4 t_c + T per step (of 4 micro-batches), reported per micro-batch."""
+    import math
+
+    from scaling import predict
+
+    conv = consts["conversion_s_per_byte"] * grad_bytes / 4
+    total = predict(consts, n, gbit * 1e9, compress, grad_bytes, conv)
+    if how == "fused":
+        return t_c + total
+    if how == "accumulate4":
+        return (4 * t_c + total) / 4
+    buckets = max(1, math.ceil(grad_bytes / consts["bucket_bytes"]))
+    last = predict(consts, n, gbit * 1e9, compress, grad_bytes / buckets, conv / buckets)
+    return t_c + max(last, total - 2 * t_c / 3)
+
+
+def predictions(path: str, scaling_json: str) -> int:
+    """The scaling table of docs/scaling.md for the model measured in `path` (this script's
+    JSON), with the quiet cluster's constants (scaling.QUIET and the quiet fit's bfloat16 sum)."""
+    from scaling import QUIET
+
+    out = json.loads(Path(path).read_text())
+    quiet = json.loads(Path(scaling_json).read_text())["model"]
+    ceiling = next(r["result"] for r in out["runs"] if r["variant"] == "none")
+    t_c = ceiling["seconds"] / ceiling["steps"]
+    grad_bytes = 4 * out["params"]
+    consts = dict(quiet, **QUIET, bucket_bytes=25e6, conversion_s_per_byte=1e-9)
+    print(
+        f"{out['args']['model']} {out['args']['image_size']} px: {out['params'] / 1e6:.1f} M parameters, "
+        f"step {t_c:.2f} s (batch {out['args']['batch']}, 1 thread, the ceiling run)"
+    )
+    print("| scheme | Gbit/s | 8 | 16 | 32 | 64 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for how, compress in (("fused", "none"), ("overlap", "none"), ("overlap", "bf16"), ("accumulate4", "none")):
+        for gbit in (1, 10, 25, 100):
+            cells = [100 * t_c / step_model(t_c, grad_bytes, n, gbit, compress, how, consts) for n in (8, 16, 32, 64)]
+            name = how + (" + bf16" if compress == "bf16" else "")
+            print(f"| {name} | {gbit} | " + " | ".join(f"{e:.0f}%" for e in cells) + " |")
+    return 0
 
 
 def main() -> int:
@@ -114,11 +173,15 @@ def main() -> int:
     p.add_argument("--buckets", default="", help="also try these --bucket-mb for overlap, e.g. 4,64")
     p.add_argument("--one-host", action="store_true", help="also fused and overlap with both ranks on this host")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overlap.json"))
+    p.add_argument("--predict", metavar="JSON", help="only print the scaling table from this file's runs")
+    p.add_argument("--scaling", default=str(ROOT / "benchmarks" / "results" / "scaling-quiet.json"))
     a = p.parse_args()
+    if a.predict:
+        return predictions(a.predict, a.scaling)
     why = unavailable()
     if why:
         raise SystemExit(f"overlap.py: {why}")
-    out: dict = {"args": vars(a), "cores": os.cpu_count(), "runs": []}
+    out: dict = {"args": vars(a), "cores": os.cpu_count(), "runs": [], "params": parameters(a.model, a.image_size)}
     variants = {k: VARIANTS[k] for k in a.variants.split(",")}
     for mb in filter(None, a.buckets.split(",")):
         variants[f"overlap {mb} MB"] = ["--overlap", "on", "--bucket-mb", mb]

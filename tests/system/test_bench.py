@@ -26,6 +26,10 @@ def test_bench_reports_throughput_as_json_on_two_ranks():
             "5",
             "--warmup",
             "1",
+            "--repeats",
+            "2",
+            "--accumulate",
+            "2",
             "--json",
         ],
         capture_output=True,
@@ -35,6 +39,11 @@ def test_bench_reports_throughput_as_json_on_two_ranks():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # --json: standard output is the JSON object and nothing else
     assert result["ranks"] == 2 and result["training_ranks"] == 2
+    # 5 steps of 2 micro-batches of 64 on each rank, in the best of 2 timed runs
+    assert result["accumulate"] == 2 and result["steps"] == 5 and result["rounds"] == 2
+    assert result["images_per_second"] * result["seconds"] == pytest.approx(2 * 5 * 2 * 64, rel=0.05)  # s in ms
+    assert 0 < result["images_per_second_mean"] <= result["images_per_second"] * (1 + 1e-6)
+    assert "over 2 timed runs" in proc.stderr
     assert result["images_per_second"] > 0
     assert 0.0 < result["comm_fraction"] < 1.0  # two ranks do communicate
     assert result["images_per_second_per_rank"] * 2 == pytest.approx(result["images_per_second"], rel=1e-3)

@@ -148,3 +148,17 @@ def test_a_bad_k_is_refused_by_the_config_the_engine_and_the_command(k, capsys):
     if not isinstance(k, float | bool):
         assert main(["train", "--accumulate", str(k), "--epochs", "1"]) == 2
         assert capsys.readouterr().err.strip() == f"mpitrain: error: {e.value}"
+
+
+def test_bench_times_k_micro_batches_per_step_and_the_no_sync_ceiling(capsys):
+    import json
+
+    from mpitrain.train.bench import bench_main
+
+    for extra in ({"accumulate": 3}, {"no_sync": True}):
+        assert bench_main("tiny", batch=4, steps=2, warmup=1, image_size=16, as_json=True, **extra) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["steps"] == 2 and result["accumulate"] == extra.get("accumulate", 1)
+        images = 4 * extra.get("accumulate", 1) * 2  # (the seconds are rounded to ms: a loose check)
+        assert result["images_per_second"] * result["seconds"] == pytest.approx(images, rel=0.3)
+    assert result["strategy"] == "none (no exchange: the ceiling)" and result["comm_fraction"] == 0.0
