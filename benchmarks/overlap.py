@@ -124,7 +124,7 @@ def step_model(t_c: float, grad_bytes: float, n: int, gbit: float, compress: str
 
     from scaling import predict
 
-    conv = consts["conversion_s_per_byte"] * grad_bytes / 4
+    conv = consts["conversion_s_per_byte"] * grad_bytes
     total = predict(consts, n, gbit * 1e9, compress, grad_bytes, conv)
     if how == "fused":
         return t_c + total
@@ -141,15 +141,28 @@ def predictions(path: str, scaling_json: str) -> int:
     from scaling import QUIET
 
     out = json.loads(Path(path).read_text())
-    quiet = json.loads(Path(scaling_json).read_text())["model"]
+    fitted = json.loads(Path(scaling_json).read_text())
+    quiet = fitted["model"]
+    seed = fitted["models"]["seed"]  # to_bf16 + from_bf16 measured there, per gradient byte
+    per_byte = seed["conversion_s"] / seed["grad_bytes"]
     ceiling = next(r["result"] for r in out["runs"] if r["variant"] == "none")
     t_c = ceiling["seconds"] / ceiling["steps"]
     grad_bytes = 4 * out["params"]
-    consts = dict(quiet, **QUIET, bucket_bytes=25e6, conversion_s_per_byte=1e-9)
+    consts = dict(quiet, **QUIET, bucket_bytes=25e6, conversion_s_per_byte=per_byte)
     print(
         f"{out['args']['model']} {out['args']['image_size']} px: {out['params'] / 1e6:.1f} M parameters, "
         f"step {t_c:.2f} s (batch {out['args']['batch']}, 1 thread, the ceiling run)"
     )
+    # The check: the fake hosts' own constants (this machine's TCP) against the measured runs.
+    here = dict(quiet, bucket_bytes=25e6, conversion_s_per_byte=per_byte)
+    names = {"fused": ("fused", "none"), "overlap": ("overlap", "none"), "overlap+bf16": ("overlap", "bf16")}
+    names["accumulate4"] = ("accumulate4", "none")
+    for r in out["runs"]:
+        if r["rate"] == "1gbit" and r["variant"] in names:
+            how, compress = names[r["variant"]]
+            model = 100 * t_c / step_model(t_c, grad_bytes, 2, 1, compress, how, here)
+            measured = 100 * r["result"]["images_per_second"] / ceiling["images_per_second"]
+            print(f"check, 2 fake hosts at 1 Gbit/s, {r['variant']}: measured {measured:.0f}%, model {model:.0f}%")
     print("| scheme | Gbit/s | 8 | 16 | 32 | 64 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for how, compress in (("fused", "none"), ("overlap", "none"), ("overlap", "bf16"), ("accumulate4", "none")):

@@ -260,14 +260,22 @@ def pin_gpu(local_rank: int, local_size: int, tf=None) -> str | None:
     return gpu.name
 
 
-def configure_rank(comm: Comm, seed: int, threads: int | None, precision: str = "fp32") -> int:
+def configure_rank(comm: Comm, seed: int, threads: int | None, precision: str = "fp32", overlap: bool = False) -> int:
     """`configure_runtime` for one rank of `comm` (train, evaluate, bench). Collective:
-    every rank calls it once, at start-up (`ranks_sharing_cores`)."""
-    return configure_runtime(seed, threads, ranks_sharing_cores(comm), precision, comm.local_rank, comm.local_size)
+    every rank calls it once, at start-up (`ranks_sharing_cores`). `overlap`: the run may
+    sum its gradients during backprop (--overlap not off, a strategy that can, ranks > 1)."""
+    sharing = ranks_sharing_cores(comm)
+    return configure_runtime(seed, threads, sharing, precision, comm.local_rank, comm.local_size, overlap)
 
 
 def configure_runtime(
-    seed: int, threads: int | None, sharing: int, precision: str = "fp32", local_rank: int = 0, local_size: int = 1
+    seed: int,
+    threads: int | None,
+    sharing: int,
+    precision: str = "fp32",
+    local_rank: int = 0,
+    local_size: int = 1,
+    overlap: bool = False,
 ) -> int:
     """This rank's GPU (the one of its local rank, see `pin_gpu`), its threads
     (`threads_per_rank`: --threads, Slurm's --cpus-per-task, or its CPUs split among the
@@ -285,11 +293,13 @@ def configure_runtime(
     n = threads_per_rank(threads, sharing, cpus_per_task=slurm.cpus_per_task())
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
-        # At least 2: with one inter-op thread TensorFlow runs a step's ready ops from one
-        # queue, and --overlap's bucket starts then wait until backprop has ended (measured:
+        # --overlap: at least 2. With one inter-op thread TensorFlow runs a step's ready ops
+        # from one queue, and the bucket starts then wait until backprop has ended (measured:
         # ResNet-50 at 1 thread started its first bucket 0.08 s before the step's end, with
-        # 2 inter-op threads 2.2 s before). The compute threads are the intra-op ones.
-        tf.config.threading.set_inter_op_parallelism_threads(max(n, 2))
+        # 2 inter-op threads 3 s before). Not otherwise: a second inter-op thread runs
+        # independent kernels side by side, which on cores the ranks already fill slowed
+        # ResNet-50's step by about 13 % (docs/benchmarks.md).
+        tf.config.threading.set_inter_op_parallelism_threads(max(n, 2) if overlap else n)
     except RuntimeError:  # already initialised (second run in one process, e.g. tests)
         pass
     keras.utils.set_random_seed(seed)

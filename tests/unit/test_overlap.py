@@ -95,3 +95,14 @@ def test_bad_values_are_refused_by_the_config_and_the_engine(option, value, says
     for make in (TrainConfig, Options):
         with pytest.raises(UserError, match=says):
             make(**{option: value})
+
+
+def test_the_threads_allow_overlap_only_where_it_may_run():
+    from mpitrain.train.models import may_overlap
+
+    assert may_overlap("auto", "resnet50", "allreduce", 2)  # a big model: it may
+    assert not may_overlap("auto", "seed", "allreduce", 2)  # the registry's fill one bucket
+    assert may_overlap("on", "seed", "allreduce", 2)
+    assert not may_overlap("on", "resnet50", "allreduce", 1)
+    assert not may_overlap("auto", "resnet50", "local-sgd", 4)
+    assert not may_overlap("off", "resnet50", "allreduce", 4)

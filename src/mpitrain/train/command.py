@@ -397,9 +397,10 @@ def _train(cfg, comm: Comm, plan, out, ckpt, resume, say, *, requested: str, why
     from mpitrain.runtime import configure_rank
     from mpitrain.train import pretext
     from mpitrain.train.fitting import fit
-    from mpitrain.train.models import build_model
+    from mpitrain.train.models import build_model, may_overlap
 
-    threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision)  # collective
+    overlap = may_overlap(cfg.overlap, cfg.model, cfg.strategy, comm.size)
+    threads = configure_rank(comm, cfg.seed, cfg.threads, cfg.precision, overlap)  # collective
     channels = channels_for(cfg)
     # Which shards this rank owns (the trainer builds the strategy itself).
     data_parts = strategy_class(cfg.strategy).data_parts

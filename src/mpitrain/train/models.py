@@ -195,6 +195,18 @@ def needs_channels(spec: str, weights: str | None = None) -> int | None:
     return None
 
 
+def may_overlap(overlap: str, model: str, strategy: str, ranks: int) -> bool:
+    """Whether a run may sum its gradients during backprop (--overlap), decided before the
+    model is built (TensorFlow's threads are set first: `runtime.configure_runtime`): on, or
+    auto for a model that is not the registry's (whose gradients, 1-2 MB, fill one bucket),
+    with a strategy that can and more than one rank."""
+    from mpitrain.parallel.strategies import strategy_class
+
+    if overlap == "off" or ranks == 1 or not strategy_class(strategy).overlaps:
+        return False
+    return overlap == "on" or model not in MODELS
+
+
 def build_model(name: str, image_size: ImageSize, n_classes: int, channels: int = 1, weights: str | None = None):
     """`weights="imagenet"`: a keras.applications model starts from Keras' ImageNet weights,
     read from KERAS_HOME/models (`pretrained.fetch` put the file there first)."""
