@@ -445,7 +445,7 @@ class TrainConfig:
         "earlier layers' (the same update); auto: on where a model's gradients make more than one bucket",
         choices=OVERLAPS,
     )
-    bucket_mb: float = _opt(25.0, "--overlap's bucket size in MB of float32 gradients", metavar="MB")
+    bucket_mb: float = _opt(8.0, "--overlap's bucket size in MB of float32 gradients", metavar="MB")
     threads: int | None = _opt(None, "TensorFlow threads per rank (default: cores / ranks per node)", metavar="T")
     precision: str = _opt(
         "auto",

@@ -143,7 +143,7 @@ def bench_main(
     accumulate=1,
     no_sync=False,
     overlap="auto",
-    bucket_mb=25.0,
+    bucket_mb=8.0,
 ) -> int:
     from mpitrain.runtime import import_tensorflow
 
