@@ -10,7 +10,7 @@
    bandwidth B; each rank sends and receives 2(n-1)/n of the buffer).
 3. The step compute time of the seed CNN and the X-ray model (`mpitrain bench`, one process).
 4. Predicted scaling efficiency E = t_step / (t_step + T(n, S_grad)) (mpitrain reduces after
-   the backward pass: no overlap) for 8-64 ranks at 10, 25 and 100 Gbit/s, with and without
+   the backward pass: the fused sum; `--overlap`: benchmarks/overlap.py) for 8-64 ranks at 10, 25 and 100 Gbit/s, with and without
    compression.
 5. The check: `mpitrain bench -n 2 / -n 4` across fake hosts at 1 and 10 Gbit/s, measured
    communication time per step against the model's prediction.
