@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.mpi, pytest.mark.timeout(400)]
 def results():
     proc, _ = mpirun(3, script("overlap_same.py"), timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stdout": proc.stdout}
 
 
 @pytest.mark.parametrize("compress", ["none", "bf16"])
@@ -25,6 +25,9 @@ def test_overlap_gives_the_weights_of_the_fused_sum_bit_for_bit(results, compres
     assert results[f"on-{compress}"] == results[f"off-{compress}"]
     assert results["on-bf16"] != results["on-none"]  # compression is applied bucket by bucket too
     assert results["threads-after-on"] == 2  # the two runs with --overlap on summed in buckets
+    # rank 0 says so, once per run (0.2 MB buckets of the model's 0.9 MB)
+    said = [line for line in results["stdout"].splitlines() if line.startswith("overlap: the gradient sum in ")]
+    assert len(said) == 2 and "buckets of about 0.2 MB" in said[0]
 
 
 def test_auto_keeps_a_one_bucket_model_on_the_fused_sum(results):

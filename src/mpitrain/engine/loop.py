@@ -298,6 +298,14 @@ class Engine:
             self.data = self.reshard(self.sync.train_part, self.sync.val_part)
         self.state = RankState(self.model, self.optimizer, self.sync)
         self._make_step()
+        if first_time and self.sync.exchange is not None:
+            from mpitrain.parallel.overlap import plan
+
+            sizes = [int(np.prod(v.shape)) for v in self.model.trainable_variables]
+            self.echo(
+                f"overlap: the gradient sum in {len(plan(sizes, self.sync.bucket_bytes))} buckets of about "
+                f"{opts.bucket_mb:g} MB, each started while backprop goes on"
+            )
         # Collective: every rank must agree on the step count before the first step.
         self.steps = steps_per_epoch(int(comm.allreduce_max(len(self.data.train_x))), self.step_rows)
         self.warmup = int(round(opts.warmup_epochs * self.steps))
