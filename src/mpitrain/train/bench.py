@@ -168,11 +168,10 @@ def bench_main(
 
     # Rank 0 resolves "auto" for all (collective), as training does.
     precision = comm.bcast_obj(resolve_precision(precision)[0] if comm.rank == 0 else None)
-    from mpitrain.train.models import may_overlap
+    from mpitrain.train.models import may_overlap, needs_channels
 
     overlapping = not no_sync and may_overlap(overlap, model_name, strategy, comm.size)
     n_threads = configure_rank(comm, 0, threads, precision, overlapping)
-    from mpitrain.train.models import needs_channels
 
     channels = channels or needs_channels(model_name) or 1  # train's default (train/command.py)
     rows, y = _data(batch * accumulate * steps, image_size, 2, seed=comm.rank, channels=channels)

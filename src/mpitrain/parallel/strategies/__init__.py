@@ -75,11 +75,11 @@ def make_sync(
     bucket_bytes: float = 0.0,
 ) -> Sync:
     """This rank's instance of strategy `name` (UserError if comm has too few ranks, or the
-    strategy cannot apply `compress`). `bucket_bytes`: --overlap's buckets (0: off; only
-    for a strategy that `overlaps`)."""
-    cls = REGISTRY[name]
-    overlap = {"bucket_bytes": bucket_bytes} if bucket_bytes and cls.overlaps else {}
-    return cls(comm, sync_every, progress, stop_requested=stop_requested, compress=compress, **overlap)
+    strategy cannot apply `compress`). `bucket_bytes`: --overlap's buckets (0: off; a
+    strategy that does not `overlap` keeps 0)."""
+    return REGISTRY[name](
+        comm, sync_every, progress, stop_requested=stop_requested, compress=compress, bucket_bytes=bucket_bytes
+    )
 
 
 __all__ = ["Sync", "compressions", "lr_at", "make_sync", "names", "resolve", "scaled_lr", "strategy_class"]

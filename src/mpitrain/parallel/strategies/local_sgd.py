@@ -34,8 +34,9 @@ class LocalSGDSync(Sync):
         progress: Callable[[str], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
         compress: str = "none",
+        bucket_bytes: float = 0.0,
     ) -> None:
-        super().__init__(comm, sync_every, progress, stop_requested, compress)
+        super().__init__(comm, sync_every, progress, stop_requested, compress, bucket_bytes)
         self._stop = False  # the stop vote of the last average
 
     def after_step(self, step: int, steps: int, samples: int) -> None:

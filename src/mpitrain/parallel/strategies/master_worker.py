@@ -46,8 +46,9 @@ class MasterWorkerSync(Sync):
         progress: Callable[[str], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
         compress: str = "none",
+        bucket_bytes: float = 0.0,
     ) -> None:
-        super().__init__(comm, sync_every, progress, stop_requested, compress)
+        super().__init__(comm, sync_every, progress, stop_requested, compress, bucket_bytes)
         self.trains = comm.rank != 0
         self.round_samples = 0
         self.rounds = 0
