@@ -454,7 +454,7 @@ def _add_synth(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from mpitrain.config import TrainConfig
+    from mpitrain.config import OVERLAPS, TrainConfig
     from mpitrain.parallel.strategies import compressions as strategy_compressions
     from mpitrain.parallel.strategies import names as strategy_names
     from mpitrain.runtime import PRECISIONS
@@ -521,14 +521,14 @@ def _add_bench(sub) -> None:
     b.add_argument(
         "--accumulate",
         type=_positive_int,
-        default=1,
+        default=TrainConfig.accumulate,
         metavar="K",
         help="micro-batches of --batch-size per step, as for train (default: %(default)s)",
     )
     b.add_argument(
         "--overlap",
-        choices=("auto", "on", "off"),
-        default="auto",
+        choices=OVERLAPS,
+        default=TrainConfig.overlap,
         help="sum the gradients in buckets during backprop, as for train (default: %(default)s)",
     )
     b.add_argument(
