@@ -40,6 +40,23 @@ def test_only_the_newest_k_are_kept_in_progress_order(tmp_path):
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt-e00001-s0000000.npz", "ckpt-e00001-s0000005.npz"]
 
 
+def test_every_reader_takes_the_newest_by_progress(tmp_path):
+    # Written out of order, across a step checkpoint and epochs 9 and 10 (names sort by
+    # progress, not by when they were written): resume, the launcher's saved config and
+    # position, and the finishing mark all take epoch 10's.
+    for e, s in [(10, 0), (9, 0), (9, 5), (2, 40)]:
+        c = _ckpt(e, s, value=float(e))
+        c.config = {"seed": e}
+        ck.save(tmp_path, c, keep=0)
+    assert ck.load_latest(tmp_path).epoch == 10
+    path, meta = ck.latest_meta(tmp_path)
+    assert (meta["epoch"], meta["step"]) == (10, 0) and path.name == "ckpt-e00010-s0000000.npz"
+    assert ck.saved_config(tmp_path) == {"seed": 10}
+    assert ck.mark_finished(tmp_path) == path
+    assert ck.read(path).status == "finished" and np.all(ck.read(path).state_of(0)[0] == 10.0)
+    assert all(ck.read(p).status != "finished" for p in ck.list_checkpoints(tmp_path)[:-1])
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     ck.save(tmp_path, _ckpt(1, 0, value=1.0))
     newest = ck.save(tmp_path, _ckpt(2, 0, value=2.0))

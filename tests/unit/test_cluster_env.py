@@ -40,6 +40,15 @@ def test_an_srun_task_knows_its_step():
     assert slurm.cpus_per_task(dict(TASK, SLURM_CPUS_PER_TASK="x")) is None
 
 
+@pytest.mark.parametrize("only", ["SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"])
+def test_either_step_variable_alone_marks_an_srun_task(only):
+    # Slurm versions and launch paths differ in which of the two they set.
+    task = {k: v for k, v in TASK.items() if not k.startswith("SLURM_STEP_") or k == only}
+    assert slurm.step_tasks(task) == 4  # SLURM_STEP_NUM_TASKS, else the job's SLURM_NTASKS
+    assert slurm.local_id(task) == 1
+    assert slurm.srun_without_mpi(1, None, task) is not None
+
+
 def test_srun_without_pmix_is_caught_only_when_mpi_sees_one_of_many():
     problem = slurm.srun_without_mpi(1, None, TASK)
     assert "srun started 4 tasks" in problem and "srun --mpi=pmix" in problem and "-n 4" in problem

@@ -52,6 +52,20 @@ def test_the_lost_hosts_ranks_and_the_hosts_left(tmp_path):
     assert "end of epoch 1" in hostloss.message("node2", plan)
 
 
+def test_a_hostfile_of_full_names_matches_the_short_names_open_mpi_reports(tmp_path):
+    # The other way round from the test above: the hostfile says node2.cluster.example,
+    # Open MPI (and the launcher's own host) say node2. No name resolves (no DNS asked).
+    run = _run(tmp_path)
+    hosts = _hostfile(tmp_path, "node1.cluster.example slots=1\nnode2.cluster.example slots=2\n")
+    plan = hostloss.plan(run, 3, hosts, "node2", here={"node1"})
+    assert (plan.ranks, plan.lost_ranks) == (1, 2)
+    lines = [line for line in plan.hostfile.read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["node1.cluster.example slots=1"]
+    with pytest.raises(hostloss.CannotHeal, match="launcher's own host"):
+        hostloss.plan(run, 3, hosts, "node1", here={"node1"})
+    assert hostloss._matching("node2", ["node20.cluster.example", "node2.other"]) == ["node2.other"]
+
+
 def test_the_ranks_own_report_of_their_hosts_wins_over_the_slots(tmp_path):
     # Without slots= Open MPI gives a remote host as many slots as it has cores, which the
     # launcher cannot know: the ranks' hosts, reported at contact, say how many were lost.

@@ -117,3 +117,35 @@ def test_batch_norm_model_skips_an_empty_batch():
     stats, _ = step(x, np.array([0, 1, 0, 1], np.int32), np.ones(4, np.float32), np.float32(1e-3))
     assert stats.numpy()[0] == 4
     assert not all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.non_trainable_weights))
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "stops_after"),
+    [
+        ([0.9, 0.5, 0.6, 0.7, 0.8, 0.9], 2, 4),  # best at 2: epochs 3 and 4 without a better one
+        ([0.9, 0.5, 0.6, 0.7, 0.8, 0.9], 3, 5),
+        ([0.9, 0.5, 0.5, 0.5, 0.4, 0.3], 2, 4),  # a tie is not better: the earliest best stays
+        ([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 1, None),  # always better: never
+        ([0.9, 0.5, 0.6, 0.7, 0.8, 0.9], 4, None),  # patience runs out only at the last epoch
+        ([0.9, 0.5, 0.6, 0.7, 0.8, 0.9], 1, 3),
+    ],
+)
+def test_early_stopping_ends_exactly_patience_epochs_after_the_best(losses, patience, stops_after):
+    from types import SimpleNamespace
+
+    from mpitrain.engine.callbacks.early_stopping import EarlyStopping
+
+    said = []
+    engine = SimpleNamespace(history=[], options=SimpleNamespace(epochs=len(losses)), stop_training=False)
+    engine.echo = said.append
+    stop = EarlyStopping("val_loss", patience=patience)
+    stop.set_engine(engine)
+    stopped = None
+    for epoch, loss in enumerate(losses):
+        engine.history.append({"epoch": epoch + 1, "val_loss": loss})
+        stop.on_epoch_end(epoch)
+        if engine.stop_training:
+            stopped = epoch + 1
+            break
+    assert stopped == stops_after
+    assert len(said) == (stopped is not None)
