@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.mpitrain-installed
 
-.PHONY: demo test test-fast lint format install bench clean
+.PHONY: demo test test-fast lint format install bench clean slurm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,16 @@ demo: $(STAMP)
 
 # One pytest for all: running the unit tests in a second process beside the system tests
 # made the whole slower on 2 cores (1,892 s against about 1,750 s: docs/development.md).
-test: $(STAMP) lint
+test: $(STAMP) lint slurm
 	$(BIN)/python -m pytest -q --durations=15
 
 # The unit tests alone (no mpiexec, no real data): under a minute here.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The Slurm the tests start (tests/slurm.py), installed with apt where root may: skips say why elsewhere.
+slurm:
+	@bash tests/install-slurm.sh
 
 # Ruff (lint and format check) and the type checker, on every file the project owns.
 lint: $(STAMP)

@@ -258,6 +258,7 @@ def test_a_signalled_rank_stops_every_rank_at_a_checkpoint_and_resume_matches(tm
 
 
 DOC = PROGRAMS.parents[2] / "docs" / "cluster.md"
+JOB_SCRIPT = PROGRAMS.parents[2] / "examples" / "xray.sbatch"
 # Stand-ins for the script's commands: each call is appended to ./calls. MODE=stop waits
 # for SIGUSR1 (a run stopped on request: exit 0, no model), finish writes the model, fail
 # exits 1.
@@ -272,11 +273,15 @@ esac
 FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> calls\n'
 
 
+def test_the_job_script_on_the_cluster_page_is_examples_xray_sbatch():
+    shown = re.search(r"```bash\n(#!/bin/bash\n.*?)```", DOC.read_text(), re.S)[1]
+    assert shown == JOB_SCRIPT.read_text()
+
+
 def _sbatch_script(tmp_path, mode, checkpoints=False):
-    """docs/cluster.md's sbatch script, started with bash in `tmp_path` as Slurm would (job
+    """examples/xray.sbatch (docs/cluster.md's sbatch script), started with bash in `tmp_path` as Slurm would (job
     42, 8 tasks), with stand-ins for mpitrain and scontrol; returns the process."""
-    script = re.search(r"```bash\n(#!/bin/bash\n.*?)```", DOC.read_text(), re.S)[1]
-    (tmp_path / "job.sh").write_text(script)
+    (tmp_path / "job.sh").write_text(JOB_SCRIPT.read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("mpitrain", FAKE_MPITRAIN), ("scontrol", FAKE_SCONTROL)):
