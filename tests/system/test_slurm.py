@@ -2,7 +2,7 @@
 these tests): srun's PMIx, an sbatch job running examples/xray.sbatch as it is, Slurm's
 signals, `scontrol requeue`, and a task killed under srun.
 
-A step of these runs is slowed (SLOW_STEP, tests/system/slow_steps) where a test must
+A step of these runs is slowed (SLOW_STEP, tests/inject) where a test must
 signal or kill a job while it is still training; the weights are those of an unslowed run.
 """
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
 WHY = slurm.unavailable()
 SCRIPT = PROGRAMS.parents[2] / "examples" / "xray.sbatch"
-SLOW = {"PYTHONPATH": str(PROGRAMS.parent / "slow_steps"), "SLOW_STEP": "0.15"}
+SLOW = {"PYTHONPATH": str(PROGRAMS.parents[1] / "inject"), "SLOW_STEP": "0.15"}
 # Small, but the xray recipe's options: what the job script trains, on the suite's data.
 TRAIN = ["--model", "seed", "--image-size", "16", "--epochs", "3", "--batch-size", "4", "--groups", "none"]
 NOISE = ("help file", "Sorry!", "Traceback", "PMIX ERROR")
