@@ -169,3 +169,11 @@ def test_a_task_killed_under_srun_ends_the_step_at_once_and_the_run_resumes(clus
     assert proc.returncode != 0 and time.monotonic() - started < 30
     assert "task 1: Killed" in err and "Traceback" not in out + err
     assert checkpoint.load_latest(run) is not None and not (run / "model.keras").exists()
+
+
+def test_a_bad_command_line_under_srun_is_said_once(cluster):
+    proc = cluster.run(
+        ["srun", "--mpi=pmix", "-n", "2", "mpitrain", "train", "--epochs", "1", "--epochs", "2"], timeout=60
+    )
+    said = [line for line in proc.stderr.splitlines() if line.startswith("mpitrain:")]
+    assert proc.returncode == 2 and len(said) == 1 and "--epochs: given twice" in said[0], proc.stderr

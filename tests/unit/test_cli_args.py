@@ -205,3 +205,22 @@ def test_model_stays_repeatable_for_ensembles():
 
 def test_the_repeat_bookkeeping_is_no_option():
     assert "_options_seen" not in vars(parse("train", "--epochs", "2"))
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [({}, True), ({"PMIX_RANK": "1"}, False), ({"SLURM_PROCID": "3"}, False), ({"OMPI_COMM_WORLD_RANK": "0"}, True)],
+)
+def test_a_bad_command_line_is_said_once_by_the_first_rank_of_an_srun_or_mpiexec(monkeypatch, capsys, env, says):
+    # `srun -n 4 mpitrain train --epochs 2 --epochs 3`: every task parses and fails alike.
+    from mpitrain.cli import main
+
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "PMI_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "2", "--epochs", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("given twice" in err) is says and (err.count("\n") == 1 if says else err == "")
