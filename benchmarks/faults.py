@@ -6,7 +6,8 @@ Each trial draws a strategy (allreduce, local-sgd, master-worker), 2-4 ranks, a 
 where it strikes, and runs `mpitrain train -n N` on a small synthetic data set with the fault
 injected by tests/inject (on PYTHONPATH: the real launcher and ranks, nothing stubbed):
 
-  kill / stop / term / usr1 / raise  on one rank, in a phase: start (building the model),
+  kill / stop / pause / term / usr1 / raise  on one rank (pause: SIGSTOP, then SIGCONT after
+      3, 10 or 40 s, under and over the watchdog's 20 s), in a phase: start (building the model),
       step (its k-th training step), validation (its k-th batch), checkpoint (inside its
       k-th checkpoint write, half written), final (saving the model);
   sigint  Ctrl-C to the launcher after a random delay.
@@ -43,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 INJECT = ROOT / "tests" / "inject"
 STRATEGIES = ("allreduce", "local-sgd", "master-worker")
-KINDS = ("kill", "stop", "term", "usr1", "raise", "sigint")
+KINDS = ("kill", "stop", "pause", "term", "usr1", "raise", "sigint")
 PHASES = ("start", "step", "validation", "checkpoint", "final")
 TRAIN = ["--model", "seed", "--image-size", "16", "--epochs", "2", "--batch-size", "4", "--threads", "1"]
 TRAIN += ["--checkpoint-every", "3", "--timeout", "20"]
@@ -51,6 +52,7 @@ DEADLINE = 180.0  # seconds a faulty run may take before it counts as a hang
 NAMES = {  # words the message must contain, per fault
     "kill": ("was lost",),
     "stop": ("no progress",),
+    "pause": ("no progress",),  # a pause past --timeout 20; a shorter one must not stop the run
     "term": ("stopped on request",),
     "usr1": ("stopped on request",),
     "raise": ("injected failure",),
@@ -71,8 +73,12 @@ def draw(rng: random.Random, i: int, most_ranks: int = 4) -> dict:
     else:
         phase = rng.choice(PHASES)
         at = {"start": 1, "step": rng.randint(1, 12), "validation": rng.randint(1, 2), "checkpoint": rng.randint(1, 4)}
-        rank = 0 if phase == "final" else rng.randrange(trial["ranks"])
+        rank = rng.randrange(trial["ranks"])
+        if phase in ("checkpoint", "final"):
+            rank = 0  # only rank 0 writes checkpoints and the model
         trial.update(phase=phase, rank=rank, at=at.get(phase, 1))
+        if kind == "pause":
+            trial["pause_s"] = rng.choice((3, 10, 40))  # under and over the --timeout of 20 s
     return trial
 
 
@@ -136,17 +142,24 @@ def trial_outcome(t: dict, data: Path, work: Path, references: dict) -> dict:
     run = work / f"trial-{t['trial']:04d}"
     shutil.rmtree(run, ignore_errors=True)
     fault = {} if t["kind"] == "sigint" else {"FAULT": t["kind"], "FAULT_PHASE": t["phase"], "FAULT_AT": str(t["at"])}
+    mark = work / f"trial-{t['trial']:04d}.struck"
+    mark.unlink(missing_ok=True)
     if fault:
-        fault.update(FAULT_RANK=str(t["rank"]), PYTHONPATH=str(INJECT))
+        fault.update(FAULT_RANK=str(t["rank"]), PYTHONPATH=str(INJECT), FAULT_SECONDS=str(t.get("pause_s", 0)))
+        fault["FAULT_MARK"] = str(mark)
     first = train(t["ranks"], t["strategy"], data, run, _env(fault), t["at"] if t["kind"] == "sigint" else None)
     text = first["out"] + first["err"]
     result = dict(t, code=first["code"], seconds=round(first["seconds"], 1), ended=not first["hung"])
     result["clean"] = "Traceback" not in text
     finished = (run / "model.keras").exists()
-    fired = not (finished and first["code"] == 0)  # a fault that never struck: a normal run
+    # A fault that never struck (beyond the run on that rank) leaves a normal run; Ctrl-C
+    # struck if the launcher had not ended by then.
+    fired = mark.exists() if fault else not (finished and first["code"] == 0)
     result["fired"] = fired
     mpitrain_lines = [line for line in first["err"].splitlines() if line.startswith("mpitrain:")]
-    result["named"] = (not fired) or any(any(w in line for w in NAMES[t["kind"]]) for line in mpitrain_lines)
+    # A run the fault did not end (a short pause, a stop request in the last epoch) needs no message.
+    ended_early = not (finished and first["code"] == 0)
+    result["named"] = not ended_early or any(any(w in line for w in NAMES[t["kind"]]) for line in mpitrain_lines)
     result["message"] = next((line for line in reversed(mpitrain_lines) if "warning" not in line), "")[:300]
     resumed = None
     if not finished and not first["hung"]:

@@ -9,8 +9,10 @@ FAULT_PHASE      start (as the rank builds its model), step (its FAULT_AT-th tra
                  step, counted over the whole run), validation (its FAULT_AT-th validation
                  batch), checkpoint (inside its FAULT_AT-th checkpoint write, half of it
                  written) or final (as it saves the final model).
-KIND: kill (SIGKILL), stop (SIGSTOP, never continued), term / usr1 (a stop request to
-itself), raise (a Python exception: a bug).
+FAULT_MARK=FILE  a line is appended to FILE when the fault strikes.
+KIND: kill (SIGKILL), stop (SIGSTOP, never continued), pause (SIGSTOP, continued after
+FAULT_SECONDS by a helper process), term / usr1 (a stop request to itself), raise (a
+Python exception: a bug).
 
 Only `mpitrain.engine.loop`, `.engine.checkpoint` and `.train.runfolder` are patched, as they are
 imported: nothing is imported early, so the launcher stays light. The count of steps is
@@ -52,9 +54,19 @@ def _due(phase: str) -> bool:
 
 
 def _strike(phase: str) -> None:
+    mark = os.environ.get("FAULT_MARK")
+    if mark:  # for the campaign: the fault did strike (a kill leaves no other trace of it)
+        with open(mark, "a") as f:
+            f.write(f"{FAULT} {phase} pid {os.getpid()}\n")
     if FAULT == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif FAULT == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif FAULT == "pause":  # a stopped process cannot wake itself: a helper sends SIGCONT
+        import subprocess
+
+        seconds = float(os.environ.get("FAULT_SECONDS", "5"))
+        subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"], start_new_session=True)
         os.kill(os.getpid(), signal.SIGSTOP)
     elif FAULT in ("term", "usr1"):
         os.kill(os.getpid(), signal.SIGTERM if FAULT == "term" else signal.SIGUSR1)

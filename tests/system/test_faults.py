@@ -1,7 +1,8 @@
 """A short fault campaign (benchmarks/faults.py): four random faults, a fixed seed, 2 ranks.
 
-Seed 14 draws: a rank killed in validation (master-worker), Ctrl-C to the launcher
-(local-sgd), SIGUSR1 to a rank in validation (local-sgd), SIGTERM to the master in a step.
+Seed 140 draws: Ctrl-C to the launcher (allreduce), SIGUSR1 to a worker in its first step
+(master-worker), a rank paused 10 s in a step (allreduce: under the watchdog's 20 s, so the
+run must go on), the master killed inside its first checkpoint write (master-worker).
 Each must end, without a traceback, say what happened, resume and end with the
 uninterrupted run's exact weights. docs/reliability.md has the long campaign."""
 
@@ -17,7 +18,18 @@ CAMPAIGN = Path(__file__).parents[2] / "benchmarks" / "faults.py"
 @pytest.mark.mpi
 @pytest.mark.timeout(900)
 def test_a_short_fault_campaign_finds_nothing(tmp_path):
-    argv = [sys.executable, str(CAMPAIGN), "--trials", "4", "--seed", "14", "--most-ranks", "2", "--out", str(tmp_path)]
+    argv = [
+        sys.executable,
+        str(CAMPAIGN),
+        "--trials",
+        "4",
+        "--seed",
+        "140",
+        "--most-ranks",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     trials = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
