@@ -130,6 +130,8 @@ def checksum(run: Path) -> str | None:
 
 
 def trial_outcome(t: dict, data: Path, work: Path, references: dict) -> dict:
+    from mpitrain.engine.checkpoint import list_checkpoints
+
     key = (t["strategy"], t["ranks"])
     if key not in references:
         folder = work / f"ref-{t['strategy']}-{t['ranks']}"  # kept: a later campaign in --out reuses it
@@ -140,32 +142,29 @@ def trial_outcome(t: dict, data: Path, work: Path, references: dict) -> dict:
                 raise SystemExit(f"the uninterrupted {key} run failed: {ref['err'][-2000:]}")
         references[key] = checksum(folder)
     run = work / f"trial-{t['trial']:04d}"
+    mark = run.with_suffix(".struck")  # the injector writes it when the fault strikes
     shutil.rmtree(run, ignore_errors=True)
-    fault = {} if t["kind"] == "sigint" else {"FAULT": t["kind"], "FAULT_PHASE": t["phase"], "FAULT_AT": str(t["at"])}
-    mark = work / f"trial-{t['trial']:04d}.struck"
     mark.unlink(missing_ok=True)
-    if fault:
-        fault.update(FAULT_RANK=str(t["rank"]), PYTHONPATH=str(INJECT), FAULT_SECONDS=str(t.get("pause_s", 0)))
-        fault["FAULT_MARK"] = str(mark)
+    fault = {}
+    if t["kind"] != "sigint":
+        fault = {"FAULT": t["kind"], "FAULT_PHASE": t["phase"], "FAULT_AT": str(t["at"]), "FAULT_RANK": str(t["rank"])}
+        fault.update(FAULT_SECONDS=str(t.get("pause_s", 0)), FAULT_MARK=str(mark), PYTHONPATH=str(INJECT))
     first = train(t["ranks"], t["strategy"], data, run, _env(fault), t["at"] if t["kind"] == "sigint" else None)
     text = first["out"] + first["err"]
     result = dict(t, code=first["code"], seconds=round(first["seconds"], 1), ended=not first["hung"])
     result["clean"] = "Traceback" not in text
     finished = (run / "model.keras").exists()
-    # A fault that never struck (beyond the run on that rank) leaves a normal run; Ctrl-C
-    # struck if the launcher had not ended by then.
-    fired = mark.exists() if fault else not (finished and first["code"] == 0)
-    result["fired"] = fired
-    mpitrain_lines = [line for line in first["err"].splitlines() if line.startswith("mpitrain:")]
-    # A run the fault did not end (a short pause, a stop request in the last epoch) needs no message.
+    # A run the fault did not end (one that never struck, a short pause, a stop request in
+    # the last epoch) needs no message; Ctrl-C struck if the launcher had not ended by then.
     ended_early = not (finished and first["code"] == 0)
+    result["fired"] = mark.exists() if fault else ended_early
+    mpitrain_lines = [line for line in first["err"].splitlines() if line.startswith("mpitrain:")]
     result["named"] = not ended_early or any(any(w in line for w in NAMES[t["kind"]]) for line in mpitrain_lines)
     result["message"] = next((line for line in reversed(mpitrain_lines) if "warning" not in line), "")[:300]
-    resumed = None
     if not finished and not first["hung"]:
-        has_checkpoint = any((run / "checkpoints").glob("ckpt-*.npz")) if (run / "checkpoints").is_dir() else False
+        had_checkpoint = bool(list_checkpoints(run))
         resumed = resume(t["ranks"], run)
-        if has_checkpoint:
+        if had_checkpoint:
             result["resumes"] = resumed["code"] == 0 and (run / "model.keras").exists()
         else:  # nothing to resume from: one line saying so, and no traceback
             said = [line for line in resumed["err"].splitlines() if line.startswith("mpitrain: error")]
@@ -174,10 +173,8 @@ def trial_outcome(t: dict, data: Path, work: Path, references: dict) -> dict:
         result["clean"] = result["clean"] and "Traceback" not in resumed["out"] + resumed["err"]
         if not result["resumes"]:
             result["resume_error"] = resumed["err"][-500:]
-    elif first["hung"]:
-        result["resumes"] = False
     else:
-        result["resumes"] = True
+        result["resumes"] = not first["hung"]
     got = checksum(run)
     result["exact"] = got == references[key] if got is not None else bool(result.get("no_checkpoint"))
     return result

@@ -17,21 +17,14 @@ from mpitrain.errors import UserError
 _SEEN = "_options_seen"  # the namespace's set of single-valued options given so far (while parsing)
 
 
-def _a_later_rank() -> bool:
-    """Whether mpiexec or srun started this process as a rank other than the first (read
-    before MPI starts): a command line that does not parse fails alike on every rank of
-    `srun -n N mpitrain ...`, and only the first rank says so."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "PMI_RANK"):
-        value = os.environ.get(var, "0")
-        if value.isdigit() and int(value) > 0:
-            return True
-    return False
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
-        # "mpitrain: error: ..." like every other error; the subcommand is in the hint.
-        self.exit(2, None if _a_later_rank() else f"mpitrain: error: {message} (see {self.prog} --help)\n")
+        # "mpitrain: error: ..." like every other error; the subcommand is in the hint. A
+        # command line that does not parse fails alike on every rank of `srun -n N mpitrain
+        # ...` (or mpiexec's): only the first rank says so.
+        from mpitrain.parallel.runscript import env_rank
+
+        self.exit(2, None if env_rank() > 0 else f"mpitrain: error: {message} (see {self.prog} --help)\n")
 
     def add_argument(self, *args, **kwargs):
         # An option that takes one value, given twice, is surely a mistake (argparse keeps the

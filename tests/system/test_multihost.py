@@ -197,8 +197,10 @@ def test_without_iface_a_second_network_is_warned_about_and_its_failure_named(cl
         timeout=240,
         env={"MPITRAIN_START_TIMEOUT": "200"},
     )
-    warnings = [line for line in proc.stderr.splitlines() if "eth2" in line and line.startswith("mpitrain: warning")]
-    assert len(warnings) == 1 and "eth1" in warnings[0] and "--iface" in warnings[0], proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("mpitrain: warning")]
+    assert len(warnings) == 1 and "eth1" in warnings[0] and "eth2" in warnings[0] and "--iface" in warnings[0], (
+        proc.stderr[-3000:]
+    )
     line = _one_line(proc, "could not connect", "eth2", "--iface")
     assert cluster.name(1) in line or cluster.name(2) in line
 
